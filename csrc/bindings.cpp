@@ -1,0 +1,219 @@
+// Python bindings: argument checks and array plumbing only; the maths is in ops.cpp and kernels/.
+// Every array is checked for dtype, shape and layout here, so no call can reach a kernel with a
+// pointer it would read past. The GIL is released around every kernel.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "dispatch.h"
+#include "ops.h"
+#include "threadpool.h"
+
+namespace py = pybind11;
+using namespace lowbit;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks dtype, ndim and (where given, >= 0) each dimension; requires C-contiguity unless
+// `row_strided` (then only the last axis must be contiguous, as for activation rows).
+template <class T>
+void check(const py::array& a, const char* name, std::initializer_list<int64_t> shape,
+           bool row_strided = false) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": expected dtype " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(a.dtype())));
+  if (a.ndim() != (py::ssize_t)shape.size())
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(shape.size()) +
+                          " dimensions, got shape " + shape_str(a));
+  int i = 0;
+  for (int64_t d : shape) {
+    if (d >= 0 && a.shape(i) != d)
+      throw py::value_error(std::string(name) + ": expected dimension " + std::to_string(i) +
+                            " to be " + std::to_string(d) + ", got shape " + shape_str(a));
+    ++i;
+  }
+  const py::ssize_t item = (py::ssize_t)sizeof(T);
+  if (row_strided) {  // 2-D: contiguous rows at any positive, non-overlapping row stride
+    const bool cols_ok = a.shape(1) <= 1 || a.strides(1) == item;
+    const bool rows_ok = a.shape(0) <= 1 || (a.strides(0) >= a.shape(1) * item && a.strides(0) % item == 0);
+    if (!cols_ok || !rows_ok)
+      throw py::value_error(std::string(name) + ": expected contiguous rows (last axis stride " +
+                            std::to_string(item) + " bytes)");
+  } else if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+  }
+}
+
+template <class T>
+const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+
+W8Shape w8_shape(int64_t N, int64_t K, int64_t group) {
+  if (N < 1 || K < 1) throw py::value_error("weight shape must be positive, got (" + std::to_string(N) + ", " + std::to_string(K) + ")");
+  if (K > kMaxK)
+    throw py::value_error("K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
+                          ", the largest K whose int8 dot products cannot overflow int32");
+  if (group && (group < 32 || group % 32 || K % group))
+    throw py::value_error("group_size must be a positive multiple of 32 dividing K=" +
+                          std::to_string(K) + ", got " + std::to_string(group));
+  return W8Shape(N, K, group);
+}
+
+py::tuple quantize_w8_py(const py::array& w, int64_t group) {
+  check<float>(w, "w", {-1, -1}, true);
+  const W8Shape s = w8_shape(w.shape(0), w.shape(1), group);
+  py::array_t<int8_t> packed({s.Np, s.Kp});
+  py::array_t<float> scales({s.G, s.Np});
+  py::array_t<int32_t> comp({s.G, s.Np});
+  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp));
+  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(float));
+  std::memset(comp.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(int32_t));
+  const int64_t ldw = w.shape(0) > 1 ? w.strides(0) / (int64_t)sizeof(float) : s.K;
+  int64_t bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = quantize_w8(cptr<float>(w), ldw, s, packed.mutable_data(), scales.mutable_data(),
+                      comp.mutable_data());
+  }
+  if (bad >= 0)
+    throw py::value_error("weight row " + std::to_string(bad) +
+                          " holds NaN or Inf; quantization needs finite weights");
+  return py::make_tuple(packed, scales, comp);
+}
+
+void check_w8(const py::array& packed, const py::array& scales, const py::array& comp,
+              const W8Shape& s) {
+  check<int8_t>(packed, "packed", {s.Np, s.Kp});
+  check<float>(scales, "scales", {s.G, s.Np});
+  check<int32_t>(comp, "comp", {s.G, s.Np});
+}
+
+py::array_t<int8_t> unpack_w8_py(const py::array& packed, int64_t N, int64_t K) {
+  const W8Shape s = w8_shape(N, K, 0);
+  check<int8_t>(packed, "packed", {s.Np, s.Kp});
+  py::array_t<int8_t> out({N, K});
+  {
+    py::gil_scoped_release nogil;
+    unpack_w8(cptr<int8_t>(packed), s, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
+                                  const py::array& scales, const py::array& comp, int64_t N,
+                                  int64_t K, int64_t group, const py::object& bias) {
+  const W8Shape s = w8_shape(N, K, group);
+  check<float>(x, "x", {-1, K}, true);
+  check_w8(packed, scales, comp, s);
+  const float* b = nullptr;
+  if (!bias.is_none()) {
+    const py::array ba = bias.cast<py::array>();
+    check<float>(ba, "bias", {N});
+    b = cptr<float>(ba);
+  }
+  const int64_t M = x.shape(0);
+  py::array_t<float> y({M, N});
+  const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
+  {
+    py::gil_scoped_release nogil;
+    linear_w8a8(cptr<float>(x), ldx, M, cptr<int8_t>(packed), cptr<float>(scales),
+                cptr<int32_t>(comp), b, s, y.mutable_data());
+  }
+  return y;
+}
+
+py::array_t<int32_t> gemm_s8_py(const py::array& a, const py::array& b) {
+  check<int8_t>(a, "a", {-1, -1});
+  check<int8_t>(b, "b", {-1, a.shape(1)});
+  const int64_t M = a.shape(0), N = b.shape(0), K = a.shape(1);
+  if (K > kMaxK)
+    throw py::value_error("K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
+                          ", the largest K whose int8 dot products cannot overflow int32");
+  py::array_t<int32_t> c({M, N});
+  if (K == 0) {
+    std::memset(c.mutable_data(), 0, (size_t)(M * N) * sizeof(int32_t));
+    return c;
+  }
+  {
+    py::gil_scoped_release nogil;
+    gemm_s8(cptr<int8_t>(a), M, cptr<int8_t>(b), N, K, c.mutable_data());
+  }
+  return c;
+}
+
+py::array_t<uint8_t> pack_int4_py(const py::array& q) {
+  check<uint8_t>(q, "q", {-1, -1});
+  const int64_t N = q.shape(0), K = q.shape(1);
+  if (K % 2) throw py::value_error("pack_int4: K must be even, got shape " + shape_str(q));
+  py::array_t<uint8_t> out({N, K / 2});
+  int64_t bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = pack_int4(cptr<uint8_t>(q), N * K / 2, out.mutable_data());
+  }
+  if (bad >= 0)
+    throw py::value_error("pack_int4: values must be in 0..15, got " +
+                          std::to_string(cptr<uint8_t>(q)[bad]) + " at (" +
+                          std::to_string(bad / K) + ", " + std::to_string(bad % K) + ")");
+  return out;
+}
+
+py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
+  check<uint8_t>(p, "p", {-1, -1});
+  const int64_t N = p.shape(0), Kh = p.shape(1);
+  py::array_t<uint8_t> out({N, 2 * Kh});
+  {
+    py::gil_scoped_release nogil;
+    unpack_int4(cptr<uint8_t>(p), N * Kh, out.mutable_data());
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lowbit compiled kernels (use the lowbit package, not this module)";
+  m.attr("__version__") = LOWBIT_VERSION;
+  m.attr("PANEL") = kPanel;
+  m.attr("MAX_K") = kMaxK;
+
+  m.def("isa", [] { return std::string(kernels().name); });
+  m.def("set_isa", [](const std::string& name) {
+    try {
+      set_isa(name);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  });
+  m.def("available_isas", &available_isas);
+  m.def("compiled_isas", &compiled_isas);
+  m.def("cpu_features", [] {
+    py::dict d;
+    for (auto& f : cpu_features()) d[py::str(f.first)] = f.second;
+    return d;
+  });
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
+    py::gil_scoped_release nogil;
+    set_num_threads(n);
+  });
+
+  m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));
+  m.def("unpack_w8", &unpack_w8_py, py::arg("packed"), py::arg("N"), py::arg("K"));
+  m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
+        py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"));
+  m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
+  m.def("pack_int4", &pack_int4_py, py::arg("q"));
+  m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
+}

@@ -1,0 +1,131 @@
+#include "dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace lowbit {
+#define LOWBIT_DECLARE(ns) namespace ns { extern const Kernels table; }
+LOWBIT_DECLARE(ref)
+#ifdef LOWBIT_HAVE_avx2
+LOWBIT_DECLARE(avx2)
+#endif
+#ifdef LOWBIT_HAVE_avxvnni
+LOWBIT_DECLARE(avxvnni)
+#endif
+#ifdef LOWBIT_HAVE_avx512vnni
+LOWBIT_DECLARE(avx512vnni)
+#endif
+
+namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+bool has(const char* f) {
+  __builtin_cpu_init();
+  // __builtin_cpu_supports needs literal names; map the few we use.
+  const std::string s = f;
+  if (s == "avx2") return __builtin_cpu_supports("avx2");
+  if (s == "fma") return __builtin_cpu_supports("fma");
+  if (s == "f16c") return __builtin_cpu_supports("f16c");
+  if (s == "bmi2") return __builtin_cpu_supports("bmi2");
+  if (s == "avx512f") return __builtin_cpu_supports("avx512f");
+  if (s == "avx512bw") return __builtin_cpu_supports("avx512bw");
+  if (s == "avx512vl") return __builtin_cpu_supports("avx512vl");
+  if (s == "avx512dq") return __builtin_cpu_supports("avx512dq");
+  if (s == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
+  if (s == "avxvnni") return __builtin_cpu_supports("avxvnni");
+  return false;
+}
+const char* const kFeatures[] = {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw",
+                                 "avx512vl", "avx512dq", "avx512vnni", "avxvnni"};
+#else
+bool has(const char*) { return false; }
+const char* const kFeatures[] = {};
+#endif
+
+bool all(std::initializer_list<const char*> fs) {
+  for (const char* f : fs)
+    if (!has(f)) return false;
+  return true;
+}
+
+struct Entry {
+  const Kernels* table;
+  bool (*supported)();
+};
+
+// Best first.
+const std::vector<Entry>& entries() {
+  static const std::vector<Entry> list = {
+#ifdef LOWBIT_HAVE_avx512vnni
+      {&avx512vnni::table, [] {
+         return all({"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",
+                     "avx512dq", "avx512vnni"});
+       }},
+#endif
+#ifdef LOWBIT_HAVE_avxvnni
+      {&avxvnni::table, [] { return all({"avx2", "fma", "f16c", "bmi2", "avxvnni"}); }},
+#endif
+#ifdef LOWBIT_HAVE_avx2
+      {&avx2::table, [] { return all({"avx2", "fma", "f16c", "bmi2"}); }},
+#endif
+      {&ref::table, [] { return true; }},
+  };
+  return list;
+}
+
+std::string joined_available() {
+  std::string s;
+  for (const std::string& n : available_isas()) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+const Kernels* find(const std::string& name) {
+  for (const Entry& e : entries()) {
+    if (name != e.table->name) continue;
+    if (!e.supported())
+      throw std::invalid_argument("ISA '" + name + "' is compiled in but this CPU lacks it; "
+                                  "available on this CPU: " + joined_available());
+    return e.table;
+  }
+  throw std::invalid_argument("unknown ISA '" + name + "'; available on this CPU: " +
+                              joined_available());
+}
+
+std::atomic<const Kernels*>& current() {
+  static std::atomic<const Kernels*> cur{[] {
+    if (const char* env = std::getenv("LOWBIT_ISA"))
+      if (*env) return find(env);  // throws: surfaces as an ImportError naming the choices
+    for (const Entry& e : entries())
+      if (e.supported()) return e.table;
+    return &ref::table;
+  }()};
+  return cur;
+}
+
+}  // namespace
+
+const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const Entry& e : entries())
+    if (e.supported()) out.push_back(e.table->name);
+  return out;
+}
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> out;
+  for (const Entry& e : entries()) out.push_back(e.table->name);
+  return out;
+}
+
+void set_isa(const std::string& name) { current().store(find(name), std::memory_order_release); }
+
+std::vector<std::pair<std::string, bool>> cpu_features() {
+  std::vector<std::pair<std::string, bool>> out;
+  for (const char* f : kFeatures) out.emplace_back(f, has(f));
+  return out;
+}
+
+}  // namespace lowbit

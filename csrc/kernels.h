@@ -1,0 +1,68 @@
+// The kernel table: what every ISA variant provides, in plain C types only.
+//
+// Each ISA's sources are compiled with their own flags into namespace lowbit::<isa> and export one
+// `const Kernels table`; dispatch.cpp picks one at run time. Nothing in here is inline code, so no
+// template or inline function can be instantiated with one ISA's flags and run on another CPU.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace lowbit {
+
+// Packed INT8 weight layout, shared by every ISA (so weights survive an ISA switch):
+//   panels of 16 output columns; within a panel, K in steps of 4, each step one 64-byte block
+//   holding 16 columns x 4 consecutive k-bytes:  byte ((p*Kp/4 + k/4)*16 + n%16)*4 + k%4.
+//   Np = N rounded up to 16, Kp = K rounded up to 4 (padding weights are 0).
+// Scales: float32 [G][Np] (G groups along K, one when per channel), padding columns 0.
+// Compensation: int32 [G][Np] = 128 * sum of the group's weights (activations are stored +128).
+constexpr int64_t kPanel = 16;
+constexpr int64_t kKStep = 4;
+
+// Activations for the INT8 GEMM are unsigned: q + 128, rows padded to Kp with 128 (a zero).
+struct GemmArgs {
+  const uint8_t* a;       // [M][lda] u8
+  int64_t lda;
+  int64_t M;
+  const int8_t* b;        // packed weights
+  const float* wscale;    // [G][Np]; unused for int32 output
+  const int32_t* comp;    // [G][Np]
+  int64_t Kp;             // padded K (multiple of 4)
+  int64_t group;          // K per group (multiple of 4; == Kp when per channel)
+  int64_t Np;
+  int64_t N;              // valid columns
+  const float* ascale;    // [M] per-row activation scales; unused for int32 output
+  const float* bias;      // [N] or null
+  void* c;                // float32 or int32 [M][ldc]
+  int64_t ldc;
+};
+
+struct Kernels {
+  const char* name;
+
+  // Quantize weight rows [n0, n1) (n0, n1 multiples of 16, or n1 == N) of w (row stride ldw) to
+  // symmetric int8 per group: scale = amax / 127, q = round-half-even(w / scale), in [-127, 127].
+  // Writes packed panels, scales and compensation. Returns the first row holding a NaN/Inf, or -1.
+  int64_t (*quantize_w8)(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp,
+                         int64_t group, int64_t n0, int64_t n1, int8_t* packed, float* scales,
+                         int32_t* comp);
+
+  // Dynamic per-row symmetric activation quantization, rows [m0, m1): scale = amax / 127,
+  // out = round-half-even(x / scale) + 128, padded to Kp with 128. A row holding NaN/Inf gets a
+  // NaN scale (its output row becomes NaN); an all-zero row gets scale 0.
+  void (*quantize_a8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                      uint8_t* out, int64_t ldo, float* scales);
+
+  // C[m, n] for all M rows and panels [p0, p1):
+  //   f = acc_0 * ws_0;  f = fma(acc_g, ws_g, f) for g >= 1;  y = fma(f, ascale[m], bias[n])
+  //   (y = f * ascale[m] without bias), acc_g the exact int32 dot of group g.
+  void (*gemm_u8s8_f32)(const GemmArgs* args, int64_t p0, int64_t p1);
+  // Exact int32 C[m, n] = sum_k (a - 128) * b for panels [p0, p1) (single group).
+  void (*gemm_u8s8_i32)(const GemmArgs* args, int64_t p0, int64_t p1);
+
+  // INT4 nibbles: element 2i in the low nibble, 2i+1 in the high. pack returns the index of the
+  // first value above 15, or -1 (the output is then unspecified).
+  int64_t (*pack_int4)(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
+  void (*unpack_int4)(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
+};
+
+}  // namespace lowbit

@@ -1,0 +1,23 @@
+// Included by every ISA source: opens namespace lowbit::<isa> (LOWBIT_NS is set per ISA by CMake)
+// and declares the functions that table.cpp collects. Helpers in ISA files stay `static` so that
+// no copy compiled with one ISA's flags can be picked by the linker for another.
+#pragma once
+#include <cstdint>
+#include "kernels.h"
+
+#ifndef LOWBIT_NS
+#error "LOWBIT_NS must name the ISA namespace"
+#endif
+
+namespace lowbit {
+namespace LOWBIT_NS {
+int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, int8_t* packed, float* scales, int32_t* comp);
+void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                 uint8_t* out, int64_t ldo, float* scales);
+void gemm_u8s8_f32(const GemmArgs* args, int64_t p0, int64_t p1);
+void gemm_u8s8_i32(const GemmArgs* args, int64_t p0, int64_t p1);
+int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
+void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
+}  // namespace LOWBIT_NS
+}  // namespace lowbit

@@ -1,0 +1,119 @@
+// Quantizers, AVX2: 8 floats per step, the arithmetic of quant/ref.cpp (see quant/avx512.cpp):
+// integer max of |x| bit patterns, IEEE division, round-half-even, clamp to [-127, 127].
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include "kernels/isa.h"
+
+namespace lowbit {
+namespace LOWBIT_NS {
+namespace {
+
+constexpr uint32_t kInfBits = 0x7F800000u;
+
+inline __m256i lanes_below(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? (left < 0 ? 0 : left) : 8)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline uint32_t amax_bits(const float* x, int64_t k0, int64_t k1) {
+  const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i m = _mm256_setzero_si256();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8)
+    m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + k)), absmask));
+  if (k < k1)
+    m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_maskload_epi32((const int*)(x + k),
+                                                                    lanes_below(k1 - k)),
+                                             absmask));
+  alignas(32) uint32_t v[8];
+  _mm256_store_si256((__m256i*)v, m);
+  uint32_t r = 0;
+  for (int i = 0; i < 8; ++i) r = v[i] > r ? v[i] : r;
+  return r;
+}
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline __m256i quant8(const float* x, int64_t left, __m256 scale) {
+  const __m256 v = left >= 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, lanes_below(left));
+  const __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(v, scale));
+  return _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+}
+
+// The 8 int32 lanes (each in 0..255 after any offset) narrowed to bytes, in order.
+inline void narrow8(__m256i q, uint8_t out[8]) {
+  const __m256i w = _mm256_packs_epi32(q, q);     // int16: [0..3 0..3 | 4..7 4..7]
+  const __m256i b = _mm256_packus_epi16(w, w);    // for 0..255 this is exact
+  const int32_t lo = _mm256_cvtsi256_si32(b), hi = _mm256_cvtsi256_si32(_mm256_permute2x128_si256(b, b, 1));
+  std::memcpy(out, &lo, 4);
+  std::memcpy(out + 4, &hi, 4);
+}
+
+}  // namespace
+
+int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, int8_t* packed, float* scales, int32_t* comp) {
+  const int64_t Np = (N + kPanel - 1) / kPanel * kPanel;
+  const int64_t G = Kp / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * ldw;
+    if (amax_bits(row, 0, K) >= kInfBits) return n;
+    int8_t* dst = packed + (n / kPanel * Kp * kPanel) + (n % kPanel) * kKStep;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+      const float scale = bits_to_float(amax_bits(row, k0, k1)) / 127.f;
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + group; k += 8) {
+        __m256i q = _mm256_setzero_si256();
+        if (scale != 0.f) q = quant8(row + k, K - k, _mm256_set1_ps(scale));
+        q = _mm256_and_si256(q, lanes_below(k0 + group - k));
+        sum = _mm256_add_epi32(sum, q);
+        // bytes via an unsigned detour (+128), back to int8 by xor 0x80
+        uint8_t bytes[8];
+        narrow8(_mm256_add_epi32(q, _mm256_set1_epi32(128)), bytes);
+        for (int s = 0; s < 2 && k + 4 * s < k0 + group; ++s)
+          for (int i = 0; i < 4; ++i)
+            dst[(k / kKStep + s) * kPanel * kKStep + i] = (int8_t)(bytes[4 * s + i] ^ 0x80);
+      }
+      alignas(32) int32_t v[8];
+      _mm256_store_si256((__m256i*)v, sum);
+      int32_t total = 0;
+      for (int i = 0; i < 8; ++i) total += v[i];
+      scales[g * Np + n] = scale;
+      comp[g * Np + n] = 128 * total;
+    }
+  }
+  return -1;
+}
+
+void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                 uint8_t* out, int64_t ldo, float* scales) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * ldx;
+    uint8_t* q = out + m * ldo;
+    const uint32_t bits = amax_bits(row, 0, K);
+    const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+    scales[m] = scale;
+    if (!(scale != 0.f && bits < kInfBits)) {
+      std::memset(q, 128, Kp);
+      continue;
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    int64_t k = 0;
+    for (; k + 8 <= Kp; k += 8)
+      narrow8(_mm256_add_epi32(quant8(row + k, K - k, s), _mm256_set1_epi32(128)), q + k);
+    if (k < Kp) {  // Kp - k == 4
+      uint8_t tail[8];
+      narrow8(_mm256_add_epi32(quant8(row + k, K - k, s), _mm256_set1_epi32(128)), tail);
+      std::memcpy(q + k, tail, (size_t)(Kp - k));
+    }
+  }
+}
+
+}  // namespace LOWBIT_NS
+}  // namespace lowbit

@@ -1,0 +1,98 @@
+// Quantizers, AVX-512: 16 floats per step. Same arithmetic as quant/ref.cpp: amax by integer max
+// of the |x| bit patterns (NaN/Inf sort above every finite value, so one compare finds them),
+// IEEE division by the scale, round-half-even conversion, clamp to [-127, 127].
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include "kernels/isa.h"
+
+namespace lowbit {
+namespace LOWBIT_NS {
+namespace {
+
+constexpr uint32_t kInfBits = 0x7F800000u;
+
+inline __mmask16 mask_upto(int64_t left) {
+  if (left <= 0) return 0;
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+// Bit pattern of max |x| over [k0, k1); >= kInfBits when a NaN/Inf is present.
+inline uint32_t amax_bits(const float* x, int64_t k0, int64_t k1) {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __m512i v = _mm512_maskz_loadu_epi32(mask_upto(k1 - k), x + k);
+    m = _mm512_max_epu32(m, _mm512_and_si512(v, absmask));
+  }
+  return (uint32_t)_mm512_reduce_max_epu32(m);
+}
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// round-half-even(x / scale) clamped to [-127, 127]; x beyond `left` reads as 0.
+inline __m512i quant16(const float* x, int64_t left, __m512 scale) {
+  const __m512 v = _mm512_maskz_loadu_ps(mask_upto(left), x);
+  const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(v, scale));
+  return _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+}
+
+}  // namespace
+
+int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, int8_t* packed, float* scales, int32_t* comp) {
+  const int64_t Np = (N + kPanel - 1) / kPanel * kPanel;
+  const int64_t G = Kp / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * ldw;
+    if (amax_bits(row, 0, K) >= kInfBits) return n;
+    int8_t* dst = packed + (n / kPanel * Kp * kPanel) + (n % kPanel) * kKStep;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+      const float scale = bits_to_float(amax_bits(row, k0, k1)) / 127.f;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k0 + group; k += 16) {
+        __m512i q = _mm512_setzero_si512();
+        if (scale != 0.f) q = quant16(row + k, K - k, _mm512_set1_ps(scale));
+        const __mmask16 in_group = mask_upto(k0 + group - k);
+        q = _mm512_maskz_mov_epi32(in_group, q);
+        sum = _mm512_add_epi32(sum, q);
+        // 16 int8 = four 4-byte k-steps, each landing in its own 64-byte block of the panel.
+        alignas(16) int32_t words[4];
+        _mm_store_si128((__m128i*)words, _mm512_cvtepi32_epi8(q));
+        for (int s = 0; s < 4 && k + 4 * s < k0 + group; ++s)
+          std::memcpy(dst + (k / kKStep + s) * kPanel * kKStep, &words[s], 4);
+      }
+      scales[g * Np + n] = scale;
+      comp[g * Np + n] = 128 * _mm512_reduce_add_epi32(sum);
+    }
+  }
+  return -1;
+}
+
+void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                 uint8_t* out, int64_t ldo, float* scales) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * ldx;
+    uint8_t* q = out + m * ldo;
+    const uint32_t bits = amax_bits(row, 0, K);
+    const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+    scales[m] = scale;
+    if (!(scale != 0.f && bits < kInfBits)) {
+      std::memset(q, 128, Kp);
+      continue;
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t k = 0; k < Kp; k += 16) {
+      const __m512i v = _mm512_add_epi32(quant16(row + k, K - k, s), _mm512_set1_epi32(128));
+      _mm_mask_storeu_epi8(q + k, mask_upto(Kp - k), _mm512_cvtepi32_epi8(v));
+    }
+  }
+}
+
+}  // namespace LOWBIT_NS
+}  // namespace lowbit

@@ -1,0 +1,138 @@
+#include "ops.h"
+
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "dispatch.h"
+#include "threadpool.h"
+
+namespace lowbit {
+namespace {
+
+// Below this many multiply-adds a call runs on the caller's thread: waking a worker costs more.
+constexpr int64_t kSerialMacs = 1 << 20;
+
+// A growable scratch buffer per calling thread (activations, packed operands), kept between calls.
+uint8_t* scratch(size_t bytes) {
+  thread_local std::vector<uint8_t> buf;
+  if (buf.size() < bytes) buf.resize(bytes);
+  return buf.data();
+}
+
+// The GEMM over all rows and panels, as tasks of (row block x panel block), panel-block major so
+// that a thread's consecutive tasks reuse the same weights from cache.
+void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
+  const auto gemm = int32_out ? kt.gemm_u8s8_i32 : kt.gemm_u8s8_f32;
+  const int64_t panels = args.Np / kPanel;
+  if (args.M * args.N * args.Kp < kSerialMacs || get_num_threads() == 1) {
+    gemm(&args, 0, panels);
+    return;
+  }
+  // Row blocks keep the activation block around 256 KB (in L2 next to a 4-panel weight block).
+  int64_t mb = (256 * 1024 / args.Kp) / 6 * 6;
+  mb = mb < 6 ? 6 : mb;
+  const int64_t row_blocks = (args.M + mb - 1) / mb;
+  // Few rows stream the weights: one long contiguous panel range per thread (the kernel takes up
+  // to 8 panels at once); more rows: blocks of 4 panels, the width of the register tile.
+  const int64_t nt = get_num_threads();
+  const int64_t pb = args.M <= 4 ? round_up((panels + nt - 1) / nt, 8) : 4;
+  const int64_t panel_blocks = (panels + pb - 1) / pb;
+  const size_t elem = int32_out ? sizeof(int32_t) : sizeof(float);
+  parallel_for(row_blocks * panel_blocks, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t % row_blocks, p0 = t / row_blocks * pb;
+      const int64_t p1 = p0 + pb < panels ? p0 + pb : panels;
+      GemmArgs sub = args;
+      sub.M = (r + 1) * mb < args.M ? mb : args.M - r * mb;
+      sub.a = args.a + r * mb * args.lda;
+      if (args.ascale) sub.ascale = args.ascale + r * mb;
+      sub.c = (char*)args.c + r * mb * args.ldc * elem;
+      gemm(&sub, p0, p1);
+    }
+  });
+}
+
+}  // namespace
+
+W8Shape::W8Shape(int64_t n, int64_t k, int64_t grp)
+    : N(n), K(k), Np(round_up(n, kPanel)), Kp(grp ? k : round_up(k, kKStep)),
+      group(grp ? grp : Kp), G(Kp / group) {}
+
+int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packed, float* scales,
+                    int32_t* comp) {
+  const Kernels& kt = kernels();
+  const int64_t panels = s.Np / kPanel;
+  std::atomic<int64_t> bad{-1};
+  auto body = [&](int64_t p0, int64_t p1) {
+    const int64_t n1 = p1 * kPanel < s.N ? p1 * kPanel : s.N;
+    const int64_t r = kt.quantize_w8(w, ldw, s.N, s.K, s.Kp, s.group, p0 * kPanel, n1, packed,
+                                     scales, comp);
+    int64_t cur = bad.load();
+    while (r >= 0 && (cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {}
+  };
+  if (s.N * s.K < kSerialMacs)
+    body(0, panels);
+  else
+    parallel_for(panels, body);
+  return bad.load();
+}
+
+void unpack_w8(const int8_t* packed, const W8Shape& s, int8_t* out) {
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t k = 0; k < s.K; ++k)
+      out[n * s.K + k] =
+          packed[((n / kPanel * s.Kp / kKStep + k / kKStep) * kPanel + n % kPanel) * kKStep + k % kKStep];
+}
+
+void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
+                 const int32_t* comp, const float* bias, const W8Shape& s, float* y) {
+  if (M == 0) return;
+  const Kernels& kt = kernels();
+  const int64_t lda = s.Kp;
+  uint8_t* a = scratch((size_t)(M * lda + M * sizeof(float)));
+  float* ascale = (float*)(a + round_up(M * lda, 4));
+  if (M * s.K < (1 << 16))
+    kt.quantize_a8(x, ldx, s.K, s.Kp, 0, M, a, lda, ascale);
+  else
+    parallel_for(M, [&](int64_t m0, int64_t m1) {
+      kt.quantize_a8(x, ldx, s.K, s.Kp, m0, m1, a, lda, ascale);
+    });
+  GemmArgs args{a, lda, M, packed, scales, comp, s.Kp, s.group, s.Np, s.N, ascale, bias, y, s.N};
+  run_gemm(kt, args, false);
+}
+
+void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c) {
+  if (M == 0 || N == 0) return;
+  const W8Shape s(N, K, 0);
+  // Operands in the kernel's form: a + 128 padded with 128; b in panels, with its column sums.
+  const size_t a_bytes = (size_t)round_up(M * s.Kp, 64), b_bytes = (size_t)(s.Np * s.Kp);
+  uint8_t* buf = scratch(a_bytes + b_bytes + (size_t)s.Np * sizeof(int32_t));
+  uint8_t* au = buf;
+  int8_t* bp = (int8_t*)(buf + a_bytes);
+  int32_t* comp = (int32_t*)(buf + a_bytes + b_bytes);
+  std::memset(bp, 0, b_bytes);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) au[m * s.Kp + k] = (uint8_t)(a[m * K + k] ^ 0x80);
+    for (int64_t k = K; k < s.Kp; ++k) au[m * s.Kp + k] = 128;
+  }
+  for (int64_t n = 0; n < s.Np; ++n) {
+    int32_t sum = 0;
+    for (int64_t k = 0; n < N && k < K; ++k) {
+      bp[((n / kPanel * s.Kp / kKStep + k / kKStep) * kPanel + n % kPanel) * kKStep + k % kKStep] =
+          b[n * K + k];
+      sum += b[n * K + k];
+    }
+    comp[n] = 128 * sum;
+  }
+  GemmArgs args{au, s.Kp, M, bp, nullptr, comp, s.Kp, s.Kp, s.Np, N, nullptr, nullptr, c, N};
+  run_gemm(kernels(), args, true);
+}
+
+int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out) {
+  return kernels().pack_int4(q, out, n_out);
+}
+
+void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out) { kernels().unpack_int4(p, out, n_in); }
+
+}  // namespace lowbit

@@ -1,0 +1,35 @@
+// Operations: the kernels of the current ISA, split into tasks on the thread pool. Plain C++ over
+// raw pointers; bindings.cpp validates every argument before calling in.
+#pragma once
+#include <cstdint>
+
+namespace lowbit {
+
+constexpr int64_t kMaxK = 131071;  // largest K whose exact int8 dot always fits in int32
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Packed int8 weight sizes for (N, K, group); group 0 means per channel.
+struct W8Shape {
+  int64_t N, K, Np, Kp, group, G;
+  W8Shape(int64_t n, int64_t k, int64_t grp);
+};
+
+// Symmetric int8 quantization of w (N rows, stride ldw) into the packed layout; the outputs must
+// be zero-filled. Returns the first row holding a NaN/Inf, or -1.
+int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packed, float* scales,
+                    int32_t* comp);
+// The int8 values back in (N, K) row order.
+void unpack_w8(const int8_t* packed, const W8Shape& s, int8_t* out);
+
+// y (M, N) = dequant(quant8(x) . W^T) + bias, activations quantized per row on the fly.
+void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
+                 const int32_t* comp, const float* bias, const W8Shape& s, float* y);
+
+// Exact c (M, N) = a (M, K) . b (N, K)^T in int32.
+void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c);
+
+int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
+void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);
+
+}  // namespace lowbit

@@ -1,0 +1,162 @@
+#include "threadpool.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void cpu_relax() { _mm_pause(); }
+#else
+static inline void cpu_relax() {}
+#endif
+
+namespace lowbit {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr auto kSpin = std::chrono::microseconds(200);  // how long an idle worker stays hot
+
+int default_threads() {
+  if (const char* env = std::getenv("LOWBIT_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+  const long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+thread_local bool in_pool_job = false;
+
+struct Pool {
+  int nthreads = default_threads();
+  std::vector<std::thread>* workers = new std::vector<std::thread>();  // never destroyed: see fork
+  std::mutex run_mutex;  // one parallel job at a time
+  std::mutex sleep_mutex;
+  std::condition_variable wake;
+  std::atomic<uint64_t> epoch{0};
+  std::atomic<int> pending{0};
+  std::atomic<bool> stop{false};
+  const std::function<void(int64_t, int64_t)>* job = nullptr;
+  int64_t ntasks = 0;
+  int job_threads = 0;
+
+  void worker(int id, uint64_t seen) {
+    in_pool_job = true;
+    for (;;) {
+      auto idle_since = Clock::now();
+      uint64_t now_epoch;
+      for (int spins = 0;; ++spins) {
+        now_epoch = epoch.load(std::memory_order_acquire);
+        if (now_epoch != seen) break;
+        cpu_relax();
+        if ((spins & 255) == 255 && Clock::now() - idle_since > kSpin) {
+          std::unique_lock<std::mutex> lock(sleep_mutex);
+          wake.wait(lock, [&] { return epoch.load(std::memory_order_acquire) != seen; });
+          idle_since = Clock::now();
+        }
+      }
+      seen = now_epoch;
+      if (stop.load(std::memory_order_acquire)) return;
+      if (id < job_threads) {
+        const int64_t b = ntasks * id / job_threads, e = ntasks * (id + 1) / job_threads;
+        if (b < e) (*job)(b, e);
+      }
+      pending.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void start() {  // run_mutex held
+    for (int i = (int)workers->size() + 1; i < nthreads; ++i)
+      // the epoch as of now, before the job that follows bumps it, so no job is missed
+      workers->emplace_back([this, i, e = epoch.load()] { worker(i, e); });
+  }
+
+  void shrink_to(int n) {  // run_mutex held: stop and join every worker, restart lazily
+    if (!workers->empty()) {
+      stop.store(true, std::memory_order_release);
+      {
+        std::lock_guard<std::mutex> lock(sleep_mutex);
+        epoch.fetch_add(1, std::memory_order_acq_rel);
+      }
+      wake.notify_all();
+      for (auto& t : *workers) t.join();
+      workers->clear();
+      stop.store(false, std::memory_order_release);
+    }
+    nthreads = n;
+  }
+
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    std::unique_lock<std::mutex> lock(run_mutex, std::try_to_lock);
+    if (in_pool_job || !lock.owns_lock() || nthreads == 1 || n <= 1) {
+      fn(0, n);
+      return;
+    }
+    start();
+    const int used = (int)(n < nthreads ? n : nthreads);
+    job = &fn;
+    ntasks = n;
+    job_threads = used;
+    pending.store((int)workers->size(), std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> l(sleep_mutex);
+      epoch.fetch_add(1, std::memory_order_acq_rel);
+    }
+    wake.notify_all();
+    in_pool_job = true;
+    fn(0, n / used);
+    in_pool_job = false;
+    while (pending.load(std::memory_order_acquire) != 0) cpu_relax();
+    job = nullptr;
+  }
+};
+
+Pool& pool() {
+  static Pool* p = [] {
+    Pool* created = new Pool();  // intentionally leaked: no join races at interpreter exit
+    // fork: hold the pool across fork(); the child has none of the worker threads, so it forgets
+    // them (without destroying the std::thread objects) and starts new ones on first use.
+    pthread_atfork([] { pool().run_mutex.lock(); },
+                   [] { pool().run_mutex.unlock(); },
+                   [] {
+                     Pool& q = pool();
+                     q.workers = new std::vector<std::thread>();
+                     new (&q.run_mutex) std::mutex();
+                     new (&q.sleep_mutex) std::mutex();
+                     new (&q.wake) std::condition_variable();
+                     q.pending.store(0);
+                     q.stop.store(false);
+                   });
+    return created;
+  }();
+  return *p;
+}
+
+}  // namespace
+
+int get_num_threads() { return pool().nthreads; }
+
+void set_num_threads(int n) {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.run_mutex);
+  p.shrink_to(n);
+}
+
+void parallel_for(int64_t ntasks, const std::function<void(int64_t, int64_t)>& fn) {
+  pool().run(ntasks, fn);
+}
+
+}  // namespace lowbit

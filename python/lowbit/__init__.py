@@ -1,0 +1,21 @@
+"""lowbit: fast, exact low-bit (INT8 / INT4) CPU kernels for numpy.
+
+    import lowbit as lb
+    layer = lb.Linear(w, bias)          # w: (out_features, in_features) float array
+    y = layer(x)                        # x: (..., in_features) -> (..., out_features) float32
+"""
+from ._core import __version__
+from .runtime import cpu_info, get_num_threads, set_num_threads, use_isa
+from .quantize import QuantizedWeight, quantize
+from .linear import Linear, matmul
+from .kernels import gemm_s8, pack_int4, unpack_int4
+
+__all__ = [
+    "__version__", "cpu_info", "get_num_threads", "set_num_threads", "use_isa",
+    "QuantizedWeight", "quantize", "Linear", "matmul", "gemm_s8", "pack_int4", "unpack_int4",
+]
+
+# Resolve the kernel table now, so that a bad LOWBIT_ISA fails at import with the list of choices.
+from . import _core as _c
+_c.isa()
+del _c
