@@ -214,6 +214,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"));
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
+  m.def("dot_peak", [](double seconds) {
+    py::gil_scoped_release nogil;
+    return dot_peak(seconds);
+  }, py::arg("seconds") = 0.5, "int8 multiply-adds per second of the dot instruction, all threads");
+  m.def("read_bandwidth", [](const py::array& buf, int repeats) {
+    check<uint8_t>(buf, "buf", {-1});
+    if (repeats < 1) throw py::value_error("repeats must be >= 1");
+    py::gil_scoped_release nogil;
+    return read_bandwidth(cptr<uint8_t>(buf), buf.shape(0), repeats);
+  }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
 }

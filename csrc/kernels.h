@@ -63,6 +63,11 @@ struct Kernels {
   // first value above 15, or -1 (the output is then unspecified).
   int64_t (*pack_int4)(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
   void (*unpack_int4)(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
+
+  // Benchmark probes: `iters` rounds of independent int8 dot instructions (returns the int8
+  // multiply-adds done), and a read of n bytes (returns a checksum so it is not optimised away).
+  int64_t (*dot_peak)(int64_t iters);
+  uint64_t (*stream_read)(const uint8_t* p, int64_t n);
 };
 
 }  // namespace lowbit

@@ -1,6 +1,7 @@
 #include "ops.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -127,6 +128,35 @@ void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, 
   }
   GemmArgs args{au, s.Kp, M, bp, nullptr, comp, s.Kp, s.Kp, s.Np, N, nullptr, nullptr, c, N};
   run_gemm(kernels(), args, true);
+}
+
+double dot_peak(double seconds) {
+  const Kernels& kt = kernels();
+  const int64_t nt = get_num_threads();
+  int64_t iters = 1 << 16;
+  for (;;) {  // grow until one round takes a measurable time, then scale to `seconds`
+    std::atomic<int64_t> macs{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_for(nt, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) macs += kt.dot_peak(iters);
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > seconds / 4 || iters > (int64_t(1) << 40)) return (double)macs.load() / dt;
+    iters = (int64_t)((double)iters * (dt > 1e-4 ? seconds / dt : 16.0));
+  }
+}
+
+double read_bandwidth(const uint8_t* p, int64_t n, int repeats) {
+  const Kernels& kt = kernels();
+  const int64_t nt = get_num_threads();
+  std::atomic<uint64_t> sink{0};
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < repeats; ++r)
+    parallel_for(nt, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) sink ^= kt.stream_read(p + n * t / nt, n * (t + 1) / nt - n * t / nt);
+    });
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return sink.load() == 1 ? 0.0 : (double)n * repeats / dt;  // the test only keeps `sink` alive
 }
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out) {

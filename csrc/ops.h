@@ -29,6 +29,11 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
 // Exact c (M, N) = a (M, K) . b (N, K)^T in int32.
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c);
 
+// Benchmark probes over all pool threads: int8 multiply-adds per second of the ISA's dot
+// instruction (about `seconds` long), and bytes per second reading [p, p + n) `repeats` times.
+double dot_peak(double seconds);
+double read_bandwidth(const uint8_t* p, int64_t n, int repeats);
+
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
 void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);
 

@@ -19,5 +19,7 @@ void gemm_u8s8_f32(const GemmArgs* args, int64_t p0, int64_t p1);
 void gemm_u8s8_i32(const GemmArgs* args, int64_t p0, int64_t p1);
 int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
 void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
+int64_t dot_peak(int64_t iters);
+uint64_t stream_read(const uint8_t* p, int64_t n);
 }  // namespace LOWBIT_NS
 }  // namespace lowbit

@@ -23,62 +23,85 @@ inline __mmask16 tail_mask(const GemmArgs* g, int64_t panel) {
   return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
+// The exact int32 dots of an MR x (J panels) tile over `steps` k-steps, stored to out[MR*J][16].
+// Kept apart from the epilogue, with 1-D accumulators under explicit unroll pragmas: that is the
+// form GCC keeps in registers (fused with the epilogue, it shuffles and spills them every k-step).
+#define LOWBIT_UNROLL _Pragma("GCC unroll 32")
+
+template <int MR, int J, bool STREAM>
+__attribute__((noinline)) void dots(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps,
+                                    int64_t steps, int32_t* out) {
+  __m512i acc[MR * J];
+  LOWBIT_UNROLL
+  for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i bv[J];
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) bv[j] = _mm512_loadu_si512(b + j * ps + s * 64);
+    if (STREAM) {  // GEMV-like: ask for the weights well ahead of use
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) _mm_prefetch((const char*)(b + j * ps + s * 64 + 2048), _MM_HINT_T0);
+    }
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      const __m512i av = bcast4(a + m * lda + s * kKStep);
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], av, bv[j]);
+    }
+  }
+  LOWBIT_UNROLL
+  for (int i = 0; i < MR * J; ++i) _mm512_store_si512(out + 16 * i, acc[i]);
+}
+
 template <int MR, int J, int MODE>
 void tile(const GemmArgs* g, int64_t m0, int64_t p) {
   const int64_t ps = g->Kp * kPanel;  // bytes per panel
-  const int8_t* b = g->b + p * ps;
-  const uint8_t* a = g->a + m0 * g->lda;
-  const int64_t lda = g->lda, group = g->group, Np = g->Np;
+  const int64_t group = g->group, Np = g->Np;
   const int64_t G = MODE == kFloatGrouped ? g->Kp / group : 1;
-  __m512 f[MR][J];
-  __m512i acc[MR][J];
+  alignas(64) int32_t acc[MR * J * 16];
+  __m512 f[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < J; ++j) acc[m][j] = _mm512_setzero_si512();
-    const int8_t* bk = b + grp * group * kPanel;
-    const uint8_t* ak = a + grp * group;
-    for (int64_t k = 0; k < group; k += kKStep) {
-      __m512i bv[J];
-      for (int j = 0; j < J; ++j) bv[j] = _mm512_loadu_si512(bk + j * ps + k * kPanel);
-      if (MR <= 2)  // streaming (GEMV-like): ask for the weights well ahead
-        for (int j = 0; j < J; ++j) _mm_prefetch((const char*)(bk + j * ps + k * kPanel + 2048), _MM_HINT_T0);
-      for (int m = 0; m < MR; ++m) {
-        const __m512i av = bcast4(ak + m * lda + k);
-        for (int j = 0; j < J; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], av, bv[j]);
-      }
-    }
+    dots<MR, J, (MR <= 2)>(g->a + m0 * g->lda + grp * group, g->lda,
+                           g->b + p * ps + grp * group * kPanel, ps, group / kKStep, acc);
+    LOWBIT_UNROLL
     for (int j = 0; j < J; ++j) {
       const __m512i cmp = _mm512_loadu_si512(g->comp + grp * Np + (p + j) * kPanel);
       if (MODE == kInt32) {
         const __mmask16 mask = tail_mask(g, p + j);
         int32_t* c = (int32_t*)g->c + m0 * g->ldc + (p + j) * kPanel;
+        LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m)
-          _mm512_mask_storeu_epi32(c + m * g->ldc, mask, _mm512_sub_epi32(acc[m][j], cmp));
+          _mm512_mask_storeu_epi32(c + m * g->ldc, mask,
+                                   _mm512_sub_epi32(_mm512_load_si512(acc + 16 * (m * J + j)), cmp));
       } else {
         const __m512 ws = _mm512_loadu_ps(g->wscale + grp * Np + (p + j) * kPanel);
+        LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m) {
-          const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], cmp));
-          f[m][j] = grp == 0 ? _mm512_mul_ps(v, ws) : _mm512_fmadd_ps(v, ws, f[m][j]);
+          const __m512 v = _mm512_cvtepi32_ps(
+              _mm512_sub_epi32(_mm512_load_si512(acc + 16 * (m * J + j)), cmp));
+          f[m * J + j] = grp == 0 ? _mm512_mul_ps(v, ws) : _mm512_fmadd_ps(v, ws, f[m * J + j]);
         }
       }
     }
   }
   if (MODE == kInt32) return;
+  LOWBIT_UNROLL
   for (int j = 0; j < J; ++j) {
     const __mmask16 mask = tail_mask(g, p + j);
     float* c = (float*)g->c + m0 * g->ldc + (p + j) * kPanel;
     const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(mask, g->bias + (p + j) * kPanel)
                                 : _mm512_setzero_ps();
+    LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m) {
       const __m512 sa = _mm512_set1_ps(g->ascale[m0 + m]);
-      const __m512 y = g->bias ? _mm512_fmadd_ps(f[m][j], sa, bias) : _mm512_mul_ps(f[m][j], sa);
+      const __m512 y = g->bias ? _mm512_fmadd_ps(f[m * J + j], sa, bias) : _mm512_mul_ps(f[m * J + j], sa);
       _mm512_mask_storeu_ps(c + m * g->ldc, mask, y);
     }
   }
 }
 
 // Tile shapes: up to 6 rows x 4 panels (24 accumulators); a single row (GEMV) streams 8 panels at
-// once for memory-level parallelism; grouped float output keeps f[][] live too, so it uses 4 x 2.
+// once for memory-level parallelism; grouped output keeps f[] live across groups, so 4 x 2.
 constexpr int kMaxMR = 6, kMaxJ = 8;
 using TileFn = void (*)(const GemmArgs*, int64_t, int64_t);
 
