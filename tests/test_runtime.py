@@ -1,0 +1,114 @@
+"""Dispatch, environment overrides, threads, processes."""
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import lowbit as lb
+
+
+def run_python(code, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_cpu_info_reports_choice_and_features():
+    info = lb.cpu_info()
+    assert info["isa"] == info["available"][0] or os.environ.get("LOWBIT_ISA")
+    assert "ref" in info["available"] and info["available"][-1] == "ref"
+    assert set(info["available"]) <= set(info["compiled"])
+    assert isinstance(info["features"], dict) and info["num_threads"] >= 1
+
+
+def test_use_isa_switches_and_restores(isa):
+    before = lb.cpu_info()["isa"]
+    with lb.use_isa("ref"):
+        assert lb.cpu_info()["isa"] == "ref"
+    assert lb.cpu_info()["isa"] == before
+
+
+def test_unknown_isa_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'.*available on this CPU: .*ref"):
+        lb.use_isa("sse9")
+
+
+def test_isa_the_cpu_lacks_is_a_clear_error():
+    missing = [i for i in lb.cpu_info()["compiled"] if i not in lb.cpu_info()["available"]]
+    if not missing:
+        pytest.skip("this CPU runs every compiled ISA")
+    with pytest.raises(ValueError, match="this CPU lacks it"):
+        lb.use_isa(missing[0])
+
+
+@pytest.mark.parametrize("name", ["ref", "avx2", "avxvnni", "avx512vnni"])
+def test_environment_forces_isa_in_a_new_process(name):
+    if name not in lb.cpu_info()["available"]:
+        pytest.skip(f"{name} not available")
+    r = run_python("import lowbit as lb; print(lb.cpu_info()['isa'])", LOWBIT_ISA=name)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == name
+
+
+def test_environment_with_unknown_isa_fails_at_import():
+    r = run_python("import lowbit", LOWBIT_ISA="bogus")
+    assert r.returncode != 0 and "unknown ISA 'bogus'" in r.stderr
+
+
+def test_environment_sets_thread_count():
+    r = run_python("import lowbit as lb; print(lb.get_num_threads())", LOWBIT_NUM_THREADS="3")
+    assert r.stdout.strip() == "3", r.stderr
+
+
+def test_set_num_threads_validates(threads):
+    with pytest.raises(ValueError):
+        lb.set_num_threads(0)
+    with pytest.raises(TypeError):
+        lb.set_num_threads(2.0)
+    lb.set_num_threads(3)
+    assert lb.get_num_threads() == 3
+
+
+def test_many_python_threads_share_one_layer(rng):
+    w = rng.normal(size=(256, 512)).astype(np.float32)
+    x = rng.normal(size=(32, 512)).astype(np.float32)
+    layer = lb.Linear(w)
+    expected = layer(x)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                results.append(layer(x))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert len(results) == 160 and all(np.array_equal(r, expected) for r in results)
+
+
+def _child(q):
+    w = np.ones((64, 256), np.float32)
+    q.put(float(lb.Linear(w)(np.ones((8, 256), np.float32)).sum()))
+
+
+def test_pool_survives_fork(rng):
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    w = np.ones((64, 256), np.float32)
+    expected = float(lb.Linear(w)(np.ones((8, 256), np.float32)).sum())  # pool started here
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and got == expected
