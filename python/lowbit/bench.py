@@ -1,0 +1,73 @@
+"""Timing and machine probes shared by ``lowbit bench`` and bench/peers.py.
+
+Every figure is a median over many calls; the machine limits (int8 dot-instruction peak, read
+bandwidth) are measured with lowbit's own probes so results can be stated as a fraction of them.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import _core
+from .linear import Linear
+from .runtime import get_num_threads, set_num_threads
+
+
+def median_time(fn, min_time=0.25, min_runs=7, max_runs=2000) -> float:
+    """Median wall time of ``fn()`` in seconds (after one warm-up call)."""
+    fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < min_runs or (time.perf_counter() - start < min_time and len(samples) < max_runs):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return float(np.median(samples))
+
+
+def machine_limits(dram_bytes=512 << 20, hot_bytes=16 << 20) -> dict:
+    """int8 dot peak (multiply-adds/s) of the ISA in use and read bandwidth (bytes/s), with the
+    current thread count: `hot` reads a buffer that stays in cache, `dram` one far larger."""
+    hot = np.ones(hot_bytes, np.uint8)
+    dram = np.ones(dram_bytes, np.uint8)
+    return {
+        "dot_peak_macs": _core.dot_peak(0.5),
+        "read_hot_bytes": max(_core.read_bandwidth(hot, 40) for _ in range(3)),
+        "read_dram_bytes": max(_core.read_bandwidth(dram, 2) for _ in range(2)),
+    }
+
+
+def relative_error(y, exact) -> float:
+    return float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
+
+
+def design_problem(m, n, k, seed=0):
+    """DESIGN.md section 7: weights N(0, 0.02), inputs N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 0.02, (n, k)).astype(np.float32),
+            rng.normal(0, 1, (m, k)).astype(np.float32))
+
+
+def quick_table(shapes=((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)), threads=None):
+    """lowbit INT8 Linear against numpy float32 on the same shapes: rows of dicts."""
+    before = get_num_threads()
+    if threads:
+        set_num_threads(threads)
+    rows = []
+    try:
+        for m, n, k in shapes:
+            w, x = design_problem(m, n, k)
+            t0 = time.perf_counter()
+            layer = Linear(w)
+            t_quant = time.perf_counter() - t0
+            exact = x @ w.T
+            t_np = median_time(lambda: x @ w.T)
+            t_lb = median_time(lambda: layer(x))
+            rows.append(dict(M=m, N=n, K=k, numpy_us=t_np * 1e6, lowbit_us=t_lb * 1e6,
+                             speedup=t_np / t_lb, rel_error=relative_error(layer(x), exact),
+                             fp32_mb=w.nbytes / 1e6, int8_mb=layer.nbytes / 1e6,
+                             quantize_ms=t_quant * 1e3))
+    finally:
+        set_num_threads(before)
+    return rows
