@@ -4,6 +4,14 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lowbit {
 #define LOWBIT_DECLARE(ns) namespace ns { extern const Kernels table; }
 LOWBIT_DECLARE(ref)
@@ -16,10 +24,33 @@ LOWBIT_DECLARE(avxvnni)
 #ifdef LOWBIT_HAVE_avx512vnni
 LOWBIT_DECLARE(avx512vnni)
 #endif
+#ifdef LOWBIT_HAVE_amx
+LOWBIT_DECLARE(amx)
+#endif
 
 namespace {
 
 #if defined(__x86_64__) || defined(__i386__)
+// AMX needs the CPU flags, the OS saving tile state (XCR0 bits 17, 18) and, on Linux, this
+// process's permission to use tile data, asked for once.
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return false;
+#if defined(__linux__) && defined(__x86_64__)
+    const long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
+}
+
 bool has(const char* f) {
   __builtin_cpu_init();
   // __builtin_cpu_supports needs literal names; map the few we use.
@@ -34,10 +65,11 @@ bool has(const char* f) {
   if (s == "avx512dq") return __builtin_cpu_supports("avx512dq");
   if (s == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
   if (s == "avxvnni") return __builtin_cpu_supports("avxvnni");
+  if (s == "amx-int8") return amx_usable();
   return false;
 }
 const char* const kFeatures[] = {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw",
-                                 "avx512vl", "avx512dq", "avx512vnni", "avxvnni"};
+                                 "avx512vl", "avx512dq", "avx512vnni", "avxvnni", "amx-int8"};
 #else
 bool has(const char*) { return false; }
 const char* const kFeatures[] = {};
@@ -57,6 +89,12 @@ struct Entry {
 // Best first.
 const std::vector<Entry>& entries() {
   static const std::vector<Entry> list = {
+#ifdef LOWBIT_HAVE_amx
+      {&amx::table, [] {
+         return all({"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",
+                     "avx512dq", "avx512vnni", "amx-int8"});
+       }},
+#endif
 #ifdef LOWBIT_HAVE_avx512vnni
       {&avx512vnni::table, [] {
          return all({"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",

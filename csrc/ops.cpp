@@ -14,10 +14,30 @@ namespace {
 // Below this many multiply-adds a call runs on the caller's thread: waking a worker costs more.
 constexpr int64_t kSerialMacs = 1 << 20;
 
-// A growable scratch buffer per calling thread (activations, packed operands), kept between calls.
+// Growable scratch buffers per calling thread, kept between calls.
 uint8_t* scratch(size_t bytes) {
   thread_local std::vector<uint8_t> buf;
   if (buf.size() < bytes) buf.resize(bytes);
+  return buf.data();
+}
+
+float* scratch_scales(int64_t M) {
+  thread_local std::vector<float> buf;
+  if ((int64_t)buf.size() < M) buf.resize((size_t)M);
+  return buf.data();
+}
+
+// Row stride of the activation operand: 64-byte aligned, and never a multiple of 4 KB, so the rows
+// a tile reads do not all fall into the same L1 cache set.
+int64_t activation_stride(int64_t Kp) { return round_up(Kp, 64) % 4096 ? round_up(Kp, 64) : Kp + 64; }
+
+// The kernels' activation operand: M rows of lda bytes, then padding rows of 128 (a zero) up to a
+// multiple of 32 rows, which the AMX kernel reads whole.
+uint8_t* activation_buffer(int64_t M, int64_t lda) {
+  thread_local std::vector<uint8_t> buf;
+  const size_t rows = (size_t)round_up(M, 32), bytes = rows * (size_t)lda;
+  if (buf.size() < bytes) buf.resize(bytes);
+  std::memset(buf.data() + M * lda, 128, (rows - (size_t)M) * (size_t)lda);
   return buf.data();
 }
 
@@ -30,9 +50,9 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
     gemm(&args, 0, panels);
     return;
   }
-  // Row blocks keep the activation block around 256 KB (in L2 next to a 4-panel weight block).
-  int64_t mb = (256 * 1024 / args.Kp) / 6 * 6;
-  mb = mb < 6 ? 6 : mb;
+  // Row blocks keep the activation block around 256 KB (in L2 next to a block of weights), in
+  // multiples of 96 rows: whole 6-row VNNI tiles and 32-row AMX blocks.
+  const int64_t mb = (256 * 1024 / args.Kp) / 96 * 96 > 96 ? (256 * 1024 / args.Kp) / 96 * 96 : 96;
   const int64_t row_blocks = (args.M + mb - 1) / mb;
   // Few rows stream the weights: one long contiguous panel range per thread (the kernel takes up
   // to 8 panels at once); more rows: blocks of 4 panels, the width of the register tile.
@@ -90,9 +110,9 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
                  const int32_t* comp, const float* bias, const W8Shape& s, float* y) {
   if (M == 0) return;
   const Kernels& kt = kernels();
-  const int64_t lda = s.Kp;
-  uint8_t* a = scratch((size_t)(M * lda + M * sizeof(float)));
-  float* ascale = (float*)(a + round_up(M * lda, 4));
+  const int64_t lda = activation_stride(s.Kp);
+  uint8_t* a = activation_buffer(M, lda);
+  float* ascale = (float*)scratch_scales(M);
   if (M * s.K < (1 << 16))
     kt.quantize_a8(x, ldx, s.K, s.Kp, 0, M, a, lda, ascale);
   else
@@ -107,15 +127,16 @@ void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, 
   if (M == 0 || N == 0) return;
   const W8Shape s(N, K, 0);
   // Operands in the kernel's form: a + 128 padded with 128; b in panels, with its column sums.
-  const size_t a_bytes = (size_t)round_up(M * s.Kp, 64), b_bytes = (size_t)(s.Np * s.Kp);
-  uint8_t* buf = scratch(a_bytes + b_bytes + (size_t)s.Np * sizeof(int32_t));
-  uint8_t* au = buf;
-  int8_t* bp = (int8_t*)(buf + a_bytes);
-  int32_t* comp = (int32_t*)(buf + a_bytes + b_bytes);
+  const size_t b_bytes = (size_t)(s.Np * s.Kp);
+  const int64_t lda = activation_stride(s.Kp);
+  uint8_t* au = activation_buffer(M, lda);
+  uint8_t* buf = scratch(b_bytes + (size_t)s.Np * sizeof(int32_t));
+  int8_t* bp = (int8_t*)buf;
+  int32_t* comp = (int32_t*)(buf + b_bytes);
   std::memset(bp, 0, b_bytes);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) au[m * s.Kp + k] = (uint8_t)(a[m * K + k] ^ 0x80);
-    for (int64_t k = K; k < s.Kp; ++k) au[m * s.Kp + k] = 128;
+    for (int64_t k = 0; k < K; ++k) au[m * lda + k] = (uint8_t)(a[m * K + k] ^ 0x80);
+    for (int64_t k = K; k < s.Kp; ++k) au[m * lda + k] = 128;
   }
   for (int64_t n = 0; n < s.Np; ++n) {
     int32_t sum = 0;
@@ -126,7 +147,7 @@ void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, 
     }
     comp[n] = 128 * sum;
   }
-  GemmArgs args{au, s.Kp, M, bp, nullptr, comp, s.Kp, s.Kp, s.Np, N, nullptr, nullptr, c, N};
+  GemmArgs args{au, lda, M, bp, nullptr, comp, s.Kp, s.Kp, s.Np, N, nullptr, nullptr, c, N};
   run_gemm(kernels(), args, true);
 }
 

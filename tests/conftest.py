@@ -3,7 +3,7 @@ import pytest
 
 import lowbit as lb
 
-ALL_ISAS = ["ref", "avx2", "avxvnni", "avx512vnni"]
+ALL_ISAS = ["ref", "avx2", "avxvnni", "avx512vnni", "amx"]
 
 
 @pytest.fixture(params=ALL_ISAS)

@@ -44,7 +44,7 @@ def test_isa_the_cpu_lacks_is_a_clear_error():
         lb.use_isa(missing[0])
 
 
-@pytest.mark.parametrize("name", ["ref", "avx2", "avxvnni", "avx512vnni"])
+@pytest.mark.parametrize("name", ["ref", "avx2", "avxvnni", "avx512vnni", "amx"])
 def test_environment_forces_isa_in_a_new_process(name):
     if name not in lb.cpu_info()["available"]:
         pytest.skip(f"{name} not available")

@@ -23,17 +23,19 @@ inline __mmask16 tail_mask(const GemmArgs* g, int64_t panel) {
   return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
-// The exact int32 dots of an MR x (J panels) tile over `steps` k-steps, stored to out[MR*J][16].
+// The exact int32 dots of an MR x (J panels) tile over `steps` k-steps, stored to (or, ACCUM,
+// added to) out[MR*J][16].
 // Kept apart from the epilogue, with 1-D accumulators under explicit unroll pragmas: that is the
 // form GCC keeps in registers (fused with the epilogue, it shuffles and spills them every k-step).
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
 
-template <int MR, int J, bool STREAM>
+template <int MR, int J, bool STREAM, bool ACCUM = false>
 __attribute__((noinline)) void dots(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps,
                                     int64_t steps, int32_t* out) {
   __m512i acc[MR * J];
   LOWBIT_UNROLL
-  for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
+  for (int i = 0; i < MR * J; ++i)
+    acc[i] = ACCUM ? _mm512_load_si512(out + 16 * i) : _mm512_setzero_si512();
   for (int64_t s = 0; s < steps; ++s) {
     __m512i bv[J];
     LOWBIT_UNROLL
@@ -134,16 +136,125 @@ void run(const GemmArgs* g, int64_t p0, int64_t p1, int max_mr, int max_j) {
   }
 }
 
+#ifdef __AMX_INT8__
+// AMX: TDPBUSD on 16x64-byte tiles. A tile = 16 rows x 64 k (u8, stride lda); B tile = 16 k-steps
+// of one panel, i.e. 16 consecutive 64-byte blocks of the packed layout (16 columns x 4 k each):
+// the packed panels are AMX B tiles as they stand. Blocks of 32 rows x 2 panels use all 8 tiles
+// (C 0-3, A 4-5, B 6-7); the K tail beyond the last full 64 goes through dots<> into the same
+// int32 sums, so results are exact and equal to every other ISA's.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// out[32][32] = exact dots of rows [0, 32) of `a` with panels p, p+1 (at b, b + ps) over [0, Kp).
+// Reads 32 rows of `a` (the caller pads the activation buffer to a multiple of 32 rows).
+template <bool STREAM>
+void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps, int64_t Kp, int32_t* out) {
+  const int64_t k64 = Kp / 64 * 64;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < k64; k += 64) {
+    // one block of rows streams the weights from memory: fetch the next tiles' lines now (with
+    // more rows the weights are reused from L2 and prefetching only costs load slots)
+    if (STREAM)
+      for (int l = 0; l < 16; ++l) {
+        _mm_prefetch((const char*)(b + (k + 64) * kPanel + 64 * l), _MM_HINT_T0);
+        _mm_prefetch((const char*)(b + ps + (k + 64) * kPanel + 64 * l), _MM_HINT_T0);
+      }
+    _tile_loadd(4, a + k, lda);
+    _tile_loadd(5, a + 16 * lda + k, lda);
+    _tile_loadd(6, b + k * kPanel, 64);
+    _tile_loadd(7, b + ps + k * kPanel, 64);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, out, 128);
+  _tile_stored(1, out + 16, 128);
+  _tile_stored(2, out + 16 * 32, 128);
+  _tile_stored(3, out + 16 * 32 + 16, 128);
+  if (k64 < Kp)
+    for (int m = 0; m < 32; m += 4)
+      dots<4, 2, false, true>(a + m * lda + k64, lda, b + k64 * kPanel, ps, (Kp - k64) / kKStep,
+                              out + m * 32);
+}
+
+template <int MODE>
+void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
+  const int64_t ps = g->Kp * kPanel, Np = g->Np;
+  alignas(64) int32_t acc[32 * 32];
+  amx_configure();
+  for (int64_t p = p0; p < p1; p += 2) {
+    const int np = p + 1 < p1 ? 2 : 1;  // a lone last panel: its partner's columns are not stored
+    const int8_t* b = g->b + p * ps;
+    for (int64_t m0 = 0; m0 < g->M; m0 += 32) {
+      // with one panel left, read panel p twice rather than past the end of the weights
+      if (g->M <= 32)
+        amx_block<true>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
+      else
+        amx_block<false>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
+      const int rows = (int)(g->M - m0 < 32 ? g->M - m0 : 32);
+      for (int j = 0; j < np; ++j) {
+        const int64_t col = (p + j) * kPanel;
+        const __mmask16 mask = tail_mask(g, p + j);
+        const __m512i cmp = _mm512_loadu_si512(g->comp + col);
+        if (MODE == kInt32) {
+          for (int m = 0; m < rows; ++m)
+            _mm512_mask_storeu_epi32((int32_t*)g->c + (m0 + m) * g->ldc + col, mask,
+                                     _mm512_sub_epi32(_mm512_load_si512(acc + m * 32 + 16 * j), cmp));
+          continue;
+        }
+        const __m512 ws = _mm512_loadu_ps(g->wscale + col);
+        const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(mask, g->bias + col) : _mm512_setzero_ps();
+        for (int m = 0; m < rows; ++m) {
+          const __m512 f = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + m * 32 + 16 * j), cmp)), ws);
+          const __m512 sa = _mm512_set1_ps(g->ascale[m0 + m]);
+          const __m512 y = g->bias ? _mm512_fmadd_ps(f, sa, bias) : _mm512_mul_ps(f, sa);
+          _mm512_mask_storeu_ps((float*)g->c + (m0 + m) * g->ldc + col, mask, y);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// AMX pays off once a weight tile serves several rows; GEMV shapes stay on VPDPBUSD.
+constexpr int64_t kAmxMinRows = 8;
+#endif
+
 }  // namespace
 
 void gemm_u8s8_f32(const GemmArgs* g, int64_t p0, int64_t p1) {
+#ifdef __AMX_INT8__
+  if (g->group == g->Kp && g->M >= kAmxMinRows) return amx_run<kFloat>(g, p0, p1);
+#endif
   if (g->group == g->Kp)
     run<kFloat>(g, p0, p1, kMaxMR, 4);
   else
     run<kFloatGrouped>(g, p0, p1, 4, 2);
 }
 
-void gemm_u8s8_i32(const GemmArgs* g, int64_t p0, int64_t p1) { run<kInt32>(g, p0, p1, kMaxMR, 4); }
+void gemm_u8s8_i32(const GemmArgs* g, int64_t p0, int64_t p1) {
+#ifdef __AMX_INT8__
+  if (g->M >= kAmxMinRows) return amx_run<kInt32>(g, p0, p1);
+#endif
+  run<kInt32>(g, p0, p1, kMaxMR, 4);
+}
 
 }  // namespace LOWBIT_NS
 }  // namespace lowbit
