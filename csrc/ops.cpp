@@ -57,7 +57,7 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
   // Few rows stream the weights: one long contiguous panel range per thread (the kernel takes up
   // to 8 panels at once); more rows: blocks of 4 panels, the width of the register tile.
   const int64_t nt = get_num_threads();
-  const int64_t pb = args.M <= 4 ? round_up((panels + nt - 1) / nt, 8) : 4;
+  const int64_t pb = args.M <= 4 ? round_up((panels + nt - 1) / nt, 8) : 16;
   const int64_t panel_blocks = (panels + pb - 1) / pb;
   const size_t elem = int32_out ? sizeof(int32_t) : sizeof(float);
   parallel_for(row_blocks * panel_blocks, [&](int64_t t0, int64_t t1) {

@@ -198,16 +198,17 @@ void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
   const int64_t ps = g->Kp * kPanel, Np = g->Np;
   alignas(64) int32_t acc[32 * 32];
   amx_configure();
-  for (int64_t p = p0; p < p1; p += 2) {
-    const int np = p + 1 < p1 ? 2 : 1;  // a lone last panel: its partner's columns are not stored
-    const int8_t* b = g->b + p * ps;
-    for (int64_t m0 = 0; m0 < g->M; m0 += 32) {
+  // rows outer: a 32-row block of activations is reused across every panel pair of the task
+  for (int64_t m0 = 0; m0 < g->M; m0 += 32) {
+    const int rows = (int)(g->M - m0 < 32 ? g->M - m0 : 32);
+    for (int64_t p = p0; p < p1; p += 2) {
+      const int np = p + 1 < p1 ? 2 : 1;  // a lone last panel: its partner's columns are not stored
+      const int8_t* b = g->b + p * ps;
       // with one panel left, read panel p twice rather than past the end of the weights
       if (g->M <= 32)
         amx_block<true>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
       else
         amx_block<false>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
-      const int rows = (int)(g->M - m0 < 32 ? g->M - m0 : 32);
       for (int j = 0; j < np; ++j) {
         const int64_t col = (p + j) * kPanel;
         const __mmask16 mask = tail_mask(g, p + j);

@@ -1,11 +1,50 @@
-// Probes, AVX-512 VNNI: VPDPBUSD zmm peak over 24 independent accumulators, and a 512-bit read
-// stream.
+// Probes, AVX-512 VNNI: VPDPBUSD zmm peak over 24 independent accumulators (TDPBUSD tiles when
+// compiled for AMX), and a 512-bit read stream.
 #include <immintrin.h>
 #include "kernels/isa.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
 
+#ifdef __AMX_INT8__
+// AMX: four independent TDPBUSD accumulator tiles over operand tiles loaded once.
+__attribute__((noinline)) int64_t dot_peak(int64_t iters) {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  alignas(64) static uint8_t operand[16 * 64];
+  alignas(64) int32_t out[4][16 * 16];
+  _tile_loadconfig(&cfg);
+  _tile_loadd(4, operand, 64);
+  _tile_loadd(5, operand, 64);
+  _tile_loadd(6, operand, 64);
+  _tile_loadd(7, operand, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, out[0], 64);
+  _tile_stored(1, out[1], 64);
+  _tile_stored(2, out[2], 64);
+  _tile_stored(3, out[3], 64);
+  _tile_release();
+  volatile int32_t sink = out[0][0] ^ out[1][1] ^ out[2][2] ^ out[3][3];
+  (void)sink;
+  return iters * 4 * 16 * 16 * 64;  // 16x16 outputs x 64 int8 products per TDPBUSD
+}
+#else
 __attribute__((noinline)) int64_t dot_peak(int64_t iters) {
   __m512i acc[24];
   _Pragma("GCC unroll 24") for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_epi32(i);
@@ -23,6 +62,7 @@ __attribute__((noinline)) int64_t dot_peak(int64_t iters) {
   (void)sink;
   return iters * 24 * 64;  // 64 int8 MACs per VPDPBUSD zmm
 }
+#endif
 
 uint64_t stream_read(const uint8_t* p, int64_t n) {
   __m512i s0 = _mm512_setzero_si512(), s1 = s0;
