@@ -113,6 +113,8 @@ constexpr TileFn pick(int j, std::integer_sequence<int, Js...>) {
   return fns[j - 1];
 }
 
+// Few rows (GEMV-like: the weights stream through once) and grouped output: tile by tile, over the
+// whole of K.
 template <int MODE>
 void run(const GemmArgs* g, int64_t p0, int64_t p1, int max_mr, int max_j) {
   if (g->M == 1) max_j = kMaxJ;
@@ -131,6 +133,77 @@ void run(const GemmArgs* g, int64_t p0, int64_t p1, int max_mr, int max_j) {
       }
       fn(g, m, p);
       m += mr;
+    }
+    p += j;
+  }
+}
+
+// Many rows, one group: K in blocks of kKc so that a 4-panel weight block (16 KB) and kMc rows of
+// activations (12 KB) stay in L1 while every row tile reuses them; int32 partial sums wait in acc.
+constexpr int64_t kKc = 256, kMc = 48;
+using DotsFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+
+template <bool ACCUM, int MR, int... Js>
+constexpr DotsFn pick_dots(int j, std::integer_sequence<int, Js...>) {
+  DotsFn fns[] = {dots<MR, Js + 1, false, ACCUM>...};
+  return fns[j - 1];
+}
+
+template <bool ACCUM>
+DotsFn dots_for(int mr, int j) {
+  switch (mr) {
+    case 1: return pick_dots<ACCUM, 1>(j, std::make_integer_sequence<int, 4>{});
+    case 2: return pick_dots<ACCUM, 2>(j, std::make_integer_sequence<int, 4>{});
+    case 3: return pick_dots<ACCUM, 3>(j, std::make_integer_sequence<int, 4>{});
+    case 4: return pick_dots<ACCUM, 4>(j, std::make_integer_sequence<int, 4>{});
+    case 5: return pick_dots<ACCUM, 5>(j, std::make_integer_sequence<int, 4>{});
+    default: return pick_dots<ACCUM, 6>(j, std::make_integer_sequence<int, 4>{});
+  }
+}
+
+// Rows [m0, m0 + rows) x panels [p, p + J) from exact int32 sums acc[rows][J * 16] (one group).
+template <int MODE>
+void epilogue(const GemmArgs* g, int64_t m0, int64_t rows, int64_t p, int J, const int32_t* acc) {
+  for (int j = 0; j < J; ++j) {
+    const int64_t col = (p + j) * kPanel;
+    const __mmask16 mask = tail_mask(g, p + j);
+    const __m512i cmp = _mm512_loadu_si512(g->comp + col);
+    if (MODE == kInt32) {
+      for (int64_t m = 0; m < rows; ++m)
+        _mm512_mask_storeu_epi32((int32_t*)g->c + (m0 + m) * g->ldc + col, mask,
+                                 _mm512_sub_epi32(_mm512_load_si512(acc + (m * J + j) * 16), cmp));
+      continue;
+    }
+    const __m512 ws = _mm512_loadu_ps(g->wscale + col);
+    const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(mask, g->bias + col) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 f = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + (m * J + j) * 16), cmp)), ws);
+      const __m512 sa = _mm512_set1_ps(g->ascale[m0 + m]);
+      const __m512 y = g->bias ? _mm512_fmadd_ps(f, sa, bias) : _mm512_mul_ps(f, sa);
+      _mm512_mask_storeu_ps((float*)g->c + (m0 + m) * g->ldc + col, mask, y);
+    }
+  }
+}
+
+template <int MODE>
+void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
+  const int64_t ps = g->Kp * kPanel;
+  alignas(64) int32_t acc[kMc * 4 * 16];
+  for (int64_t p = p0; p < p1;) {
+    const int j = (int)(p1 - p < 4 ? p1 - p : 4);
+    for (int64_t mc = 0; mc < g->M; mc += kMc) {
+      const int64_t rows = g->M - mc < kMc ? g->M - mc : kMc;
+      for (int64_t kc = 0; kc < g->Kp; kc += kKc) {
+        const int64_t steps = (g->Kp - kc < kKc ? g->Kp - kc : kKc) / kKStep;
+        for (int64_t m = 0; m < rows; m += kMaxMR) {
+          const int mr = (int)(rows - m < kMaxMR ? rows - m : kMaxMR);
+          (kc ? dots_for<true>(mr, j) : dots_for<false>(mr, j))(
+              g->a + (mc + m) * g->lda + kc, g->lda, g->b + p * ps + kc * kPanel, ps, steps,
+              acc + m * j * 16);
+        }
+      }
+      epilogue<MODE>(g, mc, rows, p, j, acc);
     }
     p += j;
   }
@@ -244,17 +317,22 @@ void gemm_u8s8_f32(const GemmArgs* g, int64_t p0, int64_t p1) {
 #ifdef __AMX_INT8__
   if (g->group == g->Kp && g->M >= kAmxMinRows) return amx_run<kFloat>(g, p0, p1);
 #endif
-  if (g->group == g->Kp)
+  if (g->group != g->Kp)
+    run<kFloatGrouped>(g, p0, p1, 4, 2);
+  else if (g->M <= 4)
     run<kFloat>(g, p0, p1, kMaxMR, 4);
   else
-    run<kFloatGrouped>(g, p0, p1, 4, 2);
+    run_kblocked<kFloat>(g, p0, p1);
 }
 
 void gemm_u8s8_i32(const GemmArgs* g, int64_t p0, int64_t p1) {
 #ifdef __AMX_INT8__
   if (g->M >= kAmxMinRows) return amx_run<kInt32>(g, p0, p1);
 #endif
-  run<kInt32>(g, p0, p1, kMaxMR, 4);
+  if (g->M <= 4)
+    run<kInt32>(g, p0, p1, kMaxMR, 4);
+  else
+    run_kblocked<kInt32>(g, p0, p1);
 }
 
 }  // namespace LOWBIT_NS
