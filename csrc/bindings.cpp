@@ -58,15 +58,27 @@ void check(const py::array& a, const char* name, std::initializer_list<int64_t> 
 template <class T>
 const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
 
-W8Shape w8_shape(int64_t N, int64_t K, int64_t group) {
-  if (N < 1 || K < 1) throw py::value_error("weight shape must be positive, got (" + std::to_string(N) + ", " + std::to_string(K) + ")");
+// The weight shape and group size every format shares: positive, K small enough for exact int32
+// dots, groups a multiple of 32 dividing K (0: per channel).
+void check_weight_shape(int64_t N, int64_t K, int64_t group) {
+  if (N < 1 || K < 1)
+    throw py::value_error("weight shape must be positive, got (" + std::to_string(N) + ", " + std::to_string(K) + ")");
   if (K > kMaxK)
     throw py::value_error("K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
-                          ", the largest K whose int8 dot products cannot overflow int32");
+                          ", the largest K whose integer dot products cannot overflow int32");
   if (group && (group < 32 || group % 32 || K % group))
     throw py::value_error("group_size must be a positive multiple of 32 dividing K=" +
                           std::to_string(K) + ", got " + std::to_string(group));
+}
+
+W8Shape w8_shape(int64_t N, int64_t K, int64_t group) {
+  check_weight_shape(N, K, group);
   return W8Shape(N, K, group);
+}
+
+Q4Shape q4_shape(int64_t N, int64_t K, int64_t group) {
+  check_weight_shape(N, K, group);
+  return Q4Shape(N, K, group);
 }
 
 py::tuple quantize_w8_py(const py::array& w, int64_t group) {
@@ -128,6 +140,86 @@ py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
     py::gil_scoped_release nogil;
     linear_w8a8(cptr<float>(x), ldx, M, cptr<int8_t>(packed), cptr<float>(scales),
                 cptr<int32_t>(comp), b, s, y.mutable_data());
+  }
+  return y;
+}
+
+// float16 arrays travel as numpy float16; the kernels read their bits.
+void check_half(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+  if (!a.dtype().is(py::dtype("float16")))
+    throw py::type_error(std::string(name) + ": expected dtype float16, got " + std::string(py::str(a.dtype())));
+  check<uint16_t>(py::array(a).view("uint16"), name, shape);
+}
+
+py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
+  check<float>(w, "w", {-1, -1}, true);
+  const Q4Shape s = q4_shape(w.shape(0), w.shape(1), group);
+  py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
+  py::array scales(py::dtype("float16"), {s.G, s.Np});
+  py::object mins = py::none();
+  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
+  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
+  uint16_t* mins_ptr = nullptr;
+  if (!symmetric) {
+    py::array m(py::dtype("float16"), {s.G, s.Np});
+    std::memset(m.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
+    mins_ptr = (uint16_t*)m.mutable_data();
+    mins = m;
+  }
+  const int64_t ldw = w.shape(0) > 1 ? w.strides(0) / (int64_t)sizeof(float) : s.K;
+  int64_t bad;
+  int why = 0;
+  {
+    py::gil_scoped_release nogil;
+    bad = quantize_w4(cptr<float>(w), ldw, s, packed.mutable_data(), (uint16_t*)scales.mutable_data(),
+                      mins_ptr, &why);
+  }
+  if (bad >= 0)
+    throw py::value_error("weight row " + std::to_string(bad) +
+                          (why ? " has values beyond float16 range (|w| up to 65504 scale steps); "
+                                 "4-bit weights keep float16 scales"
+                               : " holds NaN or Inf; quantization needs finite weights"));
+  return py::make_tuple(packed, scales, mins);
+}
+
+void check_w4(const py::array& packed, const py::array& scales, const py::object& mins,
+              const Q4Shape& s) {
+  check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
+  check_half(scales, "scales", {s.G, s.Np});
+  if (!mins.is_none()) check_half(mins.cast<py::array>(), "mins", {s.G, s.Np});
+}
+
+py::array_t<uint8_t> unpack_w4_py(const py::array& packed, int64_t N, int64_t K, int64_t group) {
+  const Q4Shape s = q4_shape(N, K, group);
+  check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
+  py::array_t<uint8_t> out({N, K});
+  {
+    py::gil_scoped_release nogil;
+    unpack_w4(cptr<uint8_t>(packed), s, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, const py::array& scales,
+                                const py::object& mins, int64_t N, int64_t K, int64_t group,
+                                const py::object& bias, bool int8_activations) {
+  const Q4Shape s = q4_shape(N, K, group);
+  check<float>(x, "x", {-1, K}, true);
+  check_w4(packed, scales, mins, s);
+  const float* b = nullptr;
+  if (!bias.is_none()) {
+    const py::array ba = bias.cast<py::array>();
+    check<float>(ba, "bias", {N});
+    b = cptr<float>(ba);
+  }
+  const uint16_t* mins_ptr = mins.is_none() ? nullptr : (const uint16_t*)mins.cast<py::array>().data();
+  const int64_t M = x.shape(0);
+  py::array_t<float> y({M, N});
+  const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
+  {
+    py::gil_scoped_release nogil;
+    linear_w4(cptr<float>(x), ldx, M, cptr<uint8_t>(packed), (const uint16_t*)scales.data(), mins_ptr,
+              b, s, int8_activations, y.mutable_data());
   }
   return y;
 }
@@ -213,6 +305,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("unpack_w8", &unpack_w8_py, py::arg("packed"), py::arg("N"), py::arg("K"));
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"));
+  m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));
+  m.def("unpack_w4", &unpack_w4_py, py::arg("packed"), py::arg("N"), py::arg("K"), py::arg("group"));
+  m.def("linear_w4", &linear_w4_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
+        py::arg("mins"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
+        py::arg("int8_activations"));
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     py::gil_scoped_release nogil;

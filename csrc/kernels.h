@@ -36,6 +36,32 @@ struct GemmArgs {
   int64_t ldc;
 };
 
+// Packed INT4 weight layout, shared by every ISA: panels of 16 output columns; within a panel, K in
+// steps of 8, each step one 64-byte block: byte c*4 + i holds column c's k0+i in its low nibble and
+// k0+4+i in its high nibble (so AND 0x0F / shift 4 give two 16-column x 4-k VPDPBUSD operands).
+// Values q in 0..15 mean w = d*q + m (d, m float16 per group [G][Np]); symmetric weights store no
+// minima and mean m = -8d. Kp = K rounded up to 32 (padding weights multiply zero activations).
+constexpr int64_t kQ4Step = 8;     // k per 64-byte block
+constexpr int64_t kActBlock = 32;  // activation quantization block (W4A8)
+
+struct Q4Args {
+  int64_t M, N, Np, Kp;
+  int64_t group;            // K per weight group (multiple of 32; == Kp when per channel)
+  const uint8_t* b;         // packed nibbles, panel p at p * Kp * 8
+  const uint16_t* scales;   // float16 [G][Np]
+  const uint16_t* mins;     // float16 [G][Np], or null: symmetric, m = -8d
+  // W4A8: int8 activations [M][lda] padded with 0 to Kp, a scale per 32-block [M][Kp/32], and per
+  // row and group A_g = sum over its blocks of scale_b * sum(q_b)  (the term minima multiply).
+  // W4A32: float32 activations [M][lda] padded with 0 to Kp; A_g = sum of the group's x.
+  const void* a;
+  int64_t lda;
+  const float* ablock;      // W4A8 only: [M][Kp/32]
+  const float* agroup;      // [M][G]
+  const float* bias;        // [N] or null
+  float* c;                 // [M][ldc]
+  int64_t ldc;
+};
+
 struct Kernels {
   const char* name;
 
@@ -58,6 +84,19 @@ struct Kernels {
   void (*gemm_u8s8_f32)(const GemmArgs* args, int64_t p0, int64_t p1);
   // Exact int32 C[m, n] = sum_k (a - 128) * b for panels [p0, p1) (single group).
   void (*gemm_u8s8_i32)(const GemmArgs* args, int64_t p0, int64_t p1);
+
+  // W4A8 for panels [p0, p1): per 32-block b the exact int32 dot I_b = sum q_w * q_a, per group
+  //   I_g = sum_b I_b * s_b   (first term a product, then fma, in block order)
+  //   f  += fma(d_g, I_g, m_g * A_g)   (f = first group's term, then adds)  ; y = f + bias.
+  void (*gemm_q4a8)(const Q4Args* args, int64_t p0, int64_t p1);
+  // W4A32: per group S_g = sum_k q_w * x, one fma per k in k order, then the same fold as W4A8.
+  void (*gemm_q4f32)(const Q4Args* args, int64_t p0, int64_t p1);
+  // Activation quantization for W4A8, rows [m0, m1): per 32-block scale = amax / 127,
+  // q = round-half-even(x / scale) in [-127, 127] (padded with 0 to Kp); per group A_g as above.
+  // A block holding NaN/Inf gets a NaN scale (its row's output becomes NaN).
+  void (*quantize_a8_blocks)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
+                             int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
+                             float* agroup);
 
   // INT4 nibbles: element 2i in the low nibble, 2i+1 in the high. pack returns the index of the
   // first value above 15, or -1 (the output is then unspecified).

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -41,40 +42,86 @@ uint8_t* activation_buffer(int64_t M, int64_t lda) {
   return buf.data();
 }
 
-// The GEMM over all rows and panels, as tasks of (row block x panel block), panel-block major so
-// that a thread's consecutive tasks reuse the same weights from cache.
-void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
-  const auto gemm = int32_out ? kt.gemm_u8s8_i32 : kt.gemm_u8s8_f32;
-  const int64_t panels = args.Np / kPanel;
-  if (args.M * args.N * args.Kp < kSerialMacs || get_num_threads() == 1) {
-    gemm(&args, 0, panels);
+// Splits rows x panels into tasks (row block x panel block), panel-block major so that a thread's
+// consecutive tasks reuse the same weights from cache, and runs fn(m0, m1, p0, p1) on the pool.
+// Few rows stream the weights: one long contiguous panel range per thread; more rows: blocks of
+// `pb` panels and row blocks of `mb` rows. Each output is computed whole inside one task.
+template <class Fn>
+void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, const Fn& fn) {
+  const int64_t nt = get_num_threads();
+  if (work < kSerialMacs || nt == 1) {
+    fn(0, M, 0, panels);
     return;
   }
-  // Row blocks keep the activation block around 256 KB (in L2 next to a block of weights), in
-  // multiples of 96 rows: whole 6-row VNNI tiles and 32-row AMX blocks.
-  const int64_t mb = (256 * 1024 / args.Kp) / 96 * 96 > 96 ? (256 * 1024 / args.Kp) / 96 * 96 : 96;
-  const int64_t row_blocks = (args.M + mb - 1) / mb;
-  // Few rows stream the weights: one long contiguous panel range per thread (the kernel takes up
-  // to 8 panels at once); more rows: blocks of 4 panels, the width of the register tile.
-  const int64_t nt = get_num_threads();
-  const int64_t pb = args.M <= 4 ? round_up((panels + nt - 1) / nt, 8) : 16;
-  const int64_t panel_blocks = (panels + pb - 1) / pb;
-  const size_t elem = int32_out ? sizeof(int32_t) : sizeof(float);
+  if (M <= 4) pb = round_up((panels + nt - 1) / nt, 8);
+  const int64_t row_blocks = (M + mb - 1) / mb, panel_blocks = (panels + pb - 1) / pb;
   parallel_for(row_blocks * panel_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t % row_blocks, p0 = t / row_blocks * pb;
-      const int64_t p1 = p0 + pb < panels ? p0 + pb : panels;
-      GemmArgs sub = args;
-      sub.M = (r + 1) * mb < args.M ? mb : args.M - r * mb;
-      sub.a = args.a + r * mb * args.lda;
-      if (args.ascale) sub.ascale = args.ascale + r * mb;
-      sub.c = (char*)args.c + r * mb * args.ldc * elem;
-      gemm(&sub, p0, p1);
+      fn(r * mb, (r + 1) * mb < M ? (r + 1) * mb : M, p0, p0 + pb < panels ? p0 + pb : panels);
     }
   });
 }
 
+// The INT8 GEMM over all rows and panels.
+void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
+  const auto gemm = int32_out ? kt.gemm_u8s8_i32 : kt.gemm_u8s8_f32;
+  // Row blocks keep the activation block around 256 KB (in L2 next to a block of weights), in
+  // multiples of 96 rows: whole 6-row VNNI tiles and 32-row AMX blocks.
+  const int64_t mb = (256 * 1024 / args.Kp) / 96 * 96 > 96 ? (256 * 1024 / args.Kp) / 96 * 96 : 96;
+  const size_t elem = int32_out ? sizeof(int32_t) : sizeof(float);
+  split(args.M, args.Np / kPanel, mb, 16, args.M * args.N * args.Kp,
+        [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+          GemmArgs sub = args;
+          sub.M = m1 - m0;
+          sub.a = args.a + m0 * args.lda;
+          if (args.ascale) sub.ascale = args.ascale + m0;
+          sub.c = (char*)args.c + m0 * args.ldc * elem;
+          gemm(&sub, p0, p1);
+        });
+}
+
+// RNE to an integer for |v| < 2^22, as nearbyint in the default rounding mode, without a libm
+// call, so the quantizer loops vectorize at the baseline ISA.
+inline float round_even(float v) {
+  const float magic = 12582912.f;  // 1.5 * 2^23
+  return v >= 0 ? (v + magic) - magic : -((-v + magic) - magic);
+}
+
 }  // namespace
+
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  x &= 0x7FFFFFFF;
+  if (x >= 0x7F800000) return (uint16_t)(sign | 0x7C00 | (x > 0x7F800000 ? 0x200 : 0));
+  if (x >= 0x477FF000) return (uint16_t)(sign | 0x7C00);  // rounds beyond 65504: infinity
+  if (x < 0x38800000) {  // below the smallest normal half: subnormal, round half to even
+    float v;
+    std::memcpy(&v, &x, 4);
+    return (uint16_t)(sign | (uint32_t)round_even(v * 16777216.f));  // v / 2^-24
+  }
+  const uint32_t rounded = x + 0xFFF + ((x >> 13) & 1);  // round half to even on bit 13
+  return (uint16_t)(sign | ((rounded - 0x38000000) >> 13));
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp == 0) {
+    float v = (float)man / 16777216.f;  // exact
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 W8Shape::W8Shape(int64_t n, int64_t k, int64_t grp)
     : N(n), K(k), Np(round_up(n, kPanel)), Kp(grp ? k : round_up(k, kKStep)),
@@ -178,6 +225,129 @@ double read_bandwidth(const uint8_t* p, int64_t n, int repeats) {
     });
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return sink.load() == 1 ? 0.0 : (double)n * repeats / dt;  // the test only keeps `sink` alive
+}
+
+Q4Shape::Q4Shape(int64_t n, int64_t k, int64_t grp)
+    : N(n), K(k), Np(round_up(n, kPanel)), Kp(grp ? k : round_up(k, kActBlock)),
+      group(grp ? grp : Kp), G(Kp / group) {}
+
+int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* packed,
+                    uint16_t* scales, uint16_t* mins, int* why) {
+  const int64_t panels = s.Np / kPanel;
+  std::atomic<int64_t> bad{-1};
+  std::atomic<int> reason{0};
+  auto body = [&](int64_t p0, int64_t p1) {
+    std::vector<int32_t> q((size_t)s.group);
+    for (int64_t n = p0 * kPanel; n < p1 * kPanel && n < s.N; ++n) {
+      const float* row = w + n * ldw;
+      int problem = -1;
+      for (int64_t k = 0; k < s.K; ++k)
+        if (!std::isfinite(row[k])) problem = 0;
+      for (int64_t g = 0; g < s.G && problem < 0; ++g) {
+        const int64_t k0 = g * s.group, k1 = k0 + s.group < s.K ? k0 + s.group : s.K;
+        float lo = row[k0], hi = row[k0];
+        for (int64_t k = k0; k < k1; ++k) {
+          lo = row[k] < lo ? row[k] : lo;
+          hi = row[k] > hi ? row[k] : hi;
+        }
+        uint16_t d16, m16 = 0;
+        if (mins) {
+          d16 = float_to_half((hi - lo) / 15.f);
+          m16 = float_to_half(lo);
+        } else {
+          d16 = float_to_half((-lo > hi ? lo : hi) / -8.f);
+        }
+        if ((d16 & 0x7C00) == 0x7C00 || (m16 & 0x7C00) == 0x7C00) {
+          problem = 1;
+          break;
+        }
+        const float d = half_to_float(d16), m = half_to_float(m16);
+        const float inv_offset = mins ? 0.f : 8.f;
+        for (int64_t k = k0; k < k0 + s.group; ++k) {
+          float v = 0.f;
+          if (d != 0.f && k < k1) v = round_even((row[k] - m) / d) + inv_offset;
+          else if (!mins) v = 8.f;
+          q[(size_t)(k - k0)] = (int32_t)(v < 0.f ? 0.f : (v > 15.f ? 15.f : v));
+        }
+        uint8_t* base = packed + n / kPanel * s.Kp * kQ4Step + n % kPanel * 4;
+        for (int64_t k = k0; k < k0 + s.group; ++k) {
+          uint8_t& byte = base[k / kQ4Step * 64 + k % 4];
+          const int32_t v = q[(size_t)(k - k0)];
+          byte = k % kQ4Step < 4 ? (uint8_t)((byte & 0xF0) | v) : (uint8_t)((byte & 0x0F) | (v << 4));
+        }
+        scales[g * s.Np + n] = d16;
+        if (mins) mins[g * s.Np + n] = m16;
+      }
+      if (problem >= 0) {
+        int64_t cur = bad.load();
+        while ((cur < 0 || n < cur) && !bad.compare_exchange_weak(cur, n)) {}
+        if (bad.load() == n) reason = problem;
+        return;
+      }
+    }
+  };
+  if (s.N * s.K < kSerialMacs)
+    body(0, panels);
+  else
+    parallel_for(panels, body);
+  *why = reason.load();
+  return bad.load();
+}
+
+void unpack_w4(const uint8_t* packed, const Q4Shape& s, uint8_t* out) {
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const uint8_t byte = packed[(n / kPanel * s.Kp / kQ4Step + k / kQ4Step) * 64 + n % kPanel * 4 + k % 4];
+      out[n * s.K + k] = k % kQ4Step < 4 ? byte & 0x0F : byte >> 4;
+    }
+}
+
+void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
+               const uint16_t* scales, const uint16_t* mins, const float* bias, const Q4Shape& s,
+               bool int8_activations, float* y) {
+  if (M == 0) return;
+  const Kernels& kt = kernels();
+  const int64_t nblocks = s.Kp / kActBlock;
+  const int64_t elem = int8_activations ? 1 : 4;
+  const int64_t lda = activation_stride(s.Kp * elem) / elem;
+  uint8_t* a = activation_buffer(M, lda * elem);
+  float* agroup = scratch_scales(M * (s.G + nblocks));
+  float* ablock = agroup + M * s.G;
+  const bool big = M * s.K >= (1 << 16);
+  if (int8_activations) {
+    auto quant = [&](int64_t m0, int64_t m1) {
+      kt.quantize_a8_blocks(x, ldx, s.K, s.Kp, s.group, m0, m1, (int8_t*)a, lda, ablock, agroup);
+    };
+    big ? parallel_for(M, quant) : quant(0, M);
+  } else {
+    // float rows padded with zeros to Kp, and each group's sum of x: 8 interleaved partial sums
+    // combined pairwise, one fixed order for every ISA and thread count
+    auto prep = [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        float* dst = (float*)a + m * lda;
+        std::memcpy(dst, x + m * ldx, (size_t)s.K * sizeof(float));
+        std::memset(dst + s.K, 0, (size_t)(s.Kp - s.K) * sizeof(float));
+        for (int64_t g = 0; g < s.G; ++g) {
+          float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int64_t k = g * s.group; k < (g + 1) * s.group; k += 8)
+            for (int i = 0; i < 8; ++i) part[i] += dst[k + i];
+          agroup[m * s.G + g] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        }
+      }
+    };
+    big ? parallel_for(M, prep) : prep(0, M);
+  }
+  const Q4Args args{M, s.N, s.Np, s.Kp, s.group, packed, scales, mins, a, lda, ablock, agroup, bias, y, s.N};
+  const auto gemm = int8_activations ? kt.gemm_q4a8 : kt.gemm_q4f32;
+  split(M, s.Np / kPanel, 64, 8, M * s.N * s.Kp, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    Q4Args sub = args;
+    sub.M = m1 - m0;
+    sub.a = (const uint8_t*)a + m0 * lda * elem;
+    sub.ablock = ablock + m0 * nblocks;
+    sub.agroup = agroup + m0 * s.G;
+    sub.c = y + m0 * s.N;
+    gemm(&sub, p0, p1);
+  });
 }
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out) {

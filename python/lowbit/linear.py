@@ -6,12 +6,15 @@ import numpy as np
 from . import _core
 from .quantize import QuantizedWeight, quantize
 
-ACTIVATIONS = ("int8",)
+ACTIVATIONS = ("int8", "float")
 
 
-def _check_activations(activations):
+def _check_activations(activations, bits):
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
+    if activations == "float" and bits == 8:
+        raise ValueError("activations='float' (weight-only) runs 4-bit weights; 8-bit weights "
+                         "run with activations='int8'")
 
 
 def _check_bias(bias, n):
@@ -25,7 +28,7 @@ def _check_bias(bias, n):
     return np.ascontiguousarray(b, dtype=np.float32)
 
 
-def _forward(x, qw: QuantizedWeight, bias):
+def _forward(x, qw: QuantizedWeight, bias, activations):
     x = np.asarray(x)
     if x.dtype != np.float32:
         if x.dtype.kind != "f":
@@ -37,7 +40,11 @@ def _forward(x, qw: QuantizedWeight, bias):
     x2 = x.reshape(-1, k)
     if k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
         x2 = np.ascontiguousarray(x2)
-    y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias)
+    if qw.bits == 8:
+        y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias)
+    else:
+        y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, n, k, qw.group_size or 0, bias,
+                            activations == "int8")
     return y.reshape(x.shape[:-1] + (n,))
 
 
@@ -45,18 +52,21 @@ class Linear:
     """A quantized linear layer, ``y = x @ W.T + bias``, W of shape (out_features, in_features).
 
     ``w_or_qw`` is a float array (quantized here with ``bits``, ``group_size``, ``symmetric``) or a
-    :class:`QuantizedWeight`. activations="int8": each input row is quantized to int8 on the fly
-    (symmetric, one scale per row), the product is exact in int32, then scaled to float32.
+    :class:`QuantizedWeight`. activations="int8": input rows are quantized to int8 on the fly
+    (symmetric; one scale per row for 8-bit weights, per block of 32 inputs for 4-bit weights), the
+    integer products are exact, then scaled to float32. activations="float" (4-bit weights):
+    weight-only, the 4-bit values meet the float32 inputs in FMA.
     Input: float32 or float16 of shape (..., in_features); output float32 (..., out_features).
     """
 
     def __init__(self, w_or_qw, bias=None, *, bits=8, group_size=None, symmetric=True,
                  activations="int8"):
-        _check_activations(activations)
         if isinstance(w_or_qw, QuantizedWeight):
             self.weight = w_or_qw
         else:
+            _check_activations(activations, bits)
             self.weight = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
+        _check_activations(activations, self.weight.bits)
         self.bias = _check_bias(bias, self.weight.shape[0])
         self.activations = activations
 
@@ -73,7 +83,7 @@ class Linear:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     def __call__(self, x) -> np.ndarray:
-        return _forward(x, self.weight, self.bias)
+        return _forward(x, self.weight, self.bias, self.activations)
 
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
@@ -84,5 +94,5 @@ def matmul(x, qw: QuantizedWeight, bias=None, activations="int8") -> np.ndarray:
     """``x @ qw.dequantize().T + bias`` on the quantized kernels (the functional ``Linear``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"matmul: expected a QuantizedWeight, got {type(qw).__name__}")
-    _check_activations(activations)
-    return _forward(x, qw, _check_bias(bias, qw.shape[0]))
+    _check_activations(activations, qw.bits)
+    return _forward(x, qw, _check_bias(bias, qw.shape[0]), activations)

@@ -115,5 +115,36 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
   }
 }
 
+void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
+                        int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
+                        float* agroup) {
+  const int64_t nblocks = Kp / kActBlock, G = Kp / group;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * ldx;
+    float A = 0.f;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t k0 = b * kActBlock;
+      const uint32_t bits = amax_bits(row, k0 < K ? k0 : K, k0 + kActBlock < K ? k0 + kActBlock : K);
+      const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+      __m256i sum = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        __m256i v = _mm256_setzero_si256();
+        if (scale != 0.f && bits < kInfBits) v = quant8(row + k0 + 8 * i, K - k0 - 8 * i, _mm256_set1_ps(scale));
+        sum = _mm256_add_epi32(sum, v);
+        uint8_t bytes[8];
+        narrow8(_mm256_add_epi32(v, _mm256_set1_epi32(128)), bytes);  // via unsigned, as quantize_w8
+        for (int t = 0; t < 8; ++t) q[m * ldq + k0 + 8 * i + t] = (int8_t)(bytes[t] ^ 0x80);
+      }
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256((__m256i*)lanes, sum);
+      int32_t total = 0;
+      for (int t = 0; t < 8; ++t) total += lanes[t];
+      ablock[m * nblocks + b] = scale;
+      A = k0 % group == 0 ? scale * (float)total : std::fma(scale, (float)total, A);  // as quant/ref.cpp
+      if ((k0 + kActBlock) % group == 0) agroup[m * G + k0 / group] = A;
+    }
+  }
+}
+
 }  // namespace LOWBIT_NS
 }  // namespace lowbit

@@ -94,5 +94,32 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
   }
 }
 
+void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
+                        int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
+                        float* agroup) {
+  const int64_t nblocks = Kp / kActBlock, G = Kp / group;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * ldx;
+    float A = 0.f;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t k0 = b * kActBlock;
+      const uint32_t bits = amax_bits(row, k0 < K ? k0 : K, k0 + kActBlock < K ? k0 + kActBlock : K);
+      const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+      __m512i q0 = _mm512_setzero_si512(), q1 = q0;
+      if (scale != 0.f && bits < kInfBits) {
+        const __m512 s = _mm512_set1_ps(scale);
+        q0 = quant16(row + k0, K - k0, s);
+        q1 = quant16(row + k0 + 16, K - k0 - 16, s);
+      }
+      _mm_storeu_si128((__m128i*)(q + m * ldq + k0), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(q + m * ldq + k0 + 16), _mm512_cvtepi32_epi8(q1));
+      const float sum = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      ablock[m * nblocks + b] = scale;
+      A = k0 % group == 0 ? scale * sum : std::fma(scale, sum, A);  // as quant/ref.cpp
+      if ((k0 + kActBlock) % group == 0) agroup[m * G + k0 / group] = A;
+    }
+  }
+}
+
 }  // namespace LOWBIT_NS
 }  // namespace lowbit

@@ -60,5 +60,38 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
   }
 }
 
+void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
+                        int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
+                        float* agroup) {
+  const int64_t nblocks = Kp / kActBlock, G = Kp / group;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * ldx;
+    float A = 0.f;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t k0 = b * kActBlock;
+      float amax = 0.f;
+      bool ok = true;
+      for (int64_t k = k0; k < k0 + kActBlock && k < K; ++k) {
+        ok = ok && finite(row[k]);
+        amax = std::fmax(amax, std::fabs(row[k]));
+      }
+      const float scale = ok ? amax / 127.f : NAN;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k0 + kActBlock; ++k) {
+        int32_t v = 0;
+        if (k < K && ok && scale != 0.f) v = (int32_t)std::nearbyint(row[k] / scale);
+        v = v < -127 ? -127 : (v > 127 ? 127 : v);
+        q[m * ldq + k] = (int8_t)v;
+        sum += v;
+      }
+      ablock[m * nblocks + b] = scale;
+      // A_g: the group's sum of scale_b * sum(q_b), a product first, then fma, in block order
+      const bool first = k0 % group == 0;
+      A = first ? scale * (float)sum : std::fma(scale, (float)sum, A);
+      if ((k0 + kActBlock) % group == 0) agroup[m * G + k0 / group] = A;
+    }
+  }
+}
+
 }  // namespace LOWBIT_NS
 }  // namespace lowbit

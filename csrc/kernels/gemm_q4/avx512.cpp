@@ -1,0 +1,181 @@
+// INT4 matmuls, AVX-512: tiles of MR rows x J panels of 16 columns.
+// One 64-byte load holds 16 columns x 8 k: AND 0x0F gives k0..k0+3, shift 4 gives k0+4..k0+7.
+// W4A8: VPDPBUSD(u8 nibbles, s8 activations broadcast 4 at a time) per 32-k block, folded with the
+// block's activation scale. W4A32: each nibble byte widened to float, one FMA per k in k order.
+#include <immintrin.h>
+#include <cstring>
+#include <utility>
+#include "kernels/isa.h"
+
+namespace lowbit {
+namespace LOWBIT_NS {
+namespace {
+
+#define LOWBIT_UNROLL _Pragma("GCC unroll 32")
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline __mmask16 tail_mask(const Q4Args* g, int64_t panel) {
+  const int64_t left = g->N - panel * kPanel;
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+// f += fma(d, I, m * A) for the group's 16 columns of panel `panel` (see kernels.h).
+inline __m512 fold(const Q4Args* g, int64_t grp, int64_t panel, __m512 I, float A, __m512 f) {
+  const int64_t at = grp * g->Np + panel * kPanel;
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->scales + at)));
+  const __m512 m = g->mins ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->mins + at)))
+                           : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+  const __m512 term = _mm512_fmadd_ps(d, I, _mm512_mul_ps(m, _mm512_set1_ps(A)));
+  return grp == 0 ? term : _mm512_add_ps(f, term);
+}
+
+inline void store(const Q4Args* g, int64_t m, int64_t panel, __m512 f) {
+  const __mmask16 mask = tail_mask(g, panel);
+  const __m512 y = g->bias ? _mm512_add_ps(f, _mm512_maskz_loadu_ps(mask, g->bias + panel * kPanel)) : f;
+  _mm512_mask_storeu_ps(g->c + m * g->ldc + panel * kPanel, mask, y);
+}
+
+template <int MR, int J>
+void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
+  const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group, nblocks = g->Kp / kActBlock;
+  const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
+  const uint8_t* b = g->b + p * ps;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 f[MR * J], I[MR * J];
+  for (int64_t grp = 0; grp < G; ++grp) {
+    for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
+      __m512i acc[MR * J];
+      LOWBIT_UNROLL
+      for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
+      LOWBIT_UNROLL
+      for (int s = 0; s < kActBlock / kQ4Step; ++s) {
+        __m512i lo[J], hi[J];
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          const __m512i v = _mm512_loadu_si512(b + j * ps + (k0 / kQ4Step + s) * 64);
+          lo[j] = _mm512_and_si512(v, nib);
+          hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
+        LOWBIT_UNROLL
+        for (int m = 0; m < MR; ++m) {
+          const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * s);
+          const __m512i ahi = bcast4(a + m * g->lda + k0 + 8 * s + 4);
+          LOWBIT_UNROLL
+          for (int j = 0; j < J; ++j) {
+            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
+            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
+          }
+        }
+      }
+      const bool first = k0 == grp * g->group;
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const __m512 sb = _mm512_set1_ps(g->ablock[(m0 + m) * nblocks + k0 / kActBlock]);
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          const __m512 t = _mm512_cvtepi32_ps(acc[m * J + j]);
+          I[m * J + j] = first ? _mm512_mul_ps(t, sb) : _mm512_fmadd_ps(t, sb, I[m * J + j]);
+        }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m)
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j)
+        f[m * J + j] = fold(g, grp, p + j, I[m * J + j], g->agroup[(m0 + m) * G + grp], f[m * J + j]);
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m)
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
+}
+
+template <int MR, int J>
+void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
+  const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group;
+  const float* x = (const float*)g->a + m0 * g->lda;
+  const uint8_t* b = g->b + p * ps;
+  const __m512i nib = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  __m512 f[MR * J], S[MR * J];
+  for (int64_t grp = 0; grp < G; ++grp) {
+    LOWBIT_UNROLL
+    for (int i = 0; i < MR * J; ++i) S[i] = _mm512_setzero_ps();
+    for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {
+      __m512i lo[J], hi[J];
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) {
+        const __m512i v = _mm512_loadu_si512(b + j * ps + k0 / kQ4Step * 64);
+        lo[j] = _mm512_and_si512(v, nib);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      }
+      LOWBIT_UNROLL
+      for (int i = 0; i < kQ4Step; ++i) {  // k0 + i, in order: each lane is one column's sum
+        __m512 w[J];
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          const __m512i src = i < 4 ? lo[j] : hi[j];
+          const __m512i q = (i % 4) == 3 ? _mm512_srli_epi32(src, 24)
+                                         : _mm512_and_si512(_mm512_srli_epi32(src, 8 * (i % 4)), byte);
+          w[j] = _mm512_cvtepi32_ps(q);
+        }
+        LOWBIT_UNROLL
+        for (int m = 0; m < MR; ++m) {
+          const __m512 xv = _mm512_set1_ps(x[m * g->lda + k0 + i]);
+          LOWBIT_UNROLL
+          for (int j = 0; j < J; ++j) S[m * J + j] = _mm512_fmadd_ps(w[j], xv, S[m * J + j]);
+        }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m)
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j)
+        f[m * J + j] = fold(g, grp, p + j, S[m * J + j], g->agroup[(m0 + m) * G + grp], f[m * J + j]);
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m)
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
+}
+
+using TileFn = void (*)(const Q4Args*, int64_t, int64_t);
+
+// Tiles: a single row streams 4 panels (GEMV: more independent chains); several rows share each
+// unpacked weight vector across 4 rows x 2 panels.
+template <bool A8>
+TileFn pick(int mr, int j) {
+  static const TileFn one_row[] = {A8 ? tile_a8<1, 1> : tile_f32<1, 1>, A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
+                                   A8 ? tile_a8<1, 3> : tile_f32<1, 3>, A8 ? tile_a8<1, 4> : tile_f32<1, 4>};
+  static const TileFn rows[3][2] = {
+      {A8 ? tile_a8<2, 1> : tile_f32<2, 1>, A8 ? tile_a8<2, 2> : tile_f32<2, 2>},
+      {A8 ? tile_a8<3, 1> : tile_f32<3, 1>, A8 ? tile_a8<3, 2> : tile_f32<3, 2>},
+      {A8 ? tile_a8<4, 1> : tile_f32<4, 1>, A8 ? tile_a8<4, 2> : tile_f32<4, 2>}};
+  return mr == 1 ? one_row[j - 1] : rows[mr - 2][j - 1];
+}
+
+template <bool A8>
+void run(const Q4Args* g, int64_t p0, int64_t p1) {
+  const int max_j = g->M == 1 ? 4 : 2;
+  for (int64_t p = p0; p < p1;) {
+    const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
+    for (int64_t m = 0; m < g->M;) {
+      const int mr = (int)(g->M - m < 4 ? g->M - m : 4);
+      pick<A8>(mr, j)(g, m, p);
+      m += mr;
+    }
+    p += j;
+  }
+}
+
+}  // namespace
+
+void gemm_q4a8(const Q4Args* g, int64_t p0, int64_t p1) { run<true>(g, p0, p1); }
+void gemm_q4f32(const Q4Args* g, int64_t p0, int64_t p1) { run<false>(g, p0, p1); }
+
+}  // namespace LOWBIT_NS
+}  // namespace lowbit
