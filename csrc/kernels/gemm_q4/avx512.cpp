@@ -1,7 +1,8 @@
 // INT4 matmuls, AVX-512: tiles of MR rows x J panels of 16 columns.
 // One 64-byte load holds 16 columns x 8 k: AND 0x0F gives k0..k0+3, shift 4 gives k0+4..k0+7.
 // W4A8: VPDPBUSD(u8 nibbles, s8 activations broadcast 4 at a time) per 32-k block, folded with the
-// block's activation scale. W4A32: each nibble byte widened to float, one FMA per k in k order.
+// block's activation scale. W4A32: nibbles to floats by VPERMPS from a 0..15 table, one FMA per k
+// in k order.
 #include <immintrin.h>
 #include <cstring>
 #include <utility>
@@ -100,29 +101,24 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group;
   const float* x = (const float*)g->a + m0 * g->lda;
   const uint8_t* b = g->b + p * ps;
-  const __m512i nib = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  // VPERMPS reads only the low 4 bits of each index: a shifted block indexes this table directly
+  const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 f[MR * J], S[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
     LOWBIT_UNROLL
     for (int i = 0; i < MR * J; ++i) S[i] = _mm512_setzero_ps();
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {
-      __m512i lo[J], hi[J];
+      __m512i v[J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) {
-        const __m512i v = _mm512_loadu_si512(b + j * ps + k0 / kQ4Step * 64);
-        lo[j] = _mm512_and_si512(v, nib);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-      }
+      for (int j = 0; j < J; ++j) v[j] = _mm512_loadu_si512(b + j * ps + k0 / kQ4Step * 64);
       LOWBIT_UNROLL
       for (int i = 0; i < kQ4Step; ++i) {  // k0 + i, in order: each lane is one column's sum
+        // k0+i sits in byte i%4 of each column's lane, low nibble for i < 4, high nibble after
+        const int shift = 8 * (i % 4) + 4 * (i / 4);
         __m512 w[J];
         LOWBIT_UNROLL
-        for (int j = 0; j < J; ++j) {
-          const __m512i src = i < 4 ? lo[j] : hi[j];
-          const __m512i q = (i % 4) == 3 ? _mm512_srli_epi32(src, 24)
-                                         : _mm512_and_si512(_mm512_srli_epi32(src, 8 * (i % 4)), byte);
-          w[j] = _mm512_cvtepi32_ps(q);
-        }
+        for (int j = 0; j < J; ++j)
+          w[j] = _mm512_permutexvar_ps(shift ? _mm512_srli_epi32(v[j], shift) : v[j], values);
         LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m) {
           const __m512 xv = _mm512_set1_ps(x[m * g->lda + k0 + i]);
@@ -145,12 +141,14 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
 
 using TileFn = void (*)(const Q4Args*, int64_t, int64_t);
 
-// Tiles: a single row streams 4 panels (GEMV: more independent chains); several rows share each
-// unpacked weight vector across 4 rows x 2 panels.
+// Tiles: a single row streams several panels at once (GEMV: independent chains; W4A32 needs 8 to
+// cover the FMA latency); several rows share each unpacked weight vector, 4 rows x 2 panels.
 template <bool A8>
 TileFn pick(int mr, int j) {
-  static const TileFn one_row[] = {A8 ? tile_a8<1, 1> : tile_f32<1, 1>, A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
-                                   A8 ? tile_a8<1, 3> : tile_f32<1, 3>, A8 ? tile_a8<1, 4> : tile_f32<1, 4>};
+  static const TileFn one_row[] = {
+      A8 ? tile_a8<1, 1> : tile_f32<1, 1>, A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
+      A8 ? tile_a8<1, 3> : tile_f32<1, 3>, A8 ? tile_a8<1, 4> : tile_f32<1, 4>,
+      tile_f32<1, 5>, tile_f32<1, 6>, tile_f32<1, 7>, tile_f32<1, 8>};
   static const TileFn rows[3][2] = {
       {A8 ? tile_a8<2, 1> : tile_f32<2, 1>, A8 ? tile_a8<2, 2> : tile_f32<2, 2>},
       {A8 ? tile_a8<3, 1> : tile_f32<3, 1>, A8 ? tile_a8<3, 2> : tile_f32<3, 2>},
@@ -160,7 +158,7 @@ TileFn pick(int mr, int j) {
 
 template <bool A8>
 void run(const Q4Args* g, int64_t p0, int64_t p1) {
-  const int max_j = g->M == 1 ? 4 : 2;
+  const int max_j = g->M == 1 ? (A8 ? 4 : 8) : 2;
   for (int64_t p = p0; p < p1;) {
     const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
     for (int64_t m = 0; m < g->M;) {
