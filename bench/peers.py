@@ -1,21 +1,24 @@
-"""lowbit INT8 against its peers, in one process: numpy float32, PyTorch dynamic quantized Linear
-(FBGEMM), ONNX Runtime dynamic int8 (MatMulInteger via quantize_dynamic). Peers that are not
-installed are skipped (pip install .[bench]).
+"""lowbit against its peers, in one process, written to bench/RESULTS.md.
 
-    python bench/peers.py                 # writes bench/RESULTS.md
+    python bench/peers.py                  # full run (about 3 minutes on 2 cores)
     python bench/peers.py --quick --out -  # fewer shapes, print only
 
+INT8: numpy float32, PyTorch dynamic quantized Linear (FBGEMM), ONNX Runtime dynamic int8
+(MatMulInteger via quantize_dynamic). INT4: ONNX Runtime MatMulNBits (4 bits, block 32,
+accuracy_level 0 and 4), PyTorch _weight_int4pack_mm_for_cpu (group 32, bfloat16 activations).
+Peers that are not installed are skipped (pip install ".[bench]").
+
 Every time is the median of many calls, float32 in and float32 out, activation quantization
-included. Threads: 1 and all this process may use, set the same for every library.
+included; the best of three interleaved rounds. Threads: set the same for every library.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import sys
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -25,7 +28,11 @@ from lowbit.bench import design_problem, machine_limits, median_time, relative_e
 from lowbit.cli import cpu_name
 
 SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (16, 4096, 4096), (128, 4096, 4096)]
+warnings.filterwarnings("ignore")
+logging.getLogger().setLevel(logging.ERROR)
 
+
+# ---------------------------------------------------------------- peers (each returns x -> y)
 
 def numpy_threads(n):
     try:
@@ -35,12 +42,11 @@ def numpy_threads(n):
         return None
 
 
-def torch_peer(w):
+def torch_int8(w):
     try:
         import torch
     except ImportError:
         return None
-    warnings.filterwarnings("ignore")
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = torch.from_numpy(w.copy())
     q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
@@ -51,16 +57,50 @@ def torch_peer(w):
     return run
 
 
-def ort_peer(w, threads, tmp):
+def torch_int4(w, group=32):
+    """Asymmetric group-32 weights, as torch's int4 CPU kernel takes them: w = (q - 8) s + z."""
+    try:
+        import torch
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+    except (ImportError, AttributeError):
+        return None
+    n, k = w.shape
+    wg = w.reshape(n, k // group, group)
+    lo, hi = wg.min(axis=2), wg.max(axis=2)
+    scale = np.maximum((hi - lo) / 15, 1e-10)
+    q = np.clip(np.rint((wg - lo[..., None]) / scale[..., None]), 0, 15).astype(np.int32).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 8)
+    # (K / group, N, 2), C-contiguous: the op ignores strides
+    sz = np.ascontiguousarray(np.stack([scale.T, (lo + 8 * scale).T], -1), dtype=np.float32)
+    sz = torch.from_numpy(sz).to(torch.bfloat16)
+    return lambda x: op(torch.from_numpy(x).to(torch.bfloat16), packed, group, sz).float().numpy()
+
+
+def _ort_session(graph_nodes, inputs, k, n, initializers, threads, domains=()):
+    import onnx  # noqa: F401
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(graph_nodes, "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              initializers)
+    opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+                                so, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"x": x})[0]
+
+
+def ort_int8(w, threads, tmp):
     try:
         import onnx
-        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        import onnxruntime as ort
     except ImportError:
         return None
-    import logging
-    logging.getLogger().setLevel(logging.ERROR)
     n, k = w.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "wT"], ["y"])], "linear",
@@ -77,6 +117,28 @@ def ort_peer(w, threads, tmp):
     return lambda x: sess.run(None, {"x": x})[0]
 
 
+def ort_int4(w, threads, accuracy_level, block=32):
+    """MatMulNBits, symmetric 4-bit blocks of 32 (zero point 8, as its quantizer makes them)."""
+    try:
+        from onnx import helper, numpy_helper
+    except ImportError:
+        return None
+    n, k = w.shape
+    wb = w.reshape(n, k // block, block)
+    vmax = np.take_along_axis(wb, np.abs(wb).argmax(axis=2)[..., None], 2)[..., 0]
+    scale = np.where(vmax == 0, 1, vmax / -8).astype(np.float32)
+    q = np.clip(np.rint(wb / scale[..., None]) + 8, 0, 15).astype(np.uint8)
+    blob = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+    try:
+        return _ort_session([node], None, k, n, [numpy_helper.from_array(blob, "B"),
+                                                 numpy_helper.from_array(scale.reshape(-1), "scales")],
+                            threads, domains=("com.microsoft",))
+    except Exception:
+        return None
+
+
 def set_threads(n):
     lb.set_num_threads(n)
     try:
@@ -86,115 +148,191 @@ def set_threads(n):
         pass
 
 
-def measure(shapes, thread_counts, tmp):
+def time_all(impls, x, threads):
+    limiter = numpy_threads(threads)
+    out = {name: min(median_time(lambda: fn(x), min_time=0.3) for _ in range(3)) * 1e6
+           for name, fn in impls.items() if fn is not None}
+    if limiter:
+        limiter.unregister()
+    return out
+
+
+# ---------------------------------------------------------------- measurements
+
+def measure_int8(shapes, thread_counts, tmp):
     rows = []
     for m, n, k in shapes:
         w, x = design_problem(m, n, k)
-        layer = lb.Linear(w)
-        tp = torch_peer(w)
+        layer, tp = lb.Linear(w), torch_int8(w)
         for t in thread_counts:
             set_threads(t)
-            op = ort_peer(w, t, tmp)
-            impls = {"lowbit int8": layer, "numpy fp32": lambda x: x @ w.T}
-            if tp:
-                impls["torch dynamic int8"] = tp
-            if op:
-                impls["onnxruntime dynamic int8"] = op
-            limiter = numpy_threads(t)
-            for name, fn in impls.items():
-                # three interleaved rounds: a noisy neighbour hurts every library alike
-                rows.append(dict(M=m, N=n, K=k, threads=t, impl=name,
-                                 us=min(median_time(lambda: fn(x), min_time=0.3) for _ in range(3)) * 1e6))
-            if limiter:
-                limiter.unregister()
+            impls = {"lowbit int8": layer, "numpy fp32": lambda x, w=w: x @ w.T,
+                     "torch dynamic int8": tp, "onnxruntime dynamic int8": ort_int8(w, t, tmp)}
+            rows.append(((m, n, k, t), time_all(impls, x, t)))
     return rows
+
+
+def int4_impls(w, threads):
+    qw = lb.quantize(w, bits=4, group_size=32, symmetric=False)
+    return {"lowbit W4A8": lambda x: lb.matmul(x, qw, activations="int8"),
+            "lowbit W4A32": lambda x: lb.matmul(x, qw, activations="float"),
+            "numpy fp32": lambda x: x @ w.T,
+            "ort MatMulNBits acc0": ort_int4(w, threads, 0),
+            "ort MatMulNBits acc4": ort_int4(w, threads, 4),
+            "torch int4pack bf16": torch_int4(w)}
+
+
+def measure_int4(shapes, threads):
+    set_threads(threads)
+    rows = []
+    for m, n, k in shapes:
+        w, x = design_problem(m, n, k)
+        rows.append(((m, n, k, threads), time_all(int4_impls(w, threads), x, threads)))
+    return rows
+
+
+def measure_cold(threads, total_bytes=256 << 20, n=4096, k=4096):
+    """M=1 with every call on a different matrix: a rotating set larger than any cache."""
+    set_threads(threads)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, k)).astype(np.float32)
+    out = {}
+    w = rng.normal(0, 0.02, (n, k)).astype(np.float32)
+    for name, make in (("lowbit int8", lambda w: lb.Linear(w)),
+                       ("lowbit W4A8", lambda w: lb.Linear(w, bits=4, group_size=32, symmetric=False)),
+                       ("lowbit W4A32", lambda w: lb.Linear(w, bits=4, group_size=32, symmetric=False,
+                                                            activations="float"))):
+        first = make(w)
+        count = int(np.ceil(total_bytes / first.nbytes))
+        # distinct matrices: the same values re-quantized, each its own memory
+        layers = [first] + [make(w) for _ in range(count - 1)]
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % count
+            return layers[state["i"]](x)
+        t = min(median_time(call, min_time=0.5, min_runs=3 * count) for _ in range(3))
+        out[name] = (t * 1e6, first.nbytes / t)
+        del layers
+    return out
 
 
 def accuracy(tmp, m=64, n=4096, k=4096):
     w, x = design_problem(m, n, k, seed=1)
     exact = x @ w.T
-    out = {"lowbit int8": relative_error(lb.Linear(w)(x), exact)}
-    tp, op = torch_peer(w), ort_peer(w, 1, tmp)
-    if tp:
-        out["torch dynamic int8"] = relative_error(tp(x), exact)
-    if op:
-        out["onnxruntime dynamic int8"] = relative_error(op(x), exact)
-    return out
+    qw4 = lb.quantize(w, bits=4, group_size=32, symmetric=False)
+    cand = {
+        "lowbit int8 (per-channel weights, per-row activations)": lambda x: lb.Linear(w)(x),
+        "torch dynamic int8": torch_int8(w),
+        "onnxruntime dynamic int8": ort_int8(w, 1, tmp),
+        "lowbit W4A32 (asym g32, float16 scale + min)": lambda x: lb.matmul(x, qw4, activations="float"),
+        "lowbit W4A8 (asym g32; activations int8 per 32)": lambda x: lb.matmul(x, qw4, activations="int8"),
+        "ort MatMulNBits (sym b32, acc0)": ort_int4(w, 1, 0),
+        "ort MatMulNBits (sym b32, acc4)": ort_int4(w, 1, 4),
+        "torch int4pack (asym g32, bf16)": torch_int4(w),
+    }
+    return {name: relative_error(fn(x), exact) for name, fn in cand.items() if fn is not None}
 
 
-def small_layer_overhead():
+def other_figures():
     w, x = design_problem(1, 576, 576)
     layer = lb.Linear(w)
-    return median_time(lambda: layer(x), min_time=1.0) * 1e6
-
-
-def quantize_speed():
+    overhead = median_time(lambda: layer(x), min_time=1.0) * 1e6
     w, _ = design_problem(1, 4096, 4096)
     before = lb.get_num_threads()
     lb.set_num_threads(1)
-    t = median_time(lambda: lb.quantize(w), min_time=1.0, min_runs=5)
+    q8 = w.nbytes / median_time(lambda: lb.quantize(w), min_time=1.0, min_runs=5)
+    q4 = w.nbytes / median_time(lambda: lb.quantize(w, bits=4, group_size=32, symmetric=False),
+                                min_time=1.0, min_runs=5)
     lb.set_num_threads(before)
-    return w.nbytes / t
+    return overhead, q8, q4
 
 
-def report(rows, limits, acc, overhead, qspeed, all_threads, command):
-    lines = [f"# lowbit INT8 benchmark", "",
+# ---------------------------------------------------------------- report
+
+def table(rows, ours, bound_of):
+    impls = list(dict.fromkeys(name for _, cell in rows for name in cell))
+    lines = ["| M x N x K | threads | " + " | ".join(impls) + " | best lowbit vs best peer | best lowbit vs limit |",
+             "|---|---|" + "---|" * (len(impls) + 2)]
+    for (m, n, k, t), cell in rows:
+        best = min(ours, key=lambda name: cell.get(name, np.inf))
+        peers = [v for name, v in cell.items() if not name.startswith("lowbit")]
+        bound, what = bound_of(best, m, n, k, t)
+        ratio = f"{min(peers) / cell[best]:.2f}x ({best})" if peers else "-"
+        lines.append(f"| {m} x {n} x {k} | {t} | " + " | ".join(f"{cell[i]:.0f}" if i in cell else "-" for i in impls)
+                     + f" | {ratio} | {bound / cell[best]:.0%} {what} |")
+    return lines
+
+
+def report(limits, int8, int4, cold, acc, other, threads, command):
+    def int8_bound(name, m, n, k, t):
+        lim = limits[t]
+        if m <= 4:
+            return n * k / lim["read_hot_bytes"] * 1e6, "of hot read bandwidth"
+        return m * n * k / lim["dot_peak_macs"] * 1e6, "of int8 dot peak"
+
+    def int4_bound(name, m, n, k, t):
+        lim = limits[t]
+        if m <= 4:  # packed nibbles + float16 scale and minimum per 32
+            return n * k * 0.625 / lim["read_hot_bytes"] * 1e6, "of hot read bandwidth"
+        return m * n * k / lim["dot_peak_macs"] * 1e6, "of int8 dot peak"
+
+    lines = ["# lowbit benchmark", "",
              f"Produced by `{command}` on {datetime.date.today()}; CPU: {cpu_name()}; "
              f"kernels: {lb.cpu_info()['isa']}; lowbit {lb.__version__}.", "",
-             "Median per call, float32 in / float32 out, activation quantization included. "
-             "Weights N(0, 0.02), inputs N(0, 1) (DESIGN.md section 7).", ""]
-    lines += ["## Machine limits (lowbit's probes)", "",
-              "| threads | int8 dot peak | read, cache-resident 16 MB | read, DRAM 512 MB |",
-              "|---|---|---|---|"]
+             "Median per call in microseconds (best of three interleaved rounds), float32 in / float32 "
+             "out, activation quantization included. Weights N(0, 0.02), inputs N(0, 1) "
+             "(DESIGN.md section 7).", "",
+             "## Machine limits (lowbit's probes)", "",
+             "| threads | int8 dot peak (kernels in use) | read, cache-resident 16 MB | read, DRAM 512 MB |",
+             "|---|---|---|---|"]
     for t, lim in limits.items():
-        lines.append(f"| {t} | {lim['dot_peak_macs'] * 2 / 1e9:.0f} GOPS | "
-                     f"{lim['read_hot_bytes'] / 1e9:.1f} GB/s | {lim['read_dram_bytes'] / 1e9:.1f} GB/s |")
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    lines += ["", "## Time per call (us)", "",
-              "| M x N x K | threads | " + " | ".join(impls) + " | lowbit vs best peer | lowbit vs limit |",
-              "|---|---|" + "---|" * (len(impls) + 2)]
-    keys = list(dict.fromkeys((r["M"], r["N"], r["K"], r["threads"]) for r in rows))
-    for key in keys:
-        cell = {r["impl"]: r["us"] for r in rows if (r["M"], r["N"], r["K"], r["threads"]) == key}
-        m, n, k, t = key
-        peers = [v for name, v in cell.items() if name != "lowbit int8"]
-        ours = cell["lowbit int8"]
-        lim = limits[t]
-        if m <= 4:  # weight streaming: bytes of packed weights over the hot read bandwidth
-            bound = n * k / lim["read_hot_bytes"] * 1e6
-            what = "of hot read bandwidth"
-        else:
-            bound = m * n * k / lim["dot_peak_macs"] * 1e6
-            what = "of int8 dot peak"
-        lines.append(f"| {m} x {n} x {k} | {t} | " + " | ".join(f"{cell[i]:.0f}" for i in impls)
-                     + f" | {min(peers) / ours:.2f}x | {bound / ours:.0%} {what} |")
+        lines.append(f"| {t} | {lim['dot_peak_macs'] * 2 / 1e9:.0f} GOPS | {lim['read_hot_bytes'] / 1e9:.1f} GB/s "
+                     f"| {lim['read_dram_bytes'] / 1e9:.1f} GB/s |")
+    lines += ["", "## INT8 (per-channel int8 weights, dynamic int8 activations)", ""]
+    lines += table(int8, ["lowbit int8"], int8_bound)
+    lines += ["", f"## INT4 (group 32), hot: one weight matrix called repeatedly, {threads} threads", "",
+              "lowbit: asymmetric g32 (float16 scale and minimum, like Q4_1); W4A8 = activations "
+              "quantized to int8 per block of 32; W4A32 = float32 activations. ONNX Runtime: symmetric "
+              "b32; accuracy_level 4 quantizes activations to int8.", ""]
+    lines += table(int4, ["lowbit W4A8", "lowbit W4A32"], int4_bound)
+    if cold:
+        lim = limits[threads]["read_dram_bytes"]
+        lines += ["", f"## Cold weights: M=1, 4096 x 4096, a rotating set of >= 256 MB of distinct matrices, {threads} threads", "",
+                  "| format | us per call | bytes read per call / time | fraction of DRAM read bandwidth |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {us:.0f} | {bw / 1e9:.1f} GB/s | {bw / lim:.0%} |" for name, (us, bw) in cold.items()]
     lines += ["", "## Accuracy (M=64, K=N=4096): relative Frobenius error against float32", "",
               "| implementation | relative error |", "|---|---|"]
     lines += [f"| {name} | {v:.4f} |" for name, v in acc.items()]
+    overhead, q8, q4 = other
     lines += ["", "## Other figures", "",
-              f"* Python-to-result time of a 1 x 576 x 576 INT8 layer call ({all_threads} threads): {overhead:.1f} us",
-              f"* INT8 weight quantization (4096 x 4096 float32, 1 thread): {qspeed / 1e9:.2f} GB/s of float32 input", ""]
+              f"* Python-to-result time of a 1 x 576 x 576 INT8 layer call ({threads} threads): {overhead:.1f} us",
+              f"* Weight quantization, 4096 x 4096 float32, 1 thread: INT8 {q8 / 1e9:.2f} GB/s, "
+              f"INT4 asym g32 {q4 / 1e9:.2f} GB/s of float32 input", ""]
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two shapes, all threads only")
+    p.add_argument("--quick", action="store_true", help="two shapes, all threads only, no cold regime")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
                    help="where to write the report ('-' prints only)")
     args = p.parse_args()
-    all_threads = lb.get_num_threads()
-    thread_counts = [all_threads] if args.quick else sorted({1, all_threads})
+    threads = lb.get_num_threads()
+    thread_counts = [threads] if args.quick else sorted({1, threads})
     shapes = SHAPES[::3] if args.quick else SHAPES
     with tempfile.TemporaryDirectory() as tmp:
         limits = {}
         for t in thread_counts:
             set_threads(t)
             limits[t] = machine_limits()
-        rows = measure(shapes, thread_counts, tmp)
-        set_threads(all_threads)
+        int8 = measure_int8(shapes, thread_counts, tmp)
+        int4 = measure_int4(shapes, threads)
+        cold = {} if args.quick else measure_cold(threads)
+        set_threads(threads)
         acc = accuracy(tmp)
-    text = report(rows, limits, acc, small_layer_overhead(), quantize_speed(), all_threads,
+    text = report(limits, int8, int4, cold, acc, other_figures(), threads,
                   "python bench/peers.py" + (" --quick" if args.quick else ""))
     print(text)
     if args.out != "-":

@@ -72,6 +72,16 @@ struct Kernels {
                          int64_t group, int64_t n0, int64_t n1, int8_t* packed, float* scales,
                          int32_t* comp);
 
+  // 4-bit quantization of weight rows [n0, n1) (n0 a multiple of 16) into the packed nibble layout,
+  // float16 scales and, when `mins` is given, minima. Symmetric: d = (the signed value of largest
+  // magnitude) / -8, q = clamp(round-half-even(w / d) + 8, 0, 15). Asymmetric: d = (max - min) / 15,
+  // m = min, q = clamp(round-half-even((w - m) / d), 0, 15). d and m are rounded to float16 first
+  // and q comes from the rounded values. Returns -1, or the first bad row with *why = 0 (NaN/Inf)
+  // or 1 (d or m beyond float16).
+  int64_t (*quantize_w4)(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp,
+                         int64_t group, int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales,
+                         uint16_t* mins, int* why);
+
   // Dynamic per-row symmetric activation quantization, rows [m0, m1): scale = amax / 127,
   // out = round-half-even(x / scale) + 128, padded to Kp with 128. A row holding NaN/Inf gets a
   // NaN scale (its output row becomes NaN); an all-zero row gets scale 0.

@@ -2,7 +2,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -81,47 +80,7 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
         });
 }
 
-// RNE to an integer for |v| < 2^22, as nearbyint in the default rounding mode, without a libm
-// call, so the quantizer loops vectorize at the baseline ISA.
-inline float round_even(float v) {
-  const float magic = 12582912.f;  // 1.5 * 2^23
-  return v >= 0 ? (v + magic) - magic : -((-v + magic) - magic);
-}
-
 }  // namespace
-
-uint16_t float_to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000;
-  x &= 0x7FFFFFFF;
-  if (x >= 0x7F800000) return (uint16_t)(sign | 0x7C00 | (x > 0x7F800000 ? 0x200 : 0));
-  if (x >= 0x477FF000) return (uint16_t)(sign | 0x7C00);  // rounds beyond 65504: infinity
-  if (x < 0x38800000) {  // below the smallest normal half: subnormal, round half to even
-    float v;
-    std::memcpy(&v, &x, 4);
-    return (uint16_t)(sign | (uint32_t)round_even(v * 16777216.f));  // v / 2^-24
-  }
-  const uint32_t rounded = x + 0xFFF + ((x >> 13) & 1);  // round half to even on bit 13
-  return (uint16_t)(sign | ((rounded - 0x38000000) >> 13));
-}
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-  uint32_t bits;
-  if (exp == 31) {
-    bits = sign | 0x7F800000 | (man << 13);
-  } else if (exp == 0) {
-    float v = (float)man / 16777216.f;  // exact
-    std::memcpy(&bits, &v, 4);
-    bits |= sign;
-  } else {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 W8Shape::W8Shape(int64_t n, int64_t k, int64_t grp)
     : N(n), K(k), Np(round_up(n, kPanel)), Kp(grp ? k : round_up(k, kKStep)),
@@ -233,58 +192,19 @@ Q4Shape::Q4Shape(int64_t n, int64_t k, int64_t grp)
 
 int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* packed,
                     uint16_t* scales, uint16_t* mins, int* why) {
+  const Kernels& kt = kernels();
   const int64_t panels = s.Np / kPanel;
   std::atomic<int64_t> bad{-1};
   std::atomic<int> reason{0};
   auto body = [&](int64_t p0, int64_t p1) {
-    std::vector<int32_t> q((size_t)s.group);
-    for (int64_t n = p0 * kPanel; n < p1 * kPanel && n < s.N; ++n) {
-      const float* row = w + n * ldw;
-      int problem = -1;
-      for (int64_t k = 0; k < s.K; ++k)
-        if (!std::isfinite(row[k])) problem = 0;
-      for (int64_t g = 0; g < s.G && problem < 0; ++g) {
-        const int64_t k0 = g * s.group, k1 = k0 + s.group < s.K ? k0 + s.group : s.K;
-        float lo = row[k0], hi = row[k0];
-        for (int64_t k = k0; k < k1; ++k) {
-          lo = row[k] < lo ? row[k] : lo;
-          hi = row[k] > hi ? row[k] : hi;
-        }
-        uint16_t d16, m16 = 0;
-        if (mins) {
-          d16 = float_to_half((hi - lo) / 15.f);
-          m16 = float_to_half(lo);
-        } else {
-          d16 = float_to_half((-lo > hi ? lo : hi) / -8.f);
-        }
-        if ((d16 & 0x7C00) == 0x7C00 || (m16 & 0x7C00) == 0x7C00) {
-          problem = 1;
-          break;
-        }
-        const float d = half_to_float(d16), m = half_to_float(m16);
-        const float inv_offset = mins ? 0.f : 8.f;
-        for (int64_t k = k0; k < k0 + s.group; ++k) {
-          float v = 0.f;
-          if (d != 0.f && k < k1) v = round_even((row[k] - m) / d) + inv_offset;
-          else if (!mins) v = 8.f;
-          q[(size_t)(k - k0)] = (int32_t)(v < 0.f ? 0.f : (v > 15.f ? 15.f : v));
-        }
-        uint8_t* base = packed + n / kPanel * s.Kp * kQ4Step + n % kPanel * 4;
-        for (int64_t k = k0; k < k0 + s.group; ++k) {
-          uint8_t& byte = base[k / kQ4Step * 64 + k % 4];
-          const int32_t v = q[(size_t)(k - k0)];
-          byte = k % kQ4Step < 4 ? (uint8_t)((byte & 0xF0) | v) : (uint8_t)((byte & 0x0F) | (v << 4));
-        }
-        scales[g * s.Np + n] = d16;
-        if (mins) mins[g * s.Np + n] = m16;
-      }
-      if (problem >= 0) {
-        int64_t cur = bad.load();
-        while ((cur < 0 || n < cur) && !bad.compare_exchange_weak(cur, n)) {}
-        if (bad.load() == n) reason = problem;
-        return;
-      }
-    }
+    int r_why = 0;
+    const int64_t n1 = p1 * kPanel < s.N ? p1 * kPanel : s.N;
+    const int64_t r = kt.quantize_w4(w, ldw, s.N, s.K, s.Kp, s.group, p0 * kPanel, n1, packed,
+                                     scales, mins, &r_why);
+    if (r < 0) return;
+    int64_t cur = bad.load();
+    while ((cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {}
+    if (bad.load() == r) reason = r_why;
   };
   if (s.N * s.K < kSerialMacs)
     body(0, panels);

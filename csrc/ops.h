@@ -41,10 +41,7 @@ struct Q4Shape {
 };
 
 // 4-bit quantization of w into the packed nibble layout with float16 scales (and minima when
-// asymmetric; mins null for symmetric). Symmetric: d = (the signed value of largest magnitude) / -8,
-// q = clamp(round(w / d) + 8, 0, 15). Asymmetric: d = (max - min) / 15, m = min,
-// q = clamp(round((w - m) / d), 0, 15); d and m rounded to float16 first, and q computed from the
-// rounded values. Returns -1, or the first bad row with *why = 0 (NaN/Inf) or 1 (beyond float16).
+// asymmetric; mins null for symmetric): Kernels::quantize_w4 over every row.
 int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* packed,
                     uint16_t* scales, uint16_t* mins, int* why);
 // The nibbles back in (N, K) row order.
@@ -53,9 +50,6 @@ void unpack_w4(const uint8_t* packed, const Q4Shape& s, uint8_t* out);
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const float* bias, const Q4Shape& s,
                bool int8_activations, float* y);
-
-uint16_t float_to_half(float f);
-float half_to_float(uint16_t h);
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
 void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);

@@ -30,7 +30,7 @@ def expected_int4(w, group, symmetric):
 @pytest.mark.parametrize("n,k,group", [(1, 32, None), (3, 40, None), (17, 64, 32), (33, 256, 64),
                                        (20, 512, 128), (5, 1024, 256), (70, 96, 32)])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_quantize_int4_matches_its_definition(rng, n, k, group, symmetric):
+def test_quantize_int4_matches_its_definition(isa, rng, n, k, group, symmetric):
     w = rng.normal(0, 0.02, (n, k)).astype(F32)
     qw = lb.quantize(w, bits=4, group_size=group, symmetric=symmetric)
     q, d, m = expected_int4(w, group, symmetric)
@@ -44,6 +44,14 @@ def test_quantize_int4_matches_its_definition(rng, n, k, group, symmetric):
     ds = np.repeat(d.astype(F32), g, axis=1)
     expected = ds * (q.astype(F32) - 8) if symmetric else q * ds + np.repeat(m.astype(F32), g, axis=1)
     np.testing.assert_array_equal(qw.dequantize(), expected)
+
+
+def test_int4_signed_zero_minimum_is_the_same_on_every_isa(isa):
+    w = np.zeros((2, 64), F32)
+    w[0, ::2] = -0.0
+    w[1, 3] = 1.0
+    qw = lb.quantize(w, bits=4, group_size=32, symmetric=False)
+    assert qw.mins.view(np.uint16)[0, 0] == 0  # +0, whichever zero the search met first
 
 
 def test_int4_footprint_is_what_q4_1_costs(rng):
@@ -164,7 +172,7 @@ def test_int4_rejects_bad_arguments(kwargs, err, match):
         lb.quantize(np.ones((4, 128), F32), **kwargs)
 
 
-def test_int4_refuses_what_float16_scales_cannot_hold():
+def test_int4_refuses_what_float16_scales_cannot_hold(isa):
     w = np.ones((3, 64), F32)
     w[2, 5] = 1e7
     with pytest.raises(ValueError, match="row 2.*float16"):

@@ -13,6 +13,9 @@ namespace lowbit {
 namespace LOWBIT_NS {
 int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
                     int64_t n0, int64_t n1, int8_t* packed, float* scales, int32_t* comp);
+int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales, uint16_t* mins,
+                    int* why);
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                  uint8_t* out, int64_t ldo, float* scales);
 void gemm_u8s8_f32(const GemmArgs* args, int64_t p0, int64_t p1);

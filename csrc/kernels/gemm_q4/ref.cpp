@@ -6,25 +6,13 @@
 
 namespace lowbit {
 namespace LOWBIT_NS {
+float half_to_float(uint16_t h);  // quant/ref.cpp
+
 namespace {
 
 int q4(const Q4Args* g, int64_t n, int64_t k) {
   const uint8_t byte = g->b[(n / kPanel * g->Kp / kQ4Step + k / kQ4Step) * 64 + n % kPanel * 4 + k % 4];
   return k % kQ4Step < 4 ? byte & 0x0F : byte >> 4;
-}
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-  float f;
-  if (exp == 0) {
-    f = std::ldexp((float)man, -24);  // zero or subnormal: exact
-  } else if (exp == 31) {
-    f = man ? NAN : INFINITY;
-  } else {
-    const uint32_t bits = ((exp + 112) << 23) | (man << 13);
-    std::memcpy(&f, &bits, 4);
-  }
-  return sign ? -f : f;
 }
 
 // The group fold shared by both modes: f += fma(d, I, m * A).

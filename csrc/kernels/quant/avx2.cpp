@@ -91,6 +91,69 @@ int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
   return -1;
 }
 
+int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales, uint16_t* mins,
+                    int* why) {
+  const int64_t Np = (N + kPanel - 1) / kPanel * kPanel, G = Kp / group;
+  const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * ldw;
+    if (amax_bits(row, 0, K) >= kInfBits) {
+      *why = 0;
+      return n;
+    }
+    uint8_t* base = packed + n / kPanel * Kp * kQ4Step + n % kPanel * 4;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+      __m256 vlo = _mm256_set1_ps(row[k0]), vhi = vlo;
+      for (int64_t k = k0; k < k1; k += 8) {
+        // lanes past the end repeat row[k0], which is already in the running min and max
+        const __m256i mask = lanes_below(k1 - k);
+        const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(row[k0]), _mm256_maskload_ps(row + k, mask),
+                                          _mm256_castsi256_ps(mask));
+        vlo = _mm256_min_ps(vlo, v);
+        vhi = _mm256_max_ps(vhi, v);
+      }
+      alignas(32) float l8[8], h8[8];
+      _mm256_store_ps(l8, vlo);
+      _mm256_store_ps(h8, vhi);
+      float lo = l8[0], hi = h8[0];
+      for (int i = 1; i < 8; ++i) {
+        lo = l8[i] < lo ? l8[i] : lo;
+        hi = h8[i] > hi ? h8[i] : hi;
+      }
+      lo += 0.f;
+      hi += 0.f;
+      const uint16_t d16 = _cvtss_sh(mins ? (hi - lo) / 15.f : (-lo > hi ? lo : hi) / -8.f, rnd);
+      const uint16_t m16 = mins ? _cvtss_sh(lo, rnd) : 0;
+      if ((d16 & 0x7C00) == 0x7C00 || (m16 & 0x7C00) == 0x7C00) {
+        *why = 1;
+        return n;
+      }
+      const float d = _cvtsh_ss(d16);
+      const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(_cvtsh_ss(m16));
+      const __m256i offset = _mm256_set1_epi32(mins ? 0 : 8);  // symmetric values sit around 8
+      for (int64_t k = k0; k < k0 + group; k += 8) {
+        const __m256i valid = d != 0.f ? lanes_below(K - k) : _mm256_setzero_si256();
+        const __m256 v = _mm256_maskload_ps(row + k, valid);
+        __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_sub_ps(v, vm), vd)), offset);
+        q = _mm256_blendv_epi8(offset, q, valid);
+        q = _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(15)), _mm256_setzero_si256());
+        uint8_t bytes[8];
+        narrow8(q, bytes);
+        uint32_t lo4, hi4;
+        std::memcpy(&lo4, bytes, 4);
+        std::memcpy(&hi4, bytes + 4, 4);
+        const uint32_t word = lo4 | (hi4 << 4);  // bytes 0-3 low nibbles, 4-7 high nibbles
+        std::memcpy(base + k / kQ4Step * 64, &word, 4);
+      }
+      scales[g * Np + n] = d16;
+      if (mins) mins[g * Np + n] = m16;
+    }
+  }
+  return -1;
+}
+
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                  uint8_t* out, int64_t ldo, float* scales) {
   for (int64_t m = m0; m < m1; ++m) {

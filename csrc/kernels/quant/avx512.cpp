@@ -74,6 +74,61 @@ int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
   return -1;
 }
 
+int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales, uint16_t* mins,
+                    int* why) {
+  const int64_t Np = (N + kPanel - 1) / kPanel * kPanel, G = Kp / group;
+  const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * ldw;
+    if (amax_bits(row, 0, K) >= kInfBits) {
+      *why = 0;
+      return n;
+    }
+    uint8_t* base = packed + n / kPanel * Kp * kQ4Step + n % kPanel * 4;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+      __m512 vlo = _mm512_set1_ps(row[k0]), vhi = vlo;
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 mask = mask_upto(k1 - k);
+        const __m512 v = _mm512_maskz_loadu_ps(mask, row + k);
+        vlo = _mm512_mask_min_ps(vlo, mask, vlo, v);
+        vhi = _mm512_mask_max_ps(vhi, mask, vhi, v);
+      }
+      const float lo = _mm512_reduce_min_ps(vlo) + 0.f, hi = _mm512_reduce_max_ps(vhi) + 0.f;
+      const uint16_t d16 = _cvtss_sh(mins ? (hi - lo) / 15.f : (-lo > hi ? lo : hi) / -8.f, rnd);
+      const uint16_t m16 = mins ? _cvtss_sh(lo, rnd) : 0;
+      if ((d16 & 0x7C00) == 0x7C00 || (m16 & 0x7C00) == 0x7C00) {
+        *why = 1;
+        return n;
+      }
+      const float d = _cvtsh_ss(d16);
+      const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(_cvtsh_ss(m16));
+      const __m512i offset = _mm512_set1_epi32(mins ? 0 : 8);  // symmetric values sit around 8
+      for (int64_t k = k0; k < k0 + group; k += 16) {
+        const __mmask16 valid = d != 0.f ? mask_upto(K - k) : 0;
+        const __m512 v = _mm512_maskz_loadu_ps(valid, row + k);
+        __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_sub_ps(v, vm), vd)), offset);
+        q = _mm512_mask_blend_epi32(valid, offset, q);
+        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(15)), _mm512_setzero_si512());
+        alignas(16) uint8_t bytes[16];
+        _mm_store_si128((__m128i*)bytes, _mm512_cvtepi32_epi8(q));
+        // each 8 values: bytes 0-3 in the low nibbles, 4-7 in the high nibbles of one 32-bit word
+        for (int s = 0; s < 2 && k + 8 * s < k0 + group; ++s) {
+          uint32_t lo4, hi4;
+          std::memcpy(&lo4, bytes + 8 * s, 4);
+          std::memcpy(&hi4, bytes + 8 * s + 4, 4);
+          const uint32_t word = lo4 | (hi4 << 4);
+          std::memcpy(base + (k / kQ4Step + s) * 64, &word, 4);
+        }
+      }
+      scales[g * Np + n] = d16;
+      if (mins) mins[g * Np + n] = m16;
+    }
+  }
+  return -1;
+}
+
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                  uint8_t* out, int64_t ldo, float* scales) {
   for (int64_t m = m0; m < m1; ++m) {

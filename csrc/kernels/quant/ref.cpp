@@ -9,6 +9,36 @@ namespace LOWBIT_NS {
 
 static bool finite(float v) { return std::isfinite(v); }
 
+// float16 conversions, round half to even (the F16C instructions' rounding).
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  x &= 0x7FFFFFFF;
+  if (x >= 0x7F800000) return (uint16_t)(sign | 0x7C00 | (x > 0x7F800000 ? 0x200 : 0));
+  if (x >= 0x477FF000) return (uint16_t)(sign | 0x7C00);  // rounds beyond 65504: infinity
+  if (x < 0x38800000) {  // below the smallest normal half: a multiple of 2^-24, rounded
+    float v;
+    std::memcpy(&v, &x, 4);
+    return (uint16_t)(sign | (uint32_t)std::nearbyint(v * 16777216.f));
+  }
+  return (uint16_t)(sign | ((x + 0xFFF + ((x >> 13) & 1) - 0x38000000) >> 13));
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  float f;
+  if (exp == 0) {
+    f = (float)man / 16777216.f;  // zero or subnormal: exact
+  } else if (exp == 31) {
+    f = man ? NAN : INFINITY;
+  } else {
+    const uint32_t bits = ((exp + 112) << 23) | (man << 13);
+    std::memcpy(&f, &bits, 4);
+  }
+  return (h & 0x8000) ? -f : f;
+}
+
 int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
                     int64_t n0, int64_t n1, int8_t* packed, float* scales, int32_t* comp) {
   const int64_t Np = (N + kPanel - 1) / kPanel * kPanel;
@@ -33,6 +63,48 @@ int64_t quantize_w8(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
       }
       scales[g * Np + n] = scale;
       comp[g * Np + n] = 128 * sum;
+    }
+  }
+  return -1;
+}
+
+int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t group,
+                    int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales, uint16_t* mins,
+                    int* why) {
+  const int64_t Np = (N + kPanel - 1) / kPanel * kPanel, G = Kp / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * ldw;
+    for (int64_t k = 0; k < K; ++k)
+      if (!finite(row[k])) {
+        *why = 0;
+        return n;
+      }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+      float lo = row[k0], hi = row[k0];
+      for (int64_t k = k0; k < k1; ++k) {
+        lo = std::fmin(lo, row[k]);
+        hi = std::fmax(hi, row[k]);
+      }
+      lo += 0.f;  // -0 -> +0: the minimum's float16 bits must not depend on the order of search
+      hi += 0.f;
+      const uint16_t d16 = float_to_half(mins ? (hi - lo) / 15.f : (-lo > hi ? lo : hi) / -8.f);
+      const uint16_t m16 = mins ? float_to_half(lo) : 0;
+      if ((d16 & 0x7C00) == 0x7C00 || (m16 & 0x7C00) == 0x7C00) {
+        *why = 1;
+        return n;
+      }
+      const float d = half_to_float(d16), m = half_to_float(m16);
+      const int32_t offset = mins ? 0 : 8;  // symmetric values sit around 8
+      for (int64_t k = k0; k < k0 + group; ++k) {
+        int32_t q = offset;
+        if (k < K && d != 0.f) q = (int32_t)std::nearbyint((row[k] - m) / d) + offset;
+        q = q < 0 ? 0 : (q > 15 ? 15 : q);
+        uint8_t& byte = packed[(n / kPanel * Kp / kQ4Step + k / kQ4Step) * 64 + n % kPanel * 4 + k % 4];
+        byte = k % kQ4Step < 4 ? (uint8_t)((byte & 0xF0) | q) : (uint8_t)((byte & 0x0F) | (q << 4));
+      }
+      scales[g * Np + n] = d16;
+      if (mins) mins[g * Np + n] = m16;
     }
   }
   return -1;
