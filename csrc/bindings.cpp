@@ -155,13 +155,13 @@ py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
   check<float>(w, "w", {-1, -1}, true);
   const Q4Shape s = q4_shape(w.shape(0), w.shape(1), group);
   py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
-  py::array scales(py::dtype("float16"), {s.G, s.Np});
+  py::array scales(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
   py::object mins = py::none();
   std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
   std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
   uint16_t* mins_ptr = nullptr;
   if (!symmetric) {
-    py::array m(py::dtype("float16"), {s.G, s.Np});
+    py::array m(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
     std::memset(m.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
     mins_ptr = (uint16_t*)m.mutable_data();
     mins = m;
@@ -185,8 +185,8 @@ py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
 void check_w4(const py::array& packed, const py::array& scales, const py::object& mins,
               const Q4Shape& s) {
   check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
-  check_half(scales, "scales", {s.G, s.Np});
-  if (!mins.is_none()) check_half(mins.cast<py::array>(), "mins", {s.G, s.Np});
+  check_half(scales, "scales", {s.Np / kPanel, s.G, kPanel});
+  if (!mins.is_none()) check_half(mins.cast<py::array>(), "mins", {s.Np / kPanel, s.G, kPanel});
 }
 
 py::array_t<uint8_t> unpack_w4_py(const py::array& packed, int64_t N, int64_t K, int64_t group) {

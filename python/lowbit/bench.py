@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _core
 from .linear import Linear
-from .runtime import get_num_threads, set_num_threads
+from .runtime import get_num_threads, set_num_threads, use_isa
 
 
 def median_time(fn, min_time=0.25, min_runs=7, max_runs=2000) -> float:
@@ -27,12 +27,19 @@ def median_time(fn, min_time=0.25, min_runs=7, max_runs=2000) -> float:
 
 
 def machine_limits(dram_bytes=512 << 20, hot_bytes=16 << 20) -> dict:
-    """int8 dot peak (multiply-adds/s) of the ISA in use and read bandwidth (bytes/s), with the
-    current thread count: `hot` reads a buffer that stays in cache, `dram` one far larger."""
+    """Limits at the current thread count: int8 dot peak (multiply-adds/s) of the kernel set in use
+    and of its vector dot instruction (they differ under AMX, whose tiles only serve the INT8 GEMM
+    of several rows), and read bandwidth (bytes/s) of a cache-resident and of a DRAM-sized buffer."""
     hot = np.ones(hot_bytes, np.uint8)
     dram = np.ones(dram_bytes, np.uint8)
+    peak = _core.dot_peak(0.5)
+    vector_peak = peak
+    if _core.isa() == "amx":
+        with use_isa("avx512vnni"):
+            vector_peak = _core.dot_peak(0.5)
     return {
-        "dot_peak_macs": _core.dot_peak(0.5),
+        "dot_peak_macs": peak,
+        "vector_dot_peak_macs": vector_peak,
         "read_hot_bytes": max(_core.read_bandwidth(hot, 40) for _ in range(3)),
         "read_dram_bytes": max(_core.read_bandwidth(dram, 2) for _ in range(2)),
     }

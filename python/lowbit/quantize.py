@@ -38,15 +38,21 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self._packed, self._scales, self._comp, self._mins) if a is not None)
 
+    def _per_row(self, a):
+        # kernel layouts to (N, groups): 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)
+        if a.ndim == 2:
+            return a[:, : self.shape[0]].T
+        return a.transpose(0, 2, 1).reshape(-1, a.shape[1])[: self.shape[0]]
+
     @property
     def scales(self) -> np.ndarray:
-        """(N, groups) view of the scales: float32 for 8 bits, float16 for 4 bits."""
-        return self._scales[:, : self.shape[0]].T
+        """(N, groups) scales: float32 for 8 bits, float16 for 4 bits."""
+        return self._per_row(self._scales)
 
     @property
     def mins(self):
-        """float16 (N, groups) view of the minima of asymmetric 4-bit weights, else None."""
-        return None if self._mins is None else self._mins[:, : self.shape[0]].T
+        """float16 (N, groups) minima of asymmetric 4-bit weights, else None."""
+        return None if self._mins is None else self._per_row(self._mins)
 
     def int_values(self) -> np.ndarray:
         """The quantized integers (N, K) in row order: int8 for 8 bits, uint8 0..15 for 4 bits."""

@@ -32,7 +32,7 @@ inline __m256i dot4(__m256i acc, __m256i w_u8, __m256i a_s8) {
 
 // f += fma(d, I, m * A) for 8 columns starting at `col` (see kernels.h).
 inline __m256 fold(const Q4Args* g, int64_t grp, int64_t col, __m256 I, float A, __m256 f) {
-  const int64_t at = grp * g->Np + col;
+  const int64_t at = (col / kPanel * (g->Kp / g->group) + grp) * kPanel + col % kPanel;
   const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->scales + at)));
   const __m256 m = g->mins ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->mins + at)))
                            : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));

@@ -27,7 +27,7 @@ inline __mmask16 tail_mask(const Q4Args* g, int64_t panel) {
 
 // f += fma(d, I, m * A) for the group's 16 columns of panel `panel` (see kernels.h).
 inline __m512 fold(const Q4Args* g, int64_t grp, int64_t panel, __m512 I, float A, __m512 f) {
-  const int64_t at = grp * g->Np + panel * kPanel;
+  const int64_t at = (panel * (g->Kp / g->group) + grp) * kPanel;
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->scales + at)));
   const __m512 m = g->mins ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->mins + at)))
                            : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));

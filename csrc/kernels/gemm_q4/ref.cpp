@@ -17,8 +17,9 @@ int q4(const Q4Args* g, int64_t n, int64_t k) {
 
 // The group fold shared by both modes: f += fma(d, I, m * A).
 float fold(const Q4Args* g, int64_t grp, int64_t n, float I, float A, float f) {
-  const float d = half_to_float(g->scales[grp * g->Np + n]);
-  const float m = g->mins ? half_to_float(g->mins[grp * g->Np + n]) : d * -8.f;
+  const int64_t at = (n / kPanel * (g->Kp / g->group) + grp) * kPanel + n % kPanel;
+  const float d = half_to_float(g->scales[at]);
+  const float m = g->mins ? half_to_float(g->mins[at]) : d * -8.f;
   const float term = std::fma(d, I, m * A);
   return grp == 0 ? term : f + term;
 }

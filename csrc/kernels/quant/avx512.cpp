@@ -122,8 +122,9 @@ int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
           std::memcpy(base + (k / kQ4Step + s) * 64, &word, 4);
         }
       }
-      scales[g * Np + n] = d16;
-      if (mins) mins[g * Np + n] = m16;
+      const int64_t at = (n / kPanel * G + g) * kPanel + n % kPanel;  // [Np/16][G][16]
+      scales[at] = d16;
+      if (mins) mins[at] = m16;
     }
   }
   return -1;

@@ -103,8 +103,9 @@ int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
         uint8_t& byte = packed[(n / kPanel * Kp / kQ4Step + k / kQ4Step) * 64 + n % kPanel * 4 + k % 4];
         byte = k % kQ4Step < 4 ? (uint8_t)((byte & 0xF0) | q) : (uint8_t)((byte & 0x0F) | (q << 4));
       }
-      scales[g * Np + n] = d16;
-      if (mins) mins[g * Np + n] = m16;
+      const int64_t at = (n / kPanel * G + g) * kPanel + n % kPanel;  // [Np/16][G][16]
+      scales[at] = d16;
+      if (mins) mins[at] = m16;
     }
   }
   return -1;
