@@ -19,6 +19,14 @@ def test_linear_int8(benchmark, m, n, k, group):
     benchmark(layer, x)
 
 
+@pytest.mark.parametrize("m,n,k", LINEAR_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("activations", ["int8", "float"])
+def test_linear_int4_g32(benchmark, m, n, k, activations):
+    w, x = design_problem(m, n, k)
+    layer = lb.Linear(w, bits=4, group_size=32, symmetric=False, activations=activations)
+    benchmark(layer, x)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (128, 1024, 1024)], ids=lambda v: str(v))
 def test_gemm_s8(benchmark, m, n, k):
     rng = np.random.default_rng(0)
@@ -27,9 +35,10 @@ def test_gemm_s8(benchmark, m, n, k):
     benchmark(lb.gemm_s8, a, b)
 
 
-def test_quantize_int8(benchmark):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize(benchmark, bits):
     w, _ = design_problem(1, 4096, 4096)
-    benchmark(lb.quantize, w)
+    benchmark(lb.quantize, w, bits=bits, group_size=32 if bits == 4 else None)
 
 
 def test_pack_int4(benchmark):

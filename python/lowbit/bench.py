@@ -26,7 +26,7 @@ def median_time(fn, min_time=0.25, min_runs=7, max_runs=2000) -> float:
     return float(np.median(samples))
 
 
-def machine_limits(dram_bytes=512 << 20, hot_bytes=16 << 20) -> dict:
+def machine_limits(dram_bytes=1 << 30, hot_bytes=16 << 20) -> dict:
     """Limits at the current thread count: int8 dot peak (multiply-adds/s) of the kernel set in use
     and of its vector dot instruction (they differ under AMX, whose tiles only serve the INT8 GEMM
     of several rows), and read bandwidth (bytes/s) of a cache-resident and of a DRAM-sized buffer."""
@@ -56,8 +56,15 @@ def design_problem(m, n, k, seed=0):
             rng.normal(0, 1, (m, k)).astype(np.float32))
 
 
+FORMATS = {
+    "int8 (W8A8)": dict(bits=8),
+    "int4 g32 (W4A8)": dict(bits=4, group_size=32, symmetric=False, activations="int8"),
+    "int4 g32 (W4A32)": dict(bits=4, group_size=32, symmetric=False, activations="float"),
+}
+
+
 def quick_table(shapes=((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)), threads=None):
-    """lowbit INT8 Linear against numpy float32 on the same shapes: rows of dicts."""
+    """Each format's Linear against numpy float32 on the same shapes: rows of dicts."""
     before = get_num_threads()
     if threads:
         set_num_threads(threads)
@@ -65,16 +72,16 @@ def quick_table(shapes=((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)), t
     try:
         for m, n, k in shapes:
             w, x = design_problem(m, n, k)
-            t0 = time.perf_counter()
-            layer = Linear(w)
-            t_quant = time.perf_counter() - t0
             exact = x @ w.T
             t_np = median_time(lambda: x @ w.T)
-            t_lb = median_time(lambda: layer(x))
-            rows.append(dict(M=m, N=n, K=k, numpy_us=t_np * 1e6, lowbit_us=t_lb * 1e6,
-                             speedup=t_np / t_lb, rel_error=relative_error(layer(x), exact),
-                             fp32_mb=w.nbytes / 1e6, int8_mb=layer.nbytes / 1e6,
-                             quantize_ms=t_quant * 1e3))
+            rows.append(dict(M=m, N=n, K=k, format="numpy float32", us=t_np * 1e6, speedup=1.0,
+                             rel_error=0.0, weight_mb=w.nbytes / 1e6))
+            for name, kw in FORMATS.items():
+                layer = Linear(w, **kw)
+                t = median_time(lambda: layer(x))
+                rows.append(dict(M=m, N=n, K=k, format=name, us=t * 1e6, speedup=t_np / t,
+                                 rel_error=relative_error(layer(x), exact),
+                                 weight_mb=layer.nbytes / 1e6))
     finally:
         set_num_threads(before)
     return rows

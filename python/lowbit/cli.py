@@ -43,16 +43,19 @@ def cmd_bench(args):
         print(json.dumps(dict(cpu=cpu_name(), isa=info["isa"], rows=rows)))
         return
     threads = args.threads or info["num_threads"]
-    print(f"lowbit {__version__}: INT8 Linear (dynamic int8 activations) vs numpy float32 matmul")
-    print(f"{cpu_name()}, kernels {info['isa']}, {threads} threads; weights N(0,0.02), inputs N(0,1)\n")
-    head = f"{'M x N x K':>18} {'numpy fp32':>11} {'lowbit int8':>12} {'speedup':>8} {'rel.err':>8} {'weights':>16}"
+    print(f"lowbit {__version__}: quantized Linear layers against numpy float32 matmul")
+    print(f"{cpu_name()}, kernels {info['isa']}, {threads} threads; weights N(0,0.02), inputs N(0,1)")
+    print("W8A8: int8 weights, int8 activations per row; W4A8: 4-bit weights, int8 activations per")
+    print("32 inputs; W4A32: 4-bit weights, float32 activations. Times are medians per call.\n")
+    head = f"{'M x N x K':>18}  {'format':<17} {'time':>9} {'vs numpy':>9} {'rel.err':>8} {'weights':>9}"
     print(head)
     print("-" * len(head))
+    last = None
     for r in rows:
         shape = f"{r['M']} x {r['N']} x {r['K']}"
-        mem = f"{r['fp32_mb']:.0f} -> {r['int8_mb']:.1f} MB"
-        print(f"{shape:>18} {r['numpy_us']:>9.0f}us {r['lowbit_us']:>10.0f}us {r['speedup']:>7.1f}x "
-              f"{r['rel_error']:>8.4f} {mem:>16}")
+        print(f"{shape if shape != last else '':>18}  {r['format']:<17} {r['us']:>7.0f}us "
+              f"{r['speedup']:>8.1f}x {r['rel_error']:>8.4f} {r['weight_mb']:>6.1f} MB")
+        last = shape
 
 
 def main(argv=None):
@@ -62,7 +65,7 @@ def main(argv=None):
     pi = sub.add_parser("info", help="CPU, kernels chosen and available, threads")
     pi.add_argument("--json", action="store_true")
     pi.set_defaults(fn=cmd_info)
-    pb = sub.add_parser("bench", help="INT8 Linear vs numpy float32: speed, accuracy, memory")
+    pb = sub.add_parser("bench", help="INT8 / INT4 Linear vs numpy float32: speed, accuracy, memory")
     pb.add_argument("--threads", type=int, default=None)
     pb.add_argument("--json", action="store_true")
     pb.set_defaults(fn=cmd_bench)
