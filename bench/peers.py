@@ -9,7 +9,8 @@ accuracy_level 0 and 4), PyTorch _weight_int4pack_mm_for_cpu (group 32, bfloat16
 Peers that are not installed are skipped (pip install ".[bench]").
 
 Every time is the median of many calls, float32 in and float32 out, activation quantization
-included; the best of three interleaved rounds. Threads: set the same for every library.
+included; the best of three interleaved rounds, each after a pause that lets the previous
+library's spinning threads go idle. Threads: set the same for every library.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -148,13 +150,22 @@ def set_threads(n):
         pass
 
 
-def time_all(impls, x, threads):
+def time_all(impls, x, threads, rounds=3, settle=0.3):
+    """Best of `rounds` interleaved medians. Before each, a pause: the runtimes' idle worker
+    threads spin for a while after a call (OpenMP, ONNX Runtime), and on a small machine they
+    would slow down whichever library is timed next."""
     limiter = numpy_threads(threads)
-    out = {name: min(median_time(lambda: fn(x), min_time=0.3) for _ in range(3)) * 1e6
-           for name, fn in impls.items() if fn is not None}
+    best = {}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            if fn is None:
+                continue
+            time.sleep(settle)
+            t = median_time(lambda: fn(x), min_time=0.3) * 1e6
+            best[name] = min(best.get(name, t), t)
     if limiter:
         limiter.unregister()
-    return out
+    return best
 
 
 # ---------------------------------------------------------------- measurements

@@ -71,6 +71,15 @@ void check_weight_shape(int64_t N, int64_t K, int64_t group) {
                           std::to_string(K) + ", got " + std::to_string(group));
 }
 
+// An optional float32 (N,) bias array (kept alive by the caller's object), or null.
+const float* bias_ptr(const py::object& bias, int64_t N) {
+  if (bias.is_none()) return nullptr;
+  if (!py::isinstance<py::array>(bias)) throw py::type_error("bias: expected a numpy array or None");
+  const py::array a = bias.cast<py::array>();
+  check<float>(a, "bias", {N});
+  return cptr<float>(a);
+}
+
 W8Shape w8_shape(int64_t N, int64_t K, int64_t group) {
   check_weight_shape(N, K, group);
   return W8Shape(N, K, group);
@@ -127,12 +136,7 @@ py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
   const W8Shape s = w8_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w8(packed, scales, comp, s);
-  const float* b = nullptr;
-  if (!bias.is_none()) {
-    const py::array ba = bias.cast<py::array>();
-    check<float>(ba, "bias", {N});
-    b = cptr<float>(ba);
-  }
+  const float* b = bias_ptr(bias, N);
   const int64_t M = x.shape(0);
   py::array_t<float> y({M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
@@ -206,12 +210,7 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
   const Q4Shape s = q4_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w4(packed, scales, mins, s);
-  const float* b = nullptr;
-  if (!bias.is_none()) {
-    const py::array ba = bias.cast<py::array>();
-    check<float>(ba, "bias", {N});
-    b = cptr<float>(ba);
-  }
+  const float* b = bias_ptr(bias, N);
   const uint16_t* mins_ptr = mins.is_none() ? nullptr : (const uint16_t*)mins.cast<py::array>().data();
   const int64_t M = x.shape(0);
   py::array_t<float> y({M, N});

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "dispatch.h"
@@ -62,6 +63,28 @@ void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, cons
   });
 }
 
+// Runs quantize(n0, n1, &why) -> first bad row in [n0, n1) or -1, over panel ranges (threaded when
+// the matrix is large), and returns the first bad row of all with its reason.
+template <class Fn>
+int64_t quantize_rows(int64_t N, int64_t K, int64_t Np, int* why, const Fn& quantize) {
+  std::mutex mutex;
+  int64_t bad = -1;
+  auto body = [&](int64_t p0, int64_t p1) {
+    int r_why = 0;
+    const int64_t r = quantize(p0 * kPanel, p1 * kPanel < N ? p1 * kPanel : N, &r_why);
+    std::lock_guard<std::mutex> lock(mutex);
+    if (r >= 0 && (bad < 0 || r < bad)) {
+      bad = r;
+      *why = r_why;
+    }
+  };
+  if (N * K < kSerialMacs)
+    body(0, Np / kPanel);
+  else
+    parallel_for(Np / kPanel, body);
+  return bad;
+}
+
 // The INT8 GEMM over all rows and panels.
 void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
   const auto gemm = int32_out ? kt.gemm_u8s8_i32 : kt.gemm_u8s8_f32;
@@ -89,20 +112,10 @@ W8Shape::W8Shape(int64_t n, int64_t k, int64_t grp)
 int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packed, float* scales,
                     int32_t* comp) {
   const Kernels& kt = kernels();
-  const int64_t panels = s.Np / kPanel;
-  std::atomic<int64_t> bad{-1};
-  auto body = [&](int64_t p0, int64_t p1) {
-    const int64_t n1 = p1 * kPanel < s.N ? p1 * kPanel : s.N;
-    const int64_t r = kt.quantize_w8(w, ldw, s.N, s.K, s.Kp, s.group, p0 * kPanel, n1, packed,
-                                     scales, comp);
-    int64_t cur = bad.load();
-    while (r >= 0 && (cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {}
-  };
-  if (s.N * s.K < kSerialMacs)
-    body(0, panels);
-  else
-    parallel_for(panels, body);
-  return bad.load();
+  int why = 0;
+  return quantize_rows(s.N, s.K, s.Np, &why, [&](int64_t n0, int64_t n1, int*) {
+    return kt.quantize_w8(w, ldw, s.N, s.K, s.Kp, s.group, n0, n1, packed, scales, comp);
+  });
 }
 
 void unpack_w8(const int8_t* packed, const W8Shape& s, int8_t* out) {
@@ -193,25 +206,9 @@ Q4Shape::Q4Shape(int64_t n, int64_t k, int64_t grp)
 int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* packed,
                     uint16_t* scales, uint16_t* mins, int* why) {
   const Kernels& kt = kernels();
-  const int64_t panels = s.Np / kPanel;
-  std::atomic<int64_t> bad{-1};
-  std::atomic<int> reason{0};
-  auto body = [&](int64_t p0, int64_t p1) {
-    int r_why = 0;
-    const int64_t n1 = p1 * kPanel < s.N ? p1 * kPanel : s.N;
-    const int64_t r = kt.quantize_w4(w, ldw, s.N, s.K, s.Kp, s.group, p0 * kPanel, n1, packed,
-                                     scales, mins, &r_why);
-    if (r < 0) return;
-    int64_t cur = bad.load();
-    while ((cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {}
-    if (bad.load() == r) reason = r_why;
-  };
-  if (s.N * s.K < kSerialMacs)
-    body(0, panels);
-  else
-    parallel_for(panels, body);
-  *why = reason.load();
-  return bad.load();
+  return quantize_rows(s.N, s.K, s.Np, why, [&](int64_t n0, int64_t n1, int* row_why) {
+    return kt.quantize_w4(w, ldw, s.N, s.K, s.Kp, s.group, n0, n1, packed, scales, mins, row_why);
+  });
 }
 
 void unpack_w4(const uint8_t* packed, const Q4Shape& s, uint8_t* out) {

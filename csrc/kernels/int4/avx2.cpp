@@ -3,6 +3,11 @@
 #include "kernels/isa.h"
 
 namespace lowbit {
+namespace ref {  // the tails (and the search for a bad value) go to the reference
+int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
+void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
+}  // namespace ref
+
 namespace LOWBIT_NS {
 
 int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out) {
@@ -12,20 +17,15 @@ int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out) {
     const __m256i v0 = _mm256_loadu_si256((const __m256i*)(q + 2 * i));
     const __m256i v1 = _mm256_loadu_si256((const __m256i*)(q + 2 * i + 32));
     // any byte > 15 has a bit in 0xF0
-    if (!_mm256_testz_si256(_mm256_or_si256(v0, v1), _mm256_set1_epi8((char)0xF0))) break;
+    if (!_mm256_testz_si256(_mm256_or_si256(v0, v1), _mm256_set1_epi8((char)0xF0))) break;  // ref reports it
     const __m256i w0 = _mm256_and_si256(_mm256_or_si256(v0, _mm256_srli_epi16(v0, 4)), lo_byte);
     const __m256i w1 = _mm256_and_si256(_mm256_or_si256(v1, _mm256_srli_epi16(v1, 4)), lo_byte);
     // packus works within 128-bit lanes; restore the order of the 64-bit quarters
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(w0, w1), 0xD8);
     _mm256_storeu_si256((__m256i*)(out + i), packed);
   }
-  for (; i < n_bytes_out; ++i) {
-    const uint8_t lo = q[2 * i], hi = q[2 * i + 1];
-    if (lo > 15) return 2 * i;
-    if (hi > 15) return 2 * i + 1;
-    out[i] = (uint8_t)(lo | (hi << 4));
-  }
-  return -1;
+  const int64_t bad = ref::pack_int4(q + 2 * i, out + i, n_bytes_out - i);
+  return bad < 0 ? -1 : 2 * i + bad;
 }
 
 void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in) {
@@ -41,10 +41,7 @@ void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in) {
     _mm256_storeu_si256((__m256i*)(out + 2 * i), _mm256_permute2x128_si256(a, b, 0x20));
     _mm256_storeu_si256((__m256i*)(out + 2 * i + 32), _mm256_permute2x128_si256(a, b, 0x31));
   }
-  for (; i < n_bytes_in; ++i) {
-    out[2 * i] = p[i] & 0x0F;
-    out[2 * i + 1] = p[i] >> 4;
-  }
+  ref::unpack_int4(p + i, out + 2 * i, n_bytes_in - i);
 }
 
 }  // namespace LOWBIT_NS

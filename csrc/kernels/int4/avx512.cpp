@@ -5,6 +5,11 @@
 #include "kernels/isa.h"
 
 namespace lowbit {
+namespace ref {  // the tails (and the search for a bad value) go to the reference
+int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
+void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
+}  // namespace ref
+
 namespace LOWBIT_NS {
 
 int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out) {
@@ -12,18 +17,13 @@ int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out) {
   int64_t i = 0;
   for (; i + 32 <= n_bytes_out; i += 32) {
     const __m512i v = _mm512_loadu_si512(q + 2 * i);
-    if (_mm512_cmpgt_epu8_mask(v, hi_limit)) break;  // let the scalar loop find and report it
+    if (_mm512_cmpgt_epu8_mask(v, hi_limit)) break;  // the reference finds and reports it
     // each 16-bit lane holds (lo, hi): lo | hi << 4 lands in the lane's low byte
     const __m512i w = _mm512_or_si512(v, _mm512_srli_epi16(v, 4));
     _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi16_epi8(w));
   }
-  for (; i < n_bytes_out; ++i) {
-    const uint8_t lo = q[2 * i], hi = q[2 * i + 1];
-    if (lo > 15) return 2 * i;
-    if (hi > 15) return 2 * i + 1;
-    out[i] = (uint8_t)(lo | (hi << 4));
-  }
-  return -1;
+  const int64_t bad = ref::pack_int4(q + 2 * i, out + i, n_bytes_out - i);
+  return bad < 0 ? -1 : 2 * i + bad;
 }
 
 void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in) {
@@ -35,10 +35,7 @@ void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in) {
                                       _mm512_slli_epi16(_mm512_srli_epi16(v, 4), 8));
     _mm512_storeu_si512(out + 2 * i, w);
   }
-  for (; i < n_bytes_in; ++i) {
-    out[2 * i] = p[i] & 0x0F;
-    out[2 * i + 1] = p[i] >> 4;
-  }
+  ref::unpack_int4(p + i, out + 2 * i, n_bytes_in - i);
 }
 
 }  // namespace LOWBIT_NS
