@@ -291,8 +291,9 @@ def report(limits, int8, int4, cold, acc, other, threads, command):
     lines = ["# lowbit benchmark", "",
              f"Produced by `{command}` on {datetime.date.today()}; CPU: {cpu_name()}; "
              f"kernels: {lb.cpu_info()['isa']}; lowbit {lb.__version__}.", "",
-             "Median per call in microseconds (best of three interleaved rounds), float32 in / float32 "
-             "out, activation quantization included. Weights N(0, 0.02), inputs N(0, 1) "
+             "Median per call in microseconds (best of three interleaved rounds, each after a pause that "
+             "lets the previous library's spinning threads go idle), float32 in / float32 out, activation "
+             "quantization included. Weights N(0, 0.02), inputs N(0, 1) "
              "(DESIGN.md section 7).", "",
              "## Machine limits (lowbit's probes)", "",
              "| threads | int8 dot peak, kernels in use | int8 vector dot (VPDPBUSD) peak | read, cache-resident 16 MB | read, DRAM 1 GB |",

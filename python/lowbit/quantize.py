@@ -122,7 +122,7 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
         if group_size <= 0 or group_size % 32 or k % group_size:
             raise ValueError(f"group_size must be a positive multiple of 32 dividing K={k}, "
                              f"got {group_size}")
-        if group_size == k and (bits == 8 or k % 32 == 0):
+        if group_size == k:
             group_size = None  # one group per row is per-channel
     if bits == 8:
         packed, scales, comp = _core.quantize_w8(w, group_size or 0)
