@@ -32,8 +32,10 @@ int default_threads() {
     const int n = std::atoi(env);
     if (n > 0) return n;
   }
-  cpu_set_t set;
+#ifdef __linux__
+  cpu_set_t set;  // the CPUs this process may run on (containers, taskset)
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+#endif
   const long n = sysconf(_SC_NPROCESSORS_ONLN);
   return n > 0 ? (int)n : 1;
 }
