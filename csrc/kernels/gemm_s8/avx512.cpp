@@ -161,9 +161,11 @@ DotsFn dots_for(int mr, int j) {
   }
 }
 
-// Rows [m0, m0 + rows) x panels [p, p + J) from exact int32 sums acc[rows][J * 16] (one group).
+// Rows [m0, m0 + rows) x panels [p, p + J) from exact int32 sums (one group): row m's panel j at
+// acc + m * ld + 16 * j.
 template <int MODE>
-void epilogue(const GemmArgs* g, int64_t m0, int64_t rows, int64_t p, int J, const int32_t* acc) {
+void epilogue(const GemmArgs* g, int64_t m0, int64_t rows, int64_t p, int J, const int32_t* acc,
+              int64_t ld) {
   for (int j = 0; j < J; ++j) {
     const int64_t col = (p + j) * kPanel;
     const __mmask16 mask = tail_mask(g, p + j);
@@ -171,14 +173,14 @@ void epilogue(const GemmArgs* g, int64_t m0, int64_t rows, int64_t p, int J, con
     if (MODE == kInt32) {
       for (int64_t m = 0; m < rows; ++m)
         _mm512_mask_storeu_epi32((int32_t*)g->c + (m0 + m) * g->ldc + col, mask,
-                                 _mm512_sub_epi32(_mm512_load_si512(acc + (m * J + j) * 16), cmp));
+                                 _mm512_sub_epi32(_mm512_load_si512(acc + m * ld + 16 * j), cmp));
       continue;
     }
     const __m512 ws = _mm512_loadu_ps(g->wscale + col);
     const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(mask, g->bias + col) : _mm512_setzero_ps();
     for (int64_t m = 0; m < rows; ++m) {
       const __m512 f = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + (m * J + j) * 16), cmp)), ws);
+          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + m * ld + 16 * j), cmp)), ws);
       const __m512 sa = _mm512_set1_ps(g->ascale[m0 + m]);
       const __m512 y = g->bias ? _mm512_fmadd_ps(f, sa, bias) : _mm512_mul_ps(f, sa);
       _mm512_mask_storeu_ps((float*)g->c + (m0 + m) * g->ldc + col, mask, y);
@@ -203,7 +205,7 @@ void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
               acc + m * j * 16);
         }
       }
-      epilogue<MODE>(g, mc, rows, p, j, acc);
+      epilogue<MODE>(g, mc, rows, p, j, acc, j * 16);
     }
     p += j;
   }
@@ -268,12 +270,12 @@ void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps, int64
 
 template <int MODE>
 void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
-  const int64_t ps = g->Kp * kPanel, Np = g->Np;
+  const int64_t ps = g->Kp * kPanel;
   alignas(64) int32_t acc[32 * 32];
   amx_configure();
   // rows outer: a 32-row block of activations is reused across every panel pair of the task
   for (int64_t m0 = 0; m0 < g->M; m0 += 32) {
-    const int rows = (int)(g->M - m0 < 32 ? g->M - m0 : 32);
+    const int64_t rows = g->M - m0 < 32 ? g->M - m0 : 32;
     for (int64_t p = p0; p < p1; p += 2) {
       const int np = p + 1 < p1 ? 2 : 1;  // a lone last panel: its partner's columns are not stored
       const int8_t* b = g->b + p * ps;
@@ -282,26 +284,7 @@ void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
         amx_block<true>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
       else
         amx_block<false>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
-      for (int j = 0; j < np; ++j) {
-        const int64_t col = (p + j) * kPanel;
-        const __mmask16 mask = tail_mask(g, p + j);
-        const __m512i cmp = _mm512_loadu_si512(g->comp + col);
-        if (MODE == kInt32) {
-          for (int m = 0; m < rows; ++m)
-            _mm512_mask_storeu_epi32((int32_t*)g->c + (m0 + m) * g->ldc + col, mask,
-                                     _mm512_sub_epi32(_mm512_load_si512(acc + m * 32 + 16 * j), cmp));
-          continue;
-        }
-        const __m512 ws = _mm512_loadu_ps(g->wscale + col);
-        const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(mask, g->bias + col) : _mm512_setzero_ps();
-        for (int m = 0; m < rows; ++m) {
-          const __m512 f = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + m * 32 + 16 * j), cmp)), ws);
-          const __m512 sa = _mm512_set1_ps(g->ascale[m0 + m]);
-          const __m512 y = g->bias ? _mm512_fmadd_ps(f, sa, bias) : _mm512_mul_ps(f, sa);
-          _mm512_mask_storeu_ps((float*)g->c + (m0 + m) * g->ldc + col, mask, y);
-        }
-      }
+      epilogue<MODE>(g, m0, rows, p, np, acc, 32);
     }
   }
   _tile_release();
