@@ -119,15 +119,44 @@ void check_w8(const py::array& packed, const py::array& scales, const py::array&
   check<int32_t>(comp, "comp", {s.G, s.Np});
 }
 
-py::array_t<int8_t> unpack_w8_py(const py::array& packed, int64_t N, int64_t K) {
-  const W8Shape s = w8_shape(N, K, 0);
-  check<int8_t>(packed, "packed", {s.Np, s.Kp});
-  py::array_t<int8_t> out({N, K});
+py::tuple pack_w8_py(const py::array& q, int64_t group) {
+  check<int8_t>(q, "q", {-1, -1});
+  const W8Shape s = w8_shape(q.shape(0), q.shape(1), group);
+  py::array_t<int8_t> packed({s.Np, s.Kp});
+  py::array_t<int32_t> comp({s.G, s.Np});
+  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp));
+  std::memset(comp.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(int32_t));
   {
     py::gil_scoped_release nogil;
-    unpack_w8(cptr<int8_t>(packed), s, out.mutable_data());
+    pack_w8(cptr<int8_t>(q), s, packed.mutable_data(), comp.mutable_data());
   }
-  return out;
+  return py::make_tuple(packed, comp);
+}
+
+// GGUF rows of blocks of 32 (`block_bytes` each) -> the weight shape, with the row length checked.
+void check_gguf_rows(const py::array& raw, int64_t K, int64_t block_bytes) {
+  check<uint8_t>(raw, "raw", {-1, -1});
+  if (K < 32 || K % 32 || raw.shape(1) != K / 32 * block_bytes)
+    throw py::value_error("GGUF rows of K=" + std::to_string(K) + " need K a multiple of 32 and " +
+                          std::to_string(block_bytes) + " bytes per 32 weights, got raw shape " +
+                          shape_str(raw));
+}
+
+py::tuple gguf_q8_0_py(const py::array& raw, int64_t K) {
+  check_gguf_rows(raw, K, 34);
+  const W8Shape s = w8_shape(raw.shape(0), K, 32);
+  py::array_t<int8_t> packed({s.Np, s.Kp});
+  py::array_t<float> scales({s.G, s.Np});
+  py::array_t<int32_t> comp({s.G, s.Np});
+  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp));
+  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(float));
+  std::memset(comp.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(int32_t));
+  {
+    py::gil_scoped_release nogil;
+    gguf_q8_0(cptr<uint8_t>(raw), raw.shape(1), s, packed.mutable_data(), scales.mutable_data(),
+              comp.mutable_data());
+  }
+  return py::make_tuple(packed, scales, comp);
 }
 
 py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
@@ -187,38 +216,65 @@ py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
 }
 
 void check_w4(const py::array& packed, const py::array& scales, const py::object& mins,
-              const Q4Shape& s) {
+              const py::object& zeros, const Q4Shape& s) {
   check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
   check_half(scales, "scales", {s.Np / kPanel, s.G, kPanel});
   if (!mins.is_none()) check_half(mins.cast<py::array>(), "mins", {s.Np / kPanel, s.G, kPanel});
+  if (!zeros.is_none()) check<uint8_t>(zeros.cast<py::array>(), "zeros", {s.Np / kPanel, s.G, kPanel});
+  if (!mins.is_none() && !zeros.is_none()) throw py::value_error("give mins or zeros, not both");
 }
 
-py::array_t<uint8_t> unpack_w4_py(const py::array& packed, int64_t N, int64_t K, int64_t group) {
-  const Q4Shape s = q4_shape(N, K, group);
-  check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
-  py::array_t<uint8_t> out({N, K});
+py::array_t<uint8_t> pack_w4_py(const py::array& q, int64_t group) {
+  check<uint8_t>(q, "q", {-1, -1});
+  const Q4Shape s = q4_shape(q.shape(0), q.shape(1), group);
+  const uint8_t* v = cptr<uint8_t>(q);
+  for (int64_t i = 0; i < s.N * s.K; ++i)
+    if (v[i] > 15)
+      throw py::value_error("4-bit values must be in 0..15, got " + std::to_string(v[i]) + " at (" +
+                            std::to_string(i / s.K) + ", " + std::to_string(i % s.K) + ")");
+  py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
+  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
   {
     py::gil_scoped_release nogil;
-    unpack_w4(cptr<uint8_t>(packed), s, out.mutable_data());
+    pack_w4(v, s, packed.mutable_data());
   }
-  return out;
+  return packed;
+}
+
+py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
+  check_gguf_rows(raw, K, has_min ? 20 : 18);
+  const Q4Shape s = q4_shape(raw.shape(0), K, 32);
+  py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
+  py::array scales(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
+  py::array mins(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
+  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
+  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
+  std::memset(mins.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
+  {
+    py::gil_scoped_release nogil;
+    gguf_q4(cptr<uint8_t>(raw), raw.shape(1), has_min, s, packed.mutable_data(),
+            (uint16_t*)scales.mutable_data(), (uint16_t*)mins.mutable_data());
+  }
+  return py::make_tuple(packed, scales, has_min ? py::object(mins) : py::object(py::none()));
 }
 
 py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, const py::array& scales,
-                                const py::object& mins, int64_t N, int64_t K, int64_t group,
-                                const py::object& bias, bool int8_activations) {
+                                const py::object& mins, const py::object& zeros, int64_t N,
+                                int64_t K, int64_t group, const py::object& bias,
+                                bool int8_activations) {
   const Q4Shape s = q4_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
-  check_w4(packed, scales, mins, s);
+  check_w4(packed, scales, mins, zeros, s);
   const float* b = bias_ptr(bias, N);
   const uint16_t* mins_ptr = mins.is_none() ? nullptr : (const uint16_t*)mins.cast<py::array>().data();
+  const uint8_t* zeros_ptr = zeros.is_none() ? nullptr : cptr<uint8_t>(zeros.cast<py::array>());
   const int64_t M = x.shape(0);
   py::array_t<float> y({M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
   {
     py::gil_scoped_release nogil;
     linear_w4(cptr<float>(x), ldx, M, cptr<uint8_t>(packed), (const uint16_t*)scales.data(), mins_ptr,
-              b, s, int8_activations, y.mutable_data());
+              zeros_ptr, b, s, int8_activations, y.mutable_data());
   }
   return y;
 }
@@ -301,13 +357,15 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));
-  m.def("unpack_w8", &unpack_w8_py, py::arg("packed"), py::arg("N"), py::arg("K"));
+  m.def("pack_w8", &pack_w8_py, py::arg("q"), py::arg("group"));
+  m.def("gguf_q8_0", &gguf_q8_0_py, py::arg("raw"), py::arg("K"));
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"));
   m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));
-  m.def("unpack_w4", &unpack_w4_py, py::arg("packed"), py::arg("N"), py::arg("K"), py::arg("group"));
+  m.def("pack_w4", &pack_w4_py, py::arg("q"), py::arg("group"));
+  m.def("gguf_q4", &gguf_q4_py, py::arg("raw"), py::arg("K"), py::arg("has_min"));
   m.def("linear_w4", &linear_w4_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
-        py::arg("mins"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
+        py::arg("mins"), py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
         py::arg("int8_activations"));
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {

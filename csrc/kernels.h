@@ -40,8 +40,10 @@ struct GemmArgs {
 // steps of 8, each step one 64-byte block: byte c*4 + i holds column c's k0+i in its low nibble and
 // k0+4+i in its high nibble (so AND 0x0F / shift 4 give two 16-column x 4-k VPDPBUSD operands).
 // Values q in 0..15 mean w = d*q + m (d, m float16 per group, stored per panel [Np/16][G][16] so
-// that each panel's scales stream in order beside its nibbles); symmetric weights store no minima
-// and mean m = -8d. Kp = K rounded up to 32 (padding weights multiply zero activations).
+// that each panel's scales stream in order beside its nibbles). Instead of minima, weights may hold
+// integer zero points z (uint8, same layout; GPTQ / AWQ), meaning m = d * -z, which is exact in
+// float32; symmetric weights store neither and mean z = 8. Kp = K rounded up to 32 (padding
+// weights multiply zero activations).
 constexpr int64_t kQ4Step = 8;     // k per 64-byte block
 constexpr int64_t kActBlock = 32;  // activation quantization block (W4A8)
 
@@ -50,7 +52,8 @@ struct Q4Args {
   int64_t group;            // K per weight group (multiple of 32; == Kp when per channel)
   const uint8_t* b;         // packed nibbles, panel p at p * Kp * 8
   const uint16_t* scales;   // float16 [Np/16][G][16]
-  const uint16_t* mins;     // float16 [Np/16][G][16], or null: symmetric, m = -8d
+  const uint16_t* mins;     // float16 [Np/16][G][16], or null: m = d * -z
+  const uint8_t* zeros;     // uint8 [Np/16][G][16] zero points z when mins is null, or null: z = 8
   // W4A8: int8 activations [M][lda] padded with 0 to Kp, a scale per 32-block [M][Kp/32], and per
   // row and group A_g = sum over its blocks of scale_b * sum(q_b)  (the term minima multiply).
   // W4A32: float32 activations [M][lda] padded with 0 to Kp; A_g = sum of the group's x.

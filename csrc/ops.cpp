@@ -10,6 +10,9 @@
 #include "threadpool.h"
 
 namespace lowbit {
+namespace ref {
+float half_to_float(uint16_t h);  // kernels/quant/ref.cpp: exact, portable
+}
 namespace {
 
 // Below this many multiply-adds a call runs on the caller's thread: waking a worker costs more.
@@ -63,25 +66,44 @@ void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, cons
   });
 }
 
+// Byte offsets of weight (n, k) in the packed layouts (kernels.h).
+int64_t w8_at(const W8Shape& s, int64_t n, int64_t k) {
+  return ((n / kPanel * s.Kp / kKStep + k / kKStep) * kPanel + n % kPanel) * kKStep + k % kKStep;
+}
+int64_t w4_at(const Q4Shape& s, int64_t n, int64_t k) {
+  return (n / kPanel * s.Kp / kQ4Step + k / kQ4Step) * 64 + n % kPanel * 4 + k % 4;
+}
+// ORs nibble q of weight (n, k) into zero-filled packed int4 weights.
+void put_w4(uint8_t* packed, const Q4Shape& s, int64_t n, int64_t k, uint8_t q) {
+  packed[w4_at(s, n, k)] |= k % kQ4Step < 4 ? q : (uint8_t)(q << 4);
+}
+
+// Runs fn(n0, n1) over ranges of whole 16-row panels of an N x K matrix, threaded when large.
+template <class Fn>
+void over_panels(int64_t N, int64_t K, const Fn& fn) {
+  const int64_t panels = round_up(N, kPanel) / kPanel;
+  auto body = [&](int64_t p0, int64_t p1) { fn(p0 * kPanel, p1 * kPanel < N ? p1 * kPanel : N); };
+  if (N * K < kSerialMacs)
+    body(0, panels);
+  else
+    parallel_for(panels, body);
+}
+
 // Runs quantize(n0, n1, &why) -> first bad row in [n0, n1) or -1, over panel ranges (threaded when
 // the matrix is large), and returns the first bad row of all with its reason.
 template <class Fn>
-int64_t quantize_rows(int64_t N, int64_t K, int64_t Np, int* why, const Fn& quantize) {
+int64_t quantize_rows(int64_t N, int64_t K, int* why, const Fn& quantize) {
   std::mutex mutex;
   int64_t bad = -1;
-  auto body = [&](int64_t p0, int64_t p1) {
+  over_panels(N, K, [&](int64_t n0, int64_t n1) {
     int r_why = 0;
-    const int64_t r = quantize(p0 * kPanel, p1 * kPanel < N ? p1 * kPanel : N, &r_why);
+    const int64_t r = quantize(n0, n1, &r_why);
     std::lock_guard<std::mutex> lock(mutex);
     if (r >= 0 && (bad < 0 || r < bad)) {
       bad = r;
       *why = r_why;
     }
-  };
-  if (N * K < kSerialMacs)
-    body(0, Np / kPanel);
-  else
-    parallel_for(Np / kPanel, body);
+  });
   return bad;
 }
 
@@ -113,16 +135,9 @@ int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packe
                     int32_t* comp) {
   const Kernels& kt = kernels();
   int why = 0;
-  return quantize_rows(s.N, s.K, s.Np, &why, [&](int64_t n0, int64_t n1, int*) {
+  return quantize_rows(s.N, s.K, &why, [&](int64_t n0, int64_t n1, int*) {
     return kt.quantize_w8(w, ldw, s.N, s.K, s.Kp, s.group, n0, n1, packed, scales, comp);
   });
-}
-
-void unpack_w8(const int8_t* packed, const W8Shape& s, int8_t* out) {
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t k = 0; k < s.K; ++k)
-      out[n * s.K + k] =
-          packed[((n / kPanel * s.Kp / kKStep + k / kKStep) * kPanel + n % kPanel) * kKStep + k % kKStep];
 }
 
 void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
@@ -160,8 +175,7 @@ void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, 
   for (int64_t n = 0; n < s.Np; ++n) {
     int32_t sum = 0;
     for (int64_t k = 0; n < N && k < K; ++k) {
-      bp[((n / kPanel * s.Kp / kKStep + k / kKStep) * kPanel + n % kPanel) * kKStep + k % kKStep] =
-          b[n * K + k];
+      bp[w8_at(s, n, k)] = b[n * K + k];
       sum += b[n * K + k];
     }
     comp[n] = 128 * sum;
@@ -206,21 +220,14 @@ Q4Shape::Q4Shape(int64_t n, int64_t k, int64_t grp)
 int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* packed,
                     uint16_t* scales, uint16_t* mins, int* why) {
   const Kernels& kt = kernels();
-  return quantize_rows(s.N, s.K, s.Np, why, [&](int64_t n0, int64_t n1, int* row_why) {
+  return quantize_rows(s.N, s.K, why, [&](int64_t n0, int64_t n1, int* row_why) {
     return kt.quantize_w4(w, ldw, s.N, s.K, s.Kp, s.group, n0, n1, packed, scales, mins, row_why);
   });
 }
 
-void unpack_w4(const uint8_t* packed, const Q4Shape& s, uint8_t* out) {
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t k = 0; k < s.K; ++k) {
-      const uint8_t byte = packed[(n / kPanel * s.Kp / kQ4Step + k / kQ4Step) * 64 + n % kPanel * 4 + k % 4];
-      out[n * s.K + k] = k % kQ4Step < 4 ? byte & 0x0F : byte >> 4;
-    }
-}
-
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
-               const uint16_t* scales, const uint16_t* mins, const float* bias, const Q4Shape& s,
+               const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
+               const float* bias, const Q4Shape& s,
                bool int8_activations, float* y) {
   if (M == 0) return;
   const Kernels& kt = kernels();
@@ -254,7 +261,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     };
     big ? parallel_for(M, prep) : prep(0, M);
   }
-  const Q4Args args{M, s.N, s.Np, s.Kp, s.group, packed, scales, mins, a, lda, ablock, agroup, bias, y, s.N};
+  const Q4Args args{M, s.N, s.Np, s.Kp, s.group, packed, scales, mins, zeros, a, lda, ablock, agroup, bias, y, s.N};
   const auto gemm = int8_activations ? kt.gemm_q4a8 : kt.gemm_q4f32;
   split(M, s.Np / kPanel, 64, 8, M * s.N * s.Kp, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
     Q4Args sub = args;
@@ -264,6 +271,68 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     sub.agroup = agroup + m0 * s.G;
     sub.c = y + m0 * s.N;
     gemm(&sub, p0, p1);
+  });
+}
+
+void pack_w8(const int8_t* q, const W8Shape& s, int8_t* packed, int32_t* comp) {
+  over_panels(s.N, s.K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < s.G; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * s.group; k < (g + 1) * s.group && k < s.K; ++k) {
+          packed[w8_at(s, n, k)] = q[n * s.K + k];
+          sum += q[n * s.K + k];
+        }
+        comp[g * s.Np + n] = 128 * sum;
+      }
+  });
+}
+
+void pack_w4(const uint8_t* q, const Q4Shape& s, uint8_t* packed) {
+  over_panels(s.N, s.K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < s.K; ++k) put_w4(packed, s, n, k, q[n * s.K + k]);
+  });
+}
+
+// GGUF blocks of 32 weights along a row. Q8_0: float16 d, 32 int8. Q4_0: float16 d, 16 bytes;
+// Q4_1: float16 d, float16 m, 16 bytes; element j < 16 is byte j's low nibble, j + 16 its high.
+void gguf_q8_0(const uint8_t* raw, int64_t row_bytes, const W8Shape& s, int8_t* packed,
+               float* scales, int32_t* comp) {
+  over_panels(s.N, s.K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < s.G; ++g) {
+        const uint8_t* block = raw + n * row_bytes + g * 34;
+        uint16_t d;
+        std::memcpy(&d, block, 2);
+        scales[g * s.Np + n] = ref::half_to_float(d);
+        int32_t sum = 0;
+        for (int64_t j = 0; j < 32; ++j) {
+          const int8_t v = (int8_t)block[2 + j];
+          packed[w8_at(s, n, g * 32 + j)] = v;
+          sum += v;
+        }
+        comp[g * s.Np + n] = 128 * sum;
+      }
+  });
+}
+
+void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape& s,
+             uint8_t* packed, uint16_t* scales, uint16_t* mins) {
+  const int64_t bytes = has_min ? 20 : 18;
+  over_panels(s.N, s.K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < s.G; ++g) {
+        const uint8_t* block = raw + n * row_bytes + g * bytes;
+        const int64_t at = (n / kPanel * s.G + g) * kPanel + n % kPanel;
+        std::memcpy(scales + at, block, 2);
+        if (has_min) std::memcpy(mins + at, block + 2, 2);
+        const uint8_t* qs = block + bytes - 16;
+        for (int64_t j = 0; j < 16; ++j) {
+          put_w4(packed, s, n, g * 32 + j, qs[j] & 0x0F);
+          put_w4(packed, s, n, g * 32 + 16 + j, qs[j] >> 4);
+        }
+      }
   });
 }
 

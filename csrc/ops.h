@@ -19,8 +19,12 @@ struct W8Shape {
 // be zero-filled. Returns the first row holding a NaN/Inf, or -1.
 int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packed, float* scales,
                     int32_t* comp);
-// The int8 values back in (N, K) row order.
-void unpack_w8(const int8_t* packed, const W8Shape& s, int8_t* out);
+// int8 values q (N, K) into zero-filled packed weights, with compensation [G][Np].
+void pack_w8(const int8_t* q, const W8Shape& s, int8_t* packed, int32_t* comp);
+// GGUF Q8_0 rows (row_bytes apart, K/32 blocks each) into packed weights, scales and compensation
+// (s.group must be 32).
+void gguf_q8_0(const uint8_t* raw, int64_t row_bytes, const W8Shape& s, int8_t* packed,
+               float* scales, int32_t* comp);
 
 // y (M, N) = dequant(quant8(x) . W^T) + bias, activations quantized per row on the fly.
 void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
@@ -44,11 +48,17 @@ struct Q4Shape {
 // asymmetric; mins null for symmetric): Kernels::quantize_w4 over every row.
 int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* packed,
                     uint16_t* scales, uint16_t* mins, int* why);
-// The nibbles back in (N, K) row order.
-void unpack_w4(const uint8_t* packed, const Q4Shape& s, uint8_t* out);
+// Values q (N, K) in 0..15 into zero-filled packed nibbles.
+void pack_w4(const uint8_t* q, const Q4Shape& s, uint8_t* packed);
+// GGUF Q4_0 / Q4_1 rows (row_bytes apart) into zero-filled packed nibbles, float16 scales and
+// (Q4_1) minima in the per-panel layout (s.group must be 32).
+void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape& s,
+             uint8_t* packed, uint16_t* scales, uint16_t* mins);
 // y (M, N) = x . dequant(W)^T + bias; activations int8 per 32-block (W4A8) or float32 (W4A32).
+// mins, or else zeros (integer zero points), or neither (symmetric, z = 8): see kernels.h.
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
-               const uint16_t* scales, const uint16_t* mins, const float* bias, const Q4Shape& s,
+               const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
+               const float* bias, const Q4Shape& s,
                bool int8_activations, float* y);
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);

@@ -38,12 +38,14 @@ def _forward(x, qw: QuantizedWeight, bias, activations):
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}), got {x.shape}")
     x2 = x.reshape(-1, k)
-    if k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
+    if qw._perm is not None:
+        x2 = x2.take(qw._perm, axis=1)  # inputs in the packed column order (act-order)
+    elif k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
         x2 = np.ascontiguousarray(x2)
     if qw.bits == 8:
         y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias)
     else:
-        y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, n, k, qw.group_size or 0, bias,
+        y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k, qw.group_size or 0, bias,
                             activations == "int8")
     return y.reshape(x.shape[:-1] + (n,))
 

@@ -15,16 +15,21 @@ class QuantizedWeight:
 
     * bits=8: int8 values (symmetric, ``w = scale * q``), float32 scales and the per-column sums
       the u8 x s8 kernels need;
-    * bits=4: 4-bit values q in 0..15 (two per byte) with float16 scales ``d`` and, when
-      asymmetric, float16 minima ``m``: ``w = d * q + m``; symmetric means ``w = d * (q - 8)``.
+    * bits=4: 4-bit values q in 0..15 (two per byte) with float16 scales ``d`` and either float16
+      minima ``m`` (``w = d * q + m``, GGUF Q4_1 and ``quantize(symmetric=False)``), or integer zero
+      points ``z`` (``w = d * (q - z)``, GPTQ / AWQ), or neither: symmetric, ``w = d * (q - 8)``.
 
-    One scale (and minimum) per output row, or per row and group of ``group_size`` inputs.
-    ``nbytes`` is what it really holds; no float copy is kept.
+    One scale (and minimum or zero point) per output row, or per row and group of ``group_size``
+    inputs. ``perm`` (act-order GPTQ) is the input order the packed columns are in: column j holds
+    input ``perm[j]``, so that each group's inputs are contiguous; layers gather their inputs in
+    that order. ``nbytes`` is what it really holds; no float copy is kept.
     """
 
-    __slots__ = ("shape", "bits", "group_size", "symmetric", "_packed", "_scales", "_comp", "_mins")
+    __slots__ = ("shape", "bits", "group_size", "symmetric", "_packed", "_scales", "_comp", "_mins",
+                 "_zeros", "_perm")
 
-    def __init__(self, shape, bits, group_size, symmetric, packed, scales, comp=None, mins=None):
+    def __init__(self, shape, bits, group_size, symmetric, packed, scales, comp=None, mins=None,
+                 zeros=None, perm=None):
         self.shape = (int(shape[0]), int(shape[1]))
         self.bits = bits
         self.group_size = group_size
@@ -33,10 +38,61 @@ class QuantizedWeight:
         self._scales = scales
         self._comp = comp
         self._mins = mins
+        self._zeros = zeros
+        self._perm = perm
+
+    @classmethod
+    def from_int(cls, q, scales, *, bits, group_size=None, mins=None, zeros=None, perm=None):
+        """Build a weight from integer values and scales (no rounding: exactly these weights).
+
+        q: (N, K) integers, int8 for bits=8, 0..15 for bits=4; scales: (N, K // group_size) (or
+        (N, 1) per channel), float32 for 8 bits, float16 values for 4 bits. 4 bits only: mins
+        (float16, ``w = d * q + m``) or zeros (integers 0..255, ``w = d * (q - z)``); neither means
+        symmetric ``w = d * (q - 8)``. perm: optional permutation of range(K), the input each
+        column of q belongs to (see the class docstring).
+        """
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        q = np.asarray(q)
+        if q.ndim != 2 or q.dtype.kind not in "iu":
+            raise ValueError(f"q: expected a 2-D integer array, got {q.dtype} of shape {q.shape}")
+        n, k = q.shape
+        group_size = _check_group(group_size, k)
+        groups = k // (group_size or k)
+        lo, hi = (-128, 127) if bits == 8 else (0, 15)
+        if q.size and (q.min() < lo or q.max() > hi):
+            raise ValueError(f"q: {bits}-bit values must be in {lo}..{hi}, got {q.min()}..{q.max()}")
+        q = np.ascontiguousarray(q, dtype=np.int8 if bits == 8 else np.uint8)
+        if perm is not None:
+            perm = np.asarray(perm)
+            if perm.shape != (k,) or perm.dtype.kind not in "iu" or not np.array_equal(
+                    np.sort(perm), np.arange(k)):
+                raise ValueError(f"perm: expected a permutation of range({k})")
+            perm = None if np.array_equal(perm, np.arange(k)) else perm.astype(np.intp)
+        if bits == 8:
+            if mins is not None or zeros is not None:
+                raise ValueError("8-bit weights are symmetric: no mins or zeros")
+            d = _group_array(scales, "scales", n, groups, np.float32)
+            packed, comp = _core.pack_w8(q, group_size or 0)
+            s = np.zeros((groups, packed.shape[0]), np.float32)
+            s[:, :n] = d.T
+            return cls((n, k), 8, group_size, True, packed, s, comp=comp, perm=perm)
+        if mins is not None and zeros is not None:
+            raise ValueError("give mins or zeros, not both")
+        d = _group_array(scales, "scales", n, groups, np.float16)
+        if mins is not None:
+            mins = _panels(_group_array(mins, "mins", n, groups, np.float16))
+        if zeros is not None:
+            zeros = _group_array(zeros, "zeros", n, groups, np.uint8)
+            zeros = None if (zeros == 8).all() else _panels(zeros)  # z = 8 is symmetric
+        packed = _core.pack_w4(q, group_size or 0)
+        return cls((n, k), 4, group_size, mins is None and zeros is None, packed, _panels(d),
+                   mins=mins, zeros=zeros, perm=perm)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self._packed, self._scales, self._comp, self._mins) if a is not None)
+        parts = (self._packed, self._scales, self._comp, self._mins, self._zeros, self._perm)
+        return sum(a.nbytes for a in parts if a is not None)
 
     def _per_row(self, a):
         # kernel layouts to (N, groups): 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)
@@ -51,35 +107,99 @@ class QuantizedWeight:
 
     @property
     def mins(self):
-        """float16 (N, groups) minima of asymmetric 4-bit weights, else None."""
+        """float16 (N, groups) minima of 4-bit weights stored as ``d * q + m``, else None."""
         return None if self._mins is None else self._per_row(self._mins)
 
-    def int_values(self) -> np.ndarray:
-        """The quantized integers (N, K) in row order: int8 for 8 bits, uint8 0..15 for 4 bits."""
-        if self.bits == 8:
-            return _core.unpack_w8(self._packed, *self.shape)
-        return _core.unpack_w4(self._packed, *self.shape, self.group_size or 0)
+    @property
+    def zeros(self):
+        """uint8 (N, groups) zero points of 4-bit weights stored as ``d * (q - z)``, else None."""
+        return None if self._zeros is None else self._per_row(self._zeros)
 
-    def dequantize(self) -> np.ndarray:
-        """float32 (N, K): the weights the kernels multiply by (``scale * q``, ``d * (q - 8)`` or
-        ``d * q + m``, each in float32)."""
+    @property
+    def perm(self):
+        """The input order of the packed columns (act-order), or None for the natural order."""
+        return self._perm
+
+    def int_values(self, rows=None) -> np.ndarray:
+        """The quantized integers (N, K), or of the given rows (an index or slice), in the packed
+        input order (see ``perm``): int8 for 8 bits, uint8 0..15 for 4 bits."""
         n, k = self.shape
+        rows = slice(None) if rows is None else rows
+        p = self._packed
+        # (panel, k-step, column, byte) -> the selected rows' bytes in k order
+        if self.bits == 8:
+            b = p.reshape(p.shape[0] // 16, -1, 16, 4).transpose(0, 2, 1, 3).reshape(p.shape[0], -1)
+            return np.ascontiguousarray(b[:n][rows, :k])
+        b = p.reshape(p.shape[0] // 16, -1, 16, 4).transpose(0, 2, 1, 3)
+        b = b.reshape(p.shape[0], -1, 4)[:n][rows]
+        q = np.concatenate([b & 0x0F, b >> 4], axis=-1)  # low nibbles k0..3, high k4..7
+        return np.ascontiguousarray(q.reshape(q.shape[0], -1)[:, :k])
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        """float32 (N, K), or the given rows (an index or slice): the weights the kernels multiply
+        by (``scale * q``, ``d * q + m``, ``d * (q - z)``, ``d * (q - 8)``, each in float32), in the
+        original input order."""
+        n, k = self.shape
+        sel = slice(None) if rows is None else rows
+        q = self.int_values(rows).astype(np.float32)
+        r = q.shape[0]
         group = self.group_size or k
-        q = self.int_values().astype(np.float32).reshape(n, k // group, group)
-        d = self.scales.astype(np.float32)[:, :, None]
+        q = q.reshape(r, k // group, group)
+        d = self.scales[sel].astype(np.float32)[:, :, None]
         if self.bits == 8:
             w = q * d
-        elif self.symmetric:
-            w = d * (q - np.float32(8))
+        elif self._mins is not None:
+            w = q * d + self.mins[sel].astype(np.float32)[:, :, None]
+        elif self._zeros is not None:
+            w = d * (q - self.zeros[sel].astype(np.float32)[:, :, None])
         else:
-            w = q * d + self.mins.astype(np.float32)[:, :, None]
-        return w.reshape(n, k)
+            w = d * (q - np.float32(8))
+        w = w.reshape(r, k)
+        if self._perm is None:
+            return w
+        out = np.empty_like(w)
+        out[:, self._perm] = w
+        return out
 
     def __repr__(self):
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
-        sym = "symmetric" if self.symmetric else "asymmetric"
-        return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, {g}, {sym}, "
+        sym = "symmetric" if self.symmetric else "zero points" if self._zeros is not None else "asymmetric"
+        act = ", act-order" if self._perm is not None else ""
+        return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, {g}, {sym}{act}, "
                 f"nbytes={self.nbytes})")
+
+
+def _check_group(group_size, k):
+    """None, or a positive multiple of 32 dividing K (a group of all K is per channel: None)."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+    group_size = int(group_size)
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise ValueError(f"group_size must be a positive multiple of 32 dividing K={k}, got {group_size}")
+    return None if group_size == k else group_size
+
+
+def _group_array(a, what, n, groups, dtype):
+    """An (N, groups) array of `what` as `dtype`, refusing values the conversion would change."""
+    a = np.asarray(a)
+    if a.shape != (n, groups):
+        raise ValueError(f"{what}: expected shape ({n}, {groups}), got {a.shape}")
+    out = a.astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = np.array_equal(out.astype(a.dtype), a, equal_nan=a.dtype.kind == "f")
+    if not same:
+        raise ValueError(f"{what}: values not exactly representable as {np.dtype(dtype).name}")
+    return out
+
+
+def _panels(a):
+    """(N, G) per-row values to the kernels' per-panel layout [Np/16][G][16], zero padded."""
+    n, g = a.shape
+    out = np.zeros((-(-n // 16) * 16, g), a.dtype)
+    out[:n] = a
+    return np.ascontiguousarray(out.reshape(-1, 16, g).transpose(0, 2, 1))
 
 
 def _as_float32_matrix(w, what="w") -> np.ndarray:
@@ -115,15 +235,7 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
         raise ValueError("8-bit weights are symmetric only (symmetric=True)")
     w = _as_float32_matrix(w)
     n, k = w.shape
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
-            raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
-        group_size = int(group_size)
-        if group_size <= 0 or group_size % 32 or k % group_size:
-            raise ValueError(f"group_size must be a positive multiple of 32 dividing K={k}, "
-                             f"got {group_size}")
-        if group_size == k:
-            group_size = None  # one group per row is per-channel
+    group_size = _check_group(group_size, k)
     if bits == 8:
         packed, scales, comp = _core.quantize_w8(w, group_size or 0)
         return QuantizedWeight((n, k), 8, group_size, True, packed, scales, comp=comp)

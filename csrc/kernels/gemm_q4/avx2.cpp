@@ -34,8 +34,11 @@ inline __m256i dot4(__m256i acc, __m256i w_u8, __m256i a_s8) {
 inline __m256 fold(const Q4Args* g, int64_t grp, int64_t col, __m256 I, float A, __m256 f) {
   const int64_t at = (col / kPanel * (g->Kp / g->group) + grp) * kPanel + col % kPanel;
   const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->scales + at)));
-  const __m256 m = g->mins ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->mins + at)))
-                           : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+  const __m256 m =
+      g->mins    ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->mins + at)))
+      : g->zeros ? _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(),
+                       _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(g->zeros + at))))))
+                 : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
   const __m256 term = _mm256_fmadd_ps(d, I, _mm256_mul_ps(m, _mm256_set1_ps(A)));
   return grp == 0 ? term : _mm256_add_ps(f, term);
 }

@@ -29,8 +29,11 @@ inline __mmask16 tail_mask(const Q4Args* g, int64_t panel) {
 inline __m512 fold(const Q4Args* g, int64_t grp, int64_t panel, __m512 I, float A, __m512 f) {
   const int64_t at = (panel * (g->Kp / g->group) + grp) * kPanel;
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->scales + at)));
-  const __m512 m = g->mins ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->mins + at)))
-                           : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+  const __m512 m =
+      g->mins    ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->mins + at)))
+      : g->zeros ? _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(),
+                       _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(g->zeros + at))))))
+                 : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
   const __m512 term = _mm512_fmadd_ps(d, I, _mm512_mul_ps(m, _mm512_set1_ps(A)));
   return grp == 0 ? term : _mm512_add_ps(f, term);
 }
