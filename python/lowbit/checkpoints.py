@@ -1,0 +1,159 @@
+"""GPTQ and AWQ 4-bit checkpoints (the transformers-world layouts) as lowbit weights.
+
+Both store ``W[n, k] = s * (q - z)`` per group of inputs, with int32 words packing eight 4-bit
+values, float16 scales and packed integer zero points:
+
+* GPTQ (AutoGPTQ v1): ``qweight`` int32 [K/8, N], bits 4j..4j+3 of row r hold input k = 8r + j;
+  ``qzeros`` int32 [K/G, N/8] packed along N, storing z - 1; ``scales`` float16 [K/G, N];
+  optional ``g_idx`` int32 [K], the group of each input (act-order). lowbit sorts the inputs by
+  group once, at load, so every group is contiguous for the kernels, and gathers each layer's
+  inputs in that order.
+* AWQ (GEMM): ``qweight`` int32 [K, N/8] packed along N, nibble i of word c holding column
+  8c + [0, 2, 4, 6, 1, 3, 5, 7][i]; ``qzeros`` int32 [K/G, N/8] in the same order, storing z;
+  ``scales`` float16 [K/G, N].
+
+The result keeps the integer zero points, so ``dequantize()`` is exactly ``s * (q - z)`` computed
+in float32 and the kernels multiply by those same weights.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import FormatError
+from .quantize import QuantizedWeight
+
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _int32_matrix(a, what):
+    a = np.asarray(a)
+    if a.ndim != 2 or a.dtype not in (np.int32, np.uint32):
+        raise FormatError(f"{what}: expected a 2-D int32 array, got {a.dtype} of shape {a.shape}")
+    return a.view(np.uint32)
+
+
+def _nibbles(words, axis_order=tuple(range(8))):
+    """uint32 [R, C] -> uint8 [R, C * 8]: nibble i of word c goes to position 8c + axis_order[i]."""
+    out = np.empty(words.shape + (8,), np.uint8)
+    for i, pos in enumerate(axis_order):
+        out[..., pos] = (words >> np.uint32(4 * i)) & np.uint32(0xF)
+    return out.reshape(words.shape[0], -1)
+
+
+def _scales(scales, groups, n, what):
+    s = np.asarray(scales)
+    if s.shape != (groups, n) or s.dtype.kind != "f":
+        raise FormatError(f"{what}: expected float scales of shape ({groups}, {n}), got {s.dtype} "
+                          f"of shape {s.shape}")
+    return s.T
+
+
+def _group_size(k, groups):
+    if groups < 1 or k % groups:
+        raise FormatError(f"scales have {groups} groups, which do not divide K={k}")
+    group = k // groups
+    if groups > 1 and group % 32:
+        raise FormatError(f"group size {group} is not supported: lowbit's 4-bit kernels take "
+                          f"groups of a multiple of 32 (or one per channel)")
+    return None if groups == 1 else group
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight:
+    """A :class:`QuantizedWeight` from one GPTQ (AutoGPTQ v1) layer's tensors; see the module
+    docstring for the layout. Only 4-bit GPTQ is read."""
+    if bits != 4:
+        raise FormatError(f"GPTQ with {bits} bits is not supported; lowbit reads 4-bit GPTQ")
+    qw = _int32_matrix(qweight, "qweight")
+    qz = _int32_matrix(qzeros, "qzeros")
+    k, n = qw.shape[0] * 8, qw.shape[1]
+    groups = qz.shape[0]
+    if qz.shape[1] * 8 != n:
+        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n}, got {qz.shape}")
+    d = _scales(scales, groups, n, "scales")
+    q = np.ascontiguousarray(_nibbles(qw).T)          # [K, N] -> (N, K)
+    z = _nibbles(qz).T.astype(np.int16) + 1           # stored z - 1
+    group = _group_size(k, groups)
+    perm = None
+    if g_idx is not None:
+        g = np.asarray(g_idx)
+        if g.shape != (k,) or g.dtype.kind not in "iu" or g.min() < 0 or g.max() >= groups:
+            raise FormatError(f"g_idx: expected {k} group numbers in 0..{groups - 1}")
+        if not np.array_equal(g, np.arange(k) // (group or k)):
+            if np.any(np.bincount(g, minlength=groups) != k // groups):
+                raise FormatError(f"g_idx: every group must hold {k // groups} inputs")
+            perm = np.argsort(g, kind="stable")
+            q = np.ascontiguousarray(q[:, perm])
+    return QuantizedWeight.from_int(q, d, bits=4, group_size=group, zeros=z, perm=perm)
+
+
+def from_awq(qweight, qzeros, scales) -> QuantizedWeight:
+    """A :class:`QuantizedWeight` from one AWQ (GEMM layout) layer's tensors; see the module
+    docstring for the layout."""
+    qw = _int32_matrix(qweight, "qweight")
+    qz = _int32_matrix(qzeros, "qzeros")
+    k, n = qw.shape[0], qw.shape[1] * 8
+    groups = qz.shape[0]
+    if qz.shape[1] * 8 != n:
+        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n}, got {qz.shape}")
+    d = _scales(scales, groups, n, "scales")
+    q = np.ascontiguousarray(_nibbles(qw, _AWQ_ORDER).T)
+    z = _nibbles(qz, _AWQ_ORDER).T
+    return QuantizedWeight.from_int(q, d, bits=4, group_size=_group_size(k, groups), zeros=z)
+
+
+def _tensors(source) -> dict:
+    """A dict of arrays, or the tensors of a .safetensors file or of every one in a directory."""
+    if isinstance(source, dict):
+        return source
+    path = os.fspath(source)
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+             if os.path.isdir(path) else [path])
+    if not files:
+        raise FormatError(f"{path}: no .safetensors files")
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    out = {}
+    for f in files:
+        try:
+            out.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _load(source, build, parts) -> dict:
+    tensors = _tensors(source)
+    out = {}
+    used = set()
+    for key in tensors:
+        if not key.endswith(".qweight"):
+            continue
+        prefix = key[: -len(".qweight")]
+        names = {p: f"{prefix}.{p}" for p in parts}
+        missing = [p for p in ("qzeros", "scales") if names[p] not in tensors]
+        if missing:
+            raise FormatError(f"layer {prefix!r}: missing {', '.join(missing)}")
+        args = {p: tensors[names[p]] for p in parts if names[p] in tensors}
+        try:
+            out[prefix] = build(**args)
+        except FormatError as e:
+            raise FormatError(f"layer {prefix!r}: {e}") from None
+        used.update(names.values())
+        used.add(key)
+    out.update({k: v for k, v in tensors.items() if k not in used})
+    return out
+
+
+def load_gptq(source) -> dict:
+    """Every layer of a 4-bit GPTQ checkpoint (a .safetensors file, a directory of them, or a dict
+    of arrays) as a :class:`QuantizedWeight` under its prefix (``...q_proj``); the other tensors
+    (biases, embeddings, norms) come back as arrays under their own names."""
+    return _load(source, lambda qweight, qzeros, scales, g_idx=None: from_gptq(
+        qweight, qzeros, scales, g_idx), ("qweight", "qzeros", "scales", "g_idx"))
+
+
+def load_awq(source) -> dict:
+    """Like :func:`load_gptq`, for AWQ (GEMM layout) checkpoints."""
+    return _load(source, from_awq, ("qweight", "qzeros", "scales"))

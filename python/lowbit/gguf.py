@@ -1,0 +1,185 @@
+"""GGUF files (llama.cpp's format): key/value metadata and tensors, read memory-mapped.
+
+Every count, size and offset in the header is checked against the file before it is used, so a
+truncated or lying file raises :class:`lowbit.FormatError` instead of reading past its end or
+allocating what the header claims.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from . import _core
+from .errors import FormatError
+from .quantize import QuantizedWeight
+
+# GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+          11: "<i8", 12: "<f8"}
+
+# ggml tensor types by number (names as llama.cpp spells them), and (block, bytes) of those read.
+_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
+               16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+               22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+               29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
+           "Q8_0": (32, 34)}
+_MAX_DEPTH = 4  # arrays of arrays
+
+
+class _Cursor:
+    """Little-endian reads from a buffer, each checked against its end."""
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, n: int) -> int:
+        """Reserves n bytes, returns where they start."""
+        at = self.pos
+        if n < 0 or at + n > len(self.buf):
+            raise FormatError(f"GGUF file truncated: {n} bytes needed at offset {at}, "
+                              f"the file has {len(self.buf)}")
+        self.pos = at + n
+        return at
+
+    def scalar(self, fmt: str):
+        size = struct.calcsize(fmt)
+        return struct.unpack_from(fmt, self.buf, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        at = self.take(n)
+        try:
+            return bytes(self.buf[at:at + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"GGUF string at offset {at} is not UTF-8") from None
+
+    def value(self, vtype: int, depth: int = 0):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY or depth >= _MAX_DEPTH:
+            raise FormatError(f"GGUF value type {vtype} at offset {self.pos} is not a known type")
+        itype, count = self.scalar("<I"), self.scalar("<Q")
+        if itype in _SCALARS:
+            dt = np.dtype(_NUMPY[itype])
+            at = self.take(count * dt.itemsize)
+            return np.frombuffer(self.buf, dt, count, at).tolist()
+        # strings and arrays take at least 8 bytes each: refuse counts the file cannot hold
+        if count * 8 > len(self.buf) - self.pos:
+            raise FormatError(f"GGUF array of {count} items at offset {self.pos} exceeds the file")
+        return [self.value(itype, depth + 1) for _ in range(count)]
+
+
+class _File:
+    """A parsed GGUF header over a read-only memory map of the file."""
+
+    def __init__(self, path):
+        with open(os.fspath(path), "rb") as f:
+            try:
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file cannot be mapped
+                raise FormatError(f"{os.fspath(path)}: empty file, not GGUF") from None
+        c = _Cursor(self.map)
+        if len(self.map) < 4 or self.map[:4] != b"GGUF":
+            raise FormatError(f"{os.fspath(path)}: not a GGUF file (no GGUF magic)")
+        c.take(4)
+        version = c.scalar("<I")
+        if version not in (2, 3):
+            raise FormatError(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+        # every key/value takes >= 12 bytes and every tensor info >= 24: check before looping
+        if n_kv * 12 + n_tensors * 24 > len(self.map):
+            raise FormatError(f"GGUF header claims {n_tensors} tensors and {n_kv} values, more "
+                              f"than a {len(self.map)}-byte file can hold")
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = c.string()
+            self.metadata[key] = c.value(c.scalar("<I"))
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise FormatError(f"GGUF general.alignment must be a power of two, got {align!r}")
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            n_dims = c.scalar("<I")
+            if not 1 <= n_dims <= 4:
+                raise FormatError(f"GGUF tensor {name!r}: {n_dims} dimensions (1 to 4 expected)")
+            dims = [c.scalar("<Q") for _ in range(n_dims)]
+            infos.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
+        data = -(-c.pos // align) * align
+        self.tensors = {}
+        for name, dims, ttype, offset in infos:
+            type_name = _TYPE_NAMES.get(ttype, f"type {ttype}")
+            count = int(np.prod(dims, dtype=object))
+            nbytes = None
+            if type_name in _BLOCKS:
+                block, size = _BLOCKS[type_name]
+                if dims[0] % block:
+                    raise FormatError(f"GGUF tensor {name!r}: rows of {dims[0]} are not whole "
+                                      f"{type_name} blocks of {block}")
+                nbytes = count // block * size
+                if offset % align or data + offset + nbytes > len(self.map):
+                    raise FormatError(f"GGUF tensor {name!r}: {nbytes} bytes at offset {offset} "
+                                      f"lie outside the {len(self.map)}-byte file or off alignment")
+            if name in self.tensors:
+                raise FormatError(f"GGUF tensor {name!r} appears twice")
+            # numpy order: the last GGUF dimension first
+            self.tensors[name] = (type_name, tuple(reversed(dims)), data + offset, nbytes)
+
+    def raw(self, name):
+        """(type name, numpy shape, uint8 rows of the tensor's bytes: a view of the file)."""
+        type_name, shape, at, nbytes = self.tensors[name]
+        if nbytes is None:
+            raise FormatError(f"GGUF tensor {name!r} has type {type_name}; lowbit reads F32, F16, "
+                              f"BF16, Q4_0, Q4_1 and Q8_0")
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        return type_name, shape, np.frombuffer(self.map, np.uint8, nbytes, at).reshape(rows, -1)
+
+
+def gguf_metadata(path) -> dict:
+    """The key/value metadata of a GGUF file (architecture, sizes, tokenizer, ...) as plain Python
+    values: ints, floats, bools, strings and lists of them."""
+    return _File(path).metadata
+
+
+def load_gguf(path) -> dict:
+    """Tensors of a GGUF file by name, read from a memory map of the file.
+
+    Q4_0, Q4_1 and Q8_0 matrices become :class:`QuantizedWeight` s (group size 32) that run on
+    lowbit's kernels; ``qw.dequantize()`` equals the gguf package's reference dequantization bit
+    for bit. F32 and F16 tensors come back as read-only arrays viewing the file, BF16 as float32
+    arrays. Any other type raises :class:`lowbit.FormatError` naming it.
+    """
+    f = _File(path)
+    out = {}
+    for name in f.tensors:
+        type_name, shape, raw = f.raw(name)
+        if type_name in ("F32", "F16"):
+            out[name] = raw.reshape(-1).view("<f4" if type_name == "F32" else "<f2").reshape(shape)
+        elif type_name == "BF16":
+            bits = raw.reshape(-1).view("<u2").astype(np.uint32) << 16
+            out[name] = bits.view(np.float32).reshape(shape)
+        else:
+            if len(shape) != 2:
+                raise FormatError(f"GGUF tensor {name!r}: {type_name} tensors must be 2-D "
+                                  f"matrices, got shape {shape}")
+            n, k = shape
+            if type_name == "Q8_0":
+                packed, scales, comp = _core.gguf_q8_0(raw, k)
+                out[name] = QuantizedWeight((n, k), 8, 32 if k > 32 else None, True, packed,
+                                            scales, comp=comp)
+            else:
+                packed, scales, mins = _core.gguf_q4(raw, k, type_name == "Q4_1")
+                out[name] = QuantizedWeight((n, k), 4, 32 if k > 32 else None, mins is None,
+                                            packed, scales, mins=mins)
+    return out
