@@ -124,16 +124,12 @@ class QuantizedWeight:
         """The quantized integers (N, K), or of the given rows (an index or slice), in the packed
         input order (see ``perm``): int8 for 8 bits, uint8 0..15 for 4 bits."""
         n, k = self.shape
-        rows = slice(None) if rows is None else rows
-        p = self._packed
-        # (panel, k-step, column, byte) -> the selected rows' bytes in k order
-        if self.bits == 8:
-            b = p.reshape(p.shape[0] // 16, -1, 16, 4).transpose(0, 2, 1, 3).reshape(p.shape[0], -1)
-            return np.ascontiguousarray(b[:n][rows, :k])
-        b = p.reshape(p.shape[0] // 16, -1, 16, 4).transpose(0, 2, 1, 3)
-        b = b.reshape(p.shape[0], -1, 4)[:n][rows]
-        q = np.concatenate([b & 0x0F, b >> 4], axis=-1)  # low nibbles k0..3, high k4..7
-        return np.ascontiguousarray(q.reshape(q.shape[0], -1)[:, :k])
+        r = np.atleast_1d(np.arange(n)[slice(None) if rows is None else rows])
+        # (panel, k block, column, byte): the selected rows' bytes in k order, rows gathered first
+        b = self._packed.reshape(-1, self._packed.shape[1] * 16 // 64, 16, 4)[r // 16, :, r % 16]
+        if self.bits == 4:  # low nibbles k0..3, high k4..7
+            b = np.concatenate([b & 0x0F, b >> 4], axis=-1)
+        return np.ascontiguousarray(b.reshape(len(r), -1)[:, :k])
 
     def dequantize(self, rows=None) -> np.ndarray:
         """float32 (N, K), or the given rows (an index or slice): the weights the kernels multiply
