@@ -15,6 +15,14 @@ Modes: "float" (numpy float32), "int8" (lb.Linear, INT8 weights, dynamic int8 ac
 "int4" (lb.Linear, INT4 weights in groups of 32 with a minimum, like GGUF Q4_1, int8 activations).
 The quantized modes keep no float copy of the linear weights; embeddings and LayerNorms stay float32.
 
+Activation outliers: a few hidden channels (and the [CLS] row) carry values ~20x the row's RMS, which
+costs per-row int8 activations most of their resolution. The quantized modes therefore smooth each
+linear layer's inputs as SmoothQuant does (alpha = 0.5): input channel j is divided by
+s_j = sqrt(max|x_j| / max|W_:,j|) and the weight column multiplied by it, which leaves x @ W.T
+unchanged in exact arithmetic. max|x_j| is measured once, at construction, by the float model on the
+built-in CALIBRATION sentences; the division is fused into whatever produces x (LayerNorm, attention,
+GELU), so it costs no extra pass over memory.
+
 Threads: lowbit layers run on lowbit's pool (lb.set_num_threads). numpy runs one thread per ufunc,
 so the rest (attention, LayerNorm, GELU, and the float32 matmuls) is split into row blocks over a
 pool of `threads` Python threads (numpy releases the GIL) with BLAS held at one thread meanwhile
@@ -37,6 +45,18 @@ import lowbit as lb
 
 MODES = ("float", "int8", "int4")
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
+
+# Text the activation ranges for smoothing are measured on (independent of any evaluation data).
+CALIBRATION = (
+    "The weather was mild for the time of year.",
+    "He opened the window and listened to the traffic below.",
+    "How much does a ticket to the concert cost?",
+    "Prices rose 4% in the second quarter.",
+    "She fixed the bug by rewriting the parser.",
+    "We walked along the river until it got dark.",
+    "Bonjour tout le monde.",
+    "Yes.",
+)
 
 # Row blocks for the elementwise work, sized so a block and its temporaries stay in L2.
 _GELU_ROWS = 64          # x 1536 floats
@@ -95,7 +115,9 @@ def _gelu_inplace(h):
 
 
 # --- the numpy parts of a block, each spread over row blocks with `parallel` ---------------------
-def _attention(qkv, lengths, out, heads, parallel):
+# in_scale: the smoothing factor the next linear layer expects on its input (None: 1), applied while
+# the output block is still in cache.
+def _attention(qkv, lengths, out, heads, parallel, in_scale=None):
     """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B, S, hidden).
 
     The query weights carry the 1 / sqrt(head_dim) scale. Each sequence attends only to its first
@@ -116,16 +138,22 @@ def _attention(qkv, lengths, out, heads, parallel):
         np.exp(s, out=s)
         ctx = s.transpose(0, 2, 1) @ v
         ctx /= s.sum(axis=1)[:, :, None]  # normalize the (query, d) result, not the scores
-        out[b, :n] = ctx.transpose(1, 0, 2).reshape(n, hidden)
+        ctx = ctx.transpose(1, 0, 2).reshape(n, hidden)
+        if in_scale is None:
+            out[b, :n] = ctx
+        else:
+            np.multiply(ctx, in_scale, out=out[b, :n])
         out[b, n:] = 0.0
 
     parallel(sequence, len(qkv), 1)
 
 
-def _add_layer_norm(x, r, ln, parallel):
-    """x = LayerNorm(x + r) (r may be None) in place, over the last axis; ln = (gamma, beta, eps)."""
+def _add_layer_norm(x, r, ln, parallel, in_scale=None):
+    """x = LayerNorm(x + r) in place (r may be None), over the last axis; ln = (gamma, beta, eps).
+    Returns x * in_scale, a new array, or x itself when in_scale is None."""
     gamma, beta, eps = ln
     mean_weights = np.full(x.shape[1], 1.0 / x.shape[1], np.float32)
+    scaled = x if in_scale is None else np.empty_like(x)
 
     def block(lo, hi):
         y = x[lo:hi]
@@ -136,13 +164,22 @@ def _add_layer_norm(x, r, ln, parallel):
         y *= (1.0 / np.sqrt(var + eps))[:, None]
         y *= gamma
         y += beta
+        if in_scale is not None:
+            np.multiply(y, in_scale, out=scaled[lo:hi])
 
     parallel(block, len(x), _LAYER_NORM_ROWS)
+    return scaled
 
 
-def _gelu(h, parallel):
-    """h = GELU(h) in place."""
-    parallel(lambda lo, hi: _gelu_inplace(h[lo:hi]), len(h), _GELU_ROWS)
+def _gelu(h, parallel, in_scale=None):
+    """h = GELU(h) * in_scale in place."""
+
+    def block(lo, hi):
+        _gelu_inplace(h[lo:hi])
+        if in_scale is not None:
+            h[lo:hi] *= in_scale
+
+    parallel(block, len(h), _GELU_ROWS)
 
 
 class FloatLinear:
@@ -167,23 +204,32 @@ class FloatLinear:
 
 
 class _Block:
-    """One encoder layer's weights. Q, K and V are one fused layer (N = 3 * hidden): quantization is
-    per output row (INT8) or per group of 32 inputs within a row (INT4), and activations per input
-    row, so fusing gives the same numbers as three layers, in one call."""
+    """One encoder layer: its linear layers (FloatLinear or lb.Linear), LayerNorms and, in the
+    quantized modes, the smoothing factor each linear layer expects on its input (in_scale).
+
+    Q, K and V are one fused layer (N = 3 * hidden): quantization is per output row (INT8) or per
+    group of 32 inputs within a row (INT4), and activations per input row, so fusing gives the same
+    numbers as three layers, in one call."""
+
+    LINEARS = ("qkv", "attn_out", "inter", "out")
 
     def __init__(self, qkv, attn_out, ln1, inter, out, ln2):
         self.qkv, self.attn_out, self.ln1 = qkv, attn_out, ln1
         self.inter, self.out, self.ln2 = inter, out, ln2
+        self.in_scale = dict.fromkeys(self.LINEARS)
 
     @property
     def linears(self):
-        return (self.qkv, self.attn_out, self.inter, self.out)
+        return tuple(getattr(self, name) for name in self.LINEARS)
 
 
 class MiniLM:
-    """all-MiniLM-L6-v2: encode(sentences) -> float32 (n, 384) unit vectors, like sentence-transformers."""
+    """all-MiniLM-L6-v2: encode(sentences) -> float32 (n, 384) unit vectors, like sentence-transformers.
 
-    def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None):
+    threads: Python threads for the numpy work (default lb.get_num_threads()). smooth: SmoothQuant
+    the quantized modes' activations (see the module docstring)."""
+
+    def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None, smooth=True):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -208,27 +254,22 @@ class MiniLM:
         self._token_type = w["embeddings.token_type_embeddings.weight"]
         self._embed_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
 
-        scale = 1.0 / math.sqrt(self.hidden // self.heads)  # folded into the query weights
-        self.float_nbytes = 0  # bytes of the linear layers in float32
+        scale = np.float32(1.0 / math.sqrt(self.hidden // self.heads))  # folded into the queries
         self._blocks = []
         for i in range(config["num_hidden_layers"]):
             def params(name, p=f"encoder.layer.{i}."):
                 return w[p + name + ".weight"], w[p + name + ".bias"]
 
-            def dense(weight, bias):
-                self.float_nbytes += weight.nbytes + bias.nbytes
-                return self._linear(weight, bias)
-
             q, k, v = (params("attention.self." + n) for n in ("query", "key", "value"))
             self._blocks.append(_Block(
-                qkv=dense(np.concatenate([q[0] * np.float32(scale), k[0], v[0]]),
-                          np.concatenate([q[1] * np.float32(scale), k[1], v[1]])),
-                attn_out=dense(*params("attention.output.dense")),
+                qkv=FloatLinear(np.concatenate([q[0] * scale, k[0], v[0]]),
+                                np.concatenate([q[1] * scale, k[1], v[1]])),
+                attn_out=FloatLinear(*params("attention.output.dense")),
                 ln1=(*params("attention.output.LayerNorm"), eps),
-                inter=dense(*params("intermediate.dense")),
-                out=dense(*params("output.dense")),
+                inter=FloatLinear(*params("intermediate.dense")),
+                out=FloatLinear(*params("output.dense")),
                 ln2=(*params("output.LayerNorm"), eps)))
-        self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
+        del w
 
         self.threads = threads or lb.get_num_threads()
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -238,12 +279,32 @@ class MiniLM:
         except ImportError:
             self._blas = None
 
-    def _linear(self, w, b):
-        if self.mode == "float":
-            return FloatLinear(w, b)
-        if self.mode == "int8":
-            return lb.Linear(w, b, bits=8)
-        return lb.Linear(w, b, bits=4, group_size=32, symmetric=False)
+        self._ranges = None  # while calibrating: {float layer: largest |input| per channel}
+        self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
+        if mode != "float":
+            self._quantize(smooth)
+        self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
+
+    def _quantize(self, smooth):
+        """Replace every FloatLinear by an lb.Linear, smoothed with ranges measured on CALIBRATION."""
+        if smooth:
+            self._ranges = {}
+            for sentence in CALIBRATION:  # one at a time: no padding rows in the ranges
+                self.encode([sentence])
+            ranges, self._ranges = self._ranges, None
+        for blk in self._blocks:
+            for name in _Block.LINEARS:
+                f = getattr(blk, name)
+                w = f.weight
+                if smooth:
+                    s = np.sqrt(np.maximum(ranges[f], 1e-5) / np.maximum(np.abs(w).max(0), 1e-5))
+                    w = w * s
+                    blk.in_scale[name] = (1.0 / s).astype(np.float32)
+                if self.mode == "int8":
+                    layer = lb.Linear(w, f.bias, bits=8)
+                else:
+                    layer = lb.Linear(w, f.bias, bits=4, group_size=32, symmetric=False)
+                setattr(blk, name, layer)
 
     def _parallel(self, fn, n, step):
         """fn(lo, hi) over [lo, hi) blocks of `step` covering [0, n), on the worker threads."""
@@ -259,6 +320,9 @@ class MiniLM:
         """layer(x): lowbit layers on lowbit's threads, float ones in row blocks on the workers."""
         if not isinstance(layer, FloatLinear):
             return layer(x)
+        if self._ranges is not None:
+            r = np.abs(x).max(0)
+            self._ranges[layer] = np.maximum(self._ranges.get(layer, r), r)
         y = np.empty((len(x), layer.out_features), np.float32)
 
         def block(lo, hi):
@@ -293,24 +357,30 @@ class MiniLM:
         with blas:
             x = self._word[ids] + self._position[:s] + self._token_type[token_type_ids]
             x = x.reshape(b * s, self.hidden)
-            _add_layer_norm(x, None, self._embed_ln, self._parallel)
-            for blk in self._blocks:
-                x = self._block(blk, x, lengths, b, s)
+            x_in = _add_layer_norm(x, None, self._embed_ln, self._parallel,
+                                   self._blocks[0].in_scale["qkv"])
+            for i, blk in enumerate(self._blocks):
+                last = i + 1 == len(self._blocks)
+                next_scale = None if last else self._blocks[i + 1].in_scale["qkv"]
+                x, x_in = self._block(blk, x, x_in, next_scale, lengths, b, s)
         mask = attention_mask[:, :, None].astype(np.float32)
         pooled = (x.reshape(b, s, self.hidden) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
-    def _block(self, blk, x, lengths, b, s):
-        qkv = self._dense(blk.qkv, x)
+    def _block(self, blk, x, x_in, next_scale, lengths, b, s):
+        """One encoder layer on x (B * S, hidden); x_in is x as the QKV layer expects it (smoothed).
+        Returns the output and the output as the next block's QKV layer expects it."""
+        qkv = self._dense(blk.qkv, x_in)
         ctx = np.empty_like(x)
-        _attention(qkv.reshape(b, s, -1), lengths, ctx.reshape(b, s, -1), self.heads, self._parallel)
+        _attention(qkv.reshape(b, s, -1), lengths, ctx.reshape(b, s, -1), self.heads,
+                   self._parallel, blk.in_scale["attn_out"])
         a = self._dense(blk.attn_out, ctx)
-        _add_layer_norm(a, x, blk.ln1, self._parallel)
-        h = self._dense(blk.inter, a)
-        _gelu(h, self._parallel)
+        a_in = _add_layer_norm(a, x, blk.ln1, self._parallel, blk.in_scale["inter"])
+        h = self._dense(blk.inter, a_in)
+        _gelu(h, self._parallel, blk.in_scale["out"])
         y = self._dense(blk.out, h)
-        _add_layer_norm(y, a, blk.ln2, self._parallel)
-        return y
+        y_in = _add_layer_norm(y, a, blk.ln2, self._parallel, next_scale)
+        return y, y_in
 
     def encode(self, sentences, batch_size=32) -> np.ndarray:
         """float32 (n, hidden) unit vectors. Like sentence-transformers, batches are formed by
