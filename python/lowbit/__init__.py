@@ -12,11 +12,13 @@ from .kernels import gemm_s8, pack_int4, unpack_int4
 from .errors import FormatError
 from .gguf import gguf_metadata, load_gguf
 from .checkpoints import from_awq, from_gptq, load_awq, load_gptq
+from .io import load, save
 
 __all__ = [
     "__version__", "cpu_info", "get_num_threads", "set_num_threads", "use_isa",
     "QuantizedWeight", "quantize", "Linear", "matmul", "gemm_s8", "pack_int4", "unpack_int4",
     "FormatError", "gguf_metadata", "load_gguf", "from_gptq", "from_awq", "load_gptq", "load_awq",
+    "save", "load",
 ]
 
 # Resolve the kernel table now, so that a bad LOWBIT_ISA fails at import with the list of choices.
