@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "dispatch.h"
 #include "ops.h"
@@ -326,6 +327,56 @@ py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
   return out;
 }
 
+// x: float32 (..., n) with contiguous rows; returns (rows, n) views' shapes as given.
+// x: C-contiguous float32; out: None (a new array) or a writeable array of x's shape (may be x).
+py::array gelu_py(const py::array& x, py::object out) {
+  if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style))
+    throw py::type_error("gelu: expected a C-contiguous float32 array");
+  py::array y = out.is_none() ? py::array_t<float>(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()))
+                              : out.cast<py::array>();
+  if (!y.dtype().is(py::dtype::of<float>()) || !(y.flags() & py::array::c_style) || !y.writeable() ||
+      y.size() != x.size())
+    throw py::value_error("gelu: out must be a writeable C-contiguous float32 array of x's size");
+  {
+    py::gil_scoped_release nogil;
+    gelu(cptr<float>(x), (float*)y.mutable_data(), (int64_t)x.size());
+  }
+  return y;
+}
+
+py::array_t<float> layer_norm_py(const py::array& x, const py::object& r, const py::array& w,
+                                 const py::object& b, float eps, bool rms) {
+  check<float>(x, "x", {-1, -1}, true);
+  const int64_t rows = x.shape(0), n = x.shape(1);
+  check<float>(w, "weight", {n});
+  const float* rp = nullptr;
+  if (!r.is_none()) {
+    check<float>(r.cast<py::array>(), "residual", {rows, n});
+    rp = cptr<float>(r.cast<py::array>());
+  }
+  const float* bp = nullptr;
+  if (!rms) {
+    check<float>(b.cast<py::array>(), "bias", {n});
+    bp = cptr<float>(b.cast<py::array>());
+  }
+  py::array_t<float> y({rows, n});
+  const int64_t ld = rows > 1 ? x.strides(0) / (int64_t)sizeof(float) : n;
+  {
+    py::gil_scoped_release nogil;
+    layer_norm(cptr<float>(x), rp, ld, cptr<float>(w), bp, eps, rms, rows, n, y.mutable_data());
+  }
+  return y;
+}
+
+void softmax_py(py::array& x) {
+  if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
+    throw py::type_error("softmax: expected a writeable C-contiguous float32 array");
+  if (x.ndim() == 0 || x.size() == 0) return;
+  const int64_t n = x.shape(x.ndim() - 1);
+  py::gil_scoped_release nogil;
+  softmax((float*)x.mutable_data(), (int64_t)x.size() / n, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -379,5 +430,9 @@ PYBIND11_MODULE(_core, m) {
     return read_bandwidth(cptr<uint8_t>(buf), buf.shape(0), repeats);
   }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
+  m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"));
+  m.def("layer_norm", &layer_norm_py, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"), py::arg("rms"));
+  m.def("softmax_", &softmax_py, py::arg("x"));
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
 }

@@ -117,6 +117,14 @@ struct Kernels {
   int64_t (*pack_int4)(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
   void (*unpack_int4)(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
 
+  // Float helpers of lowbit.nn (kernels/nn.cpp), bit-identical on every ISA. GELU (erf form) of n
+  // values; rows of (x [+ r]) normalised: LayerNorm (x - mean) / sqrt(var + eps) * w + b, or RMSNorm
+  // (rms) x / sqrt(mean(x^2) + eps) * w; x rows ld apart, r and y dense; softmax of rows in place.
+  void (*gelu)(const float* x, float* y, int64_t n);
+  void (*layer_norm)(const float* x, const float* r, int64_t ld, const float* w, const float* b,
+                     float eps, bool rms, int64_t rows, int64_t n, float* y);
+  void (*softmax)(float* x, int64_t rows, int64_t n);
+
   // Benchmark probes: `iters` rounds of independent int8 dot instructions (returns the int8
   // multiply-adds done), and a read of n bytes (returns a checksum so it is not optimised away).
   int64_t (*dot_peak)(int64_t iters);

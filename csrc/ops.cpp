@@ -336,6 +336,34 @@ void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape&
   });
 }
 
+// Element-wise work below this size stays on the caller's thread.
+constexpr int64_t kSerialElems = 1 << 15;
+
+void gelu(const float* x, float* y, int64_t n) {
+  const Kernels& kt = kernels();
+  if (n < kSerialElems) return kt.gelu(x, y, n);
+  constexpr int64_t chunk = 4096;
+  parallel_for((n + chunk - 1) / chunk, [&](int64_t c0, int64_t c1) {
+    const int64_t e = c1 * chunk < n ? c1 * chunk : n;
+    kt.gelu(x + c0 * chunk, y + c0 * chunk, e - c0 * chunk);
+  });
+}
+
+void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
+                float eps, bool rms, int64_t rows, int64_t n, float* y) {
+  const Kernels& kt = kernels();
+  if (rows * n < kSerialElems) return kt.layer_norm(x, r, ld, w, b, eps, rms, rows, n, y);
+  parallel_for(rows, [&](int64_t m0, int64_t m1) {
+    kt.layer_norm(x + m0 * ld, r ? r + m0 * n : nullptr, ld, w, b, eps, rms, m1 - m0, n, y + m0 * n);
+  });
+}
+
+void softmax(float* x, int64_t rows, int64_t n) {
+  const Kernels& kt = kernels();
+  if (rows * n < kSerialElems) return kt.softmax(x, rows, n);
+  parallel_for(rows, [&](int64_t m0, int64_t m1) { kt.softmax(x + m0 * n, m1 - m0, n); });
+}
+
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out) {
   return kernels().pack_int4(q, out, n_out);
 }

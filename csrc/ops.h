@@ -61,6 +61,12 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const float* bias, const Q4Shape& s,
                bool int8_activations, float* y);
 
+// lowbit.nn helpers over the thread pool when large (Kernels::gelu, layer_norm, softmax).
+void gelu(const float* x, float* y, int64_t n);
+void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
+                float eps, bool rms, int64_t rows, int64_t n, float* y);
+void softmax(float* x, int64_t rows, int64_t n);
+
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
 void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);
 

@@ -20,13 +20,13 @@ costs per-row int8 activations most of their resolution. The quantized modes the
 linear layer's inputs as SmoothQuant does (alpha = 0.5): input channel j is divided by
 s_j = sqrt(max|x_j| / max|W_:,j|) and the weight column multiplied by it, which leaves x @ W.T
 unchanged in exact arithmetic. max|x_j| is measured once, at construction, by the float model on the
-built-in CALIBRATION sentences; the division is fused into whatever produces x (LayerNorm, attention,
-GELU), so it costs no extra pass over memory.
+built-in CALIBRATION sentences. The division is applied to the LayerNorm / GELU output that feeds the
+layer, or folded into the value weights (for the attention output).
 
-Threads: lowbit layers run on lowbit's pool (lb.set_num_threads). numpy runs one thread per ufunc,
-so the rest (attention, LayerNorm, GELU, and the float32 matmuls) is split into row blocks over a
-pool of `threads` Python threads (numpy releases the GIL) with BLAS held at one thread meanwhile
-(through threadpoolctl when it is installed; otherwise set OPENBLAS_NUM_THREADS=1).
+Threads: lowbit layers and lb.nn's GELU and LayerNorm run on lowbit's pool (lb.set_num_threads).
+The attention and the float mode's matmuls are numpy: they are split into sequences / row blocks
+over a pool of `threads` Python threads (numpy releases the GIL) with BLAS held at one thread
+meanwhile (through threadpoolctl when it is installed; otherwise set OPENBLAS_NUM_THREADS=1).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 import lowbit as lb
+from lowbit import nn
 
 MODES = ("float", "int8", "int4")
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
@@ -58,9 +59,9 @@ CALIBRATION = (
     "Yes.",
 )
 
-# Row blocks for the elementwise work, sized so a block and its temporaries stay in L2.
-_GELU_ROWS = 64          # x 1536 floats
-_LAYER_NORM_ROWS = 256   # x 384 floats
+# Smallest sum of a query's exp(scores) trusted without the max shift: its largest weight is then
+# >= 1e-20 / S, far from float32's denormals, so the weights that matter keep full precision.
+_MIN_EXP_SUM = 1e-20
 
 
 def default_model_dir() -> Path:
@@ -72,57 +73,16 @@ def default_model_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-# --- exact GELU -------------------------------------------------------------------------------
-# Abramowitz & Stegun 7.1.26: for a >= 0, erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2)
-# with t = 1 / (1 + p a), absolute error <= 1.5e-7. The coefficients are halved (a5 first) so that
-# _half_erfc returns erfc / 2, the quantity GELU needs.
-_AS_P = 0.3275911
-_AS_HALF_A = tuple(0.5 * c for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
-
-
-def _half_erfc(a, s):
-    """erfc(s * a) / 2 for a float32 array a >= 0, in float32 (no float64 temporaries)."""
-    t = a * (_AS_P * s)
-    t += 1.0
-    np.reciprocal(t, out=t)
-    y = t * _AS_HALF_A[0]
-    for c in _AS_HALF_A[1:]:
-        y += c
-        y *= t
-    e = a * (-s * s)
-    e *= a
-    np.exp(e, out=e)
-    y *= e
-    return y
-
-
-def erf(x) -> np.ndarray:
-    """float32 erf, absolute error below 1e-6 (numpy has none; scipy's computes in float64, slower)."""
-    x = np.asarray(x, dtype=np.float32)
-    y = _half_erfc(np.abs(x), 1.0)
-    y *= -2.0
-    y += 1.0
-    return np.copysign(y, x, out=y)
-
-
-def _gelu_inplace(h):
-    """h = h * Phi(h) (exact, erf-based GELU), written as max(h, 0) - |h| erfc(|h| / sqrt 2) / 2."""
-    a = np.abs(h)
-    y = _half_erfc(a, math.sqrt(0.5))
-    y *= a
-    np.maximum(h, 0.0, out=h)
-    h -= y
-
-
-# --- the numpy parts of a block, each spread over row blocks with `parallel` ---------------------
-# in_scale: the smoothing factor the next linear layer expects on its input (None: 1), applied while
-# the output block is still in cache.
-def _attention(qkv, lengths, out, heads, parallel, in_scale=None):
+# --- the float parts of a block --------------------------------------------------------------
+# in_scale: the smoothing factor the next linear layer expects on its input (None: 1; the
+# attention output's is folded into the value weights).
+def _attention(qkv, lengths, out, heads, parallel):
     """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B, S, hidden).
 
-    The query weights carry the 1 / sqrt(head_dim) scale. Each sequence attends only to its first
-    `lengths[b]` keys, which is exactly BERT's additive mask (a masked key's softmax weight,
-    exp(-inf), is 0); rows of padding get 0 (they are never pooled)."""
+    The query weights carry the 1 / sqrt(head_dim) scale (and the value weights the next layer's
+    smoothing). Each sequence attends only to its first `lengths[b]` keys, which is exactly BERT's
+    additive mask (a masked key's softmax weight, exp(-inf), is 0); rows of padding get 0 (they
+    are never pooled)."""
     hidden = out.shape[-1]
     d = hidden // heads
 
@@ -134,52 +94,30 @@ def _attention(qkv, lengths, out, heads, parallel, in_scale=None):
         # Scores as (head, key, query): the softmax reductions then run across rows, which numpy
         # vectorizes, instead of along short rows, which it does not.
         s = k @ q.transpose(0, 2, 1)
-        s -= s.max(axis=1, keepdims=True)
-        np.exp(s, out=s)
+        # Softmax without subtracting the maximum first (two passes fewer): redone with it in the
+        # rare case where exp overflows or a query's weights all but underflow.
+        with np.errstate(over="ignore"):
+            np.exp(s, out=s)
+        sums = s.sum(axis=1)
+        if not (np.isfinite(sums).all() and sums.min() > _MIN_EXP_SUM):
+            s = k @ q.transpose(0, 2, 1)
+            s -= s.max(axis=1, keepdims=True)
+            np.exp(s, out=s)
+            sums = s.sum(axis=1)
         ctx = s.transpose(0, 2, 1) @ v
-        ctx /= s.sum(axis=1)[:, :, None]  # normalize the (query, d) result, not the scores
-        ctx = ctx.transpose(1, 0, 2).reshape(n, hidden)
-        if in_scale is None:
-            out[b, :n] = ctx
-        else:
-            np.multiply(ctx, in_scale, out=out[b, :n])
+        ctx /= sums[:, :, None]  # normalize the (query, d) result, not the scores
+        out[b, :n] = ctx.transpose(1, 0, 2).reshape(n, hidden)
         out[b, n:] = 0.0
 
     parallel(sequence, len(qkv), 1)
 
 
-def _add_layer_norm(x, r, ln, parallel, in_scale=None):
-    """x = LayerNorm(x + r) in place (r may be None), over the last axis; ln = (gamma, beta, eps).
-    Returns x * in_scale, a new array, or x itself when in_scale is None."""
+def _add_layer_norm(x, r, ln, in_scale=None):
+    """(LayerNorm(x + r), that times in_scale or None); r may be None; ln = (gamma, beta, eps).
+    lb.nn's LayerNorm is C++, threaded and fused with the residual add."""
     gamma, beta, eps = ln
-    mean_weights = np.full(x.shape[1], 1.0 / x.shape[1], np.float32)
-    scaled = x if in_scale is None else np.empty_like(x)
-
-    def block(lo, hi):
-        y = x[lo:hi]
-        if r is not None:
-            y += r[lo:hi]
-        y -= (y @ mean_weights)[:, None]  # row means as a matrix-vector product: faster than .mean
-        var = np.einsum("ij,ij->i", y, y) / y.shape[1]
-        y *= (1.0 / np.sqrt(var + eps))[:, None]
-        y *= gamma
-        y += beta
-        if in_scale is not None:
-            np.multiply(y, in_scale, out=scaled[lo:hi])
-
-    parallel(block, len(x), _LAYER_NORM_ROWS)
-    return scaled
-
-
-def _gelu(h, parallel, in_scale=None):
-    """h = GELU(h) * in_scale in place."""
-
-    def block(lo, hi):
-        _gelu_inplace(h[lo:hi])
-        if in_scale is not None:
-            h[lo:hi] *= in_scale
-
-    parallel(block, len(h), _GELU_ROWS)
+    y = nn.layer_norm(x, gamma, beta, eps, residual=r)
+    return y, (y if in_scale is None else y * in_scale)
 
 
 class FloatLinear:
@@ -205,7 +143,7 @@ class FloatLinear:
 
 class _Block:
     """One encoder layer: its linear layers (FloatLinear or lb.Linear), LayerNorms and, in the
-    quantized modes, the smoothing factor each linear layer expects on its input (in_scale).
+    quantized modes, the smoothing factor a linear layer expects on its input (in_scale).
 
     Q, K and V are one fused layer (N = 3 * hidden): quantization is per output row (INT8) or per
     group of 32 inputs within a row (INT4), and activations per input row, so fusing gives the same
@@ -216,7 +154,7 @@ class _Block:
     def __init__(self, qkv, attn_out, ln1, inter, out, ln2):
         self.qkv, self.attn_out, self.ln1 = qkv, attn_out, ln1
         self.inter, self.out, self.ln2 = inter, out, ln2
-        self.in_scale = dict.fromkeys(self.LINEARS)
+        self.in_scale = dict.fromkeys(("qkv", "inter", "out"))  # attn_out's is in V (see _quantize)
 
     @property
     def linears(self):
@@ -292,29 +230,44 @@ class MiniLM:
             for sentence in CALIBRATION:  # one at a time: no padding rows in the ranges
                 self.encode([sentence])
             ranges, self._ranges = self._ranges, None
+        value_rows = slice(2 * self.hidden, None)  # of the fused QKV layer
         for blk in self._blocks:
-            for name in _Block.LINEARS:
-                f = getattr(blk, name)
-                w = f.weight
-                if smooth:
-                    s = np.sqrt(np.maximum(ranges[f], 1e-5) / np.maximum(np.abs(w).max(0), 1e-5))
-                    w = w * s
-                    blk.in_scale[name] = (1.0 / s).astype(np.float32)
+            weights = {name: (getattr(blk, name).weight, getattr(blk, name).bias) for name in _Block.LINEARS}
+            if smooth:
+                inv = {}
+                for name, (w, b) in weights.items():
+                    s = np.sqrt(np.maximum(ranges[getattr(blk, name)], 1e-5) /
+                                np.maximum(np.abs(w).max(0), 1e-5)).astype(np.float32)
+                    weights[name] = (w * s, b)
+                    inv[name] = 1.0 / s
+                # The attention output (softmax weights @ V) is linear in V, so the output
+                # layer's 1 / s goes into V's rows instead of a pass over the attention output.
+                r = inv.pop("attn_out")
+                w, b = weights["qkv"]  # w is a new array already (w * s)
+                w[value_rows] *= r[:, None]
+                b = b.copy()
+                b[value_rows] *= r
+                weights["qkv"] = (w, b)
+                blk.in_scale = inv
+            for name, (w, b) in weights.items():
                 if self.mode == "int8":
-                    layer = lb.Linear(w, f.bias, bits=8)
+                    layer = lb.Linear(w, b, bits=8)
                 else:
-                    layer = lb.Linear(w, f.bias, bits=4, group_size=32, symmetric=False)
+                    layer = lb.Linear(w, b, bits=4, group_size=32, symmetric=False)
                 setattr(blk, name, layer)
 
     def _parallel(self, fn, n, step):
-        """fn(lo, hi) over [lo, hi) blocks of `step` covering [0, n), on the worker threads."""
-        starts = range(0, n, step)
+        """fn(lo, hi) over the blocks [lo, hi) of `step` covering [0, n): worker t takes blocks
+        t, t + threads, ... in one task (few hand-overs of the GIL; balanced when the cost
+        varies smoothly from block to block, e.g. sequences sorted by length)."""
+        blocks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
         if self._pool is None:
-            for lo in starts:
-                fn(lo, min(lo + step, n))
-        else:
-            for _ in self._pool.map(lambda lo: fn(lo, min(lo + step, n)), starts):
-                pass
+            for lo, hi in blocks:
+                fn(lo, hi)
+            return
+        for _ in self._pool.map(lambda part: [fn(lo, hi) for lo, hi in part],
+                                [blocks[t::self.threads] for t in range(self.threads)]):
+            pass
 
     def _dense(self, layer, x):
         """layer(x): lowbit layers on lowbit's threads, float ones in row blocks on the workers."""
@@ -357,8 +310,7 @@ class MiniLM:
         with blas:
             x = self._word[ids] + self._position[:s] + self._token_type[token_type_ids]
             x = x.reshape(b * s, self.hidden)
-            x_in = _add_layer_norm(x, None, self._embed_ln, self._parallel,
-                                   self._blocks[0].in_scale["qkv"])
+            x, x_in = _add_layer_norm(x, None, self._embed_ln, self._blocks[0].in_scale["qkv"])
             for i, blk in enumerate(self._blocks):
                 last = i + 1 == len(self._blocks)
                 next_scale = None if last else self._blocks[i + 1].in_scale["qkv"]
@@ -372,20 +324,23 @@ class MiniLM:
         Returns the output and the output as the next block's QKV layer expects it."""
         qkv = self._dense(blk.qkv, x_in)
         ctx = np.empty_like(x)
-        _attention(qkv.reshape(b, s, -1), lengths, ctx.reshape(b, s, -1), self.heads,
-                   self._parallel, blk.in_scale["attn_out"])
+        _attention(qkv.reshape(b, s, -1), lengths, ctx.reshape(b, s, -1), self.heads, self._parallel)
         a = self._dense(blk.attn_out, ctx)
-        a_in = _add_layer_norm(a, x, blk.ln1, self._parallel, blk.in_scale["inter"])
+        a, a_in = _add_layer_norm(a, x, blk.ln1, blk.in_scale["inter"])
         h = self._dense(blk.inter, a_in)
-        _gelu(h, self._parallel, blk.in_scale["out"])
+        nn.gelu(h, out=h)
+        if blk.in_scale["out"] is not None:
+            h *= blk.in_scale["out"]
         y = self._dense(blk.out, h)
-        y_in = _add_layer_norm(y, a, blk.ln2, self._parallel, next_scale)
+        y, y_in = _add_layer_norm(y, a, blk.ln2, next_scale)
         return y, y_in
 
     def encode(self, sentences, batch_size=32) -> np.ndarray:
         """float32 (n, hidden) unit vectors. Like sentence-transformers, batches are formed by
         length (less padding); the result is in the input order."""
         sentences = list(sentences)
+        if not sentences:
+            return np.empty((0, self.hidden), np.float32)
         ids, types, mask = self.tokenize(sentences)
         order = np.argsort(-mask.sum(1), kind="stable")
         out = np.empty((len(sentences), self.hidden), np.float32)
@@ -419,7 +374,7 @@ def main(argv=None):
         seconds = time.perf_counter() - t0
         if reference is None:
             reference = emb
-        cos = np.sum(emb * reference, axis=1)  # both are unit vectors
+        cos = np.sum(emb * reference, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
         results[mode] = {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
                          "seconds": seconds, "linear_bytes": model.nbytes,
                          "float_linear_bytes": model.float_nbytes}

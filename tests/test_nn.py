@@ -3,6 +3,7 @@ float64."""
 import numpy as np
 import pytest
 
+import lowbit as lb
 from lowbit import nn
 
 F32 = np.float32
@@ -25,6 +26,43 @@ def test_norms_and_activations(rng):
     assert close(s, e / e.sum(-1, keepdims=True))
     for f in (nn.rms_norm(x, w), nn.layer_norm(x, w, b), nn.silu(x), s):
         assert f.dtype == F32
+
+
+def test_gelu_is_the_erf_form(rng):
+    import math
+    x = np.concatenate([rng.normal(0, 3, 5000), [-30, -8, -1e-8, 0, 1e-8, 8, 30]]).astype(F32)
+    exact = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    assert np.abs(nn.gelu(x) - exact).max() < 1e-6 * max(1, np.abs(x).max())
+    y = x[:5000].reshape(50, 100).copy()
+    expected = nn.gelu(y)
+    assert nn.gelu(y, out=y) is y and np.array_equal(y, expected)
+    with pytest.raises(ValueError, match="out"):
+        nn.gelu(x, out=np.empty(3, F32))
+
+
+def test_layer_norm_with_residual_and_softmax_mask(rng):
+    x, r = rng.normal(size=(70, 384)).astype(F32), rng.normal(size=(70, 384)).astype(F32)
+    w, b = rng.normal(size=384).astype(F32), rng.normal(size=384).astype(F32)
+    v = (x + r).astype(np.float64)
+    expected = (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-12) * w + b
+    assert close(nn.layer_norm(x, w, b, residual=r), expected)
+    s = rng.normal(size=(4, 9)).astype(F32)
+    s[:, 5:] = -np.inf
+    p = nn.softmax(s)
+    assert (p[:, 5:] == 0).all() and close(p.sum(-1), np.ones(4), 1e-6)
+    assert np.isnan(nn.softmax(np.full((1, 3), -np.inf, F32))).all()
+    assert close(nn.softmax(s[:, :5], axis=0).sum(0), np.ones(5), 1e-6)
+
+
+@pytest.mark.parametrize("size", [(3, 17), (300, 384)])  # serial, and split over threads
+def test_float_helpers_are_bit_identical_on_every_isa(isa, rng, size):
+    x = rng.normal(0, 3, size).astype(F32)
+    w, b = rng.normal(size=size[1]).astype(F32), rng.normal(size=size[1]).astype(F32)
+    got = [nn.gelu(x), nn.layer_norm(x, w, b, residual=x), nn.rms_norm(x, w), nn.softmax(x)]
+    with lb.use_isa("ref"):
+        expected = [nn.gelu(x), nn.layer_norm(x, w, b, residual=x), nn.rms_norm(x, w), nn.softmax(x)]
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
 
 
 def test_rope_rotates_adjacent_pairs(rng):

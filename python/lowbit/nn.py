@@ -1,30 +1,56 @@
-"""Small float32 numpy building blocks for running transformer models around lowbit's layers:
-normalisations, rotary embeddings, activations and attention with a key/value cache.
+"""Float32 building blocks for running transformer models around lowbit's layers: GELU,
+LayerNorm / RMSNorm (with a fused residual add), softmax, rotary embeddings and attention with a
+key/value cache.
 
-They are plain numpy, written to allocate little and to make few passes over memory, since in
-token-by-token decoding their per-call overhead sits next to the quantized matmuls.
+GELU, the norms and softmax run in C++ (vectorized, threaded on large inputs, bit-identical on
+every kernel set); the rest is numpy.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from . import _core
+
 F32 = np.float32
+
+
+def _rows(x):
+    """float32 x as (rows, last axis) with contiguous rows (a view when possible)."""
+    x = np.asarray(x, F32)
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+    if x2.shape[1] > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
+        x2 = np.ascontiguousarray(x2)
+    return x, x2
+
+
+def _vector(v, n, what):
+    v = np.ascontiguousarray(v, F32)
+    if v.shape != (n,):
+        raise ValueError(f"{what}: expected shape ({n},), got {v.shape}")
+    return v
 
 
 def rms_norm(x, weight, eps=1e-5):
     """``x / sqrt(mean(x**2, -1) + eps) * weight`` over the last axis (LLaMA's RMSNorm)."""
-    x = np.asarray(x, F32)
-    ms = np.einsum("...i,...i->...", x, x)[..., None] / F32(x.shape[-1])
-    return x * (F32(1) / np.sqrt(ms + F32(eps))) * weight
+    x, x2 = _rows(x)
+    w = _vector(weight, x.shape[-1], "weight")
+    return _core.layer_norm(x2, None, w, None, float(eps), True).reshape(x.shape)
 
 
-def layer_norm(x, weight, bias, eps=1e-12):
-    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
-    x = np.asarray(x, F32)
-    mean = x.mean(-1, keepdims=True)
-    xc = x - mean
-    var = np.einsum("...i,...i->...", xc, xc)[..., None] / F32(x.shape[-1])
-    return xc * (F32(1) / np.sqrt(var + F32(eps))) * weight + bias
+def layer_norm(x, weight, bias, eps=1e-12, residual=None):
+    """LayerNorm over the last axis of ``x + residual`` (residual optional, fused in one pass):
+    ``(v - mean) / sqrt(var + eps) * weight + bias``."""
+    x, x2 = _rows(x)
+    n = x.shape[-1]
+    r = None if residual is None else np.ascontiguousarray(residual, F32).reshape(x2.shape)
+    return _core.layer_norm(x2, r, _vector(weight, n, "weight"), _vector(bias, n, "bias"),
+                            float(eps), False).reshape(x.shape)
+
+
+def gelu(x, out=None):
+    """GELU in its exact erf form, ``x * Phi(x)`` (erf to 1.5e-7, as BERT uses it). ``out``: a
+    float32 array of x's shape to write to (``out=x`` works in place, no new memory)."""
+    return _core.gelu(np.ascontiguousarray(x, F32), out)
 
 
 def silu(x):
@@ -33,9 +59,11 @@ def silu(x):
 
 
 def softmax(x, axis=-1):
-    """Softmax along `axis`, max-subtracted; rows of all -inf give NaN like the definition."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    """Softmax along `axis` (max-subtracted); masked entries of -inf get weight 0; a row of all
+    -inf gives NaN, like the definition."""
+    out = np.array(np.moveaxis(np.asarray(x, F32), axis, -1), order="C")
+    _core.softmax_(out)
+    return np.moveaxis(out, -1, axis)
 
 
 def rope_tables(head_dim, positions, base=10000.0):
@@ -95,5 +123,6 @@ class KVCache:
         if t > 1:  # causal: query i (position n - t + i) sees keys up to its own position
             mask = np.arange(n)[None, :] > (n - t + np.arange(t))[:, None]
             scores.reshape(kvh, group, t, n)[:, :, mask] = -np.inf
-        out = np.matmul(softmax(scores), v)  # (kv_heads, group * tokens, d)
+        _core.softmax_(scores)
+        out = np.matmul(scores, v)  # (kv_heads, group * tokens, d)
         return out.reshape(kvh, group, t, d).transpose(2, 0, 1, 3).reshape(t, heads * d)
