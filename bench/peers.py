@@ -348,9 +348,17 @@ def main():
                   "python bench/peers.py" + (" --quick" if args.quick else ""))
     print(text)
     if args.out != "-":
+        # keep the real-model sections (bench/smollm2.py, bench/minilm.py) that follow MODELS
+        kept = ""
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                old = f.read()
+            kept = old[old.index(MODELS):] if MODELS in old else ""
         with open(args.out, "w") as f:
-            f.write(text)
+            f.write(text + ("\n" + kept if kept else ""))
 
+
+MODELS = "## Real models"
 
 if __name__ == "__main__":
     sys.exit(main())
