@@ -1,11 +1,13 @@
 """SmolLM2-135M-Instruct (Q4_1 GGUF): lowbit's numpy model (examples/smollm2.py) against llama.cpp
-(llama-cpp-python) on the same file and thread count, in one process.
+(llama-cpp-python) on the same file and thread count.
 
 Measures decode tokens/s (greedy, one token per step, the same argmax loop on both sides),
 prompt tokens/s for a 256-token prompt, and next-token top-1 agreement under teacher forcing on a
 fixed text of >= 500 tokens (the bundled sentences), and each one's agreement with an exact
-evaluation of the same weights (float activations throughout). Rounds alternate between the two and the
-best median is kept: the machine is shared and noisy.
+evaluation of the same weights (float activations throughout). Timings run in a fresh child
+process per library and round (llama.cpp's OpenMP threads spin after each call and would slow
+whatever runs next in the same process); rounds alternate and the best median is kept: the
+machine is shared and noisy.
 
     python bench/smollm2.py [--threads 2] [--rounds 3] [--json]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -110,6 +113,24 @@ def time_run(impl, prompt, start):
     return len(prompt) / t_prompt, DECODE_STEPS / (time.perf_counter() - t0)
 
 
+def make(name, path, threads):
+    lb.set_num_threads(threads)
+    try:  # numpy's BLAS (attention) on the same number of threads
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+    return Ours(path) if name == "lowbit" else LlamaCpp(path, threads, 2048)
+
+
+def timed_in_child(name, path, threads, prompt, start, repeats):
+    """Median (prompt tok/s, decode tok/s) of `repeats` runs, measured in a fresh process: so that
+    neither library's idle threads (llama.cpp's OpenMP workers spin) slow the other."""
+    impl = make(name, path, threads)
+    runs = [time_run(impl, prompt, start) for _ in range(repeats)]
+    return tuple(statistics.median(r[j] for r in runs) for j in (0, 1))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", default=None)
@@ -120,16 +141,10 @@ def main():
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     path = args.gguf or default_gguf()
-    lb.set_num_threads(args.threads)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(args.threads)
-    except ImportError:
-        pass
-    ours = Ours(path)
+    ours = make("lowbit", path, args.threads)
     impls = [ours]
     try:
-        impls.append(LlamaCpp(path, args.threads, 2048))
+        impls.append(make("llama.cpp", path, args.threads))
     except ImportError:
         print("llama-cpp-python not installed: lowbit only", file=sys.stderr)
     tok = ours.model.tokenizer
@@ -137,12 +152,12 @@ def main():
     prompt, start = text[:PROMPT_TOKENS], tok.encode("The capital of France is").ids
 
     best = {i.name: [0.0, 0.0] for i in impls}
-    for _ in range(args.rounds):
-        for impl in impls:
-            runs = [time_run(impl, prompt, start) for _ in range(args.repeats)]
-            for j in (0, 1):
-                best[impl.name][j] = max(best[impl.name][j], statistics.median(r[j] for r in runs))
-            time.sleep(1.0)  # let the other library's threads go idle
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for _ in range(args.rounds):
+            for impl in impls:
+                medians = pool.apply(timed_in_child, (impl.name, path, args.threads, prompt, start,
+                                                      args.repeats))
+                best[impl.name] = [max(b, m) for b, m in zip(best[impl.name], medians)]
 
     result = {"threads": args.threads, "isa": lb.cpu_info()["isa"], "decode_steps": DECODE_STEPS,
               "prompt_tokens": PROMPT_TOKENS, "weights_mb": round(ours.model.nbytes() / 1e6, 1)}
