@@ -11,13 +11,27 @@ namespace {
 
 constexpr int kLanes = 16;
 
+// 16 floats in a GCC vector type: one zmm, two ymm or four xmm depending on the ISA's flags, the
+// same operations on every lane either way.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline v16 splat(float f) { return v16{} + f; }
+
 // e^x in float32 (relative error ~2e-7): 2^k * e^r with k = round(x / ln 2), |r| <= ln(2) / 2,
 // e^r by its degree-7 Taylor polynomial. Below -87.3 (where e^x leaves the normal range): 0.
-inline float exp_approx(float x) {
-  const float xc = x > 88.f ? 88.f : (x < -87.f ? -87.f : x);
-  const float k = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
-  const float r = (xc - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
-  float p = 1.f / 5040;
+inline v16 exp16(v16 x) {
+  v16 xc = x > 88.f ? splat(88.f) : x;
+  xc = xc < -87.f ? splat(-87.f) : xc;
+  const v16 k = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
+  const v16 r = (xc - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
+  v16 p = splat(1.f / 5040);
   p = p * r + 1.f / 720;
   p = p * r + 1.f / 120;
   p = p * r + 1.f / 24;
@@ -25,10 +39,24 @@ inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = ((int32_t)k + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.3f ? 0.f : p * scale;
+  const i16v bits = (__builtin_convertvector(k, i16v) + 127) << 23;
+  return x < -87.3f ? splat(0.f) : p * (v16)bits;
+}
+
+// y[i] = f(x[i]) 16 at a time (the tail through a zero-padded vector); y may be x.
+template <class F>
+inline void map16(const float* x, float* y, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const v16 v = f(load16(x + i));
+    std::memcpy(y + i, &v, sizeof v);
+  }
+  if (i < n) {
+    v16 v = {};
+    std::memcpy(&v, x + i, (size_t)(n - i) * sizeof(float));
+    v = f(v);
+    std::memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));
+  }
 }
 
 // Sum of n floats as 16 interleaved partial sums combined pairwise.
@@ -71,18 +99,18 @@ inline float max_of(const float* v, int64_t n) {
 void gelu(const float* x, float* y, int64_t n) {
   // x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2, erfc by Abramowitz & Stegun 7.1.26
   // (|error| <= 1.5e-7): erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2), t = 1/(1+pa)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i], av = v < 0 ? -v : v;
-    const float a = av * 0.707106781f;
-    const float t = 1.f / (1.f + 0.3275911f * a);
-    float p = 1.061405429f;
+  map16(x, y, n, [](v16 v) {
+    const v16 av = v < 0.f ? -v : v;
+    const v16 a = av * 0.707106781f;
+    const v16 t = 1.f / (a * 0.3275911f + 1.f);
+    v16 p = splat(1.061405429f);
     p = p * t - 1.453152027f;
     p = p * t + 1.421413741f;
     p = p * t - 0.284496736f;
     p = p * t + 0.254829592f;
-    const float half_erfc = 0.5f * (p * t) * exp_approx(-(a * a));
-    y[i] = (v > 0 ? v : 0.f) - av * half_erfc;
-  }
+    const v16 half_erfc = (p * t) * 0.5f * exp16(-(a * a));
+    return (v > 0.f ? v : splat(0.f)) - av * half_erfc;
+  });
 }
 
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
@@ -107,7 +135,7 @@ void softmax(float* x, int64_t rows, int64_t n) {
   for (int64_t m = 0; m < rows; ++m) {
     float* v = x + m * n;
     const float mx = max_of(v, n);
-    for (int64_t i = 0; i < n; ++i) v[i] = exp_approx(v[i] - mx);
+    map16(v, v, n, [mx](v16 e) { return exp16(e - mx); });
     const float inv = 1.f / sum16(v, n);
     for (int64_t i = 0; i < n; ++i) v[i] *= inv;
   }

@@ -3,7 +3,7 @@ LayerNorm / RMSNorm (with a fused residual add), softmax, rotary embeddings and 
 key/value cache.
 
 GELU, the norms and softmax run in C++ (vectorized, threaded on large inputs, bit-identical on
-every kernel set); the rest is numpy.
+every kernel set); RoPE and attention are numpy (its matmuls on BLAS).
 """
 from __future__ import annotations
 
@@ -111,13 +111,13 @@ class KVCache:
         self.length += t
 
     def attend(self, q):
-        """q: (tokens, heads, head_dim), the last `tokens` positions cached; returns
-        (tokens, heads * head_dim). Head h reads kv head h // (heads // kv_heads)."""
+        """q: (tokens, heads, head_dim), the last `tokens` positions cached; returns causal
+        attention (tokens, heads * head_dim). Head h reads kv head h // (heads // kv_heads)."""
         t, heads, d = q.shape
         kvh, n = self.k.shape[0], self.length
         group = heads // kvh
         k, v = self.k[:, :n], self.v[:, :n]
-        # (kv_heads, group * tokens, d): the heads sharing a kv head attend in one matmul
+        # (kv_heads, group * tokens, d): the heads sharing a kv head attend in one BLAS matmul
         qg = q.reshape(t, kvh, group, d).transpose(1, 2, 0, 3).reshape(kvh, group * t, d)
         scores = np.matmul(qg, k.transpose(0, 2, 1)) * F32(1 / np.sqrt(d))
         if t > 1:  # causal: query i (position n - t + i) sees keys up to its own position
