@@ -91,15 +91,27 @@ Q4Shape q4_shape(int64_t N, int64_t K, int64_t group) {
   return Q4Shape(N, K, group);
 }
 
+// A zero-filled C-contiguous array (padding rows and columns of packed weights must read as 0).
+template <class T>
+py::array_t<T> zeros(std::vector<py::ssize_t> shape) {
+  py::array_t<T> a(shape);
+  std::memset(a.mutable_data(), 0, (size_t)a.nbytes());
+  return a;
+}
+
+// The same for float16, which travels as numpy float16 and which the kernels read as bits.
+py::array half_zeros(std::vector<py::ssize_t> shape) {
+  py::array a(py::dtype("float16"), shape);
+  std::memset(a.mutable_data(), 0, (size_t)a.nbytes());
+  return a;
+}
+
 py::tuple quantize_w8_py(const py::array& w, int64_t group) {
   check<float>(w, "w", {-1, -1}, true);
   const W8Shape s = w8_shape(w.shape(0), w.shape(1), group);
-  py::array_t<int8_t> packed({s.Np, s.Kp});
-  py::array_t<float> scales({s.G, s.Np});
-  py::array_t<int32_t> comp({s.G, s.Np});
-  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp));
-  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(float));
-  std::memset(comp.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(int32_t));
+  auto packed = zeros<int8_t>({s.Np, s.Kp});
+  auto scales = zeros<float>({s.G, s.Np});
+  auto comp = zeros<int32_t>({s.G, s.Np});
   const int64_t ldw = w.shape(0) > 1 ? w.strides(0) / (int64_t)sizeof(float) : s.K;
   int64_t bad;
   {
@@ -123,10 +135,8 @@ void check_w8(const py::array& packed, const py::array& scales, const py::array&
 py::tuple pack_w8_py(const py::array& q, int64_t group) {
   check<int8_t>(q, "q", {-1, -1});
   const W8Shape s = w8_shape(q.shape(0), q.shape(1), group);
-  py::array_t<int8_t> packed({s.Np, s.Kp});
-  py::array_t<int32_t> comp({s.G, s.Np});
-  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp));
-  std::memset(comp.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(int32_t));
+  auto packed = zeros<int8_t>({s.Np, s.Kp});
+  auto comp = zeros<int32_t>({s.G, s.Np});
   {
     py::gil_scoped_release nogil;
     pack_w8(cptr<int8_t>(q), s, packed.mutable_data(), comp.mutable_data());
@@ -146,12 +156,9 @@ void check_gguf_rows(const py::array& raw, int64_t K, int64_t block_bytes) {
 py::tuple gguf_q8_0_py(const py::array& raw, int64_t K) {
   check_gguf_rows(raw, K, 34);
   const W8Shape s = w8_shape(raw.shape(0), K, 32);
-  py::array_t<int8_t> packed({s.Np, s.Kp});
-  py::array_t<float> scales({s.G, s.Np});
-  py::array_t<int32_t> comp({s.G, s.Np});
-  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp));
-  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(float));
-  std::memset(comp.mutable_data(), 0, (size_t)(s.G * s.Np) * sizeof(int32_t));
+  auto packed = zeros<int8_t>({s.Np, s.Kp});
+  auto scales = zeros<float>({s.G, s.Np});
+  auto comp = zeros<int32_t>({s.G, s.Np});
   {
     py::gil_scoped_release nogil;
     gguf_q8_0(cptr<uint8_t>(raw), raw.shape(1), s, packed.mutable_data(), scales.mutable_data(),
@@ -188,15 +195,12 @@ void check_half(const py::array& a, const char* name, std::initializer_list<int6
 py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
   check<float>(w, "w", {-1, -1}, true);
   const Q4Shape s = q4_shape(w.shape(0), w.shape(1), group);
-  py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
-  py::array scales(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
+  auto packed = zeros<uint8_t>({s.Np, s.Kp / 2});
+  py::array scales = half_zeros({s.Np / kPanel, s.G, kPanel});
   py::object mins = py::none();
-  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
-  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
   uint16_t* mins_ptr = nullptr;
   if (!symmetric) {
-    py::array m(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
-    std::memset(m.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
+    py::array m = half_zeros({s.Np / kPanel, s.G, kPanel});
     mins_ptr = (uint16_t*)m.mutable_data();
     mins = m;
   }
@@ -233,8 +237,7 @@ py::array_t<uint8_t> pack_w4_py(const py::array& q, int64_t group) {
     if (v[i] > 15)
       throw py::value_error("4-bit values must be in 0..15, got " + std::to_string(v[i]) + " at (" +
                             std::to_string(i / s.K) + ", " + std::to_string(i % s.K) + ")");
-  py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
-  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
+  auto packed = zeros<uint8_t>({s.Np, s.Kp / 2});
   {
     py::gil_scoped_release nogil;
     pack_w4(v, s, packed.mutable_data());
@@ -245,12 +248,9 @@ py::array_t<uint8_t> pack_w4_py(const py::array& q, int64_t group) {
 py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
   check_gguf_rows(raw, K, has_min ? 20 : 18);
   const Q4Shape s = q4_shape(raw.shape(0), K, 32);
-  py::array_t<uint8_t> packed({s.Np, s.Kp / 2});
-  py::array scales(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
-  py::array mins(py::dtype("float16"), {s.Np / kPanel, s.G, kPanel});
-  std::memset(packed.mutable_data(), 0, (size_t)(s.Np * s.Kp / 2));
-  std::memset(scales.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
-  std::memset(mins.mutable_data(), 0, (size_t)(s.G * s.Np) * 2);
+  auto packed = zeros<uint8_t>({s.Np, s.Kp / 2});
+  py::array scales = half_zeros({s.Np / kPanel, s.G, kPanel});
+  py::array mins = half_zeros({s.Np / kPanel, s.G, kPanel});
   {
     py::gil_scoped_release nogil;
     gguf_q4(cptr<uint8_t>(raw), raw.shape(1), has_min, s, packed.mutable_data(),
@@ -287,11 +287,8 @@ py::array_t<int32_t> gemm_s8_py(const py::array& a, const py::array& b) {
   if (K > kMaxK)
     throw py::value_error("K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
                           ", the largest K whose int8 dot products cannot overflow int32");
+  if (K == 0) return zeros<int32_t>({M, N});
   py::array_t<int32_t> c({M, N});
-  if (K == 0) {
-    std::memset(c.mutable_data(), 0, (size_t)(M * N) * sizeof(int32_t));
-    return c;
-  }
   {
     py::gil_scoped_release nogil;
     gemm_s8(cptr<int8_t>(a), M, cptr<int8_t>(b), N, K, c.mutable_data());
