@@ -112,3 +112,73 @@ def test_pool_survives_fork(rng):
     got = q.get(timeout=60)
     p.join(timeout=60)
     assert p.exitcode == 0 and got == expected
+
+
+def run_threads(n, work):
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+
+
+def test_16_threads_1000_calls_each_on_one_layer(rng):
+    w = rng.normal(0, 0.02, (192, 256)).astype(np.float32)
+    x = rng.normal(size=(16, 1, 256)).astype(np.float32)  # a different row per thread
+    layers = [lb.Linear(w), lb.Linear(w, bits=4, group_size=32, symmetric=False),
+              lb.Linear(w, bits=4, group_size=64, activations="float")]
+    expected = [[layer(x[i]) for i in range(16)] for layer in layers]
+    mismatches = []
+
+    def work(i):
+        for c in range(1000):
+            j = c % len(layers)
+            if not np.array_equal(layers[j](x[i]), expected[j][i]):
+                mismatches.append((i, c))
+
+    run_threads(16, work)
+    assert not mismatches
+
+
+def test_changing_the_thread_count_while_others_compute(rng, threads):
+    w = rng.normal(0, 0.02, (512, 1024)).astype(np.float32)
+    x = rng.normal(size=(64, 1024)).astype(np.float32)  # big enough for the pool
+    layer = lb.Linear(w)
+    expected = layer(x)
+    mismatches = []
+
+    def work(i):
+        for c in range(40):
+            if i == 0:
+                lb.set_num_threads(1 + c % 3)
+            elif not np.array_equal(layer(x), expected):
+                mismatches.append((i, c))
+
+    run_threads(5, work)
+    assert not mismatches
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_100000_layer_calls_keep_memory_flat(rng):
+    layer = lb.Linear(rng.normal(0, 0.02, (64, 128)).astype(np.float32), bits=4, group_size=32)
+    x = rng.normal(size=(2, 128)).astype(np.float32)
+    for _ in range(10000):  # warm: scratch buffers and allocator pools reach their size
+        layer(x)
+    before = rss_bytes()
+    for _ in range(100000):
+        layer(x)
+    assert rss_bytes() - before < 4 << 20
