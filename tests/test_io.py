@@ -1,5 +1,6 @@
 """lb.save / lb.load: exact round trips, memory-mapped loading, atomic writes, corrupt files."""
 import json
+import os
 import struct
 
 import numpy as np
@@ -75,6 +76,9 @@ def test_failed_save_leaves_no_file(tmp_path, rng):
         lb.save(path, {"ok": np.ones(3, F32), "bad": np.array(["text"])})
     assert list(tmp_path.iterdir()) == []
     lb.save(path, {"a": np.ones(3, F32)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's 0600
     with pytest.raises(ValueError, match="names"):
         lb.save(path, {"a:b": np.ones(3, F32)})
     np.testing.assert_array_equal(lb.load(path)["a"], np.ones(3, F32))  # the old file is intact

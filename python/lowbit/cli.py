@@ -1,10 +1,12 @@
-"""The ``lowbit`` command: ``lowbit info``, ``lowbit bench``."""
+"""The ``lowbit`` command: ``lowbit info``, ``lowbit bench``, ``lowbit quantize``."""
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import sys
+
+import numpy as np
 
 from . import __version__
 from .runtime import cpu_info
@@ -58,6 +60,72 @@ def cmd_bench(args):
         last = shape
 
 
+def read_tensors(path):
+    """{name: array | QuantizedWeight} of a .gguf, .npz or safetensors / lowbit file."""
+    from .gguf import load_gguf
+    from .io import load
+
+    path = str(path)
+    if path.endswith(".gguf"):
+        return load_gguf(path)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return load(path)
+
+
+def relative_error(a, qw, sample=1024):
+    """||dequantize(qw) - a|| / ||a|| over at most `sample` evenly spread rows (an estimate that
+    costs no full float copy and little time on large matrices)."""
+    rows = np.unique(np.linspace(0, a.shape[0] - 1, min(sample, a.shape[0])).astype(np.intp))
+    ref = np.asarray(a[rows], np.float64)
+    den = float((ref ** 2).sum())
+    return float(np.sqrt(((qw.dequantize(rows=rows) - ref) ** 2).sum() / den)) if den else 0.0
+
+
+def cmd_quantize(args):
+    from .io import save
+    from .quantize import QuantizedWeight, quantize
+
+    plan = {}
+    if args.plan:
+        with open(args.plan) as f:
+            plan = json.load(f)
+        if not isinstance(plan, dict):
+            raise ValueError(f"{args.plan}: expected a JSON object {{name: settings or \"keep\"}}")
+    default = {"bits": args.bits, "group_size": args.group_size, "symmetric": not args.asymmetric}
+    tensors = read_tensors(args.input)
+    out, table = {}, []
+    for i, (name, t) in enumerate(tensors.items()):
+        print(f"\r[{i + 1}/{len(tensors)}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+        settings = plan.get(name, default)
+        s = None if settings == "keep" else dict(default, **settings)
+        a = None if isinstance(t, QuantizedWeight) else np.asarray(t)
+        if (s and a is not None and a.ndim == 2 and a.dtype.kind == "f"
+                and min(a.shape) >= args.min_dim
+                and (s["group_size"] is None or a.shape[1] % s["group_size"] == 0)):
+            qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"])
+            out[name] = qw
+            g = f"g{qw.group_size}" if qw.group_size else "per-row"
+            table.append((name, a.shape, f"int{qw.bits} {g}{'' if qw.symmetric else ' asym'}",
+                          a.nbytes, qw.nbytes, relative_error(a, qw)))
+        else:
+            out[name] = t
+            kind = f"int{t.bits} (kept)" if a is None else f"{a.dtype} (kept)"
+            table.append((name, t.shape, kind, t.nbytes, t.nbytes, None))
+    print(file=sys.stderr)
+    save(args.output, out)
+    width = max([len(r[0]) for r in table] + [6])
+    print(f"{'tensor':<{width}}  {'shape':>14}  {'format':<18} {'in MB':>8} {'out MB':>8} "
+          f"{'rel.err':>8}  (on <= 1024 rows)")
+    for name, shape, kind, before, after, err in table:
+        e = "-" if err is None else f"{err:.4f}"
+        print(f"{name:<{width}}  {str(tuple(shape)):>14}  {kind:<18} {before / 1e6:>8.2f} "
+              f"{after / 1e6:>8.2f} {e:>8}")
+    total_in, total_out = sum(r[3] for r in table), sum(r[4] for r in table)
+    print(f"{len(table)} tensors, {total_in / 1e6:.1f} MB -> {total_out / 1e6:.1f} MB: {args.output}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lowbit", description="Fast low-bit CPU kernels for numpy.")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -69,8 +137,24 @@ def main(argv=None):
     pb.add_argument("--threads", type=int, default=None)
     pb.add_argument("--json", action="store_true")
     pb.set_defaults(fn=cmd_bench)
+    pq = sub.add_parser("quantize", help="quantize the matrices of a safetensors / GGUF / .npz "
+                                         "file into a lowbit file (see lb.load)")
+    pq.add_argument("input")
+    pq.add_argument("output")
+    pq.add_argument("--bits", type=int, choices=(4, 8), default=8)
+    pq.add_argument("--group-size", type=int, default=None, help="default: one scale per row")
+    pq.add_argument("--asymmetric", action="store_true", help="4-bit with minima (like Q4_1)")
+    pq.add_argument("--method", choices=("rtn",), default="rtn")
+    pq.add_argument("--min-dim", type=int, default=32,
+                    help="keep float matrices with a dimension below this (default 32)")
+    pq.add_argument("--plan", help='JSON {tensor name: {"bits": .., "group_size": .., '
+                                   '"symmetric": ..} or "keep"} overriding the defaults')
+    pq.set_defaults(fn=cmd_quantize)
     args = p.parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (ValueError, TypeError, OSError) as e:  # FormatError is a ValueError
+        p.exit(2, f"lowbit {args.cmd}: error: {e}\n")
 
 
 if __name__ == "__main__":

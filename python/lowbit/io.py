@@ -68,6 +68,9 @@ def save(path, tensors: dict) -> None:
                 f.write(np.ascontiguousarray(arrays[name], arrays[name].dtype.newbyteorder("<")).data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
@@ -77,7 +80,7 @@ def save(path, tensors: dict) -> None:
 def load(path) -> dict:
     """Reads a file written by :func:`save` (or any safetensors file of numeric arrays):
     ``{name: QuantizedWeight | np.ndarray}``, every array a read-only view of a memory map of the
-    file. A truncated or inconsistent file raises :class:`lowbit.FormatError`."""
+    file (BF16 tensors, which numpy lacks, come back as float32 copies). A truncated or inconsistent file raises :class:`lowbit.FormatError`."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -115,8 +118,9 @@ def load(path) -> dict:
 
 def _view(buf, start, size, name, info):
     """The tensor `name` as a read-only array on `buf`, its header entry checked against the file."""
+    bf16 = isinstance(info, dict) and info.get("dtype") == "BF16"
     try:
-        dtype = np.dtype(_DTYPES[info["dtype"]])
+        dtype = np.dtype("<u2" if bf16 else _DTYPES[info["dtype"]])
         shape = tuple(int(s) for s in info["shape"])
         begin, end = (int(o) for o in info["data_offsets"])
     except (KeyError, TypeError, ValueError):
@@ -130,7 +134,8 @@ def _view(buf, start, size, name, info):
     if not 0 <= begin <= end <= size - start or end - begin != count * dtype.itemsize:
         raise FormatError(f"tensor {name!r}: {dtype} {shape} does not match bytes [{begin}, {end}) "
                           f"of the {size - start}-byte data section")
-    return np.frombuffer(buf, dtype, count, start + begin).reshape(shape)
+    a = np.frombuffer(buf, dtype, count, start + begin).reshape(shape)
+    return (a.astype(np.uint32) << 16).view(np.float32) if bf16 else a
 
 
 def _weight(path, name, d, parts):
