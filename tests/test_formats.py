@@ -281,6 +281,7 @@ def test_from_int_round_trips_and_runs(rng):
     (dict(q=np.zeros((4, 32), int), scales=np.ones((4, 1), np.float16), bits=4,
           perm=np.zeros(32, int)), "permutation"),
     (dict(q=np.zeros((4, 32), F32), scales=np.ones((4, 1), np.float16), bits=4), "integer"),
+    (dict(q=np.zeros((0, 0), np.int8), scales=np.ones((0, 1), F32), bits=8), "non-empty"),
 ])
 def test_from_int_rejects_bad_arguments(kwargs, match):
     q, scales = kwargs.pop("q"), kwargs.pop("scales")

@@ -54,8 +54,9 @@ class QuantizedWeight:
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
         q = np.asarray(q)
-        if q.ndim != 2 or q.dtype.kind not in "iu":
-            raise ValueError(f"q: expected a 2-D integer array, got {q.dtype} of shape {q.shape}")
+        if q.ndim != 2 or q.dtype.kind not in "iu" or 0 in q.shape:
+            raise ValueError(f"q: expected a non-empty 2-D integer array, got {q.dtype} of shape "
+                             f"{q.shape}")
         n, k = q.shape
         group_size = _check_group(group_size, k)
         groups = k // (group_size or k)
