@@ -45,8 +45,8 @@ def _forward(x, qw: QuantizedWeight, bias, activations):
     if qw.bits == 8:
         y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias)
     else:
-        y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k, qw.group_size or 0, bias,
-                            activations == "int8")
+        y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k,
+                            qw.group_size or 0, bias, activations == "int8")
     return y.reshape(x.shape[:-1] + (n,))
 
 

@@ -61,7 +61,7 @@ class QuantizedWeight:
         group_size = _check_group(group_size, k)
         groups = k // (group_size or k)
         lo, hi = (-128, 127) if bits == 8 else (0, 15)
-        if q.size and (q.min() < lo or q.max() > hi):
+        if q.min() < lo or q.max() > hi:
             raise ValueError(f"q: {bits}-bit values must be in {lo}..{hi}, got {q.min()}..{q.max()}")
         q = np.ascontiguousarray(q, dtype=np.int8 if bits == 8 else np.uint8)
         if perm is not None:
