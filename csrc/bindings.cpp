@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -167,9 +168,21 @@ py::tuple gguf_q8_0_py(const py::array& raw, int64_t K) {
   return py::make_tuple(packed, scales, comp);
 }
 
+// Static activations: act_scale 0 (dynamic) or a positive finite scale; zero point in [-128, 127].
+void check_static(float act_scale, int32_t act_zero) {
+  if (!(act_scale >= 0.f && std::isfinite(act_scale)))
+    throw py::value_error("act_scale: expected 0 (dynamic) or a positive finite scale, got " +
+                          std::to_string(act_scale));
+  if (act_zero < -128 || act_zero > 127 || (act_scale == 0.f && act_zero != 0))
+    throw py::value_error("act_zero: expected an int8 zero point with a static scale, got " +
+                          std::to_string(act_zero));
+}
+
 py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
                                   const py::array& scales, const py::array& comp, int64_t N,
-                                  int64_t K, int64_t group, const py::object& bias) {
+                                  int64_t K, int64_t group, const py::object& bias,
+                                  float act_scale, int32_t act_zero) {
+  check_static(act_scale, act_zero);
   const W8Shape s = w8_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w8(packed, scales, comp, s);
@@ -180,7 +193,7 @@ py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
   {
     py::gil_scoped_release nogil;
     linear_w8a8(cptr<float>(x), ldx, M, cptr<int8_t>(packed), cptr<float>(scales),
-                cptr<int32_t>(comp), b, s, y.mutable_data());
+                cptr<int32_t>(comp), b, s, act_scale, act_zero, y.mutable_data());
   }
   return y;
 }
@@ -262,7 +275,8 @@ py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
 py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, const py::array& scales,
                                 const py::object& mins, const py::object& zeros, int64_t N,
                                 int64_t K, int64_t group, const py::object& bias,
-                                bool int8_activations) {
+                                bool int8_activations, float act_scale) {
+  check_static(act_scale, 0);
   const Q4Shape s = q4_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w4(packed, scales, mins, zeros, s);
@@ -275,7 +289,7 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
   {
     py::gil_scoped_release nogil;
     linear_w4(cptr<float>(x), ldx, M, cptr<uint8_t>(packed), (const uint16_t*)scales.data(), mins_ptr,
-              zeros_ptr, b, s, int8_activations, y.mutable_data());
+              zeros_ptr, b, s, int8_activations, act_scale, y.mutable_data());
   }
   return y;
 }
@@ -408,13 +422,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("pack_w8", &pack_w8_py, py::arg("q"), py::arg("group"));
   m.def("gguf_q8_0", &gguf_q8_0_py, py::arg("raw"), py::arg("K"));
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
-        py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"));
+        py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
+        py::arg("act_scale") = 0.f, py::arg("act_zero") = 0);
   m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));
   m.def("pack_w4", &pack_w4_py, py::arg("q"), py::arg("group"));
   m.def("gguf_q4", &gguf_q4_py, py::arg("raw"), py::arg("K"), py::arg("has_min"));
   m.def("linear_w4", &linear_w4_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("mins"), py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("int8_activations"));
+        py::arg("int8_activations"), py::arg("act_scale") = 0.f);
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     py::gil_scoped_release nogil;

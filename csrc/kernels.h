@@ -86,11 +86,13 @@ struct Kernels {
                          int64_t group, int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales,
                          uint16_t* mins, int* why);
 
-  // Dynamic per-row symmetric activation quantization, rows [m0, m1): scale = amax / 127,
-  // out = round-half-even(x / scale) + 128, padded to Kp with 128. A row holding NaN/Inf gets a
-  // NaN scale (its output row becomes NaN); an all-zero row gets scale 0.
+  // Activation quantization to u8 = q + 128, rows [m0, m1), padded to Kp with 128.
+  // Dynamic (fixed == 0): per-row symmetric, scale = amax / 127, q = round-half-even(x / scale) in
+  // [-127, 127]; an all-zero row gets scale 0. Static (fixed > 0): scale = fixed,
+  // q = clamp(round-half-even(x / scale) + zero, -128, 127) (x ~ scale * (q - zero)).
+  // A row holding NaN/Inf gets a NaN scale (its output row becomes NaN).
   void (*quantize_a8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
-                      uint8_t* out, int64_t ldo, float* scales);
+                      uint8_t* out, int64_t ldo, float* scales, float fixed, int32_t zero);
 
   // C[m, n] for all M rows and panels [p0, p1):
   //   f = acc_0 * ws_0;  f = fma(acc_g, ws_g, f) for g >= 1;  y = fma(f, ascale[m], bias[n])
@@ -106,11 +108,12 @@ struct Kernels {
   // W4A32: per group S_g = sum_k q_w * x, one fma per k in k order, then the same fold as W4A8.
   void (*gemm_q4f32)(const Q4Args* args, int64_t p0, int64_t p1);
   // Activation quantization for W4A8, rows [m0, m1): per 32-block scale = amax / 127,
-  // q = round-half-even(x / scale) in [-127, 127] (padded with 0 to Kp); per group A_g as above.
+  // q = round-half-even(x / scale) in [-127, 127], or (fixed > 0, static) scale = fixed and
+  // q = clamp(round-half-even(x / scale), -128, 127); padded with 0 to Kp; per group A_g as above.
   // A block holding NaN/Inf gets a NaN scale (its row's output becomes NaN).
   void (*quantize_a8_blocks)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                              int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                             float* agroup);
+                             float* agroup, float fixed);
 
   // INT4 nibbles: element 2i in the low nibble, 2i+1 in the high. pack returns the index of the
   // first value above 15, or -1 (the output is then unspecified).

@@ -141,17 +141,18 @@ int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packe
 }
 
 void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
-                 const int32_t* comp, const float* bias, const W8Shape& s, float* y) {
+                 const int32_t* comp, const float* bias, const W8Shape& s, float act_scale,
+                 int32_t act_zero, float* y) {
   if (M == 0) return;
   const Kernels& kt = kernels();
   const int64_t lda = activation_stride(s.Kp);
   uint8_t* a = activation_buffer(M, lda);
   float* ascale = (float*)scratch_scales(M);
   if (M * s.K < (1 << 16))
-    kt.quantize_a8(x, ldx, s.K, s.Kp, 0, M, a, lda, ascale);
+    kt.quantize_a8(x, ldx, s.K, s.Kp, 0, M, a, lda, ascale, act_scale, act_zero);
   else
     parallel_for(M, [&](int64_t m0, int64_t m1) {
-      kt.quantize_a8(x, ldx, s.K, s.Kp, m0, m1, a, lda, ascale);
+      kt.quantize_a8(x, ldx, s.K, s.Kp, m0, m1, a, lda, ascale, act_scale, act_zero);
     });
   GemmArgs args{a, lda, M, packed, scales, comp, s.Kp, s.group, s.Np, s.N, ascale, bias, y, s.N};
   run_gemm(kt, args, false);
@@ -228,7 +229,7 @@ int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* pack
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
                const float* bias, const Q4Shape& s,
-               bool int8_activations, float* y) {
+               bool int8_activations, float act_scale, float* y) {
   if (M == 0) return;
   const Kernels& kt = kernels();
   const int64_t nblocks = s.Kp / kActBlock;
@@ -240,7 +241,8 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
   const bool big = M * s.K >= (1 << 16);
   if (int8_activations) {
     auto quant = [&](int64_t m0, int64_t m1) {
-      kt.quantize_a8_blocks(x, ldx, s.K, s.Kp, s.group, m0, m1, (int8_t*)a, lda, ablock, agroup);
+      kt.quantize_a8_blocks(x, ldx, s.K, s.Kp, s.group, m0, m1, (int8_t*)a, lda, ablock, agroup,
+                            act_scale);
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {

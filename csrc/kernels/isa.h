@@ -17,14 +17,14 @@ int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
                     int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales, uint16_t* mins,
                     int* why);
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
-                 uint8_t* out, int64_t ldo, float* scales);
+                 uint8_t* out, int64_t ldo, float* scales, float fixed, int32_t zero);
 void gemm_u8s8_f32(const GemmArgs* args, int64_t p0, int64_t p1);
 void gemm_u8s8_i32(const GemmArgs* args, int64_t p0, int64_t p1);
 void gemm_q4a8(const Q4Args* args, int64_t p0, int64_t p1);
 void gemm_q4f32(const Q4Args* args, int64_t p0, int64_t p1);
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup);
+                        float* agroup, float fixed);
 int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
 void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
 void gelu(const float* x, float* y, int64_t n);

@@ -7,6 +7,8 @@
 from ._core import __version__
 from .runtime import cpu_info, get_num_threads, set_num_threads, use_isa
 from .quantize import QuantizedWeight, quantize
+from .calibrate import (EntropyObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
+                        PercentileObserver, StaticActivations)
 from .linear import Linear, matmul
 from .kernels import gemm_s8, pack_int4, unpack_int4
 from .errors import FormatError
@@ -18,7 +20,8 @@ __all__ = [
     "__version__", "cpu_info", "get_num_threads", "set_num_threads", "use_isa",
     "QuantizedWeight", "quantize", "Linear", "matmul", "gemm_s8", "pack_int4", "unpack_int4",
     "FormatError", "gguf_metadata", "load_gguf", "from_gptq", "from_awq", "load_gptq", "load_awq",
-    "save", "load",
+    "save", "load", "StaticActivations", "MinMaxObserver", "MovingAverageMinMaxObserver",
+    "PercentileObserver", "MSEObserver", "EntropyObserver",
 ]
 
 # Resolve the kernel table now, so that a bad LOWBIT_ISA fails at import with the list of choices.

@@ -1,20 +1,33 @@
 """Linear layers on quantized weights: y = x @ W.T + b."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from . import _core
+from .calibrate import StaticActivations
 from .quantize import QuantizedWeight, quantize
 
 ACTIVATIONS = ("int8", "float")
 
 
 def _check_activations(activations, bits):
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
+    """"int8", "float" or a StaticActivations (a positive number is a symmetric static scale)."""
+    if isinstance(activations, numbers.Real) and not isinstance(activations, bool):
+        activations = StaticActivations(float(activations))
+    if isinstance(activations, StaticActivations):
+        if bits == 4 and activations.zero_point != 0:
+            raise ValueError("static activations with a zero point need 8-bit weights; 4-bit "
+                             "weights take symmetric ones (zero_point=0)")
+        return activations
+    if not isinstance(activations, str) or activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {list(ACTIVATIONS)} or a StaticActivations "
+                         f"(a calibrated scale), got {activations!r}")
     if activations == "float" and bits == 8:
         raise ValueError("activations='float' (weight-only) runs 4-bit weights; 8-bit weights "
                          "run with activations='int8'")
+    return activations
 
 
 def _check_bias(bias, n):
@@ -28,6 +41,20 @@ def _check_bias(bias, n):
     return np.ascontiguousarray(b, dtype=np.float32)
 
 
+def _kernel_bias(qw: QuantizedWeight, bias, activations):
+    """The bias the kernel adds: with a static zero point z on 8-bit weights it also carries
+    -scale * z * sum_k w[n, k] (the kernel multiplies the int8 values q, x ~ scale * (q - z))."""
+    if not (isinstance(activations, StaticActivations) and activations.zero_point):
+        return bias
+    n = qw.shape[0]
+    colsum = (qw._comp[:, :n] // 128).astype(np.float64)  # (groups, N) sums of the int8 values
+    wsum = (qw._scales[:, :n].astype(np.float64) * colsum).sum(0)
+    b = -activations.scale * activations.zero_point * wsum
+    if bias is not None:
+        b += bias
+    return b.astype(np.float32)
+
+
 def _forward(x, qw: QuantizedWeight, bias, activations):
     x = np.asarray(x)
     if x.dtype != np.float32:
@@ -38,15 +65,21 @@ def _forward(x, qw: QuantizedWeight, bias, activations):
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}), got {x.shape}")
     x2 = x.reshape(-1, k)
+    if qw._in_scale is not None:
+        x2 = x2 * qw._in_scale  # AWQ: the inputs as the stored weights expect them
     if qw._perm is not None:
         x2 = x2.take(qw._perm, axis=1)  # inputs in the packed column order (act-order)
     elif k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
         x2 = np.ascontiguousarray(x2)
+    static = isinstance(activations, StaticActivations)
+    scale = activations.scale if static else 0.0
     if qw.bits == 8:
-        y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias)
+        zero = activations.zero_point if static else 0
+        y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
+                              scale, zero)
     else:
         y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k,
-                            qw.group_size or 0, bias, activations == "int8")
+                            qw.group_size or 0, bias, activations != "float", scale)
     return y.reshape(x.shape[:-1] + (n,))
 
 
@@ -54,10 +87,16 @@ class Linear:
     """A quantized linear layer, ``y = x @ W.T + bias``, W of shape (out_features, in_features).
 
     ``w_or_qw`` is a float array (quantized here with ``bits``, ``group_size``, ``symmetric``) or a
-    :class:`QuantizedWeight`. activations="int8": input rows are quantized to int8 on the fly
-    (symmetric; one scale per row for 8-bit weights, per block of 32 inputs for 4-bit weights), the
-    integer products are exact, then scaled to float32. activations="float" (4-bit weights):
-    weight-only, the 4-bit values meet the float32 inputs in FMA.
+    :class:`QuantizedWeight`. activations:
+
+    * "int8" (dynamic): input rows are quantized to int8 on the fly (symmetric; one scale per row
+      for 8-bit weights, per block of 32 inputs for 4-bit weights), the integer products are
+      exact, then scaled to float32.
+    * a :class:`StaticActivations` (from a calibration observer, or a positive number: a
+      symmetric scale): one fixed scale (and, with 8-bit weights, zero point) for every input,
+      ``q = clamp(round(x / scale) + zero_point, -128, 127)``; no range is computed per call.
+    * "float" (4-bit weights): weight-only, the 4-bit values meet the float32 inputs in FMA.
+
     Input: float32 or float16 of shape (..., in_features); output float32 (..., out_features).
     """
 
@@ -68,9 +107,9 @@ class Linear:
         else:
             _check_activations(activations, bits)
             self.weight = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
-        _check_activations(activations, self.weight.bits)
+        self.activations = _check_activations(activations, self.weight.bits)
         self.bias = _check_bias(bias, self.weight.shape[0])
-        self.activations = activations
+        self._bias = _kernel_bias(self.weight, self.bias, self.activations)
 
     @property
     def in_features(self) -> int:
@@ -82,10 +121,10 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        return self.weight.nbytes + (0 if self._bias is None else self._bias.nbytes)
 
     def __call__(self, x) -> np.ndarray:
-        return _forward(x, self.weight, self.bias, self.activations)
+        return _forward(x, self.weight, self._bias, self.activations)
 
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
@@ -96,5 +135,6 @@ def matmul(x, qw: QuantizedWeight, bias=None, activations="int8") -> np.ndarray:
     """``x @ qw.dequantize().T + bias`` on the quantized kernels (the functional ``Linear``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"matmul: expected a QuantizedWeight, got {type(qw).__name__}")
-    _check_activations(activations, qw.bits)
-    return _forward(x, qw, _check_bias(bias, qw.shape[0]), activations)
+    activations = _check_activations(activations, qw.bits)
+    bias = _kernel_bias(qw, _check_bias(bias, qw.shape[0]), activations)
+    return _forward(x, qw, bias, activations)

@@ -1,11 +1,13 @@
 """Weight quantization: float (N, K) arrays to packed low-bit weights the kernels read directly."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import _core
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "mse", "gptq", "awq")
 
 
 class QuantizedWeight:
@@ -22,14 +24,16 @@ class QuantizedWeight:
     One scale (and minimum or zero point) per output row, or per row and group of ``group_size``
     inputs. ``perm`` (act-order GPTQ) is the input order the packed columns are in: column j holds
     input ``perm[j]``, so that each group's inputs are contiguous; layers gather their inputs in
-    that order. ``nbytes`` is what it really holds; no float copy is kept.
+    that order. ``input_scale`` (AWQ) is a float32 factor per input that layers multiply their
+    inputs by before the kernel: the weights stored are ``W / input_scale``, quantized.
+    ``nbytes`` is what it really holds; no float copy is kept.
     """
 
     __slots__ = ("shape", "bits", "group_size", "symmetric", "_packed", "_scales", "_comp", "_mins",
-                 "_zeros", "_perm")
+                 "_zeros", "_perm", "_in_scale")
 
     def __init__(self, shape, bits, group_size, symmetric, packed, scales, comp=None, mins=None,
-                 zeros=None, perm=None):
+                 zeros=None, perm=None, in_scale=None):
         self.shape = (int(shape[0]), int(shape[1]))
         self.bits = bits
         self.group_size = group_size
@@ -40,16 +44,19 @@ class QuantizedWeight:
         self._mins = mins
         self._zeros = zeros
         self._perm = perm
+        self._in_scale = in_scale
 
     @classmethod
-    def from_int(cls, q, scales, *, bits, group_size=None, mins=None, zeros=None, perm=None):
+    def from_int(cls, q, scales, *, bits, group_size=None, mins=None, zeros=None, perm=None,
+                 input_scale=None):
         """Build a weight from integer values and scales (no rounding: exactly these weights).
 
         q: (N, K) integers, int8 for bits=8, 0..15 for bits=4; scales: (N, K // group_size) (or
         (N, 1) per channel), float32 for 8 bits, float16 values for 4 bits. 4 bits only: mins
         (float16, ``w = d * q + m``) or zeros (integers 0..255, ``w = d * (q - z)``); neither means
         symmetric ``w = d * (q - 8)``. perm: optional permutation of range(K), the input each
-        column of q belongs to (see the class docstring).
+        column of q belongs to; input_scale: optional positive float32 (K,) factors the inputs are
+        multiplied by (see the class docstring).
         """
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
@@ -70,6 +77,12 @@ class QuantizedWeight:
                     np.sort(perm), np.arange(k)):
                 raise ValueError(f"perm: expected a permutation of range({k})")
             perm = None if np.array_equal(perm, np.arange(k)) else perm.astype(np.intp)
+        if input_scale is not None:
+            input_scale = np.asarray(input_scale)
+            if (input_scale.shape != (k,) or input_scale.dtype.kind != "f"
+                    or not (np.isfinite(input_scale) & (input_scale > 0)).all()):
+                raise ValueError(f"input_scale: expected ({k},) positive finite floats")
+            input_scale = np.ascontiguousarray(input_scale, dtype=np.float32)
         if bits == 8:
             if mins is not None or zeros is not None:
                 raise ValueError("8-bit weights are symmetric: no mins or zeros")
@@ -77,7 +90,8 @@ class QuantizedWeight:
             packed, comp = _core.pack_w8(q, group_size or 0)
             s = np.zeros((groups, packed.shape[0]), np.float32)
             s[:, :n] = d.T
-            return cls((n, k), 8, group_size, True, packed, s, comp=comp, perm=perm)
+            return cls((n, k), 8, group_size, True, packed, s, comp=comp, perm=perm,
+                       in_scale=input_scale)
         if mins is not None and zeros is not None:
             raise ValueError("give mins or zeros, not both")
         d = _group_array(scales, "scales", n, groups, np.float16)
@@ -88,11 +102,12 @@ class QuantizedWeight:
             zeros = None if (zeros == 8).all() else _panels(zeros)  # z = 8 is symmetric
         packed = _core.pack_w4(q, group_size or 0)
         return cls((n, k), 4, group_size, mins is None and zeros is None, packed, _panels(d),
-                   mins=mins, zeros=zeros, perm=perm)
+                   mins=mins, zeros=zeros, perm=perm, in_scale=input_scale)
 
     @property
     def nbytes(self) -> int:
-        parts = (self._packed, self._scales, self._comp, self._mins, self._zeros, self._perm)
+        parts = (self._packed, self._scales, self._comp, self._mins, self._zeros, self._perm,
+                 self._in_scale)
         return sum(a.nbytes for a in parts if a is not None)
 
     def _per_row(self, a):
@@ -121,6 +136,11 @@ class QuantizedWeight:
         """The input order of the packed columns (act-order), or None for the natural order."""
         return self._perm
 
+    @property
+    def input_scale(self):
+        """float32 (K,) factors layers multiply their inputs by (AWQ), or None."""
+        return self._in_scale
+
     def int_values(self, rows=None) -> np.ndarray:
         """The quantized integers (N, K), or of the given rows (an index or slice), in the packed
         input order (see ``perm``): int8 for 8 bits, uint8 0..15 for 4 bits."""
@@ -134,8 +154,8 @@ class QuantizedWeight:
 
     def dequantize(self, rows=None) -> np.ndarray:
         """float32 (N, K), or the given rows (an index or slice): the weights the kernels multiply
-        by (``scale * q``, ``d * q + m``, ``d * (q - z)``, ``d * (q - 8)``, each in float32), in the
-        original input order."""
+        by (``scale * q``, ``d * q + m``, ``d * (q - z)``, ``d * (q - 8)``, each in float32, times
+        ``input_scale`` if any), in the original input order."""
         n, k = self.shape
         sel = slice(None) if rows is None else rows
         q = self.int_values(rows).astype(np.float32)
@@ -152,16 +172,19 @@ class QuantizedWeight:
         else:
             w = d * (q - np.float32(8))
         w = w.reshape(r, k)
-        if self._perm is None:
-            return w
-        out = np.empty_like(w)
-        out[:, self._perm] = w
-        return out
+        if self._perm is not None:
+            out = np.empty_like(w)
+            out[:, self._perm] = w
+            w = out
+        if self._in_scale is not None:
+            w *= self._in_scale
+        return w
 
     def __repr__(self):
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         sym = "symmetric" if self.symmetric else "zero points" if self._zeros is not None else "asymmetric"
         act = ", act-order" if self._perm is not None else ""
+        act += ", input_scale" if self._in_scale is not None else ""
         return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, {g}, {sym}{act}, "
                 f"nbytes={self.nbytes})")
 
@@ -213,19 +236,40 @@ def _as_float32_matrix(w, what="w") -> np.ndarray:
 
 
 def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
-             method: str = "rtn", calibration=None) -> QuantizedWeight:
+             method: str = "rtn", calibration=None, *, act_order: bool = False,
+             damp: float = 0.01, progress: bool | None = None) -> QuantizedWeight:
     """Quantize a float weight matrix ``w`` (N, K) to a :class:`QuantizedWeight`.
 
     bits: 8 (symmetric: ``scale = max|w| / 127``, values in [-127, 127]) or 4 (symmetric like GGUF
     Q4_0: ``d = (value of largest magnitude) / -8``; asymmetric like Q4_1: ``d = (max - min) / 15``,
     ``m = min``; d and m stored as float16). group_size: None for one scale per output row, else a
-    positive multiple of 32 dividing K. method: "rtn" (round to nearest, half to even).
-    NaN or Inf in ``w`` raise ValueError.
+    positive multiple of 32 dividing K. NaN or Inf in ``w`` raise ValueError.
+
+    method (see lowbit.methods for the algorithms):
+
+    * "rtn": round to nearest (half to even) with the ranges above. No calibration.
+    * "mse": per row and group, the clipping of the range (1.0 down to 0.5 of it) with the least
+      squared error of the weights, or, given calibration rows, of the layer's output on them.
+    * "gptq": GPTQ on the Hessian of the calibration rows (required), damped by ``damp`` times
+      its mean diagonal; ``act_order=True`` rounds the most active inputs first (the weight keeps
+      that input order, ``perm``, and runs on the same kernels).
+    * "awq": activation-aware scaling of the input channels from the calibration rows (required),
+      then the "mse" clipping search; the weight keeps the inverse scales as ``input_scale``.
+
+    calibration: float activations (S, K), the inputs the layer sees (a few hundred rows or more).
+    progress: report GPTQ's progress on stderr (default: when the matrix has over 16M weights and
+    stderr is a terminal).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if calibration is not None:
+    if method == "rtn" and calibration is not None:
         raise ValueError("calibration is only used by calibrated methods; method='rtn' takes none")
+    if method in ("gptq", "awq") and calibration is None:
+        raise ValueError(f"method={method!r} needs calibration: activations (S, K) of the layer")
+    if act_order and method != "gptq":
+        raise ValueError("act_order is an option of method='gptq'")
+    if not (isinstance(damp, (int, float)) and 0 < damp < 1):
+        raise ValueError(f"damp must be in (0, 1), got {damp!r}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if bits == 8 and not symmetric:
@@ -233,8 +277,32 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
     w = _as_float32_matrix(w)
     n, k = w.shape
     group_size = _check_group(group_size, k)
+    if method != "rtn":
+        return _quantize_method(w, bits, group_size, bool(symmetric), method, calibration,
+                                act_order, damp, progress)
     if bits == 8:
         packed, scales, comp = _core.quantize_w8(w, group_size or 0)
         return QuantizedWeight((n, k), 8, group_size, True, packed, scales, comp=comp)
     packed, scales, mins = _core.quantize_w4(w, group_size or 0, bool(symmetric))
     return QuantizedWeight((n, k), 4, group_size, bool(symmetric), packed, scales, mins=mins)
+
+
+def _quantize_method(w, bits, group_size, symmetric, method, calibration, act_order, damp, progress):
+    from . import methods
+
+    n, k = w.shape
+    if not np.isfinite(w).all():
+        raise ValueError("w: NaN or Inf in the weights")
+    grid = methods.Grid(bits, symmetric)
+    group = group_size or k
+    h = None if calibration is None else methods.hessian(calibration, k)
+    if method == "mse":
+        q, d, m = methods.mse(w, grid, group, h)
+        return grid.build(q, d, m, group_size)
+    if method == "gptq":
+        if progress is None:
+            progress = n * k > (1 << 24) and sys.stderr.isatty()
+        q, d, m, perm = methods.gptq(w, grid, group, h, damp, act_order, progress)
+        return grid.build(q, d, m, group_size, perm=perm)
+    q, d, m, inv_s = methods.awq(w, grid, group, calibration, h)
+    return grid.build(q, d, m, group_size, input_scale=inv_s)

@@ -39,10 +39,13 @@ inline float bits_to_float(uint32_t b) {
   return f;
 }
 
-inline __m256i quant8(const float* x, int64_t left, __m256 scale) {
+// clamp(round(x / scale) + zero, lo, 127), the quotient clamped to +-1024 first (quant/ref.cpp)
+inline __m256i quant8(const float* x, int64_t left, __m256 scale, int32_t zero = 0, int32_t lo = -127) {
   const __m256 v = left >= 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, lanes_below(left));
-  const __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(v, scale));
-  return _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+  const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v, scale), _mm256_set1_ps(-1024.f)),
+                                 _mm256_set1_ps(1024.f));
+  const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(zero));
+  return _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(lo));
 }
 
 // The 8 int32 lanes (each in 0..255 after any offset) narrowed to bytes, in order.
@@ -156,12 +159,14 @@ int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
 }
 
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
-                 uint8_t* out, int64_t ldo, float* scales) {
+                 uint8_t* out, int64_t ldo, float* scales, float fixed, int32_t zero) {
+  const int32_t lo = fixed > 0.f ? -128 : -127;
+  if (!(fixed > 0.f)) zero = 0;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     uint8_t* q = out + m * ldo;
     const uint32_t bits = amax_bits(row, 0, K);
-    const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+    const float scale = bits >= kInfBits ? NAN : fixed > 0.f ? fixed : bits_to_float(bits) / 127.f;
     scales[m] = scale;
     if (!(scale != 0.f && bits < kInfBits)) {
       std::memset(q, 128, Kp);
@@ -170,10 +175,10 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
     const __m256 s = _mm256_set1_ps(scale);
     int64_t k = 0;
     for (; k + 8 <= Kp; k += 8)
-      narrow8(_mm256_add_epi32(quant8(row + k, K - k, s), _mm256_set1_epi32(128)), q + k);
+      narrow8(_mm256_add_epi32(quant8(row + k, K - k, s, zero, lo), _mm256_set1_epi32(128)), q + k);
     if (k < Kp) {  // Kp - k == 4
       uint8_t tail[8];
-      narrow8(_mm256_add_epi32(quant8(row + k, K - k, s), _mm256_set1_epi32(128)), tail);
+      narrow8(_mm256_add_epi32(quant8(row + k, K - k, s, zero, lo), _mm256_set1_epi32(128)), tail);
       std::memcpy(q + k, tail, (size_t)(Kp - k));
     }
   }
@@ -181,19 +186,20 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
 
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup) {
+                        float* agroup, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
+  const int32_t lo = fixed > 0.f ? -128 : -127;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     float A = 0.f;
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t k0 = b * kActBlock;
       const uint32_t bits = amax_bits(row, k0 < K ? k0 : K, k0 + kActBlock < K ? k0 + kActBlock : K);
-      const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+      const float scale = bits >= kInfBits ? NAN : fixed > 0.f ? fixed : bits_to_float(bits) / 127.f;
       __m256i sum = _mm256_setzero_si256();
       for (int i = 0; i < 4; ++i) {
         __m256i v = _mm256_setzero_si256();
-        if (scale != 0.f && bits < kInfBits) v = quant8(row + k0 + 8 * i, K - k0 - 8 * i, _mm256_set1_ps(scale));
+        if (scale != 0.f && bits < kInfBits) v = quant8(row + k0 + 8 * i, K - k0 - 8 * i, _mm256_set1_ps(scale), 0, lo);
         sum = _mm256_add_epi32(sum, v);
         uint8_t bytes[8];
         narrow8(_mm256_add_epi32(v, _mm256_set1_epi32(128)), bytes);  // via unsigned, as quantize_w8

@@ -35,10 +35,13 @@ inline float bits_to_float(uint32_t b) {
 }
 
 // round-half-even(x / scale) clamped to [-127, 127]; x beyond `left` reads as 0.
-inline __m512i quant16(const float* x, int64_t left, __m512 scale) {
+// clamp(round(x / scale) + zero, lo, 127), the quotient clamped to +-1024 first (quant/ref.cpp)
+inline __m512i quant16(const float* x, int64_t left, __m512 scale, int32_t zero = 0, int32_t lo = -127) {
   const __m512 v = _mm512_maskz_loadu_ps(mask_upto(left), x);
-  const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(v, scale));
-  return _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+  const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, scale), _mm512_set1_ps(-1024.f)),
+                                 _mm512_set1_ps(1024.f));
+  const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(t), _mm512_set1_epi32(zero));
+  return _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(lo));
 }
 
 }  // namespace
@@ -131,12 +134,14 @@ int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
 }
 
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
-                 uint8_t* out, int64_t ldo, float* scales) {
+                 uint8_t* out, int64_t ldo, float* scales, float fixed, int32_t zero) {
+  const int32_t lo = fixed > 0.f ? -128 : -127;
+  if (!(fixed > 0.f)) zero = 0;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     uint8_t* q = out + m * ldo;
     const uint32_t bits = amax_bits(row, 0, K);
-    const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+    const float scale = bits >= kInfBits ? NAN : fixed > 0.f ? fixed : bits_to_float(bits) / 127.f;
     scales[m] = scale;
     if (!(scale != 0.f && bits < kInfBits)) {
       std::memset(q, 128, Kp);
@@ -144,7 +149,7 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
     }
     const __m512 s = _mm512_set1_ps(scale);
     for (int64_t k = 0; k < Kp; k += 16) {
-      const __m512i v = _mm512_add_epi32(quant16(row + k, K - k, s), _mm512_set1_epi32(128));
+      const __m512i v = _mm512_add_epi32(quant16(row + k, K - k, s, zero, lo), _mm512_set1_epi32(128));
       _mm_mask_storeu_epi8(q + k, mask_upto(Kp - k), _mm512_cvtepi32_epi8(v));
     }
   }
@@ -152,20 +157,21 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
 
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup) {
+                        float* agroup, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
+  const int32_t lo = fixed > 0.f ? -128 : -127;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     float A = 0.f;
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t k0 = b * kActBlock;
       const uint32_t bits = amax_bits(row, k0 < K ? k0 : K, k0 + kActBlock < K ? k0 + kActBlock : K);
-      const float scale = bits >= kInfBits ? NAN : bits_to_float(bits) / 127.f;
+      const float scale = bits >= kInfBits ? NAN : fixed > 0.f ? fixed : bits_to_float(bits) / 127.f;
       __m512i q0 = _mm512_setzero_si512(), q1 = q0;
       if (scale != 0.f && bits < kInfBits) {
         const __m512 s = _mm512_set1_ps(scale);
-        q0 = quant16(row + k0, K - k0, s);
-        q1 = quant16(row + k0 + 16, K - k0 - 16, s);
+        q0 = quant16(row + k0, K - k0, s, 0, lo);
+        q1 = quant16(row + k0 + 16, K - k0 - 16, s, 0, lo);
       }
       _mm_storeu_si128((__m128i*)(q + m * ldq + k0), _mm512_cvtepi32_epi8(q0));
       _mm_storeu_si128((__m128i*)(q + m * ldq + k0 + 16), _mm512_cvtepi32_epi8(q1));

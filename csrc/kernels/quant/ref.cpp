@@ -111,8 +111,18 @@ int64_t quantize_w4(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t K
   return -1;
 }
 
+// q = clamp(round-half-even(v / scale) + zero, lo, 127); the quotient is clamped first so that a
+// static scale far below |v| cannot overflow the conversion.
+static int32_t quant1(float v, float scale, int32_t zero, int32_t lo) {
+  const float t = std::fmin(std::fmax(v / scale, -1024.f), 1024.f);
+  const int32_t q = (int32_t)std::nearbyint(t) + zero;
+  return q < lo ? lo : (q > 127 ? 127 : q);
+}
+
 void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
-                 uint8_t* out, int64_t ldo, float* scales) {
+                 uint8_t* out, int64_t ldo, float* scales, float fixed, int32_t zero) {
+  const int32_t lo = fixed > 0.f ? -128 : -127;
+  if (!(fixed > 0.f)) zero = 0;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     uint8_t* q = out + m * ldo;
@@ -122,11 +132,10 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
       ok = ok && finite(row[k]);
       amax = std::fmax(amax, std::fabs(row[k]));
     }
-    const float scale = ok ? amax / 127.f : NAN;
+    const float scale = !ok ? NAN : fixed > 0.f ? fixed : amax / 127.f;
     for (int64_t k = 0; k < Kp; ++k) {
       int32_t v = 0;
-      if (k < K && ok && scale != 0.f) v = (int32_t)std::nearbyint(row[k] / scale);
-      v = v < -127 ? -127 : (v > 127 ? 127 : v);
+      if (ok && scale != 0.f) v = quant1(k < K ? row[k] : 0.f, scale, zero, lo);  // pad: zero
       q[k] = (uint8_t)(v + 128);
     }
     scales[m] = scale;
@@ -135,8 +144,9 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
 
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup) {
+                        float* agroup, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
+  const int32_t lo = fixed > 0.f ? -128 : -127;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     float A = 0.f;
@@ -148,12 +158,11 @@ void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int6
         ok = ok && finite(row[k]);
         amax = std::fmax(amax, std::fabs(row[k]));
       }
-      const float scale = ok ? amax / 127.f : NAN;
+      const float scale = !ok ? NAN : fixed > 0.f ? fixed : amax / 127.f;
       int32_t sum = 0;
       for (int64_t k = k0; k < k0 + kActBlock; ++k) {
         int32_t v = 0;
-        if (k < K && ok && scale != 0.f) v = (int32_t)std::nearbyint(row[k] / scale);
-        v = v < -127 ? -127 : (v > 127 ? 127 : v);
+        if (k < K && ok && scale != 0.f) v = quant1(row[k], scale, 0, lo);
         q[m * ldq + k] = (int8_t)v;
         sum += v;
       }

@@ -1,0 +1,210 @@
+"""Weight quantization methods better than rounding: "mse", "gptq", "awq" (see lb.quantize).
+
+All of them choose integers and scales in numpy (BLAS for the heavy products) and hand them to
+``QuantizedWeight.from_int``, so the result runs on the same kernels as round-to-nearest.
+
+* "mse": per (row, group) the clipping of the range, among 1.0, 0.98, ..., 0.5 of it, with the
+  least squared error: of the weights, or given calibration rows X, of the layer's output on them
+  (the group's own block of H = X^T X: ``delta H_gg delta^T``).
+* "gptq" (Frantar et al. 2022): columns are rounded one at a time and each rounding error is
+  spread over the columns not yet rounded, in the proportions the inverse Hessian of the output
+  error gives (H = X^T X / S, damped by ``damp`` times its mean diagonal), in blocks of 128 columns
+  with lazy updates of the rest. act_order rounds the inputs of largest H_jj first; the weight then
+  keeps that order (``perm``) so that groups stay contiguous for the kernels.
+* "awq" (Lin et al. 2023): input channels are scaled by s = mean|x_j|^a before rounding (a from a
+  grid of 20, normalised, chosen for the least output error on the calibration rows), then the
+  clipping is searched as "mse" does; the weight keeps 1 / s as its ``input_scale``.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+CLIPS = np.linspace(1.0, 0.5, 26, dtype=np.float32)  # fractions of the range "mse" tries
+GPTQ_BLOCK = 128
+
+
+class Grid:
+    """The rounding of lb.quantize, in numpy: parameters per row (and group), bit for bit those of
+    the C++ quantizers when clip is 1, and the values and weights they give."""
+
+    def __init__(self, bits, symmetric):
+        self.bits, self.symmetric = bits, symmetric
+        self.stored = np.float32 if bits == 8 else np.float16
+
+    def params(self, w, clip=1.0):
+        """(d, m) over the last axis of w, float32 holding values exact in the stored type (m is
+        None unless asymmetric). clip: a fraction of the range (a scalar or per row)."""
+        clip = np.asarray(clip, np.float32)
+        lo = w.min(-1) + np.float32(0)  # -0 -> +0, as the C++ does
+        hi = w.max(-1) + np.float32(0)
+        m = None
+        if self.bits == 8:
+            d = np.maximum(-lo, hi) * clip / np.float32(127)
+        elif self.symmetric:
+            d = (np.where(-lo > hi, lo, hi) * clip / np.float32(-8)).astype(np.float16)
+        else:
+            d = ((hi - lo) * clip / np.float32(15)).astype(np.float16)
+            m = (lo * clip).astype(np.float16)
+        if not (np.isfinite(d).all() and (m is None or np.isfinite(m).all())):
+            raise ValueError("a scale or minimum is beyond float16 (|w| too large for 4 bits)")
+        return d.astype(np.float32), None if m is None else m.astype(np.float32)
+
+    def round(self, w, d, m):
+        """Integer values of w for parameters d, m (broadcast against w), as float32."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.bits == 8:
+                q = np.clip(np.rint(w / d), -127, 127)
+                return np.where(d == 0, np.float32(0), q)
+            if self.symmetric:
+                q = np.clip(np.rint(w / d) + 8, 0, 15)
+                return np.where(d == 0, np.float32(8), q)
+            q = np.clip(np.rint((w - m) / d), 0, 15)
+            return np.where(d == 0, np.float32(0), q)
+
+    def dequant(self, q, d, m):
+        """The float32 weights of values q, computed as QuantizedWeight.dequantize does."""
+        if self.bits == 8:
+            return q * d
+        if self.symmetric:
+            return d * (q - np.float32(8))
+        return q * d + m
+
+    def build(self, q, d, m, group_size, perm=None, input_scale=None):
+        """A QuantizedWeight of values q (N, K) and parameters (N, groups)."""
+        from .quantize import QuantizedWeight
+
+        mins = None if m is None else m.astype(np.float16)
+        return QuantizedWeight.from_int(
+            q.astype(np.int8 if self.bits == 8 else np.uint8), d.astype(self.stored),
+            bits=self.bits, group_size=group_size, mins=mins, perm=perm, input_scale=input_scale)
+
+
+def hessian(calibration, k, chunk=4096):
+    """H = X^T X / S (float64, (K, K)) of the calibration rows X (S, K), in chunks of rows."""
+    x = np.asarray(calibration)
+    if x.dtype.kind != "f":
+        raise TypeError(f"calibration: expected float activations, got dtype {x.dtype}")
+    if x.ndim < 2 or x.shape[-1] != k or x.size == 0:
+        raise ValueError(f"calibration: expected activations of shape (S, {k}) with S >= 1, got "
+                         f"{x.shape}")
+    x = x.reshape(-1, k)
+    h = np.zeros((k, k), np.float64)
+    for lo in range(0, len(x), chunk):
+        part = np.asarray(x[lo:lo + chunk], np.float32)
+        if not np.isfinite(part).all():
+            raise ValueError("calibration: NaN or Inf in the activations")
+        h += part.T @ part
+    return h / len(x)
+
+
+def mse(w, grid, group, h=None):
+    """Values and parameters with the clipping of least (output) error per row and group."""
+    n, k = w.shape
+    wg = w.reshape(n, k // group, group)
+    hg = None
+    if h is not None:  # the diagonal blocks of H, one per group: (G, group, group)
+        idx = np.arange(k).reshape(-1, group)
+        hg = h[idx[:, :, None], idx[:, None, :]].astype(np.float32)
+    best_err = np.full(wg.shape[:2], np.inf)
+    best_clip = np.ones(wg.shape[:2], np.float32)
+    for c in CLIPS:
+        d, m = grid.params(wg, c)
+        m_ = None if m is None else m[..., None]
+        delta = grid.dequant(grid.round(wg, d[..., None], m_), d[..., None], m_) - wg
+        if hg is None:
+            err = np.einsum("ngi,ngi->ng", delta, delta)
+        else:
+            dt = delta.transpose(1, 0, 2)  # (G, N, group)
+            err = np.einsum("gni,gni->ng", dt @ hg, dt)
+        better = err < best_err
+        best_err[better] = err[better]
+        best_clip[better] = c
+    d, m = grid.params(wg, best_clip)
+    m_ = None if m is None else m[..., None]
+    q = grid.round(wg, d[..., None], m_).reshape(n, k)
+    return q, d, m
+
+
+def _inverse_upper(r):
+    """The inverse of an upper triangular matrix, by blocks: n^3 / 3 multiply-adds in BLAS."""
+    n = len(r)
+    if n <= 256:
+        return np.linalg.inv(r)
+    h = n // 2
+    a, c = _inverse_upper(r[:h, :h]), _inverse_upper(r[h:, h:])
+    out = np.zeros_like(r)
+    out[:h, :h], out[h:, h:] = a, c
+    out[:h, h:] = -(a @ r[:h, h:]) @ c
+    return out
+
+
+def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
+    """GPTQ's values and parameters (see the module docstring): (q, d, m, perm)."""
+    n, k = w.shape
+    h = h.copy()
+    diag = np.diagonal(h).copy()
+    dead = diag == 0
+    h[dead, dead] = 1.0  # inputs never seen: their columns are only rounded
+    perm = np.argsort(-diag, kind="stable") if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+        w = w[:, perm]
+    h[np.diag_indices(k)] += damp * np.mean(np.diagonal(h))
+    # U, the upper Cholesky factor of H^-1: H = R R^T with R upper (the Cholesky factor of H with
+    # its index order reversed), so H^-1 = R^-T R^-1 and U = R^-1.
+    try:
+        r = np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+    except np.linalg.LinAlgError:
+        raise ValueError("gptq: the damped Hessian is not positive definite; raise damp") from None
+    u = _inverse_upper(np.ascontiguousarray(r)).astype(np.float32)
+
+    wt = np.array(w.T, np.float32)  # (K, N): column i of W is the contiguous row wt[i]
+    q = np.empty((k, n), np.float32)
+    groups = k // group
+    d = np.empty((groups, n), np.float32)
+    m = np.empty((groups, n), np.float32) if not (grid.bits == 8 or grid.symmetric) else None
+    for i1 in range(0, k, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, k)
+        err = np.empty((i2 - i1, n), np.float32)
+        for i in range(i1, i2):
+            g = i // group
+            if i % group == 0:  # the group's parameters, from its columns as updated so far
+                d[g], mg = grid.params(wt[i:i + group].T)
+                if m is not None:
+                    m[g] = mg
+            mg = None if m is None else m[g]
+            qi = grid.round(wt[i], d[g], mg)
+            e = (wt[i] - grid.dequant(qi, d[g], mg)) / u[i, i]
+            wt[i + 1:i2] -= u[i, i + 1:i2, None] * e
+            err[i - i1] = e
+            q[i] = qi
+        wt[i2:] -= u[i1:i2, i2:].T @ err
+        if progress:
+            print(f"\rgptq: {i2}/{k} columns", end="" if i2 < k else "\n", file=sys.stderr, flush=True)
+    return q.T, d.T, None if m is None else m.T, perm
+
+
+def awq(w, grid, group, x, h):
+    """AWQ's values, parameters and input scale (see the module docstring): (q, d, m, 1 / s)."""
+    x = np.asarray(x).reshape(-1, w.shape[1])
+    x = x[np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.intp)].astype(np.float32)
+    x_mean = np.abs(x).mean(0).astype(np.float64)
+    x_mean = np.maximum(x_mean, x_mean.max() * 1e-4 + 1e-30)
+    y = x @ w.T
+    n, k = w.shape
+    best, best_err = None, np.inf
+    for a in np.arange(20) / 20:
+        s = x_mean ** a
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        ws = (w * s).reshape(n, k // group, group)
+        d, m = grid.params(ws)
+        m_ = None if m is None else m[..., None]
+        wq = grid.dequant(grid.round(ws, d[..., None], m_), d[..., None], m_).reshape(n, k) / s
+        err = float(((x @ wq.T - y) ** 2).sum())
+        if err < best_err:
+            best, best_err = s, err
+    s = best
+    q, d, m = mse(w * s, grid, group, h / np.outer(s, s))
+    return q, d, m, (1 / s).astype(np.float32)
