@@ -45,6 +45,8 @@ import lowbit as lb
 from lowbit import nn
 
 MODES = ("float", "int8", "int4")
+OBSERVERS = {"minmax": lb.MinMaxObserver, "percentile": lb.PercentileObserver,
+             "mse": lb.MSEObserver, "entropy": lb.EntropyObserver}
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 
 # Text the activation ranges for smoothing are measured on (independent of any evaluation data).
@@ -165,9 +167,15 @@ class MiniLM:
     """all-MiniLM-L6-v2: encode(sentences) -> float32 (n, 384) unit vectors, like sentence-transformers.
 
     threads: Python threads for the numpy work (default lb.get_num_threads()). smooth: SmoothQuant
-    the quantized modes' activations (see the module docstring)."""
+    the quantized modes' activations (see the module docstring). method: the weight method of
+    lb.quantize ("rtn", "mse", "gptq", "awq"; the calibrated ones run layer by layer on the float
+    model's inputs to each layer). static: None for dynamic int8 activations, or an observer
+    ("minmax", "percentile", "mse", "entropy") for calibrated static ones. calibration: the
+    sentences the smoothing, the methods and the observers are calibrated on (default
+    CALIBRATION)."""
 
-    def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None, smooth=True):
+    def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None, smooth=True,
+                 method="rtn", static=None, calibration=None):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -217,29 +225,47 @@ class MiniLM:
         except ImportError:
             self._blas = None
 
-        self._ranges = None  # while calibrating: {float layer: largest |input| per channel}
+        self._captured = None  # while capturing: {float layer: [inputs]}
         self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
         if mode != "float":
-            self._quantize(smooth)
+            self._quantize(smooth, method, static,
+                           CALIBRATION if calibration is None else list(calibration))
+        elif method != "rtn" or static is not None:
+            raise ValueError("method and static apply to the quantized modes")
         self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
 
-    def _quantize(self, smooth):
-        """Replace every FloatLinear by an lb.Linear, smoothed with ranges measured on CALIBRATION."""
-        if smooth:
-            self._ranges = {}
-            for sentence in CALIBRATION:  # one at a time: no padding rows in the ranges
+    def capture(self, sentences):
+        """{(block index, layer name): float32 (rows, in_features)}: the inputs each linear layer
+        sees on `sentences`, encoded one at a time (no padding rows)."""
+        self._captured = {}
+        try:
+            for sentence in sentences:
                 self.encode([sentence])
-            ranges, self._ranges = self._ranges, None
+            captured = self._captured
+        finally:
+            self._captured = None
+        return {(i, name): np.concatenate(captured[getattr(blk, name)])
+                for i, blk in enumerate(self._blocks) for name in _Block.LINEARS}
+
+    def _quantize(self, smooth, method, static, calibration):
+        """Replace every FloatLinear by an lb.Linear, calibrated on the float model's inputs."""
+        if static is not None and static not in OBSERVERS:
+            raise ValueError(f"static must be None or one of {list(OBSERVERS)}, got {static!r}")
+        inputs = self.capture(calibration)
         value_rows = slice(2 * self.hidden, None)  # of the fused QKV layer
-        for blk in self._blocks:
+        for i, blk in enumerate(self._blocks):
+            if method != "rtn" and i:  # block by block: the inputs the quantized blocks give
+                inputs = self.capture(calibration)
             weights = {name: (getattr(blk, name).weight, getattr(blk, name).bias) for name in _Block.LINEARS}
+            xs = {name: inputs[i, name] for name in _Block.LINEARS}
             if smooth:
                 inv = {}
                 for name, (w, b) in weights.items():
-                    s = np.sqrt(np.maximum(ranges[getattr(blk, name)], 1e-5) /
+                    s = np.sqrt(np.maximum(np.abs(xs[name]).max(0), 1e-5) /
                                 np.maximum(np.abs(w).max(0), 1e-5)).astype(np.float32)
                     weights[name] = (w * s, b)
                     inv[name] = 1.0 / s
+                    xs[name] = xs[name] * inv[name]
                 # The attention output (softmax weights @ V) is linear in V, so the output
                 # layer's 1 / s goes into V's rows instead of a pass over the attention output.
                 r = inv.pop("attn_out")
@@ -250,11 +276,16 @@ class MiniLM:
                 weights["qkv"] = (w, b)
                 blk.in_scale = inv
             for name, (w, b) in weights.items():
-                if self.mode == "int8":
-                    layer = lb.Linear(w, b, bits=8)
-                else:
-                    layer = lb.Linear(w, b, bits=4, group_size=32, symmetric=False)
-                setattr(blk, name, layer)
+                x = xs[name]
+                fmt = dict(bits=8) if self.mode == "int8" else dict(bits=4, group_size=32, symmetric=False)
+                qw = lb.quantize(w, **fmt, method=method,
+                                 calibration=None if method == "rtn" else x)
+                acts = "int8"
+                if static is not None:  # a zero point needs 8-bit weights; entropy is symmetric
+                    sym = self.mode == "int4" or static == "entropy"
+                    kw = {} if static == "entropy" else {"symmetric": sym}
+                    acts = OBSERVERS[static](**kw).observe(x).params()
+                setattr(blk, name, lb.Linear(qw, b, activations=acts))
 
     def _parallel(self, fn, n, step):
         """fn(lo, hi) over the blocks [lo, hi) of `step` covering [0, n): worker t takes blocks
@@ -271,11 +302,10 @@ class MiniLM:
 
     def _dense(self, layer, x):
         """layer(x): lowbit layers on lowbit's threads, float ones in row blocks on the workers."""
+        if self._captured is not None:
+            self._captured.setdefault(layer, []).append(x.copy())
         if not isinstance(layer, FloatLinear):
             return layer(x)
-        if self._ranges is not None:
-            r = np.abs(x).max(0)
-            self._ranges[layer] = np.maximum(self._ranges.get(layer, r), r)
         y = np.empty((len(x), layer.out_features), np.float32)
 
         def block(lo, hi):

@@ -42,10 +42,14 @@ class StaticActivations:
         if isinstance(s, bool) or not isinstance(s, (int, float, np.floating, np.integer)) \
                 or not (math.isfinite(s) and s > 0):
             raise ValueError(f"scale: expected a positive finite number, got {s!r}")
+        with np.errstate(over="ignore", under="ignore"):
+            s32 = float(np.float32(s))  # the kernels' float32 scale
+        if not (math.isfinite(s32) and s32 > 0):
+            raise ValueError(f"scale: {s!r} is not a positive finite float32")
         z = self.zero_point
         if isinstance(z, bool) or not isinstance(z, (int, np.integer)) or not -128 <= z <= 127:
             raise ValueError(f"zero_point: expected an integer in [-128, 127], got {z!r}")
-        object.__setattr__(self, "scale", float(np.float32(s)))  # the kernels' float32 scale
+        object.__setattr__(self, "scale", s32)
         object.__setattr__(self, "zero_point", int(z))
 
     @classmethod
@@ -150,7 +154,8 @@ class HistogramObserver(Observer):
             x = np.abs(x)
             lo, hi = 0.0, max(-lo, hi)
         if self.edges is None:
-            self.edges = (lo, hi if hi > lo else lo + 1e-30)
+            # a constant first batch: bins wide enough for float32 edges (np.histogram uses them)
+            self.edges = (lo, hi if hi > lo else lo + max(abs(lo) * 1e-3, 1e-30))
         elif lo < self.edges[0] or hi > self.edges[1]:
             self._widen(min(lo, self.edges[0]), max(hi, self.edges[1]))
         left, right = self.edges

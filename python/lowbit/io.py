@@ -2,7 +2,7 @@
 
 A file is a valid safetensors file (any safetensors reader opens it). A QuantizedWeight ``name`` is
 stored as the arrays the kernels read, already packed (``name:packed``, ``name:scales`` and, as
-present, ``name:comp``, ``name:mins``, ``name:zeros``, ``name:perm``), and described in the header's
+present, ``name:comp``, ``name:mins``, ``name:zeros``, ``name:perm``, ``name:in_scale``), and described in the header's
 ``__metadata__["lowbit"]``: a JSON object with the format version and, per weight, its shape,
 bits, group size, symmetry and layout. ``load`` memory-maps the file and hands back weights that
 run at once, without re-packing; ``save`` writes a temporary file beside the target and renames
@@ -21,9 +21,10 @@ import numpy as np
 from .errors import FormatError
 from .quantize import QuantizedWeight
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional in_scale part (AWQ); 1 is read as well
+_READS = (1, 2)
 LAYOUT = "panel16"  # kernels.h: 16-column panels; bump FORMAT_VERSION if it ever changes
-_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm")
+_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -105,9 +106,9 @@ def load(path) -> dict:
             version, described = lowbit["version"], lowbit["weights"]
         except (ValueError, TypeError, KeyError):
             raise FormatError(f"{path}: unreadable lowbit metadata") from None
-        if version != FORMAT_VERSION:
+        if version not in _READS:
             raise FormatError(f"{path}: lowbit format version {version}; this lowbit reads "
-                              f"{FORMAT_VERSION}")
+                              f"versions {list(_READS)}")
     out = {}
     for name, d in described.items():
         parts = {p: arrays.pop(f"{name}:{p}", None) for p in _PARTS}
@@ -166,6 +167,8 @@ def _weight(path, name, d, parts):
             expect["zeros"] = ((np_ // 16, g, 16), np.uint8)
     if parts["perm"] is not None:
         expect["perm"] = ((k,), np.int64)
+    if parts["in_scale"] is not None:
+        expect["in_scale"] = ((k,), np.float32)
     for part in _PARTS:
         a = parts[part]
         if part not in expect:
@@ -181,9 +184,11 @@ def _weight(path, name, d, parts):
             sum(parts[p] is not None for p in ("mins", "zeros")) + bool(sym) != 1):
         raise FormatError(f"{path}: weight {name!r}: 8-bit weights are symmetric; 4-bit ones are "
                           f"symmetric or have mins or zeros")
-    perm = parts["perm"]
+    perm, in_scale = parts["perm"], parts["in_scale"]
     if perm is not None and not np.array_equal(np.sort(perm), np.arange(k)):
         raise FormatError(f"{path}: weight {name!r}: perm is not a permutation of range({k})")
+    if in_scale is not None and not (np.isfinite(in_scale) & (in_scale > 0)).all():
+        raise FormatError(f"{path}: weight {name!r}: in_scale must be positive and finite")
     return QuantizedWeight((n, k), bits, group, bool(sym), parts["packed"], parts["scales"],
                            comp=parts["comp"], mins=parts["mins"], zeros=parts["zeros"],
-                           perm=None if perm is None else perm.astype(np.intp))
+                           perm=None if perm is None else perm.astype(np.intp), in_scale=in_scale)

@@ -9,8 +9,10 @@ All of them choose integers and scales in numpy (BLAS for the heavy products) an
 * "gptq" (Frantar et al. 2022): columns are rounded one at a time and each rounding error is
   spread over the columns not yet rounded, in the proportions the inverse Hessian of the output
   error gives (H = X^T X / S, damped by ``damp`` times its mean diagonal), in blocks of 128 columns
-  with lazy updates of the rest. act_order rounds the inputs of largest H_jj first; the weight then
-  keeps that order (``perm``) so that groups stay contiguous for the kernels.
+  with lazy updates of the rest. With groups, each group's parameters are chosen when its first
+  column comes up, from its columns as updated so far, by the clipping search of "mse" on the
+  group's block of H. act_order rounds the inputs of largest H_jj first; the weight then keeps
+  that order (``perm``) so that groups stay contiguous for the kernels.
 * "awq" (Lin et al. 2023): input channels are scaled by s = mean|x_j|^a before rounding (a from a
   grid of 20, normalised, chosen for the least output error on the calibration rows), then the
   clipping is searched as "mse" does; the weight keeps 1 / s as its ``input_scale``.
@@ -171,7 +173,12 @@ def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
         for i in range(i1, i2):
             g = i // group
             if i % group == 0:  # the group's parameters, from its columns as updated so far
-                d[g], mg = grid.params(wt[i:i + group].T)
+                wg = np.ascontiguousarray(wt[i:i + group].T)
+                if group < k:  # clipped as "mse" would, on the group's block of H
+                    _, dg, mg = mse(wg, grid, group, h[i:i + group, i:i + group])
+                    d[g], mg = dg[:, 0], None if mg is None else mg[:, 0]
+                else:
+                    d[g], mg = grid.params(wg)
                 if m is not None:
                     m[g] = mg
             mg = None if m is None else m[g]

@@ -237,7 +237,7 @@ def _as_float32_matrix(w, what="w") -> np.ndarray:
 
 def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
              method: str = "rtn", calibration=None, *, act_order: bool = False,
-             damp: float = 0.01, progress: bool | None = None) -> QuantizedWeight:
+             damp: float = 0.1, progress: bool | None = None) -> QuantizedWeight:
     """Quantize a float weight matrix ``w`` (N, K) to a :class:`QuantizedWeight`.
 
     bits: 8 (symmetric: ``scale = max|w| / 127``, values in [-127, 127]) or 4 (symmetric like GGUF
@@ -251,8 +251,9 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
     * "mse": per row and group, the clipping of the range (1.0 down to 0.5 of it) with the least
       squared error of the weights, or, given calibration rows, of the layer's output on them.
     * "gptq": GPTQ on the Hessian of the calibration rows (required), damped by ``damp`` times
-      its mean diagonal; ``act_order=True`` rounds the most active inputs first (the weight keeps
-      that input order, ``perm``, and runs on the same kernels).
+      its mean diagonal (0.1: GPTQ's usual 0.01 fits the calibration rows closer but generalized
+      worse to held-out text on MiniLM); ``act_order=True`` rounds the most active inputs first
+      (the weight keeps that input order, ``perm``, and runs on the same kernels).
     * "awq": activation-aware scaling of the input channels from the calibration rows (required),
       then the "mse" clipping search; the weight keeps the inverse scales as ``input_scale``.
 
