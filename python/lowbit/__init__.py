@@ -15,13 +15,17 @@ from .errors import FormatError
 from .gguf import gguf_metadata, load_gguf
 from .checkpoints import from_awq, from_gptq, load_awq, load_gptq
 from .io import load, save
+from .qat import fake_quantize, fake_quantize_grad
+from .mixed import layer_sensitivity, plan_precision
+from . import metrics
 
 __all__ = [
     "__version__", "cpu_info", "get_num_threads", "set_num_threads", "use_isa",
     "QuantizedWeight", "quantize", "Linear", "matmul", "gemm_s8", "pack_int4", "unpack_int4",
     "FormatError", "gguf_metadata", "load_gguf", "from_gptq", "from_awq", "load_gptq", "load_awq",
     "save", "load", "StaticActivations", "MinMaxObserver", "MovingAverageMinMaxObserver",
-    "PercentileObserver", "MSEObserver", "EntropyObserver",
+    "PercentileObserver", "MSEObserver", "EntropyObserver", "fake_quantize", "fake_quantize_grad",
+    "layer_sensitivity", "plan_precision", "metrics",
 ]
 
 # Resolve the kernel table now, so that a bad LOWBIT_ISA fails at import with the list of choices.

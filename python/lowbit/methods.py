@@ -25,6 +25,7 @@ import numpy as np
 
 CLIPS = np.linspace(1.0, 0.5, 26, dtype=np.float32)  # fractions of the range "mse" tries
 GPTQ_BLOCK = 128
+GPTQ_INNER = 16  # divides every group size (multiples of 32)
 
 
 class Grid:
@@ -162,7 +163,7 @@ def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
         raise ValueError("gptq: the damped Hessian is not positive definite; raise damp") from None
     u = _inverse_upper(np.ascontiguousarray(r)).astype(np.float32)
 
-    wt = np.array(w.T, np.float32)  # (K, N): column i of W is the contiguous row wt[i]
+    wt = np.ascontiguousarray(w.T, np.float32)  # (K, N): column i of W is the row wt[i]
     q = np.empty((k, n), np.float32)
     groups = k // group
     d = np.empty((groups, n), np.float32)
@@ -170,23 +171,28 @@ def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
     for i1 in range(0, k, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, k)
         err = np.empty((i2 - i1, n), np.float32)
-        for i in range(i1, i2):
-            g = i // group
-            if i % group == 0:  # the group's parameters, from its columns as updated so far
-                wg = np.ascontiguousarray(wt[i:i + group].T)
-                if group < k:  # clipped as "mse" would, on the group's block of H
-                    _, dg, mg = mse(wg, grid, group, h[i:i + group, i:i + group])
-                    d[g], mg = dg[:, 0], None if mg is None else mg[:, 0]
-                else:
-                    d[g], mg = grid.params(wg)
-                if m is not None:
-                    m[g] = mg
-            mg = None if m is None else m[g]
-            qi = grid.round(wt[i], d[g], mg)
-            e = (wt[i] - grid.dequant(qi, d[g], mg)) / u[i, i]
-            wt[i + 1:i2] -= u[i, i + 1:i2, None] * e
-            err[i - i1] = e
-            q[i] = qi
+        # Within a block, rank-1 updates reach only the next few columns (sub-blocks of
+        # GPTQ_INNER); the rest of the block and then the rest of W get theirs as products.
+        for j1 in range(i1, i2, GPTQ_INNER):
+            j2 = min(j1 + GPTQ_INNER, i2)
+            for i in range(j1, j2):
+                g = i // group
+                if i % group == 0:  # the group's parameters, from its columns as updated so far
+                    wg = np.ascontiguousarray(wt[i:i + group].T)
+                    if group < k:  # clipped as "mse" would, on the group's block of H
+                        _, dg, mg = mse(wg, grid, group, h[i:i + group, i:i + group])
+                        d[g], mg = dg[:, 0], None if mg is None else mg[:, 0]
+                    else:
+                        d[g], mg = grid.params(wg)
+                    if m is not None:
+                        m[g] = mg
+                mg = None if m is None else m[g]
+                qi = grid.round(wt[i], d[g], mg)
+                e = (wt[i] - grid.dequant(qi, d[g], mg)) / u[i, i]
+                wt[i + 1:j2] -= u[i, i + 1:j2, None] * e
+                err[i - i1] = e
+                q[i] = qi
+            wt[j2:i2] -= u[j1:j2, j2:i2].T @ err[j1 - i1:j2 - i1]
         wt[i2:] -= u[i1:i2, i2:].T @ err
         if progress:
             print(f"\rgptq: {i2}/{k} columns", end="" if i2 < k else "\n", file=sys.stderr, flush=True)
