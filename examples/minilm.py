@@ -169,13 +169,14 @@ class MiniLM:
     threads: Python threads for the numpy work (default lb.get_num_threads()). smooth: SmoothQuant
     the quantized modes' activations (see the module docstring). method: the weight method of
     lb.quantize ("rtn", "mse", "gptq", "awq"; the calibrated ones run layer by layer on the float
-    model's inputs to each layer). static: None for dynamic int8 activations, or an observer
+    model's inputs to each layer, block by block; method_options: more lb.quantize keywords, e.g.
+    {"act_order": True}). static: None for dynamic int8 activations, or an observer
     ("minmax", "percentile", "mse", "entropy") for calibrated static ones. calibration: the
     sentences the smoothing, the methods and the observers are calibrated on (default
     CALIBRATION)."""
 
     def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None, smooth=True,
-                 method="rtn", static=None, calibration=None):
+                 method="rtn", method_options=None, static=None, calibration=None):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -228,9 +229,9 @@ class MiniLM:
         self._captured = None  # while capturing: {float layer: [inputs]}
         self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
         if mode != "float":
-            self._quantize(smooth, method, static,
+            self._quantize(smooth, method, method_options or {}, static,
                            CALIBRATION if calibration is None else list(calibration))
-        elif method != "rtn" or static is not None:
+        elif method != "rtn" or method_options or static is not None:
             raise ValueError("method and static apply to the quantized modes")
         self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
 
@@ -247,7 +248,7 @@ class MiniLM:
         return {(i, name): np.concatenate(captured[getattr(blk, name)])
                 for i, blk in enumerate(self._blocks) for name in _Block.LINEARS}
 
-    def _quantize(self, smooth, method, static, calibration):
+    def _quantize(self, smooth, method, method_options, static, calibration):
         """Replace every FloatLinear by an lb.Linear, calibrated on the float model's inputs."""
         if static is not None and static not in OBSERVERS:
             raise ValueError(f"static must be None or one of {list(OBSERVERS)}, got {static!r}")
@@ -278,7 +279,7 @@ class MiniLM:
             for name, (w, b) in weights.items():
                 x = xs[name]
                 fmt = dict(bits=8) if self.mode == "int8" else dict(bits=4, group_size=32, symmetric=False)
-                qw = lb.quantize(w, **fmt, method=method,
+                qw = lb.quantize(w, **fmt, method=method, **method_options,
                                  calibration=None if method == "rtn" else x)
                 acts = "int8"
                 if static is not None:  # a zero point needs 8-bit weights; entropy is symmetric

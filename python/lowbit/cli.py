@@ -94,6 +94,12 @@ def cmd_quantize(args):
         if not isinstance(plan, dict):
             raise ValueError(f"{args.plan}: expected a JSON object {{name: settings or \"keep\"}}")
     default = {"bits": args.bits, "group_size": args.group_size, "symmetric": not args.asymmetric}
+    calibration = {}
+    if args.calibration:
+        with np.load(args.calibration, allow_pickle=False) as z:
+            calibration = {k: z[k] for k in z.files}
+    elif args.method in ("gptq", "awq"):
+        raise ValueError(f"--method {args.method} needs --calibration (a .npz of input rows per tensor)")
     tensors = read_tensors(args.input)
     out, table = {}, []
     for i, (name, t) in enumerate(tensors.items()):
@@ -104,10 +110,15 @@ def cmd_quantize(args):
         if (s and a is not None and a.ndim == 2 and a.dtype.kind == "f"
                 and min(a.shape) >= args.min_dim
                 and (s["group_size"] is None or a.shape[1] % s["group_size"] == 0)):
-            qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"])
+            if args.method in ("gptq", "awq") and name not in calibration:
+                raise ValueError(f"{args.calibration}: no input rows for tensor {name!r}")
+            qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"],
+                          method=args.method, calibration=calibration.get(name)
+                          if args.method != "rtn" else None)
             out[name] = qw
             g = f"g{qw.group_size}" if qw.group_size else "per-row"
-            table.append((name, a.shape, f"int{qw.bits} {g}{'' if qw.symmetric else ' asym'}",
+            how = ("" if qw.symmetric else " asym") + ("" if args.method == "rtn" else " " + args.method)
+            table.append((name, a.shape, f"int{qw.bits} {g}{how}",
                           a.nbytes, qw.nbytes, relative_error(a, qw)))
         else:
             out[name] = t
@@ -144,7 +155,10 @@ def main(argv=None):
     pq.add_argument("--bits", type=int, choices=(4, 8), default=8)
     pq.add_argument("--group-size", type=int, default=None, help="default: one scale per row")
     pq.add_argument("--asymmetric", action="store_true", help="4-bit with minima (like Q4_1)")
-    pq.add_argument("--method", choices=("rtn",), default="rtn")
+    pq.add_argument("--method", choices=("rtn", "mse", "gptq", "awq"), default="rtn",
+                    help="see lb.quantize; gptq and awq need --calibration")
+    pq.add_argument("--calibration", help=".npz of {tensor name: input rows (S, in_features)} "
+                                          "for the calibrated methods")
     pq.add_argument("--min-dim", type=int, default=32,
                     help="keep float matrices with a dimension below this (default 32)")
     pq.add_argument("--plan", help='JSON {tensor name: {"bits": .., "group_size": .., '
