@@ -13,9 +13,11 @@ All of them choose integers and scales in numpy (BLAS for the heavy products) an
   column comes up, from its columns as updated so far, by the clipping search of "mse" on the
   group's block of H. act_order rounds the inputs of largest H_jj first; the weight then keeps
   that order (``perm``) so that groups stay contiguous for the kernels.
-* "awq" (Lin et al. 2023): input channels are scaled by s = mean|x_j|^a before rounding (a from a
-  grid of 20, normalised, chosen for the least output error on the calibration rows), then the
-  clipping is searched as "mse" does; the weight keeps 1 / s as its ``input_scale``.
+* "awq" (Lin et al. 2023): input channels are scaled by s = mean|x_j|^a, or by
+  mean|x_j|^a / mean|w_:j|^(1 - a) (|w| relative to its group's largest), before rounding (a from
+  a grid of 20, s normalised; the candidate with the least output error on the calibration rows
+  wins), then the clipping is searched as "mse" does; the weight keeps 1 / s as its
+  ``input_scale``.
 """
 from __future__ import annotations
 
@@ -201,23 +203,26 @@ def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
 
 def awq(w, grid, group, x, h):
     """AWQ's values, parameters and input scale (see the module docstring): (q, d, m, 1 / s)."""
-    x = np.asarray(x).reshape(-1, w.shape[1])
+    n, k = w.shape
+    x = np.asarray(x).reshape(-1, k)
     x = x[np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.intp)].astype(np.float32)
     x_mean = np.abs(x).mean(0).astype(np.float64)
     x_mean = np.maximum(x_mean, x_mean.max() * 1e-4 + 1e-30)
+    wa = np.abs(w).reshape(n, k // group, group)
+    w_mean = (wa / np.maximum(wa.max(-1, keepdims=True), 1e-30)).reshape(n, k).mean(0)
+    w_mean = np.maximum(w_mean.astype(np.float64), 1e-6)
     y = x @ w.T
-    n, k = w.shape
     best, best_err = None, np.inf
     for a in np.arange(20) / 20:
-        s = x_mean ** a
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        ws = (w * s).reshape(n, k // group, group)
-        d, m = grid.params(ws)
-        m_ = None if m is None else m[..., None]
-        wq = grid.dequant(grid.round(ws, d[..., None], m_), d[..., None], m_).reshape(n, k) / s
-        err = float(((x @ wq.T - y) ** 2).sum())
-        if err < best_err:
-            best, best_err = s, err
+        for s in (x_mean ** a, x_mean ** a / w_mean ** (1 - a)):
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            ws = (w * s).reshape(n, k // group, group)
+            d, m = grid.params(ws)
+            m_ = None if m is None else m[..., None]
+            wq = grid.dequant(grid.round(ws, d[..., None], m_), d[..., None], m_).reshape(n, k) / s
+            err = float(((x @ wq.T - y) ** 2).sum())
+            if err < best_err:
+                best, best_err = s, err
     s = best
     q, d, m = mse(w * s, grid, group, h / np.outer(s, s))
     return q, d, m, (1 / s).astype(np.float32)

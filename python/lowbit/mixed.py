@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .linear import matmul
 from .quantize import _as_float32_matrix, quantize
 
 # The candidate formats: lb.quantize settings (the CLI's --plan entries), or "keep" (float32).
@@ -55,7 +54,7 @@ def layer_sensitivity(weights: dict, calibration: dict, formats=None, method="rt
                 continue
             qw = quantize(w, **settings, method=method,
                           calibration=None if method == "rtn" else x)
-            yq = matmul(x, qw, activations="float" if qw.bits == 4 else "int8")
+            yq = x @ qw.dequantize().T  # the weights' share: float activations for every format
             err = float(((yq - y).astype(np.float64) ** 2).sum())
             res[fmt] = {"error": err / energy if energy else float(err > 0), "nbytes": qw.nbytes}
         out[name] = res
