@@ -112,6 +112,8 @@ def load(path) -> dict:
     out = {}
     for name, d in described.items():
         parts = {p: arrays.pop(f"{name}:{p}", None) for p in _PARTS}
+        if version == 1 and parts["in_scale"] is not None:
+            raise FormatError(f"{path}: weight {name!r}: in_scale in a version 1 file")
         out[name] = _weight(path, name, d, parts)
     out.update(arrays)
     return out

@@ -44,6 +44,13 @@ class Grid:
         clip = np.asarray(clip, np.float32)
         lo = w.min(-1) + np.float32(0)  # -0 -> +0, as the C++ does
         hi = w.max(-1) + np.float32(0)
+        with np.errstate(over="ignore"):  # beyond float16: refused just below
+            d, m = self._params(lo, hi, clip)
+        if not (np.isfinite(d).all() and (m is None or np.isfinite(m).all())):
+            raise ValueError("a scale or minimum is beyond float16 (|w| too large for 4 bits)")
+        return d.astype(np.float32), None if m is None else m.astype(np.float32)
+
+    def _params(self, lo, hi, clip):
         m = None
         if self.bits == 8:
             d = np.maximum(-lo, hi) * clip / np.float32(127)
@@ -52,9 +59,7 @@ class Grid:
         else:
             d = ((hi - lo) * clip / np.float32(15)).astype(np.float16)
             m = (lo * clip).astype(np.float16)
-        if not (np.isfinite(d).all() and (m is None or np.isfinite(m).all())):
-            raise ValueError("a scale or minimum is beyond float16 (|w| too large for 4 bits)")
-        return d.astype(np.float32), None if m is None else m.astype(np.float32)
+        return d, m
 
     def round(self, w, d, m):
         """Integer values of w for parameters d, m (broadcast against w), as float32."""
@@ -170,8 +175,10 @@ def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
     groups = k // group
     d = np.empty((groups, n), np.float32)
     m = np.empty((groups, n), np.float32) if not (grid.bits == 8 or grid.symmetric) else None
-    for i1 in range(0, k, GPTQ_BLOCK):
-        i2 = min(i1 + GPTQ_BLOCK, k)
+    # blocks hold whole groups: a group's parameters then see every update of earlier columns
+    block = GPTQ_BLOCK if group >= k else max(group, GPTQ_BLOCK // group * group)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
         err = np.empty((i2 - i1, n), np.float32)
         # Within a block, rank-1 updates reach only the next few columns (sub-blocks of
         # GPTQ_INNER); the rest of the block and then the rest of W get theirs as products.

@@ -1,6 +1,7 @@
 """Weight quantization: float (N, K) arrays to packed low-bit weights the kernels read directly."""
 from __future__ import annotations
 
+import numbers
 import sys
 
 import numpy as np
@@ -269,7 +270,7 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
         raise ValueError(f"method={method!r} needs calibration: activations (S, K) of the layer")
     if act_order and method != "gptq":
         raise ValueError("act_order is an option of method='gptq'")
-    if not (isinstance(damp, (int, float)) and 0 < damp < 1):
+    if isinstance(damp, bool) or not (isinstance(damp, numbers.Real) and 0 < damp < 1):
         raise ValueError(f"damp must be in (0, 1), got {damp!r}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
