@@ -282,10 +282,8 @@ class MiniLM:
                 qw = lb.quantize(w, **fmt, method=method, **method_options,
                                  calibration=None if method == "rtn" else x)
                 acts = "int8"
-                if static is not None:  # a zero point needs 8-bit weights; entropy is symmetric
-                    sym = self.mode == "int4" or static == "entropy"
-                    kw = {} if static == "entropy" else {"symmetric": sym}
-                    acts = OBSERVERS[static](**kw).observe(x).params()
+                if static is not None:  # a zero point needs 8-bit weights
+                    acts = OBSERVERS[static](symmetric=self.mode == "int4").observe(x).params()
                 setattr(blk, name, lb.Linear(qw, b, activations=acts))
 
     def _parallel(self, fn, n, step):

@@ -557,3 +557,19 @@ def test_matmul_with_static_activations_is_the_linear(rng, bits, group, act):
     np.testing.assert_array_equal(lb.matmul(x, qw, activations=act), lb.Linear(qw, activations=act)(x))
     # the static result differs from the dynamic one
     assert not np.array_equal(y, lb.matmul(x, qw, b))
+
+
+def test_entropy_observer_asymmetric_searches_each_side():
+    """Asymmetric entropy: a threshold per side of zero. All-positive heavy-tailed data: the low
+    end stays at 0 and the high end clips the tail; data symmetric about zero: each side clips
+    its tail between the tail's 99.9th percentile and its extreme."""
+    rng = np.random.default_rng(5)
+    pos = np.abs(rng.laplace(size=200_000)).astype(np.float32)
+    lo, hi = lb.EntropyObserver(symmetric=False).observe(pos).range()
+    assert lo == 0.0 and np.percentile(pos, 99) < hi < 0.9 * pos.max()
+    sa = lb.EntropyObserver(symmetric=False).observe(pos).params()
+    assert sa.zero_point == -128 and sa.scale == pytest.approx(hi / 255, rel=1e-6)
+
+    x = rng.laplace(size=200_000).astype(np.float32)
+    lo, hi = lb.EntropyObserver(symmetric=False).observe(x).range()
+    assert np.percentile(x, 0.1) > lo >= x.min() and np.percentile(x, 99.9) < hi <= x.max()

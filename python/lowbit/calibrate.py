@@ -16,7 +16,7 @@ Observers (per tensor; symmetric by default, ``symmetric=False`` adds a zero poi
 * :class:`PercentileObserver`: the given percentile of |x| (or of x at both ends).
 * :class:`MSEObserver`: the clipping range of least expected squared quantization error.
 * :class:`EntropyObserver`: TensorRT's: the threshold whose 128-level quantized histogram of |x|
-  has the least KL divergence from the clipped histogram (symmetric only).
+  has the least KL divergence from the clipped histogram (asymmetric: one per side of zero).
 
 The last three keep a histogram of 2048 bins over the range seen so far; when a batch goes
 beyond it the range grows and the counts are redistributed (evenly within each old bin).
@@ -223,24 +223,38 @@ class MSEObserver(HistogramObserver):
 
 
 class EntropyObserver(HistogramObserver):
-    """TensorRT's entropy calibration: for each threshold (bin i from 128 to 2048) the histogram
-    of |x| clipped at it (the tail added to its last bin) is compared, by KL divergence, with its
+    """TensorRT's entropy calibration: for each threshold (bin i from 128 up) the histogram of |x|
+    clipped at it (the tail added to its last bin) is compared, by KL divergence, with its
     quantization to 128 levels (each level's count spread over the level's non-empty bins); the
-    threshold of least divergence wins. Symmetric only."""
+    threshold of least divergence wins. Asymmetric: the histogram of x is split at zero and each
+    side's threshold is searched so, on that side's histogram."""
 
     LEVELS = 128
 
-    def __init__(self, bins=2048):
-        super().__init__(True, bins)
+    def __init__(self, symmetric=True, bins=2048):
+        super().__init__(symmetric, bins)
 
     def range(self):
         self._check()
-        h = self.hist
+        left, right = self.edges
+        width = (right - left) / self.bins
+        if self.symmetric:
+            t = self._threshold(self.hist) * width
+            return -t, t
+        zero = min(max(int(round(-left / width)), 0), self.bins)  # the bin edge nearest to 0
+        hi = left + (zero + self._threshold(self.hist[zero:])) * width
+        lo = left + (zero - self._threshold(self.hist[:zero][::-1])) * width
+        return min(lo, 0.0), max(hi, 0.0)
+
+    def _threshold(self, h):
+        """The number of bins (from the start of h) whose clipped histogram diverges least."""
         n = self.LEVELS
         nonzero = np.nonzero(h)[0]
-        last = int(nonzero[-1]) + 1 if len(nonzero) else n
-        best_i, best_kl = self.bins, np.inf
-        for i in range(n, max(last, n) + 1):
+        last = int(nonzero[-1]) + 1 if len(nonzero) else 0
+        if last <= n:
+            return last  # fewer bins than levels: nothing to clip
+        best_i, best_kl = last, np.inf
+        for i in range(n, last + 1):
             p = h[:i].copy()
             p[-1] += h[i:].sum()
             src = h[:i]
@@ -249,13 +263,11 @@ class EntropyObserver(HistogramObserver):
             total = np.bincount(level, src, n)
             used = np.bincount(level, src > 0, n)
             q = np.where(src > 0, total[level] / np.maximum(used[level], 1), 0.0)
-            ps, qs = p.sum(), q.sum()
-            if ps == 0 or qs == 0:
+            if not q.sum():  # every count lies beyond i
                 continue
-            p, q = p / ps, q / qs + 1e-12  # the clipped tail's bin may have no levels of its own
+            p, q = p / p.sum(), q / q.sum() + 1e-12  # the clipped tail's bin may have no levels of its own
             m = p > 0
             kl = float((p[m] * np.log(p[m] / q[m])).sum())
             if kl < best_kl:
                 best_i, best_kl = i, kl
-        t = self.edges[1] * best_i / self.bins
-        return -t, t
+        return best_i
