@@ -12,9 +12,13 @@ others are the calibration set. Measured:
 2. The model with every linear layer INT4 g32 by GPTQ (act_order), calibrated block by block:
    mean cosine of the held-out sentences' embeddings to float32 (rtn for comparison).
 3. The model with INT8 weights and static int8 activations from each observer (rtn weights).
-4. The digits MLP of examples/digits_qat.py (INT8 and INT4 post-training, INT4 after QAT), seeds
+4. Mixed precision on MiniLM: lb.plan_precision under the bytes of uniform INT4 g32 (and 1.25x
+   that), fed (a) lb.layer_sensitivity (each layer's own output error on its calibration inputs)
+   or (b) an end-to-end sensitivity (1 - mean cosine of calibration embeddings with only that
+   layer quantized); the plans' held-out mean cosine against uniform INT4 g32.
+5. The digits MLP of examples/digits_qat.py (INT8 and INT4 post-training, INT4 after QAT), seeds
    0, 1, 2.
-5. GPTQ time on a 4096 x 4096 layer with 512 calibration rows (random data), INT4 g128.
+6. GPTQ time on a 4096 x 4096 layer with 512 calibration rows (random data), INT4 g128.
 
 --write replaces the "## Quantization methods" section of bench/RESULTS.md.
 """
@@ -90,6 +94,42 @@ def model_cosines(cal, held):
     return out
 
 
+def mixed(cal, held):
+    names = [f"{i}.{n}" for i in range(6) for n in minilm._Block.LINEARS]
+    fm = minilm.MiniLM(mode="float")
+    ref, ref_cal = fm.encode(held), fm.encode(cal[::3])
+    caps = fm.capture(cal)
+    weights = {f"{i}.{n}": getattr(b, n).weight for i, b in enumerate(fm._blocks)
+               for n in minilm._Block.LINEARS}
+    layer_sens = lb.layer_sensitivity(weights, {f"{i}.{n}": caps[i, n] for i, n in caps})
+    model_sens = {}
+    for name in names:  # one layer quantized at a time, error on the calibration embeddings
+        model_sens[name] = {}
+        for fmt, settings in lb.mixed.FORMATS.items():
+            if settings == "keep":
+                model_sens[name][fmt] = {"error": 0.0, "nbytes": int(weights[name].nbytes)}
+                continue
+            plan = dict.fromkeys(names, "keep")
+            plan[name] = settings
+            m = minilm.MiniLM(mode="int4", plan=plan)
+            cos = float((m.encode(cal[::3]) * ref_cal).sum(1).mean())
+            model_sens[name][fmt] = {"error": 1 - cos, "nbytes": layer_sens[name][fmt]["nbytes"]}
+    uniform = sum(layer_sens[n]["int4-g32"]["nbytes"] for n in names)
+    rows = []
+    for budget in (uniform, int(uniform * 1.25)):
+        row = {"budget": budget}
+        for label, sens in (("layer", layer_sens), ("model", model_sens)):
+            plan = lb.plan_precision(sens, budget)
+            emb = minilm.MiniLM(mode="int4", plan=plan).encode(held)
+            row[label] = float((emb * ref).sum(1).mean())
+            row[label + "_formats"] = {f: sum(plan[n] == s for n in names)
+                                       for f, s in lb.mixed.FORMATS.items()}
+        rows.append(row)
+    emb = minilm.MiniLM(mode="int4").encode(held)
+    return {"uniform_int4_bytes": uniform, "uniform_int4": float((emb * ref).sum(1).mean()),
+            "plans": rows}
+
+
 def digits():
     rows = []
     for seed in (0, 1, 2):
@@ -140,6 +180,17 @@ def markdown(r):
               f"| INT8, RTN | dynamic int8 | {m['int8_dynamic']:.4f} |"]
     for obs in minilm.OBSERVERS:
         lines.append(f"| INT8, RTN | static int8, {obs} observer | {m['int8_static_' + obs]:.4f} |")
+    mx = r["mixed"]
+    lines += ["", "### Mixed precision on MiniLM (lb.plan_precision): held-out mean cosine", "",
+              f"Uniform INT4 g32: {mx['uniform_int4_bytes'] / 1e6:.2f} MB of linear weights, "
+              f"{mx['uniform_int4']:.4f}.", "",
+              "| budget | plan from lb.layer_sensitivity | formats | plan from end-to-end sensitivity | formats |",
+              "|---|---|---|---|---|"]
+    for row in mx["plans"]:
+        fmts = {k: ", ".join(f"{n} {f}" for f, n in row[k + "_formats"].items() if n)
+                for k in ("layer", "model")}
+        lines.append(f"| {row['budget'] / 1e6:.2f} MB | {row['layer']:.4f} | {fmts['layer']} | "
+                     f"{row['model']:.4f} | {fmts['model']} |")
     lines += ["", "### Digits MLP (examples/digits_qat.py): test accuracy, %", "",
               "| seed | float32 | INT8 PTQ | INT4 PTQ | INT4 after QAT |", "|---|---|---|---|---|"]
     for seed, acc in enumerate(r["digits"]):
@@ -160,7 +211,7 @@ def main(argv=None):
     cal, held = split()
     r = {"threads": lb.get_num_threads(), "isa": lb.cpu_info()["isa"], "cpu": cpu_name(),
          "split": [len(cal), len(held)], "layers": layers(cal, held),
-         "model": model_cosines(cal, held), "digits": digits(), "gptq_4096_seconds": gptq_time()}
+         "model": model_cosines(cal, held), "mixed": mixed(cal, held), "digits": digits(), "gptq_4096_seconds": gptq_time()}
     if args.json:
         print(json.dumps(r, indent=2))
     text = markdown(r)

@@ -173,10 +173,11 @@ class MiniLM:
     {"act_order": True}). static: None for dynamic int8 activations, or an observer
     ("minmax", "percentile", "mse", "entropy") for calibrated static ones. calibration: the
     sentences the smoothing, the methods and the observers are calibrated on (default
-    CALIBRATION)."""
+    CALIBRATION). plan: {"<block>.<layer>": lb.quantize settings or "keep"} (lb.plan_precision's
+    form, layer one of _Block.LINEARS) overriding the mode's format per layer."""
 
     def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None, smooth=True,
-                 method="rtn", method_options=None, static=None, calibration=None):
+                 method="rtn", method_options=None, static=None, calibration=None, plan=None):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -230,8 +231,8 @@ class MiniLM:
         self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
         if mode != "float":
             self._quantize(smooth, method, method_options or {}, static,
-                           CALIBRATION if calibration is None else list(calibration))
-        elif method != "rtn" or method_options or static is not None:
+                           CALIBRATION if calibration is None else list(calibration), plan or {})
+        elif method != "rtn" or method_options or static is not None or plan:
             raise ValueError("method and static apply to the quantized modes")
         self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
 
@@ -248,7 +249,7 @@ class MiniLM:
         return {(i, name): np.concatenate(captured[getattr(blk, name)])
                 for i, blk in enumerate(self._blocks) for name in _Block.LINEARS}
 
-    def _quantize(self, smooth, method, method_options, static, calibration):
+    def _quantize(self, smooth, method, method_options, static, calibration, plan):
         """Replace every FloatLinear by an lb.Linear, calibrated on the float model's inputs."""
         if static is not None and static not in OBSERVERS:
             raise ValueError(f"static must be None or one of {list(OBSERVERS)}, got {static!r}")
@@ -279,11 +280,15 @@ class MiniLM:
             for name, (w, b) in weights.items():
                 x = xs[name]
                 fmt = dict(bits=8) if self.mode == "int8" else dict(bits=4, group_size=32, symmetric=False)
+                fmt = plan.get(f"{i}.{name}", fmt)
+                if fmt == "keep":
+                    setattr(blk, name, FloatLinear(w, b))
+                    continue
                 qw = lb.quantize(w, **fmt, method=method, **method_options,
                                  calibration=None if method == "rtn" else x)
                 acts = "int8"
                 if static is not None:  # a zero point needs 8-bit weights
-                    acts = OBSERVERS[static](symmetric=self.mode == "int4").observe(x).params()
+                    acts = OBSERVERS[static](symmetric=qw.bits == 4).observe(x).params()
                 setattr(blk, name, lb.Linear(qw, b, activations=acts))
 
     def _parallel(self, fn, n, step):

@@ -54,6 +54,31 @@ def test_quantize_with_a_plan(tmp_path, weights):
     np.testing.assert_array_equal(got["fc2.weight"], weights["fc2.weight"])
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantize_with_a_calibrated_method(tmp_path, weights, rng, capsys, method):
+    src, out, cal = tmp_path / "in.safetensors", tmp_path / "out.lowbit", tmp_path / "cal.npz"
+    lb.save(src, weights)
+    rows = {"fc1.weight": rng.normal(size=(200, 128)).astype(F32),
+            "fc2.weight": rng.normal(size=(200, 96)).astype(F32)}
+    np.savez(cal, **rows)
+    cli.main(["quantize", str(src), str(out), "--bits", "4", "--group-size", "32", "--method",
+              method, "--calibration", str(cal)])
+    got = lb.load(out)
+    expected = lb.quantize(weights["fc1.weight"], bits=4, group_size=32, method=method,
+                           calibration=rows["fc1.weight"])
+    np.testing.assert_array_equal(got["fc1.weight"].dequantize(), expected.dequantize())
+    assert f"int4 g32 {method}" in capsys.readouterr().out
+    # a tensor it would quantize without input rows, or no --calibration at all: an error
+    np.savez(cal, **{"fc1.weight": rows["fc1.weight"]})
+    for extra in (["--calibration", str(cal)], []):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["quantize", str(src), str(tmp_path / "o2.lowbit"), "--bits", "4",
+                      "--method", method, *extra])
+        assert e.value.code == 2
+        assert "calibration" in capsys.readouterr().err
+    assert not (tmp_path / "o2.lowbit").exists()
+
+
 def test_quantize_reports_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage!")

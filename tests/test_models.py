@@ -94,3 +94,13 @@ def test_minilm_static_int8_percentile(minilm_split):
     assert all(isinstance(layer.activations, minilm.lb.StaticActivations)
                for b in model._blocks for layer in b.linears)
     assert (model.encode(held) * ref).sum(1).mean() >= 0.99
+
+
+def test_minilm_plan_sets_formats_per_layer(minilm_split):
+    """A plan (lb.plan_precision's form) picks each layer's format; "keep" leaves it float."""
+    minilm, cal, held, ref = minilm_split
+    plan = {"0.qkv": "keep", "1.inter": {"bits": 8, "group_size": None, "symmetric": True}}
+    model = minilm.MiniLM(mode="int4", plan=plan)
+    assert isinstance(model._blocks[0].qkv, minilm.FloatLinear)
+    assert model._blocks[1].inter.weight.bits == 8 and model._blocks[1].out.weight.bits == 4
+    assert (model.encode(held[:8]) * ref[:8]).sum(1).mean() > 0.97

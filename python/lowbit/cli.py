@@ -111,7 +111,7 @@ def cmd_quantize(args):
                 and min(a.shape) >= args.min_dim
                 and (s["group_size"] is None or a.shape[1] % s["group_size"] == 0)):
             if args.method in ("gptq", "awq") and name not in calibration:
-                raise ValueError(f"{args.calibration}: no input rows for tensor {name!r}")
+                raise ValueError(f"--calibration {args.calibration}: no input rows for tensor {name!r}")
             qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"],
                           method=args.method, calibration=calibration.get(name)
                           if args.method != "rtn" else None)
