@@ -14,8 +14,8 @@ others are the calibration set. Measured:
 3. The model with INT8 weights and static int8 activations from each observer (rtn weights).
 4. Mixed precision on MiniLM: lb.plan_precision under the bytes of uniform INT4 g32 (and 1.25x
    that), fed (a) lb.layer_sensitivity (each layer's own output error on its calibration inputs)
-   or (b) an end-to-end sensitivity (1 - mean cosine of calibration embeddings with only that
-   layer quantized); the plans' held-out mean cosine against uniform INT4 g32.
+   or (b) lb.model_sensitivity (1 - mean cosine of calibration embeddings with only that layer
+   quantized); the plans' held-out mean cosine against uniform INT4 g32.
 5. The digits MLP of examples/digits_qat.py (INT8 and INT4 post-training, INT4 after QAT), seeds
    0, 1, 2.
 6. GPTQ time on a 4096 x 4096 layer with 512 calibration rows (random data), INT4 g128.
@@ -95,25 +95,19 @@ def model_cosines(cal, held):
 
 
 def mixed(cal, held):
-    names = [f"{i}.{n}" for i in range(6) for n in minilm._Block.LINEARS]
     fm = minilm.MiniLM(mode="float")
     ref, ref_cal = fm.encode(held), fm.encode(cal[::3])
     caps = fm.capture(cal)
     weights = {f"{i}.{n}": getattr(b, n).weight for i, b in enumerate(fm._blocks)
                for n in minilm._Block.LINEARS}
     layer_sens = lb.layer_sensitivity(weights, {f"{i}.{n}": caps[i, n] for i, n in caps})
-    model_sens = {}
-    for name in names:  # one layer quantized at a time, error on the calibration embeddings
-        model_sens[name] = {}
-        for fmt, settings in lb.mixed.FORMATS.items():
-            if settings == "keep":
-                model_sens[name][fmt] = {"error": 0.0, "nbytes": int(weights[name].nbytes)}
-                continue
-            plan = dict.fromkeys(names, "keep")
-            plan[name] = settings
-            m = minilm.MiniLM(mode="int4", plan=plan)
-            cos = float((m.encode(cal[::3]) * ref_cal).sum(1).mean())
-            model_sens[name][fmt] = {"error": 1 - cos, "nbytes": layer_sens[name][fmt]["nbytes"]}
+
+    def evaluate(plan):  # 1 - mean cosine of calibration embeddings, the model quantized by plan
+        emb = minilm.MiniLM(mode="int4", plan=plan).encode(cal[::3])
+        return 1 - float((emb * ref_cal).sum(1).mean())
+
+    model_sens = lb.model_sensitivity(evaluate, weights)
+    names = list(weights)
     uniform = sum(layer_sens[n]["int4-g32"]["nbytes"] for n in names)
     rows = []
     for budget in (uniform, int(uniform * 1.25)):
@@ -184,7 +178,7 @@ def markdown(r):
     lines += ["", "### Mixed precision on MiniLM (lb.plan_precision): held-out mean cosine", "",
               f"Uniform INT4 g32: {mx['uniform_int4_bytes'] / 1e6:.2f} MB of linear weights, "
               f"{mx['uniform_int4']:.4f}.", "",
-              "| budget | plan from lb.layer_sensitivity | formats | plan from end-to-end sensitivity | formats |",
+              "| budget | plan from lb.layer_sensitivity | formats | plan from lb.model_sensitivity | formats |",
               "|---|---|---|---|---|"]
     for row in mx["plans"]:
         fmts = {k: ", ".join(f"{n} {f}" for f, n in row[k + "_formats"].items() if n)

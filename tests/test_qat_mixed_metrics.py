@@ -648,3 +648,30 @@ def test_digits_qat_example(capsys, monkeypatch):
     assert acc["float32"] > 90
     assert abs(acc["int8_ptq"] - acc["float32"]) <= 0.5
     assert abs(acc["int4_qat"] - acc["float32"]) <= 1.0
+
+
+def test_model_sensitivity_evaluates_one_layer_at_a_time(rng):
+    """model_sensitivity calls evaluate with exactly one layer quantized, the rest "keep", and
+    reports its result with the format's real size; formats that do not fit are left out."""
+    weights = {"a": rng.normal(size=(32, 128)).astype(np.float32),
+               "b": rng.normal(size=(16, 96)).astype(np.float32)}
+    calls = []
+
+    def evaluate(plan):
+        calls.append(plan)
+        quantized = [n for n, s in plan.items() if s != "keep"]
+        assert len(quantized) == 1
+        s = plan[quantized[0]]
+        return {"a": 1.0, "b": 10.0}[quantized[0]] * (s["bits"] + (s["group_size"] or 0) / 1000)
+
+    sens = lb.model_sensitivity(evaluate, weights)
+    assert set(sens["a"]) == set(lb.mixed.FORMATS) and "int4-g128" not in sens["b"]
+    assert len(calls) == 3 + 2
+    assert sens["b"]["int4-g32"]["error"] == pytest.approx(10 * 4.032)
+    assert sens["a"]["float"] == {"error": 0.0, "nbytes": weights["a"].nbytes}
+    for name, w in weights.items():
+        for fmt, v in sens[name].items():
+            if fmt != "float":
+                assert v["nbytes"] == lb.quantize(w, **lb.mixed.FORMATS[fmt]).nbytes
+    plan = lb.plan_precision(sens, sens["a"]["int8"]["nbytes"] + sens["b"]["int4-g32"]["nbytes"])
+    assert plan["b"]["bits"] == 4 and plan["a"]["bits"] in (4, 8)

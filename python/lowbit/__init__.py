@@ -16,7 +16,7 @@ from .gguf import gguf_metadata, load_gguf
 from .checkpoints import from_awq, from_gptq, load_awq, load_gptq
 from .io import load, save
 from .qat import fake_quantize, fake_quantize_grad
-from .mixed import layer_sensitivity, plan_precision
+from .mixed import layer_sensitivity, model_sensitivity, plan_precision
 from . import metrics
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "FormatError", "gguf_metadata", "load_gguf", "from_gptq", "from_awq", "load_gptq", "load_awq",
     "save", "load", "StaticActivations", "MinMaxObserver", "MovingAverageMinMaxObserver",
     "PercentileObserver", "MSEObserver", "EntropyObserver", "fake_quantize", "fake_quantize_grad",
-    "layer_sensitivity", "plan_precision", "metrics",
+    "layer_sensitivity", "model_sensitivity", "plan_precision", "metrics",
 ]
 
 # Resolve the kernel table now, so that a bad LOWBIT_ISA fails at import with the list of choices.

@@ -1,14 +1,20 @@
 """Mixed precision: per-layer sensitivity to each format, and a plan under a size budget.
 
     sens = lb.layer_sensitivity(weights, calibration)        # {name: {format: {error, nbytes}}}
+    sens = lb.model_sensitivity(evaluate, weights)           # or end to end: evaluate(plan) -> error
     plan = lb.plan_precision(sens, budget_bytes)             # {name: settings or "keep"}
     json.dump(plan, open("plan.json", "w"))                  # edit it, or: lowbit quantize --plan
     layers = {n: lb.Linear(w, **plan[n]) ...}                # (a "keep" layer stays float)
 
-A layer's error in a format is the relative squared error of its output on its calibration rows,
-``||X W^T - X Wq^T||^2 / ||X W^T||^2`` (float activations: the weights' share of the loss). The
-plan minimises the sum of these over the layers subject to the sum of the layers' bytes, exactly
-(a multiple-choice knapsack solved over the Pareto front of (bytes, error)).
+layer_sensitivity: a layer's error in a format is the relative squared error of its output on its
+calibration rows, ``||X W^T - X Wq^T||^2 / ||X W^T||^2`` (float activations: the weights' share
+of the loss); cheap, but blind to how much each layer's error matters downstream.
+model_sensitivity: the model's own error (any measure the caller's `evaluate` returns) with one
+layer quantized at a time; one model evaluation per layer and format, and the better guide (on
+MiniLM, bench/methods.py: at the bytes of uniform INT4 its plan beats uniform INT4, the plan from
+layer_sensitivity does not). The plan minimises the sum of the errors over the layers subject to
+the sum of the layers' bytes, exactly (a multiple-choice knapsack over the Pareto front of
+(bytes, error)).
 """
 from __future__ import annotations
 
@@ -58,6 +64,31 @@ def layer_sensitivity(weights: dict, calibration: dict, formats=None, method="rt
             err = float(((yq - y).astype(np.float64) ** 2).sum())
             res[fmt] = {"error": err / energy if energy else float(err > 0), "nbytes": qw.nbytes}
         out[name] = res
+    return out
+
+
+def model_sensitivity(evaluate, weights: dict, formats=None) -> dict:
+    """End-to-end sensitivity, in layer_sensitivity's form: for each layer and format,
+    ``evaluate(plan)`` with that layer in that format and every other one kept ("keep"), e.g.
+    1 - the mean cosine of the model's outputs to float32 on calibration data. `weights` gives
+    each layer's float weight (for the formats' sizes). Costs one evaluation per layer and
+    quantized format."""
+    formats = FORMATS if formats is None else formats
+    names = list(weights)
+    out = {}
+    for name in names:
+        w = _as_float32_matrix(weights[name], name)
+        out[name] = {}
+        for fmt, settings in formats.items():
+            if settings == "keep":
+                out[name][fmt] = {"error": 0.0, "nbytes": int(w.nbytes)}
+                continue
+            g = settings.get("group_size")
+            if g is not None and w.shape[1] % g:
+                continue
+            plan = dict.fromkeys(names, "keep")
+            plan[name] = dict(settings)
+            out[name][fmt] = {"error": float(evaluate(plan)), "nbytes": quantize(w, **settings).nbytes}
     return out
 
 
