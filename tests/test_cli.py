@@ -94,3 +94,17 @@ def test_bf16_safetensors_load_as_float32(tmp_path):
     header = json.dumps({"x": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
     (tmp_path / "b.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bits.tobytes())
     np.testing.assert_array_equal(lb.load(tmp_path / "b.safetensors")["x"], x)
+
+
+def test_bench_plot(tmp_path, monkeypatch, capsys):
+    """lowbit bench --plot writes a picture of throughput against batch size (quick_table is
+    replaced by fixed rows: the timing itself belongs to the benchmarks)."""
+    pytest.importorskip("matplotlib")
+    from lowbit import bench
+    rows = [dict(M=m, N=256, K=512, format=f, us=us * m, speedup=1.0, rel_error=0.0, weight_mb=1.0)
+            for f, us in (("numpy float32", 50.0), ("int8 (W8A8)", 10.0)) for m in (1, 16, 128)]
+    monkeypatch.setattr(bench, "quick_table", lambda threads=None: rows)
+    out = tmp_path / "bench.png"
+    cli.main(["bench", "--json", "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert json.loads(capsys.readouterr().out)["rows"] == rows

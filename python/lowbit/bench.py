@@ -85,3 +85,31 @@ def quick_table(shapes=((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)), t
     finally:
         set_num_threads(before)
     return rows
+
+
+def plot(rows, path):
+    """Throughput (GFLOP/s, 2 M N K per call) against batch size M, one line per format, from
+    quick_table's rows, written to `path` (PNG, SVG, PDF: by its suffix). Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'lowbit[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fmt in dict.fromkeys(r["format"] for r in rows):
+        pts = sorted((r["M"], 2e-3 * r["M"] * r["N"] * r["K"] / r["us"]) for r in rows
+                     if r["format"] == fmt)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fmt,
+                linestyle="--" if fmt.startswith("numpy") else "-")
+    shapes = sorted({(r["N"], r["K"]) for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size M (rows per call)")
+    ax.set_ylabel("GFLOP/s (2 M N K per call)")
+    ax.set_title(f"Linear layers, N x K = {', '.join(f'{n} x {k}' for n, k in shapes)}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -41,6 +41,9 @@ def cmd_bench(args):
 
     info = cpu_info()
     rows = quick_table(threads=args.threads)
+    if args.plot:
+        from .bench import plot
+        plot(rows, args.plot)
     if args.json:
         print(json.dumps(dict(cpu=cpu_name(), isa=info["isa"], rows=rows)))
         return
@@ -147,6 +150,8 @@ def main(argv=None):
     pb = sub.add_parser("bench", help="INT8 / INT4 Linear vs numpy float32: speed, accuracy, memory")
     pb.add_argument("--threads", type=int, default=None)
     pb.add_argument("--json", action="store_true")
+    pb.add_argument("--plot", metavar="FILE.png", help="also draw throughput against batch size "
+                                                     "(needs matplotlib: lowbit[plot])")
     pb.set_defaults(fn=cmd_bench)
     pq = sub.add_parser("quantize", help="quantize the matrices of a safetensors / GGUF / .npz "
                                          "file into a lowbit file (see lb.load)")
@@ -167,7 +172,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, TypeError, OSError) as e:  # FormatError is a ValueError
+    except (ValueError, TypeError, OSError, ImportError) as e:  # FormatError is a ValueError
         p.exit(2, f"lowbit {args.cmd}: error: {e}\n")
 
 
