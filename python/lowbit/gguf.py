@@ -143,7 +143,8 @@ class _File:
             raise FormatError(f"GGUF tensor {name!r} has type {type_name}; lowbit reads F32, F16, "
                               f"BF16, Q4_0, Q4_1 and Q8_0")
         rows = int(np.prod(shape[:-1], dtype=np.int64))
-        return type_name, shape, np.frombuffer(self.map, np.uint8, nbytes, at).reshape(rows, -1)
+        raw = np.frombuffer(self.map, np.uint8, nbytes, at)
+        return type_name, shape, raw.reshape(rows, nbytes // rows if rows else 0)
 
 
 def gguf_metadata(path) -> dict:
@@ -170,9 +171,9 @@ def load_gguf(path) -> dict:
             bits = raw.reshape(-1).view("<u2").astype(np.uint32) << 16
             out[name] = bits.view(np.float32).reshape(shape)
         else:
-            if len(shape) != 2:
-                raise FormatError(f"GGUF tensor {name!r}: {type_name} tensors must be 2-D "
-                                  f"matrices, got shape {shape}")
+            if len(shape) != 2 or 0 in shape:
+                raise FormatError(f"GGUF tensor {name!r}: {type_name} tensors must be non-empty "
+                                  f"2-D matrices, got shape {shape}")
             n, k = shape
             if type_name == "Q8_0":
                 packed, scales, comp = _core.gguf_q8_0(raw, k)

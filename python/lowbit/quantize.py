@@ -142,24 +142,34 @@ class QuantizedWeight:
         """float32 (K,) factors layers multiply their inputs by (AWQ), or None."""
         return self._in_scale
 
+    def _rows(self, rows):
+        """Row numbers (1-D) selected by rows (None, an index, a slice or an index array)."""
+        n = self.shape[0]
+        try:
+            return np.atleast_1d(np.arange(n)[slice(None) if rows is None else rows])
+        except IndexError:
+            raise IndexError(f"rows {rows!r} out of range for {n} rows") from None
+
     def int_values(self, rows=None) -> np.ndarray:
-        """The quantized integers (N, K), or of the given rows (an index or slice), in the packed
-        input order (see ``perm``): int8 for 8 bits, uint8 0..15 for 4 bits."""
-        n, k = self.shape
-        r = np.atleast_1d(np.arange(n)[slice(None) if rows is None else rows])
+        """The quantized integers (N, K), or of the given rows (an index gives one row (K,), a
+        slice or an index array several), in the packed input order (see ``perm``): int8 for 8
+        bits, uint8 0..15 for 4 bits."""
+        k = self.shape[1]
+        r = self._rows(rows)
         # (panel, k block, column, byte): the selected rows' bytes in k order, rows gathered first
         b = self._packed.reshape(-1, self._packed.shape[1] * 16 // 64, 16, 4)[r // 16, :, r % 16]
         if self.bits == 4:  # low nibbles k0..3, high k4..7
             b = np.concatenate([b & 0x0F, b >> 4], axis=-1)
-        return np.ascontiguousarray(b.reshape(len(r), -1)[:, :k])
+        q = np.ascontiguousarray(b.reshape(len(r), -1)[:, :k])
+        return q[0] if isinstance(rows, (int, np.integer)) else q
 
     def dequantize(self, rows=None) -> np.ndarray:
-        """float32 (N, K), or the given rows (an index or slice): the weights the kernels multiply
+        """float32 (N, K), or the given rows (as ``int_values``): the weights the kernels multiply
         by (``scale * q``, ``d * q + m``, ``d * (q - z)``, ``d * (q - 8)``, each in float32, times
         ``input_scale`` if any), in the original input order."""
-        n, k = self.shape
-        sel = slice(None) if rows is None else rows
-        q = self.int_values(rows).astype(np.float32)
+        k = self.shape[1]
+        sel = self._rows(rows)
+        q = self.int_values(sel).astype(np.float32)
         r = q.shape[0]
         group = self.group_size or k
         q = q.reshape(r, k // group, group)
@@ -179,7 +189,7 @@ class QuantizedWeight:
             w = out
         if self._in_scale is not None:
             w *= self._in_scale
-        return w
+        return w[0] if isinstance(rows, (int, np.integer)) else w
 
     def __repr__(self):
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
