@@ -100,3 +100,16 @@ def test_quantize_rejects_bad_arguments(kwargs, err, match):
 def test_quantize_rejects_bad_arrays(w, err):
     with pytest.raises(err):
         lb.quantize(w)
+
+
+@pytest.mark.parametrize("fmt", [dict(bits=8), dict(bits=4, group_size=32, symmetric=False)])
+def test_rows_select_like_numpy_indexing(rng, fmt):
+    """dequantize / int_values of some rows: an index gives one row (1-D), a slice, a list or an
+    array several (2-D), exactly those of the whole matrix; out of range is an IndexError."""
+    qw = lb.quantize(rng.normal(size=(40, 64)).astype(np.float32), **fmt)
+    d, q = qw.dequantize(), qw.int_values()
+    for rows in (3, -1, np.int64(7), slice(2, 5), [3, 39], np.array([0, 0, 17])):
+        np.testing.assert_array_equal(qw.dequantize(rows=rows), d[rows])
+        np.testing.assert_array_equal(qw.int_values(rows=rows), q[rows])
+    with pytest.raises(IndexError, match="out of range"):
+        qw.dequantize(rows=40)
