@@ -121,6 +121,8 @@ class _File:
         for name, dims, ttype, offset in infos:
             type_name = _TYPE_NAMES.get(ttype, f"type {ttype}")
             count = int(np.prod(dims, dtype=object))
+            if int(np.prod([d for d in dims if d], dtype=object)) >= 1 << 62:
+                raise FormatError(f"GGUF tensor {name!r}: dimensions {list(dims)} beyond any array")
             nbytes = None
             if type_name in _BLOCKS:
                 block, size = _BLOCKS[type_name]
