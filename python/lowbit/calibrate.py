@@ -136,6 +136,7 @@ class MovingAverageMinMaxObserver(Observer):
             self._avg = (a + self.momentum * (lo - a), b + self.momentum * (hi - b))
 
     def range(self):
+        """(lo, hi): the range the scale covers."""
         self._check()
         return self._avg
 
@@ -189,6 +190,7 @@ class PercentileObserver(HistogramObserver):
         self.percentile = percentile
 
     def range(self):
+        """(lo, hi): the range the scale covers."""
         self._check()
         p = self.percentile / 100
         if self.symmetric:
@@ -203,6 +205,7 @@ class MSEObserver(HistogramObserver):
     histogram of |x|; asymmetric: the observed range shrunk by factors 1.0 down to 0.05."""
 
     def range(self):
+        """(lo, hi): the range the scale covers."""
         self._check()
         c = self._centers()
         h = self.hist
@@ -235,6 +238,7 @@ class EntropyObserver(HistogramObserver):
         super().__init__(symmetric, bins)
 
     def range(self):
+        """(lo, hi): the range the scale covers."""
         self._check()
         left, right = self.edges
         width = (right - left) / self.bins

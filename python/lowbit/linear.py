@@ -113,14 +113,17 @@ class Linear:
 
     @property
     def in_features(self) -> int:
+        """K, the length of an input row."""
         return self.weight.shape[1]
 
     @property
     def out_features(self) -> int:
+        """N, the length of an output row."""
         return self.weight.shape[0]
 
     @property
     def nbytes(self) -> int:
+        """The weight's bytes plus the bias's."""
         return self.weight.nbytes + (0 if self._bias is None else self._bias.nbytes)
 
     def __call__(self, x) -> np.ndarray:

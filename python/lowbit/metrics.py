@@ -64,6 +64,7 @@ def relative_error(reference, actual) -> float:
 
 
 def max_abs_error(reference, actual) -> float:
+    """The largest |reference - actual|."""
     a, b = _pair(reference, actual)
     return float(np.abs(a - b).max())
 

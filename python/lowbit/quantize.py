@@ -107,6 +107,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
+        """The bytes really held: packed values, scales and what else the layout keeps."""
         parts = (self._packed, self._scales, self._comp, self._mins, self._zeros, self._perm,
                  self._in_scale)
         return sum(a.nbytes for a in parts if a is not None)
