@@ -5,10 +5,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dispatch.h"
@@ -59,6 +61,33 @@ void check(const py::array& a, const char* name, std::initializer_list<int64_t> 
 
 template <class T>
 const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+
+// Releases the GIL for a block, like py::gil_scoped_release, but safe for daemon threads at
+// interpreter exit. There CPython ends a thread that asks for the GIL back with pthread_exit, an
+// unwinding, and unwinding out of a noexcept destructor (py::gil_scoped_release's) calls
+// std::terminate: the process aborts. This one parks the thread instead when the interpreter is
+// finalizing (the process is exiting and takes it along), and lets the unwinding through in the
+// narrow race where finalization begins inside PyEval_RestoreThread.
+class NoGil {
+ public:
+  NoGil() : state_(PyEval_SaveThread()) {}
+  ~NoGil() noexcept(false) {
+    while (finalizing()) std::this_thread::sleep_for(std::chrono::seconds(3600));
+    PyEval_RestoreThread(state_);
+  }
+  NoGil(const NoGil&) = delete;
+  NoGil& operator=(const NoGil&) = delete;
+
+ private:
+  static bool finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing();
+#else
+    return _Py_IsFinalizing();
+#endif
+  }
+  PyThreadState* state_;
+};
 
 // The weight shape and group size every format shares: positive, K small enough for exact int32
 // dots, groups a multiple of 32 dividing K (0: per channel).
@@ -116,7 +145,7 @@ py::tuple quantize_w8_py(const py::array& w, int64_t group) {
   const int64_t ldw = w.shape(0) > 1 ? w.strides(0) / (int64_t)sizeof(float) : s.K;
   int64_t bad;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     bad = quantize_w8(cptr<float>(w), ldw, s, packed.mutable_data(), scales.mutable_data(),
                       comp.mutable_data());
   }
@@ -139,7 +168,7 @@ py::tuple pack_w8_py(const py::array& q, int64_t group) {
   auto packed = zeros<int8_t>({s.Np, s.Kp});
   auto comp = zeros<int32_t>({s.G, s.Np});
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     pack_w8(cptr<int8_t>(q), s, packed.mutable_data(), comp.mutable_data());
   }
   return py::make_tuple(packed, comp);
@@ -161,7 +190,7 @@ py::tuple gguf_q8_0_py(const py::array& raw, int64_t K) {
   auto scales = zeros<float>({s.G, s.Np});
   auto comp = zeros<int32_t>({s.G, s.Np});
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     gguf_q8_0(cptr<uint8_t>(raw), raw.shape(1), s, packed.mutable_data(), scales.mutable_data(),
               comp.mutable_data());
   }
@@ -191,7 +220,7 @@ py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
   py::array_t<float> y({M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     linear_w8a8(cptr<float>(x), ldx, M, cptr<int8_t>(packed), cptr<float>(scales),
                 cptr<int32_t>(comp), b, s, act_scale, act_zero, y.mutable_data());
   }
@@ -221,7 +250,7 @@ py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
   int64_t bad;
   int why = 0;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     bad = quantize_w4(cptr<float>(w), ldw, s, packed.mutable_data(), (uint16_t*)scales.mutable_data(),
                       mins_ptr, &why);
   }
@@ -252,7 +281,7 @@ py::array_t<uint8_t> pack_w4_py(const py::array& q, int64_t group) {
                             std::to_string(i / s.K) + ", " + std::to_string(i % s.K) + ")");
   auto packed = zeros<uint8_t>({s.Np, s.Kp / 2});
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     pack_w4(v, s, packed.mutable_data());
   }
   return packed;
@@ -265,7 +294,7 @@ py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
   py::array scales = half_zeros({s.Np / kPanel, s.G, kPanel});
   py::array mins = half_zeros({s.Np / kPanel, s.G, kPanel});
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     gguf_q4(cptr<uint8_t>(raw), raw.shape(1), has_min, s, packed.mutable_data(),
             (uint16_t*)scales.mutable_data(), (uint16_t*)mins.mutable_data());
   }
@@ -287,7 +316,7 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
   py::array_t<float> y({M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     linear_w4(cptr<float>(x), ldx, M, cptr<uint8_t>(packed), (const uint16_t*)scales.data(), mins_ptr,
               zeros_ptr, b, s, int8_activations, act_scale, y.mutable_data());
   }
@@ -304,7 +333,7 @@ py::array_t<int32_t> gemm_s8_py(const py::array& a, const py::array& b) {
   if (K == 0) return zeros<int32_t>({M, N});
   py::array_t<int32_t> c({M, N});
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     gemm_s8(cptr<int8_t>(a), M, cptr<int8_t>(b), N, K, c.mutable_data());
   }
   return c;
@@ -317,7 +346,7 @@ py::array_t<uint8_t> pack_int4_py(const py::array& q) {
   py::array_t<uint8_t> out({N, K / 2});
   int64_t bad;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     bad = pack_int4(cptr<uint8_t>(q), N * K / 2, out.mutable_data());
   }
   if (bad >= 0)
@@ -332,7 +361,7 @@ py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
   const int64_t N = p.shape(0), Kh = p.shape(1);
   py::array_t<uint8_t> out({N, 2 * Kh});
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     unpack_int4(cptr<uint8_t>(p), N * Kh, out.mutable_data());
   }
   return out;
@@ -349,7 +378,7 @@ py::array gelu_py(const py::array& x, py::object out) {
       y.size() != x.size())
     throw py::value_error("gelu: out must be a writeable C-contiguous float32 array of x's size");
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     gelu(cptr<float>(x), (float*)y.mutable_data(), (int64_t)x.size());
   }
   return y;
@@ -373,7 +402,7 @@ py::array_t<float> layer_norm_py(const py::array& x, const py::object& r, const 
   py::array_t<float> y({rows, n});
   const int64_t ld = rows > 1 ? x.strides(0) / (int64_t)sizeof(float) : n;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     layer_norm(cptr<float>(x), rp, ld, cptr<float>(w), bp, eps, rms, rows, n, y.mutable_data());
   }
   return y;
@@ -384,7 +413,7 @@ void softmax_py(py::array& x) {
     throw py::type_error("softmax: expected a writeable C-contiguous float32 array");
   if (x.ndim() == 0 || x.size() == 0) return;
   const int64_t n = x.shape(x.ndim() - 1);
-  py::gil_scoped_release nogil;
+  NoGil nogil;
   softmax((float*)x.mutable_data(), (int64_t)x.size() / n, n);
 }
 
@@ -414,7 +443,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     set_num_threads(n);
   });
 
@@ -432,13 +461,13 @@ PYBIND11_MODULE(_core, m) {
         py::arg("int8_activations"), py::arg("act_scale") = 0.f);
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     return dot_peak(seconds);
   }, py::arg("seconds") = 0.5, "int8 multiply-adds per second of the dot instruction, all threads");
   m.def("read_bandwidth", [](const py::array& buf, int repeats) {
     check<uint8_t>(buf, "buf", {-1});
     if (repeats < 1) throw py::value_error("repeats must be >= 1");
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     return read_bandwidth(cptr<uint8_t>(buf), buf.shape(0), repeats);
   }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));

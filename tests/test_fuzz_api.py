@@ -71,3 +71,35 @@ def test_malformed_arguments_raise_clear_errors(w, x, bits, group, sym, act):
             call()
         except (TypeError, ValueError):
             pass
+
+
+@fuzz
+@given(w=arrays, x=arrays, bits=st.one_of(st.sampled_from([4, 8]), st.integers(-2, 9), st.none()),
+       group=st.one_of(st.none(), st.integers(-64, 256), st.just(32.0)), sym=st.booleans(),
+       method=st.sampled_from(["rtn", "mse", "gptq", "awq", "bad", None]),
+       scale=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3),
+                       st.none(), st.just("x")),
+       zero=st.one_of(st.integers(-300, 300), st.floats(-2, 2), st.none()))
+def test_malformed_arguments_to_the_methods_raise_clear_errors(w, x, bits, group, sym, method,
+                                                               scale, zero):
+    """The calibration, method, QAT and metrics entry points, given garbage, raise TypeError or
+    ValueError (FormatError is a ValueError) and nothing else."""
+    calls = [
+        lambda: lb.quantize(w, bits=bits, group_size=group, symmetric=sym, method=method,
+                            calibration=x),
+        lambda: lb.StaticActivations(scale, zero),
+        lambda: lb.Linear(np.ones((4, 32), np.float32), activations=lb.StaticActivations(scale, zero))(x),
+        lambda: lb.PercentileObserver(symmetric=sym).observe(x).params(),
+        lambda: lb.EntropyObserver(symmetric=sym).observe(w).range(),
+        lambda: lb.MSEObserver(symmetric=sym).observe(x).observe(w).params(),
+        lambda: lb.fake_quantize(w, bits=bits, group_size=group, symmetric=sym),
+        lambda: lb.fake_quantize_grad(w, x, bits=bits, group_size=group, symmetric=sym),
+        lambda: lb.metrics.compare(w, x),
+        lambda: lb.metrics.report(w, x, targets=x),
+        lambda: lb.layer_sensitivity({"a": w}, {"a": x}),
+    ]
+    for call in calls:
+        try:
+            call()
+        except (TypeError, ValueError):
+            pass

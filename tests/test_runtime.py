@@ -182,3 +182,62 @@ def test_100000_layer_calls_keep_memory_flat(rng):
     for _ in range(100000):
         layer(x)
     assert rss_bytes() - before < 4 << 20
+
+
+BESIDE_OTHER_POOLS = """
+import threading, numpy as np, lowbit as lb
+use_torch = {torch}
+if use_torch:
+    import torch
+    torch.set_num_threads(2)
+lb.set_num_threads(2)
+rng = np.random.default_rng(0)
+w = rng.normal(size=(256, 512)).astype(np.float32)
+layer = lb.Linear(w)
+x = rng.normal(size=(64, 512)).astype(np.float32)
+ref = layer(x)
+a = rng.normal(size=(256, 256))
+t = torch.from_numpy(a) if use_torch else None
+def work():
+    for _ in range(150):
+        a @ a                                  # numpy's BLAS threads
+        if use_torch:
+            t @ t                              # PyTorch's OpenMP threads
+        assert np.array_equal(layer(x), ref)   # lowbit's pool, in between and at once
+threads = [threading.Thread(target=work) for _ in range(3)]
+for th in threads: th.start()
+work()
+for th in threads: th.join()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_no_deadlock_beside_blas_and_openmp_pools(with_torch):
+    """lowbit's pool used in turn and at once with numpy's BLAS threads and PyTorch's OpenMP
+    threads, from several Python threads: same results, no deadlock (a child process with a
+    timeout: a hang fails the test instead of the suite)."""
+    if with_torch:
+        pytest.importorskip("torch")
+    r = run_python(BESIDE_OTHER_POOLS.format(torch=with_torch), OMP_NUM_THREADS="2",
+                   OPENBLAS_NUM_THREADS="2")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_interpreter_exits_while_threads_still_compute():
+    """Interpreter shutdown with lowbit calls still running in daemon threads: a clean exit."""
+    code = """
+import threading, numpy as np, lowbit as lb
+layer = lb.Linear(np.ones((512, 512), np.float32))
+x = np.ones((128, 512), np.float32)
+def spin():
+    while True:
+        layer(x)
+for _ in range(4):
+    threading.Thread(target=spin, daemon=True).start()
+layer(x)
+print("bye")
+"""
+    for _ in range(3):
+        r = run_python(code)
+        assert r.returncode == 0 and r.stdout.strip() == "bye", r.stderr

@@ -15,9 +15,16 @@ import math
 import numpy as np
 
 
+def _real(x, what):
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{what}: expected real numbers (int or float), got dtype {x.dtype}")
+    return x.astype(np.float64)
+
+
 def _pair(reference, actual):
-    a = np.asarray(reference, np.float64)
-    b = np.asarray(actual, np.float64)
+    a = _real(reference, "reference")
+    b = _real(actual, "actual")
     if a.shape != b.shape:
         raise ValueError(f"reference and actual differ in shape: {a.shape} vs {b.shape}")
     if a.size == 0:
