@@ -8,6 +8,7 @@ import pytest
 
 import lowbit as lb
 from lowbit import methods
+from test_io import rewrite_header
 
 F32 = np.float32
 
@@ -597,16 +598,6 @@ def struct_header(path):
     data = path.read_bytes()
     (n,) = struct.unpack_from("<Q", data)
     return json.loads(data[8:8 + n])
-
-
-def rewrite_header(path, edit):
-    data = path.read_bytes()
-    (n,) = struct.unpack_from("<Q", data)
-    header = json.loads(data[8:8 + n])
-    edit(header)
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
 
 
 def poke_in_scale(path, index, value):
