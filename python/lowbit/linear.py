@@ -123,8 +123,10 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        """The weight's bytes plus the bias's."""
-        return self.weight.nbytes + (0 if self._bias is None else self._bias.nbytes)
+        """The weight's bytes plus the bias's (and the kernel's bias, when a static zero point
+        gives it a term of its own)."""
+        biases = {id(b): b.nbytes for b in (self.bias, self._bias) if b is not None}
+        return self.weight.nbytes + sum(biases.values())
 
     def __call__(self, x) -> np.ndarray:
         return _forward(x, self.weight, self._bias, self.activations)
