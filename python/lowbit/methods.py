@@ -150,7 +150,7 @@ def _inverse_upper(r):
     return out
 
 
-def gptq(w, grid, group, h, damp=0.01, act_order=False, progress=False):
+def gptq(w, grid, group, h, damp, act_order=False, progress=False):
     """GPTQ's values and parameters (see the module docstring): (q, d, m, perm)."""
     n, k = w.shape
     h = h.copy()
