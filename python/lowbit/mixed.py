@@ -50,20 +50,15 @@ def layer_sensitivity(weights: dict, calibration: dict, formats=None, method="rt
         x = x.astype(np.float32, copy=False)
         y = x @ w.T
         energy = float((y.astype(np.float64) ** 2).sum())
-        res = {}
-        for fmt, settings in formats.items():
-            if settings == "keep":
-                res[fmt] = {"error": 0.0, "nbytes": int(w.nbytes)}
-                continue
-            g = settings.get("group_size")
-            if g is not None and w.shape[1] % g:
-                continue
+
+        def measure(settings):  # called within this iteration: w, x, y are this layer's
             qw = quantize(w, **settings, method=method,
                           calibration=None if method == "rtn" else x)
             yq = x @ qw.dequantize().T  # the weights' share: float activations for every format
             err = float(((yq - y).astype(np.float64) ** 2).sum())
-            res[fmt] = {"error": err / energy if energy else float(err > 0), "nbytes": qw.nbytes}
-        out[name] = res
+            return (err / energy if energy else float(err > 0)), qw.nbytes
+
+        out[name] = _per_format(w, formats, measure)
     return out
 
 
@@ -78,18 +73,30 @@ def model_sensitivity(evaluate, weights: dict, formats=None) -> dict:
     out = {}
     for name in names:
         w = _as_float32_matrix(weights[name], name)
-        out[name] = {}
-        for fmt, settings in formats.items():
-            if settings == "keep":
-                out[name][fmt] = {"error": 0.0, "nbytes": int(w.nbytes)}
-                continue
-            g = settings.get("group_size")
-            if g is not None and w.shape[1] % g:
-                continue
+
+        def measure(settings):  # called within this iteration
             plan = dict.fromkeys(names, "keep")
             plan[name] = dict(settings)
-            out[name][fmt] = {"error": float(evaluate(plan)), "nbytes": quantize(w, **settings).nbytes}
+            return float(evaluate(plan)), quantize(w, **settings).nbytes
+
+        out[name] = _per_format(w, formats, measure)
     return out
+
+
+def _per_format(w, formats, measure):
+    """{format: {"error", "nbytes"}} over the formats that fit w (a group size must divide K):
+    "keep" costs no error and w's float bytes; measure(settings) -> (error, nbytes) the others."""
+    res = {}
+    for fmt, settings in formats.items():
+        if settings == "keep":
+            res[fmt] = {"error": 0.0, "nbytes": int(w.nbytes)}
+            continue
+        g = settings.get("group_size")
+        if g is not None and w.shape[1] % g:
+            continue
+        error, nbytes = measure(settings)
+        res[fmt] = {"error": error, "nbytes": nbytes}
+    return res
 
 
 def plan_precision(sensitivity: dict, budget: int, formats=None) -> dict:
