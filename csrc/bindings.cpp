@@ -207,17 +207,36 @@ void check_static(float act_scale, int32_t act_zero) {
                           std::to_string(act_zero));
 }
 
+// The result array: a new float32 array of `shape`, or `out` when given, which must be a
+// writeable C-contiguous float32 array of exactly that shape (overlap with the inputs is checked
+// by the Python callers).
+py::array_t<float> result(const py::object& out, const std::vector<int64_t>& shape) {
+  if (out.is_none()) return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  py::array y = out.cast<py::array>();
+  bool ok = y.dtype().is(py::dtype::of<float>()) && (y.flags() & py::array::c_style) && y.writeable() &&
+            y.ndim() == (py::ssize_t)shape.size();
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = y.shape(i) == shape[i];
+  if (!ok) {
+    std::string want = "(";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+    throw py::value_error("out: expected a writeable C-contiguous float32 array of shape " + want +
+                          (shape.size() == 1 ? ",)" : ")") + ", got " + std::string(py::str(y.dtype())) +
+                          " " + shape_str(y));
+  }
+  return py::reinterpret_borrow<py::array_t<float>>(y);
+}
+
 py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
                                   const py::array& scales, const py::array& comp, int64_t N,
                                   int64_t K, int64_t group, const py::object& bias,
-                                  float act_scale, int32_t act_zero) {
+                                  float act_scale, int32_t act_zero, const py::object& out) {
   check_static(act_scale, act_zero);
   const W8Shape s = w8_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w8(packed, scales, comp, s);
   const float* b = bias_ptr(bias, N);
   const int64_t M = x.shape(0);
-  py::array_t<float> y({M, N});
+  py::array_t<float> y = result(out, {M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
   {
     NoGil nogil;
@@ -304,7 +323,7 @@ py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
 py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, const py::array& scales,
                                 const py::object& mins, const py::object& zeros, int64_t N,
                                 int64_t K, int64_t group, const py::object& bias,
-                                bool int8_activations, float act_scale) {
+                                bool int8_activations, float act_scale, const py::object& out) {
   check_static(act_scale, 0);
   const Q4Shape s = q4_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
@@ -313,7 +332,7 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
   const uint16_t* mins_ptr = mins.is_none() ? nullptr : (const uint16_t*)mins.cast<py::array>().data();
   const uint8_t* zeros_ptr = zeros.is_none() ? nullptr : cptr<uint8_t>(zeros.cast<py::array>());
   const int64_t M = x.shape(0);
-  py::array_t<float> y({M, N});
+  py::array_t<float> y = result(out, {M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
   {
     NoGil nogil;
@@ -385,7 +404,7 @@ py::array gelu_py(const py::array& x, py::object out) {
 }
 
 py::array_t<float> layer_norm_py(const py::array& x, const py::object& r, const py::array& w,
-                                 const py::object& b, float eps, bool rms) {
+                                 const py::object& b, float eps, bool rms, const py::object& out) {
   check<float>(x, "x", {-1, -1}, true);
   const int64_t rows = x.shape(0), n = x.shape(1);
   check<float>(w, "weight", {n});
@@ -399,7 +418,7 @@ py::array_t<float> layer_norm_py(const py::array& x, const py::object& r, const 
     check<float>(b.cast<py::array>(), "bias", {n});
     bp = cptr<float>(b.cast<py::array>());
   }
-  py::array_t<float> y({rows, n});
+  py::array_t<float> y = result(out, {rows, n});
   const int64_t ld = rows > 1 ? x.strides(0) / (int64_t)sizeof(float) : n;
   {
     NoGil nogil;
@@ -415,6 +434,57 @@ void softmax_py(py::array& x) {
   const int64_t n = x.shape(x.ndim() - 1);
   NoGil nogil;
   softmax((float*)x.mutable_data(), (int64_t)x.size() / n, n);
+}
+
+// q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
+// non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
+py::array_t<float> attention_py(const py::array& q, const py::array& k, const py::array& v,
+                                const py::object& lengths, bool causal, float scale,
+                                const py::object& out) {
+  const py::array* arrays[3] = {&q, &k, &v};
+  const char* names[3] = {"q", "k", "v"};
+  AttnArgs a{};
+  int64_t* strides[3] = {a.qs, a.ks, a.vs};
+  for (int i = 0; i < 3; ++i) {
+    const py::array& x = *arrays[i];
+    if (!x.dtype().is(py::dtype::of<float>()))
+      throw py::type_error(std::string(names[i]) + ": expected dtype float32, got " +
+                           std::string(py::str(x.dtype())));
+    if (x.ndim() != 4)
+      throw py::value_error(std::string(names[i]) + ": expected 4 dimensions (batch, tokens, "
+                            "heads, head_dim), got shape " + shape_str(x));
+    for (int j = 0; j < 4; ++j) {
+      const bool ok = j == 3 ? x.shape(3) <= 1 || x.strides(3) == 4
+                             : x.strides(j) >= 0 && x.strides(j) % 4 == 0;
+      if (!ok)
+        throw py::value_error(std::string(names[i]) + ": expected a contiguous last axis and "
+                              "non-negative strides");
+      if (j < 3) strides[i][j] = x.strides(j) / 4;
+    }
+  }
+  a.B = q.shape(0), a.Sq = q.shape(1), a.H = q.shape(2), a.d = q.shape(3);
+  a.Sk = k.shape(1), a.Hkv = k.shape(2);
+  if (k.shape(0) != a.B || k.shape(3) != a.d || a.Hkv < 1 || a.H % a.Hkv)
+    throw py::value_error("k: expected shape (" + std::to_string(a.B) + ", keys, kv_heads, " +
+                          std::to_string(a.d) + ") with kv_heads dividing " + std::to_string(a.H) +
+                          ", got " + shape_str(k));
+  if (v.shape(0) != a.B || v.shape(1) != a.Sk || v.shape(2) != a.Hkv || v.shape(3) != a.d)
+    throw py::value_error("v: expected k's shape " + shape_str(k) + ", got " + shape_str(v));
+  py::array_t<int64_t> lens;
+  if (!lengths.is_none()) {
+    lens = lengths.cast<py::array>();
+    check<int64_t>(lens, "lengths", {a.B});
+    a.lengths = lens.data();
+  }
+  a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
+  a.causal = causal, a.scale = scale;
+  py::array_t<float> y = result(out, {a.B, a.Sq, a.H, a.d});
+  a.out = y.mutable_data();
+  if (y.size()) {
+    NoGil nogil;
+    attention(a);
+  }
+  return y;
 }
 
 }  // namespace
@@ -452,13 +522,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("gguf_q8_0", &gguf_q8_0_py, py::arg("raw"), py::arg("K"));
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("act_scale") = 0.f, py::arg("act_zero") = 0);
+        py::arg("act_scale") = 0.f, py::arg("act_zero") = 0, py::arg("out") = py::none());
   m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));
   m.def("pack_w4", &pack_w4_py, py::arg("q"), py::arg("group"));
   m.def("gguf_q4", &gguf_q4_py, py::arg("raw"), py::arg("K"), py::arg("has_min"));
   m.def("linear_w4", &linear_w4_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("mins"), py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("int8_activations"), py::arg("act_scale") = 0.f);
+        py::arg("int8_activations"), py::arg("act_scale") = 0.f, py::arg("out") = py::none());
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     NoGil nogil;
@@ -473,7 +543,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
   m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"));
   m.def("layer_norm", &layer_norm_py, py::arg("x"), py::arg("residual"), py::arg("weight"),
-        py::arg("bias"), py::arg("eps"), py::arg("rms"));
+        py::arg("bias"), py::arg("eps"), py::arg("rms"), py::arg("out") = py::none());
   m.def("softmax_", &softmax_py, py::arg("x"));
+  m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"),
+        py::arg("causal"), py::arg("scale"), py::arg("out") = py::none());
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
 }

@@ -47,6 +47,22 @@ struct GemmArgs {
 constexpr int64_t kQ4Step = 8;     // k per 64-byte block
 constexpr int64_t kActBlock = 32;  // activation quantization block (W4A8)
 
+// Softmax attention of lowbit.nn.attention, out = softmax(scale * q k^T) v per (batch, head):
+// q (B, Sq, H, d), k and v (B, Sk, Hkv, d) at the given strides (in floats; the last axis
+// contiguous), head h reading kv head h / (H / Hkv); out (B, Sq, H, d) dense. Batch b sees its
+// first lengths[b] keys (all Sk when lengths is null); causal: query i also only keys
+// j <= Sk - Sq + i. A query with no key to see gets zeros. One task: (b, h, kAttnQueries queries).
+constexpr int64_t kAttnQueries = 64;
+struct AttnArgs {
+  const float *q, *k, *v;
+  int64_t qs[3], ks[3], vs[3];  // strides of batch, token, head
+  float* out;
+  int64_t B, Sq, Sk, H, Hkv, d;
+  const int64_t* lengths;
+  bool causal;
+  float scale;
+};
+
 struct Q4Args {
   int64_t M, N, Np, Kp;
   int64_t group;            // K per weight group (multiple of 32; == Kp when per channel)
@@ -127,6 +143,10 @@ struct Kernels {
   void (*layer_norm)(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                      float eps, bool rms, int64_t rows, int64_t n, float* y);
   void (*softmax)(float* x, int64_t rows, int64_t n);
+  // Attention tasks [t0, t1) of AttnArgs: each score a chain of fma over d (in order) times
+  // scale, softmax as above, each output an fma chain over the keys (in order) divided by the
+  // sum of the weights.
+  void (*attention)(const AttnArgs* args, int64_t t0, int64_t t1);
 
   // Benchmark probes: `iters` rounds of independent int8 dot instructions (returns the int8
   // multiply-adds done), and a read of n bytes (returns a checksum so it is not optimised away).

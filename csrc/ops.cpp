@@ -366,6 +366,13 @@ void softmax(float* x, int64_t rows, int64_t n) {
   parallel_for(rows, [&](int64_t m0, int64_t m1) { kt.softmax(x + m0 * n, m1 - m0, n); });
 }
 
+void attention(const AttnArgs& a) {
+  const Kernels& kt = kernels();
+  const int64_t tasks = a.B * a.H * ((a.Sq + kAttnQueries - 1) / kAttnQueries);
+  if (a.B * a.H * a.Sq * a.Sk * a.d < 8 * kSerialElems) return kt.attention(&a, 0, tasks);
+  parallel_for(tasks, [&](int64_t t0, int64_t t1) { kt.attention(&a, t0, t1); });
+}
+
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out) {
   return kernels().pack_int4(q, out, n_out);
 }

@@ -5,6 +5,8 @@
 
 namespace lowbit {
 
+struct AttnArgs;  // kernels.h
+
 constexpr int64_t kMaxK = 131071;  // largest K whose exact int8 dot always fits in int32
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -69,6 +71,7 @@ void gelu(const float* x, float* y, int64_t n);
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);
+void attention(const AttnArgs& args);
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
 void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);

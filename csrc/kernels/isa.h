@@ -31,6 +31,7 @@ void gelu(const float* x, float* y, int64_t n);
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);
+void attention(const AttnArgs* args, int64_t t0, int64_t t1);
 int64_t dot_peak(int64_t iters);
 uint64_t stream_read(const uint8_t* p, int64_t n);
 }  // namespace LOWBIT_NS

@@ -1,37 +1,67 @@
-// Float building blocks of transformer models (lowbit.nn): GELU, LayerNorm / RMSNorm, softmax.
-// One source for every ISA, written as plain loops the compiler vectorizes with each ISA's flags.
+// Float building blocks of transformer models (lowbit.nn): GELU, LayerNorm / RMSNorm, softmax,
+// attention. One source for every ISA, compiled with each ISA's flags in its native vector width.
 // Elementwise maths is the same operations on every lane; reductions keep 16 partial sums in a
-// fixed order (combined pairwise), so results are bit-identical on every ISA.
+// fixed order (combined pairwise) whatever the width; dot products are fma chains in a fixed
+// order (hardware FMA, or the correctly rounded std::fma where the ISA has none). So results are
+// bit-identical on every ISA.
+#include <cmath>
 #include <cstring>
+#include <vector>
 #include "kernels/isa.h"
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace lowbit {
 namespace LOWBIT_NS {
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 16;  // partial sums of every reduction
 
-// 16 floats in a GCC vector type: one zmm, two ymm or four xmm depending on the ISA's flags, the
-// same operations on every lane either way.
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
+// The native vector: kN floats (one zmm, ymm or xmm register); fmav(a, b, c) = a * b + c rounded
+// once per lane. Tiles of attention: kTile queries x 32 keys (or 32 of head_dim), kTile * kV
+// accumulators, as many as the ISA's registers hold beside the operands.
+#if defined(__AVX512F__)
+constexpr int kN = 16;
+typedef float vf __attribute__((vector_size(64)));
+inline vf fmav(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline vf splat(float f) { return (vf)_mm512_set1_ps(f); }
+constexpr int64_t kTile = 4;
+#elif defined(__FMA__)
+constexpr int kN = 8;
+typedef float vf __attribute__((vector_size(32)));
+inline vf fmav(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+inline vf splat(float f) { return (vf)_mm256_set1_ps(f); }
+constexpr int64_t kTile = 2;
+#else
+constexpr int kN = 4;
+typedef float vf __attribute__((vector_size(16)));
+inline vf fmav(vf a, vf b, vf c) {
+  for (int l = 0; l < kN; ++l) c[l] = std::fma(a[l], b[l], c[l]);
+  return c;
+}
+inline vf splat(float f) { return vf{f, f, f, f}; }
+constexpr int64_t kTile = 2;
+#endif
+typedef int32_t vi __attribute__((vector_size(sizeof(vf))));
+constexpr int kV = 32 / kN;  // vectors per 32 floats
 
-inline v16 load16(const float* p) {
-  v16 v;
+inline vf load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline v16 splat(float f) { return v16{} + f; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // e^x in float32 (relative error ~2e-7): 2^k * e^r with k = round(x / ln 2), |r| <= ln(2) / 2,
 // e^r by its degree-7 Taylor polynomial. Below -87.3 (where e^x leaves the normal range): 0.
-inline v16 exp16(v16 x) {
-  v16 xc = x > 88.f ? splat(88.f) : x;
+inline vf expv(vf x) {
+  vf xc = x > 88.f ? splat(88.f) : x;
   xc = xc < -87.f ? splat(-87.f) : xc;
-  const v16 k = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
-  const v16 r = (xc - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
-  v16 p = splat(1.f / 5040);
+  const vf k = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
+  const vf r = (xc - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
+  vf p = splat(1.f / 5040);
   p = p * r + 1.f / 720;
   p = p * r + 1.f / 120;
   p = p * r + 1.f / 24;
@@ -39,34 +69,38 @@ inline v16 exp16(v16 x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const i16v bits = (__builtin_convertvector(k, i16v) + 127) << 23;
-  return x < -87.3f ? splat(0.f) : p * (v16)bits;
+  const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
+  return x < -87.3f ? splat(0.f) : p * (vf)bits;
 }
 
-// y[i] = f(x[i]) 16 at a time (the tail through a zero-padded vector); y may be x. Four vectors
-// per step: f is a long chain of dependent operations (polynomials, a division), and four
+// y[i] = f(x[i]) a vector at a time (the tail through a zero-padded vector); y may be x. Four
+// vectors per step: f is a long chain of dependent operations (polynomials, a division), and four
 // independent chains keep the FP units busy where one would leave them waiting on latency.
 template <class F>
-inline void map16(const float* x, float* y, int64_t n, F f) {
+inline void map(const float* x, float* y, int64_t n, F f) {
   int64_t i = 0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    const v16 v0 = f(load16(x + i)), v1 = f(load16(x + i + kLanes));
-    const v16 v2 = f(load16(x + i + 2 * kLanes)), v3 = f(load16(x + i + 3 * kLanes));
-    std::memcpy(y + i, &v0, sizeof v0);
-    std::memcpy(y + i + kLanes, &v1, sizeof v1);
-    std::memcpy(y + i + 2 * kLanes, &v2, sizeof v2);
-    std::memcpy(y + i + 3 * kLanes, &v3, sizeof v3);
+  for (; i + 4 * kN <= n; i += 4 * kN) {
+    const vf v0 = f(load(x + i)), v1 = f(load(x + i + kN));
+    const vf v2 = f(load(x + i + 2 * kN)), v3 = f(load(x + i + 3 * kN));
+    store(y + i, v0);
+    store(y + i + kN, v1);
+    store(y + i + 2 * kN, v2);
+    store(y + i + 3 * kN, v3);
   }
-  for (; i + kLanes <= n; i += kLanes) {
-    const v16 v = f(load16(x + i));
-    std::memcpy(y + i, &v, sizeof v);
-  }
+  for (; i + kN <= n; i += kN) store(y + i, f(load(x + i)));
   if (i < n) {
-    v16 v = {};
+    vf v = {};
     std::memcpy(&v, x + i, (size_t)(n - i) * sizeof(float));
     v = f(v);
     std::memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));
   }
+}
+
+// 16 partial sums combined pairwise (lane l with l + 8, then l + 4, ...).
+inline float combine(float* acc) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
 }
 
 // Sum of n floats as 16 interleaved partial sums combined pairwise.
@@ -76,9 +110,7 @@ inline float sum16(const float* v, int64_t n) {
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) acc[l] += v[i + l];
   for (int l = 0; i < n; ++i, ++l) acc[l] += v[i];
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
+  return combine(acc);
 }
 
 inline float sq_sum16(const float* v, float mean, int64_t n) {
@@ -87,9 +119,7 @@ inline float sq_sum16(const float* v, float mean, int64_t n) {
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) acc[l] += (v[i + l] - mean) * (v[i + l] - mean);
   for (int l = 0; i < n; ++i, ++l) acc[l] += (v[i] - mean) * (v[i] - mean);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
+  return combine(acc);
 }
 
 inline float max_of(const float* v, int64_t n) {
@@ -104,21 +134,23 @@ inline float max_of(const float* v, int64_t n) {
   return r;
 }
 
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
 }  // namespace
 
 void gelu(const float* x, float* y, int64_t n) {
   // x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2, erfc by Abramowitz & Stegun 7.1.26
   // (|error| <= 1.5e-7): erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2), t = 1/(1+pa)
-  map16(x, y, n, [](v16 v) {
-    const v16 av = v < 0.f ? -v : v;
-    const v16 a = av * 0.707106781f;
-    const v16 t = 1.f / (a * 0.3275911f + 1.f);
-    v16 p = splat(1.061405429f);
+  map(x, y, n, [](vf v) {
+    const vf av = v < 0.f ? -v : v;
+    const vf a = av * 0.707106781f;
+    const vf t = 1.f / (a * 0.3275911f + 1.f);
+    vf p = splat(1.061405429f);
     p = p * t - 1.453152027f;
     p = p * t + 1.421413741f;
     p = p * t - 0.284496736f;
     p = p * t + 0.254829592f;
-    const v16 half_erfc = (p * t) * 0.5f * exp16(-(a * a));
+    const vf half_erfc = (p * t) * 0.5f * expv(-(a * a));
     return (v > 0.f ? v : splat(0.f)) - av * half_erfc;
   });
 }
@@ -145,9 +177,122 @@ void softmax(float* x, int64_t rows, int64_t n) {
   for (int64_t m = 0; m < rows; ++m) {
     float* v = x + m * n;
     const float mx = max_of(v, n);
-    map16(v, v, n, [mx](v16 e) { return exp16(e - mx); });
+    map(v, v, n, [mx](vf e) { return expv(e - mx); });
     const float inv = 1.f / sum16(v, n);
     for (int64_t i = 0; i < n; ++i) v[i] *= inv;
+  }
+}
+
+void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
+  const int64_t d = a->d, dp = round_up(d, 32);
+  const int64_t blocks = (a->Sq + kAttnQueries - 1) / kAttnQueries, group = a->H / a->Hkv;
+  const int64_t off = a->Sk - a->Sq;  // causal: query i sees keys j <= off + i
+  std::vector<float> kt, vp, S;  // k transposed (d, Kp), v padded (Kp, dp), weights (queries, Kp)
+  float sums[kAttnQueries];
+  int64_t filled_b = -1, filled_kvh = -1, filled_keys = 0, Kp = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (a->H * blocks), h = t / blocks % a->H, kvh = h / group;
+    const int64_t i0 = t % blocks * kAttnQueries;
+    const int64_t i1 = i0 + kAttnQueries < a->Sq ? i0 + kAttnQueries : a->Sq;
+    int64_t keys = a->lengths ? (a->lengths[b] < a->Sk ? a->lengths[b] : a->Sk) : a->Sk;
+    if (a->causal && off + i1 < keys) keys = off + i1;  // the most any query of the block sees
+    const float* q = a->q + b * a->qs[0] + h * a->qs[2];
+    float* out = a->out + (b * a->Sq * a->H + h) * d;
+    if (keys <= 0) {
+      for (int64_t i = i0; i < i1; ++i) std::memset(out + i * a->H * d, 0, (size_t)d * sizeof(float));
+      continue;
+    }
+    if (b != filled_b || kvh != filled_kvh || keys > filled_keys) {  // GQA heads share a fill
+      Kp = round_up(keys, 32);
+      kt.assign((size_t)(d * Kp), 0.f);
+      vp.assign((size_t)(Kp * dp), 0.f);
+      S.resize((size_t)(kAttnQueries * Kp));
+      const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
+      const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
+      for (int64_t j = 0; j < keys; ++j) {
+        for (int64_t c = 0; c < d; ++c) kt[c * Kp + j] = k[j * a->ks[1] + c];
+        std::memcpy(&vp[j * dp], v + j * a->vs[1], (size_t)d * sizeof(float));
+      }
+      filled_b = b, filled_kvh = kvh, filled_keys = keys;
+    }
+    auto limit = [&](int64_t i) {  // keys query i sees
+      const int64_t n = a->causal && off + i + 1 < keys ? off + i + 1 : keys;
+      return n > 0 ? n : 0;
+    };
+    const int64_t kend = round_up(keys, 32);
+
+    // Scores: a tile of kTile queries x 32 keys in registers, an fma per element of d.
+    const vf scale = splat(a->scale);
+    for (int64_t i = i0; i < i1; i += kTile) {
+      const float* qr[kTile];
+      for (int64_t r = 0; r < kTile; ++r) qr[r] = q + (i + r < i1 ? i + r : i) * a->qs[1];
+      for (int64_t j = 0; j < kend; j += 32) {
+        vf acc[kTile][kV] = {};
+        for (int64_t c = 0; c < d; ++c) {
+          vf kv[kV];
+          for (int u = 0; u < kV; ++u) kv[u] = load(&kt[c * Kp + j + u * kN]);
+          for (int64_t r = 0; r < kTile; ++r) {
+            const vf qv = splat(qr[r][c]);
+            for (int u = 0; u < kV; ++u) acc[r][u] = fmav(qv, kv[u], acc[r][u]);
+          }
+        }
+        for (int64_t r = 0; r < kTile; ++r)
+          for (int u = 0; u < kV; ++u) store(&S[(i - i0 + r) * Kp + j + u * kN], acc[r][u] * scale);
+      }
+    }
+    // Softmax weights of each query, unnormalised and zero past its last key; their sums.
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = &S[(i - i0) * Kp];
+      const int64_t n = limit(i);
+      float mx = n ? row[0] : 0.f;
+      {
+        vf m = splat(mx);
+        int64_t j = 0;
+        for (; j + kN <= n; j += kN) m = load(row + j) > m ? load(row + j) : m;
+        for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+        float lanes[kN];
+        store(lanes, m);
+        for (int w = kN / 2; w > 0; w /= 2)
+          for (int l = 0; l < w; ++l) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
+        mx = lanes[0] > mx ? lanes[0] : mx;
+      }
+      vf acc[kLanes / kN] = {};  // the 16 partial sums
+      int64_t j = 0;
+      for (; j < n; j += kLanes) {
+        for (int u = 0; u < kLanes / kN; ++u) store(row + j + u * kN, expv(load(row + j + u * kN) - mx));
+        if (j + kLanes > n) std::memset(row + n, 0, (size_t)(j + kLanes - n) * sizeof(float));
+        for (int u = 0; u < kLanes / kN; ++u) acc[u] += load(row + j + u * kN);
+      }
+      std::memset(row + j, 0, (size_t)(kend - j) * sizeof(float));
+      float partial[kLanes];
+      std::memcpy(partial, acc, sizeof partial);
+      sums[i - i0] = n ? combine(partial) : NAN;  // NaN: no key, the output is zeros
+    }
+    // Outputs: a tile of kTile queries x 32 of d, an fma per key, then divided by the sum.
+    for (int64_t i = i0; i < i1; i += kTile) {
+      const int64_t rows = i1 - i < kTile ? i1 - i : kTile;
+      const int64_t n = limit(i + rows - 1);
+      for (int64_t c = 0; c < dp; c += 32) {
+        vf acc[kTile][kV] = {};
+        for (int64_t j = 0; j < n; ++j) {
+          vf vv[kV];
+          for (int u = 0; u < kV; ++u) vv[u] = load(&vp[j * dp + c + u * kN]);
+          for (int64_t r = 0; r < kTile; ++r) {
+            const vf p = splat(S[(i - i0 + r) * Kp + j]);
+            for (int u = 0; u < kV; ++u) acc[r][u] = fmav(p, vv[u], acc[r][u]);
+          }
+        }
+        float o[kTile][32];  // stored with constant indices: acc stays in registers
+        for (int64_t r = 0; r < kTile; ++r)
+          for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
+        const int64_t width = d - c < 32 ? d - c : 32;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float sum = sums[i - i0 + r];
+          for (int64_t e = 0; e < width; ++e) o[r][e] = sum == sum ? o[r][e] / sum : 0.f;
+          std::memcpy(out + (i + r) * a->H * d + c, o[r], (size_t)width * sizeof(float));
+        }
+      }
+    }
   }
 }
 

@@ -55,7 +55,21 @@ def _kernel_bias(qw: QuantizedWeight, bias, activations):
     return b.astype(np.float32)
 
 
-def _forward(x, qw: QuantizedWeight, bias, activations):
+def _out_rows(out, x, n):
+    """out (..., n) for an input x (..., k) as the kernel's (rows, n) view, or None."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
+    shape = x.shape[:-1] + (n,)
+    if out.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
+    if np.may_share_memory(out, x):
+        raise ValueError("out must not overlap the input")
+    return out.reshape(-1, n) if out.flags.c_contiguous else out  # the kernel rejects the rest
+
+
+def _forward(x, qw: QuantizedWeight, bias, activations, out=None):
     x = np.asarray(x)
     if x.dtype != np.float32:
         if x.dtype.kind != "f":
@@ -64,6 +78,7 @@ def _forward(x, qw: QuantizedWeight, bias, activations):
     n, k = qw.shape
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}), got {x.shape}")
+    y2 = _out_rows(out, x, n)
     x2 = x.reshape(-1, k)
     if qw._in_scale is not None:
         x2 = x2 * qw._in_scale  # AWQ: the inputs as the stored weights expect them
@@ -76,11 +91,11 @@ def _forward(x, qw: QuantizedWeight, bias, activations):
     if qw.bits == 8:
         zero = activations.zero_point if static else 0
         y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
-                              scale, zero)
+                              scale, zero, y2)
     else:
         y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k,
-                            qw.group_size or 0, bias, activations != "float", scale)
-    return y.reshape(x.shape[:-1] + (n,))
+                            qw.group_size or 0, bias, activations != "float", scale, y2)
+    return out if out is not None else y.reshape(x.shape[:-1] + (n,))
 
 
 class Linear:
@@ -97,7 +112,9 @@ class Linear:
       ``q = clamp(round(x / scale) + zero_point, -128, 127)``; no range is computed per call.
     * "float" (4-bit weights): weight-only, the 4-bit values meet the float32 inputs in FMA.
 
-    Input: float32 or float16 of shape (..., in_features); output float32 (..., out_features).
+    Input: float32 or float16 of shape (..., in_features); output float32 (..., out_features),
+    written to ``out`` when given (a C-contiguous float32 array of that shape, not overlapping
+    the input: a buffer reused from call to call spares allocating and first-touching a new one).
     """
 
     def __init__(self, w_or_qw, bias=None, *, bits=8, group_size=None, symmetric=True,
@@ -128,18 +145,18 @@ class Linear:
         biases = {id(b): b.nbytes for b in (self.bias, self._bias) if b is not None}
         return self.weight.nbytes + sum(biases.values())
 
-    def __call__(self, x) -> np.ndarray:
-        return _forward(x, self.weight, self._bias, self.activations)
+    def __call__(self, x, out=None) -> np.ndarray:
+        return _forward(x, self.weight, self._bias, self.activations, out)
 
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.weight.bits}, activations={self.activations!r}, nbytes={self.nbytes})")
 
 
-def matmul(x, qw: QuantizedWeight, bias=None, activations="int8") -> np.ndarray:
+def matmul(x, qw: QuantizedWeight, bias=None, activations="int8", out=None) -> np.ndarray:
     """``x @ qw.dequantize().T + bias`` on the quantized kernels (the functional ``Linear``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"matmul: expected a QuantizedWeight, got {type(qw).__name__}")
     activations = _check_activations(activations, qw.bits)
     bias = _kernel_bias(qw, _check_bias(bias, qw.shape[0]), activations)
-    return _forward(x, qw, bias, activations)
+    return _forward(x, qw, bias, activations, out)

@@ -1,9 +1,9 @@
 """Float32 building blocks for running transformer models around lowbit's layers: GELU,
-LayerNorm / RMSNorm (with a fused residual add), softmax, rotary embeddings and attention with a
+LayerNorm / RMSNorm (with a fused residual add), softmax, attention, rotary embeddings and a
 key/value cache.
 
-GELU, the norms and softmax run in C++ (vectorized, threaded on large inputs, bit-identical on
-every kernel set); RoPE and attention are numpy (its matmuls on BLAS).
+GELU, the norms, softmax and attention run in C++ (vectorized, threaded on large inputs,
+bit-identical on every kernel set and thread count); RoPE is numpy.
 """
 from __future__ import annotations
 
@@ -30,21 +30,46 @@ def _vector(v, n, what):
     return v
 
 
-def rms_norm(x, weight, eps=1e-5):
-    """``x / sqrt(mean(x**2, -1) + eps) * weight`` over the last axis (LLaMA's RMSNorm)."""
-    x, x2 = _rows(x)
-    w = _vector(weight, x.shape[-1], "weight")
-    return _core.layer_norm(x2, None, w, None, float(eps), True).reshape(x.shape)
+def _out(out, shape, inputs, in_place=()):
+    """Checks ``out`` (None, or a float32 array of `shape` to write the result to): it may be one
+    of `in_place` itself (an elementwise-safe alias) but must not otherwise overlap `inputs`."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {out.shape}")
+    for a in inputs:
+        same = any(a is b for b in in_place) and a.__array_interface__ == out.__array_interface__
+        if not same and np.may_share_memory(out, a):
+            raise ValueError("out must not overlap the inputs" +
+                             (" (except being x or residual itself)" if in_place else ""))
+    return out
 
 
-def layer_norm(x, weight, bias, eps=1e-12, residual=None):
-    """LayerNorm over the last axis of ``x + residual`` (residual optional, fused in one pass):
-    ``(v - mean) / sqrt(var + eps) * weight + bias``."""
+def _norm(x, residual, weight, bias, eps, rms, out):
     x, x2 = _rows(x)
     n = x.shape[-1]
     r = None if residual is None else np.ascontiguousarray(residual, F32).reshape(x2.shape)
-    return _core.layer_norm(x2, r, _vector(weight, n, "weight"), _vector(bias, n, "bias"),
-                            float(eps), False).reshape(x.shape)
+    inputs = [a for a in (x2, r) if a is not None]
+    o = _out(out, x.shape, inputs, in_place=inputs if x2.shape[1] == n and x2.strides[0] == 4 * n else ())
+    w = _vector(weight, n, "weight")
+    b = None if rms else _vector(bias, n, "bias")
+    y = _core.layer_norm(x2, r, w, b, float(eps), rms, None if o is None else o.reshape(x2.shape))
+    return o if o is not None else y.reshape(x.shape)
+
+
+def rms_norm(x, weight, eps=1e-5, out=None):
+    """``x / sqrt(mean(x**2, -1) + eps) * weight`` over the last axis (LLaMA's RMSNorm). ``out``:
+    a C-contiguous float32 array of x's shape to write to (may be x itself)."""
+    return _norm(x, None, weight, None, eps, True, out)
+
+
+def layer_norm(x, weight, bias, eps=1e-12, residual=None, out=None):
+    """LayerNorm over the last axis of ``x + residual`` (residual optional, fused in one pass):
+    ``(v - mean) / sqrt(var + eps) * weight + bias``. ``out``: a C-contiguous float32 array of x's
+    shape to write to (may be x or residual itself)."""
+    return _norm(x, residual, weight, bias, eps, False, out)
 
 
 def gelu(x, out=None):
@@ -64,6 +89,40 @@ def softmax(x, axis=-1):
     out = np.array(np.moveaxis(np.asarray(x, F32), axis, -1), order="C")
     _core.softmax_(out)
     return np.moveaxis(out, -1, axis)
+
+
+def attention(q, k, v, *, lengths=None, causal=False, scale=None, out=None):
+    """Softmax attention ``softmax(scale * q @ k.T) @ v`` for every batch and head, fused in one
+    pass (the scores never leave the cache) on lowbit's threads.
+
+    q: float32 (batch, queries, heads, head_dim); k, v: (batch, keys, kv_heads, head_dim) with
+    kv_heads dividing heads (grouped-query attention: head h reads kv head h // (heads //
+    kv_heads)). Strided views are fine as long as the last axis is contiguous, e.g. slices of a
+    fused QKV projection reshaped to (batch, tokens, heads, head_dim).
+
+    lengths: int (batch,) or None: batch b attends to its first ``lengths[b]`` keys only (BERT's
+    padding mask). causal: query i attends to keys j <= keys - queries + i (the queries are the
+    last positions, as in a key/value cache). A query with no key to attend to gets zeros.
+    scale: default 1 / sqrt(head_dim). Returns float32 (batch, queries, heads, head_dim), written
+    to ``out`` when given (C-contiguous, that shape, not overlapping q, k or v).
+    """
+    q, k, v = (np.asarray(a) for a in (q, k, v))
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.dtype != F32:
+            raise TypeError(f"{name}: expected float32, got dtype {a.dtype}")
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+        lengths = lengths.astype(np.int64)
+    q, k, v = (a if a.ndim != 4 or a.shape[-1] <= 1 or a.strides[-1] == 4 and min(a.strides) >= 0
+               else np.ascontiguousarray(a) for a in (q, k, v))
+    d = q.shape[-1] if q.ndim else 0
+    scale = 1.0 / np.sqrt(d) if scale is None and d else scale
+    if out is not None and q.ndim == 4:
+        _out(out, q.shape, (q, k, v))
+    return _core.attention(q, k, v, lengths, bool(causal), float(scale if scale is not None else 1.0),
+                           out)
 
 
 def rope_tables(head_dim, positions, base=10000.0):
