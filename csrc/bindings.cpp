@@ -226,22 +226,32 @@ py::array_t<float> result(const py::object& out, const std::vector<int64_t>& sha
   return py::reinterpret_borrow<py::array_t<float>>(y);
 }
 
+// input_scale: None or float32 (K,) factors the inputs are multiplied by in the kernel.
+const float* column_factors(const py::object& input_scale, int64_t K) {
+  if (input_scale.is_none()) return nullptr;
+  const py::array c = input_scale.cast<py::array>();
+  check<float>(c, "input_scale", {K});
+  return cptr<float>(c);
+}
+
 py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
                                   const py::array& scales, const py::array& comp, int64_t N,
                                   int64_t K, int64_t group, const py::object& bias,
-                                  float act_scale, int32_t act_zero, const py::object& out) {
+                                  float act_scale, int32_t act_zero, const py::object& input_scale,
+                                  bool gelu, const py::object& out) {
   check_static(act_scale, act_zero);
   const W8Shape s = w8_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w8(packed, scales, comp, s);
   const float* b = bias_ptr(bias, N);
+  const float* cs = column_factors(input_scale, K);
   const int64_t M = x.shape(0);
   py::array_t<float> y = result(out, {M, N});
   const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
   {
     NoGil nogil;
     linear_w8a8(cptr<float>(x), ldx, M, cptr<int8_t>(packed), cptr<float>(scales),
-                cptr<int32_t>(comp), b, s, act_scale, act_zero, y.mutable_data());
+                cptr<int32_t>(comp), b, s, act_scale, act_zero, cs, gelu, y.mutable_data());
   }
   return y;
 }
@@ -323,12 +333,14 @@ py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
 py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, const py::array& scales,
                                 const py::object& mins, const py::object& zeros, int64_t N,
                                 int64_t K, int64_t group, const py::object& bias,
-                                bool int8_activations, float act_scale, const py::object& out) {
+                                bool int8_activations, float act_scale,
+                                const py::object& input_scale, bool gelu, const py::object& out) {
   check_static(act_scale, 0);
   const Q4Shape s = q4_shape(N, K, group);
   check<float>(x, "x", {-1, K}, true);
   check_w4(packed, scales, mins, zeros, s);
   const float* b = bias_ptr(bias, N);
+  const float* cs = column_factors(input_scale, K);
   const uint16_t* mins_ptr = mins.is_none() ? nullptr : (const uint16_t*)mins.cast<py::array>().data();
   const uint8_t* zeros_ptr = zeros.is_none() ? nullptr : cptr<uint8_t>(zeros.cast<py::array>());
   const int64_t M = x.shape(0);
@@ -337,7 +349,7 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
   {
     NoGil nogil;
     linear_w4(cptr<float>(x), ldx, M, cptr<uint8_t>(packed), (const uint16_t*)scales.data(), mins_ptr,
-              zeros_ptr, b, s, int8_activations, act_scale, y.mutable_data());
+              zeros_ptr, b, s, int8_activations, act_scale, cs, gelu, y.mutable_data());
   }
   return y;
 }
@@ -453,9 +465,9 @@ py::array_t<float> attention_py(const py::array& q, const py::array& k, const py
     if (x.ndim() != 4)
       throw py::value_error(std::string(names[i]) + ": expected 4 dimensions (batch, tokens, "
                             "heads, head_dim), got shape " + shape_str(x));
-    for (int j = 0; j < 4; ++j) {
-      const bool ok = j == 3 ? x.shape(3) <= 1 || x.strides(3) == 4
-                             : x.strides(j) >= 0 && x.strides(j) % 4 == 0;
+    for (int j = 0; j < 4; ++j) {  // (an empty array's strides are never used)
+      const bool ok = x.size() == 0 || (j == 3 ? x.shape(3) <= 1 || x.strides(3) == 4
+                                               : x.strides(j) >= 0 && x.strides(j) % 4 == 0);
       if (!ok)
         throw py::value_error(std::string(names[i]) + ": expected a contiguous last axis and "
                               "non-negative strides");
@@ -522,13 +534,17 @@ PYBIND11_MODULE(_core, m) {
   m.def("gguf_q8_0", &gguf_q8_0_py, py::arg("raw"), py::arg("K"));
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("act_scale") = 0.f, py::arg("act_zero") = 0, py::arg("out") = py::none());
+        py::arg("act_scale") = 0.f, py::arg("act_zero") = 0, py::arg("input_scale") = py::none(),
+        py::arg("gelu") = false,
+        py::arg("out") = py::none());
   m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));
   m.def("pack_w4", &pack_w4_py, py::arg("q"), py::arg("group"));
   m.def("gguf_q4", &gguf_q4_py, py::arg("raw"), py::arg("K"), py::arg("has_min"));
   m.def("linear_w4", &linear_w4_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("mins"), py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("int8_activations"), py::arg("act_scale") = 0.f, py::arg("out") = py::none());
+        py::arg("int8_activations"), py::arg("act_scale") = 0.f,
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false,
+        py::arg("out") = py::none());
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     NoGil nogil;

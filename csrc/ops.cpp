@@ -45,6 +45,24 @@ uint8_t* activation_buffer(int64_t M, int64_t lda) {
   return buf.data();
 }
 
+// Runs quant(rows, ldx, r0, r1) over rows [m0, m1) of x in blocks: rows = x itself, or, with
+// per-column factors c (a layer's input_scale), the block's rows times c in a per-thread buffer
+// (ldx K, rows r0..r1 at 0..r1-r0). Each product is one float multiply on every ISA.
+template <class Quant>
+void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, int64_t m0,
+                      int64_t m1, const Quant& quant) {
+  if (!c) return quant(x + m0 * ldx, ldx, m0, m1);
+  constexpr int64_t kRows = 16;
+  thread_local std::vector<float> buf;
+  buf.resize((size_t)(kRows * K));
+  for (int64_t r0 = m0; r0 < m1; r0 += kRows) {
+    const int64_t r1 = r0 + kRows < m1 ? r0 + kRows : m1;
+    for (int64_t m = r0; m < r1; ++m)
+      for (int64_t k = 0; k < K; ++k) buf[(size_t)((m - r0) * K + k)] = x[m * ldx + k] * c[k];
+    quant(buf.data(), K, r0, r1);
+  }
+}
+
 // Splits rows x panels into tasks (row block x panel block), panel-block major so that a thread's
 // consecutive tasks reuse the same weights from cache, and runs fn(m0, m1, p0, p1) on the pool.
 // Few rows stream the weights: one long contiguous panel range per thread; more rows: blocks of
@@ -107,8 +125,16 @@ int64_t quantize_rows(int64_t N, int64_t K, int* why, const Fn& quantize) {
   return bad;
 }
 
-// The INT8 GEMM over all rows and panels.
-void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
+// GELU in place on rows [m0, m1) x panels [p0, p1) of a float32 output (N columns, ldc apart):
+// the epilogue of a task's block while it is still in cache.
+void gelu_block(const Kernels& kt, float* c, int64_t ldc, int64_t N, int64_t m0, int64_t m1,
+                int64_t p0, int64_t p1) {
+  const int64_t n0 = p0 * kPanel, n1 = p1 * kPanel < N ? p1 * kPanel : N;
+  for (int64_t m = m0; m < m1 && n0 < n1; ++m) kt.gelu(c + m * ldc + n0, c + m * ldc + n0, n1 - n0);
+}
+
+// The INT8 GEMM over all rows and panels (float32 outputs through GELU when `gelu`).
+void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out, bool gelu = false) {
   const auto gemm = int32_out ? kt.gemm_u8s8_i32 : kt.gemm_u8s8_f32;
   // Row blocks keep the activation block around 256 KB (in L2 next to a block of weights), in
   // multiples of 96 rows: whole 6-row VNNI tiles and 32-row AMX blocks.
@@ -122,6 +148,7 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
           if (args.ascale) sub.ascale = args.ascale + m0;
           sub.c = (char*)args.c + m0 * args.ldc * elem;
           gemm(&sub, p0, p1);
+          if (gelu) gelu_block(kt, (float*)args.c, args.ldc, args.N, m0, m1, p0, p1);
         });
 }
 
@@ -142,20 +169,20 @@ int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packe
 
 void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
                  const int32_t* comp, const float* bias, const W8Shape& s, float act_scale,
-                 int32_t act_zero, float* y) {
+                 int32_t act_zero, const float* colscale, bool gelu, float* y) {
   if (M == 0) return;
   const Kernels& kt = kernels();
   const int64_t lda = activation_stride(s.Kp);
   uint8_t* a = activation_buffer(M, lda);
   float* ascale = (float*)scratch_scales(M);
-  if (M * s.K < (1 << 16))
-    kt.quantize_a8(x, ldx, s.K, s.Kp, 0, M, a, lda, ascale, act_scale, act_zero);
-  else
-    parallel_for(M, [&](int64_t m0, int64_t m1) {
-      kt.quantize_a8(x, ldx, s.K, s.Kp, m0, m1, a, lda, ascale, act_scale, act_zero);
+  auto quant = [&](int64_t m0, int64_t m1) {
+    with_scaled_rows(x, ldx, s.K, colscale, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
+      kt.quantize_a8(rows, ld, s.K, s.Kp, 0, r1 - r0, a + r0 * lda, lda, ascale + r0, act_scale, act_zero);
     });
+  };
+  M * s.K < (1 << 16) ? quant(0, M) : parallel_for(M, quant);
   GemmArgs args{a, lda, M, packed, scales, comp, s.Kp, s.group, s.Np, s.N, ascale, bias, y, s.N};
-  run_gemm(kt, args, false);
+  run_gemm(kt, args, false, gelu);
 }
 
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c) {
@@ -229,7 +256,8 @@ int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* pack
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
                const float* bias, const Q4Shape& s,
-               bool int8_activations, float act_scale, float* y) {
+               bool int8_activations, float act_scale, const float* colscale, bool gelu,
+               float* y) {
   if (M == 0) return;
   const Kernels& kt = kernels();
   const int64_t nblocks = s.Kp / kActBlock;
@@ -241,8 +269,10 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
   const bool big = M * s.K >= (1 << 16);
   if (int8_activations) {
     auto quant = [&](int64_t m0, int64_t m1) {
-      kt.quantize_a8_blocks(x, ldx, s.K, s.Kp, s.group, m0, m1, (int8_t*)a, lda, ablock, agroup,
-                            act_scale);
+      with_scaled_rows(x, ldx, s.K, colscale, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
+        kt.quantize_a8_blocks(rows, ld, s.K, s.Kp, s.group, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
+                              ablock + r0 * nblocks, agroup + r0 * s.G, act_scale);
+      });
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {
@@ -251,7 +281,10 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     auto prep = [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         float* dst = (float*)a + m * lda;
-        std::memcpy(dst, x + m * ldx, (size_t)s.K * sizeof(float));
+        if (colscale)
+          for (int64_t k = 0; k < s.K; ++k) dst[k] = x[m * ldx + k] * colscale[k];
+        else
+          std::memcpy(dst, x + m * ldx, (size_t)s.K * sizeof(float));
         std::memset(dst + s.K, 0, (size_t)(s.Kp - s.K) * sizeof(float));
         for (int64_t g = 0; g < s.G; ++g) {
           float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -273,6 +306,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     sub.agroup = agroup + m0 * s.G;
     sub.c = y + m0 * s.N;
     gemm(&sub, p0, p1);
+    if (gelu) gelu_block(kt, y, s.N, s.N, m0, m1, p0, p1);
   });
 }
 

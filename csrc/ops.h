@@ -31,9 +31,11 @@ void gguf_q8_0(const uint8_t* raw, int64_t row_bytes, const W8Shape& s, int8_t* 
 // y (M, N) = dequant(quant8(x) . W^T) + bias, activations quantized per row on the fly.
 // act_scale > 0: static activations, x ~ act_scale * (q - act_zero) (kernels.h quantize_a8); the
 // zero point's term, -act_scale * act_zero * sum_k w, is left to the caller (folded into bias).
+// colscale: null, or K factors the inputs are multiplied by first (in the quantization pass).
+// gelu: y = GELU(...) (Kernels::gelu), applied to each task's block of y while it is in cache.
 void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
                  const int32_t* comp, const float* bias, const W8Shape& s, float act_scale,
-                 int32_t act_zero, float* y);
+                 int32_t act_zero, const float* colscale, bool gelu, float* y);
 
 // Exact c (M, N) = a (M, K) . b (N, K)^T in int32.
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c);
@@ -61,10 +63,12 @@ void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape&
              uint8_t* packed, uint16_t* scales, uint16_t* mins);
 // y (M, N) = x . dequant(W)^T + bias; activations int8 per 32-block (W4A8) or float32 (W4A32).
 // mins, or else zeros (integer zero points), or neither (symmetric, z = 8): see kernels.h.
+// colscale and gelu as for linear_w8a8.
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
                const float* bias, const Q4Shape& s,
-               bool int8_activations, float act_scale, float* y);
+               bool int8_activations, float act_scale, const float* colscale, bool gelu,
+               float* y);
 
 // lowbit.nn helpers over the thread pool when large (Kernels::gelu, layer_norm, softmax).
 void gelu(const float* x, float* y, int64_t n);

@@ -145,3 +145,111 @@ def test_linear_construction_errors():
         lb.Linear(w, np.zeros(8, np.int32))
     with pytest.raises(TypeError, match="QuantizedWeight"):
         lb.matmul(np.ones((1, 32), np.float32), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# out=: the result written into a caller's buffer
+
+OUT_CONFIGS = [(8, None, "int8"), (8, 32, "int8"), (4, 32, "int8"), (4, 32, "float")]
+
+
+def out_layer(rng, bits, group, activations, n=48, k=64, with_bias=True):
+    w = rng.normal(0, 0.05, (n, k)).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32) if with_bias else None
+    qw = lb.quantize(w, bits=bits, group_size=group)
+    return qw, bias, lb.Linear(qw, bias, activations=activations)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 64), (2, 3, 64), (64,), (70, 64)])
+@pytest.mark.parametrize("bits,group,activations", OUT_CONFIGS)
+def test_linear_and_matmul_out_are_bit_identical(isa, rng, bits, group, activations, x_shape):
+    qw, bias, layer = out_layer(rng, bits, group, activations)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    x0 = x.copy()
+    expected = layer(x)
+    assert expected.shape == x_shape[:-1] + (48,)
+    out = np.full(expected.shape, np.nan, np.float32)
+    assert layer(x, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    out[...] = np.nan
+    assert lb.matmul(x, qw, bias, activations=activations, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(lb.matmul(x, qw, activations=activations, out=out),
+                                  lb.matmul(x, qw, activations=activations))  # no bias
+    np.testing.assert_array_equal(x, x0)
+    x2 = rng.normal(size=x_shape).astype(np.float32)  # a buffer reused from call to call
+    assert layer(x2, out=out) is out
+    np.testing.assert_array_equal(out, layer(x2))
+    with lb.use_isa("ref"):
+        np.testing.assert_array_equal(layer(x2), out)
+
+
+@pytest.mark.parametrize("bits,group,activations", OUT_CONFIGS)
+def test_linear_out_with_converted_and_strided_inputs(rng, bits, group, activations):
+    qw, bias, layer = out_layer(rng, bits, group, activations)
+    x = rng.normal(size=(6, 64)).astype(np.float32)
+    for xi in (x.astype(np.float16), np.ascontiguousarray(x.T).T, x[::-1], np.repeat(x, 2, 1)[:, ::2]):
+        out = np.empty((6, 48), np.float32)
+        assert layer(xi, out=out) is out
+        np.testing.assert_array_equal(out, layer(xi))
+    out = np.empty((0, 48), np.float32)
+    assert layer(np.zeros((0, 64), np.float32), out=out) is out
+
+
+@pytest.mark.parametrize("bits,group,activations", OUT_CONFIGS)
+def test_linear_out_rejects_bad_buffers(rng, bits, group, activations):
+    qw, bias, layer = out_layer(rng, bits, group, activations, n=64, k=64)
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    calls = (lambda out: layer(x, out=out),
+             lambda out: lb.matmul(x, qw, bias, activations=activations, out=out))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"out: expected shape \(5, 64\)"):
+            call(np.empty((5, 63), np.float32))
+        with pytest.raises(ValueError, match=r"out: expected shape \(5, 64\)"):
+            call(np.empty((1, 5, 64), np.float32))
+        with pytest.raises(ValueError, match=r"out: expected shape \(5, 64\)"):
+            call(np.empty((5 * 64,), np.float32))
+        with pytest.raises((ValueError, TypeError), match="float32"):
+            call(np.empty((5, 64), np.float64))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            call(np.empty((5, 128), np.float32)[:, ::2])
+        with pytest.raises(ValueError, match="C-contiguous"):
+            call(np.empty((64, 5), np.float32).T)
+        ro = np.empty((5, 64), np.float32)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="writeable"):
+            call(ro)
+        with pytest.raises(TypeError, match="numpy array"):
+            call([[0.0] * 64] * 5)
+        x0 = x.copy()
+        with pytest.raises(ValueError, match="overlap"):
+            call(x)  # out is x itself (N == K)
+        np.testing.assert_array_equal(x, x0)
+    flat = rng.normal(size=5 * 64 + 5 * 64).astype(np.float32)
+    xv = flat[: 5 * 64].reshape(5, 64)
+    ov = flat[5 * 64 - 10: 10 * 64 - 10].reshape(5, 64)  # contiguous, sharing 10 floats with xv
+    before = flat.copy()
+    with pytest.raises(ValueError, match="overlap"):
+        layer(xv, out=ov)
+    with pytest.raises(ValueError, match="overlap"):
+        lb.matmul(xv, qw, bias, activations=activations, out=ov)
+    np.testing.assert_array_equal(flat, before)
+    x3 = rng.normal(size=(2, 3, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 64\)"):
+        layer(x3, out=np.empty((6, 64), np.float32))
+    with pytest.raises(ValueError, match="overlap"):
+        layer(x3, out=x3)
+
+
+@pytest.mark.parametrize("bits,group,activations", [(8, None, "int8"), (4, 32, "float")])
+def test_matmul_out_overlapping_bias_is_rejected_or_correct(rng, bits, group, activations):
+    qw, _, _ = out_layer(rng, bits, group, activations)
+    x = rng.normal(size=(200, 64)).astype(np.float32)
+    buf = rng.normal(size=(200, 48)).astype(np.float32)
+    bias = buf[0]
+    expected = lb.matmul(x, qw, bias.copy(), activations=activations)
+    try:
+        got = lb.matmul(x, qw, bias, activations=activations, out=buf)
+    except ValueError:
+        return
+    np.testing.assert_array_equal(got, expected)

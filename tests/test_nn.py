@@ -107,3 +107,454 @@ def test_kv_cache_attention_matches_definition_batched_and_step_by_step(rng, hea
         rows.append(steps.attend(q[a:b]))
     assert close(np.concatenate(rows), expected)
     assert steps.length == n
+
+
+# ---------------------------------------------------------------------------------------------
+# lb.nn.attention: fused softmax attention (masks, causal, GQA, strided views, out=)
+
+
+def reference_attention(q, k, v, lengths=None, causal=False, scale=None):
+    """The definition in float64: per batch and head, scores masked to the keys the query sees
+    (its batch's first min(lengths[b], Sk) keys; causal: j <= Sk - Sq + i), softmax, weights @ v;
+    a query that sees no key gets zeros."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, Sq, H, d = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((B, Sq, H, d))
+    for b in range(B):
+        n = Sk if lengths is None else max(0, min(int(lengths[b]), Sk))
+        visible = np.broadcast_to(np.arange(Sk)[None, :] < n, (Sq, Sk))
+        if causal:
+            visible = visible & (np.arange(Sk)[None, :] <= Sk - Sq + np.arange(Sq)[:, None])
+        seen = visible.any(1)
+        for h in range(H):
+            kvh = h // (H // Hkv)
+            s = np.where(visible, q[b, :, h] @ k[b, :, kvh].T * scale, -np.inf)
+            m = np.where(seen, s.max(1, initial=-np.inf), 0)[:, None]
+            p = np.where(visible, np.exp(s - m), 0)
+            p[seen] /= p[seen].sum(1, keepdims=True)
+            out[b, :, h] = p @ v[b, :, kvh]
+    return out
+
+
+def qkv(rng, B, Sq, Sk, H, Hkv, d, sigma=1.0):
+    return (rng.normal(0, sigma, (B, Sq, H, d)).astype(F32),
+            rng.normal(0, sigma, (B, Sk, Hkv, d)).astype(F32),
+            rng.normal(0, 1, (B, Sk, Hkv, d)).astype(F32))
+
+
+def mixed_lengths(B, Sk):
+    """Per-batch lengths: a partial one, 0 (no key at all) and one past Sk (clamped to Sk)."""
+    return np.array([Sk // 2 + 1, 0, Sk + 7][:B], np.int64)
+
+
+# (B, Sq, Sk, H, Hkv, d): 1, 2, 31..33, 63..65 and 130 queries / keys cross the 32-key tile and
+# the 64-query task block; Sq < Sk is a key/value cache (Sq = 1: one decoded token), Sq > Sk
+# leaves the first causal queries without a key.
+ATTN_SHAPES = [
+    (1, 1, 1, 1, 1, 1), (2, 2, 2, 4, 4, 8), (1, 31, 31, 9, 3, 32), (3, 32, 32, 6, 1, 33),
+    (2, 33, 33, 4, 4, 64), (1, 63, 63, 9, 3, 80), (2, 64, 64, 1, 1, 8), (1, 65, 65, 6, 1, 32),
+    (2, 130, 130, 4, 4, 33), (1, 1, 130, 9, 3, 64), (3, 1, 65, 6, 1, 80), (2, 1, 33, 4, 4, 8),
+    (1, 2, 64, 4, 4, 32), (2, 31, 63, 9, 3, 8), (1, 65, 130, 6, 1, 64), (1, 130, 33, 4, 4, 8),
+    (2, 64, 31, 9, 3, 32), (1, 33, 1, 1, 1, 80), (3, 65, 2, 4, 4, 1), (2, 130, 64, 6, 1, 33),
+]
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["all_keys", "lengths"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,d", ATTN_SHAPES)
+def test_attention_matches_float64_definition(rng, B, Sq, Sk, H, Hkv, d, causal, with_lengths):
+    q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d)
+    lengths = mixed_lengths(B, Sk) if with_lengths else None
+    got = nn.attention(q, k, v, lengths=lengths, causal=causal)
+    assert got.shape == (B, Sq, H, d) and got.dtype == F32 and got.flags.c_contiguous
+    expected = reference_attention(q, k, v, lengths, causal)
+    assert np.isfinite(got).all()
+    assert close(got, expected, 1e-5), np.abs(got - expected).max()
+    if with_lengths and B >= 2:
+        assert not got[1].any()  # lengths 0: every query of batch 1 gets zeros
+
+
+@pytest.mark.parametrize("Sq,Sk", [(130, 33), (70, 1), (5, 2)])
+def test_attention_causal_queries_before_the_first_key_get_zeros(rng, Sq, Sk):
+    q, k, v = qkv(rng, 2, Sq, Sk, 6, 2, 16)
+    got = nn.attention(q, k, v, causal=True)
+    blind = Sq - Sk  # query i sees keys j <= Sk - Sq + i: none for i < Sq - Sk
+    assert (got[:, :blind] == 0).all()
+    assert (np.abs(got[:, blind:]).max(axis=-1) > 0).all()
+    np.testing.assert_array_equal(got[:, blind], v[:, 0].repeat(3, axis=1))  # sees key 0 alone
+    assert close(got, reference_attention(q, k, v, causal=True))
+
+
+def test_attention_kv_cache_decode_and_lengths_bounds(rng):
+    B, Sk, H, Hkv, d = 3, 70, 8, 2, 16
+    q, k, v = qkv(rng, B, 1, Sk, H, Hkv, d)
+    # one new token at the end of the cache attends to every key, causal or not
+    np.testing.assert_array_equal(nn.attention(q, k, v, causal=True), nn.attention(q, k, v))
+    # lengths of Sk, past Sk and None agree bit for bit; negative and 0 give zeros
+    full = nn.attention(q, k, v)
+    np.testing.assert_array_equal(nn.attention(q, k, v, lengths=[Sk, Sk + 1, 10 ** 9]), full)
+    got = nn.attention(q, k, v, lengths=np.array([0, -5, 1], np.int32))
+    assert not got[:2].any()
+    np.testing.assert_array_equal(got[2], v[2, :1].repeat(H // Hkv, axis=1))  # one key: its v
+    # lengths = L is the same as slicing the keys to L (uint lengths accepted too)
+    np.testing.assert_array_equal(nn.attention(q, k, v, lengths=np.array([40, 40, 40], np.uint8)),
+                                  nn.attention(q, np.ascontiguousarray(k[:, :40]),
+                                               np.ascontiguousarray(v[:, :40])))
+    # causal masks with lengths together: a chunk of 5 queries over a 70-key cache of 40 valid keys
+    q5 = rng.normal(size=(B, 5, H, d)).astype(F32)
+    lengths = np.array([40, 68, 3])
+    assert close(nn.attention(q5, k, v, lengths=lengths, causal=True),
+                 reference_attention(q5, k, v, lengths, causal=True))
+
+
+def test_attention_empty_cache_and_no_queries_as_slices(rng):
+    q, k, v = qkv(rng, 2, 3, 5, 4, 2, 8)
+    got = nn.attention(q, k[:, :0], v[:, :0])  # an empty cache: no key at all, zeros
+    assert got.shape == (2, 3, 4, 8) and not got.any()
+    assert not nn.attention(q, k[:, :0], v[:, :0], causal=True, lengths=[4, 4]).any()
+    assert nn.attention(q[:, :0], k, v, causal=True).shape == (2, 0, 4, 8)
+
+
+def test_attention_empty_arrays():
+    q = np.ones((2, 3, 4, 8), F32)
+    empty = np.zeros((2, 0, 2, 8), F32)
+    assert empty.flags.c_contiguous
+    got = nn.attention(q, empty, empty)
+    assert got.shape == (2, 3, 4, 8) and not got.any()
+    assert nn.attention(np.zeros((2, 0, 4, 8), F32), q[:, :, :2], q[:, :, :2]).shape == (2, 0, 4, 8)
+
+
+def test_attention_gqa_heads_read_their_kv_head(rng):
+    # H = 6 over Hkv = 2: heads 0..2 read kv head 0, heads 3..5 kv head 1, i.e. the same result as
+    # the kv heads repeated (bit for bit: the same arithmetic per head)
+    q, k, v = qkv(rng, 2, 33, 40, 6, 2, 16)
+    got = nn.attention(q, k, v, causal=True)
+    np.testing.assert_array_equal(got, nn.attention(q, k.repeat(3, axis=2), v.repeat(3, axis=2),
+                                                    causal=True))
+    assert not np.array_equal(got, nn.attention(q, np.tile(k, (1, 1, 3, 1)),
+                                                np.tile(v, (1, 1, 3, 1)), causal=True))
+
+
+# shapes above kSerialElems * 8 run on the thread pool; the others on the caller's thread
+ATTN_BIT_SHAPES = [
+    (2, 130, 130, 4, 4, 32), (2, 130, 65, 9, 3, 33), (2, 1, 600, 8, 2, 64), (3, 65, 31, 6, 1, 80),
+    (1, 31, 33, 9, 3, 8),
+]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,d", ATTN_BIT_SHAPES)
+def test_attention_is_bit_identical_on_every_isa(isa, rng, B, Sq, Sk, H, Hkv, d):
+    q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d)
+    lengths = np.array([Sk, Sk - 3, 1][:B])
+    calls = [dict(), dict(causal=True), dict(lengths=lengths), dict(lengths=lengths, causal=True)]
+    got = [nn.attention(q, k, v, **c) for c in calls]
+    with lb.use_isa("ref"):
+        expected = [nn.attention(q, k, v, **c) for c in calls]
+    assert lb._core.isa() == isa
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    assert close(got[3], reference_attention(q, k, v, lengths, True))
+
+
+def test_attention_bit_identical_across_isas_and_thread_counts(rng, threads):
+    original = lb._core.isa()
+    cases = [qkv(rng, *s) for s in ATTN_BIT_SHAPES[:3]]
+    results = {}
+    try:
+        for name in lb._core.available_isas():
+            lb._core.set_isa(name)
+            assert lb._core.isa() == name
+            for n in (1, 2, 3):
+                lb.set_num_threads(n)
+                assert lb.get_num_threads() == n
+                results[name, n] = [nn.attention(q, k, v, causal=c, lengths=[k.shape[1] - 1] * len(k))
+                                    for q, k, v in cases for c in (False, True)]
+    finally:
+        lb._core.set_isa(original)
+    assert lb._core.isa() == original
+    assert len(results) == 3 * len(lb._core.available_isas())
+    first = results[lb._core.available_isas()[-1], 1]
+    for key, outs in results.items():
+        for g, e in zip(outs, first):
+            assert np.array_equal(g, e), key
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2)])
+def test_attention_fused_qkv_views_equal_contiguous_copies(rng, H, Hkv):
+    B, S, d = 2, 70, 16
+    fused = rng.normal(size=(B, S, (H + 2 * Hkv) * d)).astype(F32)  # one QKV projection output
+    q = fused[..., : H * d].reshape(B, S, H, d)
+    k = fused[..., H * d:(H + Hkv) * d].reshape(B, S, Hkv, d)
+    v = fused[..., (H + Hkv) * d:].reshape(B, S, Hkv, d)
+    for a in (q, k, v):
+        assert np.shares_memory(a, fused) and not a.flags.c_contiguous  # strided views
+    copies = [np.ascontiguousarray(a) for a in (q, k, v)]
+    for kw in (dict(), dict(causal=True), dict(lengths=[50, 3])):
+        got = nn.attention(q, k, v, **kw)
+        np.testing.assert_array_equal(got, nn.attention(*copies, **kw))
+        assert close(got, reference_attention(q, k, v, **kw))
+    # heads-major storage (B, Hkv, S, d) seen as (B, S, Hkv, d), a query slice with a stride,
+    # and views the kernel cannot take (reversed tokens, a strided last axis) copied on the way
+    kh = np.ascontiguousarray(copies[1].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(nn.attention(q[:, ::3], kh, v, causal=True),
+                                  nn.attention(np.ascontiguousarray(q[:, ::3]), *copies[1:],
+                                               causal=True))
+    np.testing.assert_array_equal(nn.attention(q, k[:, ::-1], v[:, ::-1]),
+                                  nn.attention(*copies[:1], np.ascontiguousarray(k[:, ::-1]),
+                                               np.ascontiguousarray(v[:, ::-1])))
+    wide = np.repeat(copies[0], 2, axis=-1)[..., ::2]  # last-axis stride 8 bytes
+    np.testing.assert_array_equal(nn.attention(wide, k, v), nn.attention(*copies))
+
+
+def test_attention_scale(rng):
+    q, k, v = qkv(rng, 2, 33, 40, 4, 2, 24)
+    default = nn.attention(q, k, v)
+    np.testing.assert_array_equal(nn.attention(q, k, v, scale=1 / np.sqrt(24)), default)
+    for s in (0.37, 2.5, -1.0):
+        got = nn.attention(q, k, v, scale=s, causal=True)
+        assert close(got, reference_attention(q, k, v, causal=True, scale=s))
+    assert not np.array_equal(nn.attention(q, k, v, scale=0.37), default)
+    # scale 0: every key weighs the same, the output is the mean of the visible values
+    got = nn.attention(q, k, v, scale=0.0, lengths=[40, 7])
+    assert close(got[0], v[0].mean(0).repeat(2, axis=0)[None].repeat(33, axis=0), 1e-6)
+    assert close(got[1], v[1, :7].mean(0).repeat(2, axis=0)[None].repeat(33, axis=0), 1e-6)
+
+
+def test_attention_large_scores_do_not_overflow(rng):
+    B, Sq, Sk, H, d = 2, 40, 70, 4, 16
+    q = rng.uniform(80, 120, (B, Sq, H, d)).astype(F32) * rng.choice([-1, 1], (B, Sq, H, d)).astype(F32)
+    k = rng.uniform(80, 120, (B, Sk, H, d)).astype(F32) * rng.choice([-1, 1], (B, Sk, H, d)).astype(F32)
+    v = rng.normal(size=(B, Sk, H, d)).astype(F32)
+    for kw in (dict(), dict(causal=True), dict(lengths=[33, 70])):
+        got = nn.attention(q, k, v, **kw)
+        assert np.isfinite(got).all()  # scores up to ~1e5: exp(s - max) only
+        assert close(got, reference_attention(q, k, v, **kw), 1e-5)
+    # a huge score next to tiny ones picks its value exactly; equal huge scores average
+    q1 = np.full((1, 1, 1, 4), 100, F32)
+    k1 = np.zeros((1, 3, 1, 4), F32)
+    k1[0, 1] = 100
+    v1 = np.arange(12, dtype=F32).reshape(1, 3, 1, 4)
+    np.testing.assert_array_equal(nn.attention(q1, k1, v1)[0, 0, 0], v1[0, 1, 0])
+    k1[0, 2] = 100
+    np.testing.assert_array_equal(nn.attention(q1, k1, v1)[0, 0, 0], (v1[0, 1, 0] + v1[0, 2, 0]) / 2)
+    k1[:] = -100  # all scores hugely negative and equal: still the mean, no 0/0
+    np.testing.assert_array_equal(nn.attention(q1, k1, v1)[0, 0, 0], v1[0, :, 0].mean(0))
+
+
+@pytest.mark.parametrize("Sk", [1, 31, 65, 130])
+def test_attention_equal_scores_give_the_mean_of_v(rng, Sk):
+    B, Sq, H, d = 2, 70, 4, 33
+    q = np.zeros((B, Sq, H, d), F32)  # every score 0: exp(0) = 1 exactly, weights all equal
+    k = rng.normal(size=(B, Sk, 2, d)).astype(F32)
+    v = rng.integers(-50, 50, (B, Sk, 2, d)).astype(F32)  # integer sums: exact in float32
+    got = nn.attention(q, k, v)
+    mean = (v.astype(np.float64).sum(1) / Sk).astype(F32)  # correctly rounded, as the kernel's /
+    np.testing.assert_array_equal(got, np.broadcast_to(mean.repeat(2, axis=1)[:, None], got.shape))
+    # causal: query i of the last Sk positions averages keys 0..Sk - Sq + i
+    got = nn.attention(q, k, v, causal=True)
+    counts = np.arange(Sq) + Sk - Sq + 1
+    cum = v.astype(np.float64).cumsum(1)
+    for i in range(Sq):
+        if counts[i] <= 0:
+            assert not got[:, i].any()
+        else:
+            want = (cum[:, counts[i] - 1] / counts[i]).astype(F32).repeat(2, axis=1)
+            np.testing.assert_array_equal(got[:, i], want)
+    # equal (non-zero) scores from identical keys: the mean within rounding
+    k[:] = k[:, :1]
+    got = nn.attention(rng.normal(size=(B, Sq, H, d)).astype(F32), k, v)
+    assert close(got, np.broadcast_to(mean.repeat(2, axis=1)[:, None], got.shape), 1e-6)
+
+
+def test_attention_out(rng):
+    B, Sq, Sk, H, Hkv, d = 3, 33, 65, 6, 2, 40
+    q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d)
+    for kw in (dict(), dict(causal=True, lengths=[0, 20, 99]), dict(scale=0.5)):
+        expected = nn.attention(q, k, v, **kw)
+        out = np.full((B, Sq, H, d), np.nan, F32)  # every element must be written, zeros too
+        assert nn.attention(q, k, v, out=out, **kw) is out
+        np.testing.assert_array_equal(out, expected)
+    # a buffer reused from call to call
+    q2 = rng.normal(size=q.shape).astype(F32)
+    assert nn.attention(q2, k, v, out=out) is out
+    np.testing.assert_array_equal(out, nn.attention(q2, k, v))
+
+
+def test_attention_out_rejects_bad_buffers(rng):
+    B, S, H, d = 2, 9, 4, 8
+    q, k, v = qkv(rng, B, S, S, H, H, d)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 9, 4, 8\)"):
+        nn.attention(q, k, v, out=np.empty((2, 9, 4, 9), F32))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        nn.attention(q, k, v, out=np.empty((2 * 9 * 4 * 8,), F32))
+    with pytest.raises((ValueError, TypeError), match="float32"):
+        nn.attention(q, k, v, out=np.empty((B, S, H, d), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        nn.attention(q, k, v, out=np.empty((B, S, H, 2 * d), F32)[..., ::2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        nn.attention(q, k, v, out=np.empty((B, H, S, d), F32).transpose(0, 2, 1, 3))
+    ro = np.empty((B, S, H, d), F32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        nn.attention(q, k, v, out=ro)
+    with pytest.raises(TypeError, match="numpy array"):
+        nn.attention(q, k, v, out=[[0.0]])
+    for inp in (q, k, v):
+        before = inp.copy()
+        with pytest.raises(ValueError, match="overlap"):
+            nn.attention(q, k, v, out=inp)
+        np.testing.assert_array_equal(inp, before)  # rejected before anything was written
+    fused = rng.normal(size=(B, S, 3 * H * d)).astype(F32)
+    qf = fused[..., : H * d].reshape(B, S, H, d)
+    out = fused.reshape(-1)[: B * S * H * d].reshape(B, S, H, d)  # contiguous, part of q's buffer
+    assert out.flags.c_contiguous
+    with pytest.raises(ValueError, match="overlap"):
+        nn.attention(qf, k, v, out=out)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda q, k, v: nn.attention(q.astype(np.float64), k, v), TypeError, "q: expected float32"),
+    (lambda q, k, v: nn.attention(q, k.astype(np.float16), v), TypeError, "k: expected float32"),
+    (lambda q, k, v: nn.attention(q, k, v.astype(np.float64)), TypeError, "v: expected float32"),
+    (lambda q, k, v: nn.attention(q[0], k, v), ValueError, "q: expected 4 dimensions"),
+    (lambda q, k, v: nn.attention(q, k[None], v), ValueError, "k: expected 4 dimensions"),
+    (lambda q, k, v: nn.attention(q, k, v[..., 0]), ValueError, "v: expected 4 dimensions"),
+    (lambda q, k, v: nn.attention(q, np.concatenate([k, k], 2), np.concatenate([v, v], 2)), ValueError,
+     r"k: expected shape \(2, keys, kv_heads, 8\) with kv_heads dividing 6, got \(2, 9, 4, 8\)"),
+    (lambda q, k, v: nn.attention(q, k[:, :, :0], v[:, :, :0]), ValueError, "kv_heads"),
+    (lambda q, k, v: nn.attention(q, k[:1], v[:1]), ValueError, r"k: expected shape \(2, keys"),
+    (lambda q, k, v: nn.attention(q, k[..., :7], v[..., :7]), ValueError, "k: expected shape"),
+    (lambda q, k, v: nn.attention(q, k, v[:, :4]), ValueError, "v: expected k's shape"),
+    (lambda q, k, v: nn.attention(q, k, v[:, :, :1]), ValueError, "v: expected k's shape"),
+    (lambda q, k, v: nn.attention(q, k, v[..., :7]), ValueError, "v: expected k's shape"),
+    (lambda q, k, v: nn.attention(q, k, v[:1]), ValueError, "v: expected k's shape"),
+    (lambda q, k, v: nn.attention(q, k, v, lengths=[3.0, 4.0]), TypeError, "lengths: expected integers"),
+    (lambda q, k, v: nn.attention(q, k, v, lengths=np.array([True, False])), TypeError, "lengths"),
+    (lambda q, k, v: nn.attention(q, k, v, lengths=["3", "4"]), TypeError, "lengths"),
+    (lambda q, k, v: nn.attention(q, k, v, lengths=[3, 4, 5]), ValueError, "lengths"),
+    (lambda q, k, v: nn.attention(q, k, v, lengths=[[3, 4]]), ValueError, "lengths"),
+    (lambda q, k, v: nn.attention(q, k, v, lengths=3), ValueError, "lengths"),
+])
+def test_attention_rejects_bad_input(rng, call, err, match):
+    q, k, v = qkv(rng, 2, 5, 9, 6, 2, 8)
+    with pytest.raises(err, match=match):
+        call(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# out= on layer_norm / rms_norm
+
+
+def norm_inputs(rng, shape):
+    n = shape[-1]
+    return (rng.normal(0, 3, shape).astype(F32), rng.normal(size=shape).astype(F32),
+            rng.normal(size=n).astype(F32), rng.normal(size=n).astype(F32))
+
+
+NORMS = {  # name: f(x, residual, weight, bias, out)
+    "rms_norm": lambda x, r, w, b, out=None: nn.rms_norm(x, w, 1e-5, out=out),
+    "layer_norm": lambda x, r, w, b, out=None: nn.layer_norm(x, w, b, 1e-12, out=out),
+    "layer_norm_residual": lambda x, r, w, b, out=None: nn.layer_norm(x, w, b, 1e-12, residual=r,
+                                                                      out=out),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+@pytest.mark.parametrize("shape", [(1, 17), (5, 64), (300, 384), (2, 3, 40), (70,)])
+def test_norm_out_is_bit_identical_to_a_new_array(rng, name, shape):
+    f = NORMS[name]
+    x, r, w, b = norm_inputs(rng, shape)
+    expected = f(x, r, w, b)
+    assert expected.shape == shape
+    out = np.full(shape, np.nan, F32)
+    x0, r0 = x.copy(), r.copy()
+    assert f(x, r, w, b, out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(x, x0)  # the inputs untouched
+    np.testing.assert_array_equal(r, r0)
+    assert f(x + 1, r, w, b, out) is out  # reused
+    np.testing.assert_array_equal(out, f(x + 1, r, w, b))
+
+
+@pytest.mark.parametrize("shape", [(1, 17), (5, 64), (300, 384)])
+def test_norm_in_place_matches_out_of_place(rng, shape):
+    x, r, w, b = norm_inputs(rng, shape)
+    cases = [  # (expected, the call writing in place, the array it writes)
+        (nn.rms_norm(x, w), lambda xc, rc: nn.rms_norm(xc, w, out=xc), "x"),
+        (nn.layer_norm(x, w, b), lambda xc, rc: nn.layer_norm(xc, w, b, out=xc), "x"),
+        (nn.layer_norm(x, w, b, residual=r), lambda xc, rc: nn.layer_norm(xc, w, b, residual=rc, out=xc), "x"),
+        (nn.layer_norm(x, w, b, residual=r), lambda xc, rc: nn.layer_norm(xc, w, b, residual=rc, out=rc), "r"),
+    ]
+    for expected, call, target in cases:
+        xc, rc = x.copy(), r.copy()
+        got = call(xc, rc)
+        assert got is (xc if target == "x" else rc)
+        np.testing.assert_array_equal(got, expected)
+        if target == "r":
+            np.testing.assert_array_equal(xc, x)
+        else:
+            np.testing.assert_array_equal(rc, r)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40), (70,)])
+def test_norm_in_place_with_leading_dims(rng, shape):
+    x, r, w, b = norm_inputs(rng, shape)
+    expected = nn.rms_norm(x, w)
+    xc = x.copy()
+    assert nn.rms_norm(xc, w, out=xc) is xc
+    np.testing.assert_array_equal(xc, expected)
+    expected = nn.layer_norm(x, w, b, residual=r)
+    rc = r.copy()
+    assert nn.layer_norm(x, w, b, residual=rc, out=rc) is rc
+    np.testing.assert_array_equal(rc, expected)
+
+
+def test_norm_out_rejects_overlap_and_bad_buffers(rng):
+    n = 32
+    buf = rng.normal(size=(7, n)).astype(F32)
+    x, r = buf[:6], rng.normal(size=(6, n)).astype(F32)
+    w, b = rng.normal(size=n).astype(F32), rng.normal(size=n).astype(F32)
+    before = buf.copy()
+    for call in (lambda out: nn.rms_norm(x, w, out=out), lambda out: nn.layer_norm(x, w, b, out=out)):
+        with pytest.raises(ValueError, match="overlap"):
+            call(buf[1:])  # x's shape, shifted a row: a partial overlap
+        with pytest.raises(ValueError, match="overlap"):
+            call(x[::-1])  # x's shape and memory, rows reversed
+        with pytest.raises(ValueError, match=r"out: expected shape \(6, 32\)"):
+            call(x[1:])
+        with pytest.raises(ValueError, match=r"out: expected shape \(6, 32\)"):
+            call(np.empty((6, 33), F32))
+        with pytest.raises(ValueError, match=r"out: expected shape \(6, 32\)"):
+            call(np.empty((6 * 32,), F32))
+        with pytest.raises(ValueError, match="float32"):
+            call(np.empty((6, n), np.float64))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            call(np.empty((6, 2 * n), F32)[:, ::2])
+        with pytest.raises(TypeError, match="numpy array"):
+            call([[0.0] * n] * 6)
+    np.testing.assert_array_equal(buf, before)  # nothing written by a rejected call
+    with pytest.raises(ValueError, match="overlap"):  # overlaps residual without being it
+        nn.layer_norm(r, w, b, residual=buf[:6], out=buf[1:])
+    with pytest.raises(ValueError, match="overlap"):  # overlaps x while being residual's view
+        nn.layer_norm(buf[:6], w, b, residual=buf[1:], out=buf[1:])
+    wide = rng.normal(size=(6, 2 * n)).astype(F32)
+    xs = wide[:, :n]  # contiguous rows at a wider stride: no in-place (out must be C-contiguous)
+    np.testing.assert_array_equal(nn.rms_norm(xs, w), nn.rms_norm(np.ascontiguousarray(xs), w))
+    with pytest.raises(ValueError):
+        nn.rms_norm(xs, w, out=xs)
+    np.testing.assert_array_equal(buf, before)
+
+
+def test_norm_out_overlapping_weight_is_rejected_or_correct(rng):
+    n = 16
+    x = rng.normal(size=(5, n)).astype(F32)
+    buf = rng.normal(size=(5, n)).astype(F32)
+    w, b = buf[0], rng.normal(size=n).astype(F32)
+    expected = nn.layer_norm(x, w.copy(), b)
+    try:
+        got = nn.layer_norm(x, w, b, out=buf)
+    except ValueError:
+        return
+    np.testing.assert_array_equal(got, expected)

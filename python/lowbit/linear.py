@@ -55,7 +55,7 @@ def _kernel_bias(qw: QuantizedWeight, bias, activations):
     return b.astype(np.float32)
 
 
-def _out_rows(out, x, n):
+def _out_rows(out, x, n, bias):
     """out (..., n) for an input x (..., k) as the kernel's (rows, n) view, or None."""
     if out is None:
         return None
@@ -64,12 +64,21 @@ def _out_rows(out, x, n):
     shape = x.shape[:-1] + (n,)
     if out.shape != shape:
         raise ValueError(f"out: expected shape {shape}, got {out.shape}")
-    if np.may_share_memory(out, x):
-        raise ValueError("out must not overlap the input")
+    if np.may_share_memory(out, x) or bias is not None and np.may_share_memory(out, bias):
+        raise ValueError("out must not overlap the input or the bias")
     return out.reshape(-1, n) if out.flags.c_contiguous else out  # the kernel rejects the rest
 
 
-def _forward(x, qw: QuantizedWeight, bias, activations, out=None):
+EPILOGUES = (None, "gelu")
+
+
+def _check_epilogue(epilogue):
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {list(EPILOGUES)}, got {epilogue!r}")
+    return epilogue
+
+
+def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None):
     x = np.asarray(x)
     if x.dtype != np.float32:
         if x.dtype.kind != "f":
@@ -78,12 +87,12 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None):
     n, k = qw.shape
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}), got {x.shape}")
-    y2 = _out_rows(out, x, n)
+    y2 = _out_rows(out, x, n, bias)
     x2 = x.reshape(-1, k)
-    if qw._in_scale is not None:
-        x2 = x2 * qw._in_scale  # AWQ: the inputs as the stored weights expect them
+    in_scale = qw._in_scale  # the kernel multiplies the inputs by it as it quantizes them
     if qw._perm is not None:
         x2 = x2.take(qw._perm, axis=1)  # inputs in the packed column order (act-order)
+        in_scale = None if in_scale is None else in_scale[qw._perm]
     elif k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
         x2 = np.ascontiguousarray(x2)
     static = isinstance(activations, StaticActivations)
@@ -91,10 +100,11 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None):
     if qw.bits == 8:
         zero = activations.zero_point if static else 0
         y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
-                              scale, zero, y2)
+                              scale, zero, in_scale, epilogue == "gelu", y2)
     else:
         y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k,
-                            qw.group_size or 0, bias, activations != "float", scale, y2)
+                            qw.group_size or 0, bias, activations != "float", scale, in_scale,
+                            epilogue == "gelu", y2)
     return out if out is not None else y.reshape(x.shape[:-1] + (n,))
 
 
@@ -112,13 +122,18 @@ class Linear:
       ``q = clamp(round(x / scale) + zero_point, -128, 127)``; no range is computed per call.
     * "float" (4-bit weights): weight-only, the 4-bit values meet the float32 inputs in FMA.
 
+    epilogue: None, or "gelu" for ``GELU(x @ W.T + bias)`` (lowbit.nn.gelu's exact erf form, bit
+    for bit), applied to each block of the output while it is in cache: a BERT intermediate
+    layer without a second pass over its output.
+
     Input: float32 or float16 of shape (..., in_features); output float32 (..., out_features),
     written to ``out`` when given (a C-contiguous float32 array of that shape, not overlapping
     the input: a buffer reused from call to call spares allocating and first-touching a new one).
     """
 
     def __init__(self, w_or_qw, bias=None, *, bits=8, group_size=None, symmetric=True,
-                 activations="int8"):
+                 activations="int8", epilogue=None):
+        self.epilogue = _check_epilogue(epilogue)
         if isinstance(w_or_qw, QuantizedWeight):
             self.weight = w_or_qw
         else:
@@ -146,17 +161,19 @@ class Linear:
         return self.weight.nbytes + sum(biases.values())
 
     def __call__(self, x, out=None) -> np.ndarray:
-        return _forward(x, self.weight, self._bias, self.activations, out)
+        return _forward(x, self.weight, self._bias, self.activations, out, self.epilogue)
 
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.weight.bits}, activations={self.activations!r}, nbytes={self.nbytes})")
+                f"bits={self.weight.bits}, activations={self.activations!r}, "
+                f"epilogue={self.epilogue!r}, nbytes={self.nbytes})")
 
 
-def matmul(x, qw: QuantizedWeight, bias=None, activations="int8", out=None) -> np.ndarray:
+def matmul(x, qw: QuantizedWeight, bias=None, activations="int8", out=None,
+           epilogue=None) -> np.ndarray:
     """``x @ qw.dequantize().T + bias`` on the quantized kernels (the functional ``Linear``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"matmul: expected a QuantizedWeight, got {type(qw).__name__}")
     activations = _check_activations(activations, qw.bits)
     bias = _kernel_bias(qw, _check_bias(bias, qw.shape[0]), activations)
-    return _forward(x, qw, bias, activations, out)
+    return _forward(x, qw, bias, activations, out, _check_epilogue(epilogue))

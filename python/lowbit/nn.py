@@ -32,29 +32,33 @@ def _vector(v, n, what):
 
 def _out(out, shape, inputs, in_place=()):
     """Checks ``out`` (None, or a float32 array of `shape` to write the result to): it may be one
-    of `in_place` itself (an elementwise-safe alias) but must not otherwise overlap `inputs`."""
+    of the arrays `in_place` itself (an elementwise-safe alias) but must not otherwise overlap any
+    of `inputs` (the arrays the kernel reads)."""
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
     if out.shape != tuple(shape):
         raise ValueError(f"out: expected shape {tuple(shape)}, got {out.shape}")
-    for a in inputs:
-        same = any(a is b for b in in_place) and a.__array_interface__ == out.__array_interface__
-        if not same and np.may_share_memory(out, a):
-            raise ValueError("out must not overlap the inputs" +
-                             (" (except being x or residual itself)" if in_place else ""))
+    if any(out is a for a in in_place):  # then an input laid out exactly as out may be out
+        at = out.__array_interface__["data"][0]
+        inputs = [a for a in inputs if not (a.flags.c_contiguous and out.flags.c_contiguous and
+                                            a.size == out.size and a.__array_interface__["data"][0] == at)]
+    if any(np.may_share_memory(out, a) for a in inputs):
+        raise ValueError("out must not overlap the inputs" +
+                         (" (except being x or residual itself)" if in_place else ""))
     return out
 
 
 def _norm(x, residual, weight, bias, eps, rms, out):
+    x_in = x
     x, x2 = _rows(x)
     n = x.shape[-1]
     r = None if residual is None else np.ascontiguousarray(residual, F32).reshape(x2.shape)
-    inputs = [a for a in (x2, r) if a is not None]
-    o = _out(out, x.shape, inputs, in_place=inputs if x2.shape[1] == n and x2.strides[0] == 4 * n else ())
     w = _vector(weight, n, "weight")
     b = None if rms else _vector(bias, n, "bias")
+    o = _out(out, x.shape, [a for a in (x2, r, w, b) if a is not None],
+             in_place=[a for a in (x_in, residual) if isinstance(a, np.ndarray)])
     y = _core.layer_norm(x2, r, w, b, float(eps), rms, None if o is None else o.reshape(x2.shape))
     return o if o is not None else y.reshape(x.shape)
 
@@ -171,17 +175,9 @@ class KVCache:
 
     def attend(self, q):
         """q: (tokens, heads, head_dim), the last `tokens` positions cached; returns causal
-        attention (tokens, heads * head_dim). Head h reads kv head h // (heads // kv_heads)."""
-        t, heads, d = q.shape
-        kvh, n = self.k.shape[0], self.length
-        group = heads // kvh
-        k, v = self.k[:, :n], self.v[:, :n]
-        # (kv_heads, group * tokens, d): the heads sharing a kv head attend in one BLAS matmul
-        qg = q.reshape(t, kvh, group, d).transpose(1, 2, 0, 3).reshape(kvh, group * t, d)
-        scores = np.matmul(qg, k.transpose(0, 2, 1)) * F32(1 / np.sqrt(d))
-        if t > 1:  # causal: query i (position n - t + i) sees keys up to its own position
-            mask = np.arange(n)[None, :] > (n - t + np.arange(t))[:, None]
-            scores.reshape(kvh, group, t, n)[:, :, mask] = -np.inf
-        _core.softmax_(scores)
-        out = np.matmul(scores, v)  # (kv_heads, group * tokens, d)
-        return out.reshape(kvh, group, t, d).transpose(2, 0, 1, 3).reshape(t, heads * d)
+        attention (tokens, heads * head_dim) (``attention`` over the cached keys and values).
+        Head h reads kv head h // (heads // kv_heads)."""
+        n = self.length
+        k, v = (a[:, :n].transpose(1, 0, 2)[None] for a in (self.k, self.v))  # (1, n, kvh, d) views
+        out = attention(np.asarray(q, F32)[None], k, v, causal=True)
+        return out.reshape(q.shape[0], -1)
