@@ -74,8 +74,6 @@ def default_model_dir() -> Path:
 
 
 # --- the float parts of a block --------------------------------------------------------------
-# in_scale: the smoothing factor the next linear layer expects on its input (None: 1; the
-# attention output's is folded into the value weights).
 def _attention(qkv, lengths, heads, out):
     """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B * S, hidden), in lb.nn's
     fused C++ attention. The query weights carry the 1 / sqrt(head_dim) scale (and the value
@@ -88,13 +86,11 @@ def _attention(qkv, lengths, heads, out):
     return out
 
 
-def _add_layer_norm(x, r, ln, in_scale, out, scaled_out):
-    """(LayerNorm(x + r) written to out, that times in_scale written to scaled_out, or out itself
-    when in_scale is None); r may be None; ln = (gamma, beta, eps). lb.nn's LayerNorm is C++,
-    threaded and fused with the residual add (in place when out is x or r)."""
+def _add_layer_norm(x, r, ln, out):
+    """LayerNorm(x + r) written to out (r may be None; ln = (gamma, beta, eps)): lb.nn's LayerNorm,
+    C++, threaded and fused with the residual add (in place when out is x or r)."""
     gamma, beta, eps = ln
-    y = nn.layer_norm(x, gamma, beta, eps, residual=r, out=out)
-    return y, (y if in_scale is None else np.multiply(y, in_scale, out=scaled_out))
+    return nn.layer_norm(x, gamma, beta, eps, residual=r, out=out)
 
 
 class FloatLinear:
@@ -121,8 +117,9 @@ class FloatLinear:
 
 
 class _Block:
-    """One encoder layer: its linear layers (FloatLinear or lb.Linear), LayerNorms and, in the
-    quantized modes, the smoothing factor a linear layer expects on its input (in_scale).
+    """One encoder layer: its linear layers (FloatLinear or lb.Linear) and LayerNorms. In the
+    quantized modes the SMOOTHED layers' inputs are smoothed: by the kernels as they quantize
+    them (the weight's input_scale), or, for the attention output, through the value weights.
 
     Q, K and V are one fused layer (N = 3 * hidden): quantization is per output row (INT8) or per
     group of 32 inputs within a row (INT4), and activations per input row, so fusing gives the same
@@ -134,7 +131,6 @@ class _Block:
     def __init__(self, qkv, attn_out, ln1, inter, out, ln2):
         self.qkv, self.attn_out, self.ln1 = qkv, attn_out, ln1
         self.inter, self.out, self.ln2 = inter, out, ln2
-        self.in_scale = dict.fromkeys(("qkv", "inter"))  # attn_out's is in V (see _quantize)
 
     @property
     def linears(self):
@@ -239,37 +235,36 @@ class MiniLM:
                 inputs = self.capture(calibration)
             weights = {name: (getattr(blk, name).weight, getattr(blk, name).bias) for name in _Block.LINEARS}
             xs = {name: inputs[i, name] for name in _Block.LINEARS}
+            input_scale = {}  # per layer: the smoothing 1 / s its kernel applies to its inputs
             if smooth:
-                inv = {}
                 for name in _Block.SMOOTHED:
-                    w, b = weights[name]
                     s = np.sqrt(np.maximum(np.abs(xs[name]).max(0), 1e-5) /
-                                np.maximum(np.abs(w).max(0), 1e-5)).astype(np.float32)
-                    weights[name] = (w * s, b)
-                    inv[name] = 1.0 / s
-                    xs[name] = xs[name] * inv[name]
+                                np.maximum(np.abs(weights[name][0]).max(0), 1e-5))
+                    input_scale[name] = (1.0 / s).astype(np.float32)
                 # The attention output (softmax weights @ V) is linear in V, so the output
                 # layer's 1 / s goes into V's rows instead of a pass over the attention output.
-                r = inv.pop("attn_out")
-                w, b = weights["qkv"]  # w is a new array already (w * s)
+                r = input_scale.pop("attn_out")
+                w, b = weights["attn_out"]
+                weights["attn_out"] = (w / r, b)
+                xs["attn_out"] = xs["attn_out"] * r
+                w, b = (a.copy() for a in weights["qkv"])
                 w[value_rows] *= r[:, None]
-                b = b.copy()
                 b[value_rows] *= r
                 weights["qkv"] = (w, b)
-                blk.in_scale = inv
             for name, (w, b) in weights.items():
-                x = xs[name]
+                x, c = xs[name], input_scale.get(name)
                 fmt = dict(bits=8) if self.mode == "int8" else dict(bits=4, group_size=32, symmetric=False)
                 fmt = plan.get(f"{i}.{name}", fmt)
                 epilogue = getattr(blk, name).epilogue
                 if fmt == "keep":
                     setattr(blk, name, FloatLinear(w, b, epilogue))
                     continue
-                qw = lb.quantize(w, **fmt, method=method, **method_options,
+                qw = lb.quantize(w, **fmt, method=method, **method_options, input_scale=c,
                                  calibration=None if method == "rtn" else x)
                 acts = "int8"
-                if static is not None:  # a zero point needs 8-bit weights
-                    acts = OBSERVERS[static](symmetric=qw.bits == 4).observe(x).params()
+                if static is not None:  # on the kernel's inputs; a zero point needs 8-bit weights
+                    seen = x if c is None else x * c
+                    acts = OBSERVERS[static](symmetric=qw.bits == 4).observe(seen).params()
                 setattr(blk, name, lb.Linear(qw, b, activations=acts, epilogue=epilogue))
 
     def _parallel(self, fn, n, step):
@@ -305,7 +300,7 @@ class MiniLM:
         faults of fresh arrays, a fifth of an INT8 forward. (So one MiniLM runs one forward at a
         time.)"""
         h, inter = self.hidden, self._blocks[0].inter.out_features
-        widths = dict(x=h, y=h, a=h, x_in=h, a_in=h, qkv=3 * h, ctx=h, h=inter)
+        widths = dict(x=h, y=h, a=h, qkv=3 * h, ctx=h, h=inter)
         if self._work is None or len(self._work["x"]) < rows:
             self._work = {name: np.empty((rows, n), np.float32) for name, n in widths.items()}
         return {name: buf[:rows] for name, buf in self._work.items()}
@@ -336,27 +331,22 @@ class MiniLM:
         work = self._buffers(b * s)
         with blas:
             x = self._word[ids] + self._position[:s] + self._token_type[token_type_ids]
-            x, x_in = _add_layer_norm(x.reshape(b * s, self.hidden), None, self._embed_ln,
-                                      self._blocks[0].in_scale["qkv"], work["x"], work["x_in"])
-            for i, blk in enumerate(self._blocks):
-                last = i + 1 == len(self._blocks)
-                next_scale = None if last else self._blocks[i + 1].in_scale["qkv"]
-                x, x_in = self._block(blk, x, x_in, next_scale, lengths, b, s, work)
+            x = _add_layer_norm(x.reshape(b * s, self.hidden), None, self._embed_ln, work["x"])
+            for blk in self._blocks:
+                x = self._block(blk, x, lengths, b, s, work)
         mask = attention_mask[:, :, None].astype(np.float32)
         pooled = (x.reshape(b, s, self.hidden) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
-    def _block(self, blk, x, x_in, next_scale, lengths, b, s, work):
-        """One encoder layer on x (B * S, hidden); x_in is x as the QKV layer expects it (smoothed).
-        Returns the output and the output as the next block's QKV layer expects it, in `work`'s
-        arrays (the output in whichever of x and y x is not)."""
-        qkv = self._dense(blk.qkv, x_in, work["qkv"])
+    def _block(self, blk, x, lengths, b, s, work):
+        """One encoder layer on x (B * S, hidden), in `work`'s arrays: the output goes to
+        whichever of work's x and y x is not."""
+        qkv = self._dense(blk.qkv, x, work["qkv"])
         ctx = _attention(qkv.reshape(b, s, -1), lengths, self.heads, work["ctx"])
-        a = self._dense(blk.attn_out, ctx, work["a"])
-        a, a_in = _add_layer_norm(a, x, blk.ln1, blk.in_scale["inter"], a, work["a_in"])
-        h = self._dense(blk.inter, a_in, work["h"])  # GELU included
+        a = _add_layer_norm(self._dense(blk.attn_out, ctx, work["a"]), x, blk.ln1, work["a"])
+        h = self._dense(blk.inter, a, work["h"])  # GELU included
         y = self._dense(blk.out, h, work["y"] if x is not work["y"] else work["x"])
-        return _add_layer_norm(y, a, blk.ln2, next_scale, y, work["x_in"])
+        return _add_layer_norm(y, a, blk.ln2, y)
 
     def encode(self, sentences, batch_size=32) -> np.ndarray:
         """float32 (n, hidden) unit vectors. Like sentence-transformers, batches are formed by

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import lowbit as lb
+from lowbit import nn
 
 SHAPES = [(1, 1, 1), (1, 17, 5), (2, 16, 64), (3, 33, 67), (5, 70, 128), (17, 100, 260),
           (64, 129, 1024), (1, 300, 4096), (4, 50, 96)]
@@ -253,3 +254,94 @@ def test_matmul_out_overlapping_bias_is_rejected_or_correct(rng, bits, group, ac
     except ValueError:
         return
     np.testing.assert_array_equal(got, expected)
+
+
+# --- epilogue="gelu" and input_scale in the kernels ---------------------------------------------
+
+EPILOGUE_CONFIGS = [(8, None, "int8"), (8, 32, "int8"), (8, None, 0.02), (4, 32, "int8"),
+                    (4, None, "int8"), (4, 32, "float"), (4, 32, 0.02)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 33, 300])
+@pytest.mark.parametrize("bits,group,activations", EPILOGUE_CONFIGS)
+def test_gelu_epilogue_is_gelu_of_the_output_bit_for_bit(isa, rng, bits, group, activations, m):
+    w = rng.normal(0, 0.05, (200, 96)).astype(np.float32)
+    bias = rng.normal(size=200).astype(np.float32)
+    qw = lb.quantize(w, bits=bits, group_size=group)
+    x = rng.normal(size=(m, 96)).astype(np.float32)
+    expected = nn.gelu(lb.Linear(qw, bias, activations=activations)(x))
+    fused = lb.Linear(qw, bias, activations=activations, epilogue="gelu")
+    assert np.array_equal(fused(x), expected)
+    assert np.array_equal(lb.matmul(x, qw, bias, activations, epilogue="gelu"), expected)
+    out = np.full((m, 200), np.nan, np.float32)
+    assert fused(x, out=out) is out and np.array_equal(out, expected)
+
+
+def test_gelu_epilogue_does_not_depend_on_threads(rng, threads):
+    qw = lb.quantize(rng.normal(0, 0.05, (1000, 256)).astype(np.float32), bits=8)
+    x = rng.normal(size=(700, 256)).astype(np.float32)
+    layer = lb.Linear(qw, epilogue="gelu")
+    results = []
+    for n in (1, 2, 3):
+        lb.set_num_threads(n)
+        results.append(layer(x))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("epilogue", ["relu", "GELU", 1])
+def test_bad_epilogue_raises(rng, epilogue):
+    qw = lb.quantize(rng.normal(size=(16, 32)).astype(np.float32), bits=8)
+    with pytest.raises(ValueError, match="epilogue"):
+        lb.Linear(qw, epilogue=epilogue)
+    with pytest.raises(ValueError, match="epilogue"):
+        lb.matmul(np.zeros((1, 32), np.float32), qw, epilogue=epilogue)
+
+
+@pytest.mark.parametrize("bits,group,activations", EPILOGUE_CONFIGS)
+def test_input_scale_is_applied_in_the_kernel_like_a_scaled_input(isa, rng, bits, group, activations):
+    """lb.quantize(w, input_scale=c) runs as quantize(w / c) on inputs x * c, bit for bit."""
+    w = rng.normal(0, 0.05, (40, 128)).astype(np.float32)
+    c = rng.uniform(0.25, 4, 128).astype(np.float32)
+    x = rng.normal(size=(37, 128)).astype(np.float32)
+    x[:, 5] *= 30  # an outlier channel, which the smoothing tames
+    qw = lb.quantize(w, bits=bits, group_size=group, input_scale=c)
+    plain = lb.quantize(w / c, bits=bits, group_size=group)
+    assert np.array_equal(qw.input_scale, c)
+    expected = lb.matmul(x * c, plain, activations=activations)
+    assert np.array_equal(lb.matmul(x, qw, activations=activations), expected)
+    assert np.array_equal(lb.Linear(qw, activations=activations)(x), expected)
+
+
+def test_input_scale_dequantizes_to_the_weight_and_survives_save(tmp_path, rng):
+    w = rng.normal(0, 0.05, (24, 64)).astype(np.float32)
+    c = rng.uniform(0.5, 2, 64).astype(np.float32)
+    qw = lb.quantize(w, bits=8, input_scale=c)
+    assert np.abs(qw.dequantize() - w).max() < 2 * np.abs(w / c).max() * c.max() / 127
+    lb.save(tmp_path / "w.lowbit", {"w": qw})
+    back = lb.load(tmp_path / "w.lowbit")["w"]
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    assert np.array_equal(lb.matmul(x, back), lb.matmul(x, qw))
+
+
+def test_input_scale_with_calibrated_methods_sees_the_scaled_inputs(rng):
+    w = rng.normal(0, 0.05, (32, 64)).astype(np.float32)
+    c = rng.uniform(0.5, 2, 64).astype(np.float32)
+    x = rng.normal(size=(256, 64)).astype(np.float32)
+    for method in ("mse", "gptq"):
+        qw = lb.quantize(w, bits=4, group_size=32, method=method, calibration=x, input_scale=c)
+        plain = lb.quantize(w / c, bits=4, group_size=32, method=method, calibration=x * c)
+        assert np.array_equal(lb.matmul(x, qw), lb.matmul(x * c, plain))
+
+
+@pytest.mark.parametrize("c", [np.zeros(64), -np.ones(64), np.full(64, np.inf), np.ones(63),
+                               np.ones(64, np.int32)])
+def test_bad_input_scale_raises(rng, c):
+    with pytest.raises(ValueError, match="input_scale"):
+        lb.quantize(rng.normal(size=(8, 64)).astype(np.float32), input_scale=c)
+
+
+def test_input_scale_is_refused_with_awq(rng):
+    with pytest.raises(ValueError, match="awq"):
+        lb.quantize(rng.normal(size=(8, 64)).astype(np.float32), bits=4, group_size=32,
+                    method="awq", calibration=rng.normal(size=(64, 64)).astype(np.float32),
+                    input_scale=np.ones(64, np.float32))

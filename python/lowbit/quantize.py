@@ -78,12 +78,7 @@ class QuantizedWeight:
                     np.sort(perm), np.arange(k)):
                 raise ValueError(f"perm: expected a permutation of range({k})")
             perm = None if np.array_equal(perm, np.arange(k)) else perm.astype(np.intp)
-        if input_scale is not None:
-            input_scale = np.asarray(input_scale)
-            if (input_scale.shape != (k,) or input_scale.dtype.kind != "f"
-                    or not (np.isfinite(input_scale) & (input_scale > 0)).all()):
-                raise ValueError(f"input_scale: expected ({k},) positive finite floats")
-            input_scale = np.ascontiguousarray(input_scale, dtype=np.float32)
+        input_scale = _check_input_scale(input_scale, k)
         if bits == 8:
             if mins is not None or zeros is not None:
                 raise ValueError("8-bit weights are symmetric: no mins or zeros")
@@ -201,6 +196,16 @@ class QuantizedWeight:
                 f"nbytes={self.nbytes})")
 
 
+def _check_input_scale(c, k):
+    """None, or positive finite float32 (K,) input factors."""
+    if c is None:
+        return None
+    c = np.asarray(c)
+    if c.shape != (k,) or c.dtype.kind != "f" or not (np.isfinite(c) & (c > 0)).all():
+        raise ValueError(f"input_scale: expected ({k},) positive finite floats")
+    return np.ascontiguousarray(c, dtype=np.float32)
+
+
 def _check_group(group_size, k):
     """None, or a positive multiple of 32 dividing K (a group of all K is per channel: None)."""
     if group_size is None:
@@ -249,7 +254,7 @@ def _as_float32_matrix(w, what="w") -> np.ndarray:
 
 def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
              method: str = "rtn", calibration=None, *, act_order: bool = False,
-             damp: float = 0.1, progress: bool | None = None) -> QuantizedWeight:
+             damp: float = 0.1, progress: bool | None = None, input_scale=None) -> QuantizedWeight:
     """Quantize a float weight matrix ``w`` (N, K) to a :class:`QuantizedWeight`.
 
     bits: 8 (symmetric: ``scale = max|w| / 127``, values in [-127, 127]) or 4 (symmetric like GGUF
@@ -272,6 +277,13 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
     calibration: float activations (S, K), the inputs the layer sees (a few hundred rows or more).
     progress: report GPTQ's progress on stderr (default: when the matrix has over 16M weights and
     stderr is a terminal).
+
+    input_scale: None, or positive float (K,) factors c: the matrix quantized is ``w / c`` (input
+    column j divided by c_j) and layers multiply their inputs by c inside the kernels' activation
+    quantization (no extra pass), so ``x @ w.T`` is unchanged in exact arithmetic. This is
+    SmoothQuant's smoothing with c = 1 / s: inputs with outlier channels shrink to the range of
+    the rest, the weights' columns grow to match. Calibration rows stay the layer's own inputs.
+    Not with method="awq", which chooses its own input scale.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -290,14 +302,24 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
     w = _as_float32_matrix(w)
     n, k = w.shape
     group_size = _check_group(group_size, k)
+    c = _check_input_scale(input_scale, k)
+    if c is not None:
+        if method == "awq":
+            raise ValueError("input_scale: method='awq' chooses its own input scale")
+        w = w / c
+        calibration = None if calibration is None else np.asarray(calibration) * c
     if method != "rtn":
-        return _quantize_method(w, bits, group_size, bool(symmetric), method, calibration,
-                                act_order, damp, progress)
-    if bits == 8:
+        qw = _quantize_method(w, bits, group_size, bool(symmetric), method, calibration,
+                              act_order, damp, progress)
+    elif bits == 8:
         packed, scales, comp = _core.quantize_w8(w, group_size or 0)
-        return QuantizedWeight((n, k), 8, group_size, True, packed, scales, comp=comp)
-    packed, scales, mins = _core.quantize_w4(w, group_size or 0, bool(symmetric))
-    return QuantizedWeight((n, k), 4, group_size, bool(symmetric), packed, scales, mins=mins)
+        qw = QuantizedWeight((n, k), 8, group_size, True, packed, scales, comp=comp)
+    else:
+        packed, scales, mins = _core.quantize_w4(w, group_size or 0, bool(symmetric))
+        qw = QuantizedWeight((n, k), 4, group_size, bool(symmetric), packed, scales, mins=mins)
+    if c is not None:
+        qw._in_scale = c
+    return qw
 
 
 def _quantize_method(w, bits, group_size, symmetric, method, calibration, act_order, damp, progress):
