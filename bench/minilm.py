@@ -11,10 +11,11 @@ One process. Latency of one forward pass over a batch of 32 sequences of exactly
   `torch.ao.quantization.quantize_dynamic(..., {nn.Linear}, dtype=torch.qint8)`.
 
 Every implementation gets the same thread count (lowbit, torch, numpy's BLAS through threadpoolctl;
-the numpy models spread their own work over that many Python threads). The machine may be shared:
-each round times every implementation once (order rotated per round, after a pause that lets the
-previous one's spinning threads go idle) as the median of `repeats` calls after a warm-up call;
-the reported latency is the best round's median.
+the numpy models spread their own work over that many Python threads). The machine may be shared,
+so calls are interleaved: after a warm-up call each, every step times one call of each
+implementation (order rotated from step to step, each after a pause that lets the previous one's
+spinning threads go idle), rounds x repeats steps; the reported latency is each one's median over
+its calls, so all see the same stretch of machine noise.
 
 Accuracy: cosine of each implementation's embeddings of the bundled sentences to the numpy float32
 ones; the torch float32 model (and sentence-transformers itself, when installed) checks that the
@@ -138,21 +139,19 @@ def torch_encode(model, tokenizer_model, sentences, batch_size=32):
                                for i in range(0, len(sentences), batch_size)])
 
 
-def latencies(fns, repeats, rounds, pause=0.3):
-    """{name: best over rounds of the median of `repeats` timed calls (seconds)}."""
-    best = {name: math.inf for name in fns}
+def latencies(fns, repeats, rounds, pause=0.05):
+    """{name: median of rounds * repeats timed calls (seconds)}, the calls interleaved."""
     names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names:
+        fns[name]()
+    times = {name: [] for name in names}
+    for step in range(rounds * repeats):
+        for name in names[step % len(names):] + names[:step % len(names)]:
             time.sleep(pause)
+            t0 = time.perf_counter()
             fns[name]()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fns[name]()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(best[name], float(np.median(times)))
-    return best
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def profile_int8(model, batch, calls):
@@ -194,8 +193,8 @@ def profile_int8(model, batch, calls):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7, help="timed calls per round (median)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best median)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (latency: median of all calls)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -273,8 +272,8 @@ def main(argv=None):
         return
 
     print(f"all-MiniLM-L6-v2, batch {BATCH} x {SEQ} tokens, {args.threads} threads, lowbit kernels "
-          f"{report['lowbit_isa']}, torch {torch.__version__}; best of {args.rounds} rounds of the "
-          f"median of {args.repeats} calls. Cosine to numpy float32 over {len(sentences)} sentences.\n")
+          f"{report['lowbit_isa']}, torch {torch.__version__}; median of {args.rounds * args.repeats} "
+          f"interleaved calls each. Cosine to numpy float32 over {len(sentences)} sentences.\n")
     print("| implementation | latency (ms) | vs torch dynamic INT8 | mean cos | min cos | linear weights (MB) |")
     print("|---|---|---|---|---|---|")
     for name, r in report["results"].items():
