@@ -45,9 +45,9 @@ uint8_t* activation_buffer(int64_t M, int64_t lda) {
   return buf.data();
 }
 
-// Runs quant(rows, ldx, r0, r1) over rows [m0, m1) of x in blocks: rows = x itself, or, with
-// per-column factors c (a layer's input_scale), the block's rows times c in a per-thread buffer
-// (ldx K, rows r0..r1 at 0..r1-r0). Each product is one float multiply on every ISA.
+// Runs quant(rows, ld, r0, r1) over rows [m0, m1) of x, `rows` pointing at row r0, ld floats
+// apart: x itself in one call, or, with per-column factors c (a layer's input_scale), blocks of
+// rows times c in a per-thread buffer (ld = K). Each product is one float multiply on every ISA.
 template <class Quant>
 void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, int64_t m0,
                       int64_t m1, const Quant& quant) {

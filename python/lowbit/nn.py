@@ -121,12 +121,11 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, out=None):
         lengths = lengths.astype(np.int64)
     q, k, v = (a if a.ndim != 4 or a.shape[-1] <= 1 or a.strides[-1] == 4 and min(a.strides) >= 0
                else np.ascontiguousarray(a) for a in (q, k, v))
-    d = q.shape[-1] if q.ndim else 0
-    scale = 1.0 / np.sqrt(d) if scale is None and d else scale
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1]) if q.ndim and q.shape[-1] else 1.0
     if out is not None and q.ndim == 4:
         _out(out, q.shape, (q, k, v))
-    return _core.attention(q, k, v, lengths, bool(causal), float(scale if scale is not None else 1.0),
-                           out)
+    return _core.attention(q, k, v, lengths, bool(causal), float(scale), out)
 
 
 def rope_tables(head_dim, positions, base=10000.0):
