@@ -558,3 +558,17 @@ def test_norm_out_overlapping_weight_is_rejected_or_correct(rng):
     except ValueError:
         return
     np.testing.assert_array_equal(got, expected)
+
+
+def test_attention_nan_propagates_instead_of_vanishing():
+    """A NaN in a query (or in a visible key) makes that output NaN: never zeros, which are the
+    answer only for a query with no visible key."""
+    q, k, v = (np.ones((1, 3, 2, 8), F32) for _ in range(3))
+    q[0, 1, 0, 0] = np.nan
+    out = nn.attention(q, k, v)
+    assert np.isnan(out[0, 1, 0]).all()
+    assert np.array_equal(out[0, [0, 2]], np.ones((2, 2, 8), F32))
+    assert np.array_equal(out[0, 1, 1], np.ones(8, F32))
+    k[0, 0, 0, 3] = np.nan
+    assert np.isnan(nn.attention(q, k, v, causal=True)[0, :, 0]).all()
+    assert not np.isnan(nn.attention(q, k, v, lengths=[0])).any()  # no key seen: zeros

@@ -122,16 +122,18 @@ inline float sq_sum16(const float* v, float mean, int64_t n) {
   return combine(acc);
 }
 
+// Largest of n >= 1 floats (max is exact: any order gives the same value).
 inline float max_of(const float* v, int64_t n) {
-  float m[kLanes];
-  for (int l = 0; l < kLanes; ++l) m[l] = v[0];
+  vf m = splat(v[0]);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = v[i + l] > m[l] ? v[i + l] : m[l];
-  for (int l = 0; i < n; ++i, ++l) m[l] = v[i] > m[l] ? v[i] : m[l];
-  float r = m[0];
-  for (int l = 1; l < kLanes; ++l) r = m[l] > r ? m[l] : r;
-  return r;
+  for (; i + kN <= n; i += kN) m = load(v + i) > m ? load(v + i) : m;
+  float r = v[0];
+  for (; i < n; ++i) r = v[i] > r ? v[i] : r;
+  float lanes[kN];
+  store(lanes, m);
+  for (int w = kN / 2; w > 0; w /= 2)  // a tree: a short dependency chain
+    for (int l = 0; l < w; ++l) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
+  return lanes[0] > r ? lanes[0] : r;
 }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -244,18 +246,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     for (int64_t i = i0; i < i1; ++i) {
       float* row = &S[(i - i0) * Kp];
       const int64_t n = limit(i);
-      float mx = n ? row[0] : 0.f;
-      {
-        vf m = splat(mx);
-        int64_t j = 0;
-        for (; j + kN <= n; j += kN) m = load(row + j) > m ? load(row + j) : m;
-        for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
-        float lanes[kN];
-        store(lanes, m);
-        for (int w = kN / 2; w > 0; w /= 2)
-          for (int l = 0; l < w; ++l) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
-        mx = lanes[0] > mx ? lanes[0] : mx;
-      }
+      const float mx = n ? max_of(row, n) : 0.f;
       vf acc[kLanes / kN] = {};  // the 16 partial sums
       int64_t j = 0;
       for (; j < n; j += kLanes) {
@@ -266,7 +257,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       std::memset(row + j, 0, (size_t)(kend - j) * sizeof(float));
       float partial[kLanes];
       std::memcpy(partial, acc, sizeof partial);
-      sums[i - i0] = n ? combine(partial) : NAN;  // NaN: no key, the output is zeros
+      sums[i - i0] = n ? combine(partial) : 0.f;  // >= 1 (the max's own weight), or NaN: kept
     }
     // Outputs: a tile of kTile queries x 32 of d, an fma per key, then divided by the sum.
     for (int64_t i = i0; i < i1; i += kTile) {
@@ -288,7 +279,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         const int64_t width = d - c < 32 ? d - c : 32;
         for (int64_t r = 0; r < rows; ++r) {
           const float sum = sums[i - i0 + r];
-          for (int64_t e = 0; e < width; ++e) o[r][e] = sum == sum ? o[r][e] / sum : 0.f;
+          for (int64_t e = 0; e < width; ++e) o[r][e] = sum != 0.f ? o[r][e] / sum : 0.f;  // 0: no key
           std::memcpy(out + (i + r) * a->H * d + c, o[r], (size_t)width * sizeof(float));
         }
       }
