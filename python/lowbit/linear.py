@@ -7,6 +7,7 @@ import numpy as np
 
 from . import _core
 from .calibrate import StaticActivations
+from .nn import _out as _check_out
 from .quantize import QuantizedWeight, quantize
 
 ACTIVATIONS = ("int8", "float")
@@ -57,15 +58,8 @@ def _kernel_bias(qw: QuantizedWeight, bias, activations):
 
 def _out_rows(out, x, n, bias):
     """out (..., n) for an input x (..., k) as the kernel's (rows, n) view, or None."""
-    if out is None:
+    if _check_out(out, x.shape[:-1] + (n,), [a for a in (x, bias) if a is not None]) is None:
         return None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
-    shape = x.shape[:-1] + (n,)
-    if out.shape != shape:
-        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
-    if np.may_share_memory(out, x) or bias is not None and np.may_share_memory(out, bias):
-        raise ValueError("out must not overlap the input or the bias")
     return out.reshape(-1, n) if out.flags.c_contiguous else out  # the kernel rejects the rest
 
 
