@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "formats.h"
 #include "ops.h"
 #include "threadpool.h"
 
@@ -354,6 +355,176 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
   return y;
 }
 
+// ---- block formats (formats.h) ----
+
+const char* const kPartNames[] = {"nib", "bits", "d", "dm", "sc", "mc"};
+constexpr BlkPart kParts[] = {BlkPart::Nib, BlkPart::Bits, BlkPart::D, BlkPart::Dm, BlkPart::Sc, BlkPart::Mc};
+
+int check_format(int fmt) {
+  if (fmt < 0 || fmt >= kNumBlockFormats)
+    throw py::value_error("block format " + std::to_string(fmt) + " does not exist (0.." +
+                          std::to_string(kNumBlockFormats - 1) + ")");
+  return fmt;
+}
+
+BlkShape blk_shape(int fmt, int64_t N, int64_t K) {
+  const BlockFormat& F = kBlockFormats[check_format(fmt)];
+  if (N < 1 || K < 1 || K % F.block)
+    throw py::value_error(std::string(F.name) + " weights need N >= 1 and K a positive multiple of " +
+                          std::to_string(F.block) + ", got (" + std::to_string(N) + ", " +
+                          std::to_string(K) + ")");
+  if (K > kMaxK)
+    throw py::value_error("K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
+                          ", the largest K whose integer dot products cannot overflow int32");
+  return BlkShape(fmt, N, K);
+}
+
+// (dtype, shape) of each part the format has, in the kernel layout (formats.h).
+py::dict blk_parts(int fmt, int64_t N, int64_t K) {
+  const BlkShape s = blk_shape(fmt, N, K);
+  const BlockFormat& F = kBlockFormats[fmt];
+  const int64_t P = s.P;
+  py::dict parts;
+  for (int i = 0; i < 6; ++i) {
+    if (!s.part_size(kParts[i])) continue;
+    switch (kParts[i]) {
+      case BlkPart::Nib: parts["nib"] = py::make_tuple("uint8", py::make_tuple(s.Np, K / 2)); break;
+      case BlkPart::Bits: parts["bits"] = py::make_tuple("uint64", py::make_tuple(P, K / 4, F.planes)); break;
+      case BlkPart::D:
+        parts["d"] = py::make_tuple(F.scale == ScaleKind::E8M0 ? "uint8" : "float16", py::make_tuple(P, K / F.block, kPanel));
+        break;
+      case BlkPart::Dm: parts["dm"] = py::make_tuple("float16", py::make_tuple(P, K / F.block, kPanel)); break;
+      case BlkPart::Sc: parts["sc"] = py::make_tuple("int8", py::make_tuple(P, K / F.sub, kPanel)); break;
+      case BlkPart::Mc: parts["mc"] = py::make_tuple("uint8", py::make_tuple(P, K / F.sub, kPanel)); break;
+    }
+  }
+  return parts;
+}
+
+py::list block_formats() {
+  static const char* lut[] = {"none", "iq4", "mxfp4"};
+  static const char* scale[] = {"half", "code", "e8m0"};
+  static const char* mins[] = {"none", "half", "code"};
+  py::list out;
+  for (int i = 0; i < kNumBlockFormats; ++i) {
+    const BlockFormat& F = kBlockFormats[i];
+    py::dict d;
+    d["index"] = i;
+    d["name"] = F.name;
+    d["ggml_type"] = F.ggml_type;
+    d["block"] = F.block;
+    d["bytes"] = F.bytes;
+    d["sub"] = F.sub;
+    d["bits"] = F.bits;
+    d["offset"] = F.offset;
+    d["lut"] = lut[(int)F.lut];
+    d["scale"] = scale[(int)F.scale];
+    d["min"] = mins[(int)F.min];
+    out.append(d);
+  }
+  return out;
+}
+
+// The weight fields of BlkArgs from its parts, each checked against the format's layout.
+BlkArgs blk_weight(int fmt, int64_t N, int64_t K, const py::dict& parts) {
+  const BlkShape s = blk_shape(fmt, N, K);
+  const py::dict expect = blk_parts(fmt, N, K);
+  BlkArgs w{};
+  w.fmt = fmt;
+  w.N = N;
+  w.Np = s.Np;
+  w.K = K;
+  const void* ptr[6] = {};
+  for (int i = 0; i < 6; ++i) {
+    const char* name = kPartNames[i];
+    const bool want = expect.contains(name), have = parts.contains(name) && !parts[name].is_none();
+    if (want != have)
+      throw py::value_error(std::string(kBlockFormats[fmt].name) + " weight: part '" + name + "' " +
+                            (want ? "missing" : "not expected"));
+    if (!have) continue;
+    const py::array a = parts[name].cast<py::array>();
+    const py::tuple spec = expect[name].cast<py::tuple>();
+    const py::dtype dt(spec[0].cast<std::string>());
+    const py::tuple shape = spec[1].cast<py::tuple>();
+    bool ok = a.dtype().equal(dt) && a.ndim() == (py::ssize_t)shape.size() && (a.flags() & py::array::c_style);
+    for (py::ssize_t j = 0; ok && j < a.ndim(); ++j) ok = a.shape(j) == shape[j].cast<int64_t>();
+    if (!ok)
+      throw py::value_error(std::string(kBlockFormats[fmt].name) + " weight: part '" + name +
+                            "' should be a C-contiguous " + std::string(py::str(dt)) + " array of shape " +
+                            std::string(py::str(shape)) + ", got " + std::string(py::str(a.dtype())) + " " +
+                            shape_str(a));
+    ptr[i] = a.data();
+  }
+  w.nib = (const uint8_t*)ptr[0];
+  w.bits = (const uint64_t*)ptr[1];
+  w.d = ptr[2];
+  w.dm = (const uint16_t*)ptr[3];
+  w.sc = (const int8_t*)ptr[4];
+  w.mc = (const uint8_t*)ptr[5];
+  return w;
+}
+
+py::dict gguf_blocks_py(int fmt, const py::array& raw, int64_t K) {
+  const BlockFormat& F = kBlockFormats[check_format(fmt)];
+  check<uint8_t>(raw, "raw", {-1, -1});
+  if (K < F.block || K % F.block || raw.shape(1) != K / F.block * F.bytes)
+    throw py::value_error(std::string("GGUF ") + F.name + " rows of K=" + std::to_string(K) +
+                          " need K a multiple of " + std::to_string(F.block) + " and " +
+                          std::to_string(F.bytes) + " bytes per block, got raw shape " + shape_str(raw));
+  const BlkShape s = blk_shape(fmt, raw.shape(0), K);
+  const py::dict spec = blk_parts(fmt, s.N, K);
+  py::dict parts;
+  void* ptr[6] = {};
+  for (int i = 0; i < 6; ++i) {
+    if (!spec.contains(kPartNames[i])) continue;
+    const py::tuple t = spec[kPartNames[i]].cast<py::tuple>();
+    py::array a(py::dtype(t[0].cast<std::string>()), t[1].cast<std::vector<py::ssize_t>>());
+    std::memset(a.mutable_data(), 0, (size_t)a.nbytes());
+    ptr[i] = a.mutable_data();
+    parts[kPartNames[i]] = a;
+  }
+  {
+    NoGil nogil;
+    blk_from_gguf(cptr<uint8_t>(raw), raw.shape(1), s, (uint8_t*)ptr[0], (uint64_t*)ptr[1], ptr[2],
+                  (uint16_t*)ptr[3], (int8_t*)ptr[4], (uint8_t*)ptr[5]);
+  }
+  return parts;
+}
+
+py::array_t<float> dequantize_blk_py(int fmt, int64_t N, int64_t K, const py::dict& parts,
+                                     const py::array& rows) {
+  const BlkArgs w = blk_weight(fmt, N, K, parts);
+  check<int64_t>(rows, "rows", {-1});
+  const int64_t* r = cptr<int64_t>(rows);
+  for (int64_t i = 0; i < rows.shape(0); ++i)
+    if (r[i] < 0 || r[i] >= N) throw py::index_error("row " + std::to_string(r[i]) + " out of range");
+  py::array_t<float> out({(py::ssize_t)rows.shape(0), (py::ssize_t)K});
+  {
+    NoGil nogil;
+    blk_dequantize(w, r, rows.shape(0), out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<float> linear_blk_py(const py::array& x, int fmt, int64_t N, int64_t K,
+                                 const py::dict& parts, const py::object& bias,
+                                 bool int8_activations, float act_scale,
+                                 const py::object& input_scale, bool gelu, const py::object& out) {
+  check_static(act_scale, 0);
+  const BlkArgs w = blk_weight(fmt, N, K, parts);
+  check<float>(x, "x", {-1, K}, true);
+  const float* b = bias_ptr(bias, N);
+  const float* cs = column_factors(input_scale, K);
+  const int64_t M = x.shape(0);
+  py::array_t<float> y = result(out, {M, N});
+  const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
+  {
+    NoGil nogil;
+    linear_blk(cptr<float>(x), ldx, M, w, b, int8_activations, act_scale, cs, gelu, y.mutable_data());
+  }
+  return y;
+}
+
 py::array_t<int32_t> gemm_s8_py(const py::array& a, const py::array& b) {
   check<int8_t>(a, "a", {-1, -1});
   check<int8_t>(b, "b", {-1, a.shape(1)});
@@ -545,6 +716,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,
         py::arg("input_scale") = py::none(), py::arg("gelu") = false,
         py::arg("out") = py::none());
+  m.def("block_formats", &block_formats, "the block-format descriptors (formats.h)");
+  m.def("blk_parts", &blk_parts, py::arg("fmt"), py::arg("N"), py::arg("K"));
+  m.def("gguf_blocks", &gguf_blocks_py, py::arg("fmt"), py::arg("raw"), py::arg("K"));
+  m.def("dequantize_blk", &dequantize_blk_py, py::arg("fmt"), py::arg("N"), py::arg("K"),
+        py::arg("parts"), py::arg("rows"));
+  m.def("linear_blk", &linear_blk_py, py::arg("x"), py::arg("fmt"), py::arg("N"), py::arg("K"),
+        py::arg("parts"), py::arg("bias"), py::arg("int8_activations"), py::arg("act_scale") = 0.f,
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("out") = py::none());
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     NoGil nogil;

@@ -63,6 +63,8 @@ struct AttnArgs {
   float scale;
 };
 
+struct BlkArgs;  // formats.h: the block formats (GGUF K-quants, IQ4, Q5, MXFP4)
+
 struct Q4Args {
   int64_t M, N, Np, Kp;
   int64_t group;            // K per weight group (multiple of 32; == Kp when per channel)
@@ -130,6 +132,11 @@ struct Kernels {
   void (*quantize_a8_blocks)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                              int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
                              float* agroup, float fixed);
+
+  // Block formats (formats.h) for panels [p0, p1), int8 activations (per 32-block scales and
+  // per-16 integer sums) or float32 ones; the order of operations is gemm_blk/ref.cpp's.
+  void (*gemm_blk_a8)(const BlkArgs* args, int64_t p0, int64_t p1);
+  void (*gemm_blk_f32)(const BlkArgs* args, int64_t p0, int64_t p1);
 
   // INT4 nibbles: element 2i in the low nibble, 2i+1 in the high. pack returns the index of the
   // first value above 15, or -1 (the output is then unspecified).

@@ -2,11 +2,13 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstring>
 #include <mutex>
 #include <vector>
 
 #include "dispatch.h"
+#include "formats.h"
 #include "threadpool.h"
 
 namespace lowbit {
@@ -152,6 +154,27 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out, bool gelu
         });
 }
 
+// Float activation rows [m0, m1) for the weight-only kernels: x (times the per-column factors c)
+// padded with zeros to Kp, and, when `sums`, each group's sum of x: 8 interleaved partial sums
+// combined pairwise, one fixed order for every ISA and thread count (group a multiple of 8).
+void float_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, const float* c, int64_t group,
+                int64_t m0, int64_t m1, float* dst0, int64_t lda, float* sums, int64_t G) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float* dst = dst0 + m * lda;
+    if (c)
+      for (int64_t k = 0; k < K; ++k) dst[k] = x[m * ldx + k] * c[k];
+    else
+      std::memcpy(dst, x + m * ldx, (size_t)K * sizeof(float));
+    std::memset(dst + K, 0, (size_t)(Kp - K) * sizeof(float));
+    for (int64_t g = 0; sums && g < G; ++g) {
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t k = g * group; k < (g + 1) * group; k += 8)
+        for (int i = 0; i < 8; ++i) part[i] += dst[k + i];
+      sums[m * G + g] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    }
+  }
+}
+
 }  // namespace
 
 W8Shape::W8Shape(int64_t n, int64_t k, int64_t grp)
@@ -276,23 +299,8 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {
-    // float rows padded with zeros to Kp, and each group's sum of x: 8 interleaved partial sums
-    // combined pairwise, one fixed order for every ISA and thread count
     auto prep = [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        float* dst = (float*)a + m * lda;
-        if (colscale)
-          for (int64_t k = 0; k < s.K; ++k) dst[k] = x[m * ldx + k] * colscale[k];
-        else
-          std::memcpy(dst, x + m * ldx, (size_t)s.K * sizeof(float));
-        std::memset(dst + s.K, 0, (size_t)(s.Kp - s.K) * sizeof(float));
-        for (int64_t g = 0; g < s.G; ++g) {
-          float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int64_t k = g * s.group; k < (g + 1) * s.group; k += 8)
-            for (int i = 0; i < 8; ++i) part[i] += dst[k + i];
-          agroup[m * s.G + g] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-        }
-      }
+      float_rows(x, ldx, s.K, s.Kp, colscale, s.group, m0, m1, (float*)a, lda, agroup, s.G);
     };
     big ? parallel_for(M, prep) : prep(0, M);
   }
@@ -369,6 +377,66 @@ void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape&
           put_w4(packed, s, n, g * 32 + 16 + j, qs[j] >> 4);
         }
       }
+  });
+}
+
+void parallel_panels(int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& fn) {
+  over_panels(N, K, fn);
+}
+
+void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const float* bias,
+                bool int8_activations, float act_scale, const float* colscale, bool gelu, float* y) {
+  if (M == 0) return;
+  const Kernels& kt = kernels();
+  const BlockFormat& F = kBlockFormats[w.fmt];
+  const int64_t K = w.K, n32 = K / kActBlock, n16 = K / 16, nsub = K / F.sub;
+  const int64_t elem = int8_activations ? 1 : 4;
+  const int64_t lda = activation_stride(K * elem) / elem;
+  uint8_t* a = activation_buffer(M, lda * elem);
+  // per row: 32-block scales, the quantizer's (unused) row sum, integer sums per 16, x sums
+  float* ablock = scratch_scales(M * (n32 + 1 + n16 + nsub));
+  float* rowsum = ablock + M * n32;
+  int32_t* asum = (int32_t*)(rowsum + M);
+  float* xsum = (float*)(asum + M * n16);
+  const bool big = M * K >= (1 << 16);
+  if (int8_activations) {
+    auto quant = [&](int64_t m0, int64_t m1) {
+      with_scaled_rows(x, ldx, K, colscale, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
+        kt.quantize_a8_blocks(rows, ld, K, K, K, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
+                              ablock + r0 * n32, rowsum + r0, act_scale);
+      });
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t h = 0; h < n16; ++h) {
+          const int8_t* q = (const int8_t*)a + m * lda + 16 * h;
+          int32_t sum = 0;
+          for (int i = 0; i < 16; ++i) sum += q[i];
+          asum[m * n16 + h] = sum;
+        }
+    };
+    big ? parallel_for(M, quant) : quant(0, M);
+  } else {
+    auto prep = [&](int64_t m0, int64_t m1) {
+      float_rows(x, ldx, K, K, colscale, F.sub, m0, m1, (float*)a, lda,
+                 F.min == MinKind::None ? nullptr : xsum, nsub);
+    };
+    big ? parallel_for(M, prep) : prep(0, M);
+  }
+  BlkArgs args = w;
+  args.M = M;
+  args.lda = lda;
+  args.bias = bias;
+  args.ldc = w.N;
+  const auto gemm = int8_activations ? kt.gemm_blk_a8 : kt.gemm_blk_f32;
+  split(M, args.Np / kPanel, 64, 8, M * w.N * K, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    BlkArgs sub = args;
+    sub.M = m1 - m0;
+    sub.a = (const uint8_t*)a + m0 * lda * elem;
+    sub.ablock = ablock + m0 * n32;
+    sub.asum = asum + m0 * n16;
+    sub.xsum = xsum + m0 * nsub;
+    sub.c = y + m0 * w.N;
+    gemm(&sub, p0, p1);
+    if (gelu) gelu_block(kt, y, w.N, w.N, m0, m1, p0, p1);
   });
 }
 

@@ -2,10 +2,12 @@
 // raw pointers; bindings.cpp validates every argument before calling in.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 namespace lowbit {
 
 struct AttnArgs;  // kernels.h
+struct BlkArgs;   // formats.h
 
 constexpr int64_t kMaxK = 131071;  // largest K whose exact int8 dot always fits in int32
 
@@ -69,6 +71,15 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const float* bias, const Q4Shape& s,
                bool int8_activations, float act_scale, const float* colscale, bool gelu,
                float* y);
+
+// Runs fn(n0, n1) over ranges of whole 16-row panels of an N x K matrix, threaded when large.
+void parallel_panels(int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& fn);
+
+// y (M, N) = x . dequant(W)^T + bias for a block-format weight w (formats.h: its fmt, N, Np, K and
+// parts set), int8 activations (per 32-block scales) or float32 ones; colscale and gelu as for
+// linear_w8a8.
+void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const float* bias,
+                bool int8_activations, float act_scale, const float* colscale, bool gelu, float* y);
 
 // lowbit.nn helpers over the thread pool when large (Kernels::gelu, layer_norm, softmax).
 void gelu(const float* x, float* y, int64_t n);

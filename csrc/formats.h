@@ -1,0 +1,128 @@
+// The block weight formats: one descriptor per format (ggml's type_traits, for lowbit's layouts).
+//
+// Every GGUF type beyond Q4_0 / Q4_1 / Q8_0 (which map exactly onto lowbit's int4 / int8 layouts)
+// is one row of kBlockFormats. A weight in such a format is, per sub-block s of `sub` inputs,
+//     w = D_s * (u - offset) + B_s           u: an unsigned integer of `bits` bits per weight
+// with D_s and B_s rebuilt from the file's own fields, so that dequantization is exact:
+//   scale  Half: D = float16 d per sub-block;  Code: D = d * code (d float16 per file block,
+//          code a small signed integer per sub-block);  E8M0: D = 2^(e - 128) (MXFP4);
+//   min    None: B = 0;  Half: B = float16 m;  Code: B = -(dmin * code) (dmin per file block);
+//   lut    the 4-bit value indexes a 16-entry int8 grid (IQ4, MXFP4), stored as grid + 128 with
+//          offset 128 so that the kernels' unsigned x signed dot products still apply.
+// Its kernel layout (shared by every ISA, saved as is), P = ceil(N / 16) panels of 16 rows:
+//   nib   uint8  [P*16][K/2]   the low 4 bits, as the int4 layout (kernels.h): 64-byte blocks of
+//                              16 rows x 8 k, byte r*4+i holding k0+i (low) and k0+4+i (high)
+//   bits  uint64 [P][K/4][planes]  the bits above (or, without nib, all of them), one plane per
+//                              bit: bit r*4+i of a word is that bit of row r's k0+i
+//   d     float16 (uint8 for E8M0) [P][K/block][16];   dm  float16 [P][K/block][16] (m or dmin)
+//   sc    int8   [P][K/sub][16] scale codes (Q2_K: the file's byte, scale | min << 4)
+//   mc    uint8  [P][K/sub][16] min codes
+// Plain data only: ISA sources read these constants inside their own namespaces.
+#pragma once
+#include <cstdint>
+
+namespace lowbit {
+
+enum class ScaleKind : uint8_t { Half, Code, E8M0 };
+enum class MinKind : uint8_t { None, Half, Code };
+enum class Lut : uint8_t { None, IQ4, MXFP4 };
+
+// Decodes one file block into values u (LUT formats: the 4-bit index), per sub-block codes and the
+// block's float16 d / dmin (bits); fields a format lacks are left alone.
+using BlockDecoder = void (*)(const uint8_t* blk, uint8_t* u, int8_t* sc, uint8_t* mc,
+                              uint16_t* d, uint16_t* dm);
+
+struct BlockFormat {
+  const char* name;     // as llama.cpp spells it
+  int ggml_type;        // the GGUF type number
+  int block, bytes;     // elements and bytes of one file block
+  int sub;              // elements per scale: 16 or 32
+  int bits;             // bits per value
+  bool nib;             // the low 4 bits live in the nibble plane
+  int planes;           // 1-bit planes: bits - 4 with nib, else bits
+  int offset;           // w = D (u - offset) + B
+  Lut lut;
+  ScaleKind scale;
+  MinKind min;
+  bool pair4;           // scale and min codes share a byte (Q2_K)
+  BlockDecoder decode;  // formats.cpp
+};
+
+void decode_q5_0(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_q5_1(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_q2_k(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_q3_k(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_q4_k(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_q5_k(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_q6_k(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_iq4_nl(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_iq4_xs(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+void decode_mxfp4(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
+
+using SK = ScaleKind;
+using MK = MinKind;
+// name, ggml type, block, bytes, sub, bits, nib, planes, offset, lut, scale, min, pair4, decoder
+constexpr BlockFormat kBlockFormats[] = {
+    {"Q5_0", 6, 32, 22, 32, 5, true, 1, 16, Lut::None, SK::Half, MK::None, false, decode_q5_0},
+    {"Q5_1", 7, 32, 24, 32, 5, true, 1, 0, Lut::None, SK::Half, MK::Half, false, decode_q5_1},
+    {"Q2_K", 10, 256, 84, 16, 2, false, 2, 0, Lut::None, SK::Code, MK::Code, true, decode_q2_k},
+    {"Q3_K", 11, 256, 110, 16, 3, false, 3, 4, Lut::None, SK::Code, MK::None, false, decode_q3_k},
+    {"Q4_K", 12, 256, 144, 32, 4, true, 0, 0, Lut::None, SK::Code, MK::Code, false, decode_q4_k},
+    {"Q5_K", 13, 256, 176, 32, 5, true, 1, 0, Lut::None, SK::Code, MK::Code, false, decode_q5_k},
+    {"Q6_K", 14, 256, 210, 16, 6, true, 2, 32, Lut::None, SK::Code, MK::None, false, decode_q6_k},
+    {"IQ4_NL", 20, 32, 18, 32, 4, true, 0, 128, Lut::IQ4, SK::Half, MK::None, false, decode_iq4_nl},
+    {"IQ4_XS", 23, 256, 136, 32, 4, true, 0, 128, Lut::IQ4, SK::Code, MK::None, false, decode_iq4_xs},
+    {"MXFP4", 39, 32, 17, 32, 4, true, 0, 128, Lut::MXFP4, SK::E8M0, MK::None, false, decode_mxfp4},
+};
+constexpr int kNumBlockFormats = sizeof(kBlockFormats) / sizeof(kBlockFormats[0]);
+
+// The non-linear grids, stored + 128 (u8): IQ4_NL / IQ4_XS (kvalues_iq4nl) and MXFP4 (e2m1 x 2).
+constexpr uint8_t kLutIQ4[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+constexpr uint8_t kLutMXFP4[16] = {128, 129, 130, 131, 132, 134, 136, 140,
+                                   128, 127, 126, 125, 124, 122, 120, 116};
+
+// Kernel arguments for a block-format weight (N rows of K inputs; K a multiple of the block).
+// A8: int8 activations [M][lda] (per 32-block scales ablock [M][K/32], integer sums per 16 inputs
+// asum [M][K/16]); A32: float32 activations [M][lda] and, for formats with minima, the sums of
+// each sub-block's inputs xsum [M][K/sub].
+struct BlkArgs {
+  int fmt;
+  int64_t M, N, Np, K;
+  const uint8_t* nib;
+  const uint64_t* bits;
+  const void* d;
+  const uint16_t* dm;
+  const int8_t* sc;
+  const uint8_t* mc;
+  const void* a;
+  int64_t lda;
+  const float* ablock;
+  const int32_t* asum;
+  const float* xsum;
+  const float* bias;
+  float* c;
+  int64_t ldc;
+};
+
+// Element counts of a weight's parts (0: the format has no such part); see the layout above.
+enum class BlkPart { Nib, Bits, D, Dm, Sc, Mc };
+struct BlkShape {
+  int fmt;
+  int64_t N, K, Np, P;
+  BlkShape(int fmt, int64_t n, int64_t k);
+  int64_t part_size(BlkPart part) const;
+};
+
+// formats.cpp: the generic pieces, for any format through its descriptor.
+// u of weight (n, k), the grid applied (so w = D (u - offset) + B), and sub-block s's D and B, in
+// exactly the float operations of the gguf package's dequantizers.
+int blk_u(const BlkArgs& w, int64_t n, int64_t k);
+void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B);
+// File rows (row_bytes apart) into zero-filled parts of the kernel layout.
+void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* nib,
+                   uint64_t* bits, void* d, uint16_t* dm, int8_t* sc, uint8_t* mc);
+// float32 rows [nrows][K] of the given row numbers: D * (u - offset) (+ B), bit for bit the
+// gguf package's dequantization.
+void blk_dequantize(const BlkArgs& w, const int64_t* rows, int64_t nrows, float* out);
+
+}  // namespace lowbit

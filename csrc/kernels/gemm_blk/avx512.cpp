@@ -1,0 +1,249 @@
+// Block-format matmuls (formats.h), AVX-512: one template over the format's descriptor, tiles of
+// MR rows x J panels of 16 columns. Values are rebuilt per 8 k as two 16-column x 4-k byte
+// vectors: nibbles AND 0x0F / shift 4, the grid by VPSHUFB, each bit plane added under its 64-bit
+// mask (VPADDB with a k-mask); then VPDPBUSD (u8 values x s8 activations) per sub-block, or
+// float FMAs in k order. Scales follow the reference's fold exactly (gemm_blk/ref.cpp).
+#include <immintrin.h>
+#include <cstring>
+#include "formats.h"
+#include "kernels/isa.h"
+
+namespace lowbit {
+namespace LOWBIT_NS {
+namespace {
+
+#define LOWBIT_UNROLL _Pragma("GCC unroll 32")
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// The u8 values of panel p's 16 columns at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
+template <int F>
+inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i& hi, bool prefetch) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  if (fmt.nib) {
+    const uint8_t* at = g->nib + p * g->K * 8 + k8 * 64;
+    if (prefetch) _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(at), nib = _mm512_set1_epi8(0x0F);
+    lo = _mm512_and_si512(v, nib);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+  } else {
+    lo = hi = _mm512_setzero_si512();
+  }
+  if (fmt.lut != Lut::None) {
+    const __m512i lut = _mm512_broadcast_i32x4(
+        _mm_loadu_si128((const __m128i*)(fmt.lut == Lut::IQ4 ? kLutIQ4 : kLutMXFP4)));
+    lo = _mm512_shuffle_epi8(lut, lo);
+    hi = _mm512_shuffle_epi8(lut, hi);
+  }
+  if (fmt.planes) {
+    const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
+    if (prefetch && !fmt.nib) _mm_prefetch((const char*)(w + 64), _MM_HINT_T0);
+    LOWBIT_UNROLL
+    for (int j = 0; j < fmt.planes; ++j) {
+      const __m512i bit = _mm512_set1_epi8((char)(1 << ((fmt.nib ? 4 : 0) + j)));
+      lo = _mm512_mask_add_epi8(lo, (__mmask64)w[j], lo, bit);
+      hi = _mm512_mask_add_epi8(hi, (__mmask64)w[fmt.planes + j], hi, bit);
+    }
+  }
+}
+
+// D and B of sub-block s for panel p's 16 columns (blk_scale, 16 lanes at once).
+template <int F>
+inline void scales(const BlkArgs* g, int64_t p, int64_t s, __m512& D, __m512& B) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  const int64_t at_blk = (p * (g->K / fmt.block) + s * fmt.sub / fmt.block) * kPanel;
+  const int64_t at_sub = (p * (g->K / fmt.sub) + s) * kPanel;
+  const __m512 neg = _mm512_set1_ps(-0.f);
+  if (fmt.scale == ScaleKind::E8M0) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)((const uint8_t*)g->d + at_blk)));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __m512i tiny = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+    D = _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), normal, tiny));
+  } else {
+    D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)g->d + at_blk)));
+  }
+  __m128i codes = _mm_setzero_si128();
+  if (fmt.scale == ScaleKind::Code || fmt.pair4) codes = _mm_loadu_si128((const __m128i*)(g->sc + at_sub));
+  if (fmt.scale == ScaleKind::Code) {
+    const __m512i c = fmt.pair4 ? _mm512_and_si512(_mm512_cvtepu8_epi32(codes), _mm512_set1_epi32(0x0F))
+                                : _mm512_cvtepi8_epi32(codes);
+    D = _mm512_mul_ps(D, _mm512_cvtepi32_ps(c));
+  }
+  B = _mm512_setzero_ps();
+  if (fmt.min == MinKind::Half)
+    B = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->dm + at_blk)));
+  if (fmt.min == MinKind::Code) {
+    const __m512i c = fmt.pair4 ? _mm512_srli_epi32(_mm512_cvtepu8_epi32(codes), 4)
+                                : _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(g->mc + at_sub)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->dm + at_blk)));
+    B = _mm512_xor_ps(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(c)), neg);
+  }
+}
+
+inline __mmask16 tail_mask(const BlkArgs* g, int64_t panel) {
+  const int64_t left = g->N - panel * kPanel;
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+inline void store(const BlkArgs* g, int64_t m, int64_t panel, __m512 f) {
+  const __mmask16 mask = tail_mask(g, panel);
+  const __m512 y = g->bias ? _mm512_add_ps(f, _mm512_maskz_loadu_ps(mask, g->bias + panel * kPanel)) : f;
+  _mm512_mask_storeu_ps(g->c + m * g->ldc + panel * kPanel, mask, y);
+}
+
+template <int F, int MR, int J>
+void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr int S = fmt.sub;
+  const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
+  const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
+  __m512 f[MR * J];
+  LOWBIT_UNROLL
+  for (int i = 0; i < MR * J; ++i) f[i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < g->K / S; ++s) {
+    const int64_t k0 = s * S;
+    __m512i acc[MR * J];
+    LOWBIT_UNROLL
+    for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
+    LOWBIT_UNROLL
+    for (int st = 0; st < S / 8; ++st) {
+      __m512i lo[J], hi[J];
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j], MR == 1);
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * st);
+        const __m512i ahi = bcast4(a + m * g->lda + k0 + 8 * st + 4);
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
+          acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
+        }
+      }
+    }
+    __m512 D[J], B[J];
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) scales<F>(g, p + j, s, D[j], B[j]);
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      const float sb = g->ablock[(m0 + m) * n32 + k0 / kActBlock];
+      const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
+      const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
+      const __m512 sbv = _mm512_set1_ps(sb), av = _mm512_set1_ps(sb * (float)asum);
+      const __m512i off = _mm512_set1_epi32(fmt.offset * asum);
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) {
+        const __m512i i = fmt.offset ? _mm512_sub_epi32(acc[m * J + j], off) : acc[m * J + j];
+        if (fmt.min != MinKind::None) f[m * J + j] = _mm512_fmadd_ps(B[j], av, f[m * J + j]);
+        f[m * J + j] = _mm512_fmadd_ps(D[j], _mm512_mul_ps(_mm512_cvtepi32_ps(i), sbv), f[m * J + j]);
+      }
+    }
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m)
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
+}
+
+template <int F, int MR, int J>
+void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr int S = fmt.sub;
+  const int64_t nsub = g->K / S;
+  const float* x = (const float*)g->a + m0 * g->lda;
+  const __m512i byte = _mm512_set1_epi32(0xFF), off = _mm512_set1_epi32(fmt.offset);
+  __m512 f[MR * J];
+  LOWBIT_UNROLL
+  for (int i = 0; i < MR * J; ++i) f[i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < nsub; ++s) {
+    const int64_t k0 = s * S;
+    __m512 acc[MR * J];
+    LOWBIT_UNROLL
+    for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_ps();
+    for (int st = 0; st < S / 8; ++st) {
+      __m512i v[2][J];
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, v[0][j], v[1][j], MR == 1);
+      LOWBIT_UNROLL
+      for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order: byte i % 4 of each lane
+        __m512 w[J];
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v[i / 4][j], 8 * (i % 4)), byte);
+          w[j] = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off));
+        }
+        LOWBIT_UNROLL
+        for (int m = 0; m < MR; ++m) {
+          const __m512 xv = _mm512_set1_ps(x[m * g->lda + k0 + 8 * st + i]);
+          LOWBIT_UNROLL
+          for (int j = 0; j < J; ++j) acc[m * J + j] = _mm512_fmadd_ps(w[j], xv, acc[m * J + j]);
+        }
+      }
+    }
+    __m512 D[J], B[J];
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) scales<F>(g, p + j, s, D[j], B[j]);
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m)
+      LOWBIT_UNROLL
+      for (int j = 0; j < J; ++j) {
+        if (fmt.min != MinKind::None)
+          f[m * J + j] = _mm512_fmadd_ps(B[j], _mm512_set1_ps(g->xsum[(m0 + m) * nsub + s]), f[m * J + j]);
+        f[m * J + j] = _mm512_fmadd_ps(D[j], acc[m * J + j], f[m * J + j]);
+      }
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m)
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
+}
+
+using TileFn = void (*)(const BlkArgs*, int64_t, int64_t);
+
+// A single row streams up to 4 panels at once (independent chains); several rows share each
+// rebuilt weight vector, up to 4 rows x 2 panels.
+template <int F, bool A8>
+TileFn pick(int mr, int j) {
+  static const TileFn one_row[] = {
+      A8 ? tile_a8<F, 1, 1> : tile_f32<F, 1, 1>, A8 ? tile_a8<F, 1, 2> : tile_f32<F, 1, 2>,
+      A8 ? tile_a8<F, 1, 3> : tile_f32<F, 1, 3>, A8 ? tile_a8<F, 1, 4> : tile_f32<F, 1, 4>};
+  static const TileFn rows[3][2] = {
+      {A8 ? tile_a8<F, 2, 1> : tile_f32<F, 2, 1>, A8 ? tile_a8<F, 2, 2> : tile_f32<F, 2, 2>},
+      {A8 ? tile_a8<F, 3, 1> : tile_f32<F, 3, 1>, A8 ? tile_a8<F, 3, 2> : tile_f32<F, 3, 2>},
+      {A8 ? tile_a8<F, 4, 1> : tile_f32<F, 4, 1>, A8 ? tile_a8<F, 4, 2> : tile_f32<F, 4, 2>}};
+  return mr == 1 ? one_row[j - 1] : rows[mr - 2][j - 1];
+}
+
+template <int F, bool A8>
+void run(const BlkArgs* g, int64_t p0, int64_t p1) {
+  const int max_j = g->M == 1 ? 4 : 2;
+  for (int64_t p = p0; p < p1;) {
+    const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
+    for (int64_t m = 0; m < g->M;) {
+      const int mr = (int)(g->M - m < 4 ? g->M - m : 4);
+      pick<F, A8>(mr, j)(g, m, p);
+      m += mr;
+    }
+    p += j;
+  }
+}
+
+template <bool A8, int F = 0>
+void dispatch(const BlkArgs* g, int64_t p0, int64_t p1) {
+  if constexpr (F < kNumBlockFormats) {
+    if (g->fmt == F) return run<F, A8>(g, p0, p1);
+    dispatch<A8, F + 1>(g, p0, p1);
+  }
+}
+
+}  // namespace
+
+void gemm_blk_a8(const BlkArgs* g, int64_t p0, int64_t p1) { dispatch<true>(g, p0, p1); }
+void gemm_blk_f32(const BlkArgs* g, int64_t p0, int64_t p1) { dispatch<false>(g, p0, p1); }
+
+}  // namespace LOWBIT_NS
+}  // namespace lowbit

@@ -1,0 +1,58 @@
+// Reference matmuls for the block formats (formats.h), int8 and float activations, in exactly the
+// order of operations every SIMD variant uses. Per sub-block s of the row, in k order:
+//   A8:  i_s = sum_k u_k a_k - offset * asum_s  (exact int32), sb its 32-block's activation scale
+//        f = fma(B_s, sb * asum_s, f)  (formats with minima);   f = fma(D_s, sb * i_s, f)
+//   A32: S_s = fma chain over k of (u_k - offset) * x_k
+//        f = fma(B_s, xsum_s, f)  (formats with minima);         f = fma(D_s, S_s, f)
+// from f = 0, then y = f + bias. Written to be read, not fast.
+#include <cmath>
+#include "formats.h"
+#include "kernels/isa.h"
+
+namespace lowbit {
+namespace LOWBIT_NS {
+
+void gemm_blk_a8(const BlkArgs* g, int64_t p0, int64_t p1) {
+  const BlockFormat& F = kBlockFormats[g->fmt];
+  const int64_t n_end = p1 * kPanel < g->N ? p1 * kPanel : g->N;
+  const int8_t* a = (const int8_t*)g->a;
+  for (int64_t m = 0; m < g->M; ++m)
+    for (int64_t n = p0 * kPanel; n < n_end; ++n) {
+      float f = 0.f;
+      for (int64_t s = 0; s < g->K / F.sub; ++s) {
+        const int64_t k0 = s * F.sub;
+        int32_t dot = 0, asum = 0;
+        for (int64_t k = k0; k < k0 + F.sub; ++k) dot += blk_u(*g, n, k) * a[m * g->lda + k];
+        for (int64_t h = k0 / 16; h < (k0 + F.sub) / 16; ++h) asum += g->asum[m * (g->K / 16) + h];
+        const float sb = g->ablock[m * (g->K / kActBlock) + k0 / kActBlock];
+        float D, B;
+        blk_scale(*g, n, s, &D, &B);
+        if (F.min != MinKind::None) f = std::fma(B, sb * (float)asum, f);
+        f = std::fma(D, sb * (float)(dot - F.offset * asum), f);
+      }
+      g->c[m * g->ldc + n] = g->bias ? f + g->bias[n] : f;
+    }
+}
+
+void gemm_blk_f32(const BlkArgs* g, int64_t p0, int64_t p1) {
+  const BlockFormat& F = kBlockFormats[g->fmt];
+  const int64_t n_end = p1 * kPanel < g->N ? p1 * kPanel : g->N;
+  const float* x = (const float*)g->a;
+  for (int64_t m = 0; m < g->M; ++m)
+    for (int64_t n = p0 * kPanel; n < n_end; ++n) {
+      float f = 0.f;
+      for (int64_t s = 0; s < g->K / F.sub; ++s) {
+        float S = 0.f;
+        for (int64_t k = s * F.sub; k < (s + 1) * F.sub; ++k)
+          S = std::fma((float)(blk_u(*g, n, k) - F.offset), x[m * g->lda + k], S);
+        float D, B;
+        blk_scale(*g, n, s, &D, &B);
+        if (F.min != MinKind::None) f = std::fma(B, g->xsum[m * (g->K / F.sub) + s], f);
+        f = std::fma(D, S, f);
+      }
+      g->c[m * g->ldc + n] = g->bias ? f + g->bias[n] : f;
+    }
+}
+
+}  // namespace LOWBIT_NS
+}  // namespace lowbit
