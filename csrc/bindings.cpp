@@ -184,20 +184,6 @@ void check_gguf_rows(const py::array& raw, int64_t K, int64_t block_bytes) {
                           shape_str(raw));
 }
 
-py::tuple gguf_q8_0_py(const py::array& raw, int64_t K) {
-  check_gguf_rows(raw, K, 34);
-  const W8Shape s = w8_shape(raw.shape(0), K, 32);
-  auto packed = zeros<int8_t>({s.Np, s.Kp});
-  auto scales = zeros<float>({s.G, s.Np});
-  auto comp = zeros<int32_t>({s.G, s.Np});
-  {
-    NoGil nogil;
-    gguf_q8_0(cptr<uint8_t>(raw), raw.shape(1), s, packed.mutable_data(), scales.mutable_data(),
-              comp.mutable_data());
-  }
-  return py::make_tuple(packed, scales, comp);
-}
-
 // Static activations: act_scale 0 (dynamic) or a positive finite scale; zero point in [-128, 127].
 void check_static(float act_scale, int32_t act_zero) {
   if (!(act_scale >= 0.f && std::isfinite(act_scale)))
@@ -357,8 +343,9 @@ py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, con
 
 // ---- block formats (formats.h) ----
 
-const char* const kPartNames[] = {"nib", "bits", "d", "dm", "sc", "mc"};
-constexpr BlkPart kParts[] = {BlkPart::Nib, BlkPart::Bits, BlkPart::D, BlkPart::Dm, BlkPart::Sc, BlkPart::Mc};
+const char* const kPartNames[] = {"q8", "nib", "bits", "d", "dm", "sc", "mc"};
+constexpr BlkPart kParts[] = {BlkPart::Q8, BlkPart::Nib, BlkPart::Bits, BlkPart::D, BlkPart::Dm, BlkPart::Sc, BlkPart::Mc};
+constexpr int kNumParts = sizeof(kParts) / sizeof(kParts[0]);
 
 int check_format(int fmt) {
   if (fmt < 0 || fmt >= kNumBlockFormats)
@@ -385,9 +372,10 @@ py::dict blk_parts(int fmt, int64_t N, int64_t K) {
   const BlockFormat& F = kBlockFormats[fmt];
   const int64_t P = s.P;
   py::dict parts;
-  for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < kNumParts; ++i) {
     if (!s.part_size(kParts[i])) continue;
     switch (kParts[i]) {
+      case BlkPart::Q8: parts["q8"] = py::make_tuple("uint8", py::make_tuple(s.Np, K)); break;
       case BlkPart::Nib: parts["nib"] = py::make_tuple("uint8", py::make_tuple(s.Np, K / 2)); break;
       case BlkPart::Bits: parts["bits"] = py::make_tuple("uint64", py::make_tuple(P, K / 4, F.planes)); break;
       case BlkPart::D:
@@ -434,8 +422,8 @@ BlkArgs blk_weight(int fmt, int64_t N, int64_t K, const py::dict& parts) {
   w.N = N;
   w.Np = s.Np;
   w.K = K;
-  const void* ptr[6] = {};
-  for (int i = 0; i < 6; ++i) {
+  const void* ptr[kNumParts] = {};
+  for (int i = 0; i < kNumParts; ++i) {
     const char* name = kPartNames[i];
     const bool want = expect.contains(name), have = parts.contains(name) && !parts[name].is_none();
     if (want != have)
@@ -455,12 +443,13 @@ BlkArgs blk_weight(int fmt, int64_t N, int64_t K, const py::dict& parts) {
                             shape_str(a));
     ptr[i] = a.data();
   }
-  w.nib = (const uint8_t*)ptr[0];
-  w.bits = (const uint64_t*)ptr[1];
-  w.d = ptr[2];
-  w.dm = (const uint16_t*)ptr[3];
-  w.sc = (const int8_t*)ptr[4];
-  w.mc = (const uint8_t*)ptr[5];
+  w.q8 = (const uint8_t*)ptr[0];
+  w.nib = (const uint8_t*)ptr[1];
+  w.bits = (const uint64_t*)ptr[2];
+  w.d = ptr[3];
+  w.dm = (const uint16_t*)ptr[4];
+  w.sc = (const int8_t*)ptr[5];
+  w.mc = (const uint8_t*)ptr[6];
   return w;
 }
 
@@ -474,8 +463,8 @@ py::dict gguf_blocks_py(int fmt, const py::array& raw, int64_t K) {
   const BlkShape s = blk_shape(fmt, raw.shape(0), K);
   const py::dict spec = blk_parts(fmt, s.N, K);
   py::dict parts;
-  void* ptr[6] = {};
-  for (int i = 0; i < 6; ++i) {
+  void* ptr[kNumParts] = {};
+  for (int i = 0; i < kNumParts; ++i) {
     if (!spec.contains(kPartNames[i])) continue;
     const py::tuple t = spec[kPartNames[i]].cast<py::tuple>();
     py::array a(py::dtype(t[0].cast<std::string>()), t[1].cast<std::vector<py::ssize_t>>());
@@ -485,8 +474,8 @@ py::dict gguf_blocks_py(int fmt, const py::array& raw, int64_t K) {
   }
   {
     NoGil nogil;
-    blk_from_gguf(cptr<uint8_t>(raw), raw.shape(1), s, (uint8_t*)ptr[0], (uint64_t*)ptr[1], ptr[2],
-                  (uint16_t*)ptr[3], (int8_t*)ptr[4], (uint8_t*)ptr[5]);
+    blk_from_gguf(cptr<uint8_t>(raw), raw.shape(1), s, (uint8_t*)ptr[0], (uint8_t*)ptr[1],
+                  (uint64_t*)ptr[2], ptr[3], (uint16_t*)ptr[4], (int8_t*)ptr[5], (uint8_t*)ptr[6]);
   }
   return parts;
 }
@@ -702,7 +691,6 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));
   m.def("pack_w8", &pack_w8_py, py::arg("q"), py::arg("group"));
-  m.def("gguf_q8_0", &gguf_q8_0_py, py::arg("raw"), py::arg("K"));
   m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
         py::arg("act_scale") = 0.f, py::arg("act_zero") = 0, py::arg("input_scale") = py::none(),

@@ -64,6 +64,12 @@ float e8m0_half(uint8_t e) {  // ggml_e8m0_to_fp32_half: 2^(e - 128), subnormal 
 
 }  // namespace
 
+// Q8_0: d, 32 int8 values q, stored as u = q + 128 (offset 128).
+void decode_q8_0(const uint8_t* b, uint8_t* u, int8_t*, uint8_t*, uint16_t* d, uint16_t*) {
+  *d = u16(b);
+  for (int j = 0; j < 32; ++j) u[j] = b[2 + j] ^ 0x80;
+}
+
 // Q5_0: d, u32 qh (bit j: element j's fifth bit), 16 nibble bytes.
 void decode_q5_0(const uint8_t* b, uint8_t* u, int8_t*, uint8_t*, uint16_t* d, uint16_t*) {
   *d = u16(b);
@@ -171,6 +177,7 @@ BlkShape::BlkShape(int fmt_, int64_t n, int64_t k)
 int64_t BlkShape::part_size(BlkPart part) const {
   const BlockFormat& F = kBlockFormats[fmt];
   switch (part) {
+    case BlkPart::Q8: return F.bits == 8 ? Np * K : 0;
     case BlkPart::Nib: return F.nib ? Np * K / 2 : 0;
     case BlkPart::Bits: return P * (K / 4) * F.planes;
     case BlkPart::D: return Np * (K / F.block);
@@ -184,6 +191,7 @@ int64_t BlkShape::part_size(BlkPart part) const {
 int blk_u(const BlkArgs& w, int64_t n, int64_t k) {
   const BlockFormat& F = kBlockFormats[w.fmt];
   const int64_t p = n / kPanel, r = n % kPanel;
+  if (F.bits == 8) return w.q8[(p * w.K / kKStep + k / kKStep) * 64 + r * 4 + k % 4];
   int v = 0, bit = 0;
   if (F.nib) {
     const uint8_t byte = w.nib[(p * w.K / kQ4Step + k / kQ4Step) * 64 + r * 4 + k % 4];
@@ -221,7 +229,7 @@ void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B) {
   }
 }
 
-void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* nib,
+void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* q8, uint8_t* nib,
                    uint64_t* bits, void* d, uint16_t* dm, int8_t* sc, uint8_t* mc) {
   const BlockFormat& F = kBlockFormats[s.fmt];
   const int64_t nblk = s.K / F.block, nsub = s.K / F.sub, spb = F.block / F.sub;
@@ -249,6 +257,7 @@ void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uin
         for (int64_t i = 0; i < F.block; ++i) {
           const int64_t k = b * F.block + i;
           int v = u[i], bit = 0;
+          if (F.bits == 8) q8[(p * s.K / kKStep + k / kKStep) * 64 + r * 4 + k % 4] = (uint8_t)v;
           if (F.nib) {
             uint8_t& byte = nib[(p * s.K / kQ4Step + k / kQ4Step) * 64 + r * 4 + k % 4];
             byte |= k % kQ4Step < 4 ? (v & 0x0F) : (v & 0x0F) << 4;

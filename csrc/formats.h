@@ -1,6 +1,6 @@
 // The block weight formats: one descriptor per format (ggml's type_traits, for lowbit's layouts).
 //
-// Every GGUF type beyond Q4_0 / Q4_1 / Q8_0 (which map exactly onto lowbit's int4 / int8 layouts)
+// Every GGUF type lowbit runs, except Q4_0 / Q4_1 (which map exactly onto lowbit's int4 layout),
 // is one row of kBlockFormats. A weight in such a format is, per sub-block s of `sub` inputs,
 //     w = D_s * (u - offset) + B_s           u: an unsigned integer of `bits` bits per weight
 // with D_s and B_s rebuilt from the file's own fields, so that dequantization is exact:
@@ -10,6 +10,8 @@
 //   lut    the 4-bit value indexes a 16-entry int8 grid (IQ4, MXFP4), stored as grid + 128 with
 //          offset 128 so that the kernels' unsigned x signed dot products still apply.
 // Its kernel layout (shared by every ISA, saved as is), P = ceil(N / 16) panels of 16 rows:
+//   q8    uint8  [P*16][K]     8-bit values whole, as the int8 layout (kernels.h): 64-byte blocks
+//                              of 16 rows x 4 k, byte r*4+i holding k0+i (Q8_0)
 //   nib   uint8  [P*16][K/2]   the low 4 bits, as the int4 layout (kernels.h): 64-byte blocks of
 //                              16 rows x 8 k, byte r*4+i holding k0+i (low) and k0+4+i (high)
 //   bits  uint64 [P][K/4][planes]  the bits above (or, without nib, all of them), one plane per
@@ -38,7 +40,7 @@ struct BlockFormat {
   int block, bytes;     // elements and bytes of one file block
   int sub;              // elements per scale: 16 or 32
   int bits;             // bits per value
-  bool nib;             // the low 4 bits live in the nibble plane
+  bool nib;             // the low 4 bits live in the nibble plane (8 bits: the q8 byte plane)
   int planes;           // 1-bit planes: bits - 4 with nib, else bits
   int offset;           // w = D (u - offset) + B
   Lut lut;
@@ -48,6 +50,7 @@ struct BlockFormat {
   BlockDecoder decode;  // formats.cpp
 };
 
+void decode_q8_0(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
 void decode_q5_0(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
 void decode_q5_1(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
 void decode_q2_k(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16_t*);
@@ -63,6 +66,7 @@ using SK = ScaleKind;
 using MK = MinKind;
 // name, ggml type, block, bytes, sub, bits, nib, planes, offset, lut, scale, min, pair4, decoder
 constexpr BlockFormat kBlockFormats[] = {
+    {"Q8_0", 8, 32, 34, 32, 8, false, 0, 128, Lut::None, SK::Half, MK::None, false, decode_q8_0},
     {"Q5_0", 6, 32, 22, 32, 5, true, 1, 16, Lut::None, SK::Half, MK::None, false, decode_q5_0},
     {"Q5_1", 7, 32, 24, 32, 5, true, 1, 0, Lut::None, SK::Half, MK::Half, false, decode_q5_1},
     {"Q2_K", 10, 256, 84, 16, 2, false, 2, 0, Lut::None, SK::Code, MK::Code, true, decode_q2_k},
@@ -88,6 +92,7 @@ constexpr uint8_t kLutMXFP4[16] = {128, 129, 130, 131, 132, 134, 136, 140,
 struct BlkArgs {
   int fmt;
   int64_t M, N, Np, K;
+  const uint8_t* q8;
   const uint8_t* nib;
   const uint64_t* bits;
   const void* d;
@@ -105,7 +110,7 @@ struct BlkArgs {
 };
 
 // Element counts of a weight's parts (0: the format has no such part); see the layout above.
-enum class BlkPart { Nib, Bits, D, Dm, Sc, Mc };
+enum class BlkPart { Q8, Nib, Bits, D, Dm, Sc, Mc };
 struct BlkShape {
   int fmt;
   int64_t N, K, Np, P;
@@ -119,7 +124,7 @@ struct BlkShape {
 int blk_u(const BlkArgs& w, int64_t n, int64_t k);
 void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B);
 // File rows (row_bytes apart) into zero-filled parts of the kernel layout.
-void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* nib,
+void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* q8, uint8_t* nib,
                    uint64_t* bits, void* d, uint16_t* dm, int8_t* sc, uint8_t* mc);
 // float32 rows [nrows][K] of the given row numbers: D * (u - offset) (+ B), bit for bit the
 // gguf package's dequantization.

@@ -12,9 +12,6 @@
 #include "threadpool.h"
 
 namespace lowbit {
-namespace ref {
-float half_to_float(uint16_t h);  // kernels/quant/ref.cpp: exact, portable
-}
 namespace {
 
 // Below this many multiply-adds a call runs on the caller's thread: waking a worker costs more.
@@ -339,28 +336,8 @@ void pack_w4(const uint8_t* q, const Q4Shape& s, uint8_t* packed) {
   });
 }
 
-// GGUF blocks of 32 weights along a row. Q8_0: float16 d, 32 int8. Q4_0: float16 d, 16 bytes;
+// GGUF blocks of 32 weights along a row. Q4_0: float16 d, 16 bytes;
 // Q4_1: float16 d, float16 m, 16 bytes; element j < 16 is byte j's low nibble, j + 16 its high.
-void gguf_q8_0(const uint8_t* raw, int64_t row_bytes, const W8Shape& s, int8_t* packed,
-               float* scales, int32_t* comp) {
-  over_panels(s.N, s.K, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t g = 0; g < s.G; ++g) {
-        const uint8_t* block = raw + n * row_bytes + g * 34;
-        uint16_t d;
-        std::memcpy(&d, block, 2);
-        scales[g * s.Np + n] = ref::half_to_float(d);
-        int32_t sum = 0;
-        for (int64_t j = 0; j < 32; ++j) {
-          const int8_t v = (int8_t)block[2 + j];
-          packed[w8_at(s, n, g * 32 + j)] = v;
-          sum += v;
-        }
-        comp[g * s.Np + n] = 128 * sum;
-      }
-  });
-}
-
 void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape& s,
              uint8_t* packed, uint16_t* scales, uint16_t* mins) {
   const int64_t bytes = has_min ? 20 : 18;

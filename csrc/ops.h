@@ -25,11 +25,6 @@ int64_t quantize_w8(const float* w, int64_t ldw, const W8Shape& s, int8_t* packe
                     int32_t* comp);
 // int8 values q (N, K) into zero-filled packed weights, with compensation [G][Np].
 void pack_w8(const int8_t* q, const W8Shape& s, int8_t* packed, int32_t* comp);
-// GGUF Q8_0 rows (row_bytes apart, K/32 blocks each) into packed weights, scales and compensation
-// (s.group must be 32).
-void gguf_q8_0(const uint8_t* raw, int64_t row_bytes, const W8Shape& s, int8_t* packed,
-               float* scales, int32_t* comp);
-
 // y (M, N) = dequant(quant8(x) . W^T) + bias, activations quantized per row on the fly.
 // act_scale > 0: static activations, x ~ act_scale * (q - act_zero) (kernels.h quantize_a8); the
 // zero point's term, -act_scale * act_zero * sum_k w, is left to the caller (folded into bias).

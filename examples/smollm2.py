@@ -36,44 +36,6 @@ def default_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def stack_rows(weights):
-    """One weight whose output rows are those of `weights` in order (same K and format): fused
-    projections make one kernel call instead of several."""
-    first = weights[0]
-    cat = lambda f: np.concatenate([f(w) for w in weights])  # noqa: E731
-    return lb.QuantizedWeight.from_int(
-        cat(lambda w: w.int_values()), cat(lambda w: w.scales), bits=first.bits,
-        group_size=first.group_size,
-        mins=None if first.mins is None else cat(lambda w: w.mins),
-        zeros=None if first.zeros is None else cat(lambda w: w.zeros))
-
-
-class BlockInt8Linear:
-    """A Q8_0 (8-bit, groups of 32) weight run with int8 activations per block of 32, as llama.cpp
-    runs Q8_0, instead of lowbit's per-row INT8 activations (whose coarser rounding on the wide
-    output layer costs about 2 points of next-token agreement with exact arithmetic).
-
-    It uses lowbit's W4A8 kernel, which quantizes activations per 32-block: an int8 weight is two
-    nibbles, w = d (16 h + l - 128), so W x = [d16 h + (-128 d) | d l] . [x | x], exactly, with
-    float16 scales 16d, d and minimum -128d. Same bytes as the int8 layout, same speed."""
-
-    def __init__(self, qw):
-        if qw.bits != 8 or qw.group_size != 32:
-            raise ValueError("expected an 8-bit weight in groups of 32 (GGUF Q8_0)")
-        q = qw.int_values().astype(np.int16) + 128
-        d = qw.scales.astype(np.float16)
-        if not np.array_equal(d.astype(F32), qw.scales):
-            raise ValueError("scales must be float16 values (GGUF Q8_0)")
-        planes = np.concatenate([q >> 4, q & 15], axis=1).astype(np.uint8)
-        self.layer = lb.Linear(lb.QuantizedWeight.from_int(
-            planes, np.concatenate([d * np.float16(16), d], axis=1), bits=4, group_size=32,
-            mins=np.concatenate([d * np.float16(-128), np.zeros_like(d)], axis=1)))
-        self.nbytes = self.layer.nbytes
-
-    def __call__(self, x):
-        return self.layer(np.concatenate([x, x], axis=-1))
-
-
 class SmolLM2:
     def __init__(self, path):
         meta = lb.gguf_metadata(path)
@@ -87,16 +49,16 @@ class SmolLM2:
         self.eps = meta["llama.attention.layer_norm_rms_epsilon"]
         self.rope_base = meta.get("llama.rope.freq_base", 10000.0)
         self.embed = w["token_embd.weight"]
-        self.output = BlockInt8Linear(w.get("output.weight", self.embed))  # tied to the embedding
+        self.output = lb.Linear(w.get("output.weight", self.embed))  # tied to the embedding
         self.output_norm = w["output_norm.weight"]
         self.layers = []
         for i in range(meta["llama.block_count"]):
             b = lambda name: w[f"blk.{i}.{name}.weight"]  # noqa: E731
             self.layers.append(dict(
                 attn_norm=b("attn_norm"), ffn_norm=b("ffn_norm"),
-                qkv=lb.Linear(stack_rows([b("attn_q"), b("attn_k"), b("attn_v")])),
+                qkv=lb.Linear(lb.concat_rows([b("attn_q"), b("attn_k"), b("attn_v")])),
                 o=lb.Linear(b("attn_output")),
-                gate_up=lb.Linear(stack_rows([b("ffn_gate"), b("ffn_up")])),
+                gate_up=lb.Linear(lb.concat_rows([b("ffn_gate"), b("ffn_up")])),
                 down=lb.Linear(b("ffn_down"))))
         self.ffn = self.layers[0]["down"].in_features
         self.tokenizer = tokenizer_from_gguf(meta)

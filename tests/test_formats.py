@@ -82,9 +82,14 @@ def test_gguf_metadata(gguf_file):
 
 
 def test_gguf_unsupported_type_is_named(tmp_path, rng):
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, {"w": (rng.normal(size=(4, 64)).astype(F32), T.Q5_0)})
-    with pytest.raises(lb.FormatError, match="Q5_0"):
+    path = tmp_path / "tq1.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tensor("w", rng.integers(0, 256, (4, 54), dtype=np.uint8), raw_dtype=T.TQ1_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(lb.FormatError, match="TQ1_0"):
         lb.load_gguf(path)
     assert lb.gguf_metadata(path)["general.architecture"] == "llama"  # metadata still reads
 

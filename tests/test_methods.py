@@ -591,7 +591,7 @@ def test_awq_save_load_round_trip(tmp_path, rng, bits, symmetric, group):
                                       lb.Linear(qw, activations=activations)(xs))
     np.testing.assert_array_equal(lb.matmul(xs, got["act"], activations="float"),
                                   lb.matmul(xs, act, activations="float"))
-    assert json.loads(struct_header(path)["__metadata__"]["lowbit"])["version"] == 2
+    assert json.loads(struct_header(path)["__metadata__"]["lowbit"])["version"] == lb.io.FORMAT_VERSION
 
 
 def struct_header(path):

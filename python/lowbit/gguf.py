@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _core
 from .errors import FormatError
+from .formats import BLOCK_FORMATS
 from .quantize import QuantizedWeight
 
 # GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
@@ -23,14 +24,22 @@ _STRING, _ARRAY = 8, 9
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
           11: "<i8", 12: "<f8"}
 
-# ggml tensor types by number (names as llama.cpp spells them), and (block, bytes) of those read.
-_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
-               16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-               22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-               29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
-_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
-           "Q8_0": (32, 34)}
+# ggml tensor types by number (names as llama.cpp spells them), with (elements, bytes) per block
+# so that every tensor's extent is checked, read or not. The block formats' rows come from their
+# descriptors (lowbit.formats); the rest are read as lowbit's int4 / int8 layouts or as arrays.
+_GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+               9: ("Q8_1", 32, 40), 15: ("Q8_K", 256, 292),
+               16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+               19: ("IQ1_S", 256, 50), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+               24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+               28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
+               35: ("TQ2_0", 256, 66)}
+_GGML_TYPES.update({f.ggml_type: (f.name, f.block, f.bytes) for f in BLOCK_FORMATS.values()})
+_BLOCKS = {name: (block, size) for name, block, size in _GGML_TYPES.values()}
+_ARRAYS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4",
+           "I64": "<i8"}
+# the quantized types that become QuantizedWeights
+READ = ("Q4_0", "Q4_1") + tuple(BLOCK_FORMATS)
 _MAX_DEPTH = 4  # arrays of arrays
 
 
@@ -119,7 +128,7 @@ class _File:
         data = -(-c.pos // align) * align
         self.tensors = {}
         for name, dims, ttype, offset in infos:
-            type_name = _TYPE_NAMES.get(ttype, f"type {ttype}")
+            type_name = _GGML_TYPES.get(ttype, (f"type {ttype}",))[0]
             count = int(np.prod(dims, dtype=object))
             if int(np.prod([d for d in dims if d], dtype=object)) >= 1 << 62:
                 raise FormatError(f"GGUF tensor {name!r}: dimensions {list(dims)} beyond any array")
@@ -142,8 +151,7 @@ class _File:
         """(type name, numpy shape, uint8 rows of the tensor's bytes: a view of the file)."""
         type_name, shape, at, nbytes = self.tensors[name]
         if nbytes is None:
-            raise FormatError(f"GGUF tensor {name!r} has type {type_name}; lowbit reads F32, F16, "
-                              f"BF16, Q4_0, Q4_1 and Q8_0")
+            raise FormatError(f"GGUF tensor {name!r} has type {type_name}, unknown to lowbit")
         rows = int(np.prod(shape[:-1], dtype=np.int64))
         raw = np.frombuffer(self.map, np.uint8, nbytes, at)
         return type_name, shape, raw.reshape(rows, nbytes // rows if rows else 0)
@@ -155,34 +163,69 @@ def gguf_metadata(path) -> dict:
     return _File(path).metadata
 
 
-def load_gguf(path) -> dict:
+UNSUPPORTED = ("raise", "dequantize", "skip")
+
+
+def load_gguf(path, *, unsupported: str = "raise") -> dict:
     """Tensors of a GGUF file by name, read from a memory map of the file.
 
-    Q4_0, Q4_1 and Q8_0 matrices become :class:`QuantizedWeight` s (group size 32) that run on
-    lowbit's kernels; ``qw.dequantize()`` equals the gguf package's reference dequantization bit
-    for bit. F32 and F16 tensors come back as read-only arrays viewing the file, BF16 as float32
-    arrays. Any other type raises :class:`lowbit.FormatError` naming it.
+    Quantized matrices of the types in ``READ`` become :class:`QuantizedWeight` s that run on
+    lowbit's kernels: Q4_0 and Q4_1 as lowbit's int4 weights (group size 32), every other one
+    (Q8_0, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4) in its block format
+    (``lowbit.formats``), repacked once into the kernels' layout at about its size in the file,
+    run with int8 activations per block of 32 (as llama.cpp runs them) or float ones.
+    ``qw.dequantize()`` equals the gguf package's reference dequantization bit for bit. F32, F16
+    and the integer types come back as read-only arrays viewing the file, BF16 as float32 arrays.
+
+    Any other type (IQ2_XXS, TQ1_0, ...) raises :class:`lowbit.FormatError` naming the tensor, its
+    type and the types read; ``unsupported="dequantize"`` gives such tensors as float32 arrays
+    instead (through the ``gguf`` package's reference dequantizer, which must be installed), and
+    ``unsupported="skip"`` leaves them out.
     """
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unsupported must be one of {list(UNSUPPORTED)}, got {unsupported!r}")
     f = _File(path)
     out = {}
     for name in f.tensors:
         type_name, shape, raw = f.raw(name)
-        if type_name in ("F32", "F16"):
-            out[name] = raw.reshape(-1).view("<f4" if type_name == "F32" else "<f2").reshape(shape)
+        if type_name in _ARRAYS:
+            out[name] = raw.reshape(-1).view(_ARRAYS[type_name]).reshape(shape)
         elif type_name == "BF16":
             bits = raw.reshape(-1).view("<u2").astype(np.uint32) << 16
             out[name] = bits.view(np.float32).reshape(shape)
+        elif type_name not in READ:
+            if unsupported == "raise":
+                raise FormatError(f"GGUF tensor {name!r} has type {type_name}, which lowbit does not "
+                                  f"read (it reads F32, F16, BF16, {', '.join(READ)}); "
+                                  f"load_gguf(..., unsupported='dequantize') gives it as float32")
+            if unsupported == "dequantize":
+                out[name] = _reference_dequantize(name, type_name, raw, shape)
         else:
             if len(shape) != 2 or 0 in shape:
                 raise FormatError(f"GGUF tensor {name!r}: {type_name} tensors must be non-empty "
                                   f"2-D matrices, got shape {shape}")
             n, k = shape
-            if type_name == "Q8_0":
-                packed, scales, comp = _core.gguf_q8_0(raw, k)
-                out[name] = QuantizedWeight((n, k), 8, 32 if k > 32 else None, True, packed,
-                                            scales, comp=comp)
-            else:
+            if type_name in ("Q4_0", "Q4_1"):
                 packed, scales, mins = _core.gguf_q4(raw, k, type_name == "Q4_1")
                 out[name] = QuantizedWeight((n, k), 4, 32 if k > 32 else None, mins is None,
                                             packed, scales, mins=mins)
+            else:
+                parts = _core.gguf_blocks(BLOCK_FORMATS[type_name].index, raw, k)
+                out[name] = QuantizedWeight.from_blocks(type_name, (n, k), parts)
     return out
+
+
+def _reference_dequantize(name, type_name, raw, shape):
+    """float32 values of a tensor of a type lowbit does not run, by the gguf package."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+    except ImportError:
+        raise FormatError(f"GGUF tensor {name!r} has type {type_name}: dequantizing it needs the "
+                          f"gguf package (pip install gguf)") from None
+    try:
+        qtype = GGMLQuantizationType[type_name]
+        return dequantize(np.asarray(raw), qtype).astype(np.float32).reshape(shape)
+    except (KeyError, NotImplementedError, ValueError) as e:
+        raise FormatError(f"GGUF tensor {name!r}: the gguf package cannot dequantize {type_name} "
+                          f"({e})") from None

@@ -19,12 +19,14 @@ import tempfile
 import numpy as np
 
 from .errors import FormatError
+from .formats import BLOCK_FORMATS, PARTS as BLOCK_PARTS
 from .quantize import QuantizedWeight
 
-FORMAT_VERSION = 2  # 2 added the optional in_scale part (AWQ); 1 is read as well
-_READS = (1, 2)
+FORMAT_VERSION = 3  # 3: block formats (GGUF K-quants, ...); 2: the in_scale part (AWQ)
+_READS = (1, 2, 3)
 LAYOUT = "panel16"  # kernels.h: 16-column panels; bump FORMAT_VERSION if it ever changes
-_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")
+_INT_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")  # int8 / int4
+_PARTS = _INT_PARTS + BLOCK_PARTS
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -37,10 +39,13 @@ def save(path, tensors: dict) -> None:
     for name, t in tensors.items():
         if not isinstance(name, str) or ":" in name or name == "__metadata__":
             raise ValueError(f"tensor names must be strings without ':', got {name!r}")
-        if isinstance(t, QuantizedWeight):
+        if isinstance(t, QuantizedWeight) and t._parts is not None:
+            described[name] = {"shape": list(t.shape), "format": t.format, "layout": LAYOUT}
+            arrays.update({f"{name}:{part}": a for part, a in t._parts.items()})
+        elif isinstance(t, QuantizedWeight):
             described[name] = {"shape": list(t.shape), "bits": t.bits, "group_size": t.group_size,
                                "symmetric": t.symmetric, "layout": LAYOUT}
-            for part in _PARTS:
+            for part in _INT_PARTS:
                 a = getattr(t, "_" + part)
                 if a is not None:
                     arrays[f"{name}:{part}"] = a.astype(np.int64) if part == "perm" else a
@@ -114,7 +119,10 @@ def load(path) -> dict:
         parts = {p: arrays.pop(f"{name}:{p}", None) for p in _PARTS}
         if version == 1 and parts["in_scale"] is not None:
             raise FormatError(f"{path}: weight {name!r}: in_scale in a version 1 file")
-        out[name] = _weight(path, name, d, parts)
+        if isinstance(d, dict) and "format" in d:
+            out[name] = _block_weight(path, name, d, parts, version)
+        else:
+            out[name] = _weight(path, name, d, parts)
     out.update(arrays)
     return out
 
@@ -194,3 +202,16 @@ def _weight(path, name, d, parts):
     return QuantizedWeight((n, k), bits, group, bool(sym), parts["packed"], parts["scales"],
                            comp=parts["comp"], mins=parts["mins"], zeros=parts["zeros"],
                            perm=None if perm is None else perm.astype(np.intp), in_scale=in_scale)
+
+
+def _block_weight(path, name, d, parts, version):
+    """A block-format QuantizedWeight from its stored parts, checked against its descriptor."""
+    fmt, shape = d.get("format"), d.get("shape")
+    if (version < 3 or fmt not in BLOCK_FORMATS or d.get("layout") != LAYOUT or
+            not (isinstance(shape, list) and len(shape) == 2 and
+                 all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape))):
+        raise FormatError(f"{path}: weight {name!r}: unsupported description {d!r}")
+    try:
+        return QuantizedWeight.from_blocks(fmt, shape, {p: a for p, a in parts.items() if a is not None})
+    except ValueError as e:
+        raise FormatError(f"{path}: weight {name!r}: {e}") from None

@@ -13,21 +13,22 @@ from .quantize import QuantizedWeight, quantize
 ACTIVATIONS = ("int8", "float")
 
 
-def _check_activations(activations, bits):
-    """"int8", "float" or a StaticActivations (a positive number is a symmetric static scale)."""
+def _check_activations(activations, fmt):
+    """"int8", "float" or a StaticActivations (a positive number is a symmetric static scale), for
+    weights of format `fmt` (QuantizedWeight.format)."""
     if isinstance(activations, numbers.Real) and not isinstance(activations, bool):
         activations = StaticActivations(float(activations))
     if isinstance(activations, StaticActivations):
-        if bits == 4 and activations.zero_point != 0:
+        if fmt != "int8" and activations.zero_point != 0:
             raise ValueError("static activations with a zero point need 8-bit weights; 4-bit "
-                             "weights take symmetric ones (zero_point=0)")
+                             "and block-format weights take symmetric ones (zero_point=0)")
         return activations
     if not isinstance(activations, str) or activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {list(ACTIVATIONS)} or a StaticActivations "
                          f"(a calibrated scale), got {activations!r}")
-    if activations == "float" and bits == 8:
-        raise ValueError("activations='float' (weight-only) runs 4-bit weights; 8-bit weights "
-                         "run with activations='int8'")
+    if activations == "float" and fmt == "int8":
+        raise ValueError("activations='float' (weight-only) runs 4-bit and block-format weights; "
+                         "8-bit weights run with activations='int8'")
     return activations
 
 
@@ -91,7 +92,10 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None)
         x2 = np.ascontiguousarray(x2)
     static = isinstance(activations, StaticActivations)
     scale = activations.scale if static else 0.0
-    if qw.bits == 8:
+    if qw._parts is not None:
+        y = _core.linear_blk(x2, qw._block.index, n, k, qw._parts, bias, activations != "float",
+                             scale, in_scale, epilogue == "gelu", y2)
+    elif qw.bits == 8:
         zero = activations.zero_point if static else 0
         y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
                               scale, zero, in_scale, epilogue == "gelu", y2)
@@ -109,7 +113,7 @@ class Linear:
     :class:`QuantizedWeight`. activations:
 
     * "int8" (dynamic): input rows are quantized to int8 on the fly (symmetric; one scale per row
-      for 8-bit weights, per block of 32 inputs for 4-bit weights), the integer products are
+      for 8-bit weights, per block of 32 inputs for 4-bit and block-format weights), the integer products are
       exact, then scaled to float32.
     * a :class:`StaticActivations` (from a calibration observer, or a positive number: a
       symmetric scale): one fixed scale (and, with 8-bit weights, zero point) for every input,
@@ -131,9 +135,9 @@ class Linear:
         if isinstance(w_or_qw, QuantizedWeight):
             self.weight = w_or_qw
         else:
-            _check_activations(activations, bits)
+            _check_activations(activations, f"int{bits}")
             self.weight = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
-        self.activations = _check_activations(activations, self.weight.bits)
+        self.activations = _check_activations(activations, self.weight.format)
         self.bias = _check_bias(bias, self.weight.shape[0])
         self._bias = _kernel_bias(self.weight, self.bias, self.activations)
 
@@ -168,6 +172,6 @@ def matmul(x, qw: QuantizedWeight, bias=None, activations="int8", out=None,
     """``x @ qw.dequantize().T + bias`` on the quantized kernels (the functional ``Linear``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"matmul: expected a QuantizedWeight, got {type(qw).__name__}")
-    activations = _check_activations(activations, qw.bits)
+    activations = _check_activations(activations, qw.format)
     bias = _kernel_bias(qw, _check_bias(bias, qw.shape[0]), activations)
     return _forward(x, qw, bias, activations, out, _check_epilogue(epilogue))

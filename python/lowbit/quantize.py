@@ -28,10 +28,16 @@ class QuantizedWeight:
     that order. ``input_scale`` (AWQ) is a float32 factor per input that layers multiply their
     inputs by before the kernel: the weights stored are ``W / input_scale``, quantized.
     ``nbytes`` is what it really holds; no float copy is kept.
+
+    ``format`` names the layout: "int8", "int4", or a GGUF block format read by
+    :func:`lowbit.load_gguf` ("Q4_K", "Q6_K", "IQ4_XS", ... : ``lowbit.formats.BLOCK_FORMATS``),
+    held in that format's own kernel layout at about its size in the file; for those, ``bits`` is
+    the format's bits per value, ``group_size`` its sub-block (the inputs sharing one scale) and
+    ``symmetric`` whether it has no minima.
     """
 
-    __slots__ = ("shape", "bits", "group_size", "symmetric", "_packed", "_scales", "_comp", "_mins",
-                 "_zeros", "_perm", "_in_scale")
+    __slots__ = ("shape", "bits", "group_size", "symmetric", "format", "_packed", "_scales", "_comp",
+                 "_mins", "_zeros", "_perm", "_in_scale", "_parts")
 
     def __init__(self, shape, bits, group_size, symmetric, packed, scales, comp=None, mins=None,
                  zeros=None, perm=None, in_scale=None):
@@ -39,6 +45,8 @@ class QuantizedWeight:
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
+        self.format = f"int{bits}"
+        self._parts = None
         self._packed = packed
         self._scales = scales
         self._comp = comp
@@ -100,14 +108,50 @@ class QuantizedWeight:
         return cls((n, k), 4, group_size, mins is None and zeros is None, packed, _panels(d),
                    mins=mins, zeros=zeros, perm=perm, in_scale=input_scale)
 
+    @classmethod
+    def from_blocks(cls, fmt: str, shape, parts: dict):
+        """A weight in block format `fmt` (a name of ``lowbit.formats.BLOCK_FORMATS``) from its
+        kernel-layout parts (as :func:`lowbit.load_gguf` and :func:`lowbit.load` produce them),
+        each checked against the format's layout."""
+        from .formats import BLOCK_FORMATS
+
+        if fmt not in BLOCK_FORMATS:
+            raise ValueError(f"unknown block format {fmt!r}; known: {sorted(BLOCK_FORMATS)}")
+        f = BLOCK_FORMATS[fmt]
+        n, k = int(shape[0]), int(shape[1])
+        expect = f.parts(n, k)
+        if set(parts) != set(expect):
+            raise ValueError(f"{fmt} weight: parts {sorted(parts)}, expected {sorted(expect)}")
+        for p, (dtype, pshape) in expect.items():
+            a = parts[p]
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != pshape or not a.flags.c_contiguous:
+                got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"{fmt} weight: part {p!r} should be a C-contiguous {dtype} array "
+                                 f"of shape {pshape}, got {got}")
+        qw = cls((n, k), f.bits, f.sub, f.min == "none", None, None)
+        qw.format = fmt
+        qw._parts = dict(parts)
+        return qw
+
+    @property
+    def _block(self):
+        """The block format's descriptor, or None for int8 / int4 weights."""
+        if self._parts is None:
+            return None
+        from .formats import BLOCK_FORMATS
+
+        return BLOCK_FORMATS[self.format]
+
     @property
     def nbytes(self) -> int:
         """The bytes really held: packed values, scales and what else the layout keeps."""
         parts = (self._packed, self._scales, self._comp, self._mins, self._zeros, self._perm,
-                 self._in_scale)
+                 self._in_scale) + tuple((self._parts or {}).values())
         return sum(a.nbytes for a in parts if a is not None)
 
     def _per_row(self, a):
+        if a is None:
+            return None  # block formats: their scales live in the format's own layout
         # kernel layouts to (N, groups): 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)
         if a.ndim == 2:
             return a[:, : self.shape[0]].T
@@ -115,7 +159,7 @@ class QuantizedWeight:
 
     @property
     def scales(self) -> np.ndarray:
-        """(N, groups) scales: float32 for 8 bits, float16 for 4 bits."""
+        """(N, groups) scales: float32 for 8 bits, float16 for 4 bits; None for block formats."""
         return self._per_row(self._scales)
 
     @property
@@ -150,6 +194,9 @@ class QuantizedWeight:
         """The quantized integers (N, K), or of the given rows (an index gives one row (K,), a
         slice or an index array several), in the packed input order (see ``perm``): int8 for 8
         bits, uint8 0..15 for 4 bits."""
+        if self._parts is not None:
+            raise ValueError(f"int_values: a {self.format} weight keeps its values in its own block "
+                             f"layout; dequantize() gives the weights")
         k = self.shape[1]
         r = self._rows(rows)
         # (panel, k block, column, byte): the selected rows' bytes in k order, rows gathered first
@@ -165,6 +212,10 @@ class QuantizedWeight:
         ``input_scale`` if any), in the original input order."""
         k = self.shape[1]
         sel = self._rows(rows)
+        if self._parts is not None:
+            w = _core.dequantize_blk(self._block.index, self.shape[0], k, self._parts,
+                                     sel.astype(np.int64))
+            return w[0] if isinstance(rows, (int, np.integer)) else w
         q = self.int_values(sel).astype(np.float32)
         r = q.shape[0]
         group = self.group_size or k
@@ -188,12 +239,53 @@ class QuantizedWeight:
         return w[0] if isinstance(rows, (int, np.integer)) else w
 
     def __repr__(self):
+        if self._parts is not None:
+            return f"QuantizedWeight(shape={self.shape}, format={self.format}, nbytes={self.nbytes})"
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         sym = "symmetric" if self.symmetric else "zero points" if self._zeros is not None else "asymmetric"
         act = ", act-order" if self._perm is not None else ""
         act += ", input_scale" if self._in_scale is not None else ""
         return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, {g}, {sym}{act}, "
                 f"nbytes={self.nbytes})")
+
+
+def concat_rows(weights) -> QuantizedWeight:
+    """One weight whose output rows are those of `weights` in order: fused projections (Q, K and V;
+    gate and up) make one kernel call instead of several. The weights must share K, format, bits,
+    group size and symmetry (and input order / input scale); every weight but the last must have a
+    multiple of 16 rows, so that the packed panels are simply laid end to end (no repacking)."""
+    weights = list(weights)
+    if not weights or not all(isinstance(w, QuantizedWeight) for w in weights):
+        raise TypeError("concat_rows: expected a non-empty sequence of QuantizedWeight")
+    first = weights[0]
+    k = first.shape[1]
+    for w in weights[1:]:
+        if (w.shape[1], w.format, w.bits, w.group_size, w.symmetric) != (
+                k, first.format, first.bits, first.group_size, first.symmetric):
+            raise ValueError(f"concat_rows: {w!r} does not match {first!r} (K, format, group size "
+                             f"and symmetry must agree)")
+        if (w._mins is None) != (first._mins is None) or (w._zeros is None) != (first._zeros is None):
+            raise ValueError("concat_rows: minima / zero points on some weights but not others")
+        for a, b in ((w._perm, first._perm), (w._in_scale, first._in_scale)):
+            if (a is None) != (b is None) or a is not None and not np.array_equal(a, b):
+                raise ValueError("concat_rows: weights with different input orders or input scales")
+    if any(w.shape[0] % 16 for w in weights[:-1]):
+        raise ValueError("concat_rows: every weight but the last needs a multiple of 16 rows, got "
+                         f"{[w.shape[0] for w in weights]}")
+    n = sum(w.shape[0] for w in weights)
+    cat = lambda parts, axis=0: np.concatenate(parts, axis=axis)  # noqa: E731
+    if first._parts is not None:
+        parts = {p: cat([w._parts[p] for w in weights]) for p in first._parts}
+        return QuantizedWeight.from_blocks(first.format, (n, k), parts)
+    def part(name):  # noqa: E306
+        a = [getattr(w, name) for w in weights]
+        if a[0] is None:
+            return None
+        return cat(a, 1 if first.bits == 8 and name in ("_scales", "_comp") else 0)  # [G][Np]
+    out = QuantizedWeight((n, k), first.bits, first.group_size, first.symmetric, part("_packed"),
+                          part("_scales"), comp=part("_comp"), mins=part("_mins"),
+                          zeros=part("_zeros"), perm=first._perm, in_scale=first._in_scale)
+    return out
 
 
 def _check_input_scale(c, k):

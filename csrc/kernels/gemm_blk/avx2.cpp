@@ -1,7 +1,7 @@
 // Block-format matmuls (formats.h), AVX2 (and AVX-VNNI with -mavxvnni): as gemm_blk/avx512.cpp
 // with each panel's 16 columns as two 8-column halves. A bit plane's 32-bit half-mask becomes
 // bytes by VPSHUFB + compare. Without VNNI the dot is VPMADDUBSW then VPMADDWD: exact while
-// values stay <= 127 (pair sums <= 2*127*128); grid values (up to 241) are split as
+// values stay <= 127 (pair sums <= 2*127*128); grid and 8-bit values (up to 255) are split as
 // (u & 127) + 128 * (u >> 7), each product exact.
 #include <immintrin.h>
 #include <cstring>
@@ -47,6 +47,12 @@ inline __m256i expand_mask(uint32_t m) {
 template <int F>
 inline void values(const BlkArgs* g, int64_t p, int64_t k8, int h, __m256i& lo, __m256i& hi) {
   constexpr BlockFormat fmt = kBlockFormats[F];
+  if (fmt.bits == 8) {
+    const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128 + 32 * h;
+    lo = _mm256_loadu_si256((const __m256i*)at);
+    hi = _mm256_loadu_si256((const __m256i*)(at + 64));
+    return;
+  }
   if (fmt.nib) {
     const __m256i v = _mm256_loadu_si256((const __m256i*)(g->nib + p * g->K * 8 + k8 * 64 + 32 * h));
     const __m256i nib = _mm256_set1_epi8(0x0F);
@@ -117,7 +123,7 @@ template <int F, int MR>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
-  constexpr bool wide = fmt.lut != Lut::None;
+  constexpr bool wide = fmt.lut != Lut::None || fmt.bits == 8;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
   __m256 f[MR * 2];
@@ -130,6 +136,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
     for (int st = 0; st < S / 8; ++st) {
       if (MR == 1 && fmt.nib) _mm_prefetch((const char*)(g->nib + p * g->K * 8 + (k0 / 8 + st) * 64 + 2048), _MM_HINT_T0);
+      if (MR == 1 && fmt.bits == 8) _mm_prefetch((const char*)(g->q8 + p * g->K * 16 + (k0 / 8 + st) * 128 + 2048), _MM_HINT_T0);
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h) {
         __m256i lo, hi;

@@ -24,6 +24,16 @@ inline __m512i bcast4(const int8_t* p) {
 template <int F>
 inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i& hi, bool prefetch) {
   constexpr BlockFormat fmt = kBlockFormats[F];
+  if (fmt.bits == 8) {
+    const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
+    if (prefetch) {
+      _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);
+      _mm_prefetch((const char*)(at + 2112), _MM_HINT_T0);
+    }
+    lo = _mm512_loadu_si512(at);
+    hi = _mm512_loadu_si512(at + 64);
+    return;
+  }
   if (fmt.nib) {
     const uint8_t* at = g->nib + p * g->K * 8 + k8 * 64;
     if (prefetch) _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);
