@@ -453,31 +453,40 @@ BlkArgs blk_weight(int fmt, int64_t N, int64_t K, const py::dict& parts) {
   return w;
 }
 
-py::dict gguf_blocks_py(int fmt, const py::array& raw, int64_t K) {
+// Zero-filled parts of an (N, K) weight of format fmt.
+py::dict blk_zeros(int fmt, int64_t N, int64_t K) {
+  const py::dict spec = blk_parts(fmt, N, K);
+  py::dict parts;
+  for (auto item : spec) {
+    const py::tuple t = item.second.cast<py::tuple>();
+    py::array a(py::dtype(t[0].cast<std::string>()), t[1].cast<std::vector<py::ssize_t>>());
+    std::memset(a.mutable_data(), 0, (size_t)a.nbytes());
+    parts[item.first] = a;
+  }
+  return parts;
+}
+
+// GGUF rows raw (one file row per weight row) into rows [row0, row0 + raw rows) of `parts`
+// (blk_zeros of the whole weight; row0 a multiple of 16): a large tensor is repacked in chunks.
+void gguf_blocks_py(int fmt, const py::array& raw, int64_t N, int64_t K, py::dict& parts, int64_t row0) {
   const BlockFormat& F = kBlockFormats[check_format(fmt)];
   check<uint8_t>(raw, "raw", {-1, -1});
   if (K < F.block || K % F.block || raw.shape(1) != K / F.block * F.bytes)
     throw py::value_error(std::string("GGUF ") + F.name + " rows of K=" + std::to_string(K) +
                           " need K a multiple of " + std::to_string(F.block) + " and " +
                           std::to_string(F.bytes) + " bytes per block, got raw shape " + shape_str(raw));
-  const BlkShape s = blk_shape(fmt, raw.shape(0), K);
-  const py::dict spec = blk_parts(fmt, s.N, K);
-  py::dict parts;
-  void* ptr[kNumParts] = {};
-  for (int i = 0; i < kNumParts; ++i) {
-    if (!spec.contains(kPartNames[i])) continue;
-    const py::tuple t = spec[kPartNames[i]].cast<py::tuple>();
-    py::array a(py::dtype(t[0].cast<std::string>()), t[1].cast<std::vector<py::ssize_t>>());
-    std::memset(a.mutable_data(), 0, (size_t)a.nbytes());
-    ptr[i] = a.mutable_data();
-    parts[kPartNames[i]] = a;
-  }
-  {
-    NoGil nogil;
-    blk_from_gguf(cptr<uint8_t>(raw), raw.shape(1), s, (uint8_t*)ptr[0], (uint8_t*)ptr[1],
-                  (uint64_t*)ptr[2], ptr[3], (uint16_t*)ptr[4], (int8_t*)ptr[5], (uint8_t*)ptr[6]);
-  }
-  return parts;
+  if (row0 < 0 || row0 % kPanel || row0 + raw.shape(0) > N)
+    throw py::value_error("rows [" + std::to_string(row0) + ", " + std::to_string(row0 + raw.shape(0)) +
+                          ") do not start on a 16-row panel inside " + std::to_string(N) + " rows");
+  const BlkArgs w = blk_weight(fmt, N, K, parts);  // checks every part's dtype and shape
+  const BlkShape s = blk_shape(fmt, N, K);
+  for (int i = 0; i < kNumParts; ++i)
+    if (parts.contains(kPartNames[i]) && !parts[kPartNames[i]].cast<py::array>().writeable())
+      throw py::value_error(std::string("part '") + kPartNames[i] + "' is read-only");
+  NoGil nogil;
+  blk_from_gguf(cptr<uint8_t>(raw), raw.shape(1), s, row0, row0 + raw.shape(0), (uint8_t*)w.q8,
+                (uint8_t*)w.nib, (uint64_t*)w.bits, (void*)w.d, (uint16_t*)w.dm, (int8_t*)w.sc,
+                (uint8_t*)w.mc);
 }
 
 py::array_t<float> dequantize_blk_py(int fmt, int64_t N, int64_t K, const py::dict& parts,
@@ -706,7 +715,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out") = py::none());
   m.def("block_formats", &block_formats, "the block-format descriptors (formats.h)");
   m.def("blk_parts", &blk_parts, py::arg("fmt"), py::arg("N"), py::arg("K"));
-  m.def("gguf_blocks", &gguf_blocks_py, py::arg("fmt"), py::arg("raw"), py::arg("K"));
+  m.def("blk_zeros", &blk_zeros, py::arg("fmt"), py::arg("N"), py::arg("K"));
+  m.def("gguf_blocks", &gguf_blocks_py, py::arg("fmt"), py::arg("raw"), py::arg("N"), py::arg("K"),
+        py::arg("parts"), py::arg("row0"));
   m.def("dequantize_blk", &dequantize_blk_py, py::arg("fmt"), py::arg("N"), py::arg("K"),
         py::arg("parts"), py::arg("rows"));
   m.def("linear_blk", &linear_blk_py, py::arg("x"), py::arg("fmt"), py::arg("N"), py::arg("K"),

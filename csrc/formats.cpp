@@ -229,12 +229,14 @@ void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B) {
   }
 }
 
-void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* q8, uint8_t* nib,
-                   uint64_t* bits, void* d, uint16_t* dm, int8_t* sc, uint8_t* mc) {
+void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, int64_t first, int64_t last,
+                   uint8_t* q8, uint8_t* nib, uint64_t* bits, void* d, uint16_t* dm, int8_t* sc,
+                   uint8_t* mc) {
   const BlockFormat& F = kBlockFormats[s.fmt];
   const int64_t nblk = s.K / F.block, nsub = s.K / F.sub, spb = F.block / F.sub;
   // one panel at a time: its 16 rows' bit planes are built with ORs into words only it owns
-  parallel_panels(s.N, s.K, [&](int64_t n0, int64_t n1) {
+  parallel_panels(last - first, s.K, [&](int64_t r0, int64_t r1) {
+    const int64_t n0 = first + r0, n1 = first + r1;
     uint8_t u[256];
     int8_t codes[16];
     uint8_t mins[16];
@@ -242,7 +244,7 @@ void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uin
       const int64_t p = n / kPanel, r = n % kPanel;
       for (int64_t b = 0; b < nblk; ++b) {
         uint16_t dd = 0, ddm = 0;
-        F.decode(raw + n * row_bytes + b * F.bytes, u, codes, mins, &dd, &ddm);
+        F.decode(raw + (n - first) * row_bytes + b * F.bytes, u, codes, mins, &dd, &ddm);
         const int64_t at_blk = (p * nblk + b) * kPanel + r;
         if (F.scale == ScaleKind::E8M0)
           ((uint8_t*)d)[at_blk] = (uint8_t)dd;

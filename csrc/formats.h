@@ -123,9 +123,11 @@ struct BlkShape {
 // exactly the float operations of the gguf package's dequantizers.
 int blk_u(const BlkArgs& w, int64_t n, int64_t k);
 void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B);
-// File rows (row_bytes apart) into zero-filled parts of the kernel layout.
-void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, uint8_t* q8, uint8_t* nib,
-                   uint64_t* bits, void* d, uint16_t* dm, int8_t* sc, uint8_t* mc);
+// File rows (row_bytes apart) into rows [n0, n1) (n0 a multiple of 16) of zero-filled parts of
+// the kernel layout: raw's first row is weight row n0.
+void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, int64_t n0, int64_t n1,
+                   uint8_t* q8, uint8_t* nib, uint64_t* bits, void* d, uint16_t* dm, int8_t* sc,
+                   uint8_t* mc);
 // float32 rows [nrows][K] of the given row numbers: D * (u - offset) (+ B), bit for bit the
 // gguf package's dequantization.
 void blk_dequantize(const BlkArgs& w, const int64_t* rows, int64_t nrows, float* out);

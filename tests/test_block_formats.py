@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import lowbit as lb
-from lowbit import _core
 from lowbit.formats import BLOCK_FORMATS
+from lowbit.gguf import weight_from_blocks
 from test_io import rewrite_header
 
 F32 = np.float32
@@ -42,7 +42,7 @@ def weight(name, n, nblocks, rng, finite=True):
     (for the kernels' accuracy checks)."""
     f = BLOCK_FORMATS[name]
     raw = random_rows(name, n, nblocks, rng)
-    parts = _core.gguf_blocks(f.index, raw, nblocks * f.block)
+    parts = dict(weight_from_blocks(name, raw, nblocks * f.block)._parts)
     if finite:
         for p in ("d", "dm"):
             if p in parts and parts[p].dtype == np.float16:
@@ -74,9 +74,7 @@ def test_registry_agrees_with_ggml_block_sizes():
 def test_random_blocks_dequantize_bit_exactly(name, n, nblocks):
     rng = np.random.default_rng(n * 100 + nblocks)
     raw = random_rows(name, n, nblocks, rng)
-    qw = lb.QuantizedWeight.from_blocks(
-        name, (n, nblocks * BLOCK_FORMATS[name].block),
-        _core.gguf_blocks(BLOCK_FORMATS[name].index, raw, nblocks * BLOCK_FORMATS[name].block))
+    qw = weight_from_blocks(name, raw, nblocks * BLOCK_FORMATS[name].block)
     with np.errstate(all="ignore"):
         ref = reference(name, raw)
     assert same_bits(qw.dequantize(), ref)
@@ -101,8 +99,7 @@ def test_every_scale_code_and_extreme_float16_scale(name):
         blocks[i, at:at + 2] = np.frombuffer(halves[i % len(halves)].tobytes(), np.uint8)
     with np.errstate(all="ignore"):
         ref = reference(name, raw)
-    parts = _core.gguf_blocks(f.index, raw, 4 * f.block)
-    got = lb.QuantizedWeight.from_blocks(name, (64, 4 * f.block), parts).dequantize()
+    got = weight_from_blocks(name, raw, 4 * f.block).dequantize()
     assert same_bits(got, ref)
 
 

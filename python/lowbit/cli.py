@@ -94,24 +94,8 @@ def _sum_of_squares(x):
     return s if np.isfinite(s) else float(np.dot(x.astype(np.float64), x.astype(np.float64)))
 
 
-def release_pages(a):
-    """Lets the kernel drop the pages of `a` when it is a view of a memory-mapped file (the input
-    of lowbit quantize, read once): resident memory then holds one input tensor at a time."""
-    import mmap
-
-    base = a
-    while isinstance(base, (np.ndarray, memoryview)):
-        base = base.base if isinstance(base, np.ndarray) else base.obj
-    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or not a.nbytes:
-        return
-    start = np.frombuffer(base, np.uint8, 1).ctypes.data
-    lo = (a.ctypes.data - start) // mmap.PAGESIZE * mmap.PAGESIZE
-    hi = min(len(base), a.ctypes.data - start + a.nbytes)
-    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
 def cmd_quantize(args):
-    from .io import save
+    from .io import release_pages, save
     from .quantize import QuantizedWeight, quantize
 
     plan = {}

@@ -15,6 +15,7 @@ import numpy as np
 from . import _core
 from .errors import FormatError
 from .formats import BLOCK_FORMATS
+from .io import release_pages
 from .quantize import QuantizedWeight
 
 # GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
@@ -204,15 +205,28 @@ def load_gguf(path, *, unsupported: str = "raise") -> dict:
             if len(shape) != 2 or 0 in shape:
                 raise FormatError(f"GGUF tensor {name!r}: {type_name} tensors must be non-empty "
                                   f"2-D matrices, got shape {shape}")
-            n, k = shape
-            if type_name in ("Q4_0", "Q4_1"):
-                packed, scales, mins = _core.gguf_q4(raw, k, type_name == "Q4_1")
-                out[name] = QuantizedWeight((n, k), 4, 32 if k > 32 else None, mins is None,
-                                            packed, scales, mins=mins)
-            else:
-                parts = _core.gguf_blocks(BLOCK_FORMATS[type_name].index, raw, k)
-                out[name] = QuantizedWeight.from_blocks(type_name, (n, k), parts)
+            out[name] = weight_from_blocks(type_name, raw, shape[1])
     return out
+
+
+def weight_from_blocks(type_name, raw, k, chunk_bytes=16 << 20) -> QuantizedWeight:
+    """The QuantizedWeight of GGUF rows `raw` (uint8 (N, bytes per row), one file row per weight
+    row of K inputs) of a type in ``READ``. Block formats are repacked ~16 MB at a time, each
+    chunk's file pages released once read (when `raw` views a memory map): loading holds about the
+    weight plus one chunk, not two copies."""
+    n = raw.shape[0]
+    if type_name in ("Q4_0", "Q4_1"):
+        packed, scales, mins = _core.gguf_q4(raw, k, type_name == "Q4_1")
+        release_pages(raw)
+        return QuantizedWeight((n, k), 4, 32 if k > 32 else None, mins is None, packed, scales,
+                               mins=mins)
+    fmt = BLOCK_FORMATS[type_name].index
+    parts = _core.blk_zeros(fmt, n, k)
+    step = max(16, chunk_bytes // max(raw.shape[1], 1) // 16 * 16)
+    for r0 in range(0, n, step):
+        _core.gguf_blocks(fmt, raw[r0:r0 + step], n, k, parts, r0)
+        release_pages(raw[r0:r0 + step])
+    return QuantizedWeight.from_blocks(type_name, (n, k), parts)
 
 
 def _reference_dequantize(name, type_name, raw, shape):

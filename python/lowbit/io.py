@@ -215,3 +215,19 @@ def _block_weight(path, name, d, parts, version):
         return QuantizedWeight.from_blocks(fmt, shape, {p: a for p, a in parts.items() if a is not None})
     except ValueError as e:
         raise FormatError(f"{path}: weight {name!r}: {e}") from None
+
+
+def release_pages(a):
+    """Lets the kernel drop the pages of `a` when it is a view of a memory-mapped file read once
+    (a GGUF tensor once repacked, the input of lowbit quantize): resident memory then holds about
+    one input tensor at a time. Safe for other views of the map: dropped pages of a read-only
+    file mapping are read back from the file if touched again."""
+    base = a
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or not a.nbytes:
+        return
+    start = np.frombuffer(base, np.uint8, 1).ctypes.data
+    lo = (a.ctypes.data - start) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(len(base), a.ctypes.data - start + a.nbytes)
+    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
