@@ -50,6 +50,8 @@ def make_seeds():
     w.add_array("tokenizer.ggml.tokens", ["a", "bc", "def"])
     for name, kind in (("q4_0", T.Q4_0), ("q4_1", T.Q4_1), ("q8_0", T.Q8_0)):
         w.add_tensor(name, quants.quantize(rng.normal(size=(4, 32)).astype(f32), kind), raw_dtype=kind)
+    for name, f in lb.formats.BLOCK_FORMATS.items():  # random bytes are valid blocks of these
+        w.add_tensor("blk_" + name.lower(), rng.integers(0, 256, (2, f.bytes), dtype=np.uint8), raw_dtype=T[name])
     w.add_tensor("f16", rng.normal(size=(3, 4)).astype(np.float16))
     w.add_tensor("f32", rng.normal(size=(5,)).astype(f32))
     w.write_header_to_file()
@@ -62,6 +64,9 @@ def make_seeds():
             {"a": lb.quantize(w, bits=8), "b": lb.quantize(w, bits=4, group_size=32),
              "c": lb.quantize(w, bits=4, symmetric=False), "bias": np.ones(16, f32)})
     x = rng.normal(size=(64, 64)).astype(f32)
+    gguf_weights = lb.load_gguf(path)
+    lb.save(CORPUS / "lowbit" / "blocks.lowbit",
+            {n: gguf_weights["blk_" + n] for n in ("q4_k", "q6_k", "q2_k", "iq4_xs", "mxfp4")})
     lb.save(CORPUS / "lowbit" / "methods.lowbit",
             {"gptq": lb.quantize(w, bits=4, group_size=32, method="gptq", calibration=x,
                                  act_order=True),
