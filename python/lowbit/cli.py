@@ -134,7 +134,7 @@ def cmd_quantize(args):
             release_pages(a)
         else:
             out[name] = t
-            kind = f"int{t.bits} (kept)" if a is None else f"{a.dtype} (kept)"
+            kind = f"{t.format} (kept)" if a is None else f"{a.dtype} (kept)"
             table.append((name, t.shape, kind, t.nbytes, t.nbytes, None))
     print(file=sys.stderr)
     save(args.output, out)
