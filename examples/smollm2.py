@@ -56,9 +56,9 @@ class SmolLM2:
             b = lambda name: w[f"blk.{i}.{name}.weight"]  # noqa: E731
             self.layers.append(dict(
                 attn_norm=b("attn_norm"), ffn_norm=b("ffn_norm"),
-                qkv=lb.Linear(lb.concat_rows([b("attn_q"), b("attn_k"), b("attn_v")])),
+                qkv=lb.FusedLinear([b("attn_q"), b("attn_k"), b("attn_v")]),
                 o=lb.Linear(b("attn_output")),
-                gate_up=lb.Linear(lb.concat_rows([b("ffn_gate"), b("ffn_up")])),
+                gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]),
                 down=lb.Linear(b("ffn_down"))))
         self.ffn = self.layers[0]["down"].in_features
         self.tokenizer = tokenizer_from_gguf(meta)

@@ -257,3 +257,16 @@ def test_unsupported_gguf_type_is_named_and_can_be_dequantized_or_skipped(tmp_pa
     assert lb.load_gguf(path, unsupported="skip") == {}
     with pytest.raises(ValueError, match="unsupported"):
         lb.load_gguf(path, unsupported="ignore")
+
+
+def test_fused_linear_groups_runs_of_equal_formats():
+    rng = np.random.default_rng(9)
+    q, k, v = weight("Q5_0", 32, 8, rng), weight("Q5_0", 16, 8, rng), weight("Q8_0", 16, 8, rng)
+    fused = lb.FusedLinear([q, k, v])
+    assert len(fused.layers) == 2 and fused.out_features == 64 and fused.in_features == 256
+    x = rng.normal(size=(3, 256)).astype(F32)
+    parts = [lb.matmul(x, w) for w in (q, k, v)]
+    assert same_bits(fused(x), np.concatenate(parts, axis=1))
+    assert len(lb.FusedLinear([q, k]).layers) == 1
+    with pytest.raises(TypeError):
+        lb.FusedLinear([])

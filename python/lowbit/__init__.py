@@ -9,7 +9,7 @@ from .runtime import cpu_info, get_num_threads, set_num_threads, use_isa
 from .quantize import QuantizedWeight, concat_rows, quantize
 from .calibrate import (EntropyObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
                         PercentileObserver, StaticActivations)
-from .linear import Linear, matmul
+from .linear import FusedLinear, Linear, matmul
 from .kernels import gemm_s8, pack_int4, unpack_int4
 from .errors import FormatError
 from .gguf import gguf_metadata, load_gguf
@@ -21,7 +21,7 @@ from . import metrics
 
 __all__ = [
     "__version__", "cpu_info", "get_num_threads", "set_num_threads", "use_isa",
-    "QuantizedWeight", "quantize", "concat_rows", "Linear", "matmul", "gemm_s8", "pack_int4", "unpack_int4",
+    "QuantizedWeight", "quantize", "concat_rows", "Linear", "FusedLinear", "matmul", "gemm_s8", "pack_int4", "unpack_int4",
     "FormatError", "gguf_metadata", "load_gguf", "from_gptq", "from_awq", "load_gptq", "load_awq",
     "save", "load", "StaticActivations", "MinMaxObserver", "MovingAverageMinMaxObserver",
     "PercentileObserver", "MSEObserver", "EntropyObserver", "fake_quantize", "fake_quantize_grad",

@@ -175,3 +175,42 @@ def matmul(x, qw: QuantizedWeight, bias=None, activations="int8", out=None,
     activations = _check_activations(activations, qw.format)
     bias = _kernel_bias(qw, _check_bias(bias, qw.shape[0]), activations)
     return _forward(x, qw, bias, activations, out, _check_epilogue(epilogue))
+
+
+class FusedLinear:
+    """Several linear layers on the same input, outputs side by side: ``y = [x @ W_1.T | x @ W_2.T
+    | ...]`` (fused Q / K / V or gate / up projections). Consecutive weights that share a format
+    run as one kernel call on their rows stacked (:func:`lowbit.concat_rows`); GGUF mixes that give
+    one projection another type (Q4_K_M's attn_v in Q8_0 beside Q5_0 attn_q / attn_k) run as
+    one call per run of equal formats. ``activations`` as for :class:`Linear`."""
+
+    def __init__(self, weights, *, activations="int8"):
+        from .quantize import concat_rows
+
+        weights = list(weights)
+        if not weights or not all(isinstance(w, QuantizedWeight) for w in weights):
+            raise TypeError("FusedLinear: expected a non-empty sequence of QuantizedWeight")
+        runs = [[weights[0]]]
+        for w in weights[1:]:
+            try:
+                concat_rows(runs[-1] + [w])
+                runs[-1].append(w)
+            except ValueError:
+                runs.append([w])
+        self.layers = [Linear(concat_rows(r) if len(r) > 1 else r[0], activations=activations)
+                       for r in runs]
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.in_features = weights[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def __call__(self, x) -> np.ndarray:
+        if len(self.layers) == 1:
+            return self.layers[0](x)
+        return np.concatenate([layer(x) for layer in self.layers], axis=-1)
+
+    def __repr__(self):
+        return (f"FusedLinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"calls={len(self.layers)}, nbytes={self.nbytes})")
