@@ -7,6 +7,7 @@
 
 #include "kernels.h"
 #include "ops.h"
+#include "threadpool.h"
 
 namespace lowbit {
 namespace ref {
@@ -275,17 +276,19 @@ void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, int
 
 void blk_dequantize(const BlkArgs& w, const int64_t* rows, int64_t nrows, float* out) {
   const BlockFormat& F = kBlockFormats[w.fmt];
-  for (int64_t i = 0; i < nrows; ++i) {
-    const int64_t n = rows[i];
-    for (int64_t s = 0; s < w.K / F.sub; ++s) {
-      float D, B;
-      blk_scale(w, n, s, &D, &B);
-      for (int64_t k = s * F.sub; k < (s + 1) * F.sub; ++k) {
-        const float v = D * (float)(blk_u(w, n, k) - F.offset);
-        out[i * w.K + k] = F.min == MinKind::None ? v : v + B;
+  auto body = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t s = 0; s < w.K / F.sub; ++s) {
+        float D, B;
+        blk_scale(w, rows[i], s, &D, &B);
+        for (int64_t k = s * F.sub; k < (s + 1) * F.sub; ++k) {
+          const float v = D * (float)(blk_u(w, rows[i], k) - F.offset);
+          out[i * w.K + k] = F.min == MinKind::None ? v : v + B;
+        }
       }
-    }
-  }
+  };
+  if (nrows * w.K < (1 << 16)) return body(0, nrows);  // a few rows: an embedding lookup
+  parallel_for(nrows, body);
 }
 
 }  // namespace lowbit
