@@ -489,9 +489,22 @@ void gguf_blocks_py(int fmt, const py::array& raw, int64_t N, int64_t K, py::dic
                 (uint8_t*)w.mc);
 }
 
-py::array_t<float> dequantize_blk_py(int fmt, int64_t N, int64_t K, const py::dict& parts,
-                                     const py::array& rows) {
-  const BlkArgs w = blk_weight(fmt, N, K, parts);
+// A block-format weight's parts, checked once and kept alive with the kernel arguments they give,
+// so that a call pays no per-part checks (QuantizedWeight holds one).
+class BlockWeight {
+ public:
+  BlockWeight(int fmt, int64_t N, int64_t K, const py::dict& parts)
+      : parts_(py::dict(parts)), w_(blk_weight(fmt, N, K, parts_)) {}
+  const BlkArgs& args() const { return w_; }
+
+ private:
+  py::dict parts_;  // a copy of the mapping: replacing an entry later cannot free what w_ reads
+  BlkArgs w_;
+};
+
+py::array_t<float> dequantize_blk_py(const BlockWeight& weight, const py::array& rows) {
+  const BlkArgs& w = weight.args();
+  const int64_t N = w.N, K = w.K;
   check<int64_t>(rows, "rows", {-1});
   const int64_t* r = cptr<int64_t>(rows);
   for (int64_t i = 0; i < rows.shape(0); ++i)
@@ -504,12 +517,12 @@ py::array_t<float> dequantize_blk_py(int fmt, int64_t N, int64_t K, const py::di
   return out;
 }
 
-py::array_t<float> linear_blk_py(const py::array& x, int fmt, int64_t N, int64_t K,
-                                 const py::dict& parts, const py::object& bias,
-                                 bool int8_activations, float act_scale,
+py::array_t<float> linear_blk_py(const py::array& x, const BlockWeight& weight,
+                                 const py::object& bias, bool int8_activations, float act_scale,
                                  const py::object& input_scale, bool gelu, const py::object& out) {
   check_static(act_scale, 0);
-  const BlkArgs w = blk_weight(fmt, N, K, parts);
+  const BlkArgs& w = weight.args();
+  const int64_t N = w.N, K = w.K;
   check<float>(x, "x", {-1, K}, true);
   const float* b = bias_ptr(bias, N);
   const float* cs = column_factors(input_scale, K);
@@ -718,10 +731,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("blk_zeros", &blk_zeros, py::arg("fmt"), py::arg("N"), py::arg("K"));
   m.def("gguf_blocks", &gguf_blocks_py, py::arg("fmt"), py::arg("raw"), py::arg("N"), py::arg("K"),
         py::arg("parts"), py::arg("row0"));
-  m.def("dequantize_blk", &dequantize_blk_py, py::arg("fmt"), py::arg("N"), py::arg("K"),
-        py::arg("parts"), py::arg("rows"));
-  m.def("linear_blk", &linear_blk_py, py::arg("x"), py::arg("fmt"), py::arg("N"), py::arg("K"),
-        py::arg("parts"), py::arg("bias"), py::arg("int8_activations"), py::arg("act_scale") = 0.f,
+  py::class_<BlockWeight>(m, "BlockWeight", "a block-format weight's parts, checked for the kernels")
+      .def(py::init<int, int64_t, int64_t, const py::dict&>(), py::arg("fmt"), py::arg("N"),
+           py::arg("K"), py::arg("parts"));
+  m.def("dequantize_blk", &dequantize_blk_py, py::arg("weight"), py::arg("rows"));
+  m.def("linear_blk", &linear_blk_py, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("int8_activations"), py::arg("act_scale") = 0.f,
         py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("out") = py::none());
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {

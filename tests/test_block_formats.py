@@ -195,8 +195,10 @@ def test_block_weight_parts_are_checked(tmp_path):
     parts = dict(qw._parts)
     with pytest.raises(ValueError, match="part 'sc'"):
         lb.QuantizedWeight.from_blocks("Q4_K", (16, 256), {**parts, "sc": parts["sc"][:, :4]})
-    with pytest.raises(ValueError, match="parts"):
+    with pytest.raises(ValueError, match="part 'mc' missing"):
         lb.QuantizedWeight.from_blocks("Q4_K", (16, 256), {k: v for k, v in parts.items() if k != "mc"})
+    with pytest.raises(ValueError, match="part 'q8' not expected"):
+        lb.QuantizedWeight.from_blocks("Q4_K", (16, 256), {**parts, "q8": parts["nib"]})
     with pytest.raises(ValueError, match="multiple of 256"):
         lb.QuantizedWeight.from_blocks("Q4_K", (16, 300), parts)
     with pytest.raises(ValueError, match="unknown block format"):

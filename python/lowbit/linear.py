@@ -93,8 +93,8 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None)
     static = isinstance(activations, StaticActivations)
     scale = activations.scale if static else 0.0
     if qw._parts is not None:
-        y = _core.linear_blk(x2, qw._block.index, n, k, qw._parts, bias, activations != "float",
-                             scale, in_scale, epilogue == "gelu", y2)
+        y = _core.linear_blk(x2, qw._kernel, bias, activations != "float", scale, in_scale,
+                             epilogue == "gelu", y2)
     elif qw.bits == 8:
         zero = activations.zero_point if static else 0
         y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,

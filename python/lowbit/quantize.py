@@ -37,7 +37,7 @@ class QuantizedWeight:
     """
 
     __slots__ = ("shape", "bits", "group_size", "symmetric", "format", "_packed", "_scales", "_comp",
-                 "_mins", "_zeros", "_perm", "_in_scale", "_parts")
+                 "_mins", "_zeros", "_perm", "_in_scale", "_parts", "_kernel")
 
     def __init__(self, shape, bits, group_size, symmetric, packed, scales, comp=None, mins=None,
                  zeros=None, perm=None, in_scale=None):
@@ -47,6 +47,7 @@ class QuantizedWeight:
         self.symmetric = symmetric
         self.format = f"int{bits}"
         self._parts = None
+        self._kernel = None  # block formats: the parts as the kernels take them (_core.BlockWeight)
         self._packed = packed
         self._scales = scales
         self._comp = comp
@@ -119,28 +120,13 @@ class QuantizedWeight:
             raise ValueError(f"unknown block format {fmt!r}; known: {sorted(BLOCK_FORMATS)}")
         f = BLOCK_FORMATS[fmt]
         n, k = int(shape[0]), int(shape[1])
-        expect = f.parts(n, k)
-        if set(parts) != set(expect):
-            raise ValueError(f"{fmt} weight: parts {sorted(parts)}, expected {sorted(expect)}")
-        for p, (dtype, pshape) in expect.items():
-            a = parts[p]
-            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != pshape or not a.flags.c_contiguous:
-                got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-                raise ValueError(f"{fmt} weight: part {p!r} should be a C-contiguous {dtype} array "
-                                 f"of shape {pshape}, got {got}")
+        if not all(isinstance(a, np.ndarray) for a in parts.values()):
+            raise ValueError(f"{fmt} weight: parts must be numpy arrays")
         qw = cls((n, k), f.bits, f.sub, f.min == "none", None, None)
         qw.format = fmt
         qw._parts = dict(parts)
+        qw._kernel = _core.BlockWeight(f.index, n, k, qw._parts)  # checks every part's layout
         return qw
-
-    @property
-    def _block(self):
-        """The block format's descriptor, or None for int8 / int4 weights."""
-        if self._parts is None:
-            return None
-        from .formats import BLOCK_FORMATS
-
-        return BLOCK_FORMATS[self.format]
 
     @property
     def nbytes(self) -> int:
@@ -213,8 +199,7 @@ class QuantizedWeight:
         k = self.shape[1]
         sel = self._rows(rows)
         if self._parts is not None:
-            w = _core.dequantize_blk(self._block.index, self.shape[0], k, self._parts,
-                                     sel.astype(np.int64))
+            w = _core.dequantize_blk(self._kernel, sel.astype(np.int64))
             return w[0] if isinstance(rows, (int, np.integer)) else w
         q = self.int_values(sel).astype(np.float32)
         r = q.shape[0]
