@@ -108,17 +108,3 @@ def test_bench_plot(tmp_path, monkeypatch, capsys):
     cli.main(["bench", "--json", "--plot", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert json.loads(capsys.readouterr().out)["rows"] == rows
-
-
-def test_release_pages_keeps_the_values(tmp_path, rng):
-    """Dropping a memory-mapped input's pages (lowbit quantize does, tensor by tensor) only
-    makes the kernel read them again: the values stay; arrays not backed by a file are left."""
-    w = rng.normal(size=(300, 1000)).astype(F32)
-    lb.save(tmp_path / "w.lowbit", {"w": w})
-    a = lb.load(tmp_path / "w.lowbit")["w"]
-    before = np.array(a)
-    cli.release_pages(a)
-    cli.release_pages(a[7:9])
-    np.testing.assert_array_equal(a, before)
-    cli.release_pages(before)  # in memory: nothing to do
-    np.testing.assert_array_equal(a, w)
