@@ -506,6 +506,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = LOWBIT_VERSION;
   m.attr("PANEL") = kPanel;
   m.attr("MAX_K") = kMaxK;
+  m.attr("MAX_THREADS") = kMaxThreads;
 
   m.def("isa", [] { return std::string(kernels().name); });
   m.def("set_isa", [](const std::string& name) {
@@ -523,10 +524,16 @@ PYBIND11_MODULE(_core, m) {
     return d;
   });
   m.def("get_num_threads", &get_num_threads);
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
-    NoGil nogil;
-    set_num_threads(n);
+  m.def("set_num_threads", [](const py::int_& n) {
+    int overflow = 0;  // a count beyond int64 is out of range like any other
+    const long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
+    const int64_t count = overflow > 0 ? INT64_MAX : overflow < 0 ? INT64_MIN : v;
+    try {
+      NoGil nogil;
+      set_num_threads(count);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
   });
 
   m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));

@@ -63,13 +63,32 @@ def test_environment_sets_thread_count():
     assert r.stdout.strip() == "3", r.stderr
 
 
+@pytest.mark.parametrize("value", ["1e3", "2abc", "4294967297", "99999999999", "0", "-2", " 3",
+                                   "1025", "0x10"])
+def test_environment_thread_count_is_parsed_strictly(value):
+    """atoi read "1e3" as 1 and "99999999999" as 1,215,752,191 (then ~32,000 OS threads)."""
+    r = run_python("import lowbit", LOWBIT_NUM_THREADS=value)
+    assert r.returncode != 0
+    assert f"LOWBIT_NUM_THREADS: expected a whole number of threads in 1..1024, got '{value}'" in r.stderr
+
+
+def test_environment_thread_count_at_the_limit():
+    r = run_python("import lowbit as lb; print(lb.get_num_threads())", LOWBIT_NUM_THREADS="1024")
+    assert r.stdout.strip() == "1024", r.stderr
+
+
 def test_set_num_threads_validates(threads):
-    with pytest.raises(ValueError):
-        lb.set_num_threads(0)
+    for bad in (0, -1, 1025, 2**31 + 1, 2**40, 2**70, -2**70):
+        with pytest.raises(ValueError, match=r"num_threads must be in 1\.\.1024, got"):
+            lb.set_num_threads(bad)
     with pytest.raises(TypeError):
         lb.set_num_threads(2.0)
+    with pytest.raises(TypeError):
+        lb.set_num_threads(True)
     lb.set_num_threads(3)
     assert lb.get_num_threads() == 3
+    lb.set_num_threads(np.int64(2))
+    assert lb.get_num_threads() == 2
 
 
 def test_many_python_threads_share_one_layer(rng):

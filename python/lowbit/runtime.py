@@ -1,4 +1,6 @@
 """Which CPU kernels run, and on how many threads."""
+import numbers
+
 from . import _core
 
 
@@ -18,17 +20,22 @@ def cpu_info() -> dict:
     }
 
 
+MAX_THREADS = _core.MAX_THREADS
+
+
 def get_num_threads() -> int:
-    """Threads used by the kernels (default: the CPUs this process may run on, or
-    ``LOWBIT_NUM_THREADS``)."""
+    """Threads used by the kernels (default: the CPUs this process may run on, at most
+    ``MAX_THREADS``, or ``LOWBIT_NUM_THREADS``: a whole number in 1..MAX_THREADS, anything else
+    fails at ``import lowbit``)."""
     return _core.get_num_threads()
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads for the kernels. Results do not depend on it."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    """Use ``n`` threads for the kernels, 1 <= n <= ``MAX_THREADS`` (1024: each is an OS thread;
+    beyond that a count is a mistake, not a machine). Results do not depend on it."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: expected an int, got {type(n).__name__}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(int(n))
 
 
 class use_isa:
