@@ -516,6 +516,13 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error(e.what());
     }
   });
+  m.def("set_thread_isa", [](const std::string& name) {
+    try {
+      return set_thread_isa(name);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("name"), "this thread's kernel set (\"\": the process's); returns the previous choice");
   m.def("available_isas", &available_isas);
   m.def("compiled_isas", &compiled_isas);
   m.def("cpu_features", [] {

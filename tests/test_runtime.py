@@ -31,6 +31,72 @@ def test_use_isa_switches_and_restores(isa):
     assert lb.cpu_info()["isa"] == before
 
 
+def test_use_isa_in_two_threads_interleaved_restores_each(rng):
+    """Thread A enters ref, B enters another set, A exits, B exits: each thread saw its own
+    choice throughout, the main thread never saw either, and the process ends where it began
+    (a process-wide switch left it on ref for good)."""
+    default = lb.cpu_info()["isa"]
+    other = lb.cpu_info()["available"][0]
+    layer = lb.Linear(rng.normal(0, 0.02, (256, 1024)).astype(np.float32))
+    x = rng.normal(size=(64, 1024)).astype(np.float32)  # large enough for the pool
+    expected = layer(x)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a(_):
+        with lb.use_isa("ref"):
+            a_in.set()
+            assert b_in.wait(30)
+            seen["a inside"] = lb.cpu_info()["isa"]
+            seen["a result"] = layer(x)
+        seen["a after"] = lb.cpu_info()["isa"]
+        a_out.set()
+
+    def thread_b(_):
+        assert a_in.wait(30)
+        with lb.use_isa(other):
+            b_in.set()
+            assert a_out.wait(30)
+            seen["b inside"] = lb.cpu_info()["isa"]
+            seen["b result"] = layer(x)
+        seen["b after"] = lb.cpu_info()["isa"]
+
+    run_threads(2, lambda i: (thread_a, thread_b)[i](i))
+    assert seen["a inside"] == "ref" and seen["b inside"] == other
+    assert seen["a after"] == default and seen["b after"] == default
+    assert lb.cpu_info()["isa"] == default
+    assert np.array_equal(seen["a result"], expected) and np.array_equal(seen["b result"], expected)
+
+
+def test_use_isa_nests_and_leaves_other_threads_alone():
+    default = lb.cpu_info()["isa"]
+    inside = threading.Event()
+    release = threading.Event()
+    other_thread = []
+
+    def hold():
+        with lb.use_isa("ref"):
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert inside.wait(30)
+        other_thread.append(lb.cpu_info()["isa"])  # main thread, while the other holds ref
+    finally:
+        release.set()
+        t.join()
+    assert other_thread == [default]
+    with lb.use_isa("ref"):
+        with lb.use_isa(lb.cpu_info()["available"][0]):
+            assert lb.cpu_info()["isa"] == lb.cpu_info()["available"][0]
+        assert lb.cpu_info()["isa"] == "ref"
+    assert lb.cpu_info()["isa"] == default
+    with pytest.raises(ValueError, match="unknown ISA ''"):
+        lb.use_isa("")
+
+
 def test_unknown_isa_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown ISA 'sse9'.*available on this CPU: .*ref"):
         lb.use_isa("sse9")
