@@ -272,6 +272,43 @@ def test_100000_layer_calls_keep_memory_flat(rng):
     assert rss_bytes() - before < 4 << 20
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="under AddressSanitizer freed memory waits in its quarantine")
+@pytest.mark.parametrize("kind", ["w8a8", "w4a32", "w4a8 input_scale", "gemm_s8"])
+def test_one_large_call_leaves_no_large_scratch_buffer(rng, kind):
+    """The kernels' scratch buffers (activations quantized or padded, per-row scales) grow to
+    the largest call and were kept for the thread's life: after one call on a 128 MB input, up
+    to 128 MB more stayed resident. Now a call frees what exceeds a few MB as it returns. (A new
+    thread for each case: the buffers are per thread.)"""
+    k = 4096
+    m = (128 << 20) // (4 * k)
+    w = rng.normal(0, 0.02, (16, k)).astype(np.float32)
+    if kind == "gemm_s8":
+        b = np.ones((16, k), np.int8)
+        x = np.ones((4 * m, k), np.int8)
+        call = lambda x: lb.gemm_s8(x, b)  # noqa: E731
+    else:
+        if kind == "w8a8":
+            qw = lb.quantize(w)
+        else:
+            qw = lb.quantize(w, bits=4, group_size=32,
+                             input_scale=np.full(k, 0.5, np.float32) if "input" in kind else None)
+        act = "float" if kind == "w4a32" else "int8"
+        x = np.ones((m, k), np.float32)
+        call = lambda x: lb.matmul(x, qw, activations=act)  # noqa: E731
+    grown = []
+
+    def measure(_):
+        call(x[:64])  # warm: the pool and small buffers
+        before = rss_bytes()
+        call(x)
+        grown.append(rss_bytes() - before)
+
+    run_threads(1, measure)
+    assert grown[0] < 16 << 20, f"{grown[0] / 2**20:.0f} MB more resident after the call"
+
+
 BESIDE_OTHER_POOLS = """
 import threading, numpy as np, lowbit as lb
 use_torch = {torch}
