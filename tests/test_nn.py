@@ -40,6 +40,22 @@ def test_gelu_is_the_erf_form(rng):
         nn.gelu(x, out=np.empty(3, F32))
 
 
+def test_gelu_of_infinities_is_the_limit_on_every_isa(isa):
+    """GELU(+inf) = +inf, GELU(-inf) = 0 (the erfc tail is 0 there; inf * 0 made both NaN), NaN
+    stays NaN; the same bits on every kernel set, in and past the vector tail."""
+    x = np.array([np.inf, -np.inf, np.nan, 3e38, -3e38, 1.0] * 7, F32)
+    got = nn.gelu(x)
+    expected = np.array([np.inf, 0.0, np.nan, 3e38, 0.0, 0.8413447] * 7, F32)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert not np.signbit(got[1::6]).any()
+    with lb.use_isa("ref"):
+        np.testing.assert_array_equal(got, nn.gelu(x))
+    # the Linear epilogue is the same function: outputs of +-inf (from the bias) become inf, 0
+    bias = np.array([np.inf, -np.inf] * 8, F32)
+    layer = lb.Linear(np.ones((16, 32), F32), bias, epilogue="gelu")
+    np.testing.assert_array_equal(layer(np.ones((3, 32), F32)), np.tile([np.inf, 0.0], (3, 8)))
+
+
 def test_layer_norm_with_residual_and_softmax_mask(rng):
     x, r = rng.normal(size=(70, 384)).astype(F32), rng.normal(size=(70, 384)).astype(F32)
     w, b = rng.normal(size=384).astype(F32), rng.normal(size=384).astype(F32)
