@@ -102,6 +102,33 @@ def test_gguf_corrupt_files_raise_format_error(tmp_path, gguf_file):
             lb.load_gguf(bad)
 
 
+def test_gguf_aligned_to_one_byte_gives_misaligned_views_that_still_run(tmp_path, rng):
+    """general.alignment = 1 puts F32 tensors at odd offsets: load_gguf hands out views at odd
+    addresses, which the kernels receive as aligned copies (same results, no misaligned float*)."""
+    x = rng.normal(size=(3, 64)).astype(F32)
+    q8 = quants.quantize(rng.normal(size=(8, 64)).astype(F32), T.Q8_0)
+    for pad in (1, 2, 3):  # float16 values before x: x lands off 4-byte alignment for one of them
+        path = tmp_path / f"a1-{pad}.gguf"
+        w = gguf.GGUFWriter(str(path), arch="llama")
+        w.add_custom_alignment(1)
+        w.add_tensor("pad", np.zeros(pad, np.float16))
+        w.add_tensor("x", x)
+        w.add_tensor("q8", q8, raw_dtype=T.Q8_0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        got = lb.load_gguf(path)
+        xm = got["x"]
+        if xm.ctypes.data % 4:
+            break
+    assert xm.ctypes.data % 4 and np.array_equal(xm, x)
+    qw = got["q8"]
+    np.testing.assert_array_equal(lb.matmul(xm, qw), lb.matmul(x, qw))
+    np.testing.assert_array_equal(lb.nn.rms_norm(xm, xm[0]), lb.nn.rms_norm(x, x[0].copy()))
+    np.testing.assert_array_equal(lb.nn.gelu(xm), lb.nn.gelu(x))
+
+
 def test_gguf_lying_tensor_offset_is_refused(tmp_path, gguf_file):
     data = bytearray(gguf_file.read_bytes())
     name = b"f32"  # the last tensor info: its offset is the 8 bytes after name, dims and type

@@ -87,8 +87,6 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None)
     if qw._perm is not None:
         x2 = x2.take(qw._perm, axis=1)  # inputs in the packed column order (act-order)
         in_scale = None if in_scale is None else in_scale[qw._perm]
-    elif k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
-        x2 = np.ascontiguousarray(x2)
     static = isinstance(activations, StaticActivations)
     scale = activations.scale if static else 0.0
     if qw.bits == 8:
