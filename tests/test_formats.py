@@ -309,6 +309,13 @@ def test_from_int_round_trips_and_runs(rng):
           perm=np.zeros(32, int)), "permutation"),
     (dict(q=np.zeros((4, 32), F32), scales=np.ones((4, 1), np.float16), bits=4), "integer"),
     (dict(q=np.zeros((0, 0), np.int8), scales=np.ones((0, 1), F32), bits=8), "non-empty"),
+    # non-finite once converted to the stored type (NaN passed the exactness check)
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), np.nan, F32), bits=8), "scales: NaN or Inf"),
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), np.inf), bits=8), "scales: NaN or Inf"),
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), 1e39), bits=8), "scales"),
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), np.nan, np.float16), bits=4), "scales: NaN"),
+    (dict(q=np.zeros((4, 32), int), scales=np.ones((4, 1), np.float16), bits=4,
+          mins=np.full((4, 1), -np.inf, np.float16)), "mins: NaN or Inf"),
 ])
 def test_from_int_rejects_bad_arguments(kwargs, match):
     q, scales = kwargs.pop("q"), kwargs.pop("scales")

@@ -334,10 +334,45 @@ def test_input_scale_with_calibrated_methods_sees_the_scaled_inputs(rng):
 
 
 @pytest.mark.parametrize("c", [np.zeros(64), -np.ones(64), np.full(64, np.inf), np.ones(63),
-                               np.ones(64, np.int32)])
+                               np.ones(64, np.int32), np.full(64, 1e39), np.full(64, 1e-50)])
 def test_bad_input_scale_raises(rng, c):
+    """Checked as the kernels see it, in float32: 1e39 (float64) is inf there, 1e-50 is 0."""
+    w = rng.normal(size=(8, 64)).astype(np.float32)
     with pytest.raises(ValueError, match="input_scale"):
-        lb.quantize(rng.normal(size=(8, 64)).astype(np.float32), input_scale=c)
+        lb.quantize(w, input_scale=c)
+    with pytest.raises(ValueError, match="input_scale"):
+        lb.QuantizedWeight.from_int(np.ones((8, 64), np.int8), np.ones((8, 1), np.float32), bits=8,
+                                    input_scale=c)
+
+
+def test_layers_and_weights_hold_copies_and_expose_read_only_arrays(rng):
+    """A layer's bias and a weight's input_scale were the caller's arrays: changing them later
+    changed the layer. Now both are copies, and every array a layer or weight exposes is
+    read-only (writing qw.scales changed the weight under every layer using it)."""
+    w = rng.normal(0, 0.02, (32, 64)).astype(np.float32)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    bias = rng.normal(size=32).astype(np.float32)
+    c = rng.uniform(0.5, 2, 64).astype(np.float32)
+    qw = lb.quantize(w, bits=4, group_size=32, symmetric=False, input_scale=c)
+    layer = lb.Linear(qw, bias)
+    expected = layer(x)
+    bias[:] = 0
+    c[:] = 1
+    np.testing.assert_array_equal(layer(x), expected)
+    assert not np.array_equal(layer.bias, bias) and not np.array_equal(qw.input_scale, c)
+    perm = rng.permutation(64)
+    q8 = lb.QuantizedWeight.from_int(rng.integers(-127, 128, (32, 64)), np.ones((32, 1), np.float32),
+                                     bits=8, perm=perm)
+    perm[:] = np.arange(64)
+    assert not np.array_equal(q8.perm, perm)
+    exposed = [layer.bias, qw.scales, qw.mins, qw.input_scale, q8.scales, q8.perm, q8._packed,
+               q8._comp, lb.Linear(w, bias).bias]
+    for a in exposed:
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+    zero_point = lb.Linear(w, bias, activations=lb.StaticActivations(0.1, 3))
+    with pytest.raises(ValueError, match="read-only"):
+        zero_point._bias[...] = 0
 
 
 def test_input_scale_is_refused_with_awq(rng):

@@ -27,7 +27,8 @@ class QuantizedWeight:
     input ``perm[j]``, so that each group's inputs are contiguous; layers gather their inputs in
     that order. ``input_scale`` (AWQ) is a float32 factor per input that layers multiply their
     inputs by before the kernel: the weights stored are ``W / input_scale``, quantized.
-    ``nbytes`` is what it really holds; no float copy is kept.
+    ``nbytes`` is what it really holds; no float copy is kept. Every array it holds (and so every
+    array its properties return) is read-only: a weight cannot change under the layers using it.
     """
 
     __slots__ = ("shape", "bits", "group_size", "symmetric", "_packed", "_scales", "_comp", "_mins",
@@ -46,6 +47,9 @@ class QuantizedWeight:
         self._zeros = zeros
         self._perm = perm
         self._in_scale = in_scale
+        for a in (packed, scales, comp, mins, zeros, perm, in_scale):
+            if a is not None:
+                a.flags.writeable = False
 
     @classmethod
     def from_int(cls, q, scales, *, bits, group_size=None, mins=None, zeros=None, perm=None,
@@ -108,10 +112,13 @@ class QuantizedWeight:
         return sum(a.nbytes for a in parts if a is not None)
 
     def _per_row(self, a):
-        # kernel layouts to (N, groups): 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)
+        # kernel layouts to (N, groups), read-only: 8 bits [G][Np]; 4 bits [Np/16][G][16] (per
+        # panel, a copy: read-only too, so that writing to it never looks like it changed qw)
         if a.ndim == 2:
             return a[:, : self.shape[0]].T
-        return a.transpose(0, 2, 1).reshape(-1, a.shape[1])[: self.shape[0]]
+        out = a.transpose(0, 2, 1).reshape(-1, a.shape[1])[: self.shape[0]]
+        out.flags.writeable = False
+        return out
 
     @property
     def scales(self) -> np.ndarray:
@@ -197,13 +204,21 @@ class QuantizedWeight:
 
 
 def _check_input_scale(c, k):
-    """None, or positive finite float32 (K,) input factors."""
+    """None, or positive finite float32 (K,) input factors: a copy of `c` (the caller's array may
+    change later), checked after the cast to float32 (1e39 in float64 is inf there, 1e-50 is 0)."""
     if c is None:
         return None
     c = np.asarray(c)
-    if c.shape != (k,) or c.dtype.kind != "f" or not (np.isfinite(c) & (c > 0)).all():
-        raise ValueError(f"input_scale: expected ({k},) positive finite floats")
-    return np.ascontiguousarray(c, dtype=np.float32)
+    if c.shape != (k,) or c.dtype.kind != "f":
+        raise ValueError(f"input_scale: expected ({k},) positive finite floats, got {c.dtype} of "
+                         f"shape {c.shape}")
+    with np.errstate(over="ignore", under="ignore"):
+        c32 = np.array(c, dtype=np.float32)
+    if not (np.isfinite(c32) & (c32 > 0)).all():
+        raise ValueError(f"input_scale: expected ({k},) positive finite floats (in float32, as the "
+                         f"kernels use them)")
+    c32.flags.writeable = False
+    return c32
 
 
 def _check_group(group_size, k):
@@ -219,15 +234,18 @@ def _check_group(group_size, k):
 
 
 def _group_array(a, what, n, groups, dtype):
-    """An (N, groups) array of `what` as `dtype`, refusing values the conversion would change."""
+    """An (N, groups) array of `what` as `dtype` (a copy), refusing values the conversion would
+    change and, for floats, values that are not finite once converted."""
     a = np.asarray(a)
     if a.shape != (n, groups):
         raise ValueError(f"{what}: expected shape ({n}, {groups}), got {a.shape}")
-    out = a.astype(dtype)
     with np.errstate(invalid="ignore", over="ignore"):
+        out = a.astype(dtype)
         same = np.array_equal(out.astype(a.dtype), a, equal_nan=a.dtype.kind == "f")
     if not same:
         raise ValueError(f"{what}: values not exactly representable as {np.dtype(dtype).name}")
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise ValueError(f"{what}: NaN or Inf (the kernels need finite {np.dtype(dtype).name} values)")
     return out
 
 
