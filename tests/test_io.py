@@ -130,3 +130,139 @@ def test_truncated_and_garbage_files(tmp_path, rng):
         path.write_bytes(blob)
         with pytest.raises(lb.FormatError):
             lb.load(path)
+
+
+def edit_tensor(path, name, edit):
+    """Applies edit(array) to the bytes of tensor `name` in the file (a writable view)."""
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack_from("<Q", data)
+    info = json.loads(data[8:8 + n])[name]
+    dtype = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I8": "i1", "U8": "u1"}[info["dtype"]]
+    begin, end = info["data_offsets"]
+    a = np.frombuffer(memoryview(data)[8 + n + begin:8 + n + end], dtype).reshape(info["shape"])
+    edit(a)
+    path.write_bytes(bytes(data))
+
+
+def inconsistent(rng):
+    """Weights whose stored parts each have room for a lie: padding rows (N = 20, 40 of 32, 48)
+    and, per channel, padding columns (K = 67 of 68)."""
+    w = rng.normal(0, 0.02, (20, 67)).astype(F32)
+    w2 = rng.normal(0, 0.02, (40, 64)).astype(F32)
+    return {"w8": lb.quantize(w, bits=8), "w8g": lb.quantize(w2, bits=8, group_size=32),
+            "w4": lb.quantize(w, bits=4, symmetric=False),
+            "w4z": lb.QuantizedWeight.from_int(rng.integers(0, 16, (20, 64)),
+                                               np.full((20, 2), 0.01, np.float16), bits=4,
+                                               group_size=32, zeros=rng.integers(0, 16, (20, 2)))}
+
+
+def add_at(index, value):
+    def edit(a):
+        a[index] += value
+    return edit
+
+
+def set_at(index, value):
+    def edit(a):
+        a[index] = value
+    return edit
+
+
+def set_weight(n, k, value):
+    """Sets the packed 8-bit value of weight (n, k) (docs/formats.md: 16-row panels of 4-byte
+    k blocks, Kp = 68 here)."""
+    def edit(a):
+        a.reshape(-1)[((n // 16 * 68 // 4 + k // 4) * 16 + n % 16) * 4 + k % 4] = value
+    return edit
+
+
+@pytest.mark.parametrize("tensor,edit,match", [
+    ("w8:comp", add_at((0, 3), 128), "comp .* disagrees"),          # a sum that is not the values'
+    ("w8g:comp", add_at((1, 39), -128), "comp .* disagrees"),
+    ("w8:packed", set_weight(21, 5, 1), "padding rows 20"),         # row 21 of a 20-row weight
+    ("w8:packed", set_weight(3, 67, 2), "padding columns 67"),      # column 67 of 67 (per channel)
+    ("w4:packed", set_at((31, 47), 0x11), "padding rows 20"),
+    ("w8:scales", set_at((0, 2), np.nan), "scales: NaN or Inf"),
+    ("w8g:scales", set_at((1, 0), np.inf), "scales: NaN or Inf"),
+    ("w4:scales", set_at((0, 0, 1), np.inf), "scales: NaN or Inf"),
+    ("w4:mins", set_at((1, 0, 2), np.nan), "mins: NaN or Inf"),
+    ("w8:scales", set_at((0, 25), 1.0), "scales: padding rows 20"),
+    ("w4:mins", set_at((1, 0, 9), 1.0), "mins: padding rows 20"),   # row 16 + 9 = 25
+    ("w4z:zeros", set_at((1, 1, 15), 3), "zeros: padding rows 20"),
+])
+def test_load_verifies_what_can_be_derived(tmp_path, rng, tensor, edit, match):
+    """Redundant parts that disagree with the values (column sums, padding, non-finite scales)
+    loaded without error, and the layer then computed with them while dequantize() looked right.
+    Each is now a FormatError naming the weight and the part."""
+    path = tmp_path / "m.lowbit"
+    src = inconsistent(rng)
+    lb.save(path, src)
+    for name, qw in lb.load(path).items():  # as saved: consistent
+        np.testing.assert_array_equal(qw.dequantize(), src[name].dequantize())
+    edit_tensor(path, tensor, edit)
+    with pytest.raises(lb.FormatError, match=f"weight '{tensor.split(':')[0]}': {match}"):
+        lb.load(path)
+
+
+def raw_file(path, header, data=b"\0" * 64):
+    """A safetensors file of the given header text (str or bytes) and data bytes."""
+    blob = header.encode() if isinstance(header, str) else header
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def entry(shape=(2,), offsets=(0, 8), dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def lowbit_meta(value):
+    return {"__metadata__": {"lowbit": json.dumps(value)}}
+
+
+CRAFTED = {
+    "deep nesting": '{"a":' + "[" * 100000 + "]" * 100000 + "}",
+    "deep nesting in lowbit metadata": json.dumps(
+        {"__metadata__": {"lowbit": '{"version": 2, "weights": ' + "[" * 100000 + "]" * 100000 + "}"}}),
+    "Infinity in a shape": '{"x": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 8]}}',
+    "NaN in offsets": '{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, NaN]}}',
+    "-Infinity in lowbit metadata": json.dumps({"__metadata__": {"lowbit": '{"version": -Infinity}'}}),
+    "1e400 in a shape": '{"x": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 8]}}',
+    "float dimension": json.dumps({"x": entry(shape=[2.0])}),
+    "bool dimension": json.dumps({"x": entry(shape=[True, 2])}),
+    "string offsets": json.dumps({"x": entry(offsets=["0", "8"])}),
+    "three offsets": json.dumps({"x": entry(offsets=[0, 8, 8])}),
+    "dtype a number": json.dumps({"x": entry(dtype=5)}),
+    "entry a list": json.dumps({"x": [1, 2]}),
+    "huge dimension beside 0": json.dumps({"x": entry(shape=[0, 2**64], offsets=[0, 0])}),
+    "huge dimensions": json.dumps({"x": entry(shape=[2**40, 2**40], offsets=[0, 8])}),
+    "too many dimensions": json.dumps({"x": entry(shape=[1] * 65, offsets=[0, 4])}),
+    "duplicate tensor": '{"x": %s, "x": %s}' % (json.dumps(entry()), json.dumps(entry(offsets=[8, 16]))),
+    "duplicate key in an entry": '{"x": {"dtype": "F32", "dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}',
+    "overlapping tensors": json.dumps({"x": entry(), "y": entry(offsets=[4, 12])}),
+    "same bytes twice": json.dumps({"x": entry(), "y": entry()}),
+    "metadata a list": json.dumps({"__metadata__": [1], "x": entry()}),
+    "lowbit metadata a number": json.dumps({"__metadata__": {"lowbit": 5}}),
+    "lowbit metadata a list": json.dumps(lowbit_meta([2])),
+    "weights a list": json.dumps(lowbit_meta({"version": 2, "weights": [1]})),
+    "weights a string": json.dumps(lowbit_meta({"version": 2, "weights": "w"})),
+    "version a string": json.dumps(lowbit_meta({"version": "2", "weights": {}})),
+    "version true": json.dumps(lowbit_meta({"version": True, "weights": {}})),
+    "weight description a list": json.dumps(lowbit_meta({"version": 2, "weights": {"w": [1]}})),
+    "weight and tensor of one name": json.dumps(dict(lowbit_meta({"version": 2, "weights": {"x": {}}}),
+                                                     x=entry())),
+    "bits 8.0": json.dumps(lowbit_meta({"version": 2, "weights": {"w": {
+        "shape": [1, 4], "bits": 8.0, "group_size": None, "symmetric": True, "layout": "panel16"}}})),
+    "not UTF-8": b'{"x\xff": 1}',
+    "a list, not an object": "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+@pytest.mark.parametrize("reader", ["load", "load_gptq", "load_awq"])
+def test_crafted_headers_raise_format_error(tmp_path, case, reader):
+    """Malformed safetensors headers raised RecursionError, OverflowError, AttributeError or a
+    plain ValueError, or were accepted (duplicate keys, overlapping tensors); every reader of
+    safetensors files now raises FormatError for each."""
+    path = raw_file(tmp_path / "crafted.safetensors", CRAFTED[case])
+    with pytest.raises(lb.FormatError):
+        getattr(lb, reader)(path)

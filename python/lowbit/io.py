@@ -11,7 +11,7 @@ it into place, so an error or interrupt never leaves a partial file.
 from __future__ import annotations
 
 import json
-import mmap
+import mmap as _mmap
 import os
 import struct
 import tempfile
@@ -29,6 +29,7 @@ _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
            "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
+_MAX_DIMS = 32
 
 
 def save(path, tensors: dict) -> None:
@@ -81,64 +82,127 @@ def save(path, tensors: dict) -> None:
 def load(path) -> dict:
     """Reads a file written by :func:`save` (or any safetensors file of numeric arrays):
     ``{name: QuantizedWeight | np.ndarray}``, every array a read-only view of a memory map of the
-    file (BF16 tensors, which numpy lacks, come back as float32 copies). A truncated or inconsistent file raises :class:`lowbit.FormatError`."""
+    file (BF16 tensors, which numpy lacks, come back as float32 copies; a tensor not aligned to
+    its item size in the file as an aligned copy). A truncated, inconsistent or malformed file
+    raises :class:`lowbit.FormatError`; the parts of each weight are checked against each other
+    (column sums recomputed, padding zero, scales finite), one pass over its values."""
     path = os.fspath(path)
+    tensors, meta = _read(path)
+    described, version = {}, None
+    if "lowbit" in meta:
+        lowbit = _parse_json(meta["lowbit"], path, "lowbit metadata")
+        try:
+            version, described = lowbit["version"], lowbit["weights"]
+        except (TypeError, KeyError):
+            raise FormatError(f"{path}: lowbit metadata lacks version or weights") from None
+        if isinstance(version, bool) or version not in _READS:
+            raise FormatError(f"{path}: lowbit format version {version!r}; this lowbit reads "
+                              f"versions {list(_READS)}")
+        if not isinstance(described, dict):
+            raise FormatError(f"{path}: lowbit metadata: weights should be an object, got "
+                              f"{type(described).__name__}")
+    out = {}
+    for name, d in described.items():
+        parts = {p: tensors.pop(f"{name}:{p}", None) for p in _PARTS}
+        if name in tensors:
+            raise FormatError(f"{path}: {name!r} names both a weight and a tensor")
+        if version == 1 and parts["in_scale"] is not None:
+            raise FormatError(f"{path}: weight {name!r}: in_scale in a version 1 file")
+        out[name] = _weight(path, name, d, parts)
+    out.update(tensors)
+    return out
+
+
+def _read(path):
+    """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
+    count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
+    disjoint, the JSON strict (no duplicate keys, NaN or Infinity; nesting bounded). Anything
+    else raises FormatError."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
     (n,) = struct.unpack_from("<Q", buf, 0)
     if n > min(size - 8, _MAX_HEADER):
         raise FormatError(f"{path}: header of {n} bytes does not fit in the {size}-byte file")
+    header = _parse_json(bytes(buf[8:8 + n]), path, "header")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: __metadata__ should be an object, got {type(meta).__name__}")
+    tensors, ranges = {}, []
+    for name, info in header.items():
+        tensors[name], begin, end = _view(buf, 8 + n, size, name, info)
+        if end > begin:
+            ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise FormatError(f"{path}: tensors {first!r} and {second!r} overlap in the file")
+    return tensors, meta
+
+
+def _parse_json(text, path, what):
+    """A JSON object, strictly: duplicate keys, NaN / Infinity and non-objects raise FormatError,
+    and so does nesting deep enough to exhaust Python's recursion."""
     try:
-        header = json.loads(bytes(buf[8:8 + n]))
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise FormatError(f"{path}: header is not a JSON object ({e})") from None
-    meta = header.pop("__metadata__", None) or {}
-    arrays = {name: _view(buf, 8 + n, size, name, info) for name, info in header.items()}
-    described = {}
-    if isinstance(meta, dict) and "lowbit" in meta:
-        try:
-            lowbit = json.loads(meta["lowbit"])
-            version, described = lowbit["version"], lowbit["weights"]
-        except (ValueError, TypeError, KeyError):
-            raise FormatError(f"{path}: unreadable lowbit metadata") from None
-        if version not in _READS:
-            raise FormatError(f"{path}: lowbit format version {version}; this lowbit reads "
-                              f"versions {list(_READS)}")
-    out = {}
-    for name, d in described.items():
-        parts = {p: arrays.pop(f"{name}:{p}", None) for p in _PARTS}
-        if version == 1 and parts["in_scale"] is not None:
-            raise FormatError(f"{path}: weight {name!r}: in_scale in a version 1 file")
-        out[name] = _weight(path, name, d, parts)
-    out.update(arrays)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        if not isinstance(value, dict):
+            raise ValueError(f"not an object but {type(value).__name__}")
+    except RecursionError:
+        raise FormatError(f"{path}: {what} nests too deeply to be a safetensors header") from None
+    except (ValueError, TypeError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise FormatError(f"{path}: {what} is not a JSON object ({e})") from None
+    return value
+
+
+def _unique_keys(pairs):
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r} appears twice")
     return out
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _view(buf, start, size, name, info):
-    """The tensor `name` as a read-only array on `buf`, its header entry checked against the file."""
-    bf16 = isinstance(info, dict) and info.get("dtype") == "BF16"
-    try:
-        dtype = np.dtype("<u2" if bf16 else _DTYPES[info["dtype"]])
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"tensor {name!r}: bad header entry {info!r} (dtype one of "
-                          f"{sorted(_DTYPES)}, shape, data_offsets)") from None
-    count = 1
-    for s in shape:
-        if s < 0:
-            raise FormatError(f"tensor {name!r}: negative dimension in shape {shape}")
-        count *= s
+    """(the tensor `name` as a read-only array on `buf`, its byte range in the data section),
+    its header entry checked against the file. A tensor misaligned for its dtype is copied."""
+    def bad_entry():
+        return FormatError(f"tensor {name!r}: bad header entry {info!r} (dtype one of "
+                           f"{sorted(_DTYPES) + ['BF16']}, shape: a list of at most {_MAX_DIMS} "
+                           f"integers >= 0, data_offsets: [begin, end])")
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise bad_entry()
+    bf16 = info["dtype"] == "BF16"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ints = lambda v: isinstance(v, list) and all(  # noqa: E731
+        isinstance(i, int) and not isinstance(i, bool) for i in v)
+    if (not bf16 and info["dtype"] not in _DTYPES or not ints(shape) or len(shape) > _MAX_DIMS
+            or not ints(offsets) or len(offsets) != 2):
+        raise bad_entry()
+    dtype = np.dtype("<u2" if bf16 else _DTYPES[info["dtype"]])
+    begin, end = offsets
+    if any(s < 0 for s in shape):
+        raise FormatError(f"tensor {name!r}: negative dimension in shape {shape}")
+    if int(np.prod([s for s in shape if s], dtype=object)) >= 1 << 62:
+        raise FormatError(f"tensor {name!r}: shape {shape} beyond any array")
+    count = int(np.prod(shape, dtype=object))
     if not 0 <= begin <= end <= size - start or end - begin != count * dtype.itemsize:
-        raise FormatError(f"tensor {name!r}: {dtype} {shape} does not match bytes [{begin}, {end}) "
-                          f"of the {size - start}-byte data section")
+        raise FormatError(f"tensor {name!r}: {dtype} {tuple(shape)} does not match bytes "
+                          f"[{begin}, {end}) of the {size - start}-byte data section")
     a = np.frombuffer(buf, dtype, count, start + begin).reshape(shape)
-    return (a.astype(np.uint32) << 16).view(np.float32) if bf16 else a
+    if bf16:
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    elif (start + begin) % dtype.alignment:
+        a = a.copy()  # kernels read aligned memory (lb.save aligns every tensor; other writers may not)
+    a.flags.writeable = False
+    return a, begin, end
 
 
 def _weight(path, name, d, parts):
@@ -148,10 +212,10 @@ def _weight(path, name, d, parts):
         layout = d["layout"]
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{path}: weight {name!r}: incomplete description {d!r}") from None
-    if layout != LAYOUT or bits not in (4, 8) or not (isinstance(n, int) and isinstance(k, int)
-                                                      and n > 0 and k > 0):
+    if (layout != LAYOUT or type(bits) is not int or bits not in (4, 8) or type(n) is not int
+            or type(k) is not int or n <= 0 or k <= 0 or not isinstance(sym, bool)):
         raise FormatError(f"{path}: weight {name!r}: unsupported description {d!r}")
-    if group is not None and (not isinstance(group, int) or group <= 0 or group % 32 or k % group):
+    if group is not None and (type(group) is not int or group <= 0 or group % 32 or k % group):
         raise FormatError(f"{path}: weight {name!r}: bad group size {group!r}")
     np_ = -(-n // 16) * 16
     if bits == 8:
@@ -191,6 +255,11 @@ def _weight(path, name, d, parts):
         raise FormatError(f"{path}: weight {name!r}: perm is not a permutation of range({k})")
     if in_scale is not None and not (np.isfinite(in_scale) & (in_scale > 0)).all():
         raise FormatError(f"{path}: weight {name!r}: in_scale must be positive and finite")
-    return QuantizedWeight((n, k), bits, group, bool(sym), parts["packed"], parts["scales"],
-                           comp=parts["comp"], mins=parts["mins"], zeros=parts["zeros"],
-                           perm=None if perm is None else perm.astype(np.intp), in_scale=in_scale)
+    qw = QuantizedWeight((n, k), bits, group, sym, parts["packed"], parts["scales"],
+                         comp=parts["comp"], mins=parts["mins"], zeros=parts["zeros"],
+                         perm=None if perm is None else perm.astype(np.intp), in_scale=in_scale)
+    try:
+        qw._check_stored()
+    except ValueError as e:
+        raise FormatError(f"{path}: weight {name!r}: {e}") from None
+    return qw

@@ -112,11 +112,9 @@ class QuantizedWeight:
         return sum(a.nbytes for a in parts if a is not None)
 
     def _per_row(self, a):
-        # kernel layouts to (N, groups), read-only: 8 bits [G][Np]; 4 bits [Np/16][G][16] (per
-        # panel, a copy: read-only too, so that writing to it never looks like it changed qw)
-        if a.ndim == 2:
-            return a[:, : self.shape[0]].T
-        out = a.transpose(0, 2, 1).reshape(-1, a.shape[1])[: self.shape[0]]
+        # (N, groups), read-only (4 bits: a copy, read-only too, so that writing to it never looks
+        # like it changed qw)
+        out = _all_rows(a)[: self.shape[0]]
         out.flags.writeable = False
         return out
 
@@ -153,14 +151,46 @@ class QuantizedWeight:
         except IndexError:
             raise IndexError(f"rows {rows!r} out of range for {n} rows") from None
 
+    def _blocks(self):
+        """The packed values as (panel, k block, column, byte): a block is 4 inputs of a column
+        (8 bits), or 8 as nibbles, k0..3 low and k4..7 high (4 bits)."""
+        return self._packed.reshape(-1, self._packed.shape[1] * 16 // 64, 16, 4)
+
+    def _check_stored(self):
+        """Raises ValueError unless the parts agree with each other as the kernels need: the
+        column sums (8 bits) are those of the values, padding rows hold zeros, and so do 8-bit
+        padding columns (the kernels multiply them by the activations' offset of 128; 4-bit ones
+        meet zero activations, and the quantizer fills them with the symmetric zero, 8), scales
+        and minima are finite. (Parts read from a file: a layer would multiply by them.)"""
+        n, k = self.shape
+        b = self._blocks()
+        if n % 16 and b[n // 16, :, n % 16:].any():
+            raise ValueError(f"padding rows {n}.. of the packed values are not zero")
+        if self.bits == 8 and k % 4 and b[:, k // 4, :, k % 4:].any():  # per channel: k to 4s
+            raise ValueError(f"padding columns {k}.. of the packed values are not zero")
+        for name in ("scales", "mins"):
+            a = getattr(self, "_" + name)
+            if a is not None and not np.isfinite(a).all():
+                raise ValueError(f"{name}: NaN or Inf")
+        for name in ("scales", "comp", "mins", "zeros"):
+            a = getattr(self, "_" + name)
+            if a is not None and _all_rows(a)[n:].any():
+                raise ValueError(f"{name}: padding rows {n}.. are not zero")
+        if self.bits == 8:
+            g = self._comp.shape[0]  # (einsum over 64-byte rows: ~10x numpy's sum over the axes)
+            sums = np.einsum("pgkc->pgc", b.reshape(b.shape[0], g, -1, 64), dtype=np.int32)
+            sums = sums.reshape(b.shape[0], g, 16, 4).sum(-1)
+            if not np.array_equal(128 * sums.transpose(1, 0, 2).reshape(g, -1), self._comp):
+                raise ValueError("comp (the kernels' column sums) disagrees with the packed values")
+
     def int_values(self, rows=None) -> np.ndarray:
         """The quantized integers (N, K), or of the given rows (an index gives one row (K,), a
         slice or an index array several), in the packed input order (see ``perm``): int8 for 8
         bits, uint8 0..15 for 4 bits."""
         k = self.shape[1]
         r = self._rows(rows)
-        # (panel, k block, column, byte): the selected rows' bytes in k order, rows gathered first
-        b = self._packed.reshape(-1, self._packed.shape[1] * 16 // 64, 16, 4)[r // 16, :, r % 16]
+        # the selected rows' bytes in k order, rows gathered first
+        b = self._blocks()[r // 16, :, r % 16]
         if self.bits == 4:  # low nibbles k0..3, high k4..7
             b = np.concatenate([b & 0x0F, b >> 4], axis=-1)
         q = np.ascontiguousarray(b.reshape(len(r), -1)[:, :k])
@@ -201,6 +231,12 @@ class QuantizedWeight:
         act += ", input_scale" if self._in_scale is not None else ""
         return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, {g}, {sym}{act}, "
                 f"nbytes={self.nbytes})")
+
+
+def _all_rows(a):
+    """A per-row part (scales, comp, mins, zeros) in the kernels' layout as (Np, groups), padding
+    rows included: 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)."""
+    return a.T if a.ndim == 2 else a.transpose(0, 2, 1).reshape(-1, a.shape[1])
 
 
 def _check_input_scale(c, k):
