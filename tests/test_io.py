@@ -266,3 +266,101 @@ def test_crafted_headers_raise_format_error(tmp_path, case, reader):
     path = raw_file(tmp_path / "crafted.safetensors", CRAFTED[case])
     with pytest.raises(lb.FormatError):
         getattr(lb, reader)(path)
+
+
+def test_save_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    path = tmp_path / "m.lowbit"
+    lb.save(path, {"a": np.ones(3, F32)})
+    os.chmod(path, 0o600)  # a private file stays private (it became 0644: the umask's mode)
+    lb.save(path, {"a": np.zeros(3, F32)})
+    assert path.stat().st_mode & 0o777 == 0o600
+    os.chmod(path, 0o640)
+    lb.save(path, {"a": np.ones(3, F32)})
+    assert path.stat().st_mode & 0o777 == 0o640
+    np.testing.assert_array_equal(lb.load(path)["a"], np.ones(3, F32))
+
+
+def test_save_writes_through_a_symlink(tmp_path):
+    """Saving to a symbolic link replaced the link with a file; now the file it names is
+    replaced (atomically, in its own folder) and the link stays."""
+    (tmp_path / "store").mkdir()
+    real = tmp_path / "store" / "model.lowbit"
+    lb.save(real, {"a": np.ones(3, F32)})
+    link = tmp_path / "current.lowbit"
+    link.symlink_to(real)
+    lb.save(link, {"a": np.full(3, 2, F32)})
+    assert link.is_symlink() and os.path.samefile(link, real)
+    np.testing.assert_array_equal(lb.load(real)["a"], np.full(3, 2, F32))
+    dangling = tmp_path / "next.lowbit"
+    dangling.symlink_to(tmp_path / "store" / "new.lowbit")
+    lb.save(dangling, {"b": np.ones(2, F32)})  # a link to nothing yet: its target is created
+    assert dangling.is_symlink() and (tmp_path / "store" / "new.lowbit").is_file()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["model.lowbit", "new.lowbit"]
+
+
+KILLED_SAVE = """
+import os, sys, time
+import numpy as np, lowbit as lb
+def stall(fd):  # the data is written, the rename not done: the moment to be killed
+    print("writing", flush=True)
+    time.sleep(60)
+os.fsync = stall
+lb.save(sys.argv[1], {"a": np.ones(1000, np.float32)})
+"""
+
+
+def test_save_removes_what_killed_saves_left(tmp_path):
+    """A save killed mid-way (SIGKILL, SIGTERM) left its temporary file forever. Temporary files
+    are named after their host and process; a later save into the folder removes those whose
+    process is gone, and leaves those of a save still running (or of another host)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    target = tmp_path / "m.lowbit"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(60)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".lowbit-save-") and left[0].endswith(".partial")
+    assert not target.exists()
+    host = lb.io._host()
+    running = tmp_path / f".lowbit-save-{host}-{os.getpid()}-x.partial"  # this process: alive
+    other_host = tmp_path / f".lowbit-save-{host}x-{child.pid}-x.partial"
+    running.write_bytes(b"")
+    other_host.write_bytes(b"")
+    lb.save(tmp_path / "other.lowbit", {"a": np.ones(2, F32)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["other.lowbit", running.name, other_host.name])
+    assert socket.gethostname()  # (the names above use it)
+
+
+def test_load_without_memory_map(tmp_path, rng):
+    """mmap=False reads the file into memory: the arrays stay as loaded when the file is then
+    overwritten in place or truncated (which changes, or kills with SIGBUS, mapped arrays)."""
+    path = tmp_path / "m.lowbit"
+    src = weights(rng)
+    lb.save(path, src)
+    got = lb.load(path, mmap=False)
+    mapped = lb.load(path)
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # overwritten in place: the mapped arrays see the new bytes
+        f.write(data[:8 + 256] + bytes(len(data) - 8 - 256))
+    assert not np.array_equal(mapped["bias"], src["bias"])
+    with open(path, "r+b") as f:
+        f.truncate(0)
+    x = rng.normal(size=(3, 256)).astype(F32)
+    for name, t in src.items():
+        if isinstance(t, lb.QuantizedWeight):
+            np.testing.assert_array_equal(got[name].dequantize(), t.dequantize())
+            np.testing.assert_array_equal(lb.matmul(x[:, : t.shape[1]], got[name]),
+                                          lb.matmul(x[:, : t.shape[1]], t))
+            assert not got[name]._packed.flags.writeable
+        else:
+            np.testing.assert_array_equal(got[name], t)
+            assert not got[name].flags.writeable

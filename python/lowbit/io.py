@@ -7,12 +7,19 @@ present, ``name:comp``, ``name:mins``, ``name:zeros``, ``name:perm``, ``name:in_
 bits, group size, symmetry and layout. ``load`` memory-maps the file and hands back weights that
 run at once, without re-packing; ``save`` writes a temporary file beside the target and renames
 it into place, so an error or interrupt never leaves a partial file.
+
+A memory-mapped file must not change while its arrays are in use: overwritten in place (``cp``
+onto it, a program writing into it), the loaded weights change with it; truncated, reading the
+missing pages kills the process with SIGBUS. Replacing it through ``lb.save`` (or any write to a
+new file renamed over it) is safe: the map keeps the old file's pages. ``load(path, mmap=False)``
+reads the file into memory instead.
 """
 from __future__ import annotations
 
 import json
 import mmap as _mmap
 import os
+import socket
 import struct
 import tempfile
 
@@ -30,10 +37,20 @@ _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
 _MAX_DIMS = 32
+# Temporary files of save: ".lowbit-save-<host>-<pid>-<random>.partial" beside the target. A save
+# killed (SIGKILL, power loss) leaves one; the next save into that folder removes those whose
+# process, on this host, is gone.
+_PARTIAL = ".lowbit-save-"
 
 
 def save(path, tensors: dict) -> None:
-    """Writes ``{name: QuantizedWeight | np.ndarray}`` to `path` (see the module docstring)."""
+    """Writes ``{name: QuantizedWeight | np.ndarray}`` to `path` (see the module docstring).
+
+    The file is written beside the target and renamed over it: readers see the old file or the
+    new one, never part of one. A symbolic link is written through (its target is replaced, the
+    link kept); an existing file keeps its permission bits, a new one gets the umask's. Temporary
+    files that earlier saves killed mid-way left in that folder are removed.
+    """
     arrays, described = {}, {}
     for name, t in tensors.items():
         if not isinstance(name, str) or ":" in name or name == "__metadata__":
@@ -61,8 +78,17 @@ def save(path, tensors: dict) -> None:
     header["__metadata__"] = {"lowbit": json.dumps({"version": FORMAT_VERSION, "weights": described})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(len(blob) + 8) % 64)  # data starts 64-byte aligned
-    target = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)), suffix=".partial")
+    target = os.path.realpath(os.fspath(path))  # through symbolic links: replace what they name
+    folder = os.path.dirname(target)
+    _remove_stale_partials(folder)
+    try:
+        mode = os.stat(target).st_mode & 0o7777  # an existing file keeps its permissions
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # mkstemp makes files private; a new file gets a normal file's mode
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_PARTIAL}{_host()}-{os.getpid()}-",
+                               suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
@@ -70,24 +96,59 @@ def save(path, tensors: dict) -> None:
                 f.write(np.ascontiguousarray(arrays[name], arrays[name].dtype.newbyteorder("<")).data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def load(path) -> dict:
+def _host():
+    """This host's name as it may appear in a file name."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _remove_stale_partials(folder):
+    """Removes the temporary files of saves into `folder` whose process (on this host) is gone:
+    what a save killed mid-way leaves behind. Other hosts' files (a shared folder) are left."""
+    mine = f"{_PARTIAL}{_host()}-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(mine) and n.endswith(".partial")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(mine):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass  # removed by another save meanwhile, or not ours to remove
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can ask about: leave its files
+    return True
+
+
+def load(path, mmap=True) -> dict:
     """Reads a file written by :func:`save` (or any safetensors file of numeric arrays):
-    ``{name: QuantizedWeight | np.ndarray}``, every array a read-only view of a memory map of the
-    file (BF16 tensors, which numpy lacks, come back as float32 copies; a tensor not aligned to
-    its item size in the file as an aligned copy). A truncated, inconsistent or malformed file
-    raises :class:`lowbit.FormatError`; the parts of each weight are checked against each other
-    (column sums recomputed, padding zero, scales finite), one pass over its values."""
+    ``{name: QuantizedWeight | np.ndarray}``, every array read-only. BF16 tensors, which numpy
+    lacks, come back as float32 copies; a tensor not aligned to its item size in the file as an
+    aligned copy.
+
+    mmap=True (the default) maps the file: the arrays view its pages, read when first used. The
+    file must then not be changed in place while they are in use (see the module docstring);
+    mmap=False reads the whole file into memory instead. A truncated, inconsistent or malformed
+    file raises :class:`lowbit.FormatError`; the parts of each weight are checked against each
+    other (column sums recomputed, padding zero, scales finite), one pass over its values."""
     path = os.fspath(path)
-    tensors, meta = _read(path)
+    tensors, meta = _read(path, mmap)
     described, version = {}, None
     if "lowbit" in meta:
         lowbit = _parse_json(meta["lowbit"], path, "lowbit metadata")
@@ -113,7 +174,7 @@ def load(path) -> dict:
     return out
 
 
-def _read(path):
+def _read(path, use_mmap=True):
     """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
     count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
     disjoint, the JSON strict (no duplicate keys, NaN or Infinity; nesting bounded). Anything
@@ -122,7 +183,13 @@ def _read(path):
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
-        buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+        if use_mmap:
+            buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+        else:
+            buf = np.empty(size, np.uint8)
+            if f.readinto(buf.data) != size:
+                raise FormatError(f"{path}: the file changed size while it was read")
+            buf.flags.writeable = False
     (n,) = struct.unpack_from("<Q", buf, 0)
     if n > min(size - 8, _MAX_HEADER):
         raise FormatError(f"{path}: header of {n} bytes does not fit in the {size}-byte file")
