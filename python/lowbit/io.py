@@ -177,8 +177,8 @@ def load(path, mmap=True) -> dict:
 def _read(path, use_mmap=True):
     """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
     count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
-    disjoint, the JSON strict (no duplicate keys, NaN or Infinity; nesting bounded). Anything
-    else raises FormatError."""
+    tiling the data section (disjoint, no bytes outside a tensor), the JSON strict (no duplicate
+    keys, NaN or Infinity; nesting bounded). Anything else raises FormatError."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
@@ -202,10 +202,18 @@ def _read(path, use_mmap=True):
         tensors[name], begin, end = _view(buf, 8 + n, size, name, info)
         if end > begin:
             ranges.append((begin, end, name))
+    # as the safetensors format requires: the tensors tile the data section, no overlap, no hole
     ranges.sort()
-    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
-        if begin < end:
-            raise FormatError(f"{path}: tensors {first!r} and {second!r} overlap in the file")
+    at, last = 0, None
+    for begin, end, name in ranges:
+        if begin < at:
+            raise FormatError(f"{path}: tensors {last!r} and {name!r} overlap in the file")
+        if begin > at:
+            raise FormatError(f"{path}: bytes [{at}, {begin}) of the data section belong to no tensor")
+        at, last = end, name
+    if at != size - 8 - n:
+        raise FormatError(f"{path}: bytes [{at}, {size - 8 - n}) of the data section belong to no "
+                          f"tensor")
     return tensors, meta
 
 
