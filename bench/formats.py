@@ -37,12 +37,11 @@ def block_weight(name, n, k, rng):
     raw = rng.integers(0, 256, (n, k // f.block * f.bytes), dtype=np.uint8)
     if name == "MXFP4":
         raw.reshape(-1, f.bytes)[:, 0] = rng.integers(118, 124, n * (k // f.block))
-    qw = weight_from_blocks(name, raw, k)
+    parts = {p: a.copy() for p, a in weight_from_blocks(name, raw, k)._parts.items()}
     for p in ("d", "dm"):  # finite scales, so the timings never run on NaN / Inf
-        a = qw._parts.get(p)
-        if a is not None and a.dtype == np.float16:
-            a[...] = rng.uniform(-0.01, 0.01, a.shape).astype(np.float16)
-    return qw, raw.nbytes
+        if p in parts and parts[p].dtype == np.float16:
+            parts[p][...] = rng.uniform(-0.01, 0.01, parts[p].shape).astype(np.float16)
+    return lb.QuantizedWeight.from_blocks(name, (n, k), parts), raw.nbytes
 
 
 def int_weight(bits, n, k, rng):

@@ -1,12 +1,14 @@
 // Python bindings: argument checks and array plumbing only; the maths is in ops.cpp and kernels/.
-// Every array is checked for dtype, shape and layout here, so no call can reach a kernel with a
-// pointer it would read past. The GIL is released around every kernel.
+// Every array is checked for dtype and shape here, so no call can reach a kernel with a pointer it
+// would read past, and brought to a layout the kernels read (aligned, strides they take), copying
+// any other. The GIL is released around every kernel.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -29,15 +31,33 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// Checks dtype, ndim and (where given, >= 0) each dimension; requires C-contiguity unless
-// `row_strided` (then only the last axis must be contiguous, as for activation rows).
+// Whether the kernels can read `a` through a T* as it is: data aligned to T (sizeof(T)), and
+// C-contiguous, or with `strided` (activation rows, attention's q / k / v) a contiguous last axis
+// and the other strides non-negative multiples of sizeof(T) (rows may overlap: they are only read).
+// An empty array has nothing to read (numpy gives it strides of 0).
+bool readable(const py::array& a, py::ssize_t item, bool strided) {
+  if (a.size() == 0) return true;
+  if (reinterpret_cast<uintptr_t>(a.data()) % (uintptr_t)item) return false;
+  if (!strided) return a.flags() & py::array::c_style;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    const py::ssize_t st = a.strides(i);
+    if (a.shape(i) > 1 && (i == a.ndim() - 1 ? st != item : st < 0 || st % item))
+      return false;
+  }
+  return true;
+}
+
+// Checks dtype (T's, or `dtype` for the float16 that travels as uint16 bits), ndim and (where
+// given, >= 0) each dimension, and returns `a`, or a C-contiguous copy when the kernels cannot
+// read it as it is (see readable): broadcast rows, structured-array fields, negative strides, a
+// buffer at an odd byte offset (np.frombuffer, GGUF files aligned to 1) are valid arrays, copied
+// here rather than refused or read through a misaligned pointer.
 template <class T>
-void check(const py::array& a, const char* name, std::initializer_list<int64_t> shape,
-           bool row_strided = false) {
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + ": expected dtype " +
-                         std::string(py::str(py::dtype::of<T>())) + ", got " +
-                         std::string(py::str(a.dtype())));
+py::array check(const py::array& a, const char* name, std::initializer_list<int64_t> shape,
+                bool strided = false, const py::dtype& dtype = py::dtype::of<T>()) {
+  if (!a.dtype().is(dtype))
+    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(dtype)) +
+                         ", got " + std::string(py::str(a.dtype())));
   if (a.ndim() != (py::ssize_t)shape.size())
     throw py::value_error(std::string(name) + ": expected " + std::to_string(shape.size()) +
                           " dimensions, got shape " + shape_str(a));
@@ -48,20 +68,28 @@ void check(const py::array& a, const char* name, std::initializer_list<int64_t> 
                             " to be " + std::to_string(d) + ", got shape " + shape_str(a));
     ++i;
   }
-  const py::ssize_t item = (py::ssize_t)sizeof(T);
-  if (row_strided) {  // 2-D: contiguous rows at any positive, non-overlapping row stride
-    const bool cols_ok = a.shape(1) <= 1 || a.strides(1) == item;
-    const bool rows_ok = a.shape(0) <= 1 || (a.strides(0) >= a.shape(1) * item && a.strides(0) % item == 0);
-    if (!cols_ok || !rows_ok)
-      throw py::value_error(std::string(name) + ": expected contiguous rows (last axis stride " +
-                            std::to_string(item) + " bytes)");
-  } else if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) + ": expected a C-contiguous array");
-  }
+  return readable(a, (py::ssize_t)sizeof(T), strided) ? a : py::array(a.attr("copy")());
+}
+
+// float16 arrays travel as numpy float16; the kernels read their bits.
+py::array check_half(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+  return check<uint16_t>(a, name, shape, false, py::dtype("float16"));
 }
 
 template <class T>
 const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+
+// The data of an optional array (None: null).
+template <class T>
+const T* cptr_or_null(const py::object& a) {
+  return a.is_none() ? nullptr : static_cast<const T*>(a.cast<py::array>().data());
+}
+
+// The row stride in elements of 2-D rows read as `strided` (any stride when there is one row).
+template <class T>
+int64_t row_stride(const py::array& a) {
+  return a.shape(0) > 1 ? a.strides(0) / (int64_t)sizeof(T) : a.shape(1);
+}
 
 // Releases the GIL for a block, like py::gil_scoped_release, but safe for daemon threads at
 // interpreter exit. There CPython ends a thread that asks for the GIL back with pthread_exit, an
@@ -103,13 +131,13 @@ void check_weight_shape(int64_t N, int64_t K, int64_t group) {
                           std::to_string(K) + ", got " + std::to_string(group));
 }
 
-// An optional float32 (N,) bias array (kept alive by the caller's object), or null.
-const float* bias_ptr(const py::object& bias, int64_t N) {
-  if (bias.is_none()) return nullptr;
-  if (!py::isinstance<py::array>(bias)) throw py::type_error("bias: expected a numpy array or None");
-  const py::array a = bias.cast<py::array>();
-  check<float>(a, "bias", {N});
-  return cptr<float>(a);
+// An optional float32 (n,) array (bias, input_scale): None, or the array checked (held by the
+// caller while the kernel reads it).
+py::object optional_vector(const py::object& v, const char* name, int64_t n) {
+  if (v.is_none()) return v;
+  if (!py::isinstance<py::array>(v))
+    throw py::type_error(std::string(name) + ": expected a numpy array or None");
+  return check<float>(v.cast<py::array>(), name, {n});
 }
 
 W8Shape w8_shape(int64_t N, int64_t K, int64_t group) {
@@ -137,17 +165,16 @@ py::array half_zeros(std::vector<py::ssize_t> shape) {
   return a;
 }
 
-py::tuple quantize_w8_py(const py::array& w, int64_t group) {
-  check<float>(w, "w", {-1, -1}, true);
+py::tuple quantize_w8_py(py::array w, int64_t group) {
+  w = check<float>(w, "w", {-1, -1}, true);
   const W8Shape s = w8_shape(w.shape(0), w.shape(1), group);
   auto packed = zeros<int8_t>({s.Np, s.Kp});
   auto scales = zeros<float>({s.G, s.Np});
   auto comp = zeros<int32_t>({s.G, s.Np});
-  const int64_t ldw = w.shape(0) > 1 ? w.strides(0) / (int64_t)sizeof(float) : s.K;
   int64_t bad;
   {
     NoGil nogil;
-    bad = quantize_w8(cptr<float>(w), ldw, s, packed.mutable_data(), scales.mutable_data(),
+    bad = quantize_w8(cptr<float>(w), row_stride<float>(w), s, packed.mutable_data(), scales.mutable_data(),
                       comp.mutable_data());
   }
   if (bad >= 0)
@@ -156,15 +183,14 @@ py::tuple quantize_w8_py(const py::array& w, int64_t group) {
   return py::make_tuple(packed, scales, comp);
 }
 
-void check_w8(const py::array& packed, const py::array& scales, const py::array& comp,
-              const W8Shape& s) {
-  check<int8_t>(packed, "packed", {s.Np, s.Kp});
-  check<float>(scales, "scales", {s.G, s.Np});
-  check<int32_t>(comp, "comp", {s.G, s.Np});
+void check_w8(py::array& packed, py::array& scales, py::array& comp, const W8Shape& s) {
+  packed = check<int8_t>(packed, "packed", {s.Np, s.Kp});
+  scales = check<float>(scales, "scales", {s.G, s.Np});
+  comp = check<int32_t>(comp, "comp", {s.G, s.Np});
 }
 
-py::tuple pack_w8_py(const py::array& q, int64_t group) {
-  check<int8_t>(q, "q", {-1, -1});
+py::tuple pack_w8_py(py::array q, int64_t group) {
+  q = check<int8_t>(q, "q", {-1, -1});
   const W8Shape s = w8_shape(q.shape(0), q.shape(1), group);
   auto packed = zeros<int8_t>({s.Np, s.Kp});
   auto comp = zeros<int32_t>({s.G, s.Np});
@@ -176,12 +202,12 @@ py::tuple pack_w8_py(const py::array& q, int64_t group) {
 }
 
 // GGUF rows of blocks of 32 (`block_bytes` each) -> the weight shape, with the row length checked.
-void check_gguf_rows(const py::array& raw, int64_t K, int64_t block_bytes) {
-  check<uint8_t>(raw, "raw", {-1, -1});
+py::array check_gguf_rows(const py::array& raw, int64_t K, int64_t block_bytes) {
   if (K < 32 || K % 32 || raw.shape(1) != K / 32 * block_bytes)
     throw py::value_error("GGUF rows of K=" + std::to_string(K) + " need K a multiple of 32 and " +
                           std::to_string(block_bytes) + " bytes per 32 weights, got raw shape " +
                           shape_str(raw));
+  return raw;
 }
 
 // Static activations: act_scale 0 (dynamic) or a positive finite scale; zero point in [-128, 127].
@@ -194,64 +220,65 @@ void check_static(float act_scale, int32_t act_zero) {
                           std::to_string(act_zero));
 }
 
-// The result array: a new float32 array of `shape`, or `out` when given, which must be a
-// writeable C-contiguous float32 array of exactly that shape (overlap with the inputs is checked
-// by the Python callers).
-py::array_t<float> result(const py::object& out, const std::vector<int64_t>& shape) {
-  if (out.is_none()) return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-  py::array y = out.cast<py::array>();
-  bool ok = y.dtype().is(py::dtype::of<float>()) && (y.flags() & py::array::c_style) && y.writeable() &&
-            y.ndim() == (py::ssize_t)shape.size();
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = y.shape(i) == shape[i];
-  if (!ok) {
-    std::string want = "(";
-    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
-    throw py::value_error("out: expected a writeable C-contiguous float32 array of shape " + want +
-                          (shape.size() == 1 ? ",)" : ")") + ", got " + std::string(py::str(y.dtype())) +
-                          " " + shape_str(y));
+// Where a kernel writes its float32 result of `shape`: a new array, or `out` when given, which
+// must be a writeable C-contiguous float32 array of exactly that shape (overlap with the inputs is
+// checked by the Python callers). An `out` whose data is not 4-byte aligned gets the result
+// through an aligned array, copied into it by finish() (with the GIL held).
+class Output {
+ public:
+  Output(const py::object& out, const std::vector<int64_t>& shape) : out_(out) {
+    if (out.is_none()) {
+      y_ = py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+      return;
+    }
+    const py::array y = out.cast<py::array>();
+    bool ok = y.dtype().is(py::dtype::of<float>()) && (y.flags() & py::array::c_style) &&
+              y.writeable() && y.ndim() == (py::ssize_t)shape.size();
+    for (size_t i = 0; ok && i < shape.size(); ++i) ok = y.shape(i) == shape[i];
+    if (!ok) {
+      std::string want = "(";
+      for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+      throw py::value_error("out: expected a writeable C-contiguous float32 array of shape " + want +
+                            (shape.size() == 1 ? ",)" : ")") + ", got " +
+                            std::string(py::str(y.dtype())) + " " + shape_str(y));
+    }
+    y_ = readable(y, sizeof(float), false) ? y : py::array(y.attr("copy")());
   }
-  return py::reinterpret_borrow<py::array_t<float>>(y);
-}
+  float* data() { return static_cast<float*>(y_.mutable_data()); }
+  py::array finish() {
+    if (out_.is_none()) return y_;
+    if (!y_.is(out_)) py::module_::import("numpy").attr("copyto")(out_, y_);
+    return out_.cast<py::array>();
+  }
 
-// input_scale: None or float32 (K,) factors the inputs are multiplied by in the kernel.
-const float* column_factors(const py::object& input_scale, int64_t K) {
-  if (input_scale.is_none()) return nullptr;
-  const py::array c = input_scale.cast<py::array>();
-  check<float>(c, "input_scale", {K});
-  return cptr<float>(c);
-}
+ private:
+  py::object out_;
+  py::array y_;
+};
 
-py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
-                                  const py::array& scales, const py::array& comp, int64_t N,
-                                  int64_t K, int64_t group, const py::object& bias,
-                                  float act_scale, int32_t act_zero, const py::object& input_scale,
-                                  bool gelu, const py::object& out) {
+py::array linear_w8a8_py(py::array x, py::array packed, py::array scales, py::array comp,
+                         int64_t N, int64_t K, int64_t group, const py::object& bias,
+                         float act_scale, int32_t act_zero, const py::object& input_scale,
+                         bool gelu, const py::object& out) {
   check_static(act_scale, act_zero);
   const W8Shape s = w8_shape(N, K, group);
-  check<float>(x, "x", {-1, K}, true);
+  x = check<float>(x, "x", {-1, K}, true);
   check_w8(packed, scales, comp, s);
-  const float* b = bias_ptr(bias, N);
-  const float* cs = column_factors(input_scale, K);
+  const py::object b = optional_vector(bias, "bias", N);
+  const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
   const int64_t M = x.shape(0);
-  py::array_t<float> y = result(out, {M, N});
-  const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
+  Output y(out, {M, N});
   {
     NoGil nogil;
-    linear_w8a8(cptr<float>(x), ldx, M, cptr<int8_t>(packed), cptr<float>(scales),
-                cptr<int32_t>(comp), b, s, act_scale, act_zero, cs, gelu, y.mutable_data());
+    linear_w8a8(cptr<float>(x), row_stride<float>(x), M, cptr<int8_t>(packed), cptr<float>(scales),
+                cptr<int32_t>(comp), cptr_or_null<float>(b), s, act_scale, act_zero,
+                cptr_or_null<float>(cs), gelu, y.data());
   }
-  return y;
+  return y.finish();
 }
 
-// float16 arrays travel as numpy float16; the kernels read their bits.
-void check_half(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
-  if (!a.dtype().is(py::dtype("float16")))
-    throw py::type_error(std::string(name) + ": expected dtype float16, got " + std::string(py::str(a.dtype())));
-  check<uint16_t>(py::array(a).view("uint16"), name, shape);
-}
-
-py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
-  check<float>(w, "w", {-1, -1}, true);
+py::tuple quantize_w4_py(py::array w, int64_t group, bool symmetric) {
+  w = check<float>(w, "w", {-1, -1}, true);
   const Q4Shape s = q4_shape(w.shape(0), w.shape(1), group);
   auto packed = zeros<uint8_t>({s.Np, s.Kp / 2});
   py::array scales = half_zeros({s.Np / kPanel, s.G, kPanel});
@@ -262,12 +289,11 @@ py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
     mins_ptr = (uint16_t*)m.mutable_data();
     mins = m;
   }
-  const int64_t ldw = w.shape(0) > 1 ? w.strides(0) / (int64_t)sizeof(float) : s.K;
   int64_t bad;
   int why = 0;
   {
     NoGil nogil;
-    bad = quantize_w4(cptr<float>(w), ldw, s, packed.mutable_data(), (uint16_t*)scales.mutable_data(),
+    bad = quantize_w4(cptr<float>(w), row_stride<float>(w), s, packed.mutable_data(), (uint16_t*)scales.mutable_data(),
                       mins_ptr, &why);
   }
   if (bad >= 0)
@@ -278,17 +304,18 @@ py::tuple quantize_w4_py(const py::array& w, int64_t group, bool symmetric) {
   return py::make_tuple(packed, scales, mins);
 }
 
-void check_w4(const py::array& packed, const py::array& scales, const py::object& mins,
-              const py::object& zeros, const Q4Shape& s) {
-  check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
-  check_half(scales, "scales", {s.Np / kPanel, s.G, kPanel});
-  if (!mins.is_none()) check_half(mins.cast<py::array>(), "mins", {s.Np / kPanel, s.G, kPanel});
-  if (!zeros.is_none()) check<uint8_t>(zeros.cast<py::array>(), "zeros", {s.Np / kPanel, s.G, kPanel});
+void check_w4(py::array& packed, py::array& scales, py::object& mins, py::object& zeros,
+              const Q4Shape& s) {
+  packed = check<uint8_t>(packed, "packed", {s.Np, s.Kp / 2});
+  scales = check_half(scales, "scales", {s.Np / kPanel, s.G, kPanel});
+  if (!mins.is_none()) mins = check_half(mins.cast<py::array>(), "mins", {s.Np / kPanel, s.G, kPanel});
+  if (!zeros.is_none())
+    zeros = check<uint8_t>(zeros.cast<py::array>(), "zeros", {s.Np / kPanel, s.G, kPanel});
   if (!mins.is_none() && !zeros.is_none()) throw py::value_error("give mins or zeros, not both");
 }
 
-py::array_t<uint8_t> pack_w4_py(const py::array& q, int64_t group) {
-  check<uint8_t>(q, "q", {-1, -1});
+py::array_t<uint8_t> pack_w4_py(py::array q, int64_t group) {
+  q = check<uint8_t>(q, "q", {-1, -1});
   const Q4Shape s = q4_shape(q.shape(0), q.shape(1), group);
   const uint8_t* v = cptr<uint8_t>(q);
   for (int64_t i = 0; i < s.N * s.K; ++i)
@@ -303,8 +330,8 @@ py::array_t<uint8_t> pack_w4_py(const py::array& q, int64_t group) {
   return packed;
 }
 
-py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
-  check_gguf_rows(raw, K, has_min ? 20 : 18);
+py::tuple gguf_q4_py(py::array raw, int64_t K, bool has_min) {
+  raw = check_gguf_rows(check<uint8_t>(raw, "raw", {-1, -1}), K, has_min ? 20 : 18);
   const Q4Shape s = q4_shape(raw.shape(0), K, 32);
   auto packed = zeros<uint8_t>({s.Np, s.Kp / 2});
   py::array scales = half_zeros({s.Np / kPanel, s.G, kPanel});
@@ -317,28 +344,25 @@ py::tuple gguf_q4_py(const py::array& raw, int64_t K, bool has_min) {
   return py::make_tuple(packed, scales, has_min ? py::object(mins) : py::object(py::none()));
 }
 
-py::array_t<float> linear_w4_py(const py::array& x, const py::array& packed, const py::array& scales,
-                                const py::object& mins, const py::object& zeros, int64_t N,
-                                int64_t K, int64_t group, const py::object& bias,
-                                bool int8_activations, float act_scale,
-                                const py::object& input_scale, bool gelu, const py::object& out) {
+py::array linear_w4_py(py::array x, py::array packed, py::array scales, py::object mins,
+                       py::object zeros, int64_t N, int64_t K, int64_t group,
+                       const py::object& bias, bool int8_activations, float act_scale,
+                       const py::object& input_scale, bool gelu, const py::object& out) {
   check_static(act_scale, 0);
   const Q4Shape s = q4_shape(N, K, group);
-  check<float>(x, "x", {-1, K}, true);
+  x = check<float>(x, "x", {-1, K}, true);
   check_w4(packed, scales, mins, zeros, s);
-  const float* b = bias_ptr(bias, N);
-  const float* cs = column_factors(input_scale, K);
-  const uint16_t* mins_ptr = mins.is_none() ? nullptr : (const uint16_t*)mins.cast<py::array>().data();
-  const uint8_t* zeros_ptr = zeros.is_none() ? nullptr : cptr<uint8_t>(zeros.cast<py::array>());
+  const py::object b = optional_vector(bias, "bias", N);
+  const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
   const int64_t M = x.shape(0);
-  py::array_t<float> y = result(out, {M, N});
-  const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
+  Output y(out, {M, N});
   {
     NoGil nogil;
-    linear_w4(cptr<float>(x), ldx, M, cptr<uint8_t>(packed), (const uint16_t*)scales.data(), mins_ptr,
-              zeros_ptr, b, s, int8_activations, act_scale, cs, gelu, y.mutable_data());
+    linear_w4(cptr<float>(x), row_stride<float>(x), M, cptr<uint8_t>(packed), cptr<uint16_t>(scales),
+              cptr_or_null<uint16_t>(mins), cptr_or_null<uint8_t>(zeros), cptr_or_null<float>(b), s,
+              int8_activations, act_scale, cptr_or_null<float>(cs), gelu, y.data());
   }
-  return y;
+  return y.finish();
 }
 
 // ---- block formats (formats.h) ----
@@ -413,8 +437,9 @@ py::list block_formats() {
   return out;
 }
 
-// The weight fields of BlkArgs from its parts, each checked against the format's layout.
-BlkArgs blk_weight(int fmt, int64_t N, int64_t K, const py::dict& parts) {
+// The weight fields of BlkArgs from its parts, each checked against the format's layout (a part
+// the kernels cannot read as it is, misaligned, is replaced in `parts` by an aligned copy).
+BlkArgs blk_weight(int fmt, int64_t N, int64_t K, py::dict& parts) {
   const BlkShape s = blk_shape(fmt, N, K);
   const py::dict expect = blk_parts(fmt, N, K);
   BlkArgs w{};
@@ -430,17 +455,19 @@ BlkArgs blk_weight(int fmt, int64_t N, int64_t K, const py::dict& parts) {
       throw py::value_error(std::string(kBlockFormats[fmt].name) + " weight: part '" + name + "' " +
                             (want ? "missing" : "not expected"));
     if (!have) continue;
-    const py::array a = parts[name].cast<py::array>();
+    py::array a = parts[name].cast<py::array>();
     const py::tuple spec = expect[name].cast<py::tuple>();
     const py::dtype dt(spec[0].cast<std::string>());
     const py::tuple shape = spec[1].cast<py::tuple>();
-    bool ok = a.dtype().equal(dt) && a.ndim() == (py::ssize_t)shape.size() && (a.flags() & py::array::c_style);
+    bool ok = a.dtype().equal(dt) && a.ndim() == (py::ssize_t)shape.size() &&
+              (a.size() == 0 || (a.flags() & py::array::c_style));
     for (py::ssize_t j = 0; ok && j < a.ndim(); ++j) ok = a.shape(j) == shape[j].cast<int64_t>();
     if (!ok)
       throw py::value_error(std::string(kBlockFormats[fmt].name) + " weight: part '" + name +
                             "' should be a C-contiguous " + std::string(py::str(dt)) + " array of shape " +
                             std::string(py::str(shape)) + ", got " + std::string(py::str(a.dtype())) + " " +
                             shape_str(a));
+    if (!readable(a, a.itemsize(), false)) parts[name] = a = py::array(a.attr("copy")());
     ptr[i] = a.data();
   }
   w.q8 = (const uint8_t*)ptr[0];
@@ -468,9 +495,9 @@ py::dict blk_zeros(int fmt, int64_t N, int64_t K) {
 
 // GGUF rows raw (one file row per weight row) into rows [row0, row0 + raw rows) of `parts`
 // (blk_zeros of the whole weight; row0 a multiple of 16): a large tensor is repacked in chunks.
-void gguf_blocks_py(int fmt, const py::array& raw, int64_t N, int64_t K, py::dict& parts, int64_t row0) {
+void gguf_blocks_py(int fmt, py::array raw, int64_t N, int64_t K, py::dict& parts, int64_t row0) {
   const BlockFormat& F = kBlockFormats[check_format(fmt)];
-  check<uint8_t>(raw, "raw", {-1, -1});
+  raw = check<uint8_t>(raw, "raw", {-1, -1});
   if (K < F.block || K % F.block || raw.shape(1) != K / F.block * F.bytes)
     throw py::value_error(std::string("GGUF ") + F.name + " rows of K=" + std::to_string(K) +
                           " need K a multiple of " + std::to_string(F.block) + " and " +
@@ -502,10 +529,10 @@ class BlockWeight {
   BlkArgs w_;
 };
 
-py::array_t<float> dequantize_blk_py(const BlockWeight& weight, const py::array& rows) {
+py::array_t<float> dequantize_blk_py(const BlockWeight& weight, py::array rows) {
   const BlkArgs& w = weight.args();
   const int64_t N = w.N, K = w.K;
-  check<int64_t>(rows, "rows", {-1});
+  rows = check<int64_t>(rows, "rows", {-1});
   const int64_t* r = cptr<int64_t>(rows);
   for (int64_t i = 0; i < rows.shape(0); ++i)
     if (r[i] < 0 || r[i] >= N) throw py::index_error("row " + std::to_string(r[i]) + " out of range");
@@ -517,28 +544,28 @@ py::array_t<float> dequantize_blk_py(const BlockWeight& weight, const py::array&
   return out;
 }
 
-py::array_t<float> linear_blk_py(const py::array& x, const BlockWeight& weight,
-                                 const py::object& bias, bool int8_activations, float act_scale,
-                                 const py::object& input_scale, bool gelu, const py::object& out) {
+py::array linear_blk_py(py::array x, const BlockWeight& weight, const py::object& bias,
+                        bool int8_activations, float act_scale, const py::object& input_scale,
+                        bool gelu, const py::object& out) {
   check_static(act_scale, 0);
   const BlkArgs& w = weight.args();
   const int64_t N = w.N, K = w.K;
-  check<float>(x, "x", {-1, K}, true);
-  const float* b = bias_ptr(bias, N);
-  const float* cs = column_factors(input_scale, K);
+  x = check<float>(x, "x", {-1, K}, true);
+  const py::object b = optional_vector(bias, "bias", N);
+  const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
   const int64_t M = x.shape(0);
-  py::array_t<float> y = result(out, {M, N});
-  const int64_t ldx = M > 1 ? x.strides(0) / (int64_t)sizeof(float) : K;
+  Output y(out, {M, N});
   {
     NoGil nogil;
-    linear_blk(cptr<float>(x), ldx, M, w, b, int8_activations, act_scale, cs, gelu, y.mutable_data());
+    linear_blk(cptr<float>(x), row_stride<float>(x), M, w, cptr_or_null<float>(b), int8_activations,
+               act_scale, cptr_or_null<float>(cs), gelu, y.data());
   }
-  return y;
+  return y.finish();
 }
 
-py::array_t<int32_t> gemm_s8_py(const py::array& a, const py::array& b) {
-  check<int8_t>(a, "a", {-1, -1});
-  check<int8_t>(b, "b", {-1, a.shape(1)});
+py::array_t<int32_t> gemm_s8_py(py::array a, py::array b) {
+  a = check<int8_t>(a, "a", {-1, -1});
+  b = check<int8_t>(b, "b", {-1, a.shape(1)});
   const int64_t M = a.shape(0), N = b.shape(0), K = a.shape(1);
   if (K > kMaxK)
     throw py::value_error("K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
@@ -552,8 +579,8 @@ py::array_t<int32_t> gemm_s8_py(const py::array& a, const py::array& b) {
   return c;
 }
 
-py::array_t<uint8_t> pack_int4_py(const py::array& q) {
-  check<uint8_t>(q, "q", {-1, -1});
+py::array_t<uint8_t> pack_int4_py(py::array q) {
+  q = check<uint8_t>(q, "q", {-1, -1});
   const int64_t N = q.shape(0), K = q.shape(1);
   if (K % 2) throw py::value_error("pack_int4: K must be even, got shape " + shape_str(q));
   py::array_t<uint8_t> out({N, K / 2});
@@ -569,8 +596,8 @@ py::array_t<uint8_t> pack_int4_py(const py::array& q) {
   return out;
 }
 
-py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
-  check<uint8_t>(p, "p", {-1, -1});
+py::array_t<uint8_t> unpack_int4_py(py::array p) {
+  p = check<uint8_t>(p, "p", {-1, -1});
   const int64_t N = p.shape(0), Kh = p.shape(1);
   py::array_t<uint8_t> out({N, 2 * Kh});
   {
@@ -580,81 +607,68 @@ py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
   return out;
 }
 
-// x: float32 (..., n) with contiguous rows; returns (rows, n) views' shapes as given.
-// x: C-contiguous float32; out: None (a new array) or a writeable array of x's shape (may be x).
-py::array gelu_py(const py::array& x, py::object out) {
-  if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style))
-    throw py::type_error("gelu: expected a C-contiguous float32 array");
-  py::array y = out.is_none() ? py::array_t<float>(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()))
-                              : out.cast<py::array>();
-  if (!y.dtype().is(py::dtype::of<float>()) || !(y.flags() & py::array::c_style) || !y.writeable() ||
-      y.size() != x.size())
-    throw py::value_error("gelu: out must be a writeable C-contiguous float32 array of x's size");
+// x: float32 of any shape; out: None (a new array) or a writeable C-contiguous float32 array of
+// x's shape, which may be x itself (elementwise: in place is safe; any other overlap is checked
+// by lowbit.nn).
+py::array gelu_py(py::array x, const py::object& out) {
+  if (!x.dtype().is(py::dtype::of<float>()))
+    throw py::type_error("gelu: expected a float32 array, got " + std::string(py::str(x.dtype())));
+  x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
+  Output y(out, std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
   {
     NoGil nogil;
-    gelu(cptr<float>(x), (float*)y.mutable_data(), (int64_t)x.size());
+    gelu(cptr<float>(x), y.data(), (int64_t)x.size());
   }
-  return y;
+  return y.finish();
 }
 
-py::array_t<float> layer_norm_py(const py::array& x, const py::object& r, const py::array& w,
-                                 const py::object& b, float eps, bool rms, const py::object& out) {
-  check<float>(x, "x", {-1, -1}, true);
+py::array layer_norm_py(py::array x, const py::object& r, py::array w, const py::object& b,
+                        float eps, bool rms, const py::object& out) {
+  x = check<float>(x, "x", {-1, -1}, true);
   const int64_t rows = x.shape(0), n = x.shape(1);
-  check<float>(w, "weight", {n});
-  const float* rp = nullptr;
-  if (!r.is_none()) {
-    check<float>(r.cast<py::array>(), "residual", {rows, n});
-    rp = cptr<float>(r.cast<py::array>());
-  }
-  const float* bp = nullptr;
-  if (!rms) {
-    check<float>(b.cast<py::array>(), "bias", {n});
-    bp = cptr<float>(b.cast<py::array>());
-  }
-  py::array_t<float> y = result(out, {rows, n});
-  const int64_t ld = rows > 1 ? x.strides(0) / (int64_t)sizeof(float) : n;
+  w = check<float>(w, "weight", {n});
+  const py::object res = r.is_none() ? r : py::object(check<float>(r.cast<py::array>(), "residual", {rows, n}));
+  const py::object bias = rms ? py::object(py::none()) : optional_vector(b, "bias", n);
+  if (!rms && bias.is_none()) throw py::type_error("bias: expected a numpy array for LayerNorm");
+  Output y(out, {rows, n});
   {
     NoGil nogil;
-    layer_norm(cptr<float>(x), rp, ld, cptr<float>(w), bp, eps, rms, rows, n, y.mutable_data());
+    layer_norm(cptr<float>(x), cptr_or_null<float>(res), row_stride<float>(x), cptr<float>(w),
+               cptr_or_null<float>(bias), eps, rms, rows, n, y.data());
   }
-  return y;
+  return y.finish();
 }
 
-void softmax_py(py::array& x) {
+// In place on a writeable C-contiguous float32 array (through an aligned copy when its data is
+// not 4-byte aligned).
+void softmax_py(py::array x) {
   if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
     throw py::type_error("softmax: expected a writeable C-contiguous float32 array");
   if (x.ndim() == 0 || x.size() == 0) return;
   const int64_t n = x.shape(x.ndim() - 1);
-  NoGil nogil;
-  softmax((float*)x.mutable_data(), (int64_t)x.size() / n, n);
+  Output y(x, std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));  // (a copy holds x's values)
+  {
+    NoGil nogil;
+    softmax(y.data(), (int64_t)x.size() / n, n);
+  }
+  y.finish();
 }
 
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
-py::array_t<float> attention_py(const py::array& q, const py::array& k, const py::array& v,
-                                const py::object& lengths, bool causal, float scale,
-                                const py::object& out) {
-  const py::array* arrays[3] = {&q, &k, &v};
+py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
+                       bool causal, float scale, const py::object& out) {
+  py::array* arrays[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
   AttnArgs a{};
   int64_t* strides[3] = {a.qs, a.ks, a.vs};
   for (int i = 0; i < 3; ++i) {
-    const py::array& x = *arrays[i];
-    if (!x.dtype().is(py::dtype::of<float>()))
-      throw py::type_error(std::string(names[i]) + ": expected dtype float32, got " +
-                           std::string(py::str(x.dtype())));
-    if (x.ndim() != 4)
+    py::array& x = *arrays[i];
+    if (x.ndim() != 4 && x.dtype().is(py::dtype::of<float>()))
       throw py::value_error(std::string(names[i]) + ": expected 4 dimensions (batch, tokens, "
                             "heads, head_dim), got shape " + shape_str(x));
-    for (int j = 0; j < 4; ++j) {  // (an empty array's strides are never used)
-      const bool ok = x.size() == 0 || (j == 3 ? x.shape(3) <= 1 || x.strides(3) == 4
-                                               : x.strides(j) >= 0 && x.strides(j) % 4 == 0);
-      if (!ok)
-        throw py::value_error(std::string(names[i]) + ": expected a contiguous last axis and "
-                              "non-negative strides");
-      if (j < 3) strides[i][j] = x.strides(j) / 4;
-    }
+    x = check<float>(x, names[i], {-1, -1, -1, -1}, true);
+    for (int j = 0; j < 3; ++j) strides[i][j] = x.strides(j) / 4;  // (an empty array's are unused)
   }
   a.B = q.shape(0), a.Sq = q.shape(1), a.H = q.shape(2), a.d = q.shape(3);
   a.Sk = k.shape(1), a.Hkv = k.shape(2);
@@ -664,21 +678,18 @@ py::array_t<float> attention_py(const py::array& q, const py::array& k, const py
                           ", got " + shape_str(k));
   if (v.shape(0) != a.B || v.shape(1) != a.Sk || v.shape(2) != a.Hkv || v.shape(3) != a.d)
     throw py::value_error("v: expected k's shape " + shape_str(k) + ", got " + shape_str(v));
-  py::array_t<int64_t> lens;
-  if (!lengths.is_none()) {
-    lens = lengths.cast<py::array>();
-    check<int64_t>(lens, "lengths", {a.B});
-    a.lengths = lens.data();
-  }
+  const py::object lens =
+      lengths.is_none() ? lengths : py::object(check<int64_t>(lengths.cast<py::array>(), "lengths", {a.B}));
+  a.lengths = cptr_or_null<int64_t>(lens);
   a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
   a.causal = causal, a.scale = scale;
-  py::array_t<float> y = result(out, {a.B, a.Sq, a.H, a.d});
-  a.out = y.mutable_data();
-  if (y.size()) {
+  Output y(out, {a.B, a.Sq, a.H, a.d});
+  a.out = y.data();
+  if (a.B * a.Sq * a.H * a.d) {
     NoGil nogil;
     attention(a);
   }
-  return y;
+  return y.finish();
 }
 
 }  // namespace
@@ -688,6 +699,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = LOWBIT_VERSION;
   m.attr("PANEL") = kPanel;
   m.attr("MAX_K") = kMaxK;
+  m.attr("MAX_THREADS") = kMaxThreads;
 
   m.def("isa", [] { return std::string(kernels().name); });
   m.def("set_isa", [](const std::string& name) {
@@ -697,6 +709,13 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error(e.what());
     }
   });
+  m.def("set_thread_isa", [](const std::string& name) {
+    try {
+      return set_thread_isa(name);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("name"), "this thread's kernel set (\"\": the process's); returns the previous choice");
   m.def("available_isas", &available_isas);
   m.def("compiled_isas", &compiled_isas);
   m.def("cpu_features", [] {
@@ -705,10 +724,16 @@ PYBIND11_MODULE(_core, m) {
     return d;
   });
   m.def("get_num_threads", &get_num_threads);
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
-    NoGil nogil;
-    set_num_threads(n);
+  m.def("set_num_threads", [](const py::int_& n) {
+    int overflow = 0;  // a count beyond int64 is out of range like any other
+    const long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
+    const int64_t count = overflow > 0 ? INT64_MAX : overflow < 0 ? INT64_MIN : v;
+    try {
+      NoGil nogil;
+      set_num_threads(count);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
   });
 
   m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));
@@ -743,8 +768,8 @@ PYBIND11_MODULE(_core, m) {
     NoGil nogil;
     return dot_peak(seconds);
   }, py::arg("seconds") = 0.5, "int8 multiply-adds per second of the dot instruction, all threads");
-  m.def("read_bandwidth", [](const py::array& buf, int repeats) {
-    check<uint8_t>(buf, "buf", {-1});
+  m.def("read_bandwidth", [](py::array buf, int repeats) {
+    buf = check<uint8_t>(buf, "buf", {-1});
     if (repeats < 1) throw py::value_error("repeats must be >= 1");
     NoGil nogil;
     return read_bandwidth(cptr<uint8_t>(buf), buf.shape(0), repeats);

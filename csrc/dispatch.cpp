@@ -141,9 +141,15 @@ std::atomic<const Kernels*>& current() {
   return cur;
 }
 
+// A thread's own choice (lb.use_isa), or null for the process's: one switch per thread, so
+// threads entering and leaving use_isa in any interleaving each restore only their own.
+thread_local const Kernels* thread_choice = nullptr;
+
 }  // namespace
 
-const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
+const Kernels& kernels() {
+  return thread_choice ? *thread_choice : *current().load(std::memory_order_acquire);
+}
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
@@ -159,6 +165,13 @@ std::vector<std::string> compiled_isas() {
 }
 
 void set_isa(const std::string& name) { current().store(find(name), std::memory_order_release); }
+
+std::string set_thread_isa(const std::string& name) {
+  const Kernels* next = name.empty() ? nullptr : find(name);
+  const std::string previous = thread_choice ? thread_choice->name : "";
+  thread_choice = next;
+  return previous;
+}
 
 std::vector<std::pair<std::string, bool>> cpu_features() {
   std::vector<std::pair<std::string, bool>> out;

@@ -17,15 +17,49 @@ namespace {
 // Below this many multiply-adds a call runs on the caller's thread: waking a worker costs more.
 constexpr int64_t kSerialMacs = 1 << 20;
 
-// Growable scratch buffers per calling thread, kept between calls.
+// Scratch memory per thread, grown on demand and kept between calls up to kKeepScratch bytes per
+// buffer, so that most calls allocate nothing; a larger one is freed when the call that needed it
+// returns (ScratchScope), so one call on a 512 MB input leaves no 500 MB resident for the life of
+// the thread.
+constexpr size_t kKeepScratch = size_t(4) << 20;
+
+template <class T>
+void trim(std::vector<T>& buf) {
+  if (buf.capacity() * sizeof(T) > kKeepScratch) std::vector<T>().swap(buf);
+}
+
+struct ScratchBuffers {
+  std::vector<uint8_t> bytes, activations;
+  std::vector<float> scales;
+};
+
+ScratchBuffers& buffers() {
+  thread_local ScratchBuffers b;
+  return b;
+}
+
+// Declared first in every op that takes the calling thread's scratch buffers (which stay valid
+// until the op returns): trims them when it does.
+struct ScratchScope {
+  ScratchScope() = default;
+  ScratchScope(const ScratchScope&) = delete;
+  ScratchScope& operator=(const ScratchScope&) = delete;
+  ~ScratchScope() {
+    ScratchBuffers& b = buffers();
+    trim(b.bytes);
+    trim(b.activations);
+    trim(b.scales);
+  }
+};
+
 uint8_t* scratch(size_t bytes) {
-  thread_local std::vector<uint8_t> buf;
+  std::vector<uint8_t>& buf = buffers().bytes;
   if (buf.size() < bytes) buf.resize(bytes);
   return buf.data();
 }
 
 float* scratch_scales(int64_t M) {
-  thread_local std::vector<float> buf;
+  std::vector<float>& buf = buffers().scales;
   if ((int64_t)buf.size() < M) buf.resize((size_t)M);
   return buf.data();
 }
@@ -37,7 +71,7 @@ int64_t activation_stride(int64_t Kp) { return round_up(Kp, 64) % 4096 ? round_u
 // The kernels' activation operand: M rows of lda bytes, then padding rows of 128 (a zero) up to a
 // multiple of 32 rows, which the AMX kernel reads whole.
 uint8_t* activation_buffer(int64_t M, int64_t lda) {
-  thread_local std::vector<uint8_t> buf;
+  std::vector<uint8_t>& buf = buffers().activations;
   const size_t rows = (size_t)round_up(M, 32), bytes = rows * (size_t)lda;
   if (buf.size() < bytes) buf.resize(bytes);
   std::memset(buf.data() + M * lda, 128, (rows - (size_t)M) * (size_t)lda);
@@ -46,7 +80,8 @@ uint8_t* activation_buffer(int64_t M, int64_t lda) {
 
 // Runs quant(rows, ld, r0, r1) over rows [m0, m1) of x, `rows` pointing at row r0, ld floats
 // apart: x itself in one call, or, with per-column factors c (a layer's input_scale), blocks of
-// rows times c in a per-thread buffer (ld = K). Each product is one float multiply on every ISA.
+// rows times c in a per-thread buffer (ld = K; trimmed like the scratch buffers, as it returns).
+// Each product is one float multiply on every ISA.
 template <class Quant>
 void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, int64_t m0,
                       int64_t m1, const Quant& quant) {
@@ -60,6 +95,7 @@ void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, in
       for (int64_t k = 0; k < K; ++k) buf[(size_t)((m - r0) * K + k)] = x[m * ldx + k] * c[k];
     quant(buf.data(), K, r0, r1);
   }
+  trim(buf);
 }
 
 // Splits rows x panels into tasks (row block x panel block), panel-block major so that a thread's
@@ -191,6 +227,7 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
                  const int32_t* comp, const float* bias, const W8Shape& s, float act_scale,
                  int32_t act_zero, const float* colscale, bool gelu, float* y) {
   if (M == 0) return;
+  const ScratchScope scope;
   const Kernels& kt = kernels();
   const int64_t lda = activation_stride(s.Kp);
   uint8_t* a = activation_buffer(M, lda);
@@ -207,6 +244,7 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
 
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c) {
   if (M == 0 || N == 0) return;
+  const ScratchScope scope;
   const W8Shape s(N, K, 0);
   // Operands in the kernel's form: a + 128 padded with 128; b in panels, with its column sums.
   const size_t b_bytes = (size_t)(s.Np * s.Kp);
@@ -279,6 +317,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                bool int8_activations, float act_scale, const float* colscale, bool gelu,
                float* y) {
   if (M == 0) return;
+  const ScratchScope scope;
   const Kernels& kt = kernels();
   const int64_t nblocks = s.Kp / kActBlock;
   const int64_t elem = int8_activations ? 1 : 4;
@@ -364,6 +403,7 @@ void parallel_panels(int64_t N, int64_t K, const std::function<void(int64_t, int
 void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const float* bias,
                 bool int8_activations, float act_scale, const float* colscale, bool gelu, float* y) {
   if (M == 0) return;
+  const ScratchScope scope;
   const Kernels& kt = kernels();
   const BlockFormat& F = kBlockFormats[w.fmt];
   const int64_t K = w.K, n32 = K / kActBlock, n16 = K / 16, nsub = K / F.sub;

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,17 +28,31 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr auto kSpin = std::chrono::microseconds(200);  // how long an idle worker stays hot
 
+void check_count(int64_t n) {
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("num_threads must be in 1.." + std::to_string(kMaxThreads) +
+                                ", got " + std::to_string(n));
+}
+
+// LOWBIT_NUM_THREADS: digits only (no sign, exponent or trailing text: atoi read "1e3" as 1 and
+// "99999999999" as 1215752191), a count in 1..kMaxThreads; unset or empty: the CPUs available.
 int default_threads() {
-  if (const char* env = std::getenv("LOWBIT_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
+  if (const char* env = std::getenv("LOWBIT_NUM_THREADS"); env && *env) {
+    int64_t n = 0;
+    const char* c = env;
+    for (; *c >= '0' && *c <= '9' && n <= kMaxThreads; ++c) n = n * 10 + (*c - '0');
+    if (*c || n < 1 || n > kMaxThreads)
+      throw std::invalid_argument("LOWBIT_NUM_THREADS: expected a whole number of threads in 1.." +
+                                  std::to_string(kMaxThreads) + ", got '" + env + "'");
+    return (int)n;
   }
+  long n = 0;
 #ifdef __linux__
   cpu_set_t set;  // the CPUs this process may run on (containers, taskset)
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
 #endif
-  const long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (int)n : 1;
+  if (n < 1) n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n < 1 ? 1 : n > kMaxThreads ? (int)kMaxThreads : (int)n;
 }
 
 thread_local bool in_pool_job = false;
@@ -151,10 +166,11 @@ Pool& pool() {
 
 int get_num_threads() { return pool().nthreads; }
 
-void set_num_threads(int n) {
+void set_num_threads(int64_t n) {
+  check_count(n);
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.run_mutex);
-  p.shrink_to(n);
+  p.shrink_to((int)n);
 }
 
 void parallel_for(int64_t ntasks, const std::function<void(int64_t, int64_t)>& fn) {

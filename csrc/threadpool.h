@@ -7,9 +7,15 @@
 
 namespace lowbit {
 
-// Number of threads used by kernels (the caller counts as one).
+// Most threads a pool may have: more is a typo or an overflow ("99999999999"), not a machine, and
+// each one is an OS thread started on the first large call.
+constexpr int64_t kMaxThreads = 1024;
+
+// Number of threads used by kernels (the caller counts as one). set_num_threads throws
+// std::invalid_argument for n outside 1..kMaxThreads; so does the first use of the pool when
+// LOWBIT_NUM_THREADS is not a whole number in that range.
 int get_num_threads();
-void set_num_threads(int n);
+void set_num_threads(int64_t n);
 
 // Calls fn(begin, end) on disjoint contiguous ranges covering [0, ntasks), in parallel.
 // Runs inline when ntasks <= 1, when called from inside a pool job, or when another caller

@@ -42,7 +42,7 @@ def weight(name, n, nblocks, rng, finite=True):
     (for the kernels' accuracy checks)."""
     f = BLOCK_FORMATS[name]
     raw = random_rows(name, n, nblocks, rng)
-    parts = dict(weight_from_blocks(name, raw, nblocks * f.block)._parts)
+    parts = {p: a.copy() for p, a in weight_from_blocks(name, raw, nblocks * f.block)._parts.items()}
     if finite:
         for p in ("d", "dm"):
             if p in parts and parts[p].dtype == np.float16:

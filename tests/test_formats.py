@@ -107,6 +107,33 @@ def test_gguf_corrupt_files_raise_format_error(tmp_path, gguf_file):
             lb.load_gguf(bad)
 
 
+def test_gguf_aligned_to_one_byte_gives_misaligned_views_that_still_run(tmp_path, rng):
+    """general.alignment = 1 puts F32 tensors at odd offsets: load_gguf hands out views at odd
+    addresses, which the kernels receive as aligned copies (same results, no misaligned float*)."""
+    x = rng.normal(size=(3, 64)).astype(F32)
+    q8 = quants.quantize(rng.normal(size=(8, 64)).astype(F32), T.Q8_0)
+    for pad in (1, 2, 3):  # float16 values before x: x lands off 4-byte alignment for one of them
+        path = tmp_path / f"a1-{pad}.gguf"
+        w = gguf.GGUFWriter(str(path), arch="llama")
+        w.add_custom_alignment(1)
+        w.add_tensor("pad", np.zeros(pad, np.float16))
+        w.add_tensor("x", x)
+        w.add_tensor("q8", q8, raw_dtype=T.Q8_0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        got = lb.load_gguf(path)
+        xm = got["x"]
+        if xm.ctypes.data % 4:
+            break
+    assert xm.ctypes.data % 4 and np.array_equal(xm, x)
+    qw = got["q8"]
+    np.testing.assert_array_equal(lb.matmul(xm, qw), lb.matmul(x, qw))
+    np.testing.assert_array_equal(lb.nn.rms_norm(xm, xm[0]), lb.nn.rms_norm(x, x[0].copy()))
+    np.testing.assert_array_equal(lb.nn.gelu(xm), lb.nn.gelu(x))
+
+
 def test_gguf_lying_tensor_offset_is_refused(tmp_path, gguf_file):
     data = bytearray(gguf_file.read_bytes())
     name = b"f32"  # the last tensor info: its offset is the 8 bytes after name, dims and type
@@ -258,6 +285,69 @@ def test_bad_checkpoints_raise_format_error(tmp_path, rng):
         lb.load_gptq(tmp_path / "junk.safetensors")
 
 
+def write_safetensors(path, tensors):
+    """tensors: {name: array, or (\"BF16\", float32 array) stored as bfloat16 (its top 16 bits)}."""
+    import json
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            code, data = t[0], (np.asarray(t[1], F32).view(np.uint32) >> 16).astype("<u2")
+        else:
+            data = np.asarray(t)
+            code = {"<i4": "I32", "<f2": "F16", "<f4": "F32"}[data.dtype.str]
+        header[name] = {"dtype": code, "shape": list(data.shape),
+                        "data_offsets": [offset, offset + data.nbytes]}
+        blobs.append(data.tobytes())
+        offset += data.nbytes
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(blobs))
+
+
+@pytest.mark.parametrize("reader", ["gptq", "awq"])
+def test_checkpoints_with_bf16_tensors(tmp_path, rng, reader):
+    """Current exports store embeddings, norms and lm_head in BF16: the safetensors package's
+    numpy loader raised TypeError ("data type 'bfloat16' not understood"); they load as float32."""
+    q, z, s = make_quantized(rng, 16, 64, 32)
+    if reader == "gptq":
+        layer = {"l.qweight": pack_rows(q), "l.qzeros": pack_cols(z - 1), "l.scales": s}
+    else:
+        order = (0, 2, 4, 6, 1, 3, 5, 7)
+        layer = {"l.qweight": pack_cols(q, order), "l.qzeros": pack_cols(z, order), "l.scales": s}
+    embed = np.array([[1.5, -2.25, 3.0], [0.0, -0.0, 2.0 ** -100]], F32)  # exact in bfloat16
+    write_safetensors(tmp_path / "m.safetensors", dict(layer, **{"embed": ("BF16", embed),
+                                                                 "norm": ("BF16", embed[0])}))
+    got = getattr(lb, f"load_{reader}")(tmp_path / "m.safetensors")
+    assert got["embed"].dtype == F32 and same_bits(got["embed"], embed)
+    assert same_bits(got["norm"], embed[0])
+    g_idx = np.arange(64) // 32
+    assert same_bits(got["l"].dequantize(), reference(q, z, s, g_idx))
+
+
+@pytest.mark.parametrize("reader", ["gptq", "awq"])
+@pytest.mark.parametrize("case", ["N=0", "K=0", "float32 scales beyond float16",
+                                  "scales not exact in float16"])
+def test_checkpoint_layers_that_cannot_be_raise_format_error(tmp_path, rng, reader, case):
+    """Empty layers and scales float16 cannot hold raised plain ValueError from from_int."""
+    n, k, groups = (0 if case == "N=0" else 16), (0 if case == "K=0" else 64), 2
+    s = np.full((groups, n), 0.01, F32)
+    if "beyond" in case:
+        s[0, 0] = 1e6
+    elif "exact" in case:
+        s[0, 0] = 0.1
+    if reader == "gptq":
+        layer = {"l.qweight": np.zeros((k // 8, n), np.int32), "l.qzeros": np.zeros((groups, n // 8), np.int32)}
+    else:
+        layer = {"l.qweight": np.zeros((k, n // 8), np.int32), "l.qzeros": np.zeros((groups, n // 8), np.int32)}
+    layer["l.scales"] = s
+    with pytest.raises(lb.FormatError, match="layer 'l'"):
+        getattr(lb, f"load_{reader}")(layer)
+    with pytest.raises(lb.FormatError):
+        getattr(lb, f"from_{reader}")(layer["l.qweight"], layer["l.qzeros"], s)
+    write_safetensors(tmp_path / "m.safetensors", layer)
+    with pytest.raises(lb.FormatError, match="layer 'l'"):
+        getattr(lb, f"load_{reader}")(tmp_path / "m.safetensors")
+
+
 # --- QuantizedWeight.from_int ---
 
 def test_from_int_round_trips_and_runs(rng):
@@ -287,6 +377,13 @@ def test_from_int_round_trips_and_runs(rng):
           perm=np.zeros(32, int)), "permutation"),
     (dict(q=np.zeros((4, 32), F32), scales=np.ones((4, 1), np.float16), bits=4), "integer"),
     (dict(q=np.zeros((0, 0), np.int8), scales=np.ones((0, 1), F32), bits=8), "non-empty"),
+    # non-finite once converted to the stored type (NaN passed the exactness check)
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), np.nan, F32), bits=8), "scales: NaN or Inf"),
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), np.inf), bits=8), "scales: NaN or Inf"),
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), 1e39), bits=8), "scales"),
+    (dict(q=np.zeros((4, 32), int), scales=np.full((4, 1), np.nan, np.float16), bits=4), "scales: NaN"),
+    (dict(q=np.zeros((4, 32), int), scales=np.ones((4, 1), np.float16), bits=4,
+          mins=np.full((4, 1), -np.inf, np.float16)), "mins: NaN or Inf"),
 ])
 def test_from_int_rejects_bad_arguments(kwargs, match):
     q, scales = kwargs.pop("q"), kwargs.pop("scales")

@@ -334,10 +334,45 @@ def test_input_scale_with_calibrated_methods_sees_the_scaled_inputs(rng):
 
 
 @pytest.mark.parametrize("c", [np.zeros(64), -np.ones(64), np.full(64, np.inf), np.ones(63),
-                               np.ones(64, np.int32)])
+                               np.ones(64, np.int32), np.full(64, 1e39), np.full(64, 1e-50)])
 def test_bad_input_scale_raises(rng, c):
+    """Checked as the kernels see it, in float32: 1e39 (float64) is inf there, 1e-50 is 0."""
+    w = rng.normal(size=(8, 64)).astype(np.float32)
     with pytest.raises(ValueError, match="input_scale"):
-        lb.quantize(rng.normal(size=(8, 64)).astype(np.float32), input_scale=c)
+        lb.quantize(w, input_scale=c)
+    with pytest.raises(ValueError, match="input_scale"):
+        lb.QuantizedWeight.from_int(np.ones((8, 64), np.int8), np.ones((8, 1), np.float32), bits=8,
+                                    input_scale=c)
+
+
+def test_layers_and_weights_hold_copies_and_expose_read_only_arrays(rng):
+    """A layer's bias and a weight's input_scale were the caller's arrays: changing them later
+    changed the layer. Now both are copies, and every array a layer or weight exposes is
+    read-only (writing qw.scales changed the weight under every layer using it)."""
+    w = rng.normal(0, 0.02, (32, 64)).astype(np.float32)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    bias = rng.normal(size=32).astype(np.float32)
+    c = rng.uniform(0.5, 2, 64).astype(np.float32)
+    qw = lb.quantize(w, bits=4, group_size=32, symmetric=False, input_scale=c)
+    layer = lb.Linear(qw, bias)
+    expected = layer(x)
+    bias[:] = 0
+    c[:] = 1
+    np.testing.assert_array_equal(layer(x), expected)
+    assert not np.array_equal(layer.bias, bias) and not np.array_equal(qw.input_scale, c)
+    perm = rng.permutation(64)
+    q8 = lb.QuantizedWeight.from_int(rng.integers(-127, 128, (32, 64)), np.ones((32, 1), np.float32),
+                                     bits=8, perm=perm)
+    perm[:] = np.arange(64)
+    assert not np.array_equal(q8.perm, perm)
+    exposed = [layer.bias, qw.scales, qw.mins, qw.input_scale, q8.scales, q8.perm, q8._packed,
+               q8._comp, lb.Linear(w, bias).bias]
+    for a in exposed:
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+    zero_point = lb.Linear(w, bias, activations=lb.StaticActivations(0.1, 3))
+    with pytest.raises(ValueError, match="read-only"):
+        zero_point._bias[...] = 0
 
 
 def test_input_scale_is_refused_with_awq(rng):
@@ -345,3 +380,65 @@ def test_input_scale_is_refused_with_awq(rng):
         lb.quantize(rng.normal(size=(8, 64)).astype(np.float32), bits=4, group_size=32,
                     method="awq", calibration=rng.normal(size=(64, 64)).astype(np.float32),
                     input_scale=np.ones(64, np.float32))
+
+
+def misaligned(a):
+    """A copy of `a` whose data starts at an odd byte address (as np.frombuffer at an odd offset,
+    or a GGUF file aligned to 1, hands out): a valid array no kernel may read through a T*."""
+    a = np.asarray(a)
+    buf = np.empty(a.nbytes + 1, np.uint8)
+    out = np.frombuffer(buf.data, a.dtype, a.size, offset=1).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 2 == 1 and out.flags.writeable
+    return out
+
+
+def misaligned_parts(qw):
+    """qw with every stored part (scales, comp, mins, zeros, input_scale) at an odd address."""
+    parts = {p: getattr(qw, "_" + p) for p in ("scales", "comp", "mins", "zeros", "in_scale")}
+    parts = {p: None if a is None else misaligned(a) for p, a in parts.items()}
+    return lb.QuantizedWeight(qw.shape, qw.bits, qw.group_size, qw.symmetric, qw._packed,
+                              parts["scales"], comp=parts["comp"], mins=parts["mins"],
+                              zeros=parts["zeros"], in_scale=parts["in_scale"])
+
+
+@pytest.mark.parametrize("bits,group,activations,symmetric", [
+    (8, None, "int8", True), (8, 64, "int8", True), (4, 32, "int8", False), (4, 64, "float", True),
+    (4, None, "float", False)])
+def test_misaligned_arrays_give_the_aligned_results(isa, rng, bits, group, activations, symmetric):
+    """Arrays at odd byte addresses (inputs, bias, out, stored parts, weights to quantize) are
+    copied at the binding into aligned memory: the same results, no misaligned float* in a kernel
+    (UndefinedBehaviorSanitizer reported them in quant/, nn.cpp and ops.cpp: tests/sanitize.sh)."""
+    n, k = 40, 128
+    w = rng.normal(0, 0.02, (n, k)).astype(np.float32)
+    x = rng.normal(size=(5, k)).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    c = rng.uniform(0.5, 2, k).astype(np.float32)
+    qw = lb.quantize(w, bits=bits, group_size=group, symmetric=symmetric, input_scale=c)
+    expected = lb.matmul(x, qw, bias, activations=activations)
+    q_mis = lb.quantize(misaligned(w), bits=bits, group_size=group, symmetric=symmetric,
+                        input_scale=misaligned(c))
+    np.testing.assert_array_equal(q_mis.dequantize(), qw.dequantize())
+    got = lb.matmul(misaligned(x), misaligned_parts(qw), misaligned(bias), activations=activations)
+    np.testing.assert_array_equal(got, expected)
+    out = misaligned(np.zeros((5, n), np.float32))
+    assert lb.matmul(x, qw, bias, activations=activations, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    layer = lb.Linear(qw, misaligned(bias), activations=activations, epilogue="gelu")
+    np.testing.assert_array_equal(layer(misaligned(x)), nn.gelu(expected))
+    q = qw.int_values()
+    s = qw.scales
+    rebuilt = lb.QuantizedWeight.from_int(misaligned(q), misaligned(s), bits=bits, group_size=group,
+                                          mins=None if qw.mins is None else misaligned(qw.mins))
+    np.testing.assert_array_equal(rebuilt.int_values(), q)
+    np.testing.assert_array_equal(rebuilt.scales, s)
+
+
+def test_misaligned_and_strided_integer_arrays(rng):
+    a = rng.integers(-128, 128, (7, 33), dtype=np.int8)
+    b = rng.integers(-128, 128, (5, 33), dtype=np.int8)
+    expected = a.astype(np.int32) @ b.astype(np.int32).T
+    np.testing.assert_array_equal(lb.gemm_s8(a, b[:, :]), expected)
+    np.testing.assert_array_equal(lb._core.gemm_s8(np.asfortranarray(a), b), expected)
+    q = rng.integers(0, 16, (4, 6), dtype=np.uint8)
+    np.testing.assert_array_equal(lb._core.unpack_int4(lb._core.pack_int4(np.asfortranarray(q))), q)

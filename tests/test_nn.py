@@ -40,6 +40,22 @@ def test_gelu_is_the_erf_form(rng):
         nn.gelu(x, out=np.empty(3, F32))
 
 
+def test_gelu_of_infinities_is_the_limit_on_every_isa(isa):
+    """GELU(+inf) = +inf, GELU(-inf) = 0 (the erfc tail is 0 there; inf * 0 made both NaN), NaN
+    stays NaN; the same bits on every kernel set, in and past the vector tail."""
+    x = np.array([np.inf, -np.inf, np.nan, 3e38, -3e38, 1.0] * 7, F32)
+    got = nn.gelu(x)
+    expected = np.array([np.inf, 0.0, np.nan, 3e38, 0.0, 0.8413447] * 7, F32)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert not np.signbit(got[1::6]).any()
+    with lb.use_isa("ref"):
+        np.testing.assert_array_equal(got, nn.gelu(x))
+    # the Linear epilogue is the same function: outputs of +-inf (from the bias) become inf, 0
+    bias = np.array([np.inf, -np.inf] * 8, F32)
+    layer = lb.Linear(np.ones((16, 32), F32), bias, epilogue="gelu")
+    np.testing.assert_array_equal(layer(np.ones((3, 32), F32)), np.tile([np.inf, 0.0], (3, 8)))
+
+
 def test_layer_norm_with_residual_and_softmax_mask(rng):
     x, r = rng.normal(size=(70, 384)).astype(F32), rng.normal(size=(70, 384)).astype(F32)
     w, b = rng.normal(size=384).astype(F32), rng.normal(size=384).astype(F32)
@@ -572,3 +588,88 @@ def test_attention_nan_propagates_instead_of_vanishing():
     k[0, 0, 0, 3] = np.nan
     assert np.isnan(nn.attention(q, k, v, causal=True)[0, :, 0]).all()
     assert not np.isnan(nn.attention(q, k, v, lengths=[0])).any()  # no key seen: zeros
+
+
+def test_gelu_out_must_have_x_shape_and_not_overlap_it(rng):
+    """out overlapping x at an offset made a silently wrong answer (x read after out overwrote
+    it); out of x's size but another shape was accepted. Both are refused, nothing written."""
+    buf = rng.normal(size=10).astype(F32)
+    before = buf.copy()
+    with pytest.raises(ValueError, match="overlap"):
+        nn.gelu(buf[:8], out=buf[2:])
+    with pytest.raises(ValueError, match="overlap"):
+        nn.gelu(buf[2:], out=buf[:8])
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3\)"):
+        nn.gelu(buf[:6].reshape(2, 3), out=np.empty(6, F32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(6,\)"):
+        nn.gelu(buf[:6], out=np.empty((2, 3), F32))
+    np.testing.assert_array_equal(buf, before)
+    x = buf[:8].copy()
+    expected = nn.gelu(x)
+    assert nn.gelu(x, out=x) is x and np.array_equal(x, expected)  # in place: still fine
+    y = buf.astype(np.float64)  # converted first: out may then share nothing with the copy
+    out = np.empty(10, F32)
+    np.testing.assert_array_equal(nn.gelu(y, out=out), nn.gelu(buf))
+
+
+def strided_inputs(rng, n):
+    """Valid float32 arrays (rows, n) of layouts the kernels do not read as they are."""
+    row = rng.normal(size=n).astype(F32)
+    flat = rng.normal(size=n + 5).astype(F32)
+    rec = np.zeros(4, dtype=[("a", "<f4", (n,)), ("b", "<i2")])  # 4 n + 2 byte records
+    rec["a"] = rng.normal(size=(4, n))
+    wide = rng.normal(size=(3, 2 * n)).astype(F32)
+    return {
+        "broadcast rows": np.broadcast_to(row, (3, n)),
+        "sliding window": np.lib.stride_tricks.sliding_window_view(flat, n),
+        "structured field": rec["a"],
+        "reversed rows": wide[::-1, :n],
+        "every other column": wide[:, ::2],
+        "zero rows": np.zeros((0, n), F32),
+        "zero rows, 3-D": np.zeros((2, 0, n), F32),
+    }
+
+
+@pytest.mark.parametrize("layout", list(strided_inputs(np.random.default_rng(0), 8)))
+def test_strided_inputs_are_copied_not_refused(rng, layout):
+    """Broadcast rows, sliding windows, structured-array fields, reversed rows and empty batches
+    were refused with "expected contiguous rows" (numpy gives an empty array strides of 0)."""
+    n = 8
+    x = strided_inputs(rng, n)[layout]
+    dense = np.ascontiguousarray(x)
+    w, b = rng.normal(size=n).astype(F32), rng.normal(size=n).astype(F32)
+    for f in (lambda a: nn.layer_norm(a, w, b), lambda a: nn.rms_norm(a, w), nn.gelu,
+              lambda a: nn.layer_norm(a, w, b, residual=a), nn.softmax):
+        np.testing.assert_array_equal(f(x), f(dense))
+    if x.ndim == 2:
+        qw = lb.quantize(rng.normal(size=(4, n)).astype(F32))
+        np.testing.assert_array_equal(lb.matmul(x, qw), lb.matmul(dense, qw))
+
+
+def test_misaligned_arrays_in_nn(rng):
+    """Float32 arrays at odd byte addresses: copied at the binding, the aligned results."""
+    from test_linear import misaligned
+    x = rng.normal(size=(5, 40)).astype(F32)
+    r = rng.normal(size=(5, 40)).astype(F32)
+    w, b = rng.normal(size=40).astype(F32), rng.normal(size=40).astype(F32)
+    np.testing.assert_array_equal(nn.gelu(misaligned(x)), nn.gelu(x))
+    out = misaligned(np.zeros_like(x))
+    assert nn.gelu(x, out=out) is out and np.array_equal(out, nn.gelu(x))
+    mx = misaligned(x)
+    assert nn.gelu(mx, out=mx) is mx and np.array_equal(mx, nn.gelu(x))  # in place
+    expected = nn.layer_norm(x, w, b, residual=r)
+    got = nn.layer_norm(misaligned(x), misaligned(w), misaligned(b), residual=misaligned(r),
+                        out=misaligned(np.zeros_like(x)))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(nn.rms_norm(misaligned(x), misaligned(w)), nn.rms_norm(x, w))
+    s = misaligned(x)
+    lb._core.softmax_(s)  # in place, as nn.softmax calls it
+    np.testing.assert_array_equal(s, nn.softmax(x))
+    q, k, v = qkv(rng, 2, 3, 6, 4, 2, 8)
+    lengths = np.array([6, 4])
+    expected = nn.attention(q, k, v, lengths=lengths, causal=True)
+    out = misaligned(np.zeros_like(expected))
+    got = nn.attention(misaligned(q), misaligned(k), misaligned(v), lengths=misaligned(lengths),
+                       causal=True, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)

@@ -31,6 +31,72 @@ def test_use_isa_switches_and_restores(isa):
     assert lb.cpu_info()["isa"] == before
 
 
+def test_use_isa_in_two_threads_interleaved_restores_each(rng):
+    """Thread A enters ref, B enters another set, A exits, B exits: each thread saw its own
+    choice throughout, the main thread never saw either, and the process ends where it began
+    (a process-wide switch left it on ref for good)."""
+    default = lb.cpu_info()["isa"]
+    other = lb.cpu_info()["available"][0]
+    layer = lb.Linear(rng.normal(0, 0.02, (256, 1024)).astype(np.float32))
+    x = rng.normal(size=(64, 1024)).astype(np.float32)  # large enough for the pool
+    expected = layer(x)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a(_):
+        with lb.use_isa("ref"):
+            a_in.set()
+            assert b_in.wait(30)
+            seen["a inside"] = lb.cpu_info()["isa"]
+            seen["a result"] = layer(x)
+        seen["a after"] = lb.cpu_info()["isa"]
+        a_out.set()
+
+    def thread_b(_):
+        assert a_in.wait(30)
+        with lb.use_isa(other):
+            b_in.set()
+            assert a_out.wait(30)
+            seen["b inside"] = lb.cpu_info()["isa"]
+            seen["b result"] = layer(x)
+        seen["b after"] = lb.cpu_info()["isa"]
+
+    run_threads(2, lambda i: (thread_a, thread_b)[i](i))
+    assert seen["a inside"] == "ref" and seen["b inside"] == other
+    assert seen["a after"] == default and seen["b after"] == default
+    assert lb.cpu_info()["isa"] == default
+    assert np.array_equal(seen["a result"], expected) and np.array_equal(seen["b result"], expected)
+
+
+def test_use_isa_nests_and_leaves_other_threads_alone():
+    default = lb.cpu_info()["isa"]
+    inside = threading.Event()
+    release = threading.Event()
+    other_thread = []
+
+    def hold():
+        with lb.use_isa("ref"):
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert inside.wait(30)
+        other_thread.append(lb.cpu_info()["isa"])  # main thread, while the other holds ref
+    finally:
+        release.set()
+        t.join()
+    assert other_thread == [default]
+    with lb.use_isa("ref"):
+        with lb.use_isa(lb.cpu_info()["available"][0]):
+            assert lb.cpu_info()["isa"] == lb.cpu_info()["available"][0]
+        assert lb.cpu_info()["isa"] == "ref"
+    assert lb.cpu_info()["isa"] == default
+    with pytest.raises(ValueError, match="unknown ISA ''"):
+        lb.use_isa("")
+
+
 def test_unknown_isa_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown ISA 'sse9'.*available on this CPU: .*ref"):
         lb.use_isa("sse9")
@@ -63,13 +129,32 @@ def test_environment_sets_thread_count():
     assert r.stdout.strip() == "3", r.stderr
 
 
+@pytest.mark.parametrize("value", ["1e3", "2abc", "4294967297", "99999999999", "0", "-2", " 3",
+                                   "1025", "0x10"])
+def test_environment_thread_count_is_parsed_strictly(value):
+    """atoi read "1e3" as 1 and "99999999999" as 1,215,752,191 (then ~32,000 OS threads)."""
+    r = run_python("import lowbit", LOWBIT_NUM_THREADS=value)
+    assert r.returncode != 0
+    assert f"LOWBIT_NUM_THREADS: expected a whole number of threads in 1..1024, got '{value}'" in r.stderr
+
+
+def test_environment_thread_count_at_the_limit():
+    r = run_python("import lowbit as lb; print(lb.get_num_threads())", LOWBIT_NUM_THREADS="1024")
+    assert r.stdout.strip() == "1024", r.stderr
+
+
 def test_set_num_threads_validates(threads):
-    with pytest.raises(ValueError):
-        lb.set_num_threads(0)
+    for bad in (0, -1, 1025, 2**31 + 1, 2**40, 2**70, -2**70):
+        with pytest.raises(ValueError, match=r"num_threads must be in 1\.\.1024, got"):
+            lb.set_num_threads(bad)
     with pytest.raises(TypeError):
         lb.set_num_threads(2.0)
+    with pytest.raises(TypeError):
+        lb.set_num_threads(True)
     lb.set_num_threads(3)
     assert lb.get_num_threads() == 3
+    lb.set_num_threads(np.int64(2))
+    assert lb.get_num_threads() == 2
 
 
 def test_many_python_threads_share_one_layer(rng):
@@ -185,6 +270,43 @@ def test_100000_layer_calls_keep_memory_flat(rng):
     for _ in range(100000):
         layer(x)
     assert rss_bytes() - before < 4 << 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="under AddressSanitizer freed memory waits in its quarantine")
+@pytest.mark.parametrize("kind", ["w8a8", "w4a32", "w4a8 input_scale", "gemm_s8"])
+def test_one_large_call_leaves_no_large_scratch_buffer(rng, kind):
+    """The kernels' scratch buffers (activations quantized or padded, per-row scales) grow to
+    the largest call and were kept for the thread's life: after one call on a 128 MB input, up
+    to 128 MB more stayed resident. Now a call frees what exceeds a few MB as it returns. (A new
+    thread for each case: the buffers are per thread.)"""
+    k = 4096
+    m = (128 << 20) // (4 * k)
+    w = rng.normal(0, 0.02, (16, k)).astype(np.float32)
+    if kind == "gemm_s8":
+        b = np.ones((16, k), np.int8)
+        x = np.ones((4 * m, k), np.int8)
+        call = lambda x: lb.gemm_s8(x, b)  # noqa: E731
+    else:
+        if kind == "w8a8":
+            qw = lb.quantize(w)
+        else:
+            qw = lb.quantize(w, bits=4, group_size=32,
+                             input_scale=np.full(k, 0.5, np.float32) if "input" in kind else None)
+        act = "float" if kind == "w4a32" else "int8"
+        x = np.ones((m, k), np.float32)
+        call = lambda x: lb.matmul(x, qw, activations=act)  # noqa: E731
+    grown = []
+
+    def measure(_):
+        call(x[:64])  # warm: the pool and small buffers
+        before = rss_bytes()
+        call(x)
+        grown.append(rss_bytes() - before)
+
+    run_threads(1, measure)
+    assert grown[0] < 16 << 20, f"{grown[0] / 2**20:.0f} MB more resident after the call"
 
 
 BESIDE_OTHER_POOLS = """

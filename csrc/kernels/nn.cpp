@@ -153,7 +153,10 @@ void gelu(const float* x, float* y, int64_t n) {
     p = p * t - 0.284496736f;
     p = p * t + 0.254829592f;
     const vf half_erfc = (p * t) * 0.5f * expv(-(a * a));
-    return (v > 0.f ? v : splat(0.f)) - av * half_erfc;
+    // where erfc underflows to 0 the tail term is 0 (for |x| = inf too, where inf * 0 is NaN):
+    // GELU(+inf) = +inf, GELU(-inf) = 0; NaN stays NaN
+    const vf tail = half_erfc == 0.f ? splat(0.f) : av * half_erfc;
+    return (v > 0.f ? v : splat(0.f)) - tail;
   });
 }
 

@@ -28,7 +28,9 @@ __all__ = [
     "layer_sensitivity", "model_sensitivity", "plan_precision", "metrics",
 ]
 
-# Resolve the kernel table now, so that a bad LOWBIT_ISA fails at import with the list of choices.
+# Resolve the kernel table and the thread count now, so that a bad LOWBIT_ISA or
+# LOWBIT_NUM_THREADS fails at import saying what it accepts.
 from . import _core as _c
 _c.isa()
+_c.get_num_threads()
 del _c

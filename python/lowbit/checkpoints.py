@@ -13,7 +13,9 @@ values, float16 scales and packed integer zero points:
   ``scales`` float16 [K/G, N].
 
 The result keeps the integer zero points, so ``dequantize()`` is exactly ``s * (q - z)`` computed
-in float32 and the kernels multiply by those same weights.
+in float32 and the kernels multiply by those same weights. Files are read by lowbit's own
+safetensors reader (lowbit.io: strict header checks, BF16 tensors as float32); anything a layer's
+tensors cannot be, empty or with scales beyond float16, raises :class:`lowbit.FormatError`.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _nibbles(words, order=tuple(range(8))):
     out = np.empty(words.shape + (8,), np.uint8)
     for i, pos in enumerate(order):
         out[..., pos] = (words >> np.uint32(4 * i)) & np.uint32(0xF)
-    return out.reshape(words.shape[0], -1)
+    return out.reshape(words.shape[0], words.shape[1] * 8)
 
 
 def _scales(scales, groups, n, what):
@@ -48,6 +50,17 @@ def _scales(scales, groups, n, what):
         raise FormatError(f"{what}: expected float scales of shape ({groups}, {n}), got {s.dtype} "
                           f"of shape {s.shape}")
     return s.T
+
+
+def _layer(q, d, **kwargs) -> QuantizedWeight:
+    """The 4-bit weight of integers q (N, K) and scales d (N, groups); what from_int refuses (an
+    empty layer, scales beyond float16, zero points beyond a byte) is the checkpoint's fault."""
+    if 0 in q.shape:
+        raise FormatError(f"an empty layer: N={q.shape[0]}, K={q.shape[1]}")
+    try:
+        return QuantizedWeight.from_int(q, d, bits=4, **kwargs)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
 
 
 def _group_size(k, groups):
@@ -76,7 +89,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight
     z = _nibbles(qz).T.astype(np.int16) + 1           # stored z - 1
     group = _group_size(k, groups)
     perm = None
-    if g_idx is not None:
+    if g_idx is not None and k:
         g = np.asarray(g_idx)
         if g.shape != (k,) or g.dtype.kind not in "iu" or g.min() < 0 or g.max() >= groups:
             raise FormatError(f"g_idx: expected {k} group numbers in 0..{groups - 1}")
@@ -85,7 +98,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight
                 raise FormatError(f"g_idx: every group must hold {k // groups} inputs")
             perm = np.argsort(g, kind="stable")
             q = np.ascontiguousarray(q[:, perm])
-    return QuantizedWeight.from_int(q, d, bits=4, group_size=group, zeros=z, perm=perm)
+    return _layer(q, d, group_size=group, zeros=z, perm=perm)
 
 
 def from_awq(qweight, qzeros, scales) -> QuantizedWeight:
@@ -100,11 +113,14 @@ def from_awq(qweight, qzeros, scales) -> QuantizedWeight:
     d = _scales(scales, groups, n, "scales")
     q = np.ascontiguousarray(_nibbles(qw, _AWQ_ORDER).T)
     z = _nibbles(qz, _AWQ_ORDER).T
-    return QuantizedWeight.from_int(q, d, bits=4, group_size=_group_size(k, groups), zeros=z)
+    return _layer(q, d, group_size=_group_size(k, groups), zeros=z)
 
 
 def _tensors(source) -> dict:
-    """A dict of arrays, or the tensors of a .safetensors file or of every one in a directory."""
+    """A dict of arrays, or the tensors of a .safetensors file or of every one in a directory
+    (memory-mapped; BF16 tensors, as exports store embeddings, norms and heads, as float32)."""
+    from .io import _read
+
     if isinstance(source, dict):
         return source
     path = os.fspath(source)
@@ -112,14 +128,12 @@ def _tensors(source) -> dict:
              if os.path.isdir(path) else [path])
     if not files:
         raise FormatError(f"{path}: no .safetensors files")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     out = {}
     for f in files:
-        try:
-            out.update(load_file(f))
-        except (SafetensorError, OSError) as e:
-            raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+        tensors, _ = _read(f)
+        for name in tensors.keys() & out.keys():
+            raise FormatError(f"{f}: tensor {name!r} is also in another file of {path}")
+        out.update(tensors)
     return out
 
 

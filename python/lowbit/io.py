@@ -7,12 +7,19 @@ present, ``name:comp``, ``name:mins``, ``name:zeros``, ``name:perm``, ``name:in_
 bits, group size, symmetry and layout. ``load`` memory-maps the file and hands back weights that
 run at once, without re-packing; ``save`` writes a temporary file beside the target and renames
 it into place, so an error or interrupt never leaves a partial file.
+
+A memory-mapped file must not change while its arrays are in use: overwritten in place (``cp``
+onto it, a program writing into it), the loaded weights change with it; truncated, reading the
+missing pages kills the process with SIGBUS. Replacing it through ``lb.save`` (or any write to a
+new file renamed over it) is safe: the map keeps the old file's pages. ``load(path, mmap=False)``
+reads the file into memory instead.
 """
 from __future__ import annotations
 
 import json
-import mmap
+import mmap as _mmap
 import os
+import socket
 import struct
 import tempfile
 
@@ -31,10 +38,21 @@ _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
            "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
+_MAX_DIMS = 32
+# Temporary files of save: ".lowbit-save-<host>-<pid>-<random>.partial" beside the target. A save
+# killed (SIGKILL, power loss) leaves one; the next save into that folder removes those whose
+# process, on this host, is gone.
+_PARTIAL = ".lowbit-save-"
 
 
 def save(path, tensors: dict) -> None:
-    """Writes ``{name: QuantizedWeight | np.ndarray}`` to `path` (see the module docstring)."""
+    """Writes ``{name: QuantizedWeight | np.ndarray}`` to `path` (see the module docstring).
+
+    The file is written beside the target and renamed over it: readers see the old file or the
+    new one, never part of one. A symbolic link is written through (its target is replaced, the
+    link kept); an existing file keeps its permission bits, a new one gets the umask's. Temporary
+    files that earlier saves killed mid-way left in that folder are removed.
+    """
     arrays, described = {}, {}
     for name, t in tensors.items():
         if not isinstance(name, str) or ":" in name or name == "__metadata__":
@@ -65,8 +83,17 @@ def save(path, tensors: dict) -> None:
     header["__metadata__"] = {"lowbit": json.dumps({"version": FORMAT_VERSION, "weights": described})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(len(blob) + 8) % 64)  # data starts 64-byte aligned
-    target = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)), suffix=".partial")
+    target = os.path.realpath(os.fspath(path))  # through symbolic links: replace what they name
+    folder = os.path.dirname(target)
+    _remove_stale_partials(folder)
+    try:
+        mode = os.stat(target).st_mode & 0o7777  # an existing file keeps its permissions
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # mkstemp makes files private; a new file gets a normal file's mode
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_PARTIAL}{_host()}-{os.getpid()}-",
+                               suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
@@ -74,79 +101,191 @@ def save(path, tensors: dict) -> None:
                 f.write(np.ascontiguousarray(arrays[name], arrays[name].dtype.newbyteorder("<")).data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def load(path) -> dict:
-    """Reads a file written by :func:`save` (or any safetensors file of numeric arrays):
-    ``{name: QuantizedWeight | np.ndarray}``, every array a read-only view of a memory map of the
-    file (BF16 tensors, which numpy lacks, come back as float32 copies). A truncated or inconsistent file raises :class:`lowbit.FormatError`."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > min(size - 8, _MAX_HEADER):
-        raise FormatError(f"{path}: header of {n} bytes does not fit in the {size}-byte file")
+def _host():
+    """This host's name as it may appear in a file name."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _remove_stale_partials(folder):
+    """Removes the temporary files of saves into `folder` whose process (on this host) is gone:
+    what a save killed mid-way leaves behind. Other hosts' files (a shared folder) are left."""
+    mine = f"{_PARTIAL}{_host()}-"
     try:
-        header = json.loads(bytes(buf[8:8 + n]))
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise FormatError(f"{path}: header is not a JSON object ({e})") from None
-    meta = header.pop("__metadata__", None) or {}
-    arrays = {name: _view(buf, 8 + n, size, name, info) for name, info in header.items()}
-    described = {}
-    if isinstance(meta, dict) and "lowbit" in meta:
+        names = [n for n in os.listdir(folder) if n.startswith(mine) and n.endswith(".partial")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(mine):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
         try:
-            lowbit = json.loads(meta["lowbit"])
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass  # removed by another save meanwhile, or not ours to remove
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can ask about: leave its files
+    return True
+
+
+def load(path, mmap=True) -> dict:
+    """Reads a file written by :func:`save` (or any safetensors file of numeric arrays):
+    ``{name: QuantizedWeight | np.ndarray}``, every array read-only. BF16 tensors, which numpy
+    lacks, come back as float32 copies; a tensor not aligned to its item size in the file as an
+    aligned copy.
+
+    mmap=True (the default) maps the file: the arrays view its pages, read when first used. The
+    file must then not be changed in place while they are in use (see the module docstring);
+    mmap=False reads the whole file into memory instead. A truncated, inconsistent or malformed
+    file raises :class:`lowbit.FormatError`; the parts of each weight are checked against each
+    other (column sums recomputed, padding zero, scales finite), one pass over its values."""
+    path = os.fspath(path)
+    tensors, meta = _read(path, mmap)
+    described, version = {}, None
+    if "lowbit" in meta:
+        lowbit = _parse_json(meta["lowbit"], path, "lowbit metadata")
+        try:
             version, described = lowbit["version"], lowbit["weights"]
-        except (ValueError, TypeError, KeyError):
-            raise FormatError(f"{path}: unreadable lowbit metadata") from None
-        if version not in _READS:
-            raise FormatError(f"{path}: lowbit format version {version}; this lowbit reads "
+        except (TypeError, KeyError):
+            raise FormatError(f"{path}: lowbit metadata lacks version or weights") from None
+        if isinstance(version, bool) or version not in _READS:
+            raise FormatError(f"{path}: lowbit format version {version!r}; this lowbit reads "
                               f"versions {list(_READS)}")
+        if not isinstance(described, dict):
+            raise FormatError(f"{path}: lowbit metadata: weights should be an object, got "
+                              f"{type(described).__name__}")
     out = {}
     for name, d in described.items():
-        parts = {p: arrays.pop(f"{name}:{p}", None) for p in _PARTS}
+        parts = {p: tensors.pop(f"{name}:{p}", None) for p in _PARTS}
+        if name in tensors:
+            raise FormatError(f"{path}: {name!r} names both a weight and a tensor")
         if version == 1 and parts["in_scale"] is not None:
             raise FormatError(f"{path}: weight {name!r}: in_scale in a version 1 file")
         if isinstance(d, dict) and "format" in d:
             out[name] = _block_weight(path, name, d, parts, version)
         else:
             out[name] = _weight(path, name, d, parts)
-    out.update(arrays)
+    out.update(tensors)
     return out
 
 
-def _view(buf, start, size, name, info):
-    """The tensor `name` as a read-only array on `buf`, its header entry checked against the file."""
-    bf16 = isinstance(info, dict) and info.get("dtype") == "BF16"
+def _read(path, use_mmap=True):
+    """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
+    count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
+    tiling the data section (disjoint, no bytes outside a tensor), the JSON strict (no duplicate
+    keys, NaN or Infinity; nesting bounded). Anything else raises FormatError."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
+        if use_mmap:
+            buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+        else:
+            buf = np.empty(size, np.uint8)
+            if f.readinto(buf.data) != size:
+                raise FormatError(f"{path}: the file changed size while it was read")
+            buf.flags.writeable = False
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    if n > min(size - 8, _MAX_HEADER):
+        raise FormatError(f"{path}: header of {n} bytes does not fit in the {size}-byte file")
+    header = _parse_json(bytes(buf[8:8 + n]), path, "header")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: __metadata__ should be an object, got {type(meta).__name__}")
+    tensors, ranges = {}, []
+    for name, info in header.items():
+        tensors[name], begin, end = _view(buf, 8 + n, size, name, info)
+        if end > begin:
+            ranges.append((begin, end, name))
+    # as the safetensors format requires: the tensors tile the data section, no overlap, no hole
+    ranges.sort()
+    at, last = 0, None
+    for begin, end, name in ranges:
+        if begin < at:
+            raise FormatError(f"{path}: tensors {last!r} and {name!r} overlap in the file")
+        if begin > at:
+            raise FormatError(f"{path}: bytes [{at}, {begin}) of the data section belong to no tensor")
+        at, last = end, name
+    if at != size - 8 - n:
+        raise FormatError(f"{path}: bytes [{at}, {size - 8 - n}) of the data section belong to no "
+                          f"tensor")
+    return tensors, meta
+
+
+def _parse_json(text, path, what):
+    """A JSON object, strictly: duplicate keys, NaN / Infinity and non-objects raise FormatError,
+    and so does nesting deep enough to exhaust Python's recursion."""
     try:
-        dtype = np.dtype("<u2" if bf16 else _DTYPES[info["dtype"]])
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"tensor {name!r}: bad header entry {info!r} (dtype one of "
-                          f"{sorted(_DTYPES)}, shape, data_offsets)") from None
-    count = 1
-    for s in shape:
-        if s < 0:
-            raise FormatError(f"tensor {name!r}: negative dimension in shape {shape}")
-        count *= s
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        if not isinstance(value, dict):
+            raise ValueError(f"not an object but {type(value).__name__}")
+    except RecursionError:
+        raise FormatError(f"{path}: {what} nests too deeply to be a safetensors header") from None
+    except (ValueError, TypeError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise FormatError(f"{path}: {what} is not a JSON object ({e})") from None
+    return value
+
+
+def _unique_keys(pairs):
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r} appears twice")
+    return out
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _view(buf, start, size, name, info):
+    """(the tensor `name` as a read-only array on `buf`, its byte range in the data section),
+    its header entry checked against the file. A tensor misaligned for its dtype is copied."""
+    def bad_entry():
+        return FormatError(f"tensor {name!r}: bad header entry {info!r} (dtype one of "
+                           f"{sorted(_DTYPES) + ['BF16']}, shape: a list of at most {_MAX_DIMS} "
+                           f"integers >= 0, data_offsets: [begin, end])")
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise bad_entry()
+    bf16 = info["dtype"] == "BF16"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ints = lambda v: isinstance(v, list) and all(  # noqa: E731
+        isinstance(i, int) and not isinstance(i, bool) for i in v)
+    if (not bf16 and info["dtype"] not in _DTYPES or not ints(shape) or len(shape) > _MAX_DIMS
+            or not ints(offsets) or len(offsets) != 2):
+        raise bad_entry()
+    dtype = np.dtype("<u2" if bf16 else _DTYPES[info["dtype"]])
+    begin, end = offsets
+    if any(s < 0 for s in shape):
+        raise FormatError(f"tensor {name!r}: negative dimension in shape {shape}")
+    if int(np.prod([s for s in shape if s], dtype=object)) >= 1 << 62:
+        raise FormatError(f"tensor {name!r}: shape {shape} beyond any array")
+    count = int(np.prod(shape, dtype=object))
     if not 0 <= begin <= end <= size - start or end - begin != count * dtype.itemsize:
-        raise FormatError(f"tensor {name!r}: {dtype} {shape} does not match bytes [{begin}, {end}) "
-                          f"of the {size - start}-byte data section")
+        raise FormatError(f"tensor {name!r}: {dtype} {tuple(shape)} does not match bytes "
+                          f"[{begin}, {end}) of the {size - start}-byte data section")
     a = np.frombuffer(buf, dtype, count, start + begin).reshape(shape)
-    return (a.astype(np.uint32) << 16).view(np.float32) if bf16 else a
+    if bf16:
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    elif (start + begin) % dtype.alignment:
+        a = a.copy()  # kernels read aligned memory (lb.save aligns every tensor; other writers may not)
+    a.flags.writeable = False
+    return a, begin, end
 
 
 def _weight(path, name, d, parts):
@@ -156,10 +295,10 @@ def _weight(path, name, d, parts):
         layout = d["layout"]
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{path}: weight {name!r}: incomplete description {d!r}") from None
-    if layout != LAYOUT or bits not in (4, 8) or not (isinstance(n, int) and isinstance(k, int)
-                                                      and n > 0 and k > 0):
+    if (layout != LAYOUT or type(bits) is not int or bits not in (4, 8) or type(n) is not int
+            or type(k) is not int or n <= 0 or k <= 0 or not isinstance(sym, bool)):
         raise FormatError(f"{path}: weight {name!r}: unsupported description {d!r}")
-    if group is not None and (not isinstance(group, int) or group <= 0 or group % 32 or k % group):
+    if group is not None and (type(group) is not int or group <= 0 or group % 32 or k % group):
         raise FormatError(f"{path}: weight {name!r}: bad group size {group!r}")
     np_ = -(-n // 16) * 16
     if bits == 8:
@@ -199,9 +338,14 @@ def _weight(path, name, d, parts):
         raise FormatError(f"{path}: weight {name!r}: perm is not a permutation of range({k})")
     if in_scale is not None and not (np.isfinite(in_scale) & (in_scale > 0)).all():
         raise FormatError(f"{path}: weight {name!r}: in_scale must be positive and finite")
-    return QuantizedWeight((n, k), bits, group, bool(sym), parts["packed"], parts["scales"],
-                           comp=parts["comp"], mins=parts["mins"], zeros=parts["zeros"],
-                           perm=None if perm is None else perm.astype(np.intp), in_scale=in_scale)
+    qw = QuantizedWeight((n, k), bits, group, sym, parts["packed"], parts["scales"],
+                         comp=parts["comp"], mins=parts["mins"], zeros=parts["zeros"],
+                         perm=None if perm is None else perm.astype(np.intp), in_scale=in_scale)
+    try:
+        qw._check_stored()
+    except ValueError as e:
+        raise FormatError(f"{path}: weight {name!r}: {e}") from None
+    return qw
 
 
 def _block_weight(path, name, d, parts, version):
@@ -225,9 +369,9 @@ def release_pages(a):
     base = a
     while isinstance(base, (np.ndarray, memoryview)):
         base = base.base if isinstance(base, np.ndarray) else base.obj
-    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or not a.nbytes:
+    if not isinstance(base, _mmap.mmap) or not hasattr(_mmap, "MADV_DONTNEED") or not a.nbytes:
         return
     start = np.frombuffer(base, np.uint8, 1).ctypes.data
-    lo = (a.ctypes.data - start) // mmap.PAGESIZE * mmap.PAGESIZE
+    lo = (a.ctypes.data - start) // _mmap.PAGESIZE * _mmap.PAGESIZE
     hi = min(len(base), a.ctypes.data - start + a.nbytes)
-    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    base.madvise(_mmap.MADV_DONTNEED, lo, hi - lo)

@@ -43,6 +43,16 @@ def _check_bias(bias, n):
     return np.ascontiguousarray(b, dtype=np.float32)
 
 
+def _held(a):
+    """A read-only copy of an array a layer keeps: the caller's array may change afterwards
+    without changing the layer, and the layer's cannot be changed through its attributes."""
+    if a is None:
+        return None
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
 def _kernel_bias(qw: QuantizedWeight, bias, activations):
     """The bias the kernel adds: with a static zero point z on 8-bit weights it also carries
     -scale * z * sum_k w[n, k] (the kernel multiplies the int8 values q, x ~ scale * (q - z))."""
@@ -88,8 +98,6 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None)
     if qw._perm is not None:
         x2 = x2.take(qw._perm, axis=1)  # inputs in the packed column order (act-order)
         in_scale = None if in_scale is None else in_scale[qw._perm]
-    elif k > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
-        x2 = np.ascontiguousarray(x2)
     static = isinstance(activations, StaticActivations)
     scale = activations.scale if static else 0.0
     if qw._parts is not None:
@@ -138,8 +146,9 @@ class Linear:
             _check_activations(activations, f"int{bits}")
             self.weight = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
         self.activations = _check_activations(activations, self.weight.format)
-        self.bias = _check_bias(bias, self.weight.shape[0])
-        self._bias = _kernel_bias(self.weight, self.bias, self.activations)
+        self.bias = _held(_check_bias(bias, self.weight.shape[0]))
+        kernel_bias = _kernel_bias(self.weight, self.bias, self.activations)
+        self._bias = self.bias if kernel_bias is self.bias else _held(kernel_bias)
 
     @property
     def in_features(self) -> int:

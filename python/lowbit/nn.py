@@ -15,12 +15,10 @@ F32 = np.float32
 
 
 def _rows(x):
-    """float32 x as (rows, last axis) with contiguous rows (a view when possible)."""
+    """float32 x and x as (rows, last axis) (a view when possible; the kernels' binding copies
+    any layout they cannot read)."""
     x = np.asarray(x, F32)
-    x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-    if x2.shape[1] > 1 and x2.strides[1] != 4 or x2.strides[0] < 0:
-        x2 = np.ascontiguousarray(x2)
-    return x, x2
+    return x, x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
 
 
 def _vector(v, n, what):
@@ -78,8 +76,12 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, out=None):
 
 def gelu(x, out=None):
     """GELU in its exact erf form, ``x * Phi(x)`` (erf to 1.5e-7, as BERT uses it). ``out``: a
-    float32 array of x's shape to write to (``out=x`` works in place, no new memory)."""
-    return _core.gelu(np.ascontiguousarray(x, F32), out)
+    C-contiguous float32 array of x's shape to write to, not overlapping x unless it is x itself
+    (``out=x`` works in place, no new memory)."""
+    x_in = x
+    x = np.asarray(x, F32)
+    _out(out, x.shape, [x], in_place=[x_in] if isinstance(x_in, np.ndarray) else [])
+    return _core.gelu(x, out)
 
 
 def silu(x):
@@ -119,8 +121,6 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, out=None):
         if lengths.dtype.kind not in "iu":
             raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
         lengths = lengths.astype(np.int64)
-    q, k, v = (a if a.ndim != 4 or a.shape[-1] <= 1 or a.strides[-1] == 4 and min(a.strides) >= 0
-               else np.ascontiguousarray(a) for a in (q, k, v))
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1]) if q.ndim and q.shape[-1] else 1.0
     if out is not None and q.ndim == 4:

@@ -27,7 +27,8 @@ class QuantizedWeight:
     input ``perm[j]``, so that each group's inputs are contiguous; layers gather their inputs in
     that order. ``input_scale`` (AWQ) is a float32 factor per input that layers multiply their
     inputs by before the kernel: the weights stored are ``W / input_scale``, quantized.
-    ``nbytes`` is what it really holds; no float copy is kept.
+    ``nbytes`` is what it really holds; no float copy is kept. Every array it holds (and so every
+    array its properties return) is read-only: a weight cannot change under the layers using it.
 
     ``format`` names the layout: "int8", "int4", or a GGUF block format read by
     :func:`lowbit.load_gguf` ("Q4_K", "Q6_K", "IQ4_XS", ... : ``lowbit.formats.BLOCK_FORMATS``),
@@ -55,6 +56,9 @@ class QuantizedWeight:
         self._zeros = zeros
         self._perm = perm
         self._in_scale = in_scale
+        for a in (packed, scales, comp, mins, zeros, perm, in_scale):
+            if a is not None:
+                a.flags.writeable = False
 
     @classmethod
     def from_int(cls, q, scales, *, bits, group_size=None, mins=None, zeros=None, perm=None,
@@ -126,6 +130,8 @@ class QuantizedWeight:
         qw.format = fmt
         qw._parts = dict(parts)
         qw._kernel = _core.BlockWeight(f.index, n, k, qw._parts)  # checks every part's layout
+        for a in qw._parts.values():
+            a.flags.writeable = False
         return qw
 
     @property
@@ -138,10 +144,11 @@ class QuantizedWeight:
     def _per_row(self, a):
         if a is None:
             return None  # block formats: their scales live in the format's own layout
-        # kernel layouts to (N, groups): 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)
-        if a.ndim == 2:
-            return a[:, : self.shape[0]].T
-        return a.transpose(0, 2, 1).reshape(-1, a.shape[1])[: self.shape[0]]
+        # (N, groups), read-only (4 bits: a copy, read-only too, so that writing to it never looks
+        # like it changed qw)
+        out = _all_rows(a)[: self.shape[0]]
+        out.flags.writeable = False
+        return out
 
     @property
     def scales(self) -> np.ndarray:
@@ -176,6 +183,38 @@ class QuantizedWeight:
         except IndexError:
             raise IndexError(f"rows {rows!r} out of range for {n} rows") from None
 
+    def _blocks(self):
+        """The packed values as (panel, k block, column, byte): a block is 4 inputs of a column
+        (8 bits), or 8 as nibbles, k0..3 low and k4..7 high (4 bits)."""
+        return self._packed.reshape(-1, self._packed.shape[1] * 16 // 64, 16, 4)
+
+    def _check_stored(self):
+        """Raises ValueError unless the parts agree with each other as the kernels need: the
+        column sums (8 bits) are those of the values, padding rows hold zeros, and so do 8-bit
+        padding columns (the kernels multiply them by the activations' offset of 128; 4-bit ones
+        meet zero activations, and the quantizer fills them with the symmetric zero, 8), scales
+        and minima are finite. (Parts read from a file: a layer would multiply by them.)"""
+        n, k = self.shape
+        b = self._blocks()
+        if n % 16 and b[n // 16, :, n % 16:].any():
+            raise ValueError(f"padding rows {n}.. of the packed values are not zero")
+        if self.bits == 8 and k % 4 and b[:, k // 4, :, k % 4:].any():  # per channel: k to 4s
+            raise ValueError(f"padding columns {k}.. of the packed values are not zero")
+        for name in ("scales", "mins"):
+            a = getattr(self, "_" + name)
+            if a is not None and not np.isfinite(a).all():
+                raise ValueError(f"{name}: NaN or Inf")
+        for name in ("scales", "comp", "mins", "zeros"):
+            a = getattr(self, "_" + name)
+            if a is not None and _all_rows(a)[n:].any():
+                raise ValueError(f"{name}: padding rows {n}.. are not zero")
+        if self.bits == 8:
+            g = self._comp.shape[0]  # (einsum over 64-byte rows: ~10x numpy's sum over the axes)
+            sums = np.einsum("pgkc->pgc", b.reshape(b.shape[0], g, -1, 64), dtype=np.int32)
+            sums = sums.reshape(b.shape[0], g, 16, 4).sum(-1)
+            if not np.array_equal(128 * sums.transpose(1, 0, 2).reshape(g, -1), self._comp):
+                raise ValueError("comp (the kernels' column sums) disagrees with the packed values")
+
     def int_values(self, rows=None) -> np.ndarray:
         """The quantized integers (N, K), or of the given rows (an index gives one row (K,), a
         slice or an index array several), in the packed input order (see ``perm``): int8 for 8
@@ -185,8 +224,8 @@ class QuantizedWeight:
                              f"layout; dequantize() gives the weights")
         k = self.shape[1]
         r = self._rows(rows)
-        # (panel, k block, column, byte): the selected rows' bytes in k order, rows gathered first
-        b = self._packed.reshape(-1, self._packed.shape[1] * 16 // 64, 16, 4)[r // 16, :, r % 16]
+        # the selected rows' bytes in k order, rows gathered first
+        b = self._blocks()[r // 16, :, r % 16]
         if self.bits == 4:  # low nibbles k0..3, high k4..7
             b = np.concatenate([b & 0x0F, b >> 4], axis=-1)
         q = np.ascontiguousarray(b.reshape(len(r), -1)[:, :k])
@@ -273,14 +312,28 @@ def concat_rows(weights) -> QuantizedWeight:
     return out
 
 
+def _all_rows(a):
+    """A per-row part (scales, comp, mins, zeros) in the kernels' layout as (Np, groups), padding
+    rows included: 8 bits [G][Np]; 4 bits [Np/16][G][16] (per panel)."""
+    return a.T if a.ndim == 2 else a.transpose(0, 2, 1).reshape(-1, a.shape[1])
+
+
 def _check_input_scale(c, k):
-    """None, or positive finite float32 (K,) input factors."""
+    """None, or positive finite float32 (K,) input factors: a copy of `c` (the caller's array may
+    change later), checked after the cast to float32 (1e39 in float64 is inf there, 1e-50 is 0)."""
     if c is None:
         return None
     c = np.asarray(c)
-    if c.shape != (k,) or c.dtype.kind != "f" or not (np.isfinite(c) & (c > 0)).all():
-        raise ValueError(f"input_scale: expected ({k},) positive finite floats")
-    return np.ascontiguousarray(c, dtype=np.float32)
+    if c.shape != (k,) or c.dtype.kind != "f":
+        raise ValueError(f"input_scale: expected ({k},) positive finite floats, got {c.dtype} of "
+                         f"shape {c.shape}")
+    with np.errstate(over="ignore", under="ignore"):
+        c32 = np.array(c, dtype=np.float32)
+    if not (np.isfinite(c32) & (c32 > 0)).all():
+        raise ValueError(f"input_scale: expected ({k},) positive finite floats (in float32, as the "
+                         f"kernels use them)")
+    c32.flags.writeable = False
+    return c32
 
 
 def _check_group(group_size, k):
@@ -296,15 +349,18 @@ def _check_group(group_size, k):
 
 
 def _group_array(a, what, n, groups, dtype):
-    """An (N, groups) array of `what` as `dtype`, refusing values the conversion would change."""
+    """An (N, groups) array of `what` as `dtype` (a copy), refusing values the conversion would
+    change and, for floats, values that are not finite once converted."""
     a = np.asarray(a)
     if a.shape != (n, groups):
         raise ValueError(f"{what}: expected shape ({n}, {groups}), got {a.shape}")
-    out = a.astype(dtype)
     with np.errstate(invalid="ignore", over="ignore"):
+        out = a.astype(dtype)
         same = np.array_equal(out.astype(a.dtype), a, equal_nan=a.dtype.kind == "f")
     if not same:
         raise ValueError(f"{what}: values not exactly representable as {np.dtype(dtype).name}")
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise ValueError(f"{what}: NaN or Inf (the kernels need finite {np.dtype(dtype).name} values)")
     return out
 
 

@@ -1,4 +1,6 @@
 """Which CPU kernels run, and on how many threads."""
+import numbers
+
 from . import _core
 
 
@@ -18,36 +20,46 @@ def cpu_info() -> dict:
     }
 
 
+MAX_THREADS = _core.MAX_THREADS
+
+
 def get_num_threads() -> int:
-    """Threads used by the kernels (default: the CPUs this process may run on, or
-    ``LOWBIT_NUM_THREADS``)."""
+    """Threads used by the kernels (default: the CPUs this process may run on, at most
+    ``MAX_THREADS``, or ``LOWBIT_NUM_THREADS``: a whole number in 1..MAX_THREADS, anything else
+    fails at ``import lowbit``)."""
     return _core.get_num_threads()
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads for the kernels. Results do not depend on it."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    """Use ``n`` threads for the kernels, 1 <= n <= ``MAX_THREADS`` (1024: each is an OS thread;
+    beyond that a count is a mistake, not a machine). Results do not depend on it."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: expected an int, got {type(n).__name__}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(int(n))
 
 
 class use_isa:
-    """Force a kernel set (``"ref"``, ``"avx2"``, ``"avxvnni"``, ``"avx512vnni"``).
+    """Force a kernel set (``"ref"``, ``"avx2"``, ``"avxvnni"``, ``"avx512vnni"``, ``"amx"``) on
+    the calling thread, for its calls and the work they hand to lowbit's pool; other threads keep
+    theirs (the process's: the best available, or ``LOWBIT_ISA``).
 
-    As a context manager it restores the previous one on exit; called bare it switches for the
-    rest of the process (as ``LOWBIT_ISA`` does for a whole process). A name this CPU cannot run
-    raises ``ValueError`` listing the available ones.
+    As a context manager it restores the thread's previous choice on exit, so blocks nest, and
+    threads entering and leaving blocks in any interleaving never change each other's kernels.
+    Called bare it switches the calling thread until it switches again. A name this CPU cannot
+    run raises ``ValueError`` listing the available ones.
     """
 
     def __init__(self, name: str):
         if not isinstance(name, str):
             raise TypeError(f"use_isa: expected an ISA name (str), got {type(name).__name__}")
-        self._previous = _core.isa()
-        _core.set_isa(name)
+        if not name:  # "" would mean "the process's choice" to set_thread_isa
+            raise ValueError(f"unknown ISA ''; available on this CPU: "
+                             f"{', '.join(_core.available_isas())}")
+        self._previous = _core.set_thread_isa(name)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _core.set_isa(self._previous)
+        _core.set_thread_isa(self._previous)
         return False
