@@ -400,7 +400,7 @@ py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
 
 // x: float32 (..., n) with contiguous rows; returns (rows, n) views' shapes as given.
 // x: C-contiguous float32; out: None (a new array) or a writeable array of x's shape (may be x).
-py::array gelu_py(const py::array& x, py::object out) {
+py::array gelu_py(const py::array& x, py::object out, bool tanh) {
   if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style))
     throw py::type_error("gelu: expected a C-contiguous float32 array");
   py::array y = out.is_none() ? py::array_t<float>(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()))
@@ -410,7 +410,7 @@ py::array gelu_py(const py::array& x, py::object out) {
     throw py::value_error("gelu: out must be a writeable C-contiguous float32 array of x's size");
   {
     NoGil nogil;
-    gelu(cptr<float>(x), (float*)y.mutable_data(), (int64_t)x.size());
+    gelu(cptr<float>(x), (float*)y.mutable_data(), (int64_t)x.size(), tanh);
   }
   return y;
 }
@@ -452,7 +452,7 @@ void softmax_py(py::array& x) {
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 py::array_t<float> attention_py(const py::array& q, const py::array& k, const py::array& v,
                                 const py::object& lengths, bool causal, float scale,
-                                const py::object& out) {
+                                int64_t window, const py::object& out) {
   const py::array* arrays[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
   AttnArgs a{};
@@ -489,7 +489,8 @@ py::array_t<float> attention_py(const py::array& q, const py::array& k, const py
     a.lengths = lens.data();
   }
   a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
-  a.causal = causal, a.scale = scale;
+  if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
+  a.causal = causal, a.scale = scale, a.window = window;
   py::array_t<float> y = result(out, {a.B, a.Sq, a.H, a.d});
   a.out = y.mutable_data();
   if (y.size()) {
@@ -557,11 +558,11 @@ PYBIND11_MODULE(_core, m) {
     return read_bandwidth(cptr<uint8_t>(buf), buf.shape(0), repeats);
   }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
-  m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"));
+  m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"), py::arg("tanh") = false);
   m.def("layer_norm", &layer_norm_py, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("rms"), py::arg("out") = py::none());
   m.def("softmax_", &softmax_py, py::arg("x"));
   m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"),
-        py::arg("causal"), py::arg("scale"), py::arg("out") = py::none());
+        py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none());
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
 }
