@@ -54,6 +54,9 @@ def test_gelu_tanh_is_the_tanh_approximation(rng):
     assert nn.gelu(y, out=y, approximate="tanh") is y and np.array_equal(y, expected)
     with pytest.raises(ValueError, match="approximate"):
         nn.gelu(x, approximate="sigmoid")
+    ends = nn.gelu(np.array([-np.inf, np.inf, np.nan, -3e38, 3e38], F32), approximate="tanh")
+    np.testing.assert_array_equal(ends[:2], [0, np.inf])
+    assert np.isnan(ends[2]) and ends[3] == 0 and ends[4] == F32(3e38)
 
 
 def test_geglu_is_gelu_tanh_of_gate_times_up(rng):

@@ -143,8 +143,11 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 void gelu(const float* x, float* y, int64_t n, bool tanh) {
   if (tanh) {
     // x (1 + tanh u) / 2 = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): one exp, one
-    // division; for very negative x, e^(-2u) stops at e^88 and the result is -0 to -1e-37.
-    map(x, y, n, [](vf v) { return v / (expv(v * (v * v * -0.0713548162f - 1.59576912f)) + 1.f); });
+    // division. Where -2u > 88 (x < -10) the result, below 1e-37 in size, is 0 (so GELU(-inf) = 0).
+    map(x, y, n, [](vf v) {
+      const vf m2u = v * (v * v * -0.0713548162f - 1.59576912f);
+      return m2u > 88.f ? splat(0.f) : v / (expv(m2u) + 1.f);
+    });
     return;
   }
   // x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2, erfc by Abramowitz & Stegun 7.1.26
