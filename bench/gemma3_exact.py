@@ -8,7 +8,10 @@ teacher-forced over the bundled sentences (one context of --tokens tokens, past 
 sliding window), and the report gives the next-token top-1 agreement, each one's perplexity on
 the text, and lowbit's agreement with itself fed one token at a time.
 
-    python bench/gemma3_exact.py [--tokens 1024] [--threads 2] [--json]
+With --llama-cpp (llama-cpp-python importable), llama.cpp scores the same ids too, and the
+report adds its agreement with both, and whether its tokenizer gives the same ids for the text.
+
+    python bench/gemma3_exact.py [--tokens 1024] [--threads 2] [--stepwise] [--llama-cpp] [--json]
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ class ExactGemma3:
         h = self.hd // 2
         theta = pos[:, None] * base ** (-np.arange(h) * 2.0 / self.hd)
         c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
-        return np.concatenate([x[..., :h] * c - x[..., h:] * s, x[..., :h] * s + x[..., h:] * c], -1)
+        x0, x1 = x[..., :h], x[..., h:]
+        return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], -1)
 
     def logits_top1(self, ids):
         """Next-token argmax and the log-probability of each following token, every position."""
@@ -109,6 +113,19 @@ def log_probs(logits, ids):
     return logits[np.arange(len(ids) - 1), ids[1:]] - lse[:-1]
 
 
+def llama_cpp_top1(path, ids, threads):
+    """llama.cpp's next-token argmax over ids (batches of 512), and whether its tokenizer encodes
+    the bundled text to the same ids as ours."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=max(512, len(ids)), n_batch=512, n_threads=threads,
+                n_threads_batch=threads, logits_all=True, verbose=False)
+    with open(os.path.join(HERE, "..", "examples", "data", "sentences.txt")) as f:
+        text = " ".join(line.strip() for line in f if line.strip())
+    same = llm.tokenize(text.encode(), add_bos=True, special=True)[:len(ids)] == list(ids)
+    llm.eval(ids)
+    return np.argmax(np.asarray(llm.scores[:len(ids)]), axis=1), same
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", help="GGUF file (default: assembled from the gemma3-270m packages)")
@@ -116,6 +133,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stepwise", action="store_true",
                    help="also feed lowbit one token at a time and compare with the batched run")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also score the text with llama.cpp (llama-cpp-python) on the same file")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     lb.set_num_threads(args.threads)
@@ -134,11 +153,17 @@ def main(argv=None):
         model.reset()
         step = np.array([np.argmax(model.forward([t])) for t in ids])
         result["lowbit_stepwise_vs_batched"] = round(float(np.mean(step == ours)), 4)
+    if args.llama_cpp:
+        llama = llama_cpp_top1(path, ids, args.threads)
+        result["llama_cpp_same_token_ids"] = llama[1]
+        result["lowbit_vs_llama_cpp"] = round(float(np.mean(ours == llama[0])), 4)
     del model, logits
 
     exact, exact_lp = ExactGemma3(path).logits_top1(ids)
     result["exact_ppl"] = round(float(np.exp(-exact_lp.mean())), 3)
     result["top1_agreement"] = round(float(np.mean(ours == exact)), 4)
+    if args.llama_cpp:
+        result["llama_cpp_vs_exact"] = round(float(np.mean(llama[0] == exact)), 4)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 

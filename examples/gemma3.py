@@ -53,8 +53,7 @@ def default_gguf() -> str:
 
 
 class RowsLinear:
-    """Several layers over the same input, outputs side by side: the fallback of
-    ``lb.concat_rows`` (one weight, one kernel call) for lowbit versions without it."""
+    """Layers over the same input, their outputs side by side."""
 
     def __init__(self, weights):
         self.parts = [lb.Linear(w) for w in weights]
@@ -66,10 +65,17 @@ class RowsLinear:
 
 
 def fused(weights):
-    """One layer computing the output rows of `weights` in order (fused QKV, gate/up)."""
-    if hasattr(lb, "concat_rows"):
-        return lb.Linear(lb.concat_rows(weights))
-    return RowsLinear(weights)
+    """A layer computing the output rows of `weights` in order (fused QKV, gate/up): each run of
+    weights that ``lb.concat_rows`` stacks (same K and format) is one weight, one kernel call.
+    Gemma's attn_v is Q8_0 in some layers where q and k are Q5_0; lowbit versions without
+    concat_rows run each weight alone."""
+    runs = [weights[0]]
+    for w in weights[1:]:
+        try:
+            runs[-1] = lb.concat_rows([runs[-1], w])
+        except (AttributeError, TypeError, ValueError):  # no concat_rows, or formats differ
+            runs.append(w)
+    return lb.Linear(runs[0]) if len(runs) == 1 else RowsLinear(runs)
 
 
 class Gemma3:
@@ -109,7 +115,8 @@ class Gemma3:
                 rope_base=self.global_base if is_global else LOCAL_ROPE_BASE))
         self.ffn = hp("feed_forward_length")
         self.tokenizer = tokenizer_from_gguf(meta)
-        self.eos = {meta["tokenizer.ggml.eos_token_id"], self.tokenizer.token_to_id("<end_of_turn>")}
+        self.eos = {meta["tokenizer.ggml.eos_token_id"],
+                    self.tokenizer.token_to_id("<end_of_turn>")}
         self.reset()
 
     def reset(self):

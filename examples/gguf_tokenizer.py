@@ -104,7 +104,8 @@ class SpmTokenizer:
             "tokenizer.ggml.add_bos_token", True) else None
         self.eos = meta.get("tokenizer.ggml.eos_token_id") if meta.get(
             "tokenizer.ggml.add_eos_token", False) else None
-        specials = [i for i, ty in enumerate(self.types) if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED)]
+        specials = [i for i, ty in enumerate(self.types)
+                    if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED)]
         # llama.cpp cuts the longest first (ids break ties here; its sort leaves them unspecified)
         self._specials = sorted(specials, key=lambda i: (-len(self.tokens[i].encode()), i))
         self._bytes = [self.vocab.get(f"<0x{b:02X}>") for b in range(256)]

@@ -138,7 +138,8 @@ def gemma3_model():
 
 @pytest.mark.parametrize("text", [
     "The capital of France is", "  two leading spaces,\ttabs\t\tand\n\n\nnewlines ",
-    "日本語のテキスト, émoji 🦙 and a rare char \u2fd5", "<start_of_turn>user\nHi!<end_of_turn>\n", ""])
+    "日本語のテキスト, émoji 🦙 and a rare char \u2fd5",
+    "<start_of_turn>user\nHi!<end_of_turn>\n", ""])
 def test_gemma3_tokenizer_round_trip(gemma3_tokenizer, text):
     enc = gemma3_tokenizer.encode(text)
     assert enc.ids[0] == 2  # <bos>, as tokenizer.ggml.add_bos_token asks
