@@ -609,15 +609,15 @@ py::array_t<uint8_t> unpack_int4_py(py::array p) {
 
 // x: float32 of any shape; out: None (a new array) or a writeable C-contiguous float32 array of
 // x's shape, which may be x itself (elementwise: in place is safe; any other overlap is checked
-// by lowbit.nn).
-py::array gelu_py(py::array x, const py::object& out) {
+// by lowbit.nn). tanh: GELU's tanh approximation instead of the erf form.
+py::array gelu_py(py::array x, const py::object& out, bool tanh) {
   if (!x.dtype().is(py::dtype::of<float>()))
     throw py::type_error("gelu: expected a float32 array, got " + std::string(py::str(x.dtype())));
   x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
   Output y(out, std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
   {
     NoGil nogil;
-    gelu(cptr<float>(x), y.data(), (int64_t)x.size());
+    gelu(cptr<float>(x), y.data(), (int64_t)x.size(), tanh);
   }
   return y.finish();
 }
@@ -657,7 +657,7 @@ void softmax_py(py::array x) {
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
-                       bool causal, float scale, const py::object& out) {
+                       bool causal, float scale, int64_t window, const py::object& out) {
   py::array* arrays[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
   AttnArgs a{};
@@ -682,7 +682,8 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
       lengths.is_none() ? lengths : py::object(check<int64_t>(lengths.cast<py::array>(), "lengths", {a.B}));
   a.lengths = cptr_or_null<int64_t>(lens);
   a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
-  a.causal = causal, a.scale = scale;
+  if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
+  a.causal = causal, a.scale = scale, a.window = window;
   Output y(out, {a.B, a.Sq, a.H, a.d});
   a.out = y.data();
   if (a.B * a.Sq * a.H * a.d) {
@@ -775,11 +776,11 @@ PYBIND11_MODULE(_core, m) {
     return read_bandwidth(cptr<uint8_t>(buf), buf.shape(0), repeats);
   }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
-  m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"));
+  m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"), py::arg("tanh") = false);
   m.def("layer_norm", &layer_norm_py, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("rms"), py::arg("out") = py::none());
   m.def("softmax_", &softmax_py, py::arg("x"));
   m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"),
-        py::arg("causal"), py::arg("scale"), py::arg("out") = py::none());
+        py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none());
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
 }

@@ -51,7 +51,9 @@ constexpr int64_t kActBlock = 32;  // activation quantization block (W4A8)
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d) at the given strides (in floats; the last axis
 // contiguous), head h reading kv head h / (H / Hkv); out (B, Sq, H, d) dense. Batch b sees its
 // first lengths[b] keys (all Sk when lengths is null); causal: query i also only keys
-// j <= Sk - Sq + i. A query with no key to see gets zeros. One task: (b, h, kAttnQueries queries).
+// j <= Sk - Sq + i; window W > 0 (sliding-window attention): also only keys j > Sk - Sq + i - W
+// (query i sits at key position Sk - Sq + i). A query with no key to see gets zeros. One task:
+// (b, h, kAttnQueries queries).
 constexpr int64_t kAttnQueries = 64;
 struct AttnArgs {
   const float *q, *k, *v;
@@ -61,6 +63,7 @@ struct AttnArgs {
   const int64_t* lengths;
   bool causal;
   float scale;
+  int64_t window;  // 0: none
 };
 
 struct BlkArgs;  // formats.h: the block formats (GGUF K-quants, IQ4, Q5, MXFP4)
@@ -143,10 +146,10 @@ struct Kernels {
   int64_t (*pack_int4)(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
   void (*unpack_int4)(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
 
-  // Float helpers of lowbit.nn (kernels/nn.cpp), bit-identical on every ISA. GELU (erf form) of n
-  // values; rows of (x [+ r]) normalised: LayerNorm (x - mean) / sqrt(var + eps) * w + b, or RMSNorm
+  // Float helpers of lowbit.nn (kernels/nn.cpp), bit-identical on every ISA. GELU of n values (erf
+  // form, or tanh's approximation when tanh); rows of (x [+ r]) normalised: LayerNorm (x - mean) / sqrt(var + eps) * w + b, or RMSNorm
   // (rms) x / sqrt(mean(x^2) + eps) * w; x rows ld apart, r and y dense; softmax of rows in place.
-  void (*gelu)(const float* x, float* y, int64_t n);
+  void (*gelu)(const float* x, float* y, int64_t n, bool tanh);
   void (*layer_norm)(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                      float eps, bool rms, int64_t rows, int64_t n, float* y);
   void (*softmax)(float* x, int64_t rows, int64_t n);

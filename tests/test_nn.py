@@ -56,6 +56,34 @@ def test_gelu_of_infinities_is_the_limit_on_every_isa(isa):
     np.testing.assert_array_equal(layer(np.ones((3, 32), F32)), np.tile([np.inf, 0.0], (3, 8)))
 
 
+def test_gelu_tanh_is_the_tanh_approximation(rng):
+    x = np.concatenate([rng.normal(0, 3, 5000), [-1e4, -30, -8, -1e-8, 0, 1e-8, 8, 30, 1e4]]).astype(F32)
+    xd = x.astype(np.float64)
+    exact = 0.5 * xd * (1 + np.tanh(np.sqrt(2 / np.pi) * (xd + 0.044715 * xd ** 3)))
+    got = nn.gelu(x, approximate="tanh")
+    assert got.dtype == F32 and np.isfinite(got).all()
+    assert (np.abs(got - exact) <= 1e-6 * np.maximum(1, np.abs(exact))).all()
+    assert np.abs(got - exact).max() > 0 and not np.array_equal(got, nn.gelu(x))  # not the erf form
+    assert np.abs(nn.gelu(x) - got).max() < 1e-3 * np.abs(x).max()  # ... but close to it
+    y = x[:5000].reshape(50, 100).copy()
+    expected = nn.gelu(y, approximate="tanh")
+    assert nn.gelu(y, out=y, approximate="tanh") is y and np.array_equal(y, expected)
+    with pytest.raises(ValueError, match="approximate"):
+        nn.gelu(x, approximate="sigmoid")
+    ends = nn.gelu(np.array([-np.inf, np.inf, np.nan, -3e38, 3e38], F32), approximate="tanh")
+    np.testing.assert_array_equal(ends[:2], [0, np.inf])
+    assert np.isnan(ends[2]) and ends[3] == 0 and ends[4] == F32(3e38)
+
+
+def test_geglu_is_gelu_tanh_of_gate_times_up(rng):
+    gu = rng.normal(0, 2, (7, 2 * 96)).astype(F32)
+    gate, up = gu[:, :96], gu[:, 96:]  # halves of a fused gate/up projection: strided views
+    got = nn.geglu(gate, up)
+    np.testing.assert_array_equal(got, nn.gelu(np.ascontiguousarray(gate), approximate="tanh") * up)
+    g = gate.astype(np.float64)
+    assert close(got, 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * up)
+
+
 def test_layer_norm_with_residual_and_softmax_mask(rng):
     x, r = rng.normal(size=(70, 384)).astype(F32), rng.normal(size=(70, 384)).astype(F32)
     w, b = rng.normal(size=384).astype(F32), rng.normal(size=384).astype(F32)
@@ -74,9 +102,12 @@ def test_layer_norm_with_residual_and_softmax_mask(rng):
 def test_float_helpers_are_bit_identical_on_every_isa(isa, rng, size):
     x = rng.normal(0, 3, size).astype(F32)
     w, b = rng.normal(size=size[1]).astype(F32), rng.normal(size=size[1]).astype(F32)
-    got = [nn.gelu(x), nn.layer_norm(x, w, b, residual=x), nn.rms_norm(x, w), nn.softmax(x)]
+    def helpers():
+        return [nn.gelu(x), nn.gelu(x, approximate="tanh"), nn.layer_norm(x, w, b, residual=x),
+                nn.rms_norm(x, w), nn.softmax(x)]
+    got = helpers()
     with lb.use_isa("ref"):
-        expected = [nn.gelu(x), nn.layer_norm(x, w, b, residual=x), nn.rms_norm(x, w), nn.softmax(x)]
+        expected = helpers()
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
 
@@ -90,6 +121,41 @@ def test_rope_rotates_adjacent_pairs(rng):
     z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * theta)[:, None]  # pair = complex number
     expected = np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
     assert close(got, expected, 1e-5)
+
+
+def test_rope_neox_rotates_halves(rng):
+    x = rng.normal(size=(7, 3, 16)).astype(F32)
+    pos = np.arange(10, 17)
+    cos, sin = nn.rope_tables(16, pos, base=10000.0)
+    got = nn.rope(x, cos, sin, style="neox")
+    theta = pos[:, None] * 10000.0 ** (-np.arange(0, 16, 2) / 16)
+    z = (x[..., :8] + 1j * x[..., 8:]) * np.exp(1j * theta)[:, None]  # pair i = (x[i], x[i + 8])
+    assert close(got, np.concatenate([z.real, z.imag], axis=-1), 1e-5)
+    assert got.dtype == F32 and got.shape == x.shape
+    np.testing.assert_array_equal(nn.rope(x, cos, sin), nn.rope(x, cos, sin, style="pairs"))
+    # the two layouts are the same rotation of permuted coordinates
+    perm = np.arange(16).reshape(2, 8).T.reshape(-1)  # pairs order (0, 8, 1, 9, ...)
+    np.testing.assert_array_equal(nn.rope(x[..., perm], cos, sin)[..., np.argsort(perm)], got)
+    with pytest.raises(ValueError, match="style"):
+        nn.rope(x, cos, sin, style="gptj")
+
+
+def test_rms_norm_per_head_over_the_last_axis(rng):
+    """QK-norm (Gemma 3, Qwen 3): rms_norm of (tokens, heads, head_dim) with a (head_dim,) weight
+    normalises each head's vector alone, the same as row by row."""
+    t, h, d = 5, 4, 256
+    qk = rng.normal(0, 3, (t, h * d)).astype(F32)
+    w = rng.normal(size=d).astype(F32)
+    got = nn.rms_norm(qk.reshape(t, h, d), w, 1e-6)
+    assert got.shape == (t, h, d)
+    x = qk.reshape(t, h, d).astype(np.float64)
+    assert close(got, x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * w)
+    np.testing.assert_array_equal(got.reshape(t * h, d), nn.rms_norm(qk.reshape(t * h, d), w, 1e-6))
+    # a strided view: the k part of a fused qkv output
+    fused = rng.normal(size=(t, 3 * d)).astype(F32)
+    k = fused[:, d:2 * d].reshape(t, 1, d)
+    np.testing.assert_array_equal(nn.rms_norm(k, w, 1e-6),
+                                  nn.rms_norm(np.ascontiguousarray(k), w, 1e-6))
 
 
 def naive_attention(q, k, v):
@@ -129,10 +195,10 @@ def test_kv_cache_attention_matches_definition_batched_and_step_by_step(rng, hea
 # lb.nn.attention: fused softmax attention (masks, causal, GQA, strided views, out=)
 
 
-def reference_attention(q, k, v, lengths=None, causal=False, scale=None):
+def reference_attention(q, k, v, lengths=None, causal=False, scale=None, window=None):
     """The definition in float64: per batch and head, scores masked to the keys the query sees
-    (its batch's first min(lengths[b], Sk) keys; causal: j <= Sk - Sq + i), softmax, weights @ v;
-    a query that sees no key gets zeros."""
+    (its batch's first min(lengths[b], Sk) keys; causal: j <= Sk - Sq + i; window W: j > Sk - Sq +
+    i - W), softmax, weights @ v; a query that sees no key gets zeros."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, Sq, H, d = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -143,6 +209,8 @@ def reference_attention(q, k, v, lengths=None, causal=False, scale=None):
         visible = np.broadcast_to(np.arange(Sk)[None, :] < n, (Sq, Sk))
         if causal:
             visible = visible & (np.arange(Sk)[None, :] <= Sk - Sq + np.arange(Sq)[:, None])
+        if window is not None:
+            visible = visible & (np.arange(Sk)[None, :] > Sk - Sq + np.arange(Sq)[:, None] - window)
         seen = visible.any(1)
         for h in range(H):
             kvh = h // (H // Hkv)
@@ -190,6 +258,61 @@ def test_attention_matches_float64_definition(rng, B, Sq, Sk, H, Hkv, d, causal,
     assert close(got, expected, 1e-5), np.abs(got - expected).max()
     if with_lengths and B >= 2:
         assert not got[1].any()  # lengths 0: every query of batch 1 gets zeros
+
+
+# windows of 1 key, inside the 32-key tile, at and across it, across the 64-query block, and
+# wider than the keys
+@pytest.mark.parametrize("window", [1, 5, 32, 33, 64, 100, 500])
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,d", [(2, 130, 130, 4, 1, 32), (1, 1, 200, 4, 2, 16),
+                                             (2, 65, 200, 2, 2, 8), (1, 70, 31, 3, 1, 8)])
+def test_attention_window_matches_float64_definition(rng, B, Sq, Sk, H, Hkv, d, window):
+    q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d)
+    for kw in (dict(causal=True), dict(), dict(causal=True, lengths=mixed_lengths(B, Sk))):
+        got = nn.attention(q, k, v, window=window, **kw)
+        assert close(got, reference_attention(q, k, v, window=window, **kw), 1e-5), kw
+    if window >= Sk:  # every key is in the window: the same as no window, bit for bit
+        np.testing.assert_array_equal(nn.attention(q, k, v, causal=True, window=window),
+                                      nn.attention(q, k, v, causal=True))
+
+
+def test_attention_window_one_sees_its_own_key(rng):
+    q, k, v = qkv(rng, 2, 40, 70, 4, 2, 16)
+    got = nn.attention(q, k, v, causal=True, window=1)  # each query sees key p = 30 + i only
+    np.testing.assert_array_equal(got, v[:, 30:].repeat(2, axis=2))
+    # non-causal window 1 sees keys from p on (all later keys too)
+    assert close(nn.attention(q, k, v, window=1), reference_attention(q, k, v, window=1))
+
+
+@pytest.mark.parametrize("window", [None, 1, 20, 64])
+def test_kv_cache_window_is_bit_identical_batched_and_step_by_step(rng, window):
+    """A query's result does not depend on how the context was fed (the property a model's
+    logits rely on): the whole prompt at once, token by token, or in uneven chunks."""
+    h, kvh, d, n = 4, 1, 32, 150
+    q = rng.normal(size=(n, h, d)).astype(F32)
+    k = rng.normal(size=(n, kvh, d)).astype(F32)
+    v = rng.normal(size=(n, kvh, d)).astype(F32)
+    results = []
+    for chunks in ([0, n], list(range(n + 1)), [0, 3, 70, 71, 135, n]):
+        cache = nn.KVCache(kvh, d, capacity=8)
+        results.append(np.concatenate([
+            (cache.append(k[a:b], v[a:b]), cache.attend(q[a:b], window=window))[1]
+            for a, b in zip(chunks, chunks[1:])]))
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[2], results[0])
+    expected = reference_attention(q[None], k[None], v[None], causal=True, window=window)
+    assert close(results[0], expected.reshape(n, h * d))
+    scaled = nn.KVCache(kvh, d)
+    scaled.append(k, v)
+    assert close(scaled.attend(q, scale=0.0625, window=window),
+                 reference_attention(q[None], k[None], v[None], causal=True, scale=0.0625,
+                                     window=window).reshape(n, h * d))
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True, "8"])
+def test_attention_rejects_bad_window(rng, window):
+    q, k, v = qkv(rng, 1, 3, 5, 2, 2, 8)
+    with pytest.raises(ValueError, match="window"):
+        nn.attention(q, k, v, window=window)
 
 
 @pytest.mark.parametrize("Sq,Sk", [(130, 33), (70, 1), (5, 2)])
@@ -264,7 +387,8 @@ ATTN_BIT_SHAPES = [
 def test_attention_is_bit_identical_on_every_isa(isa, rng, B, Sq, Sk, H, Hkv, d):
     q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d)
     lengths = np.array([Sk, Sk - 3, 1][:B])
-    calls = [dict(), dict(causal=True), dict(lengths=lengths), dict(lengths=lengths, causal=True)]
+    calls = [dict(), dict(causal=True), dict(lengths=lengths), dict(lengths=lengths, causal=True),
+             dict(causal=True, window=33), dict(window=70, lengths=lengths)]
     got = [nn.attention(q, k, v, **c) for c in calls]
     with lb.use_isa("ref"):
         expected = [nn.attention(q, k, v, **c) for c in calls]
@@ -285,8 +409,9 @@ def test_attention_bit_identical_across_isas_and_thread_counts(rng, threads):
             for n in (1, 2, 3):
                 lb.set_num_threads(n)
                 assert lb.get_num_threads() == n
-                results[name, n] = [nn.attention(q, k, v, causal=c, lengths=[k.shape[1] - 1] * len(k))
-                                    for q, k, v in cases for c in (False, True)]
+                results[name, n] = [nn.attention(q, k, v, causal=c, lengths=[k.shape[1] - 1] * len(k),
+                                                 window=w)
+                                    for q, k, v in cases for c in (False, True) for w in (None, 40)]
     finally:
         lb._core.set_isa(original)
     assert lb._core.isa() == original

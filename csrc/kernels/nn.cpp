@@ -140,7 +140,16 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 }  // namespace
 
-void gelu(const float* x, float* y, int64_t n) {
+void gelu(const float* x, float* y, int64_t n, bool tanh) {
+  if (tanh) {
+    // x (1 + tanh u) / 2 = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): one exp, one
+    // division. Where -2u > 88 (x < -10) the result, below 1e-37 in size, is 0 (so GELU(-inf) = 0).
+    map(x, y, n, [](vf v) {
+      const vf m2u = v * (v * v * -0.0713548162f - 1.59576912f);
+      return m2u > 88.f ? splat(0.f) : v / (expv(m2u) + 1.f);
+    });
+    return;
+  }
   // x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2, erfc by Abramowitz & Stegun 7.1.26
   // (|error| <= 1.5e-7): erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2), t = 1/(1+pa)
   map(x, y, n, [](vf v) {
@@ -191,40 +200,52 @@ void softmax(float* x, int64_t rows, int64_t n) {
 void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
   const int64_t d = a->d, dp = round_up(d, 32);
   const int64_t blocks = (a->Sq + kAttnQueries - 1) / kAttnQueries, group = a->H / a->Hkv;
-  const int64_t off = a->Sk - a->Sq;  // causal: query i sees keys j <= off + i
-  std::vector<float> kt, vp, S;  // k transposed (d, Kp), v padded (Kp, dp), weights (queries, Kp)
+  const int64_t off = a->Sk - a->Sq;  // query i sits at key position off + i
+  // k transposed (d, Kp), v padded (Kp, dp), weights (queries, Kp), of keys j0, j0 + 1, ...
+  std::vector<float> kt, vp, S;
   float sums[kAttnQueries];
-  int64_t filled_b = -1, filled_kvh = -1, filled_keys = 0, Kp = 0;
+  int64_t filled_b = -1, filled_kvh = -1, filled_j0 = -1, filled_keys = 0, Kp = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (a->H * blocks), h = t / blocks % a->H, kvh = h / group;
     const int64_t i0 = t % blocks * kAttnQueries;
     const int64_t i1 = i0 + kAttnQueries < a->Sq ? i0 + kAttnQueries : a->Sq;
     int64_t keys = a->lengths ? (a->lengths[b] < a->Sk ? a->lengths[b] : a->Sk) : a->Sk;
     if (a->causal && off + i1 < keys) keys = off + i1;  // the most any query of the block sees
+    // Sliding window: the block's first query sees keys from off + i0 - window + 1 on. Keys are
+    // held from j0, a multiple of 32 at or below that, so that every key keeps its lane (j mod 16)
+    // in the sums: a query's result does not depend on the block it is computed in.
+    const int64_t from = a->window > 0 ? off + i0 - a->window + 1 : 0;
+    const int64_t j0 = from > 0 ? from / 32 * 32 : 0;
     const float* q = a->q + b * a->qs[0] + h * a->qs[2];
     float* out = a->out + (b * a->Sq * a->H + h) * d;
-    if (keys <= 0) {
+    if (keys <= j0) {
       for (int64_t i = i0; i < i1; ++i) std::memset(out + i * a->H * d, 0, (size_t)d * sizeof(float));
       continue;
     }
-    if (b != filled_b || kvh != filled_kvh || keys > filled_keys) {  // GQA heads share a fill
-      Kp = round_up(keys, 32);
+    if (b != filled_b || kvh != filled_kvh || j0 != filled_j0 || keys > filled_keys) {
+      // (GQA heads share a fill)
+      Kp = round_up(keys - j0, 32);
       kt.assign((size_t)(d * Kp), 0.f);
       vp.assign((size_t)(Kp * dp), 0.f);
       S.resize((size_t)(kAttnQueries * Kp));
       const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
       const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
-      for (int64_t j = 0; j < keys; ++j) {
-        for (int64_t c = 0; c < d; ++c) kt[c * Kp + j] = k[j * a->ks[1] + c];
-        std::memcpy(&vp[j * dp], v + j * a->vs[1], (size_t)d * sizeof(float));
+      for (int64_t j = j0; j < keys; ++j) {
+        for (int64_t c = 0; c < d; ++c) kt[c * Kp + j - j0] = k[j * a->ks[1] + c];
+        std::memcpy(&vp[(j - j0) * dp], v + j * a->vs[1], (size_t)d * sizeof(float));
       }
-      filled_b = b, filled_kvh = kvh, filled_keys = keys;
+      filled_b = b, filled_kvh = kvh, filled_j0 = j0, filled_keys = keys;
     }
-    auto limit = [&](int64_t i) {  // keys query i sees
+    // Query i sees the held keys [first(i), limit(i)) (indices from j0).
+    auto limit = [&](int64_t i) {
       const int64_t n = a->causal && off + i + 1 < keys ? off + i + 1 : keys;
-      return n > 0 ? n : 0;
+      return n > j0 ? n - j0 : 0;
     };
-    const int64_t kend = round_up(keys, 32);
+    auto first = [&](int64_t i) {
+      const int64_t f = a->window > 0 ? off + i - a->window + 1 : 0;
+      return f > j0 ? f - j0 : 0;
+    };
+    const int64_t kend = round_up(keys - j0, 32);
 
     // Scores: a tile of kTile queries x 32 keys in registers, an fma per element of d.
     const vf scale = splat(a->scale);
@@ -245,30 +266,39 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
           for (int u = 0; u < kV; ++u) store(&S[(i - i0 + r) * Kp + j + u * kN], acc[r][u] * scale);
       }
     }
-    // Softmax weights of each query, unnormalised and zero past its last key; their sums.
+    // Softmax weights of each query, unnormalised and zero outside its keys; their sums.
     for (int64_t i = i0; i < i1; ++i) {
       float* row = &S[(i - i0) * Kp];
-      const int64_t n = limit(i);
-      const float mx = n ? max_of(row, n) : 0.f;
+      const int64_t lo = first(i), n = limit(i);
+      if (n <= lo) {  // no key to see
+        std::memset(row, 0, (size_t)kend * sizeof(float));
+        sums[i - i0] = 0.f;
+        continue;
+      }
+      const float mx = max_of(row + lo, n - lo);
       vf acc[kLanes / kN] = {};  // the 16 partial sums
-      int64_t j = 0;
+      int64_t j = lo / kLanes * kLanes;
+      std::memset(row, 0, (size_t)j * sizeof(float));
       for (; j < n; j += kLanes) {
         for (int u = 0; u < kLanes / kN; ++u) store(row + j + u * kN, expv(load(row + j + u * kN) - mx));
+        if (j < lo) std::memset(row + j, 0, (size_t)(lo - j) * sizeof(float));
         if (j + kLanes > n) std::memset(row + n, 0, (size_t)(j + kLanes - n) * sizeof(float));
         for (int u = 0; u < kLanes / kN; ++u) acc[u] += load(row + j + u * kN);
       }
       std::memset(row + j, 0, (size_t)(kend - j) * sizeof(float));
       float partial[kLanes];
       std::memcpy(partial, acc, sizeof partial);
-      sums[i - i0] = n ? combine(partial) : 0.f;  // >= 1 (the max's own weight), or NaN: kept
+      sums[i - i0] = combine(partial);  // >= 1 (the max's own weight), or NaN: kept
     }
-    // Outputs: a tile of kTile queries x 32 of d, an fma per key, then divided by the sum.
+    // Outputs: a tile of kTile queries x 32 of d, an fma per key, then divided by the sum (keys
+    // outside a query's range weigh 0 and leave its sums unchanged; those before the tile's first
+    // visible key are skipped).
     for (int64_t i = i0; i < i1; i += kTile) {
       const int64_t rows = i1 - i < kTile ? i1 - i : kTile;
-      const int64_t n = limit(i + rows - 1);
+      const int64_t lo = first(i), n = limit(i + rows - 1);
       for (int64_t c = 0; c < dp; c += 32) {
         vf acc[kTile][kV] = {};
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = lo; j < n; ++j) {
           vf vv[kV];
           for (int u = 0; u < kV; ++u) vv[u] = load(&vp[j * dp + c + u * kN]);
           for (int64_t r = 0; r < kTile; ++r) {

