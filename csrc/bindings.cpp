@@ -34,7 +34,7 @@ std::string shape_str(const py::array& a) {
 template <class T>
 void check(const py::array& a, const char* name, std::initializer_list<int64_t> shape,
            bool row_strided = false) {
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!a.dtype().equal(py::dtype::of<T>()))
     throw py::type_error(std::string(name) + ": expected dtype " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(a.dtype())));
@@ -200,7 +200,7 @@ void check_static(float act_scale, int32_t act_zero) {
 py::array_t<float> result(const py::object& out, const std::vector<int64_t>& shape) {
   if (out.is_none()) return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
   py::array y = out.cast<py::array>();
-  bool ok = y.dtype().is(py::dtype::of<float>()) && (y.flags() & py::array::c_style) && y.writeable() &&
+  bool ok = y.dtype().equal(py::dtype::of<float>()) && (y.flags() & py::array::c_style) && y.writeable() &&
             y.ndim() == (py::ssize_t)shape.size();
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = y.shape(i) == shape[i];
   if (!ok) {
@@ -245,7 +245,7 @@ py::array_t<float> linear_w8a8_py(const py::array& x, const py::array& packed,
 
 // float16 arrays travel as numpy float16; the kernels read their bits.
 void check_half(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
-  if (!a.dtype().is(py::dtype("float16")))
+  if (!a.dtype().equal(py::dtype("float16")))
     throw py::type_error(std::string(name) + ": expected dtype float16, got " + std::string(py::str(a.dtype())));
   check<uint16_t>(py::array(a).view("uint16"), name, shape);
 }
@@ -570,11 +570,11 @@ py::array_t<uint8_t> unpack_int4_py(const py::array& p) {
 // x: float32 (..., n) with contiguous rows; returns (rows, n) views' shapes as given.
 // x: C-contiguous float32; out: None (a new array) or a writeable array of x's shape (may be x).
 py::array gelu_py(const py::array& x, py::object out) {
-  if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style))
+  if (!x.dtype().equal(py::dtype::of<float>()) || !(x.flags() & py::array::c_style))
     throw py::type_error("gelu: expected a C-contiguous float32 array");
   py::array y = out.is_none() ? py::array_t<float>(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()))
                               : out.cast<py::array>();
-  if (!y.dtype().is(py::dtype::of<float>()) || !(y.flags() & py::array::c_style) || !y.writeable() ||
+  if (!y.dtype().equal(py::dtype::of<float>()) || !(y.flags() & py::array::c_style) || !y.writeable() ||
       y.size() != x.size())
     throw py::value_error("gelu: out must be a writeable C-contiguous float32 array of x's size");
   {
@@ -609,7 +609,7 @@ py::array_t<float> layer_norm_py(const py::array& x, const py::object& r, const 
 }
 
 void softmax_py(py::array& x) {
-  if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
+  if (!x.dtype().equal(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
     throw py::type_error("softmax: expected a writeable C-contiguous float32 array");
   if (x.ndim() == 0 || x.size() == 0) return;
   const int64_t n = x.shape(x.ndim() - 1);
@@ -628,7 +628,7 @@ py::array_t<float> attention_py(const py::array& q, const py::array& k, const py
   int64_t* strides[3] = {a.qs, a.ks, a.vs};
   for (int i = 0; i < 3; ++i) {
     const py::array& x = *arrays[i];
-    if (!x.dtype().is(py::dtype::of<float>()))
+    if (!x.dtype().equal(py::dtype::of<float>()))
       throw py::type_error(std::string(names[i]) + ": expected dtype float32, got " +
                            std::string(py::str(x.dtype())));
     if (x.ndim() != 4)

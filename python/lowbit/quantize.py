@@ -238,6 +238,24 @@ class QuantizedWeight:
             w *= self._in_scale
         return w[0] if isinstance(rows, (int, np.integer)) else w
 
+    def __getstate__(self):
+        """By value (pickle, multiprocessing): every slot, and which arrays were read-only (pickle
+        itself hands arrays back writeable; a weight loaded from a file stays read-only)."""
+        state = {s: getattr(self, s) for s in self.__slots__}
+        arrays = [(s, a) for s, a in state.items() if isinstance(a, np.ndarray)]
+        arrays += [(f"_parts.{p}", a) for p, a in (self._parts or {}).items()]
+        state["_readonly"] = [s for s, a in arrays if not a.flags.writeable]
+        return state
+
+    def __setstate__(self, state):
+        readonly = state.pop("_readonly", ())
+        for s in self.__slots__:
+            setattr(self, s, state[s])
+        for s in readonly:
+            part = s.partition("_parts.")[2]
+            a = self._parts[part] if part else getattr(self, s)
+            a.flags.writeable = False
+
     def __repr__(self):
         if self._parts is not None:
             return f"QuantizedWeight(shape={self.shape}, format={self.format}, nbytes={self.nbytes})"
