@@ -201,7 +201,6 @@ class MiniLM:
         except ImportError:
             self._blas = None
 
-        self._captured = None  # while capturing: {float layer: [inputs]}
         self._work = None  # the forward's work arrays (see _buffers)
         self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
         if mode != "float":
@@ -214,15 +213,9 @@ class MiniLM:
     def capture(self, sentences):
         """{(block index, layer name): float32 (rows, in_features)}: the inputs each linear layer
         sees on `sentences`, encoded one at a time (no padding rows)."""
-        self._captured = {}
-        try:
-            for sentence in sentences:
-                self.encode([sentence])
-            captured = self._captured
-        finally:
-            self._captured = None
-        return {(i, name): np.concatenate(captured[getattr(blk, name)])
-                for i, blk in enumerate(self._blocks) for name in _Block.LINEARS}
+        layers = {(i, name): (blk, name) for i, blk in enumerate(self._blocks)
+                  for name in _Block.LINEARS}
+        return lb.calibrate.capture_inputs(layers, lambda: [self.encode([s]) for s in sentences])
 
     def _quantize(self, smooth, method, method_options, static, calibration, plan):
         """Replace every FloatLinear by an lb.Linear, calibrated on the float model's inputs."""
@@ -283,9 +276,7 @@ class MiniLM:
     def _dense(self, layer, x, out):
         """layer(x) written to out: lowbit layers on lowbit's threads, float ones in row blocks
         on the workers."""
-        if self._captured is not None:
-            self._captured.setdefault(layer, []).append(x.copy())
-        if not isinstance(layer, FloatLinear):
+        if not isinstance(layer, FloatLinear):  # (or a recorder of lb.calibrate.capture_inputs)
             return layer(x, out=out)
 
         def block(lo, hi):

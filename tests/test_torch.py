@@ -90,8 +90,20 @@ FORMATS = {"int8": {}, "int4": {"bits": 4, "group_size": 32, "symmetric": False}
            "float": {"bits": 4, "group_size": 32, "activations": "float"}}
 
 
+FORMATS["gptq"] = {"bits": 4, "group_size": 32, "method": "gptq", "act_order": True}
+FORMATS["observer"] = {"activations": lb.MinMaxObserver}
+
+
+def calibration_batches(n=4, rows=32, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, 64, generator=g) for _ in range(n)]
+
+
 def quantized(fmt, dtype=torch.float32, seed=0):
-    return lbt.quantize_model(small_model(seed).to(dtype), **FORMATS[fmt])
+    options = dict(FORMATS[fmt])
+    if fmt in ("gptq", "observer"):
+        options["calibration"] = [x.to(dtype) for x in calibration_batches()]
+    return lbt.quantize_model(small_model(seed).to(dtype), **options)
 
 
 def run(model, x, dtype=torch.float32):
@@ -189,3 +201,29 @@ def test_compiles_fullgraph_bit_identical_to_eager(dtype, rng):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # no C++ toolchain needed
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
+
+
+def test_gptq_int4_through_quantize_model_uses_each_layers_inputs_in_order(rng):
+    batches = calibration_batches(8)
+    x = rng.normal(size=(16, 64)).astype(np.float32)
+    ref = run(small_model(), x)
+    seen = []
+    model = small_model()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
+    lbt.quantize_model(model, bits=4, group_size=32, method="gptq", calibration=batches)
+    # a first capture of the float model, then one run per later layer: the layers before it quantized
+    assert seen[:3 * 8] == ["Linear"] * (3 * 8)
+    gptq = run(model, x)
+    rtn = run(lbt.quantize_model(small_model(), bits=4, group_size=32), x)
+    err = lambda y: float(((y - ref) ** 2).mean() / (ref ** 2).mean())  # noqa: E731
+    assert err(gptq) < 0.02 and err(gptq) < 1.5 * err(rtn)
+    inputs = lbt.capture_inputs(small_model(), batches)
+    assert list(inputs) == ["0", "2.0", "3"] and inputs["2.0"].shape == (8 * 32, 96)
+    with pytest.raises(ValueError, match="need calibration"):
+        lbt.quantize_model(small_model(), bits=4, group_size=32, method="gptq")
+    partly_used = small_model()
+    partly_used.forward = lambda x: partly_used[0](x)  # the other layers never run
+    with pytest.raises(ValueError, match="never ran"):
+        lbt.quantize_model(partly_used, method="mse", calibration=batches[:1])

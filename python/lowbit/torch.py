@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from typing import Optional
 
 import numpy as np
@@ -132,14 +133,25 @@ class LowbitLinear(torch.nn.Module):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, *, bits=8, group_size=None, symmetric=True,
                     activations="int8", method="rtn", calibration=None, **method_options):
-        """Quantizes `linear`'s weight (float of any dtype) with ``lb.quantize``."""
+        """Quantizes `linear`'s weight (float of any dtype) with ``lb.quantize``. calibration: the
+        layer's inputs (S, in_features), for the calibrated methods and for static activations:
+        `activations` may be an observer class (or any callable returning a fresh observer, e.g.
+        ``functools.partial(lb.PercentileObserver, 99.99)``), fed the inputs as the kernel sees
+        them."""
         w = linear.weight.detach().to(torch.float32).cpu().numpy()
         b = None if linear.bias is None else linear.bias.detach().to(torch.float32).cpu().numpy()
         if isinstance(calibration, torch.Tensor):
             calibration = calibration.detach().to(torch.float32).cpu().numpy()
-        _check_activations(activations, f"int{bits}")
+        observe = callable(activations)
+        if observe and calibration is None:
+            raise ValueError("activations: an observer needs calibration (the layer's inputs)")
+        if not observe:
+            _check_activations(activations, f"int{bits}")
         qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, method=method,
-                      calibration=calibration, **method_options)
+                      calibration=None if method == "rtn" else calibration, **method_options)
+        if observe:
+            seen = calibration if qw.input_scale is None else calibration * qw.input_scale
+            activations = activations().observe(seen).params()
         return cls(Linear(qw, b, activations=activations))
 
     @property
@@ -193,24 +205,85 @@ def _replace(model, name, new):
     return model
 
 
+def _run(model, calibration):
+    """Runs `calibration` (a callable taking the model, or an iterable of batches: a tensor, a
+    tuple of positional inputs or a mapping of keyword inputs each) without gradients."""
+    with torch.inference_mode():
+        if callable(calibration):
+            calibration(model)
+            return
+        for batch in calibration:
+            if isinstance(batch, Mapping):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+
+
+def capture_inputs(model: torch.nn.Module, calibration, names=None) -> dict:
+    """{name: float32 (rows, in_features)}: the inputs each ``nn.Linear`` (or LowbitLinear) of
+    `model` (those in `names`, if given) receives while `calibration` runs (see quantize_model),
+    recorded by forward pre-hooks, in the order the layers first run."""
+    rows = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach()
+            rows.setdefault(name, []).append(
+                np.array(x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, LowbitLinear)) and (names is None or n in names)]
+    try:
+        _run(model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: np.concatenate(r) for n, r in rows.items()}
+
+
 def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric=True,
-                   activations="int8", include=None, min_features=1, **options) -> torch.nn.Module:
+                   activations="int8", include=None, min_features=1, method="rtn",
+                   calibration=None, **options) -> torch.nn.Module:
     """Replaces the ``nn.Linear`` modules of `model` (in place) by :class:`LowbitLinear` and
-    returns the model (a model that is itself an ``nn.Linear`` is returned replaced). include: a predicate on the module's qualified name (e.g.
-    ``lambda name: "lm_head" not in name``); layers with fewer than `min_features` inputs or
-    outputs stay as they are. The other keywords are those of ``lb.quantize`` / ``lb.Linear``;
-    a Linear whose shape the format does not fit (a group size not dividing its inputs) raises
-    ValueError naming it."""
-    targets = [(name, m) for name, m in model.named_modules()
+    returns the model (a model that is itself an ``nn.Linear`` is returned replaced). include: a
+    predicate on the module's qualified name (e.g. ``lambda name: "lm_head" not in name``);
+    layers with fewer than `min_features` inputs or outputs stay as they are. The other keywords
+    are those of ``lb.quantize`` / ``lb.Linear``; a Linear whose shape the format does not fit (a
+    group size not dividing its inputs) raises ValueError naming it.
+
+    calibration: an iterable of input batches (each a tensor, a tuple of positional inputs or a
+    dict of keyword inputs, e.g. a tokenizer's output), or a callable that runs the model. Each
+    Linear's own inputs are captured on it (:func:`capture_inputs`) for the calibrated methods
+    ("mse", "gptq", "awq") and for static activations (`activations` an observer class, see
+    ``LowbitLinear.from_linear``). GPTQ goes layer by layer in forward order, re-running the
+    calibration before each layer, so that a layer sees the outputs of the quantized ones before
+    it (as the GPTQ paper does); the other methods use the float model's inputs."""
+    targets = {name: m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)
                and (include is None or include(name))
-               and min(m.in_features, m.out_features) >= min_features]
-    for name, module in targets:
+               and min(m.in_features, m.out_features) >= min_features}
+    needs = method != "rtn" or callable(activations)
+    if needs and calibration is None:
+        raise ValueError(f"method={method!r} / activations={activations!r} need calibration: "
+                         f"input batches or a callable that runs the model")
+    if not needs and calibration is not None:
+        raise ValueError("calibration is only used by calibrated methods and static activations")
+    inputs = capture_inputs(model, calibration, set(targets)) if needs else {}
+    if needs and set(inputs) != set(targets):
+        raise ValueError(f"calibration never ran {sorted(set(targets) - set(inputs))[:8]}")
+    for i, name in enumerate(list(inputs or targets)):  # forward order when calibrated
+        if method == "gptq" and i:  # the inputs the layers quantized so far give
+            inputs[name] = capture_inputs(model, calibration, {name})[name]
         try:
-            new = LowbitLinear.from_linear(module, bits=bits, group_size=group_size,
-                                           symmetric=symmetric, activations=activations, **options)
+            new = LowbitLinear.from_linear(targets[name], bits=bits, group_size=group_size,
+                                           symmetric=symmetric, activations=activations,
+                                           method=method, calibration=inputs.get(name), **options)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        inputs.pop(name, None)
         model = _replace(model, name, new)
     return model
 
