@@ -227,3 +227,18 @@ def test_gptq_int4_through_quantize_model_uses_each_layers_inputs_in_order(rng):
     partly_used.forward = lambda x: partly_used[0](x)  # the other layers never run
     with pytest.raises(ValueError, match="never ran"):
         lbt.quantize_model(partly_used, method="mse", calibration=batches[:1])
+
+
+@pytest.mark.parametrize("choose, expected", [("", "1"), ("lb.set_num_threads(3); ", "3")])
+def test_lowbit_layers_follow_torchs_thread_count_unless_chosen(choose, expected):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, lowbit as lb, lowbit.torch as lbt; " + choose +
+            "torch.set_num_threads(1); m = lbt.quantize_model(torch.nn.Linear(64, 8)); "
+            "m(torch.ones(2, 64)); print(lb.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.stdout.split()[-1:] == [expected], out.stderr

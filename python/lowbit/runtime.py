@@ -1,5 +1,10 @@
 """Which CPU kernels run, and on how many threads."""
+import os
+
 from . import _core
+
+# Whether the user chose lowbit's thread count (else lowbit.torch follows torch's).
+_chosen_threads = bool(os.environ.get("LOWBIT_NUM_THREADS"))
 
 
 def cpu_info() -> dict:
@@ -28,7 +33,9 @@ def set_num_threads(n: int) -> None:
     """Use ``n`` threads for the kernels. Results do not depend on it."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: expected an int, got {type(n).__name__}")
+    global _chosen_threads
     _core.set_num_threads(n)
+    _chosen_threads = True
 
 
 class use_isa:

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import _core, runtime
 from .calibrate import StaticActivations
 from .linear import Linear, _check_activations, _forward, _kernel_bias
 from .quantize import QuantizedWeight, quantize
@@ -92,11 +93,21 @@ def _weight(spec: str, tensors) -> tuple:
     return qw, acts, epilogue
 
 
+def _follow_torch_threads():
+    """Unless the user chose lowbit's thread count (lb.set_num_threads, LOWBIT_NUM_THREADS),
+    lowbit's layers in a torch model run on as many threads as torch's ops (torch.set_num_threads,
+    OMP_NUM_THREADS): the two pools then take turns on the same cores, not on more."""
+    n = torch.get_num_threads()
+    if not runtime._chosen_threads and n != _core.get_num_threads():
+        _core.set_num_threads(n)
+
+
 @torch.library.custom_op("lowbit::linear", mutates_args=())
 def linear(x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Tensor],
            spec: str) -> torch.Tensor:
     """``x @ W.T + bias`` for the weight whose packed parts and settings (see LowbitLinear) are
     given; the output in x's dtype."""
+    _follow_torch_threads()
     qw, acts, epilogue = _weight(spec, parts)
     xf = x.detach()
     if xf.dtype != torch.float32:
