@@ -210,6 +210,16 @@ class MiniLM:
             raise ValueError("method and static apply to the quantized modes")
         self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
 
+    def __getstate__(self):
+        """By value (pickle, a cluster's scatter): the weights and settings, not the thread pool,
+        BLAS controller or work arrays, which the copy makes afresh."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_blas", "_work")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._blas, self._work = None, None
+
     def capture(self, sentences):
         """{(block index, layer name): float32 (rows, in_features)}: the inputs each linear layer
         sees on `sentences`, encoded one at a time (no padding rows)."""
