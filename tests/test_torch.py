@@ -242,3 +242,18 @@ def test_lowbit_layers_follow_torchs_thread_count_unless_chosen(choose, expected
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.stdout.split()[-1:] == [expected], out.stderr
+
+
+def test_inductor_compiles_the_op_bit_identical_to_eager(rng):
+    if not hasattr(torch, "compile"):
+        pytest.skip("no torch.compile")
+    # ReLU, not GELU: inductor's own GELU code rounds differently from eager's
+    model = lbt.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(),
+                                                   torch.nn.Linear(96, 10)), bits=4, group_size=32)
+    x = torch.from_numpy(rng.normal(size=(3, 5, 64)).astype(np.float32))
+    try:
+        with torch.no_grad():
+            y = torch.compile(model, fullgraph=True)(x)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ toolchain for inductor here
+        pytest.skip(f"inductor unavailable: {e}")
+    assert torch.equal(y, model(x))
