@@ -55,7 +55,7 @@ bool readable(const py::array& a, py::ssize_t item, bool strided) {
 template <class T>
 py::array check(const py::array& a, const char* name, std::initializer_list<int64_t> shape,
                 bool strided = false, const py::dtype& dtype = py::dtype::of<T>()) {
-  if (!a.dtype().is(dtype))
+  if (!a.dtype().equal(dtype))
     throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(dtype)) +
                          ", got " + std::string(py::str(a.dtype())));
   if (a.ndim() != (py::ssize_t)shape.size())
@@ -232,7 +232,7 @@ class Output {
       return;
     }
     const py::array y = out.cast<py::array>();
-    bool ok = y.dtype().is(py::dtype::of<float>()) && (y.flags() & py::array::c_style) &&
+    bool ok = y.dtype().equal(py::dtype::of<float>()) && (y.flags() & py::array::c_style) &&
               y.writeable() && y.ndim() == (py::ssize_t)shape.size();
     for (size_t i = 0; ok && i < shape.size(); ++i) ok = y.shape(i) == shape[i];
     if (!ok) {
@@ -611,7 +611,7 @@ py::array_t<uint8_t> unpack_int4_py(py::array p) {
 // x's shape, which may be x itself (elementwise: in place is safe; any other overlap is checked
 // by lowbit.nn). tanh: GELU's tanh approximation instead of the erf form.
 py::array gelu_py(py::array x, const py::object& out, bool tanh) {
-  if (!x.dtype().is(py::dtype::of<float>()))
+  if (!x.dtype().equal(py::dtype::of<float>()))
     throw py::type_error("gelu: expected a float32 array, got " + std::string(py::str(x.dtype())));
   x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
   Output y(out, std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
@@ -642,7 +642,7 @@ py::array layer_norm_py(py::array x, const py::object& r, py::array w, const py:
 // In place on a writeable C-contiguous float32 array (through an aligned copy when its data is
 // not 4-byte aligned).
 void softmax_py(py::array x) {
-  if (!x.dtype().is(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
+  if (!x.dtype().equal(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
     throw py::type_error("softmax: expected a writeable C-contiguous float32 array");
   if (x.ndim() == 0 || x.size() == 0) return;
   const int64_t n = x.shape(x.ndim() - 1);
@@ -664,7 +664,7 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
   int64_t* strides[3] = {a.qs, a.ks, a.vs};
   for (int i = 0; i < 3; ++i) {
     py::array& x = *arrays[i];
-    if (x.ndim() != 4 && x.dtype().is(py::dtype::of<float>()))
+    if (x.ndim() != 4 && x.dtype().equal(py::dtype::of<float>()))
       throw py::value_error(std::string(names[i]) + ": expected 4 dimensions (batch, tokens, "
                             "heads, head_dim), got shape " + shape_str(x));
     x = check<float>(x, names[i], {-1, -1, -1, -1}, true);

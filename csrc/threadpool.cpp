@@ -28,6 +28,19 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr auto kSpin = std::chrono::microseconds(200);  // how long an idle worker stays hot
 
+// Waiting threads pause a few times, then yield the core at each check: another runnable
+// thread (PyTorch's OpenMP workers between two lowbit layers, a preempted pool worker this
+// thread waits for, another process on a shared machine) then runs instead of a spin that
+// holds the core for a whole time slice. Alone on its core, a yielding thread stays as hot.
+constexpr int kPauses = 64;
+inline void pause_or_yield(int spins) {
+  if (spins < kPauses)
+    cpu_relax();
+  else
+    std::this_thread::yield();
+}
+
+
 void check_count(int64_t n) {
   if (n < 1 || n > kMaxThreads)
     throw std::invalid_argument("num_threads must be in 1.." + std::to_string(kMaxThreads) +
@@ -78,8 +91,8 @@ struct Pool {
       for (int spins = 0;; ++spins) {
         now_epoch = epoch.load(std::memory_order_acquire);
         if (now_epoch != seen) break;
-        cpu_relax();
-        if ((spins & 255) == 255 && Clock::now() - idle_since > kSpin) {
+        pause_or_yield(spins);
+        if (spins >= kPauses && Clock::now() - idle_since > kSpin) {
           std::unique_lock<std::mutex> lock(sleep_mutex);
           wake.wait(lock, [&] { return epoch.load(std::memory_order_acquire) != seen; });
           idle_since = Clock::now();
@@ -136,7 +149,7 @@ struct Pool {
     in_pool_job = true;
     fn(0, n / used);
     in_pool_job = false;
-    while (pending.load(std::memory_order_acquire) != 0) cpu_relax();
+    for (int spins = 0; pending.load(std::memory_order_acquire) != 0; ++spins) pause_or_yield(spins);
     job = nullptr;
   }
 };

@@ -201,7 +201,6 @@ class MiniLM:
         except ImportError:
             self._blas = None
 
-        self._captured = None  # while capturing: {float layer: [inputs]}
         self._work = None  # the forward's work arrays (see _buffers)
         self.float_nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
         if mode != "float":
@@ -211,18 +210,22 @@ class MiniLM:
             raise ValueError("method and static apply to the quantized modes")
         self.nbytes = sum(layer.nbytes for b in self._blocks for layer in b.linears)
 
+    def __getstate__(self):
+        """By value (pickle, a cluster's scatter): the weights and settings, not the thread pool,
+        BLAS controller or work arrays, which the copy makes afresh."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_blas", "_work")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._blas, self._work = None, None
+
     def capture(self, sentences):
         """{(block index, layer name): float32 (rows, in_features)}: the inputs each linear layer
         sees on `sentences`, encoded one at a time (no padding rows)."""
-        self._captured = {}
-        try:
-            for sentence in sentences:
-                self.encode([sentence])
-            captured = self._captured
-        finally:
-            self._captured = None
-        return {(i, name): np.concatenate(captured[getattr(blk, name)])
-                for i, blk in enumerate(self._blocks) for name in _Block.LINEARS}
+        layers = {(i, name): (blk, name) for i, blk in enumerate(self._blocks)
+                  for name in _Block.LINEARS}
+        return lb.calibrate.capture_inputs(layers, lambda: [self.encode([s]) for s in sentences])
 
     def _quantize(self, smooth, method, method_options, static, calibration, plan):
         """Replace every FloatLinear by an lb.Linear, calibrated on the float model's inputs."""
@@ -283,9 +286,7 @@ class MiniLM:
     def _dense(self, layer, x, out):
         """layer(x) written to out: lowbit layers on lowbit's threads, float ones in row blocks
         on the workers."""
-        if self._captured is not None:
-            self._captured.setdefault(layer, []).append(x.copy())
-        if not isinstance(layer, FloatLinear):
+        if not isinstance(layer, FloatLinear):  # (or a recorder of lb.calibrate.capture_inputs)
             return layer(x, out=out)
 
         def block(lo, hi):

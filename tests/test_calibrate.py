@@ -573,3 +573,25 @@ def test_entropy_observer_asymmetric_searches_each_side():
     x = rng.laplace(size=200_000).astype(np.float32)
     lo, hi = lb.EntropyObserver(symmetric=False).observe(x).range()
     assert np.percentile(x, 0.1) > lo >= x.min() and np.percentile(x, 99.9) < hi <= x.max()
+
+
+def test_capture_inputs_records_each_layers_inputs_and_puts_the_layers_back(rng):
+    class Net:
+        def __init__(self):
+            self.a = lb.Linear(rng.normal(size=(32, 64)).astype(np.float32))
+            self.b = lb.Linear(rng.normal(size=(16, 32)).astype(np.float32))
+
+        def __call__(self, x):
+            return self.b(np.maximum(self.a(x), 0))
+
+    net = Net()
+    layers = {"a": (net, "a"), "b": (net, "b")}
+    xs = [rng.normal(size=(2, 3, 64)).astype(np.float16), rng.normal(size=(5, 64)).astype(np.float32)]
+    before = (net.a, net.b)
+    got = lb.calibrate.capture_inputs(layers, lambda: [net(x) for x in xs])
+    assert (net.a, net.b) == before
+    np.testing.assert_array_equal(got["a"], np.concatenate([xs[0].reshape(6, 64), xs[1]]).astype(np.float32))
+    np.testing.assert_array_equal(got["b"][6:], np.maximum(net.a(xs[1]), 0))
+    with pytest.raises(ZeroDivisionError):
+        lb.calibrate.capture_inputs(layers, lambda: 1 / 0)
+    assert (net.a, net.b) == before

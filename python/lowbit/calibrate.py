@@ -275,3 +275,37 @@ class EntropyObserver(HistogramObserver):
             if kl < best_kl:
                 best_i, best_kl = i, kl
         return best_i
+
+
+class _Recorder:
+    """A layer that records a float32 copy of the (rows, in_features) inputs it is called with."""
+
+    def __init__(self, layer, rows):
+        self._layer, self._rows = layer, rows
+
+    def __call__(self, x, *args, **kwargs):
+        a = np.asarray(x)
+        self._rows.append(a.reshape(-1, a.shape[-1]).astype(np.float32))  # a copy
+        return self._layer(x, *args, **kwargs)
+
+    def __getattr__(self, name):  # the layer's own attributes (weight, epilogue, ...)
+        return getattr(self._layer, name)
+
+
+def capture_inputs(layers: dict, run) -> dict:
+    """{key: float32 (rows, in_features)}: the inputs each layer is called with while ``run()``
+    runs. layers: {key: (owner, attribute name)}, the layer being ``getattr(owner, name)`` (an
+    ``lb.Linear`` or any callable taking the input first); each is wrapped by a recorder for the
+    duration and put back after, even on error. Layers never called are left out. The inputs of
+    a layer are calibration for it (``lb.quantize(..., calibration=...)``, an observer's
+    ``observe``); for PyTorch models, ``lowbit.torch.capture_inputs`` does the same with hooks."""
+    rows = {key: [] for key in layers}
+    saved = {key: getattr(owner, name) for key, (owner, name) in layers.items()}
+    try:
+        for key, (owner, name) in layers.items():
+            setattr(owner, name, _Recorder(saved[key], rows[key]))
+        run()
+    finally:
+        for key, (owner, name) in layers.items():
+            setattr(owner, name, saved[key])
+    return {key: np.concatenate(r) for key, r in rows.items() if r}

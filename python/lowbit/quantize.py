@@ -262,6 +262,25 @@ class QuantizedWeight:
             w *= self._in_scale
         return w[0] if isinstance(rows, (int, np.integer)) else w
 
+    def __getstate__(self):
+        """By value (pickle, multiprocessing): every slot but the kernels' handle of a block
+        format, rebuilt from the parts on load."""
+        return {s: getattr(self, s) for s in self.__slots__ if s != "_kernel"}
+
+    def __setstate__(self, state):
+        for s in self.__slots__:
+            setattr(self, s, state.get(s))
+        # pickle hands arrays back writeable: held arrays are read-only, as when built
+        held = (self._packed, self._scales, self._comp, self._mins, self._zeros, self._perm,
+                self._in_scale) + tuple((self._parts or {}).values())
+        for a in held:
+            if a is not None:
+                a.flags.writeable = False
+        if self._parts is not None:
+            from .formats import BLOCK_FORMATS
+
+            self._kernel = _core.BlockWeight(BLOCK_FORMATS[self.format].index, *self.shape, self._parts)
+
     def __repr__(self):
         if self._parts is not None:
             return f"QuantizedWeight(shape={self.shape}, format={self.format}, nbytes={self.nbytes})"

@@ -1,7 +1,11 @@
 """Which CPU kernels run, and on how many threads."""
 import numbers
+import os
 
 from . import _core
+
+# Whether the user chose lowbit's thread count (else lowbit.torch follows torch's).
+_chosen_threads = bool(os.environ.get("LOWBIT_NUM_THREADS"))
 
 
 def cpu_info() -> dict:
@@ -35,7 +39,9 @@ def set_num_threads(n: int) -> None:
     beyond that a count is a mistake, not a machine). Results do not depend on it."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: expected an int, got {type(n).__name__}")
+    global _chosen_threads
     _core.set_num_threads(int(n))
+    _chosen_threads = True
 
 
 class use_isa:

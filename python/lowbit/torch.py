@@ -4,76 +4,390 @@
     model = lowbit.torch.quantize_model(model, bits=4, group_size=32)   # in place; returns model
     with torch.inference_mode():
         y = model(x)
+    lowbit.torch.save(model, "model.lowbit")          # or torch.save(model.state_dict(), ...)
+    lowbit.torch.load("model.lowbit", fresh_float_model)
 
-Every ``nn.Linear`` (float32 weights, optionally filtered by ``include``) becomes a
-:class:`LowbitLinear`: the weight is quantized once (``lb.quantize``, any method), and forward
-hands the input to ``lb.Linear`` as a numpy view of the tensor's memory (no copy for contiguous
-float32 CPU tensors) and wraps the numpy result as a tensor (no copy either). Nothing is compiled
-against PyTorch; torch is imported only when this module is. No gradients flow through these
-layers (their weights are not parameters).
+Every ``nn.Linear`` (optionally filtered by ``include``) becomes a :class:`LowbitLinear`: the
+weight is quantized once (``lb.quantize``, any method; calibrated methods and static activations
+from each layer's own inputs, see :func:`quantize_model`). Its state is ordinary module state: one
+buffer per part of the packed weight (``weight_packed``, ``weight_scales``, ... as the kernels read
+them; float parts held as integer tensors of the same width, so that ``model.half()`` or
+``model.to(torch.bfloat16)`` cannot round them), the bias, and the settings in
+``get_extra_state``: ``state_dict`` / ``load_state_dict`` / ``torch.save`` / pickling round-trip
+bit for bit.
+
+Forward is the custom op ``torch.ops.lowbit.linear`` (``torch.library``): a pure function of the
+input, the weight's part tensors, the bias and a settings string, with a fake (meta) kernel giving
+the output's shape and dtype, so ``torch.compile(fullgraph=True)``, ``torch.jit.trace`` and
+``torch.export`` see one real op. Inputs in float32, float16 or bfloat16 (of any layout);
+the kernels read float32, and the output comes back in the input's dtype. No gradients flow
+through these layers (their weights are not parameters).
 """
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Mapping
+from typing import Optional
+
+import numpy as np
 import torch
 
-from .linear import Linear
-from .quantize import quantize
+from . import _core, runtime
+from .calibrate import StaticActivations
+from .linear import Linear, _check_activations, _forward, _kernel_bias
+from .quantize import QuantizedWeight, quantize
+
+_INT_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")  # __init__ names
+_SPEC_VERSION = 1
+
+
+def _parts_of(qw: QuantizedWeight) -> dict:
+    """{part: array} of the arrays a weight's kernels read."""
+    if qw._parts is not None:
+        return dict(qw._parts)
+    return {p: getattr(qw, "_" + p) for p in _INT_PARTS if getattr(qw, "_" + p) is not None}
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor holding the bits of `a`: wider than a byte as the signed integer of its width."""
+    a = np.array(a, copy=True, order="C")  # writeable and owned (files are read-only mmaps)
+    return torch.from_numpy(a if a.itemsize == 1 else a.view(f"i{a.itemsize}"))
+
+
+def _spec(qw: QuantizedWeight, parts: dict, activations, epilogue) -> str:
+    if not isinstance(activations, str):
+        activations = [activations.scale, activations.zero_point]
+    return json.dumps({"version": _SPEC_VERSION, "shape": list(qw.shape), "format": qw.format,
+                       "bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric,
+                       "parts": [[p, a.dtype.str] for p, a in parts.items()],
+                       "activations": activations, "epilogue": epilogue}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _settings(spec: str):
+    """(shape, format, bits, group_size, symmetric, [(part, numpy dtype)], activations, epilogue)."""
+    s = json.loads(spec)
+    if not isinstance(s, dict) or s.get("version") != _SPEC_VERSION:
+        raise ValueError(f"lowbit.torch: unreadable layer settings {spec!r}")
+    parts = tuple((p, np.dtype(dt)) for p, dt in s["parts"])
+    fmt = s["format"]
+    acts = s["activations"]
+    if not isinstance(acts, str):  # a static scale and zero point
+        acts = StaticActivations(acts[0], int(acts[1]))
+    acts = _check_activations(acts, fmt)
+    return (tuple(s["shape"]), fmt, s["bits"], s["group_size"], s["symmetric"], parts, acts,
+            s["epilogue"])
+
+
+def _weight(spec: str, tensors) -> tuple:
+    """(QuantizedWeight on views of `tensors`, activations, epilogue) for a layer's settings."""
+    shape, fmt, bits, group, sym, parts, acts, epilogue = _settings(spec)
+    if len(tensors) != len(parts):
+        raise ValueError(f"lowbit.torch: {len(tensors)} weight tensors for parts {parts}")
+    arrays = {p: t.detach().contiguous().numpy().view(dt) for (p, dt), t in zip(parts, tensors)}
+    if fmt in ("int8", "int4"):
+        qw = QuantizedWeight(shape, bits, group, sym, **arrays)
+    else:
+        qw = QuantizedWeight.from_blocks(fmt, shape, arrays)
+    return qw, acts, epilogue
+
+
+def _follow_torch_threads():
+    """Unless the user chose lowbit's thread count (lb.set_num_threads, LOWBIT_NUM_THREADS),
+    lowbit's layers in a torch model run on as many threads as torch's ops (torch.set_num_threads,
+    OMP_NUM_THREADS): the two pools then take turns on the same cores, not on more."""
+    n = torch.get_num_threads()
+    if not runtime._chosen_threads and n != _core.get_num_threads():
+        _core.set_num_threads(n)
+
+
+@torch.library.custom_op("lowbit::linear", mutates_args=())
+def linear(x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Tensor],
+           spec: str) -> torch.Tensor:
+    """``x @ W.T + bias`` for the weight whose packed parts and settings (see LowbitLinear) are
+    given; the output in x's dtype."""
+    _follow_torch_threads()
+    qw, acts, epilogue = _weight(spec, parts)
+    xf = x.detach()
+    if xf.dtype != torch.float32:
+        xf = xf.to(torch.float32)  # the kernels read float32 (fp16 / bf16 converted exactly)
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
+    y = torch.from_numpy(_forward(xf.numpy(), qw, _kernel_bias(qw, b, acts), acts, None, epilogue))
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@linear.register_fake
+def _linear_fake(x, parts, bias, spec):
+    return x.new_empty((*x.shape[:-1], _settings(spec)[0][0]))
 
 
 class LowbitLinear(torch.nn.Module):
-    """An ``nn.Linear`` replacement computing ``x @ W.T + b`` with an :class:`lowbit.Linear`."""
+    """An ``nn.Linear`` replacement computing ``x @ W.T + b`` on lowbit's kernels (see the module
+    docstring for its state)."""
 
     def __init__(self, layer: Linear):
         super().__init__()
-        self.layer = layer
-        self.in_features = layer.in_features
-        self.out_features = layer.out_features
+        if not isinstance(layer, Linear):
+            raise TypeError(f"LowbitLinear: expected an lb.Linear, got {type(layer).__name__}")
+        qw = layer.weight
+        parts = _parts_of(qw)
+        self.in_features = qw.shape[1]
+        self.out_features = qw.shape[0]
+        self._spec = _spec(qw, parts, layer.activations, layer.epilogue)
+        self._part_names = tuple(parts)
+        for p, a in parts.items():
+            self.register_buffer("weight_" + p, _tensor(a))
+        bias = None if layer.bias is None else torch.from_numpy(layer.bias.copy())
+        self.register_buffer("bias", bias)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, *, bits=8, group_size=None, symmetric=True,
                     activations="int8", method="rtn", calibration=None, **method_options):
+        """Quantizes `linear`'s weight (float of any dtype) with ``lb.quantize``. calibration: the
+        layer's inputs (S, in_features), for the calibrated methods and for static activations:
+        `activations` may be an observer class (or any callable returning a fresh observer, e.g.
+        ``functools.partial(lb.PercentileObserver, 99.99)``), fed the inputs as the kernel sees
+        them."""
         w = linear.weight.detach().to(torch.float32).cpu().numpy()
         b = None if linear.bias is None else linear.bias.detach().to(torch.float32).cpu().numpy()
+        if isinstance(calibration, torch.Tensor):
+            calibration = calibration.detach().to(torch.float32).cpu().numpy()
+        observe = callable(activations)
+        if observe and calibration is None:
+            raise ValueError("activations: an observer needs calibration (the layer's inputs)")
+        if not observe:
+            _check_activations(activations, f"int{bits}")
         qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, method=method,
-                      calibration=calibration, **method_options)
+                      calibration=None if method == "rtn" else calibration, **method_options)
+        if observe:
+            seen = calibration if qw.input_scale is None else calibration * qw.input_scale
+            activations = activations().observe(seen).params()
         return cls(Linear(qw, b, activations=activations))
+
+    @property
+    def layer(self) -> Linear:
+        """The lb.Linear this module runs (its arrays are views of the module's buffers)."""
+        qw, acts, epilogue = _weight(self._spec, self._weights())
+        b = None if self.bias is None else self.bias.detach().to(torch.float32).numpy()
+        return Linear(qw, b, activations=acts, epilogue=epilogue)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return self.layer.weight
+
+    def _weights(self):
+        return [getattr(self, "weight_" + p) for p in self._part_names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ValueError(f"lowbit runs on the CPU; got a tensor on {x.device}")
-        if x.dtype not in (torch.float32, torch.float16):
-            raise TypeError(f"x: expected float32 or float16, got {x.dtype}")
-        y = self.layer(x.detach().contiguous().numpy())
-        return torch.from_numpy(y)
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
+        return torch.ops.lowbit.linear(x, self._weights(), self.bias, self._spec)
+
+    def get_extra_state(self):
+        return json.loads(self._spec)
+
+    def set_extra_state(self, state):
+        spec = json.dumps(state, sort_keys=True)
+        names = tuple(p for p, _ in _settings(spec)[5])
+        if names != self._part_names or tuple(state["shape"]) != (self.out_features,
+                                                                  self.in_features):
+            raise ValueError(f"lowbit.torch: a {state['format']} {tuple(state['shape'])} layer "
+                             f"(parts {names}) cannot load into this {self.extra_repr()} one; "
+                             f"quantize the model as the state was, or use lowbit.torch.load")
+        self._spec = spec
 
     def extra_repr(self):
-        w = self.layer.weight
-        g = "per-channel" if w.group_size is None else f"group_size={w.group_size}"
+        shape, fmt, bits, group, _, _, acts, _ = _settings(self._spec)
+        g = "per-channel" if group is None else f"group_size={group}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={w.bits}, {g}, activations={self.layer.activations!r}")
+                f"format={fmt}, bits={bits}, {g}, activations={acts!r}")
+
+
+def _replace(model, name, new):
+    """Puts `new` at `name` in `model` (returns `new` when name is "", the model itself)."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def _run(model, calibration):
+    """Runs `calibration` (a callable taking the model, or an iterable of batches: a tensor, a
+    tuple of positional inputs or a mapping of keyword inputs each) without gradients."""
+    with torch.inference_mode():
+        if callable(calibration):
+            calibration(model)
+            return
+        for batch in calibration:
+            if isinstance(batch, Mapping):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+
+
+def capture_inputs(model: torch.nn.Module, calibration, names=None) -> dict:
+    """{name: float32 (rows, in_features)}: the inputs each ``nn.Linear`` (or LowbitLinear) of
+    `model` (those in `names`, if given) receives while `calibration` runs (see quantize_model),
+    recorded by forward pre-hooks, in the order the layers first run."""
+    rows = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach()
+            rows.setdefault(name, []).append(
+                np.array(x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, LowbitLinear)) and (names is None or n in names)]
+    try:
+        _run(model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: np.concatenate(r) for n, r in rows.items()}
 
 
 def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric=True,
-                   activations="int8", include=None, min_features=1, **options) -> torch.nn.Module:
+                   activations="int8", include=None, min_features=1, method="rtn",
+                   calibration=None, **options) -> torch.nn.Module:
     """Replaces the ``nn.Linear`` modules of `model` (in place) by :class:`LowbitLinear` and
-    returns the model (a model that is itself an ``nn.Linear`` is returned replaced). include: a predicate on the module's qualified name (e.g.
-    ``lambda name: "lm_head" not in name``); layers with fewer than `min_features` inputs or
-    outputs stay as they are. The other keywords are those of ``lb.quantize`` / ``lb.Linear``;
-    a Linear whose shape the format does not fit (a group size not dividing its inputs) raises
-    ValueError naming it."""
-    targets = [(name, m) for name, m in model.named_modules()
+    returns the model (a model that is itself an ``nn.Linear`` is returned replaced). include: a
+    predicate on the module's qualified name (e.g. ``lambda name: "lm_head" not in name``);
+    layers with fewer than `min_features` inputs or outputs stay as they are. The other keywords
+    are those of ``lb.quantize`` / ``lb.Linear``; a Linear whose shape the format does not fit (a
+    group size not dividing its inputs) raises ValueError naming it.
+
+    calibration: an iterable of input batches (each a tensor, a tuple of positional inputs or a
+    dict of keyword inputs, e.g. a tokenizer's output), or a callable that runs the model. Each
+    Linear's own inputs are captured on it (:func:`capture_inputs`) for the calibrated methods
+    ("mse", "gptq", "awq") and for static activations (`activations` an observer class, see
+    ``LowbitLinear.from_linear``). GPTQ goes layer by layer in forward order, re-running the
+    calibration before each layer, so that a layer sees the outputs of the quantized ones before
+    it (as the GPTQ paper does); the other methods use the float model's inputs."""
+    targets = {name: m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)
                and (include is None or include(name))
-               and min(m.in_features, m.out_features) >= min_features]
-    for name, module in targets:
+               and min(m.in_features, m.out_features) >= min_features}
+    needs = method != "rtn" or callable(activations)
+    if needs and calibration is None:
+        raise ValueError(f"method={method!r} / activations={activations!r} need calibration: "
+                         f"input batches or a callable that runs the model")
+    if not needs and calibration is not None:
+        raise ValueError("calibration is only used by calibrated methods and static activations")
+    inputs = capture_inputs(model, calibration, set(targets)) if needs else {}
+    if needs and set(inputs) != set(targets):
+        raise ValueError(f"calibration never ran {sorted(set(targets) - set(inputs))[:8]}")
+    for i, name in enumerate(list(inputs or targets)):  # forward order when calibrated
+        if method == "gptq" and i:  # the inputs the layers quantized so far give
+            inputs[name] = capture_inputs(model, calibration, {name})[name]
         try:
-            new = LowbitLinear.from_linear(module, bits=bits, group_size=group_size,
-                                           symmetric=symmetric, activations=activations, **options)
+            new = LowbitLinear.from_linear(targets[name], bits=bits, group_size=group_size,
+                                           symmetric=symmetric, activations=activations,
+                                           method=method, calibration=inputs.get(name), **options)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        if not name:  # the model is itself a Linear
-            return new
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        inputs.pop(name, None)
+        model = _replace(model, name, new)
+    return model
+
+
+def _activations_array(acts) -> Optional[np.ndarray]:
+    """A layer's activations as lowbit files keep them beside the weight (``<layer>.activations``):
+    nothing for "int8" (the default), [scale, zero point] for static ones, [0, 0] for "float"."""
+    if isinstance(acts, str):
+        return None if acts == "int8" else np.zeros(2)
+    return np.array([acts.scale, acts.zero_point], np.float64)
+
+
+def _activations_of(a) -> object:
+    if a is None:
+        return "int8"
+    a = np.asarray(a, np.float64)
+    if a.shape != (2,):
+        raise ValueError(f"activations: expected [scale, zero point], got shape {a.shape}")
+    return "float" if a[0] == 0 else StaticActivations(float(a[0]), int(a[1]))
+
+
+def save(model: torch.nn.Module, path) -> None:
+    """Writes `model`'s state to a lowbit file (``lb.save``): each :class:`LowbitLinear` ``name``
+    as the QuantizedWeight ``name.weight`` (packed, as the kernels read it), its bias
+    ``name.bias`` and, unless "int8", its activations ``name.activations`` ([scale, zero point];
+    [0, 0] for "float"); every other tensor of ``state_dict()`` as an array under its own key
+    (bfloat16 as float32, exactly). :func:`load` reads it back into the matching model."""
+    from .io import save as save_file
+
+    tensors, owned = {}, set()
+    for name, m in model.named_modules():
+        if not isinstance(m, LowbitLinear):
+            continue
+        p = name + "." if name else ""
+        owned.update(p + k for k in m.state_dict())
+        layer = m.layer
+        if layer.epilogue is not None:
+            raise ValueError(f"{name}: a layer with an epilogue cannot be saved in a lowbit file")
+        tensors[p + "weight"] = layer.weight
+        if layer.bias is not None:
+            tensors[p + "bias"] = layer.bias
+        acts = _activations_array(layer.activations)
+        if acts is not None:
+            tensors[p + "activations"] = acts
+    for key, t in model.state_dict().items():
+        if key in owned:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{key}: extra state of type {type(t).__name__} has no place in a "
+                            f"lowbit file")
+        t = t.detach().cpu()
+        tensors[key] = (t.to(torch.float32) if t.dtype == torch.bfloat16 else t).numpy()
+    save_file(path, tensors)
+
+
+def load(path, model: torch.nn.Module) -> torch.nn.Module:
+    """Loads a lowbit file (from :func:`save`, ``lowbit quantize`` or ``lb.save``) into `model`,
+    in place, and returns it: each QuantizedWeight ``name.weight`` of an ``nn.Linear`` (or
+    :class:`LowbitLinear`) ``name`` replaces that module by a LowbitLinear on it (with
+    ``name.bias`` and ``name.activations``); a QuantizedWeight of another kind of module (an
+    embedding) is loaded dequantized; every other array goes to the parameter or buffer of that
+    name (converted to its dtype). A module or key missing on either side, or a shape that does
+    not match, raises ValueError: nothing is silently dropped."""
+    from .io import load as load_file
+
+    arrays = load_file(path)
+    for key in [k for k, v in arrays.items() if isinstance(v, QuantizedWeight)]:
+        qw = arrays.pop(key)
+        name = key[:-len(".weight")] if key.endswith(".weight") else "" if key == "weight" else None
+        try:
+            module = None if name is None else model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, (torch.nn.Linear, LowbitLinear)):
+            arrays[key] = qw.dequantize()  # a quantized embedding (or a key no module has)
+            continue
+        p = name + "." if name else ""
+        bias = arrays.pop(p + "bias", None)
+        if (module.out_features, module.in_features) != qw.shape or (
+                (module.bias is None) != (bias is None)):
+            raise ValueError(f"{key}: a {qw.shape} weight {'with' if bias is not None else 'without'} "
+                             f"bias does not fit {name or 'the model'}: {module}")
+        layer = Linear(qw, None if bias is None else np.array(bias),
+                       activations=_activations_of(arrays.pop(p + "activations", None)))
+        model = _replace(model, name, LowbitLinear(layer))
+    owned = {(name + "." if name else "") + k for name, m in model.named_modules()
+             if isinstance(m, LowbitLinear) for k in m.state_dict()}
+    expected = set(model.state_dict()) - owned
+    missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not match the model: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                          strict=False)
     return model
