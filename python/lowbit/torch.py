@@ -102,19 +102,33 @@ def _follow_torch_threads():
         _core.set_num_threads(n)
 
 
-@torch.library.custom_op("lowbit::linear", mutates_args=())
-def linear(x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Tensor],
-           spec: str) -> torch.Tensor:
+def _linear(x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Tensor],
+            spec: str) -> torch.Tensor:
     """``x @ W.T + bias`` for the weight whose packed parts and settings (see LowbitLinear) are
     given; the output in x's dtype."""
+    return _run(x, _weight(spec, parts), bias)
+
+
+def _numpy32(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    """The float32 values of t as numpy (a view when t is float32; fp16 / bf16 converted
+    exactly: the kernels read float32)."""
+    if t is None:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.dtype == torch.float32 else t.to(torch.float32)).numpy()
+
+
+def _run(x: torch.Tensor, weight: tuple, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x through a weight as _weight gives it, in x's dtype."""
     _follow_torch_threads()
-    qw, acts, epilogue = _weight(spec, parts)
-    xf = x.detach()
-    if xf.dtype != torch.float32:
-        xf = xf.to(torch.float32)  # the kernels read float32 (fp16 / bf16 converted exactly)
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
-    y = torch.from_numpy(_forward(xf.numpy(), qw, _kernel_bias(qw, b, acts), acts, None, epilogue))
+    qw, acts, epilogue = weight
+    y = _forward(_numpy32(x), qw, _kernel_bias(qw, _numpy32(bias), acts), acts, None, epilogue)
+    y = torch.from_numpy(y)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+linear = torch.library.custom_op("lowbit::linear", _linear, mutates_args=())
 
 
 @linear.register_fake
@@ -179,11 +193,31 @@ class LowbitLinear(torch.nn.Module):
     def _weights(self):
         return [getattr(self, "weight_" + p) for p in self._part_names]
 
+    def _weight_views(self):
+        """_weight of the buffers, kept while they are the same tensors, unmodified."""
+        buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
+        parts = [buffers["weight_" + p] for p in self._part_names]
+        key = (self._spec, *((t.data_ptr(), t._version) for t in parts))
+        cached = self.__dict__.get("_views")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_views"] = (key, _weight(self._spec, parts))
+        return cached[1]
+
+    def __getstate__(self):  # pickle / deepcopy: the buffers, not views of them
+        state = super().__getstate__()
+        state.pop("_views", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ValueError(f"lowbit runs on the CPU; got a tensor on {x.device}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
+        if type(x) is torch.Tensor and not (torch.compiler.is_compiling() or
+                                            torch.jit.is_tracing()):
+            # eager: the op's own function, without the dispatcher's ~30 us a call (a tenth of
+            # a batch-1 MiniLM forward); compile, export and trace see the op
+            return _run(x, self._weight_views(), self.bias)
         return torch.ops.lowbit.linear(x, self._weights(), self.bias, self._spec)
 
     def get_extra_state(self):
@@ -216,7 +250,7 @@ def _replace(model, name, new):
     return model
 
 
-def _run(model, calibration):
+def _run_calibration(model, calibration):
     """Runs `calibration` (a callable taking the model, or an iterable of batches: a tensor, a
     tuple of positional inputs or a mapping of keyword inputs each) without gradients."""
     with torch.inference_mode():
@@ -248,7 +282,7 @@ def capture_inputs(model: torch.nn.Module, calibration, names=None) -> dict:
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
                if isinstance(m, (torch.nn.Linear, LowbitLinear)) and (names is None or n in names)]
     try:
-        _run(model, calibration)
+        _run_calibration(model, calibration)
     finally:
         for h in handles:
             h.remove()
