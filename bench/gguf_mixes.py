@@ -9,7 +9,9 @@ every mix is made from those Q4_1 weights (``allow_requantize``), so a higher-bi
 Q4_1 values rounded again, not the original bfloat16 ones. What a mix tests is the file layout
 llama.cpp writes: which ggml type each tensor gets. SmolLM2's rows of 576 are not whole 256-value
 super-blocks, so llama.cpp gives the K- and IQ4_XS mixes' 576-wide tensors a fallback type
-(Q5_0, Q5_1, Q8_0, IQ4_NL): only ffn_down (rows of 1536) is K-quantized; the table shows it.
+(Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL): only ffn_down (rows of 1536) is K-quantized, and attn_v often
+differs in type from attn_q and attn_k (Q4_K_M: Q8_0 in 14 of 30 layers); the token embedding
+stays Q8_0 in every mix. The table shows the counts.
 
 The types table also checks that ``gguf.quants.dequantize`` (the reference the exact evaluation
 of bench/gguf_models.py uses) reads every tensor of every file.

@@ -312,7 +312,8 @@ def bench_file(path, args, names, pool):
     prompt, scored = text[:PROMPT_TOKENS], text[: args.score_tokens]
     n_ctx = max(n, PROMPT_TOKENS + DECODE_STEPS + len(start)) + 16
     r = {"file": os.path.basename(path), "path": path, "architecture": arch,
-         "file_mb": round(os.path.getsize(path) / 1e6, 1), "scored_tokens": len(scored)}
+         "file_mb": round(os.path.getsize(path) / 1e6, 1), "scored_tokens": len(scored),
+         "load_avg_1min": round(os.getloadavg()[0], 2)}  # other users of the machine: see timings
 
     hook = exact_hook(arch)
     exact = None
@@ -375,7 +376,11 @@ def _pct(v):
 def print_table(results, args):
     print(f"{args.threads} threads, lowbit ISA {lb.cpu_info()['isa']}, best median of "
           f"{args.rounds} rounds x {args.repeats}; decode {DECODE_STEPS} steps, prompt "
-          f"{PROMPT_TOKENS} tokens; top-1 vs exact (float64) on {args.score_tokens} tokens\n")
+          f"{PROMPT_TOKENS} tokens; top-1 vs exact (float64) on {args.score_tokens} tokens")
+    loads = [r["load_avg_1min"] for r in results]
+    print(f"machine load (1-minute average) at each file's start: {min(loads)} to {max(loads)} on "
+          f"{os.cpu_count()} CPUs (above {os.cpu_count()}, the timings shared the CPUs with other "
+          f"work)\n")
     libs = ["lowbit", "llama.cpp"]
     cols = ["file", "file MB", "lowbit MB"]
     for what in ("decode tok/s", "prompt tok/s", "top-1 vs exact"):
