@@ -79,7 +79,7 @@ py::array check_half(const py::array& a, const char* name, std::initializer_list
 template <class T>
 const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
 
-// The data of an optional array (None: null).
+// The data of an optional array (None: null). Python calls: with the GIL held, before a NoGil block.
 template <class T>
 const T* cptr_or_null(const py::object& a) {
   return a.is_none() ? nullptr : static_cast<const T*>(a.cast<py::array>().data());
@@ -229,6 +229,7 @@ class Output {
   Output(const py::object& out, const std::vector<int64_t>& shape) : out_(out) {
     if (out.is_none()) {
       y_ = py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+      data_ = static_cast<float*>(y_.mutable_data());
       return;
     }
     const py::array y = out.cast<py::array>();
@@ -243,8 +244,9 @@ class Output {
                             std::string(py::str(y.dtype())) + " " + shape_str(y));
     }
     y_ = readable(y, sizeof(float), false) ? y : py::array(y.attr("copy")());
+    data_ = static_cast<float*>(y_.mutable_data());
   }
-  float* data() { return static_cast<float*>(y_.mutable_data()); }
+  float* data() const { return data_; }  // (no Python call: usable without the GIL)
   py::array finish() {
     if (out_.is_none()) return y_;
     if (!y_.is(out_)) py::module_::import("numpy").attr("copyto")(out_, y_);
@@ -254,6 +256,7 @@ class Output {
  private:
   py::object out_;
   py::array y_;
+  float* data_ = nullptr;
 };
 
 py::array linear_w8a8_py(py::array x, py::array packed, py::array scales, py::array comp,
@@ -268,11 +271,11 @@ py::array linear_w8a8_py(py::array x, py::array packed, py::array scales, py::ar
   const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
   const int64_t M = x.shape(0);
   Output y(out, {M, N});
+  const float *bp = cptr_or_null<float>(b), *csp = cptr_or_null<float>(cs);
   {
     NoGil nogil;
     linear_w8a8(cptr<float>(x), row_stride<float>(x), M, cptr<int8_t>(packed), cptr<float>(scales),
-                cptr<int32_t>(comp), cptr_or_null<float>(b), s, act_scale, act_zero,
-                cptr_or_null<float>(cs), gelu, y.data());
+                cptr<int32_t>(comp), bp, s, act_scale, act_zero, csp, gelu, y.data());
   }
   return y.finish();
 }
@@ -356,11 +359,13 @@ py::array linear_w4_py(py::array x, py::array packed, py::array scales, py::obje
   const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
   const int64_t M = x.shape(0);
   Output y(out, {M, N});
+  const uint16_t* mp = cptr_or_null<uint16_t>(mins);
+  const uint8_t* zp = cptr_or_null<uint8_t>(zeros);
+  const float *bp = cptr_or_null<float>(b), *csp = cptr_or_null<float>(cs);
   {
     NoGil nogil;
     linear_w4(cptr<float>(x), row_stride<float>(x), M, cptr<uint8_t>(packed), cptr<uint16_t>(scales),
-              cptr_or_null<uint16_t>(mins), cptr_or_null<uint8_t>(zeros), cptr_or_null<float>(b), s,
-              int8_activations, act_scale, cptr_or_null<float>(cs), gelu, y.data());
+              mp, zp, bp, s, int8_activations, act_scale, csp, gelu, y.data());
   }
   return y.finish();
 }
@@ -631,10 +636,11 @@ py::array layer_norm_py(py::array x, const py::object& r, py::array w, const py:
   const py::object bias = rms ? py::object(py::none()) : optional_vector(b, "bias", n);
   if (!rms && bias.is_none()) throw py::type_error("bias: expected a numpy array for LayerNorm");
   Output y(out, {rows, n});
+  const float *rp = cptr_or_null<float>(res), *bp = cptr_or_null<float>(bias);
   {
     NoGil nogil;
-    layer_norm(cptr<float>(x), cptr_or_null<float>(res), row_stride<float>(x), cptr<float>(w),
-               cptr_or_null<float>(bias), eps, rms, rows, n, y.data());
+    layer_norm(cptr<float>(x), rp, row_stride<float>(x), cptr<float>(w), bp, eps, rms, rows, n,
+               y.data());
   }
   return y.finish();
 }

@@ -595,3 +595,17 @@ def test_capture_inputs_records_each_layers_inputs_and_puts_the_layers_back(rng)
     with pytest.raises(ZeroDivisionError):
         lb.calibrate.capture_inputs(layers, lambda: 1 / 0)
     assert (net.a, net.b) == before
+
+
+@pytest.mark.parametrize("cls", [lb.PercentileObserver, lb.MSEObserver, lb.EntropyObserver])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_histogram_observers_take_the_whole_float32_range(cls, symmetric):
+    """Asymmetric observers fed +-3e38 raised IndexError: np.histogram computed the range's
+    width in float32 (x's type), where 6e38 overflows. The edges are float64 now."""
+    obs = cls(symmetric=symmetric)
+    obs.observe(np.array([-3e38, 3e38, 1.0], np.float32))
+    obs.observe(np.array([0.5, -np.finfo(np.float32).max], np.float32))  # and a wider one
+    lo, hi = obs.range()
+    assert np.isfinite(lo) and np.isfinite(hi) and lo <= 0 <= hi
+    p = obs.params()
+    assert np.isfinite(p.scale) and p.scale > 0

@@ -1,5 +1,8 @@
 """The lowbit command: info, bench --json, quantize."""
+import io
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -96,15 +99,166 @@ def test_bf16_safetensors_load_as_float32(tmp_path):
     np.testing.assert_array_equal(lb.load(tmp_path / "b.safetensors")["x"], x)
 
 
+def fake_rows(shapes):
+    return [dict(M=m, N=n, K=k, format=f, us=us * m, speedup=1.0, rel_error=0.0, weight_mb=1.0)
+            for f, us in (("numpy float32", 50.0), ("int8 sym (W8A8)", 10.0)) for m, n, k in shapes]
+
+
 def test_bench_plot(tmp_path, monkeypatch, capsys):
-    """lowbit bench --plot writes a picture of throughput against batch size (quick_table is
-    replaced by fixed rows: the timing itself belongs to the benchmarks)."""
+    """lowbit bench --plot writes a picture of throughput against batch size, over more than
+    three batch sizes by default, and says where (quick_table is replaced by fixed rows: the
+    timing itself belongs to the benchmarks)."""
     pytest.importorskip("matplotlib")
     from lowbit import bench
-    rows = [dict(M=m, N=256, K=512, format=f, us=us * m, speedup=1.0, rel_error=0.0, weight_mb=1.0)
-            for f, us in (("numpy float32", 50.0), ("int8 (W8A8)", 10.0)) for m in (1, 16, 128)]
-    monkeypatch.setattr(bench, "quick_table", lambda threads=None: rows)
+    asked = []
+
+    def table(shapes, threads=None):
+        asked.append(shapes)
+        return fake_rows(shapes)
+
+    monkeypatch.setattr(bench, "quick_table", table)
+    drawn = {}
+    real_plot = bench.plot
+    monkeypatch.setattr(bench, "plot", lambda rows, path, machine="": (
+        drawn.update(machine=machine), real_plot(rows, path, machine)))
     out = tmp_path / "bench.png"
     cli.main(["bench", "--json", "--plot", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    assert json.loads(capsys.readouterr().out)["rows"] == rows
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["rows"] == fake_rows(asked[0])
+    assert len({m for m, _, _ in asked[0]}) > 3
+    assert f"plot written to {out}" in captured.err
+    info = lb.cpu_info()
+    assert cli.cpu_name() in drawn["machine"] and info["isa"] in drawn["machine"]
+    assert f"{info['num_threads']} threads" in drawn["machine"]
+    cli.main(["bench", "--plot", str(tmp_path / "two.png"), "--shapes", "1x64x64,8x64x64,1x32x64"])
+    assert asked[-1] == ((1, 64, 64), (8, 64, 64), (1, 32, 64))
+
+
+def test_bench_json_says_version_kernels_and_threads(monkeypatch, capsys):
+    from lowbit import bench
+    monkeypatch.setattr(bench, "quick_table", lambda shapes, threads=None: fake_rows(shapes))
+    cli.main(["bench", "--json", "--threads", "1", "--shapes", "2x32x64"])
+    got = json.loads(capsys.readouterr().out)
+    assert got["version"] == lb.__version__ and got["isa"] == lb.cpu_info()["isa"]
+    assert got["threads"] == 1 and got["cpu"] == cli.cpu_name()
+    assert {(r["M"], r["N"], r["K"]) for r in got["rows"]} == {(2, 32, 64)}
+
+
+@pytest.mark.parametrize("shapes", ["1x4096", "1x4096x4096x2", "0x64x64", "ax64x64", "1x64x64,"])
+def test_bench_refuses_bad_shapes(shapes, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--shapes", shapes])
+    assert e.value.code == 2 and "MxNxK" in capsys.readouterr().err
+
+
+def test_bench_table_labels_symmetry_and_runs_the_given_shapes(capsys):
+    """The INT4 rows are asymmetric (d q + m): they were labelled only "int4 g32"."""
+    cli.main(["bench", "--shapes", "1x64x128"])
+    out = capsys.readouterr().out
+    assert "int4 g32 asym (W4A8)" in out and "int4 g32 asym (W4A32)" in out
+    assert "int8 sym (W8A8)" in out and "1 x 64 x 128" in out
+
+
+def quantize_fails(argv, capsys, match):
+    """Runs lowbit quantize expecting exit status 2 and `match` in its error; returns stderr."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", *map(str, argv)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err, err
+    return err
+
+
+def test_quantize_refuses_to_overwrite_its_input(tmp_path, weights, capsys):
+    """lowbit quantize a.npz a.npz overwrote the float input, also through another spelling of
+    its path, a symbolic or a hard link."""
+    src = tmp_path / "a.npz"
+    np.savez(src, **weights)
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.npz").symlink_to(src)
+    os.link(src, tmp_path / "hard.npz")
+    for out in (src, tmp_path / "sub" / ".." / "a.npz", tmp_path / "link.npz", tmp_path / "hard.npz"):
+        quantize_fails([src, out], capsys, "refusing to overwrite")
+    assert src.read_bytes() == before
+    cal, plan = tmp_path / "cal.npz", tmp_path / "plan.json"
+    np.savez(cal, x=np.ones(3))
+    plan.write_text("{}")
+    quantize_fails([src, cal, "--method", "gptq", "--calibration", cal], capsys, "refusing")
+    quantize_fails([src, plan, "--plan", plan], capsys, "refusing")
+    assert plan.read_text() == "{}"
+
+
+def test_quantize_refuses_a_group_size_it_cannot_use(tmp_path, weights, capsys):
+    """--group-size 48 quantized nothing (no width here is a multiple of 48) and exited 0."""
+    src = tmp_path / "a.npz"
+    np.savez(src, **{"fc1.weight": weights["fc1.weight"], "fc3.weight": np.ones((32, 64), F32)})
+    quantize_fails([src, tmp_path / "o.lowbit", "--bits", "4", "--group-size", "48"], capsys,
+                   "group_size must be a positive multiple of 32")
+    quantize_fails([src, tmp_path / "o.lowbit", "--bits", "8", "--asymmetric"], capsys,
+                   "8-bit weights are symmetric")
+    assert not (tmp_path / "o.lowbit").exists()
+
+
+def test_quantize_with_nothing_to_quantize_fails(tmp_path, capsys):
+    src = tmp_path / "a.npz"
+    np.savez(src, bias=np.ones(64, F32), small=np.ones((4, 64), F32), ids=np.ones((64, 64), np.int32))
+    quantize_fails([src, tmp_path / "o.lowbit"], capsys, "nothing to quantize")
+    np.savez(src, w=np.ones((64, 96), F32))  # 96 columns: not a multiple of 64
+    quantize_fails([src, tmp_path / "o.lowbit", "--bits", "4", "--group-size", "64"], capsys,
+                   "nothing to quantize")
+    assert not (tmp_path / "o.lowbit").exists()
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"missing.weight": {"bits": 8}}, "tensors the input does not hold: 'missing.weight'"),
+    ({"fc2.weight": {"bits": 4, "group_size": 64}}, "group_size 64 does not divide the 96 columns of 'fc2.weight'"),
+    ({"fc2.weight": {"bits": 3}}, "'fc2.weight': bits must be 4 or 8, got 3"),
+    ({"fc2.weight": {"group_size": 48}}, "'fc2.weight': group_size must be a positive multiple of 32"),
+    ({"fc2.weight": {"bits": 8, "symmetric": False}}, "'fc2.weight': 8-bit weights are symmetric"),
+    ({"fc2.weight": {"symmetric": "yes"}}, "symmetric must be true or false"),
+    ({"fc2.weight": {"bits": 4, "groups": 32}}, "expected \"keep\" or an object"),
+    ({"fc2.weight": "drop"}, "expected \"keep\" or an object"),
+    ({"fc1.bias": {"bits": 8}}, "--plan quantizes 'fc1.bias', which is float32 of shape (96,)"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_quantize_validates_the_whole_plan_first(tmp_path, weights, capsys, entry, match):
+    """A plan naming a tensor that does not exist was ignored, a group size not dividing a
+    tensor's width kept it as float, {"bits": 3} failed at tensor 22 of 104 without naming it.
+    Every entry is checked before the first tensor is quantized."""
+    src, plan = tmp_path / "a.npz", tmp_path / "plan.json"
+    np.savez(src, **weights)
+    plan.write_text(json.dumps(entry))
+    err = quantize_fails([src, tmp_path / "o.lowbit", "--bits", "4", "--plan", plan], capsys, match)
+    assert "[1/" not in err  # refused before the first tensor
+    assert not (tmp_path / "o.lowbit").exists()
+
+
+def test_quantize_names_tensors_without_calibration_rows_before_starting(tmp_path, weights, capsys):
+    src, cal = tmp_path / "a.npz", tmp_path / "cal.npz"
+    np.savez(src, **weights)
+    np.savez(cal, **{"fc1.weight": np.ones((8, 128), F32)})
+    err = quantize_fails([src, tmp_path / "o.lowbit", "--method", "gptq", "--calibration", cal],
+                         capsys, "no input rows for tensor 'fc2.weight'")
+    assert "[1/" not in err
+
+
+def test_quantize_progress_is_plain_lines_unless_a_terminal(tmp_path, weights, capsys, monkeypatch):
+    """The progress line used carriage returns, one long line in a log: now one line per tensor
+    when stderr is not a terminal, and a bar redrawn in place when it is."""
+    src = tmp_path / "a.npz"
+    np.savez(src, **weights)
+    cli.main(["quantize", str(src), str(tmp_path / "o.lowbit")])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [f"[{i + 1}/4] {name}" for i, name in enumerate(weights)]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    cli.main(["quantize", str(src), str(tmp_path / "o2.lowbit")])
+    shown = term.getvalue()
+    assert shown.count("\r") == 4 and shown.endswith("\n") and "4/4" in shown and "#" * 30 in shown

@@ -81,6 +81,100 @@ def test_gguf_metadata(gguf_file):
     assert meta["general.name"] == "tiny" and meta["tiny.answer"] == 42
 
 
+def gguf_bytes(kvs):
+    """A GGUF v3 file of no tensors and the given metadata: (key, value type, value bytes)."""
+    import struct
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs))
+    for key, vtype, payload in kvs:
+        out += struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype) + payload
+    return out
+
+
+def gguf_array(itype, count, items=b""):
+    import struct
+    return struct.pack("<IQ", itype, count) + items
+
+
+def test_gguf_large_metadata_arrays_are_numpy_views(tmp_path):
+    """A 10 MB u8 array became a list of 10M ints (~80 MB, ~600 MB for 100 MB); arrays of more
+    than 1024 numbers are read-only numpy views of the file now, shorter ones stay lists."""
+    import tracemalloc
+    n = 10_000_000
+    path = tmp_path / "big.gguf"
+    path.write_bytes(gguf_bytes([
+        ("big", 9, gguf_array(0, n, bytes(range(256)) * (n // 256) + bytes(n % 256))),
+        ("flags", 9, gguf_array(7, 2000, b"\x00\x02" * 1000)),  # bools: any non-zero byte is True
+        ("small", 9, gguf_array(5, 3, np.array([1, -2, 3], "<i4").tobytes())),
+        ("names", 9, gguf_array(8, 2, b"".join(len(t).to_bytes(8, "little") + t for t in (b"a", b"bc"))))]))
+    tracemalloc.start()
+    try:
+        meta = lb.gguf_metadata(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    big = meta["big"]
+    assert isinstance(big, np.ndarray) and big.dtype == np.uint8 and big.shape == (n,)
+    assert not big.flags.writeable and big[257] == 1
+    assert meta["flags"].dtype == bool and meta["flags"].sum() == 1000 and meta["flags"][1]
+    assert meta["small"] == [1, -2, 3] and meta["names"] == ["a", "bc"]
+
+
+@pytest.mark.parametrize("case", ["empty nested arrays", "empty strings"])
+def test_gguf_metadata_item_counts_are_bounded(tmp_path, case):
+    """24 MB of empty nested arrays took seconds to become 2M lists; arrays in arrays (64K) and
+    strings in arrays (4M, file-wide) are bounded, refused at once."""
+    import time
+    if case == "empty nested arrays":
+        n = 2_000_000
+        kv = ("nested", 9, gguf_array(9, n, gguf_array(0, 0) * n))
+    else:
+        n = 5_000_000
+        kv = ("strings", 9, gguf_array(8, n, bytes(8 * n)))
+    path = tmp_path / "many.gguf"
+    path.write_bytes(gguf_bytes([kv]))
+    t = time.perf_counter()
+    with pytest.raises(lb.FormatError, match="holds more than"):
+        lb.gguf_metadata(path)
+    assert time.perf_counter() - t < 1.0
+    few = tmp_path / "few.gguf"  # within the bounds: read
+    few.write_bytes(gguf_bytes([("nested", 9, gguf_array(9, 3, gguf_array(4, 1, bytes(4)) * 3))]))
+    assert lb.gguf_metadata(few)["nested"] == [[0], [0], [0]]
+
+
+def test_gguf_tokenizer_example_reads_array_metadata(tmp_path):
+    """examples/gguf_tokenizer.py reads tokens, merges and token types: with more than 1024 token
+    types (a numpy array now) it builds the same tokenizer."""
+    pytest.importorskip("tokenizers")
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        from gguf_tokenizer import tokenizer_from_gguf
+    finally:
+        sys.path.pop(0)
+    from tokenizers import pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + ["to", "<|end|>"] + [f"tok{i}" for i in range(1100)]
+    types = [1] * (len(alphabet) + 1) + [3] + [1] * 1100
+    path = tmp_path / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.merges", ["t o"])
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    meta = lb.gguf_metadata(path)
+    assert isinstance(meta["tokenizer.ggml.token_type"], np.ndarray)
+    tok = tokenizer_from_gguf(meta)
+    as_lists = tokenizer_from_gguf(dict(meta, **{"tokenizer.ggml.token_type": types}))
+    text = "to <|end|> tok"
+    assert tok.encode(text).ids == as_lists.encode(text).ids
+    assert tokens.index("<|end|>") in tok.encode(text).ids
+
+
 def test_gguf_unsupported_type_is_named(tmp_path, rng):
     path = tmp_path / "tq1.gguf"
     w = gguf.GGUFWriter(str(path), arch="llama")

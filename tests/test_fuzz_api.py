@@ -65,7 +65,12 @@ def test_malformed_arguments_raise_clear_errors(w, x, bits, group, sym, act):
     calls = [lambda: lb.quantize(w, bits=bits, group_size=group, symmetric=sym),
              lambda: lb.Linear(w, bits=bits, group_size=group, symmetric=sym, activations=act)(x),
              lambda: lb.gemm_s8(w, x), lambda: lb.pack_int4(w), lambda: lb.unpack_int4(w),
-             lambda: lb.QuantizedWeight.from_int(w, x, bits=bits, group_size=group)]
+             lambda: lb.QuantizedWeight.from_int(w, x, bits=bits, group_size=group),
+             lambda: lb.QuantizedWeight.from_int(w, x, bits=bits, input_scale=x),
+             lambda: lb.quantize(w, bits=bits, input_scale=x),
+             lambda: lb.nn.gelu(w, out=x),
+             lambda: lb.nn.rms_norm(x, w),
+             lambda: lb.nn.layer_norm(x, w, w, residual=x, out=x)]
     for call in calls:
         try:
             call()

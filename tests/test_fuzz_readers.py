@@ -75,3 +75,31 @@ def test_lowbit_file_reader_survives_mutations(tmp_path, rng):
             if isinstance(t, lb.QuantizedWeight):
                 lb.matmul(np.ones((1, t.shape[1]), F32), t)
     check_reader(tmp_path, src.read_bytes(), read, 2)
+
+
+@pytest.mark.parametrize("reader", ["load", "load_gptq"])
+def test_safetensors_header_survives_mutations(tmp_path, rng, reader):
+    """The JSON header alone mutated (as tests/fuzz/fuzz_readers.py's "header" target does),
+    framed with its length and the original data section: only FormatError, from lb.load and
+    from the GPTQ / AWQ loaders, which share its reader."""
+    src = tmp_path / "src.lowbit"
+    w = rng.normal(0, 0.02, (20, 64)).astype(F32)
+    lb.save(src, {"a": lb.quantize(w, bits=8), "b": lb.quantize(w, bits=4, symmetric=False),
+                  "bias": np.ones(20, F32)})
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, body = data[8:8 + n], data[8 + n:]
+    framed = (len(h).to_bytes(8, "little") + h + body for h in mutations(header, rng))
+    path = tmp_path / "fuzzed"
+    read = getattr(lb, reader)
+    outcomes = {"ok": 0, "FormatError": 0}
+    for blob in framed:
+        path.write_bytes(blob)
+        try:
+            for t in read(path).values():
+                if isinstance(t, lb.QuantizedWeight):
+                    lb.matmul(np.ones((1, t.shape[1]), F32), t)
+            outcomes["ok"] += 1
+        except lb.FormatError:
+            outcomes["FormatError"] += 1
+    assert outcomes["FormatError"] > MUTATIONS // 4

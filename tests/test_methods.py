@@ -769,3 +769,26 @@ def test_results_do_not_depend_on_thread_count(rng, threads, method, act_order):
     y1 = lb.matmul(xs, a, activations="float")
     lb.set_num_threads(2)
     np.testing.assert_array_equal(lb.matmul(xs, a, activations="float"), y1)
+
+
+@pytest.mark.parametrize("bits,group,method", [(8, None, "gptq"), (4, 32, "gptq"), (4, 32, "awq"),
+                                               (8, None, "mse")])
+def test_calibration_of_any_magnitude(rng, bits, group, method):
+    """The methods depend on the calibration rows only up to a positive factor. Rows near 1e19
+    overflowed H in float32 (8-bit GPTQ silently returned weights with 99% error; AWQ raised
+    TypeError on None), rows near 1e-20 underflowed it. Rows scaled by a power of two now give
+    the same weights bit for bit, other large or tiny factors the same accuracy."""
+    w = rng.normal(0, 0.02, (32, 64)).astype(F32)
+    x = rng.normal(size=(128, 64)).astype(F32)
+    kw = dict(bits=bits, group_size=group, method=method)
+    expected = lb.quantize(w, calibration=x, **kw).dequantize()
+    for factor in (2.0 ** 64, 2.0 ** -70):
+        got = lb.quantize(w, calibration=x * F32(factor), **kw).dequantize()
+        np.testing.assert_array_equal(got, expected)
+    error = np.linalg.norm(expected - w)
+    for factor in (1e19, 1e20, 3e37, 1e-20):
+        got = lb.quantize(w, calibration=x * F32(factor), **kw).dequantize()
+        assert np.linalg.norm(got - w) <= 1.05 * error, factor
+    from lowbit.methods import hessian
+    h = hessian(x.astype(np.float64) * 1e200, 64)  # float64 rows beyond float32
+    assert np.isfinite(h).all() and h.max() > 0

@@ -33,7 +33,8 @@ def test_smollm2_logits_do_not_depend_on_batching_or_threads(smollm2, activation
     or 2 threads: bit-identical logits. Every kernel computes a row (a token) alone in a fixed
     order, and attention a query alone, so the batch never changes a result. (llama.cpp's own
     one-token-at-a-time logits differ from its batched ones: bench/smollm2.py.)"""
-    layers = [l[k] for l in smollm2.layers for k in ("qkv", "o", "gate_up", "down")]
+    layers = [linear for l in smollm2.layers for k in ("qkv", "o", "gate_up", "down")
+              for linear in getattr(l[k], "layers", [l[k]])]  # FusedLinear: its calls
     for layer in layers:
         layer.activations = activations
     try:
@@ -69,7 +70,8 @@ def test_smollm2_float_activations_match_the_float64_reference(smollm2):
                                    "clockmaker who repaired every clock but his own.").ids
     import smollm2 as example
     exact = bench.exact_llama_logits(example.default_gguf(), ids)
-    layers = [l[k] for l in smollm2.layers for k in ("qkv", "o", "gate_up", "down")]
+    layers = [linear for l in smollm2.layers for k in ("qkv", "o", "gate_up", "down")
+              for linear in getattr(l[k], "layers", [l[k]])]  # FusedLinear: its calls
     output, table = smollm2.output, smollm2.embed.dequantize()
     try:
         for layer in layers:

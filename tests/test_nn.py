@@ -798,3 +798,17 @@ def test_misaligned_arrays_in_nn(rng):
                        causal=True, out=out)
     assert got is out
     np.testing.assert_array_equal(out, expected)
+
+
+def test_scalars_and_complex_values_are_refused(rng):
+    """A scalar reached x.shape[-1] (IndexError, found by tests/test_fuzz_api.py); complex values
+    lost their imaginary parts with only a ComplexWarning."""
+    w = np.ones(4, F32)
+    for f in (lambda a: nn.rms_norm(a, w), lambda a: nn.layer_norm(a, w, w)):
+        with pytest.raises(ValueError, match="scalar"):
+            f(np.float32(1))
+    z = np.ones((2, 4), np.complex64)
+    for f in (lambda: nn.gelu(z), lambda: nn.rms_norm(z, w), lambda: nn.layer_norm(z.real, w, w, residual=z),
+              lambda: nn.softmax(z), lambda: nn.rms_norm(z.real, w.astype(np.complex64))):
+        with pytest.raises(TypeError, match="real values"):
+            f()

@@ -57,13 +57,29 @@ def design_problem(m, n, k, seed=0):
 
 
 FORMATS = {
-    "int8 (W8A8)": dict(bits=8),
-    "int4 g32 (W4A8)": dict(bits=4, group_size=32, symmetric=False, activations="int8"),
-    "int4 g32 (W4A32)": dict(bits=4, group_size=32, symmetric=False, activations="float"),
+    "int8 sym (W8A8)": dict(bits=8),
+    "int4 g32 asym (W4A8)": dict(bits=4, group_size=32, symmetric=False, activations="int8"),
+    "int4 g32 asym (W4A32)": dict(bits=4, group_size=32, symmetric=False, activations="float"),
 }
 
+SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096))
+# lowbit bench --plot without --shapes: a line needs more than three batch sizes
+PLOT_SHAPES = tuple((m, 4096, 4096) for m in (1, 2, 4, 8, 16, 32, 64, 128))
 
-def quick_table(shapes=((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)), threads=None):
+
+def parse_shapes(text):
+    """"MxNxK,MxNxK,..." (e.g. "1x4096x4096,16x4096x4096") -> ((M, N, K), ...), each positive."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shapes: expected MxNxK with positive integers, like 16x4096x4096, "
+                             f"got {item.strip()!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return tuple(shapes)
+
+
+def quick_table(shapes=SHAPES, threads=None):
     """Each format's Linear against numpy float32 on the same shapes: rows of dicts."""
     before = get_num_threads()
     if threads:
@@ -87,27 +103,31 @@ def quick_table(shapes=((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)), t
     return rows
 
 
-def plot(rows, path):
-    """Throughput (GFLOP/s, 2 M N K per call) against batch size M, one line per format, from
-    quick_table's rows, written to `path` (PNG, SVG, PDF: by its suffix). Needs matplotlib."""
+def plot(rows, path, machine=""):
+    """Throughput (GFLOP/s, 2 M N K per call) against batch size M, one line per format and
+    N x K, from quick_table's rows, written to `path` (PNG, SVG, PDF: by its suffix); `machine`
+    (CPU, kernel set, threads) heads the title. Needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'lowbit[plot]'") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fmt in dict.fromkeys(r["format"] for r in rows):
-        pts = sorted((r["M"], 2e-3 * r["M"] * r["N"] * r["K"] / r["us"]) for r in rows
-                     if r["format"] == fmt)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fmt,
-                linestyle="--" if fmt.startswith("numpy") else "-")
+    fig, ax = plt.subplots(figsize=(8, 5))
     shapes = sorted({(r["N"], r["K"]) for r in rows})
+    for fmt in dict.fromkeys(r["format"] for r in rows):
+        for n, k in shapes:
+            pts = sorted((r["M"], 2e-3 * r["M"] * r["N"] * r["K"] / r["us"]) for r in rows
+                         if r["format"] == fmt and (r["N"], r["K"]) == (n, k))
+            label = fmt if len(shapes) == 1 else f"{fmt}, {n} x {k}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    linestyle="--" if fmt.startswith("numpy") else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size M (rows per call)")
     ax.set_ylabel("GFLOP/s (2 M N K per call)")
-    ax.set_title(f"Linear layers, N x K = {', '.join(f'{n} x {k}' for n, k in shapes)}")
+    title = f"Linear layers, N x K = {', '.join(f'{n} x {k}' for n, k in shapes)}"
+    ax.set_title(f"{machine}\n{title}" if machine else title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

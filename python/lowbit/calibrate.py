@@ -155,12 +155,14 @@ class HistogramObserver(Observer):
             x = np.abs(x)
             lo, hi = 0.0, max(-lo, hi)
         if self.edges is None:
-            # a constant first batch: bins wide enough for float32 edges (np.histogram uses them)
+            # a constant first batch: bins of some width
             self.edges = (lo, hi if hi > lo else lo + max(abs(lo) * 1e-3, 1e-30))
         elif lo < self.edges[0] or hi > self.edges[1]:
             self._widen(min(lo, self.edges[0]), max(hi, self.edges[1]))
+        # float64 edges: with float32 ones (numpy's choice for float32 x) the width of a range
+        # like [-3e38, 3e38] overflows and np.histogram fails with an IndexError
         left, right = self.edges
-        self.hist += np.histogram(x, self.bins, (left, right))[0]
+        self.hist += np.histogram(x, self.bins, (np.float64(left), np.float64(right)))[0]
 
     def _widen(self, lo, hi):
         """Re-bins the counts over [lo, hi], each old bin's count spread evenly over its width."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -37,28 +38,32 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    from .bench import quick_table
+    from . import bench
 
+    shapes = args.shapes or (bench.PLOT_SHAPES if args.plot else bench.SHAPES)
     info = cpu_info()
-    rows = quick_table(threads=args.threads)
-    if args.plot:
-        from .bench import plot
-        plot(rows, args.plot)
-    if args.json:
-        print(json.dumps(dict(cpu=cpu_name(), isa=info["isa"], rows=rows)))
-        return
     threads = args.threads or info["num_threads"]
+    rows = bench.quick_table(shapes=shapes, threads=args.threads)
+    if args.plot:
+        bench.plot(rows, args.plot, f"{cpu_name()}, kernels {info['isa']}, {threads} threads, "
+                                    f"lowbit {__version__}")
+        print(f"lowbit bench: plot written to {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(dict(version=__version__, cpu=cpu_name(), isa=info["isa"], threads=threads,
+                              rows=rows)))
+        return
     print(f"lowbit {__version__}: quantized Linear layers against numpy float32 matmul")
     print(f"{cpu_name()}, kernels {info['isa']}, {threads} threads; weights N(0,0.02), inputs N(0,1)")
-    print("W8A8: int8 weights, int8 activations per row; W4A8: 4-bit weights, int8 activations per")
-    print("32 inputs; W4A32: 4-bit weights, float32 activations. Times are medians per call.\n")
-    head = f"{'M x N x K':>18}  {'format':<17} {'time':>9} {'vs numpy':>9} {'rel.err':>8} {'weights':>9}"
+    print("W8A8: int8 symmetric weights, int8 activations per row; W4A8: 4-bit asymmetric weights")
+    print("(d q + m, groups of 32), int8 activations per 32 inputs; W4A32: the same 4-bit weights,")
+    print("float32 activations. Times are medians per call.\n")
+    head = f"{'M x N x K':>18}  {'format':<21} {'time':>9} {'vs numpy':>9} {'rel.err':>8} {'weights':>9}"
     print(head)
     print("-" * len(head))
     last = None
     for r in rows:
         shape = f"{r['M']} x {r['N']} x {r['K']}"
-        print(f"{shape if shape != last else '':>18}  {r['format']:<17} {r['us']:>7.0f}us "
+        print(f"{shape if shape != last else '':>18}  {r['format']:<21} {r['us']:>7.0f}us "
               f"{r['speedup']:>8.1f}x {r['rel_error']:>8.4f} {r['weight_mb']:>6.1f} MB")
         last = shape
 
@@ -94,17 +99,128 @@ def _sum_of_squares(x):
     return s if np.isfinite(s) else float(np.dot(x.astype(np.float64), x.astype(np.float64)))
 
 
+SETTINGS = ("bits", "group_size", "symmetric")
+
+
+def check_settings(s, where):
+    """lb.quantize settings {bits, group_size, symmetric} as the CLI takes them, or ValueError
+    saying what `where` (an option, a plan entry) got wrong."""
+    bits, group, sym = s["bits"], s["group_size"], s["symmetric"]
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group <= 0
+                              or group % 32):
+        raise ValueError(f"{where}: group_size must be a positive multiple of 32 or null (one scale "
+                         f"per row), got {group!r}")
+    if not isinstance(sym, bool):
+        raise ValueError(f"{where}: symmetric must be true or false, got {sym!r}")
+    if bits == 8 and not sym:
+        raise ValueError(f"{where}: 8-bit weights are symmetric only")
+    return s
+
+
+def read_plan(path, default):
+    """{tensor name: settings (the defaults overridden) or None to keep it}, every entry checked."""
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"--plan {path}: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--plan {path}: expected a JSON object {{name: settings or \"keep\"}}")
+    plan = {}
+    for name, entry in raw.items():
+        where = f"--plan {path}: {name!r}"
+        if entry == "keep":
+            plan[name] = None
+            continue
+        if not isinstance(entry, dict) or set(entry) - set(SETTINGS):
+            raise ValueError(f"{where}: expected \"keep\" or an object of {', '.join(SETTINGS)}, "
+                             f"got {entry!r}")
+        plan[name] = check_settings(dict(default, **entry), where)
+    return plan
+
+
+def same_file(a, b) -> bool:
+    """Whether paths a and b name one file (through links, other spellings, hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+class Progress:
+    """Progress of a loop over `total` items on stderr: a bar redrawn in place on a terminal,
+    plain lines otherwise (a log keeps one line per item instead of one line of carriage returns)."""
+
+    def __init__(self, total, stream=None):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def step(self, label):
+        self.done += 1
+        if self.tty:
+            filled = 30 * self.done // max(self.total, 1)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:40]:<40}",
+                  end="", file=self.stream, flush=True)
+        else:
+            print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=self.stream)
+
+
+def plan_tensors(tensors, plan, default, min_dim):
+    """{name: settings or None (kept), reason kept}: plan entries must name tensors that exist
+    and can be quantized with their settings; the defaults apply to the float matrices they fit."""
+    from .quantize import QuantizedWeight
+
+    unknown = sorted(set(plan) - set(tensors))
+    if unknown:
+        raise ValueError(f"--plan names tensors the input does not hold: {', '.join(map(repr, unknown))}")
+    jobs = {}
+    for name, t in tensors.items():
+        a = None if isinstance(t, QuantizedWeight) else np.asarray(t)
+        matrix = a is not None and a.ndim == 2 and a.dtype.kind == "f"
+        what = ("already quantized" if a is None else f"{a.dtype} of shape {a.shape}, not a 2-D "
+                f"float matrix")
+        if name in plan:
+            s = plan[name]
+            if s is None:
+                jobs[name] = (None, "kept: plan")
+                continue
+            if not matrix:
+                raise ValueError(f"--plan quantizes {name!r}, which is {what}")
+            if s["group_size"] and a.shape[1] % s["group_size"]:
+                raise ValueError(f"--plan: group_size {s['group_size']} does not divide the "
+                                 f"{a.shape[1]} columns of {name!r}")
+            jobs[name] = (s, None)
+        elif not matrix:
+            jobs[name] = (None, "kept")
+        elif min(a.shape) < min_dim:
+            jobs[name] = (None, f"kept: < --min-dim {min_dim}")
+        elif default["group_size"] and a.shape[1] % default["group_size"]:
+            jobs[name] = (None, f"kept: {a.shape[1]} % g{default['group_size']}")
+        else:
+            jobs[name] = (default, None)
+    return jobs
+
+
 def cmd_quantize(args):
     from .io import release_pages, save
     from .quantize import QuantizedWeight, quantize
 
-    plan = {}
-    if args.plan:
-        with open(args.plan) as f:
-            plan = json.load(f)
-        if not isinstance(plan, dict):
-            raise ValueError(f"{args.plan}: expected a JSON object {{name: settings or \"keep\"}}")
-    default = {"bits": args.bits, "group_size": args.group_size, "symmetric": not args.asymmetric}
+    inputs = [p for p in (args.input, args.calibration, args.plan) if p]
+    for p in inputs:
+        if same_file(args.output, p):
+            raise ValueError(f"the output {args.output} is the input {p}: refusing to overwrite it")
+    default = check_settings({"bits": args.bits, "group_size": args.group_size,
+                              "symmetric": not args.asymmetric}, "--bits / --group-size / --asymmetric")
+    plan = read_plan(args.plan, default) if args.plan else {}
     calibration = {}
     if args.calibration:
         with np.load(args.calibration, allow_pickle=False) as z:
@@ -112,41 +228,56 @@ def cmd_quantize(args):
     elif args.method in ("gptq", "awq"):
         raise ValueError(f"--method {args.method} needs --calibration (a .npz of input rows per tensor)")
     tensors = read_tensors(args.input)
+    jobs = plan_tensors(tensors, plan, default, args.min_dim)
+    todo = [name for name, (s, _) in jobs.items() if s is not None]
+    if not todo:
+        raise ValueError(f"{args.input}: nothing to quantize ({len(tensors)} tensors, none a float "
+                         f"matrix the settings fit); no output written")
+    missing = [n for n in todo if n not in calibration]
+    if args.method in ("gptq", "awq") and missing:
+        raise ValueError(f"--calibration {args.calibration}: no input rows for tensor"
+                         f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
     out, table = {}, []
-    for i, (name, t) in enumerate(tensors.items()):
-        print(f"\r[{i + 1}/{len(tensors)}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
-        settings = plan.get(name, default)
-        s = None if settings == "keep" else dict(default, **settings)
-        a = None if isinstance(t, QuantizedWeight) else np.asarray(t)
-        if (s and a is not None and a.ndim == 2 and a.dtype.kind == "f"
-                and min(a.shape) >= args.min_dim
-                and (s["group_size"] is None or a.shape[1] % s["group_size"] == 0)):
-            if args.method in ("gptq", "awq") and name not in calibration:
-                raise ValueError(f"--calibration {args.calibration}: no input rows for tensor {name!r}")
-            qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"],
-                          method=args.method, calibration=calibration.get(name)
-                          if args.method != "rtn" else None)
-            out[name] = qw
-            g = f"g{qw.group_size}" if qw.group_size else "per-row"
-            how = ("" if qw.symmetric else " asym") + ("" if args.method == "rtn" else " " + args.method)
-            table.append((name, a.shape, f"int{qw.bits} {g}{how}",
-                          a.nbytes, qw.nbytes, relative_error(a, qw)))
-            release_pages(a)
-        else:
+    progress = Progress(len(tensors))
+    for name, t in tensors.items():
+        progress.step(name)
+        s, kept = jobs[name]
+        if s is None:
             out[name] = t
-            kind = f"{t.format} (kept)" if a is None else f"{a.dtype} (kept)"
-            table.append((name, t.shape, kind, t.nbytes, t.nbytes, None))
-    print(file=sys.stderr)
+            kind = t.format if isinstance(t, QuantizedWeight) else f"{np.asarray(t).dtype}"
+            table.append((name, t.shape, f"{kind} ({kept})", t.nbytes, t.nbytes, None))
+            continue
+        a = np.asarray(t)
+        qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"],
+                      method=args.method, calibration=calibration.get(name)
+                      if args.method != "rtn" else None)
+        out[name] = qw
+        g = f"g{qw.group_size}" if qw.group_size else "per-row"
+        how = ("" if qw.symmetric else " asym") + ("" if args.method == "rtn" else " " + args.method)
+        table.append((name, a.shape, f"int{qw.bits} {g}{how}", a.nbytes, qw.nbytes,
+                      relative_error(a, qw)))
+        release_pages(a)
+    progress.close()
     save(args.output, out)
     width = max([len(r[0]) for r in table] + [6])
-    print(f"{'tensor':<{width}}  {'shape':>14}  {'format':<18} {'in MB':>8} {'out MB':>8} "
+    print(f"{'tensor':<{width}}  {'shape':>14}  {'format':<22} {'in MB':>8} {'out MB':>8} "
           f"{'rel.err':>8}  (on <= 1024 rows)")
     for name, shape, kind, before, after, err in table:
         e = "-" if err is None else f"{err:.4f}"
-        print(f"{name:<{width}}  {str(tuple(shape)):>14}  {kind:<18} {before / 1e6:>8.2f} "
+        print(f"{name:<{width}}  {str(tuple(shape)):>14}  {kind:<22} {before / 1e6:>8.2f} "
               f"{after / 1e6:>8.2f} {e:>8}")
     total_in, total_out = sum(r[3] for r in table), sum(r[4] for r in table)
-    print(f"{len(table)} tensors, {total_in / 1e6:.1f} MB -> {total_out / 1e6:.1f} MB: {args.output}")
+    print(f"{len(table)} tensors ({len(todo)} quantized), {total_in / 1e6:.1f} MB -> "
+          f"{total_out / 1e6:.1f} MB: {args.output}")
+
+
+def shapes_arg(text):
+    from .bench import parse_shapes
+
+    try:
+        return parse_shapes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None):
@@ -159,6 +290,9 @@ def main(argv=None):
     pb = sub.add_parser("bench", help="INT8 / INT4 Linear vs numpy float32: speed, accuracy, memory")
     pb.add_argument("--threads", type=int, default=None)
     pb.add_argument("--json", action="store_true")
+    pb.add_argument("--shapes", type=shapes_arg, metavar="MxNxK,...",
+                    help="the shapes timed, e.g. 1x4096x4096,16x4096x4096 (default: M = 1, 16, 128 "
+                         "at 4096 x 4096; with --plot M = 1, 2, 4, ..., 128)")
     pb.add_argument("--plot", metavar="FILE.png", help="also draw throughput against batch size "
                                                      "(needs matplotlib: lowbit[plot])")
     pb.set_defaults(fn=cmd_bench)
@@ -167,7 +301,9 @@ def main(argv=None):
     pq.add_argument("input")
     pq.add_argument("output")
     pq.add_argument("--bits", type=int, choices=(4, 8), default=8)
-    pq.add_argument("--group-size", type=int, default=None, help="default: one scale per row")
+    pq.add_argument("--group-size", type=int, default=None,
+                    help="a multiple of 32 (matrices whose width it does not divide stay float); "
+                         "default: one scale per row")
     pq.add_argument("--asymmetric", action="store_true", help="4-bit with minima (like Q4_1)")
     pq.add_argument("--method", choices=("rtn", "mse", "gptq", "awq"), default="rtn",
                     help="see lb.quantize; gptq and awq need --calibration")

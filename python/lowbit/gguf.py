@@ -42,6 +42,13 @@ _ARRAYS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "
 # the quantized types that become QuantizedWeights
 READ = ("Q4_0", "Q4_1") + tuple(BLOCK_FORMATS)
 _MAX_DEPTH = 4  # arrays of arrays
+# Metadata arrays cost Python objects, not just bytes: a list of 100M u8 values (a 100 MB file)
+# took ~600 MB and 2M empty nested arrays (24 MB) seconds to build. Scalar arrays longer than
+# _LIST_ITEMS come back as read-only numpy views of the file; strings in arrays (a vocabulary
+# and its merges: up to ~10^6) and arrays in arrays are bounded over the whole file.
+_LIST_ITEMS = 1024
+_MAX_STRINGS = 1 << 22
+_MAX_NESTED = 1 << 16
 
 
 class _Cursor:
@@ -50,6 +57,7 @@ class _Cursor:
     def __init__(self, buf):
         self.buf = buf
         self.pos = 0
+        self.left = {_STRING: _MAX_STRINGS, _ARRAY: _MAX_NESTED}  # items in arrays, file-wide
 
     def take(self, n: int) -> int:
         """Reserves n bytes, returns where they start."""
@@ -82,11 +90,23 @@ class _Cursor:
         itype, count = self.scalar("<I"), self.scalar("<Q")
         if itype in _SCALARS:
             dt = np.dtype(_NUMPY[itype])
-            at = self.take(count * dt.itemsize)
-            return np.frombuffer(self.buf, dt, count, at).tolist()
+            values = np.frombuffer(self.buf, dt, count, self.take(count * dt.itemsize))
+            if count <= _LIST_ITEMS:
+                return values.tolist()
+            if itype == 7:  # bools as numpy reads them: any byte but 0 is True
+                values = values.view(np.uint8) != 0
+            values.flags.writeable = False
+            return values
         # strings and arrays take at least 8 bytes each: refuse counts the file cannot hold
         if count * 8 > len(self.buf) - self.pos:
             raise FormatError(f"GGUF array of {count} items at offset {self.pos} exceeds the file")
+        if itype in self.left:
+            self.left[itype] -= count
+            if self.left[itype] < 0:
+                what = ("strings in arrays", _MAX_STRINGS) if itype == _STRING else \
+                    ("arrays in arrays", _MAX_NESTED)
+                raise FormatError(f"GGUF metadata holds more than {what[1]} {what[0]} (at offset "
+                                  f"{self.pos}); lowbit reads at most that many")
         return [self.value(itype, depth + 1) for _ in range(count)]
 
 
@@ -160,7 +180,10 @@ class _File:
 
 def gguf_metadata(path) -> dict:
     """The key/value metadata of a GGUF file (architecture, sizes, tokenizer, ...) as plain Python
-    values: ints, floats, bools, strings and lists of them."""
+    values: ints, floats, bools, strings and lists of them, except arrays of more than 1024
+    numbers or bools, which come back as read-only numpy arrays (views of the file: a token-type
+    or score table costs no Python object per value). At most 4M strings and 64K nested arrays in
+    arrays are read; a file with more raises :class:`lowbit.FormatError`."""
     return _File(path).metadata
 
 

@@ -92,7 +92,12 @@ class Grid:
 
 
 def hessian(calibration, k, chunk=4096):
-    """H = X^T X / S (float64, (K, K)) of the calibration rows X (S, K), in chunks of rows."""
+    """H = X^T X / S (float64, (K, K)) of the calibration rows X (S, K), in chunks of rows, with
+    X first scaled by the power of two that brings its largest |x| into [0.5, 1): H up to a
+    positive factor, which no method depends on (clipping errors, GPTQ's updates and its damping
+    are all relative), and always finite: in float32, rows near 1e19 overflowed H (8-bit GPTQ
+    then returned weights with 99% error) and rows near 1e-20 underflowed it to 0. Scaling by a
+    power of two is exact, so X and X * 2^e give the same H."""
     x = np.asarray(calibration)
     if x.dtype.kind != "f":
         raise TypeError(f"calibration: expected float activations, got dtype {x.dtype}")
@@ -100,13 +105,29 @@ def hessian(calibration, k, chunk=4096):
         raise ValueError(f"calibration: expected activations of shape (S, {k}) with S >= 1, got "
                          f"{x.shape}")
     x = x.reshape(-1, k)
+    shift = power_of_two_scale(x, chunk)
     h = np.zeros((k, k), np.float64)
     for lo in range(0, len(x), chunk):
-        part = np.asarray(x[lo:lo + chunk], np.float32)
-        if not np.isfinite(part).all():
-            raise ValueError("calibration: NaN or Inf in the activations")
+        part = scaled(x[lo:lo + chunk], shift)
         h += part.T @ part
     return h / len(x)
+
+
+def power_of_two_scale(x, chunk=4096) -> int:
+    """The exponent e with max |x| * 2^e in [0.5, 1) (0 for all zeros); NaN or Inf raise."""
+    amax = 0.0
+    for lo in range(0, len(x), chunk):
+        part = float(np.abs(x[lo:lo + chunk]).max())  # NaN if any is
+        if not np.isfinite(part):
+            raise ValueError("calibration: NaN or Inf in the activations")
+        amax = max(amax, part)
+    return -int(np.frexp(amax)[1]) if amax else 0
+
+
+def scaled(x, shift):
+    """float32 x * 2^shift (exact barring underflow; float64 input scaled before the cast)."""
+    x = np.asarray(x)
+    return np.ldexp(x.astype(np.float32 if x.dtype.itemsize <= 4 else x.dtype), shift).astype(np.float32)
 
 
 def mse(w, grid, group, h=None):
@@ -212,7 +233,8 @@ def awq(w, grid, group, x, h):
     """AWQ's values, parameters and input scale (see the module docstring): (q, d, m, 1 / s)."""
     n, k = w.shape
     x = np.asarray(x).reshape(-1, k)
-    x = x[np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.intp)].astype(np.float32)
+    x = x[np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.intp)]
+    x = scaled(x, power_of_two_scale(x))  # errors compared, scales normalised: scale-free
     x_mean = np.abs(x).mean(0).astype(np.float64)
     x_mean = np.maximum(x_mean, x_mean.max() * 1e-4 + 1e-30)
     wa = np.abs(w).reshape(n, k // group, group)
@@ -230,6 +252,9 @@ def awq(w, grid, group, x, h):
             err = float(((x @ wq.T - y) ** 2).sum())
             if err < best_err:
                 best, best_err = s, err
+    if best is None:  # every error NaN: the weights or inputs are beyond float32 products
+        raise ValueError("awq: the output error is not finite for any scaling (weights or "
+                         "calibration rows too large for float32 products)")
     s = best
     q, d, m = mse(w * s, grid, group, h / np.outer(s, s))
     return q, d, m, (1 / s).astype(np.float32)

@@ -14,15 +14,26 @@ from . import _core
 F32 = np.float32
 
 
+def _f32(a, what="x"):
+    """`a` as a float32 array; complex values are refused (the cast would drop their imaginary
+    parts without a word)."""
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        raise TypeError(f"{what}: expected real values, got dtype {a.dtype}")
+    return a.astype(F32, copy=False)
+
+
 def _rows(x):
     """float32 x and x as (rows, last axis) (a view when possible; the kernels' binding copies
     any layout they cannot read)."""
-    x = np.asarray(x, F32)
+    x = _f32(x)
+    if x.ndim == 0:
+        raise ValueError("x: expected an array of shape (..., n), got a scalar")
     return x, x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
 
 
 def _vector(v, n, what):
-    v = np.ascontiguousarray(v, F32)
+    v = _f32(v, what)
     if v.shape != (n,):
         raise ValueError(f"{what}: expected shape ({n},), got {v.shape}")
     return v
@@ -52,7 +63,7 @@ def _norm(x, residual, weight, bias, eps, rms, out):
     x_in = x
     x, x2 = _rows(x)
     n = x.shape[-1]
-    r = None if residual is None else np.ascontiguousarray(residual, F32).reshape(x2.shape)
+    r = None if residual is None else _f32(residual, "residual").reshape(x2.shape)
     w = _vector(weight, n, "weight")
     b = None if rms else _vector(bias, n, "bias")
     o = _out(out, x.shape, [a for a in (x2, r, w, b) if a is not None],
@@ -83,7 +94,7 @@ def gelu(x, out=None, *, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
     x_in = x
-    x = np.asarray(x, F32)
+    x = _f32(x)
     _out(out, x.shape, [x], in_place=[x_in] if isinstance(x_in, np.ndarray) else [])
     return _core.gelu(x, out, approximate == "tanh")
 
@@ -103,7 +114,7 @@ def silu(x):
 def softmax(x, axis=-1):
     """Softmax along `axis` (max-subtracted); masked entries of -inf get weight 0; a row of all
     -inf gives NaN, like the definition."""
-    out = np.array(np.moveaxis(np.asarray(x, F32), axis, -1), order="C")
+    out = np.array(np.moveaxis(_f32(x), axis, -1), order="C")
     _core.softmax_(out)
     return np.moveaxis(out, -1, axis)
 

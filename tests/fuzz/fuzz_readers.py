@@ -1,17 +1,20 @@
 """Coverage-guided fuzzing of lowbit's file readers (atheris, libFuzzer's engine for Python).
 
     pip install atheris
-    python tests/fuzz/fuzz_readers.py gguf -runs=1000000        # or lowbit, gptq, awq
+    python tests/fuzz/fuzz_readers.py gguf -runs=1000000        # or lowbit, gptq, awq, header
     python tests/fuzz/fuzz_readers.py all -runs=20000           # each reader in turn (CI)
     python tests/fuzz/fuzz_readers.py seeds                      # rewrite the seed corpus
 
 Each input is written to a file (in /dev/shm when it exists) and read the way a user would: the
-header, every tensor, and a matmul with each weight. The only exception a reader may raise is
+header, every tensor, and a matmul with each weight. The "header" target fuzzes the JSON header
+of a safetensors / lowbit file alone: the input is the header text, written with its length
+before it and a fixed data section after it (tests/fuzz/header.data, the data of the seed
+header's file), so that mutations spend themselves on the JSON and what lb.load makes of it. The only exception a reader may raise is
 lowbit.FormatError; anything else, or a crash, is a finding (libFuzzer saves the input as
 crash-*). The fuzzer starts from the seed files in tests/fuzz/corpus/<reader>/ (valid small
 files) and keeps what it discovers in a temporary directory, so the repository's corpus only
-changes through `seeds`. lowbit's Python modules are instrumented for coverage; the C++ behind
-them is exercised but not instrumented.
+changes through `seeds`. lowbit's Python modules (and the Python loaded with them, json's
+included) are instrumented for coverage; the C++ behind them is exercised but not instrumented.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
-READERS = ("gguf", "lowbit", "gptq", "awq")
+READERS = ("gguf", "lowbit", "gptq", "awq", "header")
+HEADER_DATA = HERE / "header.data"
 
 
 def make_seeds():
@@ -63,6 +67,11 @@ def make_seeds():
     lb.save(CORPUS / "lowbit" / "small.lowbit",
             {"a": lb.quantize(w, bits=8), "b": lb.quantize(w, bits=4, group_size=32),
              "c": lb.quantize(w, bits=4, symmetric=False), "bias": np.ones(16, f32)})
+    # the header target: small.lowbit's header as the seed, its data section as the fixed data
+    small = (CORPUS / "lowbit" / "small.lowbit").read_bytes()
+    n = int.from_bytes(small[:8], "little")
+    (CORPUS / "header" / "small.json").write_bytes(small[8:8 + n])
+    HEADER_DATA.write_bytes(small[8 + n:])
     x = rng.normal(size=(64, 64)).astype(f32)
     gguf_weights = lb.load_gguf(path)
     lb.save(CORPUS / "lowbit" / "blocks.lowbit",
@@ -107,7 +116,7 @@ def reader(name):
 
     if name == "gguf":
         return lambda path: (lb.gguf_metadata(path), run(lb.load_gguf(path)))
-    if name == "lowbit":
+    if name in ("lowbit", "header"):
         return lambda path: run(lb.load(path))
     return lambda path: run((lb.load_gptq if name == "gptq" else lb.load_awq)(path))
 
@@ -115,17 +124,22 @@ def reader(name):
 def fuzz(name, args):
     import atheris
 
-    with atheris.instrument_imports():
-        import lowbit as lb
-        import lowbit.checkpoints  # noqa: F401
-        import lowbit.gguf  # noqa: F401
-        import lowbit.io  # noqa: F401
+    import lowbit as lb
+    import lowbit.checkpoints  # noqa: F401
+    import lowbit.gguf  # noqa: F401
+    import lowbit.io  # noqa: F401
+    # everything loaded so far: instrument_imports() saw nothing under an editable install, whose
+    # import hook bypasses atheris's ("no interesting inputs ... Is the code instrumented?")
+    atheris.instrument_all()
     read = reader(name)
     scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     suffix = {"gguf": ".gguf", "lowbit": ".lowbit"}.get(name, ".safetensors")
     path = scratch / f"lowbit-fuzz-{os.getpid()}{suffix}"
+    header_data = HEADER_DATA.read_bytes() if name == "header" else b""
 
     def one_input(data):
+        if name == "header":  # the input is the JSON header: frame it as a file
+            data = len(data).to_bytes(8, "little") + data + header_data
         path.write_bytes(data)
         try:
             read(path)
