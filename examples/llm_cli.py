@@ -1,0 +1,76 @@
+"""What the GGUF language-model examples share: greedy generation and their command line.
+
+A model (examples/smollm2.py's SmolLM2, examples/gemma3.py's Gemma3) provides ``reset()``,
+``forward(ids, all_logits=False)``, ``tokenizer``, ``eos`` (a set of ids), ``nbytes()`` and
+``chat_prompt(text)``; ``main`` runs it from the command line:
+
+    --prompt TEXT [--chat] [--max-tokens N] [--threads N] [--gguf FILE] [--json]
+    --score-ids FILE [--json]       # argmax next token at every position of a JSON list of ids
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import lowbit as lb
+
+
+def generate(model, prompt_ids, max_tokens):
+    """Greedy decoding. Returns (new ids, prompt seconds, decode seconds, decode steps)."""
+    model.reset()
+    t0 = time.perf_counter()
+    out = [int(np.argmax(model.forward(prompt_ids)))]
+    t1 = time.perf_counter()
+    while len(out) < max_tokens and out[-1] not in model.eos:
+        out.append(int(np.argmax(model.forward([out[-1]]))))
+    return out, t1 - t0, time.perf_counter() - t1, len(out) - 1
+
+
+def main(make_model, default_gguf, description, gguf_help, argv=None):
+    """The examples' command line: make_model(path) builds the model of a GGUF file,
+    default_gguf() finds the packaged one."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--gguf", help=gguf_help)
+    p.add_argument("--prompt", default="The three primary colors are")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--score-ids", metavar="FILE",
+                   help="JSON list of token ids: print the argmax next token at every position")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    if args.threads:
+        lb.set_num_threads(args.threads)
+        try:  # numpy's BLAS on the same number of threads, when controllable
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            pass
+    model = make_model(args.gguf or default_gguf())
+
+    if args.score_ids:
+        with open(args.score_ids) as f:
+            ids = json.load(f)
+        top1 = np.argmax(model.forward(ids, all_logits=True), axis=1).tolist()
+        print(json.dumps({"top1": top1}) if args.json else top1)
+        return
+
+    prompt = model.chat_prompt(args.prompt) if args.chat else args.prompt
+    ids = model.tokenizer.encode(prompt).ids
+    new, t_prompt, t_decode, steps = generate(model, ids, args.max_tokens)
+    result = {
+        "text": model.tokenizer.decode(new, skip_special_tokens=True),
+        "prompt_tokens": len(ids), "decode_tokens": steps,
+        "prompt_tok_s": round(len(ids) / t_prompt, 1),
+        "decode_tok_s": round(steps / t_decode, 1) if steps else None,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(prompt + result["text"])
+        print(f"\n{len(ids)} prompt tokens at {result['prompt_tok_s']} tok/s, {steps} decode "
+              f"steps at {result['decode_tok_s']} tok/s; {lb.get_num_threads()} threads, "
+              f"{lb.cpu_info()['isa']}, weights {model.nbytes() / 1e6:.1f} MB")
