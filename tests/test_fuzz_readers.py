@@ -1,11 +1,14 @@
 """Mutated files for every reader: a byte flipped, a run overwritten, the file cut short. A reader
 may accept a mutation it cannot tell from valid data, but may only ever fail with FormatError."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import lowbit as lb
 
 F32 = np.float32
+FUZZ = Path(__file__).parent / "fuzz"
 MUTATIONS = 1500
 
 
@@ -103,3 +106,16 @@ def test_safetensors_header_survives_mutations(tmp_path, rng, reader):
         except lb.FormatError:
             outcomes["FormatError"] += 1
     assert outcomes["FormatError"] > MUTATIONS // 4
+
+
+@pytest.mark.parametrize("path", sorted(FUZZ.glob("corpus/*/regress-*")), ids=lambda p: p.name)
+def test_fuzz_findings_stay_fixed(path, monkeypatch):
+    """Inputs the coverage-guided fuzzer once crashed a reader with (tests/fuzz/corpus/*/regress-*):
+    each must now read or raise FormatError."""
+    pytest.importorskip("gguf")
+    monkeypatch.syspath_prepend(str(FUZZ))
+    from fuzz_readers import reader
+    try:
+        reader(path.parent.name)(path)
+    except lb.FormatError:
+        pass

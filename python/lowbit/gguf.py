@@ -151,7 +151,9 @@ class _File:
         for name, dims, ttype, offset in infos:
             type_name = _GGML_TYPES.get(ttype, (f"type {ttype}",))[0]
             count = int(np.prod(dims, dtype=object))
-            if int(np.prod([d for d in dims if d], dtype=object)) >= 1 << 62:
+            # numpy's limit is on bytes, 8 per element at most: an empty tensor with huge other
+            # dimensions must not become an array either (F64 / I64 views of 2^60 elements)
+            if int(np.prod([d for d in dims if d], dtype=object)) >= 1 << 59:
                 raise FormatError(f"GGUF tensor {name!r}: dimensions {list(dims)} beyond any array")
             nbytes = None
             if type_name in _BLOCKS:
