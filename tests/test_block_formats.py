@@ -119,6 +119,8 @@ def test_gguf_file_loads_every_block_format_at_native_size(tmp_path, name):
         assert same_bits(got["w"].dequantize(), reference(name, raw))
         assert same_bits(got["odd"].dequantize(), reference(name, odd))
     assert got["w"].nbytes <= 1.1 * raw.nbytes  # native size: no widening to bytes or floats
+    # the parts are those the descriptor lists (lowbit.formats: the layout users can inspect)
+    assert {p: (a.dtype, a.shape) for p, a in got["w"]._parts.items()} == f.parts(64, 2 * f.block)
 
 
 @pytest.mark.parametrize("name", NAMES)
