@@ -11,6 +11,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#if defined(__linux__) && defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
 
 namespace lowbit {
 #define LOWBIT_DECLARE(ns) namespace ns { extern const Kernels table; }
@@ -26,6 +29,15 @@ LOWBIT_DECLARE(avx512vnni)
 #endif
 #ifdef LOWBIT_HAVE_amx
 LOWBIT_DECLARE(amx)
+#endif
+#ifdef LOWBIT_HAVE_i8mm
+LOWBIT_DECLARE(i8mm)
+#endif
+#ifdef LOWBIT_HAVE_dotprod
+LOWBIT_DECLARE(dotprod)
+#endif
+#ifdef LOWBIT_HAVE_neon
+LOWBIT_DECLARE(neon)
 #endif
 
 namespace {
@@ -70,6 +82,22 @@ bool has(const char* f) {
 }
 const char* const kFeatures[] = {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw",
                                  "avx512vl", "avx512dq", "avx512vnni", "avxvnni", "amx-int8"};
+#elif defined(__aarch64__)
+// The kernel's view of the CPU (what it lets user space run): AT_HWCAP / AT_HWCAP2 bits.
+bool has(const char* f) {
+#if defined(__linux__)
+  const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  const std::string s = f;
+  if (s == "asimd") return (hw >> 1) & 1;     // HWCAP_ASIMD
+  if (s == "asimddp") return (hw >> 20) & 1;  // HWCAP_ASIMDDP: SDOT / UDOT
+  if (s == "i8mm") return (hw2 >> 13) & 1;    // HWCAP2_I8MM: SMMLA / UMMLA / USMMLA / USDOT
+  return false;
+#else
+  (void)f;
+  return false;
+#endif
+}
+const char* const kFeatures[] = {"asimd", "asimddp", "i8mm"};
 #else
 bool has(const char*) { return false; }
 const char* const kFeatures[] = {};
@@ -106,6 +134,15 @@ const std::vector<Entry>& entries() {
 #endif
 #ifdef LOWBIT_HAVE_avx2
       {&avx2::table, [] { return all({"avx2", "fma", "f16c", "bmi2"}); }},
+#endif
+#ifdef LOWBIT_HAVE_i8mm
+      {&i8mm::table, [] { return all({"asimd", "asimddp", "i8mm"}); }},
+#endif
+#ifdef LOWBIT_HAVE_dotprod
+      {&dotprod::table, [] { return all({"asimd", "asimddp"}); }},
+#endif
+#ifdef LOWBIT_HAVE_neon
+      {&neon::table, [] { return all({"asimd"}); }},
 #endif
       {&ref::table, [] { return true; }},
   };

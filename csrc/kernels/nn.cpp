@@ -10,6 +10,8 @@
 #include "kernels/isa.h"
 #if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace lowbit {
@@ -33,6 +35,12 @@ typedef float vf __attribute__((vector_size(32)));
 inline vf fmav(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 inline vf splat(float f) { return (vf)_mm256_set1_ps(f); }
 constexpr int64_t kTile = 2;
+#elif defined(__ARM_NEON)
+constexpr int kN = 4;
+typedef float vf __attribute__((vector_size(16)));
+inline vf fmav(vf a, vf b, vf c) { return (vf)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b); }
+inline vf splat(float f) { return (vf)vdupq_n_f32(f); }
+constexpr int64_t kTile = 4;  // 32 vector registers: 4 queries x 8 accumulators beside the operands
 #else
 constexpr int kN = 4;
 typedef float vf __attribute__((vector_size(16)));

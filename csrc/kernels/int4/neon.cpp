@@ -1,0 +1,2 @@
+// PLACEHOLDER until the NEON kernels land: the reference, compiled for the set.
+#include "kernels/int4/ref.cpp"
