@@ -48,8 +48,11 @@ bool pack_rows(const uint8_t* a, int64_t lda, int64_t rows, int64_t len, int8_t*
 
 #ifdef __ARM_FEATURE_DOTPROD
 // SDOT tile: rows [0, MR) x J panels over `steps` 4-k steps; out row m, panel j at out + m*kLd + 16j.
+// Two k-steps per activation load (8 bytes, SDOT by lane 0 / 1): 16 sums, 8 weight registers and
+// MR activations stay within the 32 registers (a 16-byte load for 4 steps makes GCC keep 16
+// weight registers live and spill).
 template <int L, int MR, int J>
-inline void sdot_step(int32x4_t (&acc)[MR][J][4], const int8x16_t (&av)[MR], const int8_t* b,
+inline void sdot_step(int32x4_t (&acc)[MR][J][4], const int8x8_t (&av)[MR], const int8_t* b,
                       int64_t ps) {
   LOWBIT_UNROLL
   for (int j = 0; j < J; ++j) {
@@ -59,7 +62,7 @@ inline void sdot_step(int32x4_t (&acc)[MR][J][4], const int8x16_t (&av)[MR], con
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m) {
       LOWBIT_UNROLL
-      for (int q = 0; q < 4; ++q) acc[m][j][q] = vdotq_laneq_s32(acc[m][j][q], w[q], av[m], L);
+      for (int q = 0; q < 4; ++q) acc[m][j][q] = vdotq_lane_s32(acc[m][j][q], w[q], av[m], L);
     }
   }
 }
@@ -78,24 +81,18 @@ __attribute__((noinline)) void sdot_tile(const int8_t* ap, const int8_t* b, int6
     }
   }
   int64_t s = 0;
-  for (; s + 4 <= steps; s += 4) {  // one 16-byte activation load per row: 4 k-steps by lane
-    int8x16_t av[MR];
+  for (; s + 2 <= steps; s += 2) {
+    int8x8_t av[MR];
     LOWBIT_UNROLL
-    for (int m = 0; m < MR; ++m) av[m] = vld1q_s8(ap + m * kKc + 4 * s);
-    const int8_t* bs = b + s * 64;
-    sdot_step<0>(acc, av, bs, ps);
-    sdot_step<1>(acc, av, bs, ps);
-    sdot_step<2>(acc, av, bs, ps);
-    sdot_step<3>(acc, av, bs, ps);
+    for (int m = 0; m < MR; ++m) av[m] = vld1_s8(ap + m * kKc + 4 * s);
+    sdot_step<0>(acc, av, b + s * 64, ps);
+    sdot_step<1>(acc, av, b + s * 64, ps);
   }
-  if (s < steps) {  // 1-3 steps left; the activation rows are zero-padded to 16 bytes
-    int8x16_t av[MR];
+  if (s < steps) {  // an odd last step (the activation rows are zero-padded to 16 bytes)
+    int8x8_t av[MR];
     LOWBIT_UNROLL
-    for (int m = 0; m < MR; ++m) av[m] = vld1q_s8(ap + m * kKc + 4 * s);
-    const int8_t* bs = b + s * 64;
-    sdot_step<0>(acc, av, bs, ps);
-    if (s + 1 < steps) sdot_step<1>(acc, av, bs, ps);
-    if (s + 2 < steps) sdot_step<2>(acc, av, bs, ps);
+    for (int m = 0; m < MR; ++m) av[m] = vld1_s8(ap + m * kKc + 4 * s);
+    sdot_step<0>(acc, av, b + s * 64, ps);
   }
   LOWBIT_UNROLL
   for (int m = 0; m < MR; ++m) {
@@ -244,7 +241,7 @@ void mmla_block(const int8_t* ap, int64_t rows, const int8_t* b, int64_t ps, int
 // Widening tile: rows [0, MR) x one panel. Per 4 columns two int32 accumulators hold each column's
 // sum as two lanes ([c0 c0 c1 c1], [c2 c2 c3 c3]); ADDP joins them at the end.
 template <int MR, bool PAIR>
-__attribute__((noinline)) void mull_tile(const int8_t* ap, const int8_t* b, int64_t steps,
+__attribute__((noinline, optimize("no-schedule-insns"))) void mull_tile(const int8_t* ap, const int8_t* b, int64_t steps,
                                          int32_t* out, bool accum) {
   int32x4_t acc[MR][8];
   LOWBIT_UNROLL
