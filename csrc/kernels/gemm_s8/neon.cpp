@@ -6,8 +6,8 @@
 //   i8mm:    SMMLA, 2 rows x 8 k by 2 columns x 8 k: rows copied pair-interleaved, column pairs
 //            from two 4-k blocks zipped (ZIP1/ZIP2 .4s, into a stack copy when > 8 rows reuse it);
 //            tile 8 rows x 8 columns. A lone row uses the SDOT tile.
-//   neon:    SMULL, plus SMLAL of the next 4 k when no activation of the block is -128 (then no int16
-//            pair can reach 2^15), then SADALP into int32 column halves; tile 2 rows x 16.
+//   neon:    SMULL, plus SMLAL of the next 4 k when no activation of the block is -128 (then no
+//            int16 pair can reach 2^15), then SADALP into int32 column halves; tile 2 rows x 16.
 #include <arm_neon.h>
 #include <cstring>
 #include "kernels/isa.h"
@@ -22,6 +22,13 @@ constexpr int kJ = 4;                    // panels per block
 constexpr int64_t kLd = kJ * kPanel;     // row stride of the int32 / float block buffers
 
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
+// GCC's first scheduling pass hoists every product of the widening tile ahead of its SADALP and
+// runs out of registers (spills in the inner loop); without it the source order allocates cleanly.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LOWBIT_NO_PRESCHED optimize("no-schedule-insns")
+#else
+#define LOWBIT_NO_PRESCHED
+#endif
 
 // 16 activation bytes from k on (`left` valid ones; the rest read as 128, i.e. zero), as s8.
 inline uint8x16_t load16(const uint8_t* src, int64_t left) {
@@ -47,7 +54,7 @@ bool pack_rows(const uint8_t* a, int64_t lda, int64_t rows, int64_t len, int8_t*
 }
 
 #ifdef __ARM_FEATURE_DOTPROD
-// SDOT tile: rows [0, MR) x J panels over `steps` 4-k steps; out row m, panel j at out + m*kLd + 16j.
+// SDOT tile: rows [0, MR) x J panels over `steps` 4-k steps; row m, panel j at out + m*kLd + 16j.
 // Two k-steps per activation load (8 bytes, SDOT by lane 0 / 1): 16 sums, 8 weight registers and
 // MR activations stay within the 32 registers (a 16-byte load for 4 steps makes GCC keep 16
 // weight registers live and spill).
@@ -241,8 +248,9 @@ void mmla_block(const int8_t* ap, int64_t rows, const int8_t* b, int64_t ps, int
 // Widening tile: rows [0, MR) x one panel. Per 4 columns two int32 accumulators hold each column's
 // sum as two lanes ([c0 c0 c1 c1], [c2 c2 c3 c3]); ADDP joins them at the end.
 template <int MR, bool PAIR>
-__attribute__((noinline, optimize("no-schedule-insns"))) void mull_tile(const int8_t* ap, const int8_t* b, int64_t steps,
-                                         int32_t* out, bool accum) {
+__attribute__((noinline, LOWBIT_NO_PRESCHED)) void mull_tile(const int8_t* ap, const int8_t* b,
+                                                              int64_t steps, int32_t* out,
+                                                              bool accum) {
   int32x4_t acc[MR][8];
   LOWBIT_UNROLL
   for (int m = 0; m < MR; ++m) {

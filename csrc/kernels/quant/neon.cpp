@@ -78,7 +78,8 @@ inline void quant16(const float* x, int64_t left, float32x4_t scale, int32x4_t z
   }
   const float32x4_t lim_lo = vdupq_n_f32(-1024.f), lim_hi = vdupq_n_f32(1024.f);
   for (int i = 0; i < 4; ++i) {
-    const float32x4_t v = vminq_f32(vmaxq_f32(vdivq_f32(vld1q_f32(x + 4 * i), scale), lim_lo), lim_hi);
+    const float32x4_t t4 = vdivq_f32(vld1q_f32(x + 4 * i), scale);
+    const float32x4_t v = vminq_f32(vmaxq_f32(t4, lim_lo), lim_hi);
     q[i] = vmaxq_s32(vminq_s32(vaddq_s32(vcvtnq_s32_f32(v), zero), vdupq_n_s32(127)), lo);
   }
 }
@@ -133,8 +134,11 @@ void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int6
     float A = 0.f;
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t k0 = b * kActBlock;
-      const uint32_t bits = k0 < K ? amax_bits(row, k0, k0 + kActBlock < K ? k0 + kActBlock : K) : 0;
-      const float scale = bits >= kInfBits ? NAN : fixed > 0.f ? fixed : bits_to_float(bits) / 127.f;
+      const int64_t k1 = k0 + kActBlock < K ? k0 + kActBlock : K;
+      const uint32_t bits = k0 < K ? amax_bits(row, k0, k1) : 0;
+      const float scale = bits >= kInfBits ? NAN
+                          : fixed > 0.f    ? fixed
+                                           : bits_to_float(bits) / 127.f;
       int8_t* dst = q + m * ldq + k0;
       int32_t sum = 0;
       if (bits < kInfBits && scale != 0.f) {
