@@ -24,12 +24,12 @@ namespace {
 // Four float16 values to float32: FCVTL is exact (ARMv8.0), so no dependence on quant/ref.cpp.
 inline float32x4_t half4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 
-// A group's scales d and offsets m (minima, or d * -z) for 4 columns: panel p, quad q.
+// A group's scales d and offsets m (minima, or d * -z) for 4 columns: panel p, quad q (G groups).
 struct Scales {
   float32x4_t d, m;
 };
-inline Scales group_scales(const Q4Args* g, int64_t grp, int64_t p, int q) {
-  const int64_t at = (p * (g->Kp / g->group) + grp) * kPanel + 4 * q;
+inline Scales group_scales(const Q4Args* g, int64_t G, int64_t grp, int64_t p, int q) {
+  const int64_t at = (p * G + grp) * kPanel + 4 * q;
   const float32x4_t d = half4(g->scales + at);
   if (g->mins) return {d, half4(g->mins + at)};
   if (!g->zeros) return {d, vmulq_n_f32(d, -8.f)};
@@ -58,9 +58,19 @@ inline void store4(const Q4Args* g, int64_t m, int64_t n, float32x4_t f) {
   }
 }
 
+// SDOT / SMMLA accumulators start at the bits of 1.5 * 2^23, so that they hold the float
+// 1.5 * 2^23 + dot (a 32-block's |dot| <= 32 * 15 * 128 < 2^22): one FSUB then gives (float)dot
+// exactly, where SCVTF is 2 uops on one pipe (N1) or two (V1, V2).
+constexpr int32_t kBiasBits = 0x4B400000;
+inline float32x4_t unbias(int32x4_t acc) {
+  return vsubq_f32(vreinterpretq_f32_s32(acc), vdupq_n_f32(12582912.f));
+}
+inline float32x4_t to_float(int32x4_t dot) { return vcvtq_f32_s32(dot); }
+
 // Row-layout tiles (MR rows x J panels, 4 quads of 4 columns each) share the float steps.
-// I = dot * s_b for a group's first block, else fma(dot, s_b, I).
-template <int MR, int J>
+// I = dot * s_b for a group's first block, else fma(dot, s_b, I); Cvt turns an accumulator into
+// (float)dot.
+template <int MR, int J, float32x4_t (*Cvt)(int32x4_t)>
 inline void block_fold(const Q4Args* g, int64_t m0, int64_t k0, bool first,
                        const int32x4_t (&dot)[MR][J][4], float32x4_t (&I)[MR][J][4]) {
   const int64_t nblocks = g->Kp / kActBlock;
@@ -71,21 +81,20 @@ inline void block_fold(const Q4Args* g, int64_t m0, int64_t k0, bool first,
     for (int j = 0; j < J; ++j)
       LOWBIT_UNROLL
       for (int q = 0; q < 4; ++q) {
-        const float32x4_t t = vcvtq_f32_s32(dot[m][j][q]);
+        const float32x4_t t = Cvt(dot[m][j][q]);
         I[m][j][q] = first ? vmulq_f32(t, s) : vfmaq_f32(I[m][j][q], t, s);
       }
   }
 }
 
 template <int MR, int J>
-inline void group_fold(const Q4Args* g, int64_t m0, int64_t p, int64_t grp,
+inline void group_fold(const Q4Args* g, int64_t G, int64_t m0, int64_t p, int64_t grp,
                        const float32x4_t (&I)[MR][J][4], float32x4_t (&f)[MR][J][4]) {
-  const int64_t G = g->Kp / g->group;
   LOWBIT_UNROLL
   for (int j = 0; j < J; ++j)
     LOWBIT_UNROLL
     for (int q = 0; q < 4; ++q) {
-      const Scales s = group_scales(g, grp, p + j, q);
+      const Scales s = group_scales(g, G, grp, p + j, q);
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m)
         f[m][j][q] = fold(s, I[m][j][q], vdupq_n_f32(g->agroup[(m0 + m) * G + grp]), f[m][j][q], grp == 0);
@@ -137,7 +146,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j)
           LOWBIT_UNROLL
-          for (int q = 0; q < 4; ++q) acc[m][j][q] = vdupq_n_s32(0);
+          for (int q = 0; q < 4; ++q) acc[m][j][q] = vdupq_n_s32(kBiasBits);
       _Pragma("GCC unroll 1")  // one step's registers at a time: unrolled, GCC hoists every load and spills
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
         int8x8_t x[MR];
@@ -157,9 +166,9 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
             }
         }
       }
-      block_fold<MR, J>(g, m0, k0, k0 == grp * g->group, acc, I);
+      block_fold<MR, J, unbias>(g, m0, k0, k0 == grp * g->group, acc, I);
     }
-    group_fold<MR, J>(g, m0, p, grp, I, f);
+    group_fold<MR, J>(g, G, m0, p, grp, I, f);
   }
   store_rows<MR, J>(g, m0, p, f);
 }
@@ -217,9 +226,9 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
           LOWBIT_UNROLL
           for (int q = 0; q < 4; ++q)
             dot[m][j][q] = vpaddq_s32(vpaddlq_s16(acc[m][j][q][0]), vpaddlq_s16(acc[m][j][q][1]));
-      block_fold<MR, J>(g, m0, k0, k0 == grp * g->group, dot, I);
+      block_fold<MR, J, to_float>(g, m0, k0, k0 == grp * g->group, dot, I);
     }
-    group_fold<MR, J>(g, m0, p, grp, I, f);
+    group_fold<MR, J>(g, G, m0, p, grp, I, f);
   }
   store_rows<MR, J>(g, m0, p, f);
 }
@@ -243,7 +252,7 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
       LOWBIT_UNROLL
       for (int r = 0; r < P; ++r)
         LOWBIT_UNROLL
-        for (int q = 0; q < CQ; ++q) acc[r][q][0] = acc[r][q][1] = vdupq_n_s32(0);
+        for (int q = 0; q < CQ; ++q) acc[r][q][0] = acc[r][q][1] = vdupq_n_s32(kBiasBits);
       LOWBIT_UNROLL
       for (int s2 = 0; s2 < kActBlock / 16; ++s2) {
         int8x16_t x[P][2];  // steps 2 * s2 and 2 * s2 + 1
@@ -279,14 +288,14 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
         for (int q = 0; q < CQ; ++q)
           LOWBIT_UNROLL
           for (int h = 0; h < 2; ++h) {
-            const float32x4_t t = vcvtq_f32_s32(acc[r][q][h]);
+            const float32x4_t t = unbias(acc[r][q][h]);
             I[r][q][h] = first ? vmulq_f32(t, s) : vfmaq_f32(I[r][q][h], t, s);
           }
       }
     }
     LOWBIT_UNROLL
     for (int q = 0; q < CQ; ++q) {
-      const Scales s = group_scales(g, grp, p, q0 + q);
+      const Scales s = group_scales(g, G, grp, p, q0 + q);
       const Scales pair[2] = {
           {vcombine_f32(vget_low_f32(s.d), vget_low_f32(s.d)), vcombine_f32(vget_low_f32(s.m), vget_low_f32(s.m))},
           {vcombine_f32(vget_high_f32(s.d), vget_high_f32(s.d)), vcombine_f32(vget_high_f32(s.m), vget_high_f32(s.m))}};
@@ -367,7 +376,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
           }
       }
     }
-    group_fold<MR, J>(g, m0, p, grp, S, f);
+    group_fold<MR, J>(g, G, m0, p, grp, S, f);
   }
   store_rows<MR, J>(g, m0, p, f);
 }
