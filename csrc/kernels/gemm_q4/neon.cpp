@@ -1,7 +1,8 @@
 // INT4 matmuls, NEON (one source for the neon / dotprod / i8mm sets): a 64-byte block is 4 registers
 // of 4 columns x 4 k; AND 0x0F gives k0..3, USHR 4 gives k4..7. W4A8 per 32-k block: SDOT by lane
 // (dotprod), SMMLA on 2 rows x 2 columns x 8 k where ZIP1 / ZIP2 of (low, high) pair one column's
-// 8 k (i8mm), or SMULL / SMLAL into int16 (8 products of 15 x 128 fit) then pairwise adds (ARMv8.0).
+// 8 k (i8mm), or SMULL / SMLAL into int16 (8 products of 15 x 128 fit) then pairwise adds (ARMv8.0);
+// SDOT / SMMLA accumulate onto the bits of 1.5 * 2^23, so one FSUB makes the block's dot a float.
 // W4A32: TBL / AND / USHR put one k per column in a lane, UCVTF, one FMLA per k in k order. Every
 // float step is gemm_q4/ref.cpp's, in its order, so the results are bit-identical to it.
 #include <arm_neon.h>
