@@ -1,10 +1,10 @@
-// INT4 matmuls, NEON (one source for the neon / dotprod / i8mm sets): a 64-byte block is 4 registers
-// of 4 columns x 4 k; AND 0x0F gives k0..3, USHR 4 gives k4..7. W4A8 per 32-k block: SDOT by lane
-// (dotprod), SMMLA on 2 rows x 2 columns x 8 k where ZIP1 / ZIP2 of (low, high) pair one column's
-// 8 k (i8mm), or SMULL / SMLAL into int16 (8 products of 15 x 128 fit) then pairwise adds (ARMv8.0);
-// SDOT / SMMLA accumulate onto the bits of 1.5 * 2^23, so one FSUB makes the block's dot a float.
-// W4A32: TBL / AND / USHR put one k per column in a lane, UCVTF, one FMLA per k in k order. Every
-// float step is gemm_q4/ref.cpp's, in its order, so the results are bit-identical to it.
+// INT4 matmuls, NEON (one source for the neon / dotprod / i8mm sets): a 64-byte block is 4
+// registers of 4 columns x 4 k; AND 0x0F gives k0..3, USHR 4 gives k4..7. W4A8 per 32-k block:
+// SDOT by lane (dotprod), SMMLA on 2 rows x 2 columns x 8 k where ZIP1 / ZIP2 of (low, high) pair
+// one column's 8 k (i8mm), or SMULL / SMLAL into int16 (8 products of 15 x 128 fit) then pairwise
+// adds (ARMv8.0); SDOT / SMMLA accumulate onto the bits of 1.5 * 2^23, so one FSUB makes the
+// block's dot a float. W4A32: TBL / AND / USHR put one k per column in a lane, UCVTF, one FMLA per
+// k in k order. Every float step is gemm_q4/ref.cpp's, in its order: bit-identical results.
 #include <arm_neon.h>
 #include <cstring>
 #include "kernels/isa.h"
@@ -23,7 +23,9 @@ namespace {
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
 
 // Four float16 values to float32: FCVTL is exact (ARMv8.0), so no dependence on quant/ref.cpp.
-inline float32x4_t half4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+inline float32x4_t half4(const uint16_t* p) {
+  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
 
 // A group's scales d and offsets m (minima, or d * -z) for 4 columns: panel p, quad q (G groups).
 struct Scales {
@@ -97,8 +99,10 @@ inline void group_fold(const Q4Args* g, int64_t G, int64_t m0, int64_t p, int64_
     for (int q = 0; q < 4; ++q) {
       const Scales s = group_scales(g, G, grp, p + j, q);
       LOWBIT_UNROLL
-      for (int m = 0; m < MR; ++m)
-        f[m][j][q] = fold(s, I[m][j][q], vdupq_n_f32(g->agroup[(m0 + m) * G + grp]), f[m][j][q], grp == 0);
+      for (int m = 0; m < MR; ++m) {
+        const float32x4_t A = vdupq_n_f32(g->agroup[(m0 + m) * G + grp]);
+        f[m][j][q] = fold(s, I[m][j][q], A, f[m][j][q], grp == 0);
+      }
     }
 }
 
@@ -148,7 +152,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         for (int j = 0; j < J; ++j)
           LOWBIT_UNROLL
           for (int q = 0; q < 4; ++q) acc[m][j][q] = vdupq_n_s32(kBiasBits);
-      _Pragma("GCC unroll 1")  // one step's registers at a time: unrolled, GCC hoists every load and spills
+      _Pragma("GCC unroll 1")  // one step's registers at a time (unrolled, GCC hoists and spills)
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
         int8x8_t x[MR];
         LOWBIT_UNROLL
@@ -259,8 +263,9 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
         int8x16_t x[P][2];  // steps 2 * s2 and 2 * s2 + 1
         LOWBIT_UNROLL
         for (int r = 0; r < P; ++r) {
-          const int64x2_t r0 = vreinterpretq_s64_s8(vld1q_s8(a + 2 * r * g->lda + k0 + 16 * s2));
-          const int64x2_t r1 = vreinterpretq_s64_s8(vld1q_s8(a + (2 * r + 1) * g->lda + k0 + 16 * s2));
+          const int8_t* row = a + 2 * r * g->lda + k0 + 16 * s2;
+          const int64x2_t r0 = vreinterpretq_s64_s8(vld1q_s8(row));
+          const int64x2_t r1 = vreinterpretq_s64_s8(vld1q_s8(row + g->lda));
           x[r][0] = vreinterpretq_s8_s64(vzip1q_s64(r0, r1));
           x[r][1] = vreinterpretq_s8_s64(vzip2q_s64(r0, r1));
         }
@@ -297,9 +302,10 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
     LOWBIT_UNROLL
     for (int q = 0; q < CQ; ++q) {
       const Scales s = group_scales(g, G, grp, p, q0 + q);
-      const Scales pair[2] = {
-          {vcombine_f32(vget_low_f32(s.d), vget_low_f32(s.d)), vcombine_f32(vget_low_f32(s.m), vget_low_f32(s.m))},
-          {vcombine_f32(vget_high_f32(s.d), vget_high_f32(s.d)), vcombine_f32(vget_high_f32(s.m), vget_high_f32(s.m))}};
+      const Scales pair[2] = {{vcombine_f32(vget_low_f32(s.d), vget_low_f32(s.d)),
+                               vcombine_f32(vget_low_f32(s.m), vget_low_f32(s.m))},
+                              {vcombine_f32(vget_high_f32(s.d), vget_high_f32(s.d)),
+                               vcombine_f32(vget_high_f32(s.m), vget_high_f32(s.m))}};
       LOWBIT_UNROLL
       for (int r = 0; r < P; ++r) {
         const float* ag = g->agroup + (m0 + 2 * r) * G + grp;
@@ -313,7 +319,8 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
   for (int r = 0; r < P; ++r)
     LOWBIT_UNROLL
     for (int q = 0; q < CQ; ++q) {
-      const float64x2_t v0 = vreinterpretq_f64_f32(f[r][q][0]), v1 = vreinterpretq_f64_f32(f[r][q][1]);
+      const float64x2_t v0 = vreinterpretq_f64_f32(f[r][q][0]);
+      const float64x2_t v1 = vreinterpretq_f64_f32(f[r][q][1]);
       const int64_t n = p * kPanel + 4 * (q0 + q);
       store4(g, m0 + 2 * r, n, vreinterpretq_f32_f64(vzip1q_f64(v0, v1)));
       store4(g, m0 + 2 * r + 1, n, vreinterpretq_f32_f64(vzip2q_f64(v0, v1)));
@@ -329,8 +336,9 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group;
   const float* x = (const float*)g->a + m0 * g->lda;
   const uint8_t* b = g->b + p * ps;
-  static const uint8_t kByte[2][16] = {{1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13, 255, 255, 255},
-                                       {2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14, 255, 255, 255}};
+  static const uint8_t kByte[2][16] = {
+      {1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13, 255, 255, 255},
+      {2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14, 255, 255, 255}};
   const uint8x16_t byte1 = vld1q_u8(kByte[0]), byte2 = vld1q_u8(kByte[1]);
   const uint32x4_t byte0 = vdupq_n_u32(0xFF);
   float32x4_t f[MR][J][4], S[MR][J][4];
@@ -388,11 +396,14 @@ using TileFn = void (*)(const Q4Args*, int64_t, int64_t);
 template <bool A8>
 void gemv(const Q4Args* g, int64_t p0, int64_t p1) {
 #if defined(__ARM_FEATURE_DOTPROD)
-  static const TileFn tiles[] = {A8 ? tile_a8<1, 1> : tile_f32<1, 1>, A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
-                                 A8 ? tile_a8<1, 3> : tile_f32<1, 3>, A8 ? tile_a8<1, 4> : tile_f32<1, 4>};
+  static const TileFn tiles[] = {A8 ? tile_a8<1, 1> : tile_f32<1, 1>,
+                                 A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
+                                 A8 ? tile_a8<1, 3> : tile_f32<1, 3>,
+                                 A8 ? tile_a8<1, 4> : tile_f32<1, 4>};
   constexpr int64_t kJ = 4;
-#else  // the int16 accumulators of the SMULL tile take 8 registers per panel
-  static const TileFn tiles[] = {A8 ? tile_a8<1, 1> : tile_f32<1, 1>, A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
+#else  // the int16 accumulators of the SMULL tile take 8 registers per panel: W4A8 stops at 2
+  static const TileFn tiles[] = {A8 ? tile_a8<1, 1> : tile_f32<1, 1>,
+                                 A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
                                  tile_f32<1, 3>, tile_f32<1, 4>};
   constexpr int64_t kJ = A8 ? 2 : 4;
 #endif
@@ -408,7 +419,7 @@ void gemm_f32(const Q4Args* g, int64_t p0, int64_t p1) {
 
 void gemm_a8(const Q4Args* g, int64_t p0, int64_t p1) {
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-  // Row pairs by SMMLA: 4 pairs x 8 columns or 2 pairs x 16 (16 accumulators); a last odd row by SDOT.
+  // Row pairs by SMMLA, 4 pairs x 8 columns or 2 x 16 (16 accumulators); a last odd row by SDOT.
   for (int64_t p = p0; p < p1; ++p) {
     const bool right_half = p * kPanel + 8 < g->N;  // columns 8..15 hold something to store
     int64_t m = 0;
