@@ -194,11 +194,10 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
         int8x16_t xlo[MR], xhi[MR];  // the row's k0..3 / k4..7, repeated in every 4 bytes
         LOWBIT_UNROLL
-        for (int m = 0; m < MR; ++m) {
-          int32_t v[2];
-          std::memcpy(v, a + m * g->lda + k0 + kQ4Step * s, 8);
-          xlo[m] = vreinterpretq_s8_s32(vdupq_n_s32(v[0]));
-          xhi[m] = vreinterpretq_s8_s32(vdupq_n_s32(v[1]));
+        for (int m = 0; m < MR; ++m) {  // DUP by element: from a general register it costs more
+          const int32x2_t v = vreinterpret_s32_s8(vld1_s8(a + m * g->lda + k0 + kQ4Step * s));
+          xlo[m] = vreinterpretq_s8_s32(vdupq_lane_s32(v, 0));
+          xhi[m] = vreinterpretq_s8_s32(vdupq_lane_s32(v, 1));
         }
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
