@@ -35,7 +35,7 @@ import torch
 
 from . import _core, runtime
 from .calibrate import StaticActivations
-from .linear import Linear, _check_activations, _forward, _kernel_bias
+from .linear import Linear, _check_activations, _forward, _kernel_bias, _plan
 from .quantize import QuantizedWeight, quantize
 
 _INT_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")  # __init__ names
@@ -123,7 +123,8 @@ def _run(x: torch.Tensor, weight: tuple, bias: Optional[torch.Tensor]) -> torch.
     """x through a weight as _weight gives it, in x's dtype."""
     _follow_torch_threads()
     qw, acts, epilogue = weight
-    y = _forward(_numpy32(x), qw, _kernel_bias(qw, _numpy32(bias), acts), acts, None, epilogue)
+    b = _kernel_bias(qw, _numpy32(bias), acts)
+    y = _forward(_plan(qw, b, acts, epilogue), qw, _numpy32(x), None, b)
     y = torch.from_numpy(y)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
