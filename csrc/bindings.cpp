@@ -764,7 +764,8 @@ void softmax_py(py::array x) {
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
-                       bool causal, float scale, int64_t window, const py::object& out) {
+                       bool causal, float scale, int64_t window, const py::object& out,
+                       bool k_transposed) {
   py::array* arrays[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
   AttnArgs a{};
@@ -778,11 +779,25 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
     for (int j = 0; j < 3; ++j) strides[i][j] = x.strides(j) / 4;  // (an empty array's are unused)
   }
   a.B = q.shape(0), a.Sq = q.shape(1), a.H = q.shape(2), a.d = q.shape(3);
-  a.Sk = k.shape(1), a.Hkv = k.shape(2);
-  if (k.shape(0) != a.B || k.shape(3) != a.d || a.Hkv < 1 || a.H % a.Hkv)
-    throw py::value_error("k: expected shape (" + std::to_string(a.B) + ", keys, kv_heads, " +
-                          std::to_string(a.d) + ") with kv_heads dividing " + std::to_string(a.H) +
-                          ", got " + shape_str(k));
+  a.k_transposed = k_transposed;
+  if (k_transposed) {
+    // (batch, kv_heads, head_dim, columns): each head's keys along the last axis, readable up to
+    // the key count rounded up to 32
+    a.Sk = v.shape(1), a.Hkv = k.shape(1);
+    a.ks[0] = k.strides(0) / 4, a.ks[1] = k.strides(2) / 4, a.ks[2] = k.strides(1) / 4;
+    if (k.shape(0) != a.B || k.shape(2) != a.d || k.shape(3) < round_up(a.Sk, 32) || a.Hkv < 1 ||
+        a.H % a.Hkv)
+      throw py::value_error("k (transposed): expected shape (" + std::to_string(a.B) +
+                            ", kv_heads, " + std::to_string(a.d) + ", >= " +
+                            std::to_string(round_up(a.Sk, 32)) + ") with kv_heads dividing " +
+                            std::to_string(a.H) + ", got " + shape_str(k));
+  } else {
+    a.Sk = k.shape(1), a.Hkv = k.shape(2);
+    if (k.shape(0) != a.B || k.shape(3) != a.d || a.Hkv < 1 || a.H % a.Hkv)
+      throw py::value_error("k: expected shape (" + std::to_string(a.B) + ", keys, kv_heads, " +
+                            std::to_string(a.d) + ") with kv_heads dividing " +
+                            std::to_string(a.H) + ", got " + shape_str(k));
+  }
   if (v.shape(0) != a.B || v.shape(1) != a.Sk || v.shape(2) != a.Hkv || v.shape(3) != a.d)
     throw py::value_error("v: expected k's shape " + shape_str(k) + ", got " + shape_str(v));
   const py::object lens =
@@ -891,6 +906,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("bias"), py::arg("eps"), py::arg("rms"), py::arg("out") = py::none());
   m.def("softmax_", &softmax_py, py::arg("x"));
   m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"),
-        py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none());
+        py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none(),
+        py::arg("k_transposed") = false);
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
 }

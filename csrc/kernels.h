@@ -53,7 +53,9 @@ constexpr int64_t kActBlock = 32;  // activation quantization block (W4A8)
 // first lengths[b] keys (all Sk when lengths is null); causal: query i also only keys
 // j <= Sk - Sq + i; window W > 0 (sliding-window attention): also only keys j > Sk - Sq + i - W
 // (query i sits at key position Sk - Sq + i). A query with no key to see gets zeros. One task:
-// (b, h, kAttnQueries queries).
+// (b, h, kAttnQueries queries). k_transposed: k is given per (batch, kv head) as d rows of keys
+// (a key cache laid out for the kernel: no transposition per call), ks[1] then being the stride
+// between those rows, each readable up to Sk rounded up to 32 (what lies past Sk is never used).
 constexpr int64_t kAttnQueries = 64;
 struct AttnArgs {
   const float *q, *k, *v;
@@ -64,6 +66,7 @@ struct AttnArgs {
   bool causal;
   float scale;
   int64_t window;  // 0: none
+  bool k_transposed;
 };
 
 struct BlkArgs;  // formats.h: the block formats (GGUF K-quants, IQ4, Q5, MXFP4)

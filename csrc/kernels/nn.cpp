@@ -6,6 +6,7 @@
 // bit-identical on every ISA.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include "kernels/isa.h"
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -209,10 +210,20 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
   const int64_t d = a->d, dp = round_up(d, 32);
   const int64_t blocks = (a->Sq + kAttnQueries - 1) / kAttnQueries, group = a->H / a->Hkv;
   const int64_t off = a->Sk - a->Sq;  // query i sits at key position off + i
-  // k transposed (d, Kp), v padded (Kp, dp), weights (queries, Kp), of keys j0, j0 + 1, ...
-  std::vector<float> kt, vp, S;
+  // k transposed (d, Kp), v padded (Kp, dp) when needed, weights (queries, Kp), of keys j0, ...:
+  // kept per thread between calls (a decode step calls once per layer), let go above 4 MB
+  thread_local std::vector<float> kt, vp, S;
+  struct Trim {
+    ~Trim() {
+      for (std::vector<float>* buf : {&kt, &vp, &S})
+        if (buf->capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(*buf);
+    }
+  } trim;
   float sums[kAttnQueries];
   int64_t filled_b = -1, filled_kvh = -1, filled_j0 = -1, filled_keys = 0, Kp = 0;
+  const float* krows = nullptr;  // dimension c of key j (from j0) at krows + c * kld + j
+  const float* vrows = nullptr;  // value row j (from j0) at vrows + j * vld
+  int64_t kld = 0, vld = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (a->H * blocks), h = t / blocks % a->H, kvh = h / group;
     const int64_t i0 = t % blocks * kAttnQueries;
@@ -233,14 +244,38 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     if (b != filled_b || kvh != filled_kvh || j0 != filled_j0 || keys > filled_keys) {
       // (GQA heads share a fill)
       Kp = round_up(keys - j0, 32);
-      kt.assign((size_t)(d * Kp), 0.f);
-      vp.assign((size_t)(Kp * dp), 0.f);
-      S.resize((size_t)(kAttnQueries * Kp));
+      const int64_t held = keys - j0;
+      // rows of the transposed keys Kp + 16 floats apart: an odd number of cache lines, so that
+      // the d rows a score tile reads spread over every L1 set (a stride of 1 or 4 KB, Kp = 256
+      // or 1024, would put them all in a few sets and evict them each step)
+      const int64_t ktld = Kp + 16;
+      if (!a->k_transposed && kt.size() < (size_t)(d * ktld)) kt.resize((size_t)(d * ktld));
+      if (d != dp && vp.size() < (size_t)(Kp * dp)) vp.resize((size_t)(Kp * dp));
+      if (S.size() < (size_t)(kAttnQueries * Kp)) S.resize((size_t)(kAttnQueries * Kp));
       const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
       const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
-      for (int64_t j = j0; j < keys; ++j) {
-        for (int64_t c = 0; c < d; ++c) kt[c * Kp + j - j0] = k[j * a->ks[1] + c];
-        std::memcpy(&vp[(j - j0) * dp], v + j * a->vs[1], (size_t)d * sizeof(float));
+      if (a->k_transposed) {  // the caller's rows (past `held` they only feed padding scores)
+        krows = k + j0, kld = a->ks[1];
+      } else {  // transposed 16 keys at a time (their rows stay in L1; each c writes 64 bytes)
+        for (int64_t jb = 0; jb < held; jb += 16) {
+          const int64_t je = jb + 16 < held ? jb + 16 : held;
+          for (int64_t c = 0; c < d; ++c)
+            for (int64_t j = jb; j < je; ++j) kt[c * ktld + j] = k[(j0 + j) * a->ks[1] + c];
+        }
+        // the padding keys score 0 (their weights are then zeroed by the softmax pass)
+        for (int64_t c = 0; c < d; ++c) std::memset(&kt[c * ktld + held], 0, (size_t)(Kp - held) * sizeof(float));
+        krows = kt.data(), kld = ktld;
+      }
+      // v read where it is when its rows fill whole 32-float chunks (head_dim 64, 128, ...),
+      // else copied with each row padded by zeros to dp
+      if (d == dp) {
+        vrows = v + j0 * a->vs[1], vld = a->vs[1];
+      } else {
+        for (int64_t j = 0; j < held; ++j) {
+          std::memcpy(&vp[j * dp], v + (j0 + j) * a->vs[1], (size_t)d * sizeof(float));
+          std::memset(&vp[j * dp + d], 0, (size_t)(dp - d) * sizeof(float));
+        }
+        vrows = vp.data(), vld = dp;
       }
       filled_b = b, filled_kvh = kvh, filled_j0 = j0, filled_keys = keys;
     }
@@ -255,25 +290,30 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     };
     const int64_t kend = round_up(keys - j0, 32);
 
-    // Scores: a tile of kTile queries x 32 keys in registers, an fma per element of d.
+    // Scores: a tile of R queries x 32 keys in registers, an fma per element of d (R = kTile, or
+    // 1 for a lone query: a decode step's, which would otherwise compute kTile copies of itself).
     const vf scale = splat(a->scale);
-    for (int64_t i = i0; i < i1; i += kTile) {
-      const float* qr[kTile];
-      for (int64_t r = 0; r < kTile; ++r) qr[r] = q + (i + r < i1 ? i + r : i) * a->qs[1];
+    auto score_tile = [&](int64_t i, auto rows) {
+      constexpr int64_t R = decltype(rows)::value;
+      const float* qr[R];
+      for (int64_t r = 0; r < R; ++r) qr[r] = q + (i + r < i1 ? i + r : i) * a->qs[1];
       for (int64_t j = 0; j < kend; j += 32) {
-        vf acc[kTile][kV] = {};
+        vf acc[R][kV] = {};
         for (int64_t c = 0; c < d; ++c) {
           vf kv[kV];
-          for (int u = 0; u < kV; ++u) kv[u] = load(&kt[c * Kp + j + u * kN]);
-          for (int64_t r = 0; r < kTile; ++r) {
+          for (int u = 0; u < kV; ++u) kv[u] = load(krows + c * kld + j + u * kN);
+          for (int64_t r = 0; r < R; ++r) {
             const vf qv = splat(qr[r][c]);
             for (int u = 0; u < kV; ++u) acc[r][u] = fmav(qv, kv[u], acc[r][u]);
           }
         }
-        for (int64_t r = 0; r < kTile; ++r)
+        for (int64_t r = 0; r < R; ++r)
           for (int u = 0; u < kV; ++u) store(&S[(i - i0 + r) * Kp + j + u * kN], acc[r][u] * scale);
       }
-    }
+    };
+    for (int64_t i = i0; i < i1; i += kTile)
+      i1 - i == 1 ? score_tile(i, std::integral_constant<int64_t, 1>())
+                  : score_tile(i, std::integral_constant<int64_t, kTile>());
     // Softmax weights of each query, unnormalised and zero outside its keys; their sums.
     for (int64_t i = i0; i < i1; ++i) {
       float* row = &S[(i - i0) * Kp];
@@ -301,21 +341,22 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     // Outputs: a tile of kTile queries x 32 of d, an fma per key, then divided by the sum (keys
     // outside a query's range weigh 0 and leave its sums unchanged; those before the tile's first
     // visible key are skipped).
-    for (int64_t i = i0; i < i1; i += kTile) {
-      const int64_t rows = i1 - i < kTile ? i1 - i : kTile;
+    auto out_tile = [&](int64_t i, auto tile) {
+      constexpr int64_t R = decltype(tile)::value;
+      const int64_t rows = i1 - i < R ? i1 - i : R;
       const int64_t lo = first(i), n = limit(i + rows - 1);
       for (int64_t c = 0; c < dp; c += 32) {
-        vf acc[kTile][kV] = {};
+        vf acc[R][kV] = {};
         for (int64_t j = lo; j < n; ++j) {
           vf vv[kV];
-          for (int u = 0; u < kV; ++u) vv[u] = load(&vp[j * dp + c + u * kN]);
-          for (int64_t r = 0; r < kTile; ++r) {
+          for (int u = 0; u < kV; ++u) vv[u] = load(vrows + j * vld + c + u * kN);
+          for (int64_t r = 0; r < R; ++r) {
             const vf p = splat(S[(i - i0 + r) * Kp + j]);
             for (int u = 0; u < kV; ++u) acc[r][u] = fmav(p, vv[u], acc[r][u]);
           }
         }
-        float o[kTile][32];  // stored with constant indices: acc stays in registers
-        for (int64_t r = 0; r < kTile; ++r)
+        float o[R][32];  // stored with constant indices: acc stays in registers
+        for (int64_t r = 0; r < R; ++r)
           for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
         const int64_t width = d - c < 32 ? d - c : 32;
         for (int64_t r = 0; r < rows; ++r) {
@@ -324,7 +365,10 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
           std::memcpy(out + (i + r) * a->H * d + c, o[r], (size_t)width * sizeof(float));
         }
       }
-    }
+    };
+    for (int64_t i = i0; i < i1; i += kTile)
+      i1 - i == 1 ? out_tile(i, std::integral_constant<int64_t, 1>())
+                  : out_tile(i, std::integral_constant<int64_t, kTile>());
   }
 }
 

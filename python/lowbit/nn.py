@@ -146,15 +146,20 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
         if lengths.dtype.kind not in "iu":
             raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
         lengths = lengths.astype(np.int64)
+    scale, window = _attention_scale_window(q, scale, window)
+    if out is not None and q.ndim == 4:
+        _out(out, q.shape, (q, k, v))
+    return _core.attention(q, k, v, lengths, bool(causal), scale, window, out)
+
+
+def _attention_scale_window(q, scale, window):
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1]) if q.ndim and q.shape[-1] else 1.0
     if window is None:
         window = 0
     elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window: expected None or an integer >= 1, got {window!r}")
-    if out is not None and q.ndim == 4:
-        _out(out, q.shape, (q, k, v))
-    return _core.attention(q, k, v, lengths, bool(causal), float(scale), int(window), out)
+    return float(scale), int(window)
 
 
 def rope_tables(head_dim, positions, base=10000.0):
@@ -186,34 +191,52 @@ def rope(x, cos, sin, style="pairs"):
 
 
 class KVCache:
-    """Keys and values of one attention layer, (kv_heads, capacity, head_dim) each, grown by
-    doubling; ``attend`` runs causal grouped-query attention of new queries over everything
-    cached so far."""
+    """Keys and values of one attention layer, grown by doubling; ``attend`` runs causal
+    grouped-query attention of new queries over everything cached so far.
+
+    Values are held as (kv_heads, capacity, head_dim); keys transposed, (kv_heads, head_dim,
+    capacity + 16), the layout the attention kernel reads its keys in, so that a decoding step does
+    not transpose the whole cache again (``keys()`` gives them as (tokens, kv_heads, head_dim)).
+    The capacity is a multiple of 32 (the kernel reads keys 32 at a time); the 16 more floats per
+    key row keep the rows an odd number of cache lines apart (see kernels/nn.cpp)."""
 
     def __init__(self, kv_heads, head_dim, capacity=256):
-        self.k = np.empty((kv_heads, capacity, head_dim), F32)
-        self.v = np.empty_like(self.k)
+        capacity = max(32, -(-capacity // 32) * 32)
+        self.k = np.empty((kv_heads, head_dim, capacity + 16), F32)
+        self.v = np.empty((kv_heads, capacity, head_dim), F32)
         self.length = 0
 
     def append(self, k, v):
         """k, v: (tokens, kv_heads, head_dim)."""
         t = k.shape[0]
-        if self.length + t > self.k.shape[1]:
-            cap = max(2 * self.k.shape[1], self.length + t)
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                new = np.empty((old.shape[0], cap, old.shape[2]), F32)
-                new[:, : self.length] = old[:, : self.length]
-                setattr(self, name, new)
-        self.k[:, self.length:self.length + t] = k.transpose(1, 0, 2)
-        self.v[:, self.length:self.length + t] = v.transpose(1, 0, 2)
+        n = self.length
+        if n + t > self.v.shape[1]:
+            cap = -(-max(2 * self.v.shape[1], n + t) // 32) * 32
+            new_k = np.empty(self.k.shape[:2] + (cap + 16,), F32)
+            new_k[:, :, :n] = self.k[:, :, :n]
+            new_v = np.empty((self.v.shape[0], cap, self.v.shape[2]), F32)
+            new_v[:, :n] = self.v[:, :n]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, n:n + t] = k.transpose(1, 2, 0)
+        self.v[:, n:n + t] = v.transpose(1, 0, 2)
         self.length += t
+
+    def keys(self):
+        """The cached keys, (tokens, kv_heads, head_dim) (a view)."""
+        return self.k[:, :, : self.length].transpose(2, 0, 1)
+
+    def values(self):
+        """The cached values, (tokens, kv_heads, head_dim) (a view)."""
+        return self.v[:, : self.length].transpose(1, 0, 2)
 
     def attend(self, q, scale=None, window=None):
         """q: (tokens, heads, head_dim), the last `tokens` positions cached; returns causal
         attention (tokens, heads * head_dim) (``attention`` over the cached keys and values, with
         its scale and sliding window). Head h reads kv head h // (heads // kv_heads)."""
-        n = self.length
-        k, v = (a[:, :n].transpose(1, 0, 2)[None] for a in (self.k, self.v))  # (1, n, kvh, d) views
-        out = attention(np.asarray(q, F32)[None], k, v, causal=True, scale=scale, window=window)
+        q = np.asarray(q)
+        if q.dtype != F32:
+            raise TypeError(f"q: expected float32, got dtype {q.dtype}")
+        scale, window = _attention_scale_window(q, scale, window)
+        out = _core.attention(q[None], self.k[None], self.values()[None], None, True, scale,
+                              window, None, True)
         return out.reshape(q.shape[0], -1)
