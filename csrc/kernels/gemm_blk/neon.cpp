@@ -1,2 +1,560 @@
-// PLACEHOLDER until the NEON kernels land: the reference, compiled for the set.
-#include "kernels/gemm_blk/ref.cpp"
+// Block-format matmuls (formats.h), NEON: one template over the format's descriptor, compiled for
+// the neon (ARMv8.0), dotprod and i8mm sets. Per 8 k a panel's values are rebuilt as 8 signed byte
+// registers v = sgn * (u - voff) of 4 rows x 4 k (lo: k 0-3, hi: k 4-7): nibbles AND 0x0F / shift 4,
+// a grid by TBL, each 64-bit plane word spread to bytes by TBL + CMTST and put in place by SLI (above
+// the nibble; the top plane inverted, so that the byte is already u - voff) or a byte MLA (planes
+// only: v = -u). Dots: SDOT by lane (dotprod; M = 1 and odd rows on i8mm), SMMLA on row pairs x
+// zipped row pairs (i8mm), SMULL / SMLAL in int16 chains too short to overflow (neon). Q8_0 on i8mm
+// keeps u unsigned (USDOT / USMMLA). Scales follow the reference's fold exactly (gemm_blk/ref.cpp).
+#include <arm_neon.h>
+#include <cstdint>
+#include "formats.h"
+#include "kernels/isa.h"
+
+namespace lowbit {
+namespace LOWBIT_NS {
+namespace {
+
+#define LOWBIT_UNROLL _Pragma("GCC unroll 32")
+
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+constexpr bool kI8mm = true;
+#else
+constexpr bool kI8mm = false;
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+constexpr bool kDotprod = true;
+#else
+constexpr bool kDotprod = false;
+#endif
+
+enum Dot { kSdot, kMmla, kMlal };
+
+constexpr int lut_max(const uint8_t* t) {
+  int m = 0;
+  for (int i = 0; i < 16; ++i) m = t[i] - 128 > m ? t[i] - 128 : (128 - t[i] > m ? 128 - t[i] : m);
+  return m;
+}
+
+// How format F's value registers hold its values u: v = sgn * (u - voff), signed bytes, so that
+//   sum u a - offset * asum = sgn * sum v a + fix * asum   (exact int32)
+// Raw (Q8_0 for USDOT / USMMLA): v = u, unsigned.
+template <int F, bool Raw>
+struct Enc {
+  static constexpr BlockFormat fmt = kBlockFormats[F];
+  static_assert(fmt.lut == Lut::None || fmt.planes == 0, "a grid format with bit planes");
+  static constexpr bool raw = Raw && fmt.bits == 8;
+  static constexpr bool planes_only = !fmt.nib && fmt.bits != 8;
+  static constexpr int sgn = planes_only ? -1 : 1;
+  static constexpr int voff = raw ? 0
+                              : fmt.bits == 8 || fmt.lut != Lut::None ? 128
+                              : fmt.nib && fmt.planes ? 8 << fmt.planes
+                                                      : 0;
+  static constexpr int fix = voff - fmt.offset;
+  // the largest |v| (signed encodings): bounds the int16 chains of the neon set
+  static constexpr int vmax = fmt.bits == 8          ? 128
+                              : fmt.lut == Lut::IQ4   ? lut_max(kLutIQ4)
+                              : fmt.lut == Lut::MXFP4 ? lut_max(kLutMXFP4)
+                              : planes_only           ? (1 << fmt.planes) - 1
+                              : fmt.planes            ? voff
+                                                      : 15;
+};
+
+// Compile-time immediates from an unrolled loop's index.
+inline uint8x16_t sli(uint8x16_t a, uint8x16_t b, int n) {
+  switch (n) {
+    case 4: return vsliq_n_u8(a, b, 4);
+    case 5: return vsliq_n_u8(a, b, 5);
+    case 6: return vsliq_n_u8(a, b, 6);
+    default: return vsliq_n_u8(a, b, 7);
+  }
+}
+
+inline int8x16_t lane4(int8x16_t a, int lane) {  // the 4 bytes of 32-bit lane `lane`, everywhere
+  const int32x4_t x = vreinterpretq_s32_s8(a);
+  switch (lane) {
+    case 0: return vreinterpretq_s8_s32(vdupq_laneq_s32(x, 0));
+    case 1: return vreinterpretq_s8_s32(vdupq_laneq_s32(x, 1));
+    case 2: return vreinterpretq_s8_s32(vdupq_laneq_s32(x, 2));
+    default: return vreinterpretq_s8_s32(vdupq_laneq_s32(x, 3));
+  }
+}
+
+inline float32x4_t fma_lane(float32x4_t acc, float32x4_t w, float32x4_t x, int lane) {
+  switch (lane) {
+    case 0: return vfmaq_laneq_f32(acc, w, x, 0);
+    case 1: return vfmaq_laneq_f32(acc, w, x, 1);
+    case 2: return vfmaq_laneq_f32(acc, w, x, 2);
+    default: return vfmaq_laneq_f32(acc, w, x, 3);
+  }
+}
+
+#if defined(__ARM_FEATURE_DOTPROD)
+template <bool Raw>
+inline int32x4_t sdot(int32x4_t acc, int8x16_t w, int8x16_t a, int lane) {
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+  if (Raw) {
+    const uint8x16_t u = vreinterpretq_u8_s8(w);
+    switch (lane) {
+      case 0: return vusdotq_laneq_s32(acc, u, a, 0);
+      case 1: return vusdotq_laneq_s32(acc, u, a, 1);
+      case 2: return vusdotq_laneq_s32(acc, u, a, 2);
+      default: return vusdotq_laneq_s32(acc, u, a, 3);
+    }
+  }
+#endif
+  switch (lane) {
+    case 0: return vdotq_laneq_s32(acc, w, a, 0);
+    case 1: return vdotq_laneq_s32(acc, w, a, 1);
+    case 2: return vdotq_laneq_s32(acc, w, a, 2);
+    default: return vdotq_laneq_s32(acc, w, a, 3);
+  }
+}
+#endif
+
+// 4 floats from bytes: lane l of the result is byte idx[4l + 3] of c (the others read 0), which
+// SCVTF / UCVTF with 24 fraction bits turns into that byte's value exactly.
+template <bool Signed>
+inline float32x4_t top_bytes_to_f32(uint8x16_t c, uint8x16_t idx) {
+  const uint8x16_t t = vqtbl1q_u8(c, idx);
+  return Signed ? vcvtq_n_f32_s32(vreinterpretq_s32_u8(t), 24) : vcvtq_n_f32_u32(vreinterpretq_u32_u8(t), 24);
+}
+
+// Byte tables: rows 4q..4q+3 of 16 per-row bytes into the top bytes of 4 lanes (scale codes), and
+// k = i of a 4-row x 4-k value register into the top bytes of 4 lanes (float activations).
+constexpr uint8_t kRowsTop[4][16] = {
+    {255, 255, 255, 0, 255, 255, 255, 1, 255, 255, 255, 2, 255, 255, 255, 3},
+    {255, 255, 255, 4, 255, 255, 255, 5, 255, 255, 255, 6, 255, 255, 255, 7},
+    {255, 255, 255, 8, 255, 255, 255, 9, 255, 255, 255, 10, 255, 255, 255, 11},
+    {255, 255, 255, 12, 255, 255, 255, 13, 255, 255, 255, 14, 255, 255, 255, 15}};
+constexpr uint8_t kKTop[4][16] = {
+    {255, 255, 255, 0, 255, 255, 255, 4, 255, 255, 255, 8, 255, 255, 255, 12},
+    {255, 255, 255, 1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13},
+    {255, 255, 255, 2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14},
+    {255, 255, 255, 3, 255, 255, 255, 7, 255, 255, 255, 11, 255, 255, 255, 15}};
+// A plane word's 16 bits of rows 4q..4q+3 (bytes 2q, 2q+1) spread to one byte each, tested bit
+// by bit.
+constexpr uint8_t kSpread[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+                                    {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+                                    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+                                    {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
+constexpr uint8_t kBitOf[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+
+// The value registers of panel p at k8*8 .. k8*8+7: v[q] rows 4q..4q+3 x k 0-3, v[4+q] x k 4-7.
+template <int F, bool Raw>
+inline void values(const BlkArgs* g, int64_t p, int64_t k8, int8x16_t v[8], bool prefetch) {
+  using E = Enc<F, Raw>;
+  constexpr BlockFormat fmt = E::fmt;
+  if constexpr (fmt.bits == 8) {
+    const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
+    if (prefetch) {  // a single row streams the weights, as the x86 sets do (untimed on ARM)
+      __builtin_prefetch(at + 2048);
+      __builtin_prefetch(at + 2112);
+    }
+    LOWBIT_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const uint8x16_t u = vld1q_u8(at + 16 * i);
+      v[i] = vreinterpretq_s8_u8(E::raw ? u : veorq_u8(u, vdupq_n_u8(0x80)));
+    }
+    return;
+  }
+  uint8x16_t x[8];
+  if constexpr (fmt.nib) {
+    const uint8_t* at = g->nib + p * g->K * 8 + k8 * 64;
+    if (prefetch) __builtin_prefetch(at + 2048);
+    LOWBIT_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const uint8x16_t b = vld1q_u8(at + 16 * q);
+      x[q] = fmt.planes ? b : vandq_u8(b, vdupq_n_u8(0x0F));  // SLI keeps only the low nibble
+      x[4 + q] = vshrq_n_u8(b, 4);
+    }
+    if constexpr (fmt.lut != Lut::None) {
+      const uint8x16_t grid = veorq_u8(vld1q_u8(fmt.lut == Lut::IQ4 ? kLutIQ4 : kLutMXFP4), vdupq_n_u8(0x80));
+      LOWBIT_UNROLL
+      for (int i = 0; i < 8; ++i) x[i] = vqtbl1q_u8(grid, x[i]);
+    }
+  }
+  if constexpr (fmt.planes > 0) {
+    const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
+    if (prefetch && !fmt.nib) __builtin_prefetch(w + 64);
+    const uint8x16_t bit = vld1q_u8(kBitOf);
+    LOWBIT_UNROLL
+    for (int h = 0; h < 2; ++h)
+      LOWBIT_UNROLL
+      for (int j = 0; j < fmt.planes; ++j) {
+        uint8x16_t word = vreinterpretq_u8_u64(vld1q_dup_u64(w + h * fmt.planes + j));
+        // above a nibble the top plane goes in inverted: its SLI then leaves u - 2^(3 + planes)
+        if (fmt.nib && j == fmt.planes - 1) word = vmvnq_u8(word);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          const uint8x16_t m = vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread[q])), bit);  // 0xFF: set
+          uint8x16_t& y = x[4 * h + q];
+          if (fmt.nib)
+            y = sli(y, m, 4 + j);
+          else
+            y = j == 0 ? m : vmlaq_u8(y, m, vdupq_n_u8((uint8_t)(1 << j)));  // -= 2^j per set bit
+        }
+      }
+  }
+  LOWBIT_UNROLL
+  for (int i = 0; i < 8; ++i) v[i] = vreinterpretq_s8_u8(x[i]);
+}
+
+// The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel) of sub-block [k0, k0 + sub)
+// for MR activation rows a[m]: sum v a, v as values() builds them.
+template <int F, int MR, Dot D>
+inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0, int32x4_t res[][4]) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr int S = fmt.sub;
+  if constexpr (D == kSdot) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    constexpr bool raw = Enc<F, kI8mm>::raw;
+    constexpr int C = MR == 1 ? 2 : 1;  // one row: lo and hi in separate chains
+    int32x4_t acc[C][MR][4];
+    LOWBIT_UNROLL
+    for (int c = 0; c < C; ++c)
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m)
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) acc[c][m][q] = vdupq_n_s32(0);
+    LOWBIT_UNROLL
+    for (int t = 0; t < S / 16; ++t) {
+      int8x16_t x[MR];
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) x[m] = vld1q_s8(a[m] + k0 + 16 * t);
+      LOWBIT_UNROLL
+      for (int st = 0; st < 2; ++st) {
+        int8x16_t v[8];
+        values<F, kI8mm>(g, p, k0 / 8 + 2 * t + st, v, MR == 1);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q)
+          LOWBIT_UNROLL
+          for (int m = 0; m < MR; ++m) {
+            acc[0][m][q] = sdot<raw>(acc[0][m][q], v[q], x[m], 2 * st);
+            acc[C - 1][m][q] = sdot<raw>(acc[C - 1][m][q], v[4 + q], x[m], 2 * st + 1);
+          }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m)
+      LOWBIT_UNROLL
+      for (int q = 0; q < 4; ++q) res[m][q] = C == 2 ? vaddq_s32(acc[0][m][q], acc[C - 1][m][q]) : acc[0][m][q];
+#endif
+  } else if constexpr (D == kMmla) {
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+    // SMMLA: a 2-row x 8-k activation pair against 2 weight rows x 8 k (lo and hi zipped); the
+    // weights go first, so each result holds [r m0, r m1, r' m0, r' m1] and UZP1 / UZP2 sort it.
+    static_assert(MR % 2 == 0, "row pairs");
+    constexpr bool raw = Enc<F, true>::raw;
+    constexpr int PR = MR / 2;
+    int32x4_t acc[PR][8];
+    LOWBIT_UNROLL
+    for (int r = 0; r < PR; ++r)
+      LOWBIT_UNROLL
+      for (int i = 0; i < 8; ++i) acc[r][i] = vdupq_n_s32(0);
+    LOWBIT_UNROLL
+    for (int t = 0; t < S / 16; ++t) {
+      int8x16_t ap[PR][2];
+      LOWBIT_UNROLL
+      for (int r = 0; r < PR; ++r) {
+        const int64x2_t r0 = vreinterpretq_s64_s8(vld1q_s8(a[2 * r] + k0 + 16 * t));
+        const int64x2_t r1 = vreinterpretq_s64_s8(vld1q_s8(a[2 * r + 1] + k0 + 16 * t));
+        ap[r][0] = vreinterpretq_s8_s64(vzip1q_s64(r0, r1));
+        ap[r][1] = vreinterpretq_s8_s64(vzip2q_s64(r0, r1));
+      }
+      LOWBIT_UNROLL
+      for (int st = 0; st < 2; ++st) {
+        int8x16_t v[8];
+        values<F, true>(g, p, k0 / 8 + 2 * t + st, v, false);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          const int32x4_t lo = vreinterpretq_s32_s8(v[q]), hi = vreinterpretq_s32_s8(v[4 + q]);
+          const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)), vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
+          LOWBIT_UNROLL
+          for (int i = 0; i < 2; ++i)
+            LOWBIT_UNROLL
+            for (int r = 0; r < PR; ++r)
+              acc[r][2 * q + i] = raw ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r][st])
+                                      : vmmlaq_s32(acc[r][2 * q + i], b[i], ap[r][st]);
+        }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int r = 0; r < PR; ++r)
+      LOWBIT_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        res[2 * r][q] = vuzp1q_s32(acc[r][2 * q], acc[r][2 * q + 1]);
+        res[2 * r + 1][q] = vuzp2q_s32(acc[r][2 * q], acc[r][2 * q + 1]);
+      }
+#endif
+  } else {
+    // SMULL / SMLAL: int16 lanes (row, k % 4) take L products before SADALP widens them, L small
+    // enough that |sum| <= L * vmax * 128 <= 32767; SADDLP / ADDP then sum the 4 k of each row.
+    using E = Enc<F, false>;
+    constexpr int L = 32767 / (E::vmax * 128), H = S / 4;  // H products per lane per sub-block
+    static_assert(L >= 1, "int16 products");
+    int16x8_t h[MR][8];
+    int32x4_t w[MR][8];
+    LOWBIT_UNROLL
+    for (int t = 0; t < S / 16; ++t) {
+      int8x16_t x[MR];
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) x[m] = vld1q_s8(a[m] + k0 + 16 * t);
+      LOWBIT_UNROLL
+      for (int st = 0; st < 2; ++st) {
+        int8x16_t v[8];
+        values<F, false>(g, p, k0 / 8 + 2 * t + st, v, MR == 1);
+        LOWBIT_UNROLL
+        for (int hs = 0; hs < 2; ++hs) {
+          const int n = 4 * t + 2 * st + hs;  // this product's place in the lanes' chains
+          LOWBIT_UNROLL
+          for (int m = 0; m < MR; ++m) {
+            const int8x16_t a4 = lane4(x[m], 2 * st + hs);
+            LOWBIT_UNROLL
+            for (int q = 0; q < 4; ++q) {
+              const int8x16_t wv = v[4 * hs + q];
+              if (n % L == 0) {
+                h[m][2 * q] = vmull_s8(vget_low_s8(wv), vget_low_s8(a4));
+                h[m][2 * q + 1] = vmull_high_s8(wv, a4);
+              } else {
+                h[m][2 * q] = vmlal_s8(h[m][2 * q], vget_low_s8(wv), vget_low_s8(a4));
+                h[m][2 * q + 1] = vmlal_high_s8(h[m][2 * q + 1], wv, a4);
+              }
+              if (n % L == L - 1 || n == H - 1)
+                LOWBIT_UNROLL
+                for (int i = 2 * q; i < 2 * q + 2; ++i) w[m][i] = n < L ? vpaddlq_s16(h[m][i]) : vpadalq_s16(w[m][i], h[m][i]);
+            }
+          }
+        }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m)
+      LOWBIT_UNROLL
+      for (int q = 0; q < 4; ++q) res[m][q] = vpaddq_s32(w[m][2 * q], w[m][2 * q + 1]);
+  }
+}
+
+// One file block's float scales for panel p's 16 rows (4 lanes each): d (or 2^(e - 128)) and dm.
+template <int F>
+inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4], float32x4_t dm[4]) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  const int64_t at = (p * (g->K / fmt.block) + b) * kPanel;
+  if constexpr (fmt.scale == ScaleKind::E8M0) {  // ggml_e8m0_to_fp32_half
+    const uint8x16_t e8 = vld1q_u8((const uint8_t*)g->d + at);
+    const uint16x8_t e16[2] = {vmovl_u8(vget_low_u8(e8)), vmovl_high_u8(e8)};
+    LOWBIT_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const uint32x4_t e = q % 2 ? vmovl_high_u16(e16[q / 2]) : vmovl_u16(vget_low_u16(e16[q / 2]));
+      const uint32x4_t normal = vshlq_n_u32(vsubq_u32(e, vdupq_n_u32(1)), 23);
+      const uint32x4_t tiny = vshlq_u32(vdupq_n_u32(0x00200000), vreinterpretq_s32_u32(e));
+      d[q] = vreinterpretq_f32_u32(vbslq_u32(vcltq_u32(e, vdupq_n_u32(2)), tiny, normal));
+    }
+  } else {
+    const uint16_t* h = (const uint16_t*)g->d + at;
+    LOWBIT_UNROLL
+    for (int q = 0; q < 4; ++q) d[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4 * q)));
+  }
+  if constexpr (fmt.min != MinKind::None) {
+    LOWBIT_UNROLL
+    for (int q = 0; q < 4; ++q) dm[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->dm + at + 4 * q)));
+  }
+}
+
+// Sub-block s's D and, for formats with minima, X: B = X (MinKind::Half) or B = -X (Code).
+template <int F>
+inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t d[4], const float32x4_t dm[4],
+                       float32x4_t D[4], float32x4_t X[4]) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  const int64_t at = (p * (g->K / fmt.sub) + s) * kPanel;
+  uint8x16_t sc = vdupq_n_u8(0), mc = vdupq_n_u8(0);
+  if constexpr (fmt.scale == ScaleKind::Code) sc = vld1q_u8((const uint8_t*)g->sc + at);
+  if constexpr (fmt.pair4) {
+    mc = vshrq_n_u8(sc, 4);
+    sc = vandq_u8(sc, vdupq_n_u8(0x0F));
+  } else if constexpr (fmt.min == MinKind::Code) {
+    mc = vld1q_u8(g->mc + at);
+  }
+  LOWBIT_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    const uint8x16_t rows = vld1q_u8(kRowsTop[q]);
+    D[q] = fmt.scale == ScaleKind::Code ? vmulq_f32(d[q], top_bytes_to_f32<!fmt.pair4>(sc, rows)) : d[q];
+    if (fmt.min == MinKind::Half) X[q] = dm[q];
+    if (fmt.min == MinKind::Code) X[q] = vmulq_f32(dm[q], top_bytes_to_f32<false>(mc, rows));
+  }
+}
+
+inline void store(const BlkArgs* g, int64_t m, int64_t p, const float32x4_t f[4]) {
+  const int64_t n0 = p * kPanel, left = g->N - n0;
+  float* c = g->c + m * g->ldc + n0;
+  LOWBIT_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    if (left >= 4 * q + 4) {
+      vst1q_f32(c + 4 * q, g->bias ? vaddq_f32(f[q], vld1q_f32(g->bias + n0 + 4 * q)) : f[q]);
+    } else if (left > 4 * q) {
+      float t[4];
+      vst1q_f32(t, f[q]);
+      for (int64_t l = 0; l < left - 4 * q; ++l) c[4 * q + l] = g->bias ? t[l] + g->bias[n0 + 4 * q + l] : t[l];
+    }
+  }
+}
+
+template <int F, int MR, Dot D>
+void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr int S = fmt.sub;
+  using E = Enc<F, D != kMlal && kI8mm>;
+  const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
+  const int8_t* a[MR];
+  float32x4_t f[MR][4];
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m) {
+    a[m] = (const int8_t*)g->a + (m0 + m) * g->lda;
+    LOWBIT_UNROLL
+    for (int q = 0; q < 4; ++q) f[m][q] = vdupq_n_f32(0.f);
+  }
+  for (int64_t b = 0; b < g->K / fmt.block; ++b) {
+    float32x4_t d[4], dm[4];
+    block_scales<F>(g, p, b, d, dm);
+    for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
+      const int64_t k0 = s * S;
+      int32x4_t res[MR][4];
+      dots<F, MR, D>(g, p, a, k0, res);
+      float32x4_t Dv[4], X[4];
+      sub_scales<F>(g, p, s, d, dm, Dv, X);
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const float sb = g->ablock[(m0 + m) * n32 + k0 / kActBlock];
+        const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
+        const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
+        const float32x4_t sba = vdupq_n_f32(sb * (float)asum);
+        const int32x4_t fix = vdupq_n_s32(E::fix * asum);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          const int32x4_t i = E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : E::fix ? vaddq_s32(res[m][q], fix) : res[m][q];
+          if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], sba);
+          if (fmt.min == MinKind::Code) f[m][q] = vfmsq_f32(f[m][q], X[q], sba);  // fma(-X, ., f)
+          f[m][q] = vfmaq_f32(f[m][q], Dv[q], vmulq_n_f32(vcvtq_f32_s32(i), sb));
+        }
+      }
+    }
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m) store(g, m0 + m, p, f[m]);
+}
+
+template <int F, int MR>
+void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr int S = fmt.sub;
+  using E = Enc<F, false>;
+  const int64_t nsub = g->K / S;
+  const float* x[MR];
+  float32x4_t f[MR][4];
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m) {
+    x[m] = (const float*)g->a + (m0 + m) * g->lda;
+    LOWBIT_UNROLL
+    for (int q = 0; q < 4; ++q) f[m][q] = vdupq_n_f32(0.f);
+  }
+  for (int64_t b = 0; b < g->K / fmt.block; ++b) {
+    float32x4_t d[4], dm[4];
+    block_scales<F>(g, p, b, d, dm);
+    for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
+      const int64_t k0 = s * S;
+      float32x4_t acc[MR][4];
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m)
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) acc[m][q] = vdupq_n_f32(0.f);
+      for (int st = 0; st < S / 8; ++st) {
+        int8x16_t v[8];
+        values<F, false>(g, p, k0 / 8 + st, v, MR == 1);
+        LOWBIT_UNROLL
+        for (int i = 0; i < 8; ++i) {  // w = u - offset
+          if (E::sgn < 0) v[i] = vnegq_s8(v[i]);
+          if (E::fix) v[i] = vaddq_s8(v[i], vdupq_n_s8((int8_t)E::fix));
+        }
+        LOWBIT_UNROLL
+        for (int hs = 0; hs < 2; ++hs) {
+          float32x4_t xv[MR];
+          LOWBIT_UNROLL
+          for (int m = 0; m < MR; ++m) xv[m] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
+          LOWBIT_UNROLL
+          for (int i = 0; i < 4; ++i) {  // k0 + 8 st + 4 hs + i, in order
+            const uint8x16_t idx = vld1q_u8(kKTop[i]);
+            LOWBIT_UNROLL
+            for (int q = 0; q < 4; ++q) {
+              const float32x4_t w = top_bytes_to_f32<true>(vreinterpretq_u8_s8(v[4 * hs + q]), idx);
+              LOWBIT_UNROLL
+              for (int m = 0; m < MR; ++m) acc[m][q] = fma_lane(acc[m][q], w, xv[m], i);
+            }
+          }
+        }
+      }
+      float32x4_t Dv[4], X[4];
+      sub_scales<F>(g, p, s, d, dm, Dv, X);
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const float32x4_t xs = vdupq_n_f32(fmt.min != MinKind::None ? g->xsum[(m0 + m) * nsub + s] : 0.f);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], xs);
+          if (fmt.min == MinKind::Code) f[m][q] = vfmsq_f32(f[m][q], X[q], xs);
+          f[m][q] = vfmaq_f32(f[m][q], Dv[q], acc[m][q]);
+        }
+      }
+    }
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m) store(g, m0 + m, p, f[m]);
+}
+
+// Row tiles per set: i8mm SMMLA on 4 or 2 rows (a lone row: SDOT); dotprod SDOT on up to 4 rows;
+// neon 2 rows, or 1 where int16 chains end mid sub-block (their int32 sums double the registers).
+template <int F, bool A8>
+void run(const BlkArgs* g, int64_t p0, int64_t p1) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr int L = 32767 / (Enc<F, false>::vmax * 128);
+  constexpr int neon_mr = L > 1 && L < fmt.sub / 4 ? 1 : 2;
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t m = 0; m < g->M;) {
+      const int64_t left = g->M - m;
+      int mr;
+      if constexpr (!A8) {
+        mr = left >= 2 ? 2 : 1;
+        mr == 2 ? tile_f32<F, 2>(g, m, p) : tile_f32<F, 1>(g, m, p);
+      } else if constexpr (kI8mm) {
+        mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        mr == 4 ? tile_a8<F, 4, kMmla>(g, m, p) : mr == 2 ? tile_a8<F, 2, kMmla>(g, m, p) : tile_a8<F, 1, kSdot>(g, m, p);
+      } else if constexpr (kDotprod) {
+        mr = (int)(left < 4 ? left : 4);
+        switch (mr) {
+          case 4: tile_a8<F, 4, kSdot>(g, m, p); break;
+          case 3: tile_a8<F, 3, kSdot>(g, m, p); break;
+          case 2: tile_a8<F, 2, kSdot>(g, m, p); break;
+          default: tile_a8<F, 1, kSdot>(g, m, p);
+        }
+      } else {
+        mr = left >= neon_mr ? neon_mr : 1;
+        mr == 2 ? tile_a8<F, neon_mr, kMlal>(g, m, p) : tile_a8<F, 1, kMlal>(g, m, p);
+      }
+      m += mr;
+    }
+}
+
+template <bool A8, int F = 0>
+void dispatch(const BlkArgs* g, int64_t p0, int64_t p1) {
+  if constexpr (F < kNumBlockFormats) {
+    if (g->fmt == F) return run<F, A8>(g, p0, p1);
+    dispatch<A8, F + 1>(g, p0, p1);
+  }
+}
+
+}  // namespace
+
+void gemm_blk_a8(const BlkArgs* g, int64_t p0, int64_t p1) { dispatch<true>(g, p0, p1); }
+void gemm_blk_f32(const BlkArgs* g, int64_t p0, int64_t p1) { dispatch<false>(g, p0, p1); }
+
+}  // namespace LOWBIT_NS
+}  // namespace lowbit
