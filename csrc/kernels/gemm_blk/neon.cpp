@@ -36,20 +36,19 @@ constexpr int lut_max(const uint8_t* t) {
   return m;
 }
 
-// How format F's value registers hold its values u: v = sgn * (u - voff), signed bytes, so that
+// How format F's value registers hold its values u: v = sgn * (u - voff), so that
 //   sum u a - offset * asum = sgn * sum v a + fix * asum   (exact int32)
-// Raw (Q8_0 for USDOT / USMMLA): v = u, unsigned.
-template <int F, bool Raw>
+// as signed bytes, or with U as unsigned ones (USDOT / USMMLA for Q8_0, and the float path).
+template <int F, bool U>
 struct Enc {
   static constexpr BlockFormat fmt = kBlockFormats[F];
   static_assert(fmt.lut == Lut::None || fmt.planes == 0, "a grid format with bit planes");
-  static constexpr bool raw = Raw && fmt.bits == 8;
   static constexpr bool planes_only = !fmt.nib && fmt.bits != 8;
-  static constexpr int sgn = planes_only ? -1 : 1;
-  static constexpr int voff = raw ? 0
+  static constexpr int sgn = planes_only && !U ? -1 : 1;
+  static constexpr int voff = fmt.nib && fmt.planes ? (8 << fmt.planes) - (U ? 128 : 0)
+                              : U                     ? 0
                               : fmt.bits == 8 || fmt.lut != Lut::None ? 128
-                              : fmt.nib && fmt.planes ? 8 << fmt.planes
-                                                      : 0;
+                                                                      : 0;
   static constexpr int fix = voff - fmt.offset;
   // the largest |v| (signed encodings): bounds the int16 chains of the neon set
   static constexpr int vmax = fmt.bits == 8          ? 128
@@ -90,10 +89,10 @@ inline float32x4_t fma_lane(float32x4_t acc, float32x4_t w, float32x4_t x, int l
 }
 
 #if defined(__ARM_FEATURE_DOTPROD)
-template <bool Raw>
+template <bool U>
 inline int32x4_t sdot(int32x4_t acc, int8x16_t w, int8x16_t a, int lane) {
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-  if (Raw) {
+  if (U) {
     const uint8x16_t u = vreinterpretq_u8_s8(w);
     switch (lane) {
       case 0: return vusdotq_laneq_s32(acc, u, a, 0);
@@ -112,38 +111,42 @@ inline int32x4_t sdot(int32x4_t acc, int8x16_t w, int8x16_t a, int lane) {
 }
 #endif
 
-// 4 floats from bytes: lane l of the result is byte idx[4l + 3] of c (the others read 0), which
-// SCVTF / UCVTF with 24 fraction bits turns into that byte's value exactly.
-template <bool Signed>
-inline float32x4_t top_bytes_to_f32(uint8x16_t c, uint8x16_t idx) {
-  const uint8x16_t t = vqtbl1q_u8(c, idx);
-  return Signed ? vcvtq_n_f32_s32(vreinterpretq_s32_u8(t), 24) : vcvtq_n_f32_u32(vreinterpretq_u32_u8(t), 24);
+// Bytes to floats without SCVTF (two micro-ops on N1's V0, V1's and V2's V0/V2): TBL builds the
+// bit patterns 0x4B0000bb (2^23 + b, exactly) from byte idx[4l] of c for lane l, and an FSUB of
+// 2^23 + bias leaves b - bias, exactly.
+constexpr uint8_t kMagic[16] = {0x00, 0x4B};
+inline float32x4_t bytes_to_f32(uint8x16_t c, uint8x16_t idx, float32x4_t two23_bias) {
+  const uint8x16x2_t t = {{c, vld1q_u8(kMagic)}};
+  return vsubq_f32(vreinterpretq_f32_u8(vqtbl2q_u8(t, idx)), two23_bias);
 }
 
-// Byte tables: rows 4q..4q+3 of 16 per-row bytes into the top bytes of 4 lanes (scale codes), and
-// k = i of a 4-row x 4-k value register into the top bytes of 4 lanes (float activations).
-constexpr uint8_t kRowsTop[4][16] = {
-    {255, 255, 255, 0, 255, 255, 255, 1, 255, 255, 255, 2, 255, 255, 255, 3},
-    {255, 255, 255, 4, 255, 255, 255, 5, 255, 255, 255, 6, 255, 255, 255, 7},
-    {255, 255, 255, 8, 255, 255, 255, 9, 255, 255, 255, 10, 255, 255, 255, 11},
-    {255, 255, 255, 12, 255, 255, 255, 13, 255, 255, 255, 14, 255, 255, 255, 15}};
-constexpr uint8_t kKTop[4][16] = {
-    {255, 255, 255, 0, 255, 255, 255, 4, 255, 255, 255, 8, 255, 255, 255, 12},
-    {255, 255, 255, 1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13},
-    {255, 255, 255, 2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14},
-    {255, 255, 255, 3, 255, 255, 255, 7, 255, 255, 255, 11, 255, 255, 255, 15}};
+// Byte tables for bytes_to_f32: rows 4q..4q+3 of 16 per-row bytes (scale codes), and k = i of a
+// 4-row x 4-k value register (float activations).
+constexpr uint8_t kRowsF[4][16] = {{0, 16, 16, 17, 1, 16, 16, 17, 2, 16, 16, 17, 3, 16, 16, 17},
+                                   {4, 16, 16, 17, 5, 16, 16, 17, 6, 16, 16, 17, 7, 16, 16, 17},
+                                   {8, 16, 16, 17, 9, 16, 16, 17, 10, 16, 16, 17, 11, 16, 16, 17},
+                                   {12, 16, 16, 17, 13, 16, 16, 17, 14, 16, 16, 17, 15, 16, 16, 17}};
+constexpr uint8_t kKF[4][16] = {{0, 16, 16, 17, 4, 16, 16, 17, 8, 16, 16, 17, 12, 16, 16, 17},
+                                {1, 16, 16, 17, 5, 16, 16, 17, 9, 16, 16, 17, 13, 16, 16, 17},
+                                {2, 16, 16, 17, 6, 16, 16, 17, 10, 16, 16, 17, 14, 16, 16, 17},
+                                {3, 16, 16, 17, 7, 16, 16, 17, 11, 16, 16, 17, 15, 16, 16, 17}};
 // A plane word's 16 bits of rows 4q..4q+3 (bytes 2q, 2q+1) spread to one byte each, tested bit
 // by bit.
-constexpr uint8_t kSpread[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
-                                    {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-                                    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
-                                    {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
+// (Words come in pairs from one 16-byte load; the second word's bytes are 8 higher.)
+constexpr uint8_t kSpread[2][4][16] = {{{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+                                        {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+                                        {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+                                        {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}},
+                                       {{8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
+                                        {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+                                        {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+                                        {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}}};
 constexpr uint8_t kBitOf[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
 
 // The value registers of panel p at k8*8 .. k8*8+7: v[q] rows 4q..4q+3 x k 0-3, v[4+q] x k 4-7.
-template <int F, bool Raw>
+template <int F, bool U>
 inline void values(const BlkArgs* g, int64_t p, int64_t k8, int8x16_t v[8], bool prefetch) {
-  using E = Enc<F, Raw>;
+  using E = Enc<F, U>;
   constexpr BlockFormat fmt = E::fmt;
   if constexpr (fmt.bits == 8) {
     const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
@@ -154,7 +157,7 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int8x16_t v[8], bool
     LOWBIT_UNROLL
     for (int i = 0; i < 8; ++i) {
       const uint8x16_t u = vld1q_u8(at + 16 * i);
-      v[i] = vreinterpretq_s8_u8(E::raw ? u : veorq_u8(u, vdupq_n_u8(0x80)));
+      v[i] = vreinterpretq_s8_u8(U ? u : veorq_u8(u, vdupq_n_u8(0x80)));
     }
     return;
   }
@@ -169,25 +172,33 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int8x16_t v[8], bool
       x[4 + q] = vshrq_n_u8(b, 4);
     }
     if constexpr (fmt.lut != Lut::None) {
-      const uint8x16_t grid = veorq_u8(vld1q_u8(fmt.lut == Lut::IQ4 ? kLutIQ4 : kLutMXFP4), vdupq_n_u8(0x80));
+      const uint8x16_t lut = vld1q_u8(fmt.lut == Lut::IQ4 ? kLutIQ4 : kLutMXFP4);
+      const uint8x16_t grid = U ? lut : veorq_u8(lut, vdupq_n_u8(0x80));
       LOWBIT_UNROLL
       for (int i = 0; i < 8; ++i) x[i] = vqtbl1q_u8(grid, x[i]);
     }
   }
   if constexpr (fmt.planes > 0) {
+    // 2 * planes words (lo: k 0-3, then hi: k 4-7), two per 16-byte load
     const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
     if (prefetch && !fmt.nib) __builtin_prefetch(w + 64);
     const uint8x16_t bit = vld1q_u8(kBitOf);
+    uint8x16_t pair[fmt.planes], inv[fmt.planes];
+    LOWBIT_UNROLL
+    for (int i = 0; i < fmt.planes; ++i) {
+      pair[i] = vld1q_u8((const uint8_t*)(w + 2 * i));
+      // above a nibble the top plane goes in inverted: its SLI then leaves u - 2^(3 + planes)
+      if (fmt.nib) inv[i] = vmvnq_u8(pair[i]);
+    }
     LOWBIT_UNROLL
     for (int h = 0; h < 2; ++h)
       LOWBIT_UNROLL
       for (int j = 0; j < fmt.planes; ++j) {
-        uint8x16_t word = vreinterpretq_u8_u64(vld1q_dup_u64(w + h * fmt.planes + j));
-        // above a nibble the top plane goes in inverted: its SLI then leaves u - 2^(3 + planes)
-        if (fmt.nib && j == fmt.planes - 1) word = vmvnq_u8(word);
+        const int t = h * fmt.planes + j;
+        const uint8x16_t word = fmt.nib && j == fmt.planes - 1 ? inv[t / 2] : pair[t / 2];
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
-          const uint8x16_t m = vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread[q])), bit);  // 0xFF: set
+          const uint8x16_t m = vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread[t % 2][q])), bit);  // 0xFF: set
           uint8x16_t& y = x[4 * h + q];
           if (fmt.nib)
             y = sli(y, m, 4 + j);
@@ -195,6 +206,9 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int8x16_t v[8], bool
             y = j == 0 ? m : vmlaq_u8(y, m, vdupq_n_u8((uint8_t)(1 << j)));  // -= 2^j per set bit
         }
       }
+    LOWBIT_UNROLL
+    for (int i = 0; i < 8 && U; ++i)  // unsigned: u - voff + 128, or u from -u
+      x[i] = fmt.nib ? veorq_u8(x[i], vdupq_n_u8(0x80)) : vreinterpretq_u8_s8(vnegq_s8(vreinterpretq_s8_u8(x[i])));
   }
   LOWBIT_UNROLL
   for (int i = 0; i < 8; ++i) v[i] = vreinterpretq_s8_u8(x[i]);
@@ -208,7 +222,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
   constexpr int S = fmt.sub;
   if constexpr (D == kSdot) {
 #if defined(__ARM_FEATURE_DOTPROD)
-    constexpr bool raw = Enc<F, kI8mm>::raw;
+    constexpr bool U = kI8mm && fmt.bits == 8;  // USDOT: Q8_0 without its XOR
     constexpr int C = MR == 1 ? 2 : 1;  // one row: lo and hi in separate chains
     int32x4_t acc[C][MR][4];
     LOWBIT_UNROLL
@@ -225,13 +239,13 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int st = 0; st < 2; ++st) {
         int8x16_t v[8];
-        values<F, kI8mm>(g, p, k0 / 8 + 2 * t + st, v, MR == 1);
+        values<F, U>(g, p, k0 / 8 + 2 * t + st, v, MR == 1);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q)
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m) {
-            acc[0][m][q] = sdot<raw>(acc[0][m][q], v[q], x[m], 2 * st);
-            acc[C - 1][m][q] = sdot<raw>(acc[C - 1][m][q], v[4 + q], x[m], 2 * st + 1);
+            acc[0][m][q] = sdot<U>(acc[0][m][q], v[q], x[m], 2 * st);
+            acc[C - 1][m][q] = sdot<U>(acc[C - 1][m][q], v[4 + q], x[m], 2 * st + 1);
           }
       }
     }
@@ -245,7 +259,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
     // SMMLA: a 2-row x 8-k activation pair against 2 weight rows x 8 k (lo and hi zipped); the
     // weights go first, so each result holds [r m0, r m1, r' m0, r' m1] and UZP1 / UZP2 sort it.
     static_assert(MR % 2 == 0, "row pairs");
-    constexpr bool raw = Enc<F, true>::raw;
+    constexpr bool U = fmt.bits == 8;  // USMMLA: Q8_0 without its XOR
     constexpr int PR = MR / 2;
     int32x4_t acc[PR][8];
     LOWBIT_UNROLL
@@ -265,7 +279,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int st = 0; st < 2; ++st) {
         int8x16_t v[8];
-        values<F, true>(g, p, k0 / 8 + 2 * t + st, v, false);
+        values<F, U>(g, p, k0 / 8 + 2 * t + st, v, false);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           const int32x4_t lo = vreinterpretq_s32_s8(v[q]), hi = vreinterpretq_s32_s8(v[4 + q]);
@@ -274,7 +288,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
           for (int i = 0; i < 2; ++i)
             LOWBIT_UNROLL
             for (int r = 0; r < PR; ++r)
-              acc[r][2 * q + i] = raw ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r][st])
+              acc[r][2 * q + i] = U ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r][st])
                                       : vmmlaq_s32(acc[r][2 * q + i], b[i], ap[r][st]);
         }
       }
@@ -367,20 +381,23 @@ inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t
                        float32x4_t D[4], float32x4_t X[4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   const int64_t at = (p * (g->K / fmt.sub) + s) * kPanel;
+  // scale codes as unsigned bytes: int8 codes + 128, Q2_K's two nibbles apart
   uint8x16_t sc = vdupq_n_u8(0), mc = vdupq_n_u8(0);
   if constexpr (fmt.scale == ScaleKind::Code) sc = vld1q_u8((const uint8_t*)g->sc + at);
   if constexpr (fmt.pair4) {
     mc = vshrq_n_u8(sc, 4);
     sc = vandq_u8(sc, vdupq_n_u8(0x0F));
-  } else if constexpr (fmt.min == MinKind::Code) {
-    mc = vld1q_u8(g->mc + at);
+  } else {
+    sc = veorq_u8(sc, vdupq_n_u8(0x80));
+    if constexpr (fmt.min == MinKind::Code) mc = vld1q_u8(g->mc + at);
   }
+  const float32x4_t sc_bias = vdupq_n_f32(fmt.pair4 ? 8388608.f : 8388736.f), mc_bias = vdupq_n_f32(8388608.f);
   LOWBIT_UNROLL
   for (int q = 0; q < 4; ++q) {
-    const uint8x16_t rows = vld1q_u8(kRowsTop[q]);
-    D[q] = fmt.scale == ScaleKind::Code ? vmulq_f32(d[q], top_bytes_to_f32<!fmt.pair4>(sc, rows)) : d[q];
+    const uint8x16_t rows = vld1q_u8(kRowsF[q]);
+    D[q] = fmt.scale == ScaleKind::Code ? vmulq_f32(d[q], bytes_to_f32(sc, rows, sc_bias)) : d[q];
     if (fmt.min == MinKind::Half) X[q] = dm[q];
-    if (fmt.min == MinKind::Code) X[q] = vmulq_f32(dm[q], top_bytes_to_f32<false>(mc, rows));
+    if (fmt.min == MinKind::Code) X[q] = vmulq_f32(dm[q], bytes_to_f32(mc, rows, mc_bias));
   }
 }
 
@@ -403,7 +420,7 @@ template <int F, int MR, Dot D>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
-  using E = Enc<F, D != kMlal && kI8mm>;
+  using E = Enc<F, fmt.bits == 8 && (D == kMmla || (D == kSdot && kI8mm))>;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a[MR];
   float32x4_t f[MR][4];
@@ -428,13 +445,17 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
         const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
         const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
         const float32x4_t sba = vdupq_n_f32(sb * (float)asum);
-        const int32x4_t fix = vdupq_n_s32(E::fix * asum);
+        // i = sgn * res + fix * asum, |i| < 2^21, to float without SCVTF: the bits of
+        // 1.5 * 2^23 + i, less 1.5 * 2^23 (both exact)
+        const int32x4_t fix = vdupq_n_s32(E::fix * asum + 0x4B400000);
+        const float32x4_t magic = vdupq_n_f32(12582912.f);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
-          const int32x4_t i = E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : E::fix ? vaddq_s32(res[m][q], fix) : res[m][q];
+          const int32x4_t i = E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : vaddq_s32(res[m][q], fix);
+          const float32x4_t fi = vsubq_f32(vreinterpretq_f32_s32(i), magic);
           if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], sba);
           if (fmt.min == MinKind::Code) f[m][q] = vfmsq_f32(f[m][q], X[q], sba);  // fma(-X, ., f)
-          f[m][q] = vfmaq_f32(f[m][q], Dv[q], vmulq_n_f32(vcvtq_f32_s32(i), sb));
+          f[m][q] = vfmaq_f32(f[m][q], Dv[q], vmulq_n_f32(fi, sb));
         }
       }
     }
@@ -447,8 +468,9 @@ template <int F, int MR>
 void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
-  using E = Enc<F, false>;
   const int64_t nsub = g->K / S;
+  // w = u - offset = v + fix = (2^23 + v) - (2^23 - fix)
+  const float32x4_t bias = vdupq_n_f32(8388608.f - (float)Enc<F, true>::fix);
   const float* x[MR];
   float32x4_t f[MR][4];
   LOWBIT_UNROLL
@@ -469,12 +491,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
         for (int q = 0; q < 4; ++q) acc[m][q] = vdupq_n_f32(0.f);
       for (int st = 0; st < S / 8; ++st) {
         int8x16_t v[8];
-        values<F, false>(g, p, k0 / 8 + st, v, MR == 1);
-        LOWBIT_UNROLL
-        for (int i = 0; i < 8; ++i) {  // w = u - offset
-          if (E::sgn < 0) v[i] = vnegq_s8(v[i]);
-          if (E::fix) v[i] = vaddq_s8(v[i], vdupq_n_s8((int8_t)E::fix));
-        }
+        values<F, true>(g, p, k0 / 8 + st, v, MR == 1);
         LOWBIT_UNROLL
         for (int hs = 0; hs < 2; ++hs) {
           float32x4_t xv[MR];
@@ -482,10 +499,10 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
           for (int m = 0; m < MR; ++m) xv[m] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
           LOWBIT_UNROLL
           for (int i = 0; i < 4; ++i) {  // k0 + 8 st + 4 hs + i, in order
-            const uint8x16_t idx = vld1q_u8(kKTop[i]);
+            const uint8x16_t idx = vld1q_u8(kKF[i]);
             LOWBIT_UNROLL
             for (int q = 0; q < 4; ++q) {
-              const float32x4_t w = top_bytes_to_f32<true>(vreinterpretq_u8_s8(v[4 * hs + q]), idx);
+              const float32x4_t w = bytes_to_f32(vreinterpretq_u8_s8(v[4 * hs + q]), idx, bias);
               LOWBIT_UNROLL
               for (int m = 0; m < MR; ++m) acc[m][q] = fma_lane(acc[m][q], w, xv[m], i);
             }
