@@ -11,6 +11,13 @@
 #include "formats.h"
 #include "kernels/isa.h"
 
+// GCC's pre-allocation scheduler hoists a whole sub-block's loads and scale work above its dots
+// and spills the accumulators (2.5x the stack traffic in the 4-row tiles); the out-of-order cores
+// this runs on schedule for themselves.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-schedule-insns")
+#endif
+
 namespace lowbit {
 namespace LOWBIT_NS {
 namespace {
@@ -143,75 +150,63 @@ constexpr uint8_t kSpread[2][4][16] = {{{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 
                                         {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}}};
 constexpr uint8_t kBitOf[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
 
-// The value registers of panel p at k8*8 .. k8*8+7: v[q] rows 4q..4q+3 x k 0-3, v[4+q] x k 4-7.
+// The value registers of panel p's rows 4q..4q+3 at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
+// Built one row group at a time, next to the dots that use them, to keep few registers live.
 template <int F, bool U>
-inline void values(const BlkArgs* g, int64_t p, int64_t k8, int8x16_t v[8], bool prefetch) {
-  using E = Enc<F, U>;
-  constexpr BlockFormat fmt = E::fmt;
+inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo, int8x16_t& hi,
+                   bool prefetch) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
   if constexpr (fmt.bits == 8) {
     const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
-    if (prefetch) {  // a single row streams the weights, as the x86 sets do (untimed on ARM)
+    if (prefetch && q == 0) {  // a single row streams the weights, as the x86 sets do (untimed on ARM)
       __builtin_prefetch(at + 2048);
       __builtin_prefetch(at + 2112);
     }
-    LOWBIT_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      const uint8x16_t u = vld1q_u8(at + 16 * i);
-      v[i] = vreinterpretq_s8_u8(U ? u : veorq_u8(u, vdupq_n_u8(0x80)));
-    }
+    const uint8x16_t a = vld1q_u8(at + 16 * q), b = vld1q_u8(at + 64 + 16 * q);
+    lo = vreinterpretq_s8_u8(U ? a : veorq_u8(a, vdupq_n_u8(0x80)));
+    hi = vreinterpretq_s8_u8(U ? b : veorq_u8(b, vdupq_n_u8(0x80)));
     return;
   }
-  uint8x16_t x[8];
+  uint8x16_t x[2];
   if constexpr (fmt.nib) {
     const uint8_t* at = g->nib + p * g->K * 8 + k8 * 64;
-    if (prefetch) __builtin_prefetch(at + 2048);
-    LOWBIT_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const uint8x16_t b = vld1q_u8(at + 16 * q);
-      x[q] = fmt.planes ? b : vandq_u8(b, vdupq_n_u8(0x0F));  // SLI keeps only the low nibble
-      x[4 + q] = vshrq_n_u8(b, 4);
-    }
+    if (prefetch && q == 0) __builtin_prefetch(at + 2048);
+    const uint8x16_t b = vld1q_u8(at + 16 * q);
+    x[0] = fmt.planes ? b : vandq_u8(b, vdupq_n_u8(0x0F));  // SLI keeps only the low nibble
+    x[1] = vshrq_n_u8(b, 4);
     if constexpr (fmt.lut != Lut::None) {
       const uint8x16_t lut = vld1q_u8(fmt.lut == Lut::IQ4 ? kLutIQ4 : kLutMXFP4);
       const uint8x16_t grid = U ? lut : veorq_u8(lut, vdupq_n_u8(0x80));
-      LOWBIT_UNROLL
-      for (int i = 0; i < 8; ++i) x[i] = vqtbl1q_u8(grid, x[i]);
+      x[0] = vqtbl1q_u8(grid, x[0]);
+      x[1] = vqtbl1q_u8(grid, x[1]);
     }
   }
   if constexpr (fmt.planes > 0) {
     // 2 * planes words (lo: k 0-3, then hi: k 4-7), two per 16-byte load
     const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
-    if (prefetch && !fmt.nib) __builtin_prefetch(w + 64);
+    if (prefetch && q == 0 && !fmt.nib) __builtin_prefetch(w + 64);
     const uint8x16_t bit = vld1q_u8(kBitOf);
-    uint8x16_t pair[fmt.planes], inv[fmt.planes];
-    LOWBIT_UNROLL
-    for (int i = 0; i < fmt.planes; ++i) {
-      pair[i] = vld1q_u8((const uint8_t*)(w + 2 * i));
-      // above a nibble the top plane goes in inverted: its SLI then leaves u - 2^(3 + planes)
-      if (fmt.nib) inv[i] = vmvnq_u8(pair[i]);
-    }
     LOWBIT_UNROLL
     for (int h = 0; h < 2; ++h)
       LOWBIT_UNROLL
       for (int j = 0; j < fmt.planes; ++j) {
         const int t = h * fmt.planes + j;
-        const uint8x16_t word = fmt.nib && j == fmt.planes - 1 ? inv[t / 2] : pair[t / 2];
-        LOWBIT_UNROLL
-        for (int q = 0; q < 4; ++q) {
-          const uint8x16_t m = vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread[t % 2][q])), bit);  // 0xFF: set
-          uint8x16_t& y = x[4 * h + q];
-          if (fmt.nib)
-            y = sli(y, m, 4 + j);
-          else
-            y = j == 0 ? m : vmlaq_u8(y, m, vdupq_n_u8((uint8_t)(1 << j)));  // -= 2^j per set bit
-        }
+        uint8x16_t word = vld1q_u8((const uint8_t*)(w + 2 * (t / 2)));
+        // above a nibble the top plane goes in inverted: its SLI then leaves u - 2^(3 + planes)
+        if (fmt.nib && j == fmt.planes - 1) word = vmvnq_u8(word);
+        const uint8x16_t m = vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread[t % 2][q])), bit);  // 0xFF: set
+        uint8x16_t& y = x[h];
+        if (fmt.nib)
+          y = sli(y, m, 4 + j);
+        else
+          y = j == 0 ? m : vmlaq_u8(y, m, vdupq_n_u8((uint8_t)(1 << j)));  // -= 2^j per set bit
       }
     LOWBIT_UNROLL
-    for (int i = 0; i < 8 && U; ++i)  // unsigned: u - voff + 128, or u from -u
+    for (int i = 0; i < 2 && U; ++i)  // unsigned: u - voff + 128, or u from -u
       x[i] = fmt.nib ? veorq_u8(x[i], vdupq_n_u8(0x80)) : vreinterpretq_u8_s8(vnegq_s8(vreinterpretq_s8_u8(x[i])));
   }
-  LOWBIT_UNROLL
-  for (int i = 0; i < 8; ++i) v[i] = vreinterpretq_s8_u8(x[i]);
+  lo = vreinterpretq_s8_u8(x[0]);
+  hi = vreinterpretq_s8_u8(x[1]);
 }
 
 // The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel) of sub-block [k0, k0 + sub)
@@ -237,17 +232,17 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) x[m] = vld1q_s8(a[m] + k0 + 16 * t);
       LOWBIT_UNROLL
-      for (int st = 0; st < 2; ++st) {
-        int8x16_t v[8];
-        values<F, U>(g, p, k0 / 8 + 2 * t + st, v, MR == 1);
+      for (int st = 0; st < 2; ++st)
         LOWBIT_UNROLL
-        for (int q = 0; q < 4; ++q)
+        for (int q = 0; q < 4; ++q) {
+          int8x16_t lo, hi;
+          values<F, U>(g, p, k0 / 8 + 2 * t + st, q, lo, hi, MR == 1);
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m) {
-            acc[0][m][q] = sdot<U>(acc[0][m][q], v[q], x[m], 2 * st);
-            acc[C - 1][m][q] = sdot<U>(acc[C - 1][m][q], v[4 + q], x[m], 2 * st + 1);
+            acc[0][m][q] = sdot<U>(acc[0][m][q], lo, x[m], 2 * st);
+            acc[C - 1][m][q] = sdot<U>(acc[C - 1][m][q], hi, x[m], 2 * st + 1);
           }
-      }
+        }
     }
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m)
@@ -278,11 +273,11 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       }
       LOWBIT_UNROLL
       for (int st = 0; st < 2; ++st) {
-        int8x16_t v[8];
-        values<F, U>(g, p, k0 / 8 + 2 * t + st, v, false);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
-          const int32x4_t lo = vreinterpretq_s32_s8(v[q]), hi = vreinterpretq_s32_s8(v[4 + q]);
+          int8x16_t vlo, vhi;
+          values<F, U>(g, p, k0 / 8 + 2 * t + st, q, vlo, vhi, false);
+          const int32x4_t lo = vreinterpretq_s32_s8(vlo), hi = vreinterpretq_s32_s8(vhi);
           const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)), vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
           LOWBIT_UNROLL
           for (int i = 0; i < 2; ++i)
@@ -316,23 +311,26 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       for (int m = 0; m < MR; ++m) x[m] = vld1q_s8(a[m] + k0 + 16 * t);
       LOWBIT_UNROLL
       for (int st = 0; st < 2; ++st) {
-        int8x16_t v[8];
-        values<F, false>(g, p, k0 / 8 + 2 * t + st, v, MR == 1);
+        int8x16_t a4[MR][2];
         LOWBIT_UNROLL
-        for (int hs = 0; hs < 2; ++hs) {
-          const int n = 4 * t + 2 * st + hs;  // this product's place in the lanes' chains
+        for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
-          for (int m = 0; m < MR; ++m) {
-            const int8x16_t a4 = lane4(x[m], 2 * st + hs);
+          for (int hs = 0; hs < 2; ++hs) a4[m][hs] = lane4(x[m], 2 * st + hs);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          int8x16_t v[2];
+          values<F, false>(g, p, k0 / 8 + 2 * t + st, q, v[0], v[1], MR == 1);
+          LOWBIT_UNROLL
+          for (int hs = 0; hs < 2; ++hs) {
+            const int n = 4 * t + 2 * st + hs;  // this product's place in the lanes' chains
             LOWBIT_UNROLL
-            for (int q = 0; q < 4; ++q) {
-              const int8x16_t wv = v[4 * hs + q];
+            for (int m = 0; m < MR; ++m) {
               if (n % L == 0) {
-                h[m][2 * q] = vmull_s8(vget_low_s8(wv), vget_low_s8(a4));
-                h[m][2 * q + 1] = vmull_high_s8(wv, a4);
+                h[m][2 * q] = vmull_s8(vget_low_s8(v[hs]), vget_low_s8(a4[m][hs]));
+                h[m][2 * q + 1] = vmull_high_s8(v[hs], a4[m][hs]);
               } else {
-                h[m][2 * q] = vmlal_s8(h[m][2 * q], vget_low_s8(wv), vget_low_s8(a4));
-                h[m][2 * q + 1] = vmlal_high_s8(h[m][2 * q + 1], wv, a4);
+                h[m][2 * q] = vmlal_s8(h[m][2 * q], vget_low_s8(v[hs]), vget_low_s8(a4[m][hs]));
+                h[m][2 * q + 1] = vmlal_high_s8(h[m][2 * q + 1], v[hs], a4[m][hs]);
               }
               if (n % L == L - 1 || n == H - 1)
                 LOWBIT_UNROLL
@@ -430,14 +428,17 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     LOWBIT_UNROLL
     for (int q = 0; q < 4; ++q) f[m][q] = vdupq_n_f32(0.f);
   }
+  // one row keeps a block's converted d / dmin in registers; several need those for accumulators
+  constexpr bool hold = MR == 1;
   for (int64_t b = 0; b < g->K / fmt.block; ++b) {
     float32x4_t d[4], dm[4];
-    block_scales<F>(g, p, b, d, dm);
+    if (hold) block_scales<F>(g, p, b, d, dm);
     for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
       const int64_t k0 = s * S;
       int32x4_t res[MR][4];
       dots<F, MR, D>(g, p, a, k0, res);
       float32x4_t Dv[4], X[4];
+      if (!hold) block_scales<F>(g, p, b, d, dm);
       sub_scales<F>(g, p, s, d, dm, Dv, X);
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
@@ -479,9 +480,11 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     LOWBIT_UNROLL
     for (int q = 0; q < 4; ++q) f[m][q] = vdupq_n_f32(0.f);
   }
+  // one row keeps a block's converted d / dmin in registers; several need those for accumulators
+  constexpr bool hold = MR == 1;
   for (int64_t b = 0; b < g->K / fmt.block; ++b) {
     float32x4_t d[4], dm[4];
-    block_scales<F>(g, p, b, d, dm);
+    if (hold) block_scales<F>(g, p, b, d, dm);
     for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
       const int64_t k0 = s * S;
       float32x4_t acc[MR][4];
@@ -490,26 +493,25 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) acc[m][q] = vdupq_n_f32(0.f);
       for (int st = 0; st < S / 8; ++st) {
-        int8x16_t v[8];
-        values<F, true>(g, p, k0 / 8 + st, v, MR == 1);
+        float32x4_t xv[MR][2];
         LOWBIT_UNROLL
-        for (int hs = 0; hs < 2; ++hs) {
-          float32x4_t xv[MR];
+        for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
-          for (int m = 0; m < MR; ++m) xv[m] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
+          for (int hs = 0; hs < 2; ++hs) xv[m][hs] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
+        LOWBIT_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          int8x16_t v[2];
+          values<F, true>(g, p, k0 / 8 + st, q, v[0], v[1], MR == 1);
           LOWBIT_UNROLL
-          for (int i = 0; i < 4; ++i) {  // k0 + 8 st + 4 hs + i, in order
-            const uint8x16_t idx = vld1q_u8(kKF[i]);
+          for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order for each accumulator
+            const float32x4_t w = bytes_to_f32(vreinterpretq_u8_s8(v[i / 4]), vld1q_u8(kKF[i % 4]), bias);
             LOWBIT_UNROLL
-            for (int q = 0; q < 4; ++q) {
-              const float32x4_t w = bytes_to_f32(vreinterpretq_u8_s8(v[4 * hs + q]), idx, bias);
-              LOWBIT_UNROLL
-              for (int m = 0; m < MR; ++m) acc[m][q] = fma_lane(acc[m][q], w, xv[m], i);
-            }
+            for (int m = 0; m < MR; ++m) acc[m][q] = fma_lane(acc[m][q], w, xv[m][i / 4], i % 4);
           }
         }
       }
       float32x4_t Dv[4], X[4];
+      if (!hold) block_scales<F>(g, p, b, d, dm);
       sub_scales<F>(g, p, s, d, dm, Dv, X);
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
