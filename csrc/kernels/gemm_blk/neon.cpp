@@ -209,9 +209,9 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
   hi = vreinterpretq_s8_u8(x[1]);
 }
 
-// The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel) of sub-block [k0, k0 + sub)
-// for MR activation rows a[m]: sum v a, v as values() builds them.
-template <int F, int MR, Dot D>
+// The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel, q in [Q0, Q0 + G)) of sub-block
+// [k0, k0 + sub) for MR activation rows a[m]: sum v a, v as values() builds them.
+template <int F, int MR, Dot D, int Q0 = 0, int G = 4>
 inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0, int32x4_t res[][4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
@@ -225,7 +225,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m)
         LOWBIT_UNROLL
-        for (int q = 0; q < 4; ++q) acc[c][m][q] = vdupq_n_s32(0);
+        for (int q = Q0; q < Q0 + G; ++q) acc[c][m][q] = vdupq_n_s32(0);
     LOWBIT_UNROLL
     for (int t = 0; t < S / 16; ++t) {
       int8x16_t x[MR];
@@ -234,7 +234,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int st = 0; st < 2; ++st)
         LOWBIT_UNROLL
-        for (int q = 0; q < 4; ++q) {
+        for (int q = Q0; q < Q0 + G; ++q) {
           int8x16_t lo, hi;
           values<F, U>(g, p, k0 / 8 + 2 * t + st, q, lo, hi, MR == 1);
           LOWBIT_UNROLL
@@ -247,11 +247,11 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
-      for (int q = 0; q < 4; ++q) res[m][q] = C == 2 ? vaddq_s32(acc[0][m][q], acc[C - 1][m][q]) : acc[0][m][q];
+      for (int q = Q0; q < Q0 + G; ++q) res[m][q] = C == 2 ? vaddq_s32(acc[0][m][q], acc[C - 1][m][q]) : acc[0][m][q];
 #endif
   } else if constexpr (D == kMmla) {
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-    // SMMLA: a 2-row x 8-k activation pair against 2 weight rows x 8 k (lo and hi zipped); the
+    // SMMLA: 2 weight rows x 8 k (lo and hi zipped) against a 2-row x 8-k activation pair; the
     // weights go first, so each result holds [r m0, r m1, r' m0, r' m1] and UZP1 / UZP2 sort it.
     static_assert(MR % 2 == 0, "row pairs");
     constexpr bool U = fmt.bits == 8;  // USMMLA: Q8_0 without its XOR
@@ -260,38 +260,31 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
     LOWBIT_UNROLL
     for (int r = 0; r < PR; ++r)
       LOWBIT_UNROLL
-      for (int i = 0; i < 8; ++i) acc[r][i] = vdupq_n_s32(0);
+      for (int i = 2 * Q0; i < 2 * (Q0 + G); ++i) acc[r][i] = vdupq_n_s32(0);
     LOWBIT_UNROLL
-    for (int t = 0; t < S / 16; ++t) {
-      int8x16_t ap[PR][2];
+    for (int k8 = 0; k8 < S / 8; ++k8) {
+      int8x16_t ap[PR];
       LOWBIT_UNROLL
-      for (int r = 0; r < PR; ++r) {
-        const int64x2_t r0 = vreinterpretq_s64_s8(vld1q_s8(a[2 * r] + k0 + 16 * t));
-        const int64x2_t r1 = vreinterpretq_s64_s8(vld1q_s8(a[2 * r + 1] + k0 + 16 * t));
-        ap[r][0] = vreinterpretq_s8_s64(vzip1q_s64(r0, r1));
-        ap[r][1] = vreinterpretq_s8_s64(vzip2q_s64(r0, r1));
-      }
+      for (int r = 0; r < PR; ++r)
+        ap[r] = vcombine_s8(vld1_s8(a[2 * r] + k0 + 8 * k8), vld1_s8(a[2 * r + 1] + k0 + 8 * k8));
       LOWBIT_UNROLL
-      for (int st = 0; st < 2; ++st) {
+      for (int q = Q0; q < Q0 + G; ++q) {
+        int8x16_t vlo, vhi;
+        values<F, U>(g, p, k0 / 8 + k8, q, vlo, vhi, false);
+        const int32x4_t lo = vreinterpretq_s32_s8(vlo), hi = vreinterpretq_s32_s8(vhi);
+        const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)), vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
         LOWBIT_UNROLL
-        for (int q = 0; q < 4; ++q) {
-          int8x16_t vlo, vhi;
-          values<F, U>(g, p, k0 / 8 + 2 * t + st, q, vlo, vhi, false);
-          const int32x4_t lo = vreinterpretq_s32_s8(vlo), hi = vreinterpretq_s32_s8(vhi);
-          const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)), vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
+        for (int i = 0; i < 2; ++i)
           LOWBIT_UNROLL
-          for (int i = 0; i < 2; ++i)
-            LOWBIT_UNROLL
-            for (int r = 0; r < PR; ++r)
-              acc[r][2 * q + i] = U ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r][st])
-                                      : vmmlaq_s32(acc[r][2 * q + i], b[i], ap[r][st]);
-        }
+          for (int r = 0; r < PR; ++r)
+            acc[r][2 * q + i] = U ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r])
+                                  : vmmlaq_s32(acc[r][2 * q + i], b[i], ap[r]);
       }
     }
     LOWBIT_UNROLL
     for (int r = 0; r < PR; ++r)
       LOWBIT_UNROLL
-      for (int q = 0; q < 4; ++q) {
+      for (int q = Q0; q < Q0 + G; ++q) {
         res[2 * r][q] = vuzp1q_s32(acc[r][2 * q], acc[r][2 * q + 1]);
         res[2 * r + 1][q] = vuzp2q_s32(acc[r][2 * q], acc[r][2 * q + 1]);
       }
@@ -299,6 +292,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
   } else {
     // SMULL / SMLAL: int16 lanes (row, k % 4) take L products before SADALP widens them, L small
     // enough that |sum| <= L * vmax * 128 <= 32767; SADDLP / ADDP then sum the 4 k of each row.
+    static_assert(Q0 == 0 && G == 4, "whole panels");
     using E = Enc<F, false>;
     constexpr int L = 32767 / (E::vmax * 128), H = S / 4;  // H products per lane per sub-block
     static_assert(L >= 1, "int16 products");
@@ -348,7 +342,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
 }
 
 // One file block's float scales for panel p's 16 rows (4 lanes each): d (or 2^(e - 128)) and dm.
-template <int F>
+template <int F, int Q0 = 0, int G = 4>
 inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4], float32x4_t dm[4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   const int64_t at = (p * (g->K / fmt.block) + b) * kPanel;
@@ -356,7 +350,7 @@ inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4
     const uint8x16_t e8 = vld1q_u8((const uint8_t*)g->d + at);
     const uint16x8_t e16[2] = {vmovl_u8(vget_low_u8(e8)), vmovl_high_u8(e8)};
     LOWBIT_UNROLL
-    for (int q = 0; q < 4; ++q) {
+    for (int q = Q0; q < Q0 + G; ++q) {
       const uint32x4_t e = q % 2 ? vmovl_high_u16(e16[q / 2]) : vmovl_u16(vget_low_u16(e16[q / 2]));
       const uint32x4_t normal = vshlq_n_u32(vsubq_u32(e, vdupq_n_u32(1)), 23);
       const uint32x4_t tiny = vshlq_u32(vdupq_n_u32(0x00200000), vreinterpretq_s32_u32(e));
@@ -365,16 +359,16 @@ inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4
   } else {
     const uint16_t* h = (const uint16_t*)g->d + at;
     LOWBIT_UNROLL
-    for (int q = 0; q < 4; ++q) d[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4 * q)));
+    for (int q = Q0; q < Q0 + G; ++q) d[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4 * q)));
   }
   if constexpr (fmt.min != MinKind::None) {
     LOWBIT_UNROLL
-    for (int q = 0; q < 4; ++q) dm[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->dm + at + 4 * q)));
+    for (int q = Q0; q < Q0 + G; ++q) dm[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->dm + at + 4 * q)));
   }
 }
 
 // Sub-block s's D and, for formats with minima, X: B = X (MinKind::Half) or B = -X (Code).
-template <int F>
+template <int F, int Q0 = 0, int G = 4>
 inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t d[4], const float32x4_t dm[4],
                        float32x4_t D[4], float32x4_t X[4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -391,7 +385,7 @@ inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t
   }
   const float32x4_t sc_bias = vdupq_n_f32(fmt.pair4 ? 8388608.f : 8388736.f), mc_bias = vdupq_n_f32(8388608.f);
   LOWBIT_UNROLL
-  for (int q = 0; q < 4; ++q) {
+  for (int q = Q0; q < Q0 + G; ++q) {
     const uint8x16_t rows = vld1q_u8(kRowsF[q]);
     D[q] = fmt.scale == ScaleKind::Code ? vmulq_f32(d[q], bytes_to_f32(sc, rows, sc_bias)) : d[q];
     if (fmt.min == MinKind::Half) X[q] = dm[q];
@@ -399,11 +393,12 @@ inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t
   }
 }
 
+template <int Q0 = 0, int G = 4>
 inline void store(const BlkArgs* g, int64_t m, int64_t p, const float32x4_t f[4]) {
   const int64_t n0 = p * kPanel, left = g->N - n0;
   float* c = g->c + m * g->ldc + n0;
   LOWBIT_UNROLL
-  for (int q = 0; q < 4; ++q) {
+  for (int q = Q0; q < Q0 + G; ++q) {
     if (left >= 4 * q + 4) {
       vst1q_f32(c + 4 * q, g->bias ? vaddq_f32(f[q], vld1q_f32(g->bias + n0 + 4 * q)) : f[q]);
     } else if (left > 4 * q) {
@@ -414,7 +409,8 @@ inline void store(const BlkArgs* g, int64_t m, int64_t p, const float32x4_t f[4]
   }
 }
 
-template <int F, int MR, Dot D>
+// MR rows x row groups [Q0, Q0 + G) of panel p.
+template <int F, int MR, Dot D, int Q0 = 0, int G = 4>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
@@ -426,20 +422,20 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   for (int m = 0; m < MR; ++m) {
     a[m] = (const int8_t*)g->a + (m0 + m) * g->lda;
     LOWBIT_UNROLL
-    for (int q = 0; q < 4; ++q) f[m][q] = vdupq_n_f32(0.f);
+    for (int q = Q0; q < Q0 + G; ++q) f[m][q] = vdupq_n_f32(0.f);
   }
   // one row keeps a block's converted d / dmin in registers; several need those for accumulators
   constexpr bool hold = MR == 1;
   for (int64_t b = 0; b < g->K / fmt.block; ++b) {
     float32x4_t d[4], dm[4];
-    if (hold) block_scales<F>(g, p, b, d, dm);
+    if (hold) block_scales<F, Q0, G>(g, p, b, d, dm);
     for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
       const int64_t k0 = s * S;
       int32x4_t res[MR][4];
-      dots<F, MR, D>(g, p, a, k0, res);
+      dots<F, MR, D, Q0, G>(g, p, a, k0, res);
       float32x4_t Dv[4], X[4];
-      if (!hold) block_scales<F>(g, p, b, d, dm);
-      sub_scales<F>(g, p, s, d, dm, Dv, X);
+      if (!hold) block_scales<F, Q0, G>(g, p, b, d, dm);
+      sub_scales<F, Q0, G>(g, p, s, d, dm, Dv, X);
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
         const float sb = g->ablock[(m0 + m) * n32 + k0 / kActBlock];
@@ -451,7 +447,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
         const int32x4_t fix = vdupq_n_s32(E::fix * asum + 0x4B400000);
         const float32x4_t magic = vdupq_n_f32(12582912.f);
         LOWBIT_UNROLL
-        for (int q = 0; q < 4; ++q) {
+        for (int q = Q0; q < Q0 + G; ++q) {
           const int32x4_t i = E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : vaddq_s32(res[m][q], fix);
           const float32x4_t fi = vsubq_f32(vreinterpretq_f32_s32(i), magic);
           if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], sba);
@@ -462,7 +458,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     }
   }
   LOWBIT_UNROLL
-  for (int m = 0; m < MR; ++m) store(g, m0 + m, p, f[m]);
+  for (int m = 0; m < MR; ++m) store<Q0, G>(g, m0 + m, p, f[m]);
 }
 
 template <int F, int MR>
@@ -529,7 +525,8 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   for (int m = 0; m < MR; ++m) store(g, m0 + m, p, f[m]);
 }
 
-// Row tiles per set: i8mm SMMLA on 4 or 2 rows (a lone row: SDOT); dotprod SDOT on up to 4 rows;
+// Row tiles per set: i8mm SMMLA on 8 rows x half panels, or 4 or 2 rows (a lone row: USDOT / SDOT);
+// dotprod SDOT on up to 4 rows;
 // neon 2 rows, or 1 where int16 chains end mid sub-block (their int32 sums double the registers).
 template <int F, bool A8>
 void run(const BlkArgs* g, int64_t p0, int64_t p1) {
@@ -544,8 +541,13 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
         mr = left >= 2 ? 2 : 1;
         mr == 2 ? tile_f32<F, 2>(g, m, p) : tile_f32<F, 1>(g, m, p);
       } else if constexpr (kI8mm) {
-        mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        mr == 4 ? tile_a8<F, 4, kMmla>(g, m, p) : mr == 2 ? tile_a8<F, 2, kMmla>(g, m, p) : tile_a8<F, 1, kSdot>(g, m, p);
+        mr = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        if (mr == 8) {  // 8 rows x half a panel: 16 accumulators, each value register used 4 times
+          tile_a8<F, 8, kMmla, 0, 2>(g, m, p);
+          tile_a8<F, 8, kMmla, 2, 2>(g, m, p);
+        } else {
+          mr == 4 ? tile_a8<F, 4, kMmla>(g, m, p) : mr == 2 ? tile_a8<F, 2, kMmla>(g, m, p) : tile_a8<F, 1, kSdot>(g, m, p);
+        }
       } else if constexpr (kDotprod) {
         mr = (int)(left < 4 ? left : 4);
         switch (mr) {
