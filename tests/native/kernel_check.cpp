@@ -240,6 +240,39 @@ void w4_cases() {
       }
 }
 
+// The largest 4-bit block dots (every nibble 15 against int8 activations of -128 / 127, static
+// scale so they clamp) with float16 scales from subnormal to the largest, zero, inf and NaN, both signs.
+void w4_extreme_cases() {
+  const uint16_t halves[] = {0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0x0000, 0x8000,
+                             0xFBFF, 0x8001, 0x2E66, 0xB800, 0x1400, 0x7C00, 0xFE01};
+  for (int kind = 0; kind < 3; ++kind)
+    for (int64_t M : {1, 3, 8})
+      add("w4", shape("extremes M=%lld kind=%lld", M, kind, 0), [M, kind, halves] {
+        const int64_t N = 24, K = 96, group = 32;
+        const Q4Shape s(N, K, group);
+        std::vector<uint8_t> packed((size_t)(s.Np * s.Kp / 2), 0xFF), zeros((size_t)(s.Np * s.G));
+        std::vector<uint16_t> scales((size_t)(s.Np * s.G)), mins((size_t)(s.Np * s.G));
+        for (size_t i = 0; i < scales.size(); ++i) {
+          scales[i] = halves[i % 14];
+          mins[i] = halves[(i * 5 + 3) % 14];
+          zeros[i] = (uint8_t)(i % 16);
+        }
+        std::vector<float> x((size_t)(M * K));
+        for (int64_t i = 0; i < M * K; ++i) x[(size_t)i] = (i / 7) % 3 ? -1e6f : 1e6f;
+        std::vector<float> y8((size_t)(M * N)), y32((size_t)(M * N));
+        const uint16_t* m = kind == 1 ? mins.data() : nullptr;
+        const uint8_t* z = kind == 2 ? zeros.data() : nullptr;
+        linear_w4(x.data(), K, M, packed.data(), scales.data(), m, z, nullptr, s, true, 1.f / 32,
+                  nullptr, false, y8.data());
+        for (float& v : x) v = v > 0 ? 127.f : -128.f;  // the float kernels at the same extremes
+        linear_w4(x.data(), K, M, packed.data(), scales.data(), m, z, nullptr, s, false, 0.f,
+                  nullptr, false, y32.data());
+        Bytes out;
+        put(out, y8), put(out, y32);
+        return out;
+      });
+}
+
 // ---- block formats (GGUF types): parts from random file blocks, int8 and float activations ----
 uint16_t half_bits(Rng& r, bool allow_zero) {
   // a finite float16 of magnitude 2^-12 .. 2^-3 (or zero), either sign
@@ -399,6 +432,7 @@ int main(int argc, char** argv) {
   int8_cases();
   int32_cases();
   w4_cases();
+  w4_extreme_cases();
   blk_cases();
   nn_cases();
   if (argc > 1 && std::string(argv[1]) == "--list") {
