@@ -1,11 +1,12 @@
 // Block-format matmuls (formats.h), NEON: one template over the format's descriptor, compiled for
-// the neon (ARMv8.0), dotprod and i8mm sets. Per 8 k a panel's values are rebuilt as 8 signed byte
-// registers v = sgn * (u - voff) of 4 rows x 4 k (lo: k 0-3, hi: k 4-7): nibbles AND 0x0F / shift 4,
-// a grid by TBL, each 64-bit plane word spread to bytes by TBL + CMTST and put in place by SLI (above
-// the nibble; the top plane inverted, so that the byte is already u - voff) or a byte MLA (planes
-// only: v = -u). Dots: SDOT by lane (dotprod; M = 1 and odd rows on i8mm), SMMLA on row pairs x
-// zipped row pairs (i8mm), SMULL / SMLAL in int16 chains too short to overflow (neon). Q8_0 on i8mm
-// keeps u unsigned (USDOT / USMMLA). Scales follow the reference's fold exactly (gemm_blk/ref.cpp).
+// the neon (ARMv8.0), dotprod and i8mm sets. Per 8 k a panel's values are rebuilt, 4 rows at a
+// time, as signed bytes v = sgn * (u - voff), 4 rows x 4 k per register (lo: k 0-3, hi: k 4-7):
+// nibbles AND 0x0F / shift 4, a grid by TBL, each 64-bit plane word spread to bytes by TBL + CMTST
+// and put in place by SLI (above a nibble, the top plane inverted so that the byte is already
+// u - voff) or a byte MLA (planes only: v = -u). Dots: SDOT by lane (dotprod; one row on i8mm),
+// SMMLA of zipped weight row pairs x activation row pairs (i8mm), SMULL / SMLAL in int16 chains too
+// short to overflow (neon); Q8_0 on i8mm keeps u unsigned (USDOT / USMMLA). Scales follow the
+// reference's fold exactly (gemm_blk/ref.cpp); ints and bytes become floats without SCVTF.
 #include <arm_neon.h>
 #include <cstdint>
 #include "formats.h"
@@ -39,7 +40,10 @@ enum Dot { kSdot, kMmla, kMlal };
 
 constexpr int lut_max(const uint8_t* t) {
   int m = 0;
-  for (int i = 0; i < 16; ++i) m = t[i] - 128 > m ? t[i] - 128 : (128 - t[i] > m ? 128 - t[i] : m);
+  for (int i = 0; i < 16; ++i) {
+    const int v = t[i] < 128 ? 128 - t[i] : t[i] - 128;
+    m = v > m ? v : m;
+  }
   return m;
 }
 
@@ -129,25 +133,26 @@ inline float32x4_t bytes_to_f32(uint8x16_t c, uint8x16_t idx, float32x4_t two23_
 
 // Byte tables for bytes_to_f32: rows 4q..4q+3 of 16 per-row bytes (scale codes), and k = i of a
 // 4-row x 4-k value register (float activations).
-constexpr uint8_t kRowsF[4][16] = {{0, 16, 16, 17, 1, 16, 16, 17, 2, 16, 16, 17, 3, 16, 16, 17},
-                                   {4, 16, 16, 17, 5, 16, 16, 17, 6, 16, 16, 17, 7, 16, 16, 17},
-                                   {8, 16, 16, 17, 9, 16, 16, 17, 10, 16, 16, 17, 11, 16, 16, 17},
-                                   {12, 16, 16, 17, 13, 16, 16, 17, 14, 16, 16, 17, 15, 16, 16, 17}};
+constexpr uint8_t kRowsF[4][16] = {
+    {0, 16, 16, 17, 1, 16, 16, 17, 2, 16, 16, 17, 3, 16, 16, 17},
+    {4, 16, 16, 17, 5, 16, 16, 17, 6, 16, 16, 17, 7, 16, 16, 17},
+    {8, 16, 16, 17, 9, 16, 16, 17, 10, 16, 16, 17, 11, 16, 16, 17},
+    {12, 16, 16, 17, 13, 16, 16, 17, 14, 16, 16, 17, 15, 16, 16, 17}};
 constexpr uint8_t kKF[4][16] = {{0, 16, 16, 17, 4, 16, 16, 17, 8, 16, 16, 17, 12, 16, 16, 17},
                                 {1, 16, 16, 17, 5, 16, 16, 17, 9, 16, 16, 17, 13, 16, 16, 17},
                                 {2, 16, 16, 17, 6, 16, 16, 17, 10, 16, 16, 17, 14, 16, 16, 17},
                                 {3, 16, 16, 17, 7, 16, 16, 17, 11, 16, 16, 17, 15, 16, 16, 17}};
-// A plane word's 16 bits of rows 4q..4q+3 (bytes 2q, 2q+1) spread to one byte each, tested bit
-// by bit.
-// (Words come in pairs from one 16-byte load; the second word's bytes are 8 higher.)
-constexpr uint8_t kSpread[2][4][16] = {{{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
-                                        {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-                                        {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
-                                        {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}},
-                                       {{8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
-                                        {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
-                                        {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
-                                        {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}}};
+// A plane word's 16 bits of rows 4q..4q+3 (bytes 2q, 2q+1) spread to one byte each, then tested
+// bit by bit. Words come in pairs from one 16-byte load: the second word's bytes are 8 higher.
+constexpr uint8_t kSpread[2][4][16] = {
+    {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+     {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+     {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+     {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}},
+    {{8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
+     {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+     {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+     {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}}};
 constexpr uint8_t kBitOf[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
 
 // The value registers of panel p's rows 4q..4q+3 at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
@@ -158,7 +163,7 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
   constexpr BlockFormat fmt = kBlockFormats[F];
   if constexpr (fmt.bits == 8) {
     const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
-    if (prefetch && q == 0) {  // a single row streams the weights, as the x86 sets do (untimed on ARM)
+    if (prefetch && q == 0) {  // one row streams the weights, as the x86 sets do (untimed on ARM)
       __builtin_prefetch(at + 2048);
       __builtin_prefetch(at + 2112);
     }
@@ -194,7 +199,8 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
         uint8x16_t word = vld1q_u8((const uint8_t*)(w + 2 * (t / 2)));
         // above a nibble the top plane goes in inverted: its SLI then leaves u - 2^(3 + planes)
         if (fmt.nib && j == fmt.planes - 1) word = vmvnq_u8(word);
-        const uint8x16_t m = vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread[t % 2][q])), bit);  // 0xFF: set
+        const uint8x16_t spread = vqtbl1q_u8(word, vld1q_u8(kSpread[t % 2][q]));
+        const uint8x16_t m = vtstq_u8(spread, bit);  // 0xFF where the bit is set
         uint8x16_t& y = x[h];
         if (fmt.nib)
           y = sli(y, m, 4 + j);
@@ -203,16 +209,18 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
       }
     LOWBIT_UNROLL
     for (int i = 0; i < 2 && U; ++i)  // unsigned: u - voff + 128, or u from -u
-      x[i] = fmt.nib ? veorq_u8(x[i], vdupq_n_u8(0x80)) : vreinterpretq_u8_s8(vnegq_s8(vreinterpretq_s8_u8(x[i])));
+      x[i] = fmt.nib ? veorq_u8(x[i], vdupq_n_u8(0x80))
+                     : vreinterpretq_u8_s8(vnegq_s8(vreinterpretq_s8_u8(x[i])));
   }
   lo = vreinterpretq_s8_u8(x[0]);
   hi = vreinterpretq_s8_u8(x[1]);
 }
 
-// The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel, q in [Q0, Q0 + G)) of sub-block
-// [k0, k0 + sub) for MR activation rows a[m]: sum v a, v as values() builds them.
+// The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel, q in [Q0, Q0 + G)) of
+// sub-block [k0, k0 + sub) for MR activation rows a[m]: sum v a, v as values() builds them.
 template <int F, int MR, Dot D, int Q0 = 0, int G = 4>
-inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0, int32x4_t res[][4]) {
+inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0,
+                 int32x4_t res[][4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
   if constexpr (D == kSdot) {
@@ -247,7 +255,8 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
-      for (int q = Q0; q < Q0 + G; ++q) res[m][q] = C == 2 ? vaddq_s32(acc[0][m][q], acc[C - 1][m][q]) : acc[0][m][q];
+      for (int q = Q0; q < Q0 + G; ++q)
+        res[m][q] = C == 2 ? vaddq_s32(acc[0][m][q], acc[C - 1][m][q]) : acc[0][m][q];
 #endif
   } else if constexpr (D == kMmla) {
 #if defined(__ARM_FEATURE_MATMUL_INT8)
@@ -266,19 +275,22 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       int8x16_t ap[PR];
       LOWBIT_UNROLL
       for (int r = 0; r < PR; ++r)
-        ap[r] = vcombine_s8(vld1_s8(a[2 * r] + k0 + 8 * k8), vld1_s8(a[2 * r + 1] + k0 + 8 * k8));
+        ap[r] = vcombine_s8(vld1_s8(a[2 * r] + k0 + 8 * k8),
+                            vld1_s8(a[2 * r + 1] + k0 + 8 * k8));
       LOWBIT_UNROLL
       for (int q = Q0; q < Q0 + G; ++q) {
         int8x16_t vlo, vhi;
         values<F, U>(g, p, k0 / 8 + k8, q, vlo, vhi, false);
         const int32x4_t lo = vreinterpretq_s32_s8(vlo), hi = vreinterpretq_s32_s8(vhi);
-        const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)), vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
+        const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)),
+                                vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
         LOWBIT_UNROLL
         for (int i = 0; i < 2; ++i)
           LOWBIT_UNROLL
           for (int r = 0; r < PR; ++r)
-            acc[r][2 * q + i] = U ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r])
-                                  : vmmlaq_s32(acc[r][2 * q + i], b[i], ap[r]);
+            acc[r][2 * q + i] =
+                U ? vusmmlaq_s32(acc[r][2 * q + i], vreinterpretq_u8_s8(b[i]), ap[r])
+                  : vmmlaq_s32(acc[r][2 * q + i], b[i], ap[r]);
       }
     }
     LOWBIT_UNROLL
@@ -328,7 +340,8 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
               }
               if (n % L == L - 1 || n == H - 1)
                 LOWBIT_UNROLL
-                for (int i = 2 * q; i < 2 * q + 2; ++i) w[m][i] = n < L ? vpaddlq_s16(h[m][i]) : vpadalq_s16(w[m][i], h[m][i]);
+                for (int i = 2 * q; i < 2 * q + 2; ++i)
+                  w[m][i] = n < L ? vpaddlq_s16(h[m][i]) : vpadalq_s16(w[m][i], h[m][i]);
             }
           }
         }
@@ -343,7 +356,8 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
 
 // One file block's float scales for panel p's 16 rows (4 lanes each): d (or 2^(e - 128)) and dm.
 template <int F, int Q0 = 0, int G = 4>
-inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4], float32x4_t dm[4]) {
+inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4],
+                         float32x4_t dm[4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   const int64_t at = (p * (g->K / fmt.block) + b) * kPanel;
   if constexpr (fmt.scale == ScaleKind::E8M0) {  // ggml_e8m0_to_fp32_half
@@ -351,7 +365,8 @@ inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4
     const uint16x8_t e16[2] = {vmovl_u8(vget_low_u8(e8)), vmovl_high_u8(e8)};
     LOWBIT_UNROLL
     for (int q = Q0; q < Q0 + G; ++q) {
-      const uint32x4_t e = q % 2 ? vmovl_high_u16(e16[q / 2]) : vmovl_u16(vget_low_u16(e16[q / 2]));
+      const uint32x4_t e =
+          q % 2 ? vmovl_high_u16(e16[q / 2]) : vmovl_u16(vget_low_u16(e16[q / 2]));
       const uint32x4_t normal = vshlq_n_u32(vsubq_u32(e, vdupq_n_u32(1)), 23);
       const uint32x4_t tiny = vshlq_u32(vdupq_n_u32(0x00200000), vreinterpretq_s32_u32(e));
       d[q] = vreinterpretq_f32_u32(vbslq_u32(vcltq_u32(e, vdupq_n_u32(2)), tiny, normal));
@@ -359,18 +374,20 @@ inline void block_scales(const BlkArgs* g, int64_t p, int64_t b, float32x4_t d[4
   } else {
     const uint16_t* h = (const uint16_t*)g->d + at;
     LOWBIT_UNROLL
-    for (int q = Q0; q < Q0 + G; ++q) d[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4 * q)));
+    for (int q = Q0; q < Q0 + G; ++q)
+      d[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4 * q)));
   }
   if constexpr (fmt.min != MinKind::None) {
     LOWBIT_UNROLL
-    for (int q = Q0; q < Q0 + G; ++q) dm[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->dm + at + 4 * q)));
+    for (int q = Q0; q < Q0 + G; ++q)
+      dm[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->dm + at + 4 * q)));
   }
 }
 
 // Sub-block s's D and, for formats with minima, X: B = X (MinKind::Half) or B = -X (Code).
 template <int F, int Q0 = 0, int G = 4>
-inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t d[4], const float32x4_t dm[4],
-                       float32x4_t D[4], float32x4_t X[4]) {
+inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t d[4],
+                       const float32x4_t dm[4], float32x4_t D[4], float32x4_t X[4]) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   const int64_t at = (p * (g->K / fmt.sub) + s) * kPanel;
   // scale codes as unsigned bytes: int8 codes + 128, Q2_K's two nibbles apart
@@ -383,7 +400,8 @@ inline void sub_scales(const BlkArgs* g, int64_t p, int64_t s, const float32x4_t
     sc = veorq_u8(sc, vdupq_n_u8(0x80));
     if constexpr (fmt.min == MinKind::Code) mc = vld1q_u8(g->mc + at);
   }
-  const float32x4_t sc_bias = vdupq_n_f32(fmt.pair4 ? 8388608.f : 8388736.f), mc_bias = vdupq_n_f32(8388608.f);
+  const float32x4_t sc_bias = vdupq_n_f32(fmt.pair4 ? 8388608.f : 8388736.f);
+  const float32x4_t mc_bias = vdupq_n_f32(8388608.f);
   LOWBIT_UNROLL
   for (int q = Q0; q < Q0 + G; ++q) {
     const uint8x16_t rows = vld1q_u8(kRowsF[q]);
@@ -404,7 +422,8 @@ inline void store(const BlkArgs* g, int64_t m, int64_t p, const float32x4_t f[4]
     } else if (left > 4 * q) {
       float t[4];
       vst1q_f32(t, f[q]);
-      for (int64_t l = 0; l < left - 4 * q; ++l) c[4 * q + l] = g->bias ? t[l] + g->bias[n0 + 4 * q + l] : t[l];
+      for (int64_t l = 0; l < left - 4 * q; ++l)
+        c[4 * q + l] = g->bias ? t[l] + g->bias[n0 + 4 * q + l] : t[l];
     }
   }
 }
@@ -442,13 +461,14 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
         const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
         const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
         const float32x4_t sba = vdupq_n_f32(sb * (float)asum);
-        // i = sgn * res + fix * asum, |i| < 2^21, to float without SCVTF: the bits of
-        // 1.5 * 2^23 + i, less 1.5 * 2^23 (both exact)
+        // i = sgn * res + fix * asum (|i| < 2^21: |asum| <= 32 * 128) to float without SCVTF:
+        // the bits of 1.5 * 2^23 + i, less 1.5 * 2^23, both exact
         const int32x4_t fix = vdupq_n_s32(E::fix * asum + 0x4B400000);
         const float32x4_t magic = vdupq_n_f32(12582912.f);
         LOWBIT_UNROLL
         for (int q = Q0; q < Q0 + G; ++q) {
-          const int32x4_t i = E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : vaddq_s32(res[m][q], fix);
+          const int32x4_t i =
+              E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : vaddq_s32(res[m][q], fix);
           const float32x4_t fi = vsubq_f32(vreinterpretq_f32_s32(i), magic);
           if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], sba);
           if (fmt.min == MinKind::Code) f[m][q] = vfmsq_f32(f[m][q], X[q], sba);  // fma(-X, ., f)
@@ -500,9 +520,11 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
           values<F, true>(g, p, k0 / 8 + st, q, v[0], v[1], MR == 1);
           LOWBIT_UNROLL
           for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order for each accumulator
-            const float32x4_t w = bytes_to_f32(vreinterpretq_u8_s8(v[i / 4]), vld1q_u8(kKF[i % 4]), bias);
+            const float32x4_t w =
+                bytes_to_f32(vreinterpretq_u8_s8(v[i / 4]), vld1q_u8(kKF[i % 4]), bias);
             LOWBIT_UNROLL
-            for (int m = 0; m < MR; ++m) acc[m][q] = fma_lane(acc[m][q], w, xv[m][i / 4], i % 4);
+            for (int m = 0; m < MR; ++m)
+              acc[m][q] = fma_lane(acc[m][q], w, xv[m][i / 4], i % 4);
           }
         }
       }
@@ -511,7 +533,8 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
       sub_scales<F>(g, p, s, d, dm, Dv, X);
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
-        const float32x4_t xs = vdupq_n_f32(fmt.min != MinKind::None ? g->xsum[(m0 + m) * nsub + s] : 0.f);
+        const float32x4_t xs =
+            vdupq_n_f32(fmt.min != MinKind::None ? g->xsum[(m0 + m) * nsub + s] : 0.f);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], xs);
@@ -525,9 +548,9 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   for (int m = 0; m < MR; ++m) store(g, m0 + m, p, f[m]);
 }
 
-// Row tiles per set: i8mm SMMLA on 8 rows x half panels, or 4 or 2 rows (a lone row: USDOT / SDOT);
-// dotprod SDOT on up to 4 rows;
-// neon 2 rows, or 1 where int16 chains end mid sub-block (their int32 sums double the registers).
+// Row tiles per set: i8mm SMMLA on 8 rows x half panels, or on 4 or 2 rows (one row: USDOT /
+// SDOT); dotprod SDOT on up to 4 rows; neon 2 rows, or 1 where the int16 chains end inside a
+// sub-block (their int32 sums double the registers); float activations 2 rows.
 template <int F, bool A8>
 void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -545,8 +568,10 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
         if (mr == 8) {  // 8 rows x half a panel: 16 accumulators, each value register used 4 times
           tile_a8<F, 8, kMmla, 0, 2>(g, m, p);
           tile_a8<F, 8, kMmla, 2, 2>(g, m, p);
+        } else if (mr >= 2) {
+          mr == 4 ? tile_a8<F, 4, kMmla>(g, m, p) : tile_a8<F, 2, kMmla>(g, m, p);
         } else {
-          mr == 4 ? tile_a8<F, 4, kMmla>(g, m, p) : mr == 2 ? tile_a8<F, 2, kMmla>(g, m, p) : tile_a8<F, 1, kSdot>(g, m, p);
+          tile_a8<F, 1, kSdot>(g, m, p);
         }
       } else if constexpr (kDotprod) {
         mr = (int)(left < 4 ? left : 4);
