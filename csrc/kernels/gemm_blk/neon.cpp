@@ -574,8 +574,12 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
           tile_a8<F, 1, kSdot>(g, m, p);
         }
       } else if constexpr (kDotprod) {
-        mr = (int)(left < 4 ? left : 4);
+        mr = (int)(left < 4 ? left : left < 8 ? 4 : 8);
         switch (mr) {
+          case 8:  // 8 rows x half a panel, as on i8mm
+            tile_a8<F, 8, kSdot, 0, 2>(g, m, p);
+            tile_a8<F, 8, kSdot, 2, 2>(g, m, p);
+            break;
           case 4: tile_a8<F, 4, kSdot>(g, m, p); break;
           case 3: tile_a8<F, 3, kSdot>(g, m, p); break;
           case 2: tile_a8<F, 2, kSdot>(g, m, p); break;
