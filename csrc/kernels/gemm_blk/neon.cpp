@@ -549,8 +549,9 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
 }
 
 // Row tiles per set: i8mm SMMLA on 8 rows x half panels, or on 4 or 2 rows (one row: USDOT /
-// SDOT); dotprod SDOT on up to 4 rows; neon 2 rows, or 1 where the int16 chains end inside a
-// sub-block (their int32 sums double the registers); float activations 2 rows.
+// SDOT); dotprod SDOT on 8 rows x half panels, or on 1 to 4 rows; neon 2 rows, or 1 where the
+// int16 chains end inside a sub-block (their int32 sums double the registers); float
+// activations 2 rows. A half panel keeps 16 accumulators and uses each value register 8 times.
 template <int F, bool A8>
 void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -565,7 +566,7 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
         mr == 2 ? tile_f32<F, 2>(g, m, p) : tile_f32<F, 1>(g, m, p);
       } else if constexpr (kI8mm) {
         mr = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        if (mr == 8) {  // 8 rows x half a panel: 16 accumulators, each value register used 4 times
+        if (mr == 8) {
           tile_a8<F, 8, kMmla, 0, 2>(g, m, p);
           tile_a8<F, 8, kMmla, 2, 2>(g, m, p);
         } else if (mr >= 2) {
@@ -576,7 +577,7 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
       } else if constexpr (kDotprod) {
         mr = (int)(left < 4 ? left : left < 8 ? 4 : 8);
         switch (mr) {
-          case 8:  // 8 rows x half a panel, as on i8mm
+          case 8:
             tile_a8<F, 8, kSdot, 0, 2>(g, m, p);
             tile_a8<F, 8, kSdot, 2, 2>(g, m, p);
             break;
