@@ -226,7 +226,9 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
   if constexpr (D == kSdot) {
 #if defined(__ARM_FEATURE_DOTPROD)
     constexpr bool U = kI8mm && fmt.bits == 8;  // USDOT: Q8_0 without its XOR
-    constexpr int C = MR == 1 ? 2 : 1;  // one row: lo and hi in separate chains
+    // (one chain per accumulator: even a lone row's 4 chains of S / 4 SDOTs are shorter than the
+    // value rebuilding and scale work between them, and the next sub-block's chains overlap)
+    constexpr int C = 1;
     int32x4_t acc[C][MR][4];
     LOWBIT_UNROLL
     for (int c = 0; c < C; ++c)
