@@ -226,16 +226,12 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
   if constexpr (D == kSdot) {
 #if defined(__ARM_FEATURE_DOTPROD)
     constexpr bool U = kI8mm && fmt.bits == 8;  // USDOT: Q8_0 without its XOR
-    // (one chain per accumulator: even a lone row's 4 chains of S / 4 SDOTs are shorter than the
-    // value rebuilding and scale work between them, and the next sub-block's chains overlap)
-    constexpr int C = 1;
-    int32x4_t acc[C][MR][4];
+    // One chain per accumulator, lo and hi alike: even a lone row's chains (S / 4 deep) are
+    // shorter than the value and scale work around them, and the next sub-block's overlap.
     LOWBIT_UNROLL
-    for (int c = 0; c < C; ++c)
+    for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
-      for (int m = 0; m < MR; ++m)
-        LOWBIT_UNROLL
-        for (int q = Q0; q < Q0 + G; ++q) acc[c][m][q] = vdupq_n_s32(0);
+      for (int q = Q0; q < Q0 + G; ++q) res[m][q] = vdupq_n_s32(0);
     LOWBIT_UNROLL
     for (int t = 0; t < S / 16; ++t) {
       int8x16_t x[MR];
@@ -249,16 +245,11 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
           values<F, U>(g, p, k0 / 8 + 2 * t + st, q, lo, hi, MR == 1);
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m) {
-            acc[0][m][q] = sdot<U>(acc[0][m][q], lo, x[m], 2 * st);
-            acc[C - 1][m][q] = sdot<U>(acc[C - 1][m][q], hi, x[m], 2 * st + 1);
+            res[m][q] = sdot<U>(res[m][q], lo, x[m], 2 * st);
+            res[m][q] = sdot<U>(res[m][q], hi, x[m], 2 * st + 1);
           }
         }
     }
-    LOWBIT_UNROLL
-    for (int m = 0; m < MR; ++m)
-      LOWBIT_UNROLL
-      for (int q = Q0; q < Q0 + G; ++q)
-        res[m][q] = C == 2 ? vaddq_s32(acc[0][m][q], acc[C - 1][m][q]) : acc[0][m][q];
 #endif
   } else if constexpr (D == kMmla) {
 #if defined(__ARM_FEATURE_MATMUL_INT8)
