@@ -87,8 +87,9 @@ constexpr uint8_t kLutMXFP4[16] = {128, 129, 130, 131, 132, 134, 136, 140,
 
 // Kernel arguments for a block-format weight (N rows of K inputs; K a multiple of the block).
 // A8: int8 activations [M][lda] (per 32-block scales ablock [M][K/32], integer sums per 16 inputs
-// asum [M][K/16]); A32: float32 activations [M][lda] and, for formats with minima, the sums of
-// each sub-block's inputs xsum [M][K/sub].
+// asum [M][K/16], which must be the true sums: kernels may fold the offset through them, or not);
+// A32: float32 activations [M][lda] and, for formats with minima, the sums of each sub-block's
+// inputs xsum [M][K/sub].
 struct BlkArgs {
   int fmt;
   int64_t M, N, Np, K;
