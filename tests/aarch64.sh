@@ -128,6 +128,7 @@ QEMU_CPU=max "$apy" -c "
 import lowbit, numpy
 assert lowbit.__file__.startswith('$work/site/'), lowbit.__file__
 print('lowbit', lowbit.__version__, 'numpy', numpy.__version__, 'import', lowbit._core.__file__)"
+QEMU_CPU=cortex-a53 "$apy" -m lowbit info
 step "site (numpy, pytest, gguf for manylinux aarch64)"
 
 # --- digests on x86-64 ---------------------------------------------------------------------------
@@ -156,7 +157,8 @@ step "digests made on x86-64 ($x86)"
 # test_formats, ... run natively).
 kernel_tests=(tests/test_gemm_s8.py tests/test_int4.py tests/test_int4_pack.py tests/test_quantize.py
               tests/test_linear.py tests/test_block_formats.py tests/test_nn.py tests/test_io.py
-              tests/test_runtime.py)
+              tests/test_runtime.py tests/test_cli.py::test_info_json
+              tests/test_cli.py::test_cpu_name_on_x86_64_and_aarch64)
 deselect=(--deselect tests/test_int4.py::test_int4_accuracy_against_float32
           --deselect tests/test_linear.py::test_linear_accuracy_against_float32)
 for t in test_many_python_threads_share_one_layer test_16_threads_1000_calls_each_on_one_layer \
