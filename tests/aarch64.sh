@@ -148,45 +148,35 @@ step "digests made on x86-64 ($x86)"
 # --- the emulated runs ---------------------------------------------------------------------------
 # Per CPU model, its best kernel set (LOWBIT_TEST_ISAS=default: the isa fixture runs only the
 # process's set; every such test compares with `ref` inside); `max` also runs everything else in
-# the selection, and a last run forces `ref` (LOWBIT_ISA=ref) for the same. The tests chosen
-# exercise every kernel: INT8 GEMM / GEMV, W4A8, W4A32, the block formats, quantizers, pack /
+# the selection, and a last run forces `ref` (LOWBIT_ISA=ref) for the same. The selection,
+# tests/aarch64/pytest-args.txt (pytest @file; [tool.cibuildwheel] uses it for aarch64 too),
+# exercises every kernel: INT8 GEMM / GEMV, W4A8, W4A32, the block formats, quantizers, pack /
 # unpack, the nn ops, save / load, and the dispatch (cpu_info, use_isa, LOWBIT_ISA in a new
-# process). Left out under emulation (slow there, nothing aarch64-specific: the results they
-# measure are bit-identical to x86-64's, which the digests prove): the thread stress and memory
-# tests of test_runtime, two accuracy statistics, the model and file-format suites (test_models,
-# test_formats, ... run natively).
-kernel_tests=(tests/test_gemm_s8.py tests/test_int4.py tests/test_int4_pack.py tests/test_quantize.py
-              tests/test_linear.py tests/test_block_formats.py tests/test_nn.py tests/test_io.py
-              tests/test_runtime.py tests/test_cli.py::test_info_json
-              tests/test_cli.py::test_cpu_name_on_x86_64_and_aarch64)
-deselect=(--deselect tests/test_int4.py::test_int4_accuracy_against_float32
-          --deselect tests/test_linear.py::test_linear_accuracy_against_float32)
-for t in test_many_python_threads_share_one_layer test_16_threads_1000_calls_each_on_one_layer \
-         test_changing_the_thread_count_while_others_compute test_100000_layer_calls_keep_memory_flat \
-         test_one_large_call_leaves_no_large_scratch_buffer test_no_deadlock_beside_blas_and_openmp_pools \
-         test_interpreter_exits_while_threads_still_compute \
-         test_environment_thread_count_is_parsed_strictly; do
-  deselect+=(--deselect "tests/test_runtime.py::$t")
-done
+# process, `lowbit info`). It leaves out what is slow under emulation and not aarch64-specific
+# (the results they measure are bit-identical to x86-64's, which the digests prove): the thread
+# stress and memory tests of test_runtime, two accuracy statistics, the model and file-format
+# suites (test_models, test_formats, ...), which run natively.
+selection=@tests/aarch64/pytest-args.txt
 # cortex-a53 and neoverse-n1: the kernel-set tests (their ids hold the set's name) and dispatch
 dispatch="cpu_info or architecture or use_isa or lacks or unknown_isa or environment_forces"
 
 # run NAME CPU SET [pytest args...]: on emulated CPU model CPU lowbit must pick kernel set SET
 # (LOWBIT_ISA, when set, forces it); then the tests, then the digests of SET against x86-64's.
 run() {
-  local name=$1 cpu=$2 set=$3
+  local name=$1 cpu=$2 set=$3 rc=0
   shift 3
-  (
+  (  # (its status is tested below, so errexit is off in here: every step says `|| exit`)
     # one BLAS thread: numpy's threads only slow an emulated run that shares two cores
     export QEMU_CPU=$cpu LOWBIT_TEST_ISAS=default OPENBLAS_NUM_THREADS=1
-    got=$("$apy" -c "import lowbit as lb; print(lb.cpu_info()['isa'])")
+    got=$("$apy" -c "import lowbit as lb; print(lb.cpu_info()['isa'])") || exit
     if [ "$got" != "$set" ]; then
       echo "$name: -cpu $cpu runs kernel set '$got', expected '$set'"
       exit 1
     fi
-    "$apy" -m pytest -q -p no:cacheprovider "${deselect[@]}" "$@"
-    "$apy" "$root/tests/aarch64/digests.py" check "$work/digests" --isas "$set"
-  ) >"$work/run-$name.log" 2>&1
+    "$apy" -m pytest -q -p no:cacheprovider "$selection" "$@" || exit
+    "$apy" "$root/tests/aarch64/digests.py" check "$work/digests" --isas "$set" || exit
+  ) >"$work/run-$name.log" 2>&1 || rc=$?
+  echo "$rc" >"$work/run-$name.rc"
 }
 
 # The i8mm CPU: qemu's `max` (every extension it has) with SVE at 256 bits (Neoverse V1's) and no
@@ -197,23 +187,22 @@ max="max,sve-default-vector-length=32,sme=off"
 
 # two at a time (this machine's two cores), the long ones first
 names=(max ref cortex-a53 neoverse-n1)
-declare -A pids
+rm -f "$work"/run-*.rc "$work"/run-*.log
 for name in "${names[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge 2 ]; do
     wait -n || true
   done
   case $name in
-    max) run max "$max" i8mm "${kernel_tests[@]}" & ;;
-    ref) LOWBIT_ISA=ref run ref "$max" ref "${kernel_tests[@]}" & ;;
-    cortex-a53) run cortex-a53 cortex-a53 neon "${kernel_tests[@]}" -k "neon or $dispatch" & ;;
-    neoverse-n1) run neoverse-n1 neoverse-n1 dotprod "${kernel_tests[@]}" -k "dotprod or $dispatch" & ;;
+    max) run max "$max" i8mm & ;;
+    ref) LOWBIT_ISA=ref run ref "$max" ref & ;;
+    cortex-a53) run cortex-a53 cortex-a53 neon -k "neon or $dispatch" & ;;
+    neoverse-n1) run neoverse-n1 neoverse-n1 dotprod -k "dotprod or $dispatch" & ;;
   esac
-  pids[$name]=$!
 done
+wait
 failed=()
 for name in "${names[@]}"; do
-  rc=0
-  wait "${pids[$name]}" || rc=$?
+  rc=$(cat "$work/run-$name.rc" 2>/dev/null || echo 1)
   echo "-- $name: $(grep -E '(passed|failed|error)' "$work/run-$name.log" | grep -E ' in [0-9.]+s' | tail -1)"
   grep -E "digests equal|MISMATCH|expected '" "$work/run-$name.log" || true
   if [ "$rc" -ne 0 ]; then
