@@ -259,27 +259,6 @@ class Output {
   float* data_ = nullptr;
 };
 
-py::array linear_w8a8_py(py::array x, py::array packed, py::array scales, py::array comp,
-                         int64_t N, int64_t K, int64_t group, const py::object& bias,
-                         float act_scale, int32_t act_zero, const py::object& input_scale,
-                         bool gelu, const py::object& out) {
-  check_static(act_scale, act_zero);
-  const W8Shape s = w8_shape(N, K, group);
-  x = check<float>(x, "x", {-1, K}, true);
-  check_w8(packed, scales, comp, s);
-  const py::object b = optional_vector(bias, "bias", N);
-  const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
-  const int64_t M = x.shape(0);
-  Output y(out, {M, N});
-  const float *bp = cptr_or_null<float>(b), *csp = cptr_or_null<float>(cs);
-  {
-    NoGil nogil;
-    linear_w8a8(cptr<float>(x), row_stride<float>(x), M, cptr<int8_t>(packed), cptr<float>(scales),
-                cptr<int32_t>(comp), bp, s, act_scale, act_zero, csp, gelu, y.data());
-  }
-  return y.finish();
-}
-
 py::tuple quantize_w4_py(py::array w, int64_t group, bool symmetric) {
   w = check<float>(w, "w", {-1, -1}, true);
   const Q4Shape s = q4_shape(w.shape(0), w.shape(1), group);
@@ -345,29 +324,6 @@ py::tuple gguf_q4_py(py::array raw, int64_t K, bool has_min) {
             (uint16_t*)scales.mutable_data(), (uint16_t*)mins.mutable_data());
   }
   return py::make_tuple(packed, scales, has_min ? py::object(mins) : py::object(py::none()));
-}
-
-py::array linear_w4_py(py::array x, py::array packed, py::array scales, py::object mins,
-                       py::object zeros, int64_t N, int64_t K, int64_t group,
-                       const py::object& bias, bool int8_activations, float act_scale,
-                       const py::object& input_scale, bool gelu, const py::object& out) {
-  check_static(act_scale, 0);
-  const Q4Shape s = q4_shape(N, K, group);
-  x = check<float>(x, "x", {-1, K}, true);
-  check_w4(packed, scales, mins, zeros, s);
-  const py::object b = optional_vector(bias, "bias", N);
-  const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
-  const int64_t M = x.shape(0);
-  Output y(out, {M, N});
-  const uint16_t* mp = cptr_or_null<uint16_t>(mins);
-  const uint8_t* zp = cptr_or_null<uint8_t>(zeros);
-  const float *bp = cptr_or_null<float>(b), *csp = cptr_or_null<float>(cs);
-  {
-    NoGil nogil;
-    linear_w4(cptr<float>(x), row_stride<float>(x), M, cptr<uint8_t>(packed), cptr<uint16_t>(scales),
-              mp, zp, bp, s, int8_activations, act_scale, csp, gelu, y.data());
-  }
-  return y.finish();
 }
 
 // ---- block formats (formats.h) ----
@@ -549,24 +505,169 @@ py::array_t<float> dequantize_blk_py(const BlockWeight& weight, py::array rows) 
   return out;
 }
 
-py::array linear_blk_py(py::array x, const BlockWeight& weight, const py::object& bias,
-                        bool int8_activations, float act_scale, const py::object& input_scale,
-                        bool gelu, const py::object& out) {
-  check_static(act_scale, 0);
-  const BlkArgs& w = weight.args();
-  const int64_t N = w.N, K = w.K;
-  x = check<float>(x, "x", {-1, K}, true);
-  const py::object b = optional_vector(bias, "bias", N);
-  const py::object cs = optional_vector(input_scale, "input_scale", K);  // factors of the inputs
-  const int64_t M = x.shape(0);
-  Output y(out, {M, N});
-  {
-    NoGil nogil;
-    linear_blk(cptr<float>(x), row_stride<float>(x), M, w, cptr_or_null<float>(b), int8_activations,
-               act_scale, cptr_or_null<float>(cs), gelu, y.data());
-  }
-  return y.finish();
+// A linear layer's kernel call, its weight checked and its settings fixed once, holding the arrays
+// it reads: a call then checks only x and out. lowbit.Linear keeps one, so that a small layer costs
+// little more than its kernel. plan(x, out) takes the common case (float32 x of shape (..., K)
+// that the kernels read as it is; out None, or a float32 C-contiguous aligned array of the output
+// shape that does not overlap x) and returns None for anything else, which the Python caller
+// converts (or refuses with its message) and passes to run(x2, out2), which takes 2-D rows only.
+using PyArrayObj = py::detail::PyArray_Proxy;
+constexpr int kCContiguous = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
+constexpr int kWriteable = py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+
+// The float32 (native byte order) ndarray behind h, or null.
+const PyArrayObj* float_array(const py::handle& h) {
+  if (!py::detail::npy_api::get().PyArray_Check_(h.ptr())) return nullptr;
+  const PyArrayObj* a = py::detail::array_proxy(h.ptr());
+  const auto* d = py::detail::array_descriptor_proxy(a->descr);
+  const bool native = d->byteorder == '=' || d->byteorder == (PY_BIG_ENDIAN ? '>' : '<');
+  return d->type_num == py::detail::npy_api::NPY_FLOAT_ && native ? a : nullptr;
 }
+
+bool aligned(const PyArrayObj* a) { return reinterpret_cast<uintptr_t>(a->data) % sizeof(float) == 0; }
+
+class LinearPlan {
+ public:
+  enum class Kind { W8, W4, Blk };
+
+  static LinearPlan w8(py::array packed, py::array scales, py::array comp, int64_t N, int64_t K,
+                       int64_t group, const py::object& bias, float act_scale, int32_t act_zero,
+                       const py::object& input_scale, bool gelu, bool fast) {
+    check_static(act_scale, act_zero);
+    LinearPlan p(Kind::W8, N, K, bias, input_scale, gelu, fast);
+    p.w8_ = w8_shape(N, K, group);
+    check_w8(packed, scales, comp, p.w8_);
+    p.arrays_ = {packed, scales, comp};
+    p.act_scale_ = act_scale, p.act_zero_ = act_zero;
+    return p;
+  }
+
+  static LinearPlan w4(py::array packed, py::array scales, py::object mins, py::object zeros,
+                       int64_t N, int64_t K, int64_t group, const py::object& bias,
+                       bool int8_activations, float act_scale, const py::object& input_scale,
+                       bool gelu, bool fast) {
+    check_static(act_scale, 0);
+    LinearPlan p(Kind::W4, N, K, bias, input_scale, gelu, fast);
+    p.q4_ = q4_shape(N, K, group);
+    check_w4(packed, scales, mins, zeros, p.q4_);
+    p.arrays_ = {packed, scales, mins, zeros};
+    p.int8_ = int8_activations, p.act_scale_ = act_scale;
+    return p;
+  }
+
+  static LinearPlan blk(const py::object& weight, const py::object& bias, bool int8_activations,
+                        float act_scale, const py::object& input_scale, bool gelu, bool fast) {
+    check_static(act_scale, 0);
+    const BlkArgs& w = weight.cast<const BlockWeight&>().args();
+    LinearPlan p(Kind::Blk, w.N, w.K, bias, input_scale, gelu, fast);
+    p.blk_ = w;
+    p.arrays_ = {weight};
+    p.int8_ = int8_activations, p.act_scale_ = act_scale;
+    return p;
+  }
+
+  py::object call(const py::handle& xh, const py::handle& outh) const {
+    // numpy's own structs, read without a Python call: this path runs per layer per token
+    const PyArrayObj* x = fast_ ? float_array(xh) : nullptr;
+    if (!x) return py::none();
+    const int nd = x->nd;
+    if (nd < 1 || nd > 32 || x->dimensions[nd - 1] != K_ || !aligned(x)) return py::none();
+    int64_t M = 1;
+    for (int i = 0; i + 1 < nd; ++i) M *= x->dimensions[i];
+    // rows the kernels read as they are: C-contiguous, or 2-D with a contiguous last axis
+    int64_t ldx = K_;
+    if (!(x->flags & kCContiguous)) {
+      if (nd != 2 || x->strides[1] != (py::ssize_t)sizeof(float) || x->strides[0] < 0 ||
+          x->strides[0] % (py::ssize_t)sizeof(float))
+        return py::none();
+      ldx = M > 1 ? x->strides[0] / (int64_t)sizeof(float) : K_;
+    }
+    py::ssize_t shape[32];
+    std::memcpy(shape, x->dimensions, sizeof(py::ssize_t) * (size_t)nd);
+    shape[nd - 1] = N_;
+    auto& api = py::detail::npy_api::get();
+    py::object y;
+    float* yp;
+    if (outh.is_none()) {
+      y = py::reinterpret_steal<py::object>(api.PyArray_NewFromDescr_(
+          api.PyArray_Type_, api.PyArray_DescrFromType_(py::detail::npy_api::NPY_FLOAT_), nd,
+          shape, nullptr, nullptr, 0, nullptr));
+      if (!y) throw py::error_already_set();
+      yp = reinterpret_cast<float*>(py::detail::array_proxy(y.ptr())->data);
+    } else {
+      const PyArrayObj* o = float_array(outh);
+      if (!o || o->nd != nd || !(o->flags & kCContiguous) || !(o->flags & kWriteable) || !aligned(o))
+        return py::none();
+      int64_t size = 1;
+      for (int i = 0; i < nd; ++i) {
+        if (o->dimensions[i] != shape[i]) return py::none();
+        size *= shape[i];
+      }
+      // out must not overlap what the kernel reads: x (its last row ends K floats after its
+      // start), the bias, the input scales
+      const char* y0 = o->data;
+      auto overlaps = [&](const void* p, int64_t bytes) {
+        return p && bytes > 0 && y0 < (const char*)p + bytes &&
+               (const char*)p < y0 + size * (int64_t)sizeof(float);
+      };
+      if (overlaps(x->data, ((M ? M - 1 : 0) * ldx + (M ? K_ : 0)) * (int64_t)sizeof(float)) ||
+          overlaps(cptr_or_null<float>(bias_), N_ * (int64_t)sizeof(float)) ||
+          overlaps(cptr_or_null<float>(colscale_), K_ * (int64_t)sizeof(float)))
+        return py::none();
+      y = py::reinterpret_borrow<py::object>(outh);
+      yp = reinterpret_cast<float*>(o->data);
+    }
+    run_kernel(reinterpret_cast<const float*>(x->data), ldx, M, yp);
+    return y;
+  }
+
+  // The checked path for rows the Python caller prepared: x (M, K) float32, out None or (M, N).
+  py::array run(py::array x, const py::object& out) const {
+    x = check<float>(x, "x", {-1, K_}, true);
+    const int64_t M = x.shape(0);
+    Output y(out, {M, N_});
+    run_kernel(cptr<float>(x), row_stride<float>(x), M, y.data());
+    return y.finish();
+  }
+
+ private:
+  LinearPlan(Kind kind, int64_t N, int64_t K, const py::object& bias, const py::object& input_scale,
+             bool gelu, bool fast)
+      : kind_(kind), N_(N), K_(K), gelu_(gelu), fast_(fast),
+        bias_(optional_vector(bias, "bias", N)),
+        colscale_(optional_vector(input_scale, "input_scale", K)) {}
+
+  void run_kernel(const float* x, int64_t ldx, int64_t M, float* y) const {
+    const float *b = cptr_or_null<float>(bias_), *cs = cptr_or_null<float>(colscale_);
+    NoGil nogil;
+    switch (kind_) {
+      case Kind::W8:
+        linear_w8a8(x, ldx, M, cptr<int8_t>(arrays_[0]), cptr<float>(arrays_[1]),
+                    cptr<int32_t>(arrays_[2]), b, w8_, act_scale_, act_zero_, cs, gelu_, y);
+        break;
+      case Kind::W4:
+        linear_w4(x, ldx, M, cptr<uint8_t>(arrays_[0]), cptr<uint16_t>(arrays_[1]),
+                  cptr_or_null<uint16_t>(arrays_[2]), cptr_or_null<uint8_t>(arrays_[3]), b, q4_,
+                  int8_, act_scale_, cs, gelu_, y);
+        break;
+      case Kind::Blk:
+        linear_blk(x, ldx, M, blk_, b, int8_, act_scale_, cs, gelu_, y);
+        break;
+    }
+  }
+
+  Kind kind_;
+  int64_t N_, K_;
+  bool gelu_, fast_;
+  py::object bias_, colscale_;      // checked float32 vectors, or None
+  std::vector<py::object> arrays_;  // what the pointers below read, kept alive
+  W8Shape w8_{1, 1, 0};
+  Q4Shape q4_{1, 1, 0};
+  BlkArgs blk_{};
+  bool int8_ = true;
+  float act_scale_ = 0.f;
+  int32_t act_zero_ = 0;
+};
 
 py::array_t<int32_t> gemm_s8_py(py::array a, py::array b) {
   a = check<int8_t>(a, "a", {-1, -1});
@@ -745,19 +846,9 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));
   m.def("pack_w8", &pack_w8_py, py::arg("q"), py::arg("group"));
-  m.def("linear_w8a8", &linear_w8a8_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
-        py::arg("comp"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("act_scale") = 0.f, py::arg("act_zero") = 0, py::arg("input_scale") = py::none(),
-        py::arg("gelu") = false,
-        py::arg("out") = py::none());
   m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));
   m.def("pack_w4", &pack_w4_py, py::arg("q"), py::arg("group"));
   m.def("gguf_q4", &gguf_q4_py, py::arg("raw"), py::arg("K"), py::arg("has_min"));
-  m.def("linear_w4", &linear_w4_py, py::arg("x"), py::arg("packed"), py::arg("scales"),
-        py::arg("mins"), py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
-        py::arg("int8_activations"), py::arg("act_scale") = 0.f,
-        py::arg("input_scale") = py::none(), py::arg("gelu") = false,
-        py::arg("out") = py::none());
   m.def("block_formats", &block_formats, "the block-format descriptors (formats.h)");
   m.def("blk_parts", &blk_parts, py::arg("fmt"), py::arg("N"), py::arg("K"));
   m.def("blk_zeros", &blk_zeros, py::arg("fmt"), py::arg("N"), py::arg("K"));
@@ -767,9 +858,22 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<int, int64_t, int64_t, const py::dict&>(), py::arg("fmt"), py::arg("N"),
            py::arg("K"), py::arg("parts"));
   m.def("dequantize_blk", &dequantize_blk_py, py::arg("weight"), py::arg("rows"));
-  m.def("linear_blk", &linear_blk_py, py::arg("x"), py::arg("weight"), py::arg("bias"),
+  py::class_<LinearPlan>(m, "LinearPlan", "a linear layer's kernel call, checked once")
+      .def("__call__", &LinearPlan::call, py::arg("x"), py::arg("out") = py::none(),
+           "y for float32 x the kernels read as it is (out None or a fitting array), else None")
+      .def("run", &LinearPlan::run, py::arg("x"), py::arg("out") = py::none(),
+           "y (M, N) for rows x (M, K), every argument checked");
+  m.def("plan_w8", &LinearPlan::w8, py::arg("packed"), py::arg("scales"), py::arg("comp"),
+        py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"), py::arg("act_scale") = 0.f,
+        py::arg("act_zero") = 0, py::arg("input_scale") = py::none(), py::arg("gelu") = false,
+        py::arg("fast") = true);
+  m.def("plan_w4", &LinearPlan::w4, py::arg("packed"), py::arg("scales"), py::arg("mins"),
+        py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,
-        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("out") = py::none());
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("fast") = true);
+  m.def("plan_blk", &LinearPlan::blk, py::arg("weight"), py::arg("bias"),
+        py::arg("int8_activations"), py::arg("act_scale") = 0.f,
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("fast") = true);
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     NoGil nogil;

@@ -107,7 +107,8 @@ struct Kernels {
                          int64_t group, int64_t n0, int64_t n1, uint8_t* packed, uint16_t* scales,
                          uint16_t* mins, int* why);
 
-  // Activation quantization to u8 = q + 128, rows [m0, m1), padded to Kp with 128.
+  // Activation quantization to u8 = q + 128, rows [m0, m1), padded to Kp with the code of 0 (128,
+  // or with static activations clamp(zero) + 128: padding weights are 0, so either is exact).
   // Dynamic (fixed == 0): per-row symmetric, scale = amax / 127, q = round-half-even(x / scale) in
   // [-127, 127]; an all-zero row gets scale 0. Static (fixed > 0): scale = fixed,
   // q = clamp(round-half-even(x / scale) + zero, -128, 127) (x ~ scale * (q - zero)).

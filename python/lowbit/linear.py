@@ -83,7 +83,36 @@ def _check_epilogue(epilogue):
     return epilogue
 
 
-def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None):
+def _plan(qw: QuantizedWeight, bias, activations, epilogue):
+    """The kernel call ``x @ W.T + bias`` for a weight and its settings, checked once
+    (``_core.LinearPlan``): ``plan(x, out)`` runs inputs it can take as they are and returns None
+    for the rest (see _forward)."""
+    n, k = qw.shape
+    in_scale = qw._in_scale  # the kernel multiplies the inputs by it as it quantizes them
+    if qw._perm is not None:  # inputs come in the packed column order (act-order): not as given
+        in_scale = None if in_scale is None else in_scale[qw._perm]
+    fast = qw._perm is None
+    static = isinstance(activations, StaticActivations)
+    scale = activations.scale if static else 0.0
+    gelu = epilogue == "gelu"
+    if qw._parts is not None:
+        return _core.plan_blk(qw._kernel, bias, activations != "float", scale, in_scale, gelu, fast)
+    if qw.bits == 8:
+        zero = activations.zero_point if static else 0
+        return _core.plan_w8(qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
+                             scale, zero, in_scale, gelu, fast)
+    return _core.plan_w4(qw._packed, qw._scales, qw._mins, qw._zeros, n, k, qw.group_size or 0,
+                         bias, activations != "float", scale, in_scale, gelu, fast)
+
+
+def _forward(plan, qw: QuantizedWeight, x, out=None, bias=None):
+    """plan's output for x (..., K): at once when x (float32) and out fit the kernels as they are,
+    else x converted here (float16, a list, another layout, act-order columns) and out checked."""
+    y = plan(x, out)
+    return y if y is not None else _forward_converted(plan, qw, x, out, bias)
+
+
+def _forward_converted(plan, qw: QuantizedWeight, x, out, bias):
     x = np.asarray(x)
     if x.dtype != np.float32:
         if x.dtype.kind != "f":
@@ -94,23 +123,9 @@ def _forward(x, qw: QuantizedWeight, bias, activations, out=None, epilogue=None)
         raise ValueError(f"x: expected shape (..., {k}), got {x.shape}")
     y2 = _out_rows(out, x, n, bias)
     x2 = x.reshape(-1, k)
-    in_scale = qw._in_scale  # the kernel multiplies the inputs by it as it quantizes them
     if qw._perm is not None:
-        x2 = x2.take(qw._perm, axis=1)  # inputs in the packed column order (act-order)
-        in_scale = None if in_scale is None else in_scale[qw._perm]
-    static = isinstance(activations, StaticActivations)
-    scale = activations.scale if static else 0.0
-    if qw._parts is not None:
-        y = _core.linear_blk(x2, qw._kernel, bias, activations != "float", scale, in_scale,
-                             epilogue == "gelu", y2)
-    elif qw.bits == 8:
-        zero = activations.zero_point if static else 0
-        y = _core.linear_w8a8(x2, qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
-                              scale, zero, in_scale, epilogue == "gelu", y2)
-    else:
-        y = _core.linear_w4(x2, qw._packed, qw._scales, qw._mins, qw._zeros, n, k,
-                            qw.group_size or 0, bias, activations != "float", scale, in_scale,
-                            epilogue == "gelu", y2)
+        x2 = x2.take(qw._perm, axis=1)
+    y = plan.run(x2, y2)
     return out if out is not None else y.reshape(x.shape[:-1] + (n,))
 
 
@@ -139,16 +154,38 @@ class Linear:
 
     def __init__(self, w_or_qw, bias=None, *, bits=8, group_size=None, symmetric=True,
                  activations="int8", epilogue=None):
-        self.epilogue = _check_epilogue(epilogue)
-        if isinstance(w_or_qw, QuantizedWeight):
-            self.weight = w_or_qw
-        else:
+        if not isinstance(w_or_qw, QuantizedWeight):
             _check_activations(activations, f"int{bits}")
-            self.weight = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
-        self.activations = _check_activations(activations, self.weight.format)
-        self.bias = _held(_check_bias(bias, self.weight.shape[0]))
-        kernel_bias = _kernel_bias(self.weight, self.bias, self.activations)
-        self._bias = self.bias if kernel_bias is self.bias else _held(kernel_bias)
+            w_or_qw = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
+        self._setup(w_or_qw, bias, activations, epilogue)
+
+    _SETTINGS = ("weight", "bias", "activations", "epilogue")
+
+    def _setup(self, weight, bias, activations, epilogue):
+        """Checks the settings and prepares the kernel call (again when one of them changes)."""
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"weight: expected a QuantizedWeight, got {type(weight).__name__}")
+        d = self.__dict__
+        d["epilogue"] = _check_epilogue(epilogue)
+        d["weight"] = weight
+        d["activations"] = _check_activations(activations, weight.format)
+        d["bias"] = _held(_check_bias(bias, weight.shape[0]))
+        kernel_bias = _kernel_bias(weight, self.bias, self.activations)
+        d["_bias"] = self.bias if kernel_bias is self.bias else _held(kernel_bias)
+        d["_plan"] = _plan(weight, self._bias, self.activations, self.epilogue)
+
+    def __setattr__(self, name, value):
+        if name not in self._SETTINGS:
+            return object.__setattr__(self, name, value)
+        settings = {s: getattr(self, s) for s in self._SETTINGS}
+        settings[name] = value
+        self._setup(*settings.values())
+
+    def __getstate__(self):  # pickle / deepcopy: the settings; the kernel call is made again
+        return {s: getattr(self, s) for s in self._SETTINGS}
+
+    def __setstate__(self, state):
+        self._setup(*(state[s] for s in self._SETTINGS))
 
     @property
     def in_features(self) -> int:
@@ -168,7 +205,8 @@ class Linear:
         return self.weight.nbytes + sum(biases.values())
 
     def __call__(self, x, out=None) -> np.ndarray:
-        return _forward(x, self.weight, self._bias, self.activations, out, self.epilogue)
+        y = self._plan(x, out)  # float32 inputs as they are: straight to the kernel
+        return y if y is not None else _forward_converted(self._plan, self.weight, x, out, self._bias)
 
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
@@ -183,7 +221,7 @@ def matmul(x, qw: QuantizedWeight, bias=None, activations="int8", out=None,
         raise TypeError(f"matmul: expected a QuantizedWeight, got {type(qw).__name__}")
     activations = _check_activations(activations, qw.format)
     bias = _kernel_bias(qw, _check_bias(bias, qw.shape[0]), activations)
-    return _forward(x, qw, bias, activations, out, _check_epilogue(epilogue))
+    return _forward(_plan(qw, bias, activations, _check_epilogue(epilogue)), qw, x, out, bias)
 
 
 class FusedLinear:

@@ -35,7 +35,7 @@ import torch
 
 from . import _core, runtime
 from .calibrate import StaticActivations
-from .linear import Linear, _check_activations, _forward, _kernel_bias
+from .linear import Linear, _check_activations, _forward, _kernel_bias, _plan
 from .quantize import QuantizedWeight, quantize
 
 _INT_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")  # __init__ names
@@ -106,7 +106,7 @@ def _linear(x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Ten
             spec: str) -> torch.Tensor:
     """``x @ W.T + bias`` for the weight whose packed parts and settings (see LowbitLinear) are
     given; the output in x's dtype."""
-    return _run(x, _weight(spec, parts), bias)
+    return _run(x, *_prepared(_weight(spec, parts), bias))
 
 
 def _numpy32(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
@@ -119,12 +119,17 @@ def _numpy32(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return (t if t.dtype == torch.float32 else t.to(torch.float32)).numpy()
 
 
-def _run(x: torch.Tensor, weight: tuple, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x through a weight as _weight gives it, in x's dtype."""
-    _follow_torch_threads()
+def _prepared(weight: tuple, bias: Optional[torch.Tensor]) -> tuple:
+    """(QuantizedWeight, its kernel call, the kernel's bias) for a weight as _weight gives it."""
     qw, acts, epilogue = weight
-    y = _forward(_numpy32(x), qw, _kernel_bias(qw, _numpy32(bias), acts), acts, None, epilogue)
-    y = torch.from_numpy(y)
+    b = _kernel_bias(qw, _numpy32(bias), acts)
+    return qw, _plan(qw, b, acts, epilogue), b
+
+
+def _run(x: torch.Tensor, qw: QuantizedWeight, plan, bias: Optional[np.ndarray]) -> torch.Tensor:
+    """x through a prepared weight (_prepared), in x's dtype."""
+    _follow_torch_threads()
+    y = torch.from_numpy(_forward(plan, qw, _numpy32(x), None, bias))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -193,14 +198,16 @@ class LowbitLinear(torch.nn.Module):
     def _weights(self):
         return [getattr(self, "weight_" + p) for p in self._part_names]
 
-    def _weight_views(self):
-        """_weight of the buffers, kept while they are the same tensors, unmodified."""
+    def _prepared(self):
+        """_prepared of the buffers, kept while they are the same tensors, unmodified."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
         parts = [buffers["weight_" + p] for p in self._part_names]
-        key = (self._spec, *((t.data_ptr(), t._version) for t in parts))
+        bias = buffers["bias"]
+        key = (self._spec, *((t.data_ptr(), t._version) for t in parts),
+               None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
         cached = self.__dict__.get("_views")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_views"] = (key, _weight(self._spec, parts))
+            cached = self.__dict__["_views"] = (key, _prepared(_weight(self._spec, parts), bias))
         return cached[1]
 
     def __getstate__(self):  # pickle / deepcopy: the buffers, not views of them
@@ -217,7 +224,7 @@ class LowbitLinear(torch.nn.Module):
                                             torch.jit.is_tracing()):
             # eager: the op's own function, without the dispatcher's ~30 us a call (a tenth of
             # a batch-1 MiniLM forward); compile, export and trace see the op
-            return _run(x, self._weight_views(), self.bias)
+            return _run(x, *self._prepared())
         return torch.ops.lowbit.linear(x, self._weights(), self.bias, self._spec)
 
     def get_extra_state(self):

@@ -19,7 +19,8 @@ int q4(const Q4Args* g, int64_t n, int64_t k) {
 float fold(const Q4Args* g, int64_t grp, int64_t n, float I, float A, float f) {
   const int64_t at = (n / kPanel * (g->Kp / g->group) + grp) * kPanel + n % kPanel;
   const float d = half_to_float(g->scales[at]);
-  const float m = g->mins ? half_to_float(g->mins[at]) : d * -(float)(g->zeros ? g->zeros[at] : 8);
+  // -z converted as an integer (z = 0 gives +0, as the SIMD sets' integer negation does)
+  const float m = g->mins ? half_to_float(g->mins[at]) : d * (float)-(g->zeros ? g->zeros[at] : 8);
   const float term = std::fma(d, I, m * A);
   return grp == 0 ? term : f + term;
 }

@@ -1,0 +1,108 @@
+"""Each matmul kernel's fraction of its own limit across M = 1 .. 256, so that regressions show.
+
+For every weight format (lowbit's int8 / int4 and each GGUF block format) and activation mode
+(int8; with --float also float32 for the weight-only kernels), an N x K weight (default
+4096 x 4096) is multiplied by M rows for M in 1, 2, 4, 8, 16, 64, 256. The limit of a call is the
+larger of
+
+* its weight bytes over the read bandwidth of a buffer of the same size (lowbit's own probe, the
+  same threads: a weight that fits in cache is held to the cache's speed, not DRAM's), and
+* its multiply-adds over the int8 dot instruction's peak (lowbit's probe: VPDPBUSD on AVX-512
+  VNNI, SDOT / SMMLA on aarch64; int8-activation kernels only),
+
+and the table gives time(limit) / time(call): 100% is the roofline. Float-activation kernels are
+held to bandwidth only (their FMA peak is not probed), so their large-M cells read low by design.
+Timings are medians of interleaved repeats.
+
+    python bench/kernels.py [--threads 2] [--repeats 7] [--formats int8,int4,Q4_K] [--float] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import lowbit as lb
+from lowbit import _core
+from lowbit.formats import BLOCK_FORMATS
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from formats import block_weight, int_weight  # noqa: E402
+
+MS = (1, 2, 4, 8, 16, 64, 256)
+
+
+def median_time(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--formats", help="comma-separated subset (default: int8, int4 and every block format)")
+    p.add_argument("--float", action="store_true", help="also the float-activation kernels")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    lb.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    n, k = args.n, args.k
+    names = args.formats.split(",") if args.formats else ["int8", "int4"] + sorted(BLOCK_FORMATS)
+
+    peak = _core.dot_peak(0.5)
+    bandwidth = {}  # bytes -> read bandwidth of a buffer that size
+
+    def read_bw(nbytes):
+        key = 1 << max(12, int(nbytes - 1).bit_length())  # per power of two
+        if key not in bandwidth:
+            buf = np.ones(key, np.uint8)
+            bandwidth[key] = _core.read_bandwidth(buf, max(3, (1 << 30) // key))
+        return bandwidth[key]
+
+    xs = {m: rng.normal(size=(m, k)).astype(np.float32) for m in MS}
+    rows = []
+    for name in names:
+        qw = (int_weight(8 if name == "int8" else 4, n, k, rng) if name in ("int8", "int4")
+              else block_weight(name, n, k, rng))[0]
+        bw = read_bw(qw.nbytes)
+        modes = ("int8", "float") if args.float and name != "int8" else ("int8",)
+        for mode in modes:
+            row = {"format": name, "activations": mode, "weight_MB": round(qw.nbytes / 1e6, 1),
+                   "read_GBs": round(bw / 1e9, 1), "cells": {}}
+            for m in MS:
+                t = median_time(lambda: lb.matmul(xs[m], qw, activations=mode), args.repeats)
+                t_bw = qw.nbytes / bw
+                t_dot = m * n * k / peak if mode == "int8" else 0.0
+                row["cells"][m] = {"us": round(t * 1e6, 1), "of_limit": round(max(t_bw, t_dot) / t, 3),
+                                   "bound": "dot" if t_dot > t_bw else "bandwidth"}
+            rows.append(row)
+            if not args.json:
+                if len(rows) == 1:
+                    print(f"kernel set {lb.cpu_info()['isa']}, {args.threads} threads, N x K = {n} x {k}; "
+                          f"int8 dot peak {peak / 1e9:.0f} G multiply-adds/s; % of the roofline "
+                          f"(b: bandwidth-bound, d: dot-bound)")
+                    print(f"{'format':8s} {'acts':5s} {'MB':>6s} {'GB/s':>6s} " +
+                          " ".join(f"{f'M={m}':>8s}" for m in MS))
+                cells = " ".join(f"{c['of_limit']:7.0%}{c['bound'][0]}" for c in row["cells"].values())
+                print(f"{name:8s} {mode[:5]:5s} {row['weight_MB']:6.1f} {row['read_GBs']:6.1f} {cells}",
+                      flush=True)
+    if args.json:
+        print(json.dumps({"isa": lb.cpu_info()["isa"], "threads": args.threads,
+                          "dot_peak_GMACs": round(peak / 1e9, 1), "kernels": rows}))
+
+
+if __name__ == "__main__":
+    main()

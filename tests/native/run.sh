@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The native kernel check (kernel_check.cpp) on this machine's x86 sets, then cross-compiled for
+# aarch64 and run under qemu-user on three CPU models, so that each aarch64 set runs:
+#   cortex-a53: neon only;  neoverse-n1: + dotprod;  max: + dotprod and i8mm.
+# Every set must match `ref` bit for bit, and every aarch64 run must print the digests of the x86
+# run (the same inputs give the same outputs on both architectures).
+#
+#   bash tests/native/run.sh        (about 2 minutes on 2 cores; installs the cross tools if absent)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=${LOWBIT_NATIVE_BUILD:-build-native}
+
+if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null
+fi
+
+cmake -S . -B "$build/x86" -DLOWBIT_KERNEL_CHECK=ON >/dev/null
+cmake --build "$build/x86" -j2 >/dev/null
+cmake -S . -B "$build/aarch64" -DLOWBIT_KERNEL_CHECK=ON \
+  -DCMAKE_TOOLCHAIN_FILE="$PWD/tests/aarch64/toolchain.cmake" >/dev/null
+cmake --build "$build/aarch64" -j2 >/dev/null
+
+echo "== x86-64 ($(uname -m), native)"
+"$build/x86/kernel_check" | tee "$build/x86.out"
+grep '^digest' "$build/x86.out" > "$build/x86.digests"
+for cpu in cortex-a53 neoverse-n1 max; do
+  echo "== aarch64, qemu -cpu $cpu"
+  qemu-aarch64 -cpu "$cpu" "$build/aarch64/kernel_check" | tee "$build/$cpu.out"
+  if ! diff <(grep '^digest' "$build/$cpu.out") "$build/x86.digests"; then
+    echo "aarch64 ($cpu) outputs differ from x86-64's (digests above)" >&2
+    exit 1
+  fi
+done
+echo "kernel check: every set matches ref, and aarch64 matches x86-64"
