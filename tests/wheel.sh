@@ -41,12 +41,12 @@ fi
 # run from outside the checkout so that `import lowbit` can only find the installed wheel
 cd "$(mktemp -d)"
 # The best kernel set runs the whole suite, whose per-set tests (the isa fixture) run on every set
-# the CPU has, ref included. The forced-ref run repeats only the kernel selection the aarch64
-# wheel runs (tests/aarch64/pytest-args.txt: every kernel, save / load, dispatch), its per-set
-# tests on ref alone (LOWBIT_TEST_ISAS=default); the rest of the suite calls the same kernels,
-# whose results the per-set tests prove bit-identical on every set. (It ran the whole suite again,
-# ~1 minute.)
-sed "/^--/!s#^#$root/#" "$root/tests/aarch64/pytest-args.txt" >kernel-tests.txt
+# the CPU has, ref included. The forced-ref run repeats only the kernel tests (the selection
+# tests/kernel-tests.txt, as the emulated aarch64 runs: every kernel, save / load, dispatch),
+# its per-set tests on ref alone (LOWBIT_TEST_ISAS=default); the rest of the suite calls the
+# same kernels, whose results the per-set tests prove bit-identical on every set. (It ran the
+# whole suite again, ~1 minute.)
+sed "/^--/!s#^#$root/#" "$root/tests/kernel-tests.txt" >kernel-tests.txt
 for isa in "" ref; do
   echo "== tests, LOWBIT_ISA=${isa:-best}"
   rc=0
@@ -55,7 +55,8 @@ for isa in "" ref; do
   else
     tests=(@kernel-tests.txt)
   fi
-  env PATH="$VIRTUAL_ENV/bin:$bin" CC=false CXX=false ${isa:+LOWBIT_ISA=$isa LOWBIT_TEST_ISAS=default} \
+  env PATH="$VIRTUAL_ENV/bin:$bin" CC=false CXX=false \
+    ${isa:+LOWBIT_ISA=$isa LOWBIT_TEST_ISAS=default} \
     python -m pytest "${tests[@]}" -q -p no:cacheprovider -x || rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests" >&2

@@ -20,7 +20,8 @@ ARM_IMPLEMENTERS = {0x41: "Arm", 0x46: "Fujitsu", 0x48: "HiSilicon", 0x51: "Qual
 ARM_CORES = {(0x41, 0xD03): "Arm Cortex-A53", (0x41, 0xD08): "Arm Cortex-A72",
              (0x41, 0xD0B): "Arm Cortex-A76", (0x41, 0xD0C): "Arm Neoverse N1",
              (0x41, 0xD40): "Arm Neoverse V1", (0x41, 0xD49): "Arm Neoverse N2",
-             (0x41, 0xD4F): "Arm Neoverse V2", (0xC0, 0xAC3): "Ampere-1", (0xC0, 0xAC4): "Ampere-1A"}
+             (0x41, 0xD4F): "Arm Neoverse V2", (0xC0, 0xAC3): "Ampere-1",
+             (0xC0, 0xAC4): "Ampere-1A"}
 
 
 def cpu_name_from(cpuinfo: str, machine: str) -> str | None:
@@ -39,7 +40,8 @@ def cpu_name_from(cpuinfo: str, machine: str) -> str | None:
         return None  # (qemu-user before 8.1 shows the host's /proc/cpuinfo: not this CPU)
     if (implementer, part) in ARM_CORES:
         return ARM_CORES[implementer, part]
-    return f"{ARM_IMPLEMENTERS.get(implementer, f'implementer {implementer:#04x}')} part {part:#05x}"
+    who = ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer:#04x}")
+    return f"{who} part {part:#05x}"
 
 
 def cpu_name() -> str:
