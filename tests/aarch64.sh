@@ -37,7 +37,7 @@ step() {
 missing=()
 command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
-command -v python3.11 >/dev/null || missing+=(python3.11 python3.11-venv)
+python3.11 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3.11 python3.11-venv)
 update=
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   dpkg --add-architecture arm64
@@ -121,7 +121,7 @@ done
 rm -rf "$work/site"
 pip_ "$work/venv-build/bin/python" -m pip install -q --target "$work/site" --only-binary=:all: \
   "${platforms[@]}" --python-version 3.11 --implementation cp --abi cp311 \
-  "$wheel" pytest gguf
+  "$wheel" pytest gguf safetensors
 python3.11 -m compileall -q -j 2 "$work/site" >/dev/null || true
 export PYTHONPATH=$work/site PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1
 QEMU_CPU=max "$apy" -c "
@@ -129,7 +129,7 @@ import lowbit, numpy
 assert lowbit.__file__.startswith('$work/site/'), lowbit.__file__
 print('lowbit', lowbit.__version__, 'numpy', numpy.__version__, 'import', lowbit._core.__file__)"
 QEMU_CPU=cortex-a53 "$apy" -m lowbit info
-step "site (numpy, pytest, gguf for manylinux aarch64)"
+step "site (the wheel, numpy, pytest, gguf, safetensors for manylinux aarch64)"
 
 # --- digests on x86-64 ---------------------------------------------------------------------------
 x86=${LOWBIT_X86_PYTHON:-}
