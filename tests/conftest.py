@@ -63,14 +63,6 @@ def isa_skip_reason(name):
     return f"{name}: this CPU lacks {', '.join(missing) or 'it'} (kernel set not available)"
 
 
-def pytest_collection_modifyitems(items):
-    """Tests run once per kernel set (those taking the `isa` fixture) carry the mark kernel_set:
-    `-m kernel_set` selects them, `-m "not kernel_set"` the rest (tests/aarch64.sh)."""
-    for item in items:
-        if "isa" in getattr(item, "fixturenames", ()):
-            item.add_marker("kernel_set")
-
-
 @pytest.fixture(params=tested_isas())
 def isa(request):
     """Runs the test once per kernel set; skips those this CPU (or build) lacks, saying why."""
