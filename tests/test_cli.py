@@ -19,6 +19,34 @@ def test_info_json(capsys):
     assert info["isa"] == lb.cpu_info()["isa"] and "cpu" in info
 
 
+GRAVITON2 = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+
+processor\t: 1
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+def test_cpu_name_on_x86_64_and_aarch64():
+    """aarch64's /proc/cpuinfo names no model, only MIDR codes: `lowbit info` and the benchmark
+    reports name the core from them."""
+    assert cli.cpu_name_from("processor\t: 0\nmodel name\t: AMD EPYC 9R14\n", "x86_64") == "AMD EPYC 9R14"
+    assert cli.cpu_name_from(GRAVITON2, "aarch64") == "Arm Neoverse N1"
+    assert cli.cpu_name_from(GRAVITON2.replace("0xd0c", "0xd8e"), "aarch64") == "Arm part 0xd8e"
+    assert cli.cpu_name_from(GRAVITON2.replace("0x41", "0xc0").replace("0xd0c", "0xac3"),
+                             "aarch64") == "Ampere-1"
+    # qemu-user (before 8.1) shows the host's x86 cpuinfo to an aarch64 process: not its CPU
+    assert cli.cpu_name_from("model name\t: AMD EPYC 9R14\n", "aarch64") is None
+    assert cli.cpu_name()
+
+
 @pytest.fixture
 def weights(rng):
     return {"fc1.weight": rng.normal(0, 0.02, (96, 128)).astype(F32),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lowbit as lb
-from conftest import isa_skip_reason
+from conftest import ALL_ISAS, FEATURE_NAMES, NEEDS, isa_skip_reason
 
 
 def run_python(code, **env):
@@ -98,7 +98,7 @@ def test_use_isa_nests_and_leaves_other_threads_alone():
         lb.use_isa("")
 
 
-@pytest.mark.parametrize("name", ["ref", "avx2", "avxvnni", "avx512vnni", "amx"])
+@pytest.mark.parametrize("name", ALL_ISAS)
 def test_isa_skips_say_what_the_cpu_lacks(name):
     """~1,300 tests skipped on CPUs without AMX / AVX-VNNI with "not available on this CPU/build":
     the reason now names the missing feature (or the build)."""
@@ -108,10 +108,23 @@ def test_isa_skips_say_what_the_cpu_lacks(name):
         assert reason is None
     elif name in info["compiled"]:
         assert reason.startswith(f"{name}: this CPU lacks ") and "(kernel set not available)" in reason
-        missing = {"avxvnni": "AVX-VNNI", "amx": "AMX-INT8", "avx512vnni": "AVX-512", "avx2": "AVX2"}
-        assert missing[name] in reason or "F16C" in reason or "FMA" in reason or "BMI2" in reason
+        lacking = [FEATURE_NAMES[f] for f in NEEDS[name] if not info["features"][f]]
+        assert lacking and all(f in reason for f in lacking), (reason, lacking)
     else:
         assert reason.startswith(f"{name}: not in this build")
+
+
+def test_kernel_sets_and_features_are_this_architectures():
+    """cpu_info names the sets and CPU features of the machine's architecture (getauxval hwcaps
+    on aarch64, cpuid on x86-64), in the dispatch order: a set is available exactly when the CPU
+    has every feature it needs (the emulated aarch64 runs check this on three CPU models)."""
+    info = lb.cpu_info()
+    assert set(info["compiled"]) <= set(ALL_ISAS) and "ref" in info["compiled"]
+    assert set(info["features"]) == {f for needs in NEEDS.values() for f in needs}
+    order = [i for i in reversed(ALL_ISAS) if i in info["compiled"]]
+    assert info["compiled"] == order
+    assert info["available"] == [i for i in order
+                                 if all(info["features"][f] for f in NEEDS.get(i, []))]
 
 
 def test_unknown_isa_is_a_clear_error():
@@ -127,7 +140,7 @@ def test_isa_the_cpu_lacks_is_a_clear_error():
         lb.use_isa(missing[0])
 
 
-@pytest.mark.parametrize("name", ["ref", "avx2", "avxvnni", "avx512vnni", "amx"])
+@pytest.mark.parametrize("name", ALL_ISAS)
 def test_environment_forces_isa_in_a_new_process(name):
     if isa_skip_reason(name):
         pytest.skip(isa_skip_reason(name))

@@ -13,15 +13,44 @@ from . import __version__
 from .runtime import cpu_info
 
 
+# aarch64 Linux names no CPU model in /proc/cpuinfo, only the MIDR codes: the implementers and the
+# server cores lowbit's aarch64 kernel sets aim at (Graviton 2 / 3 / 4: Neoverse N1 / V1 / V2).
+ARM_IMPLEMENTERS = {0x41: "Arm", 0x46: "Fujitsu", 0x48: "HiSilicon", 0x51: "Qualcomm",
+                    0x61: "Apple", 0xC0: "Ampere"}
+ARM_CORES = {(0x41, 0xD03): "Arm Cortex-A53", (0x41, 0xD08): "Arm Cortex-A72",
+             (0x41, 0xD0B): "Arm Cortex-A76", (0x41, 0xD0C): "Arm Neoverse N1",
+             (0x41, 0xD40): "Arm Neoverse V1", (0x41, 0xD49): "Arm Neoverse N2",
+             (0x41, 0xD4F): "Arm Neoverse V2", (0xC0, 0xAC3): "Ampere-1",
+             (0xC0, 0xAC4): "Ampere-1A"}
+
+
+def cpu_name_from(cpuinfo: str, machine: str) -> str | None:
+    """The CPU's name in the text of /proc/cpuinfo: x86's "model name"; on aarch64 the first core's
+    implementer and part codes, named where known ("Arm Neoverse N1", else "Arm part 0xd4f")."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    if machine.lower() not in ("aarch64", "arm64"):
+        return fields.get("model name") or None
+    try:
+        implementer, part = int(fields["CPU implementer"], 16), int(fields["CPU part"], 16)
+    except (KeyError, ValueError):
+        return None  # (qemu-user before 8.1 shows the host's /proc/cpuinfo: not this CPU)
+    if (implementer, part) in ARM_CORES:
+        return ARM_CORES[implementer, part]
+    who = ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer:#04x}")
+    return f"{who} part {part:#05x}"
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            name = cpu_name_from(f.read(), platform.machine())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        name = None
+    return name or platform.processor() or platform.machine()
 
 
 def cmd_info(args):

@@ -12,8 +12,9 @@ def cpu_info() -> dict:
     """What the CPU offers and what lowbit uses.
 
     Keys: ``isa`` (the kernel set in use), ``available`` (kernel sets this CPU can run, best
-    first), ``compiled`` (all kernel sets in this build), ``features`` (CPU flags seen),
-    ``num_threads``.
+    first), ``compiled`` (all kernel sets in this build), ``features`` (the CPU flags the sets
+    need, as seen: cpuid on x86-64, the kernel's hwcaps ``asimd`` / ``asimddp`` / ``i8mm`` on
+    aarch64), ``num_threads``.
     """
     return {
         "isa": _core.isa(),
@@ -45,9 +46,10 @@ def set_num_threads(n: int) -> None:
 
 
 class use_isa:
-    """Force a kernel set (``"ref"``, ``"avx2"``, ``"avxvnni"``, ``"avx512vnni"``, ``"amx"``) on
-    the calling thread, for its calls and the work they hand to lowbit's pool; other threads keep
-    theirs (the process's: the best available, or ``LOWBIT_ISA``).
+    """Force a kernel set (x86-64: ``"ref"``, ``"avx2"``, ``"avxvnni"``, ``"avx512vnni"``,
+    ``"amx"``; aarch64: ``"ref"``, ``"neon"``, ``"dotprod"``, ``"i8mm"``) on the calling thread,
+    for its calls and the work they hand to lowbit's pool; other threads keep theirs (the
+    process's: the best available, or ``LOWBIT_ISA``).
 
     As a context manager it restores the thread's previous choice on exit, so blocks nest, and
     threads entering and leaving blocks in any interleaving never change each other's kernels.
