@@ -390,3 +390,17 @@ def test_release_pages_keeps_the_values(tmp_path, rng):
     np.testing.assert_array_equal(a, before)
     lb.io.release_pages(before)  # in memory: nothing to do
     np.testing.assert_array_equal(a, w)
+
+
+def test_save_refuses_non_finite_scales_that_load_would_refuse(tmp_path):
+    # a GGUF Q4_1 block whose float16 d is inf runs (as llama.cpp would), but a lowbit file keeps
+    # finite scales only: save says so and writes nothing, rather than a file load() refuses
+    raw = np.zeros((16, 20), np.uint8)
+    raw[3, 0:2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
+    from lowbit.gguf import weight_from_blocks
+
+    qw = weight_from_blocks("Q4_1", raw, 32)
+    target = tmp_path / "w.lowbit"
+    with pytest.raises(ValueError, match="scales hold NaN or Inf"):
+        lb.save(target, {"w": qw})
+    assert not target.exists() and not list(tmp_path.iterdir())

@@ -61,6 +61,11 @@ def save(path, tensors: dict) -> None:
             described[name] = {"shape": list(t.shape), "format": t.format, "layout": LAYOUT}
             arrays.update({f"{name}:{part}": a for part, a in t._parts.items()})
         elif isinstance(t, QuantizedWeight):
+            for part in ("scales", "mins"):  # what load() would refuse is refused here, unwritten
+                a = getattr(t, "_" + part)
+                if a is not None and not np.isfinite(a).all():
+                    raise ValueError(f"{name}: {part} hold NaN or Inf (a GGUF Q4_0 / Q4_1 file's "
+                                     f"float16 fields, say); lowbit files keep finite ones only")
             described[name] = {"shape": list(t.shape), "bits": t.bits, "group_size": t.group_size,
                                "symmetric": t.symmetric, "layout": LAYOUT}
             for part in _INT_PARTS:
