@@ -12,12 +12,6 @@
 #include "formats.h"
 #include "kernels/isa.h"
 
-// GCC's pre-allocation scheduler hoists a whole sub-block's loads and scale work above its dots
-// and spills the accumulators (2.5x the stack traffic in the 4-row tiles); the out-of-order cores
-// this runs on schedule for themselves.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-schedule-insns")
-#endif
 
 namespace lowbit {
 namespace LOWBIT_NS {

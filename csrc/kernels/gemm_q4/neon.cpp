@@ -9,12 +9,6 @@
 #include <cstring>
 #include "kernels/isa.h"
 
-// GCC's scheduling before register allocation hoists every load of an unrolled tile and then spills
-// accumulators (a third of the W4A32 GEMV's instructions were stack traffic); without it the tiles
-// fit the 32 registers.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-schedule-insns")
-#endif
 
 namespace lowbit {
 namespace LOWBIT_NS {

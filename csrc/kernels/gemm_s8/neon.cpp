@@ -22,13 +22,6 @@ constexpr int kJ = 4;                    // panels per block
 constexpr int64_t kLd = kJ * kPanel;     // row stride of the int32 / float block buffers
 
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
-// GCC's first scheduling pass hoists every product of the widening tile ahead of its SADALP and
-// runs out of registers (spills in the inner loop); without it the source order allocates cleanly.
-#if defined(__GNUC__) && !defined(__clang__)
-#define LOWBIT_NO_PRESCHED optimize("no-schedule-insns")
-#else
-#define LOWBIT_NO_PRESCHED
-#endif
 
 // 16 activation bytes from k on (`left` valid ones; the rest read as 128, i.e. zero), as s8.
 inline uint8x16_t load16(const uint8_t* src, int64_t left) {
@@ -248,7 +241,7 @@ void mmla_block(const int8_t* ap, int64_t rows, const int8_t* b, int64_t ps, int
 // Widening tile: rows [0, MR) x one panel. Per 4 columns two int32 accumulators hold each column's
 // sum as two lanes ([c0 c0 c1 c1], [c2 c2 c3 c3]); ADDP joins them at the end.
 template <int MR, bool PAIR>
-__attribute__((noinline, LOWBIT_NO_PRESCHED)) void mull_tile(const int8_t* ap, const int8_t* b,
+__attribute__((noinline)) void mull_tile(const int8_t* ap, const int8_t* b,
                                                               int64_t steps, int32_t* out,
                                                               bool accum) {
   int32x4_t acc[MR][8];
