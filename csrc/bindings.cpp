@@ -763,6 +763,17 @@ void softmax_py(py::array x) {
 
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
+py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox) {
+  x = check<float>(x, "x", {-1, -1, -1});
+  const int64_t T = x.shape(0), H = x.shape(1), d = x.shape(2);
+  if (d % 2) throw py::value_error("x: expected an even head_dim, got shape " + shape_str(x));
+  cos = check<float>(cos, "cos", {T, d / 2});
+  sin = check<float>(sin, "sin", {T, d / 2});
+  py::array_t<float> y({T, H, d});
+  rope(cptr<float>(x), T, H, d, cptr<float>(cos), cptr<float>(sin), neox, y.mutable_data());
+  return y;
+}
+
 py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
                        bool causal, float scale, int64_t window, const py::object& out,
                        bool k_transposed) {
@@ -909,4 +920,5 @@ PYBIND11_MODULE(_core, m) {
         py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none(),
         py::arg("k_transposed") = false);
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
+  m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"));
 }

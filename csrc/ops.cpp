@@ -497,6 +497,24 @@ void attention(const AttnArgs& a) {
   parallel_for(tasks, [&](int64_t t0, int64_t t1) { kt.attention(&a, t0, t1); });
 }
 
+void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
+          const float* sin, bool neox, float* y) {
+  const int64_t half = d / 2;
+  // element offsets of pair i's two coordinates
+  const int64_t step = neox ? 1 : 2, other = neox ? half : 1;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* a = x + (t * heads + h) * d;
+      float* o = y + (t * heads + h) * d;
+      const float *c = cos + t * half, *s = sin + t * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a0 = a[i * step], a1 = a[i * step + other];
+        o[i * step] = a0 * c[i] - a1 * s[i];
+        o[i * step + other] = a0 * s[i] + a1 * c[i];
+      }
+    }
+}
+
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out) {
   return kernels().pack_int4(q, out, n_out);
 }

@@ -83,6 +83,12 @@ void layer_norm(const float* x, const float* r, int64_t ld, const float* w, cons
 void softmax(float* x, int64_t rows, int64_t n);
 void attention(const AttnArgs& args);
 
+// Rotary position embedding (lowbit.nn.rope): x (tokens, heads, d) rotated by cos / sin (tokens,
+// d / 2), pair i by angle i, the pairs (x[2i], x[2i+1]) or, with neox, (x[i], x[i + d/2]):
+// (a, b) -> (a c - b s, a s + b c), each product rounded, then the difference / sum.
+void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
+          const float* sin, bool neox, float* y);
+
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
 void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);
 

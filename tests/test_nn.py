@@ -123,6 +123,27 @@ def test_rope_rotates_adjacent_pairs(rng):
     assert close(got, expected, 1e-5)
 
 
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_is_float32_products_then_sums_bit_for_bit(rng, neox):
+    # (a, b) -> (a c - b s, a s + b c) with every product rounded to float32 first (no fma): what
+    # numpy's float32 arithmetic gives, on every machine
+    x = rng.normal(size=(5, 3, 64)).astype(F32)
+    cos, sin = nn.rope_tables(64, np.arange(100, 105))
+    if neox:
+        x0, x1 = x[..., :32], x[..., 32:]
+    else:
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None], sin[:, None]
+    r0, r1 = x0 * c - x1 * s, x0 * s + x1 * c
+    expected = (np.concatenate([r0, r1], -1) if neox
+                else np.stack([r0, r1], -1).reshape(x.shape))
+    np.testing.assert_array_equal(nn.rope(x, cos, sin, style="neox" if neox else "pairs"), expected)
+    with pytest.raises(ValueError, match="even head_dim"):
+        nn.rope(x[..., :63], cos, sin)
+    with pytest.raises(ValueError, match="cos"):
+        nn.rope(x, cos[:4], sin)
+
+
 def test_rope_neox_rotates_halves(rng):
     x = rng.normal(size=(7, 3, 16)).astype(F32)
     pos = np.arange(10, 17)

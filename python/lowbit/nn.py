@@ -174,20 +174,10 @@ def rope(x, cos, sin, style="pairs"):
     by angle i. style "pairs": adjacent pairs (x[2i], x[2i+1]), the layout of GGUF llama weights
     (llama.cpp's "normal" RoPE); "neox": the two halves (x[i], x[i + head_dim/2]), as Hugging Face
     models and GGUF Gemma, Qwen, Phi use it (llama.cpp's NeoX RoPE)."""
-    if style == "neox":
-        h = x.shape[-1] // 2
-        x0, x1 = x[..., :h], x[..., h:]
-        c, s = cos[:, None, :], sin[:, None, :]
-        return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
-    if style != "pairs":
+    if style not in ("pairs", "neox"):
         raise ValueError(f"style: expected 'pairs' or 'neox', got {style!r}")
-    pairs = x.reshape(x.shape[:-1] + (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(pairs)
-    out[..., 0] = x0 * c - x1 * s
-    out[..., 1] = x0 * s + x1 * c
-    return out.reshape(x.shape)
+    # float32 products and sums, in C++ (numpy's seven temporaries took ~10 us a decode step)
+    return _core.rope(_f32(x), _f32(cos, "cos"), _f32(sin, "sin"), style == "neox")
 
 
 class KVCache:

@@ -426,6 +426,16 @@ void nn_cases() {
         });
     ++ai;
   }
+  for (int neox = 0; neox < 2; ++neox)  // (one source for every set: compared across machines)
+    add("nn", shape("rope tokens=3 heads=5 d=64 neox=%lld", neox, 0, 0), [neox] {
+      Rng r(35000 + neox);
+      std::vector<float> x = r.floats(3 * 5 * 64, 4.f), c = r.floats(3 * 32, 1.f),
+                         sn = r.floats(3 * 32, 1.f), y(x.size());
+      rope(x.data(), 3, 5, 64, c.data(), sn.data(), neox, y.data());
+      Bytes out;
+      put(out, y);
+      return out;
+    });
   for (int64_t n : {1, 2, 3, 31, 32, 33, 100, 1001})
     add("int4", shape("pack / unpack n=%lld", n, 0, 0), [n] {
       Rng r(34000 + n);
