@@ -763,6 +763,26 @@ void softmax_py(py::array x) {
 
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
+// gate and up: (rows, n) float32 with a contiguous last axis (e.g. the halves of a fused gate / up
+// projection's output), rows the same distance apart in both.
+py::array_t<float> silu_mul_py(py::array gate, py::array up) {
+  gate = check<float>(gate, "gate", {-1, -1}, true);
+  up = check<float>(up, "up", {gate.shape(0), gate.shape(1)}, true);
+  const int64_t rows = gate.shape(0), n = gate.shape(1);
+  int64_t ld = row_stride<float>(gate);
+  if (row_stride<float>(up) != ld) {  // copies laid out alike
+    gate = py::array(py::module_::import("numpy").attr("ascontiguousarray")(gate));
+    up = py::array(py::module_::import("numpy").attr("ascontiguousarray")(up));
+    ld = n;
+  }
+  py::array_t<float> y({rows, n});
+  {
+    NoGil nogil;
+    silu_mul(cptr<float>(gate), cptr<float>(up), ld, rows, n, y.mutable_data());
+  }
+  return y;
+}
+
 py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox) {
   x = check<float>(x, "x", {-1, -1, -1});
   const int64_t T = x.shape(0), H = x.shape(1), d = x.shape(2);
@@ -920,5 +940,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none(),
         py::arg("k_transposed") = false);
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
+  m.def("silu_mul", &silu_mul_py, py::arg("gate"), py::arg("up"));
   m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"));
 }

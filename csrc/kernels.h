@@ -154,6 +154,8 @@ struct Kernels {
   // form, or tanh's approximation when tanh); rows of (x [+ r]) normalised: LayerNorm (x - mean) / sqrt(var + eps) * w + b, or RMSNorm
   // (rms) x / sqrt(mean(x^2) + eps) * w; x rows ld apart, r and y dense; softmax of rows in place.
   void (*gelu)(const float* x, float* y, int64_t n, bool tanh);
+  // SwiGLU's activation: y = silu(g) u = g / (1 + e^(-g)) * u (0 where -g > 88), n values.
+  void (*silu_mul)(const float* g, const float* u, float* y, int64_t n);
   void (*layer_norm)(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                      float eps, bool rms, int64_t rows, int64_t n, float* y);
   void (*softmax)(float* x, int64_t rows, int64_t n);

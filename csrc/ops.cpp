@@ -475,6 +475,14 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
   });
 }
 
+void silu_mul(const float* g, const float* u, int64_t ld, int64_t rows, int64_t n, float* y) {
+  const Kernels& kt = kernels();
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) kt.silu_mul(g + r * ld, u + r * ld, y + r * n, n);
+  };
+  rows * n < kSerialElems ? body(0, rows) : parallel_for(rows, body);
+}
+
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y) {
   const Kernels& kt = kernels();

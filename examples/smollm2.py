@@ -87,7 +87,7 @@ class SmolLM2:
             cache.append(k, qkv[:, nq + nkv:].reshape(t, self.kv_heads, self.head_dim))
             x = x + layer["o"](cache.attend(q))
             gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
-            x = x + layer["down"](nn.silu(gu[:, : self.ffn]) * gu[:, self.ffn:])
+            x = x + layer["down"](nn.swiglu(gu[:, : self.ffn], gu[:, self.ffn:]))
         self.position += t
         x = x if all_logits else x[-1:]
         logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))

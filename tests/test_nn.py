@@ -123,6 +123,22 @@ def test_rope_rotates_adjacent_pairs(rng):
     assert close(got, expected, 1e-5)
 
 
+def test_swiglu_is_silu_times_up_and_reads_the_halves_of_a_fused_output(rng):
+    gu = rng.normal(0, 4, (5, 2, 96)).astype(F32)
+    gu[0, 0, :4] = [-np.inf, -100, 100, 0]
+    gate, up = gu[..., :48], gu[..., 48:]  # strided views
+    got = nn.swiglu(gate, up)
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = np.where(g < -88, 0.0, g / (1 + np.exp(-g))) * up
+    assert got.dtype == F32 and got.shape == gate.shape
+    assert close(got, expected, 1e-6)
+    assert got[0, 0, 0] == 0 and got[0, 0, 1] == 0  # silu(-inf) and silu(-100): 0
+    np.testing.assert_array_equal(got, nn.swiglu(np.ascontiguousarray(gate), np.ascontiguousarray(up)))
+    with pytest.raises(ValueError, match="one shape"):
+        nn.swiglu(gate, up[..., :47])
+
+
 @pytest.mark.parametrize("neox", [False, True])
 def test_rope_is_float32_products_then_sums_bit_for_bit(rng, neox):
     # (a, b) -> (a c - b s, a s + b c) with every product rounded to float32 first (no fma): what

@@ -178,6 +178,22 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
   });
 }
 
+void silu_mul(const float* g, const float* u, float* y, int64_t n) {
+  const auto f = [](vf v, vf w) {
+    const vf m = -v;
+    return (m > 88.f ? splat(0.f) : v / (expv(m) + 1.f)) * w;
+  };
+  int64_t i = 0;
+  for (; i + kN <= n; i += kN) store(y + i, f(load(g + i), load(u + i)));
+  if (i < n) {
+    vf a = {}, b = {};
+    std::memcpy(&a, g + i, (size_t)(n - i) * sizeof(float));
+    std::memcpy(&b, u + i, (size_t)(n - i) * sizeof(float));
+    const vf v = f(a, b);
+    std::memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));
+  }
+}
+
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y) {
   for (int64_t m = 0; m < rows; ++m) {

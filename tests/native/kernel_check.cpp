@@ -426,6 +426,16 @@ void nn_cases() {
         });
     ++ai;
   }
+  for (int64_t n : {1, 5, 16, 17, 100, 1536})
+    add("nn", shape("silu_mul rows=3 n=%lld", n, 0, 0), [n] {
+      Rng r(36000 + n);
+      std::vector<float> g = r.floats(3 * (n + 3), 16.f), u = r.floats(3 * (n + 3), 2.f), y((size_t)(3 * n));
+      g[0] = -INFINITY, g[(size_t)(n > 1)] = 100.f, g[2 % (n + 3)] = -100.f;
+      silu_mul(g.data(), u.data(), n + 3, 3, n, y.data());
+      Bytes out;
+      put(out, y);
+      return out;
+    });
   for (int neox = 0; neox < 2; ++neox)  // (one source for every set: compared across machines)
     add("nn", shape("rope tokens=3 heads=5 d=64 neox=%lld", neox, 0, 0), [neox] {
       Rng r(35000 + neox);
