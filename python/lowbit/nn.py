@@ -1,9 +1,9 @@
 """Float32 building blocks for running transformer models around lowbit's layers: GELU (erf or
-tanh), LayerNorm / RMSNorm (with a fused residual add), softmax, attention (causal, padded,
-sliding-window), rotary embeddings (pair or NeoX layout) and a key/value cache.
+tanh), SwiGLU / GeGLU, LayerNorm / RMSNorm (with a fused residual add), softmax, attention (causal,
+padded, sliding-window), rotary embeddings (pair or NeoX layout) and a key/value cache.
 
-GELU, the norms, softmax and attention run in C++ (vectorized, threaded on large inputs,
-bit-identical on every kernel set and thread count); RoPE is numpy.
+GELU, SwiGLU, the norms, softmax, attention and RoPE run in C++ (vectorized, threaded on large
+inputs, bit-identical on every kernel set, thread count and machine); ``silu`` is numpy.
 """
 from __future__ import annotations
 
