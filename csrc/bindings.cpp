@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -538,6 +539,7 @@ class LinearPlan {
     p.w8_ = w8_shape(N, K, group);
     check_w8(packed, scales, comp, p.w8_);
     p.arrays_ = {packed, scales, comp};
+    p.w_ = {packed.data(), scales.data(), comp.data(), nullptr};
     p.act_scale_ = act_scale, p.act_zero_ = act_zero;
     return p;
   }
@@ -551,6 +553,7 @@ class LinearPlan {
     p.q4_ = q4_shape(N, K, group);
     check_w4(packed, scales, mins, zeros, p.q4_);
     p.arrays_ = {packed, scales, mins, zeros};
+    p.w_ = {packed.data(), scales.data(), cptr_or_null<uint16_t>(mins), cptr_or_null<uint8_t>(zeros)};
     p.int8_ = int8_activations, p.act_scale_ = act_scale;
     return p;
   }
@@ -611,8 +614,8 @@ class LinearPlan {
                (const char*)p < y0 + size * (int64_t)sizeof(float);
       };
       if (overlaps(x->data, ((M ? M - 1 : 0) * ldx + (M ? K_ : 0)) * (int64_t)sizeof(float)) ||
-          overlaps(cptr_or_null<float>(bias_), N_ * (int64_t)sizeof(float)) ||
-          overlaps(cptr_or_null<float>(colscale_), K_ * (int64_t)sizeof(float)))
+          overlaps(bias_p_, N_ * (int64_t)sizeof(float)) ||
+          overlaps(colscale_p_, K_ * (int64_t)sizeof(float)))
         return py::none();
       y = py::reinterpret_borrow<py::object>(outh);
       yp = reinterpret_cast<float*>(o->data);
@@ -635,20 +638,22 @@ class LinearPlan {
              bool gelu, bool fast)
       : kind_(kind), N_(N), K_(K), gelu_(gelu), fast_(fast),
         bias_(optional_vector(bias, "bias", N)),
-        colscale_(optional_vector(input_scale, "input_scale", K)) {}
+        colscale_(optional_vector(input_scale, "input_scale", K)),
+        bias_p_(cptr_or_null<float>(bias_)), colscale_p_(cptr_or_null<float>(colscale_)) {}
 
+  // Runs without the GIL: only the raw pointers taken (with it) when the plan was made.
   void run_kernel(const float* x, int64_t ldx, int64_t M, float* y) const {
-    const float *b = cptr_or_null<float>(bias_), *cs = cptr_or_null<float>(colscale_);
+    const float *b = bias_p_, *cs = colscale_p_;
     NoGil nogil;
     switch (kind_) {
       case Kind::W8:
-        linear_w8a8(x, ldx, M, cptr<int8_t>(arrays_[0]), cptr<float>(arrays_[1]),
-                    cptr<int32_t>(arrays_[2]), b, w8_, act_scale_, act_zero_, cs, gelu_, y);
+        linear_w8a8(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], (const int32_t*)w_[2],
+                    b, w8_, act_scale_, act_zero_, cs, gelu_, y);
         break;
       case Kind::W4:
-        linear_w4(x, ldx, M, cptr<uint8_t>(arrays_[0]), cptr<uint16_t>(arrays_[1]),
-                  cptr_or_null<uint16_t>(arrays_[2]), cptr_or_null<uint8_t>(arrays_[3]), b, q4_,
-                  int8_, act_scale_, cs, gelu_, y);
+        linear_w4(x, ldx, M, (const uint8_t*)w_[0], (const uint16_t*)w_[1],
+                  (const uint16_t*)w_[2], (const uint8_t*)w_[3], b, q4_, int8_, act_scale_, cs,
+                  gelu_, y);
         break;
       case Kind::Blk:
         linear_blk(x, ldx, M, blk_, b, int8_, act_scale_, cs, gelu_, y);
@@ -661,6 +666,8 @@ class LinearPlan {
   bool gelu_, fast_;
   py::object bias_, colscale_;      // checked float32 vectors, or None
   std::vector<py::object> arrays_;  // what the pointers below read, kept alive
+  const float *bias_p_ = nullptr, *colscale_p_ = nullptr;
+  std::array<const void*, 4> w_{};  // the weight's arrays' data (block formats: in blk_)
   W8Shape w8_{1, 1, 0};
   Q4Shape q4_{1, 1, 0};
   BlkArgs blk_{};
