@@ -771,21 +771,16 @@ void softmax_py(py::array x) {
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 // gate and up: (rows, n) float32 with a contiguous last axis (e.g. the halves of a fused gate / up
-// projection's output), rows the same distance apart in both.
+// projection's output).
 py::array_t<float> silu_mul_py(py::array gate, py::array up) {
   gate = check<float>(gate, "gate", {-1, -1}, true);
   up = check<float>(up, "up", {gate.shape(0), gate.shape(1)}, true);
   const int64_t rows = gate.shape(0), n = gate.shape(1);
-  int64_t ld = row_stride<float>(gate);
-  if (row_stride<float>(up) != ld) {  // copies laid out alike
-    gate = py::array(py::module_::import("numpy").attr("ascontiguousarray")(gate));
-    up = py::array(py::module_::import("numpy").attr("ascontiguousarray")(up));
-    ld = n;
-  }
   py::array_t<float> y({rows, n});
   {
     NoGil nogil;
-    silu_mul(cptr<float>(gate), cptr<float>(up), ld, rows, n, y.mutable_data());
+    silu_mul(cptr<float>(gate), row_stride<float>(gate), cptr<float>(up), row_stride<float>(up),
+             rows, n, y.mutable_data());
   }
   return y;
 }

@@ -475,10 +475,11 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
   });
 }
 
-void silu_mul(const float* g, const float* u, int64_t ld, int64_t rows, int64_t n, float* y) {
+void silu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t rows, int64_t n,
+              float* y) {
   const Kernels& kt = kernels();
   auto body = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) kt.silu_mul(g + r * ld, u + r * ld, y + r * n, n);
+    for (int64_t r = r0; r < r1; ++r) kt.silu_mul(g + r * ldg, u + r * ldu, y + r * n, n);
   };
   rows * n < kSerialElems ? body(0, rows) : parallel_for(rows, body);
 }

@@ -78,8 +78,9 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
 
 // lowbit.nn helpers over the thread pool when large (Kernels::gelu, layer_norm, softmax).
 void gelu(const float* x, float* y, int64_t n, bool tanh);
-// silu(g) * u over rows of n values (g and u rows ld apart, y dense).
-void silu_mul(const float* g, const float* u, int64_t ld, int64_t rows, int64_t n, float* y);
+// silu(g) * u over rows of n values (g's rows ldg apart, u's ldu, y dense).
+void silu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t rows, int64_t n,
+              float* y);
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);

@@ -135,6 +135,7 @@ def test_swiglu_is_silu_times_up_and_reads_the_halves_of_a_fused_output(rng):
     assert close(got, expected, 1e-6)
     assert got[0, 0, 0] == 0 and got[0, 0, 1] == 0  # silu(-inf) and silu(-100): 0
     np.testing.assert_array_equal(got, nn.swiglu(np.ascontiguousarray(gate), np.ascontiguousarray(up)))
+    np.testing.assert_array_equal(got, nn.swiglu(gate, np.ascontiguousarray(up)))  # strides differ
     with pytest.raises(ValueError, match="one shape"):
         nn.swiglu(gate, up[..., :47])
 

@@ -431,7 +431,7 @@ void nn_cases() {
       Rng r(36000 + n);
       std::vector<float> g = r.floats(3 * (n + 3), 16.f), u = r.floats(3 * (n + 3), 2.f), y((size_t)(3 * n));
       g[0] = -INFINITY, g[(size_t)(n > 1)] = 100.f, g[2 % (n + 3)] = -100.f;
-      silu_mul(g.data(), u.data(), n + 3, 3, n, y.data());
+      silu_mul(g.data(), n + 3, u.data(), n + 3, 3, n, y.data());
       Bytes out;
       put(out, y);
       return out;
