@@ -317,7 +317,9 @@ def bench_file(path, args, names, pool):
 
     hook = exact_hook(arch)
     exact = None
-    if hook is None:
+    if not scored:
+        r["exact"] = "not scored (--score-tokens 0)"
+    elif hook is None:
         r["exact"] = f"no exact evaluation for architecture {arch!r}"
     else:
         t0 = time.perf_counter()
@@ -349,6 +351,8 @@ def bench_file(path, args, names, pool):
         if best[name]["nbytes"] is not None:
             s["weights_mb"] = round(best[name]["nbytes"] / 1e6, 1)
             s["weights_vs_file"] = round(best[name]["nbytes"] / os.path.getsize(path), 3)
+        if not scored:
+            continue
         got = pool.apply(scored_in_child, (name, path, args.threads, n_ctx, scored,
                                            args.stepwise))
         if "error" in got:
@@ -417,7 +421,8 @@ def main(argv=None, description=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per round")
-    p.add_argument("--score-tokens", type=int, default=512)
+    p.add_argument("--score-tokens", type=int, default=512,
+                   help="teacher-forced tokens scored for top-1 agreement; 0: speed only")
     p.add_argument("--stepwise", action="store_true",
                    help="also score the text fed one token at a time (each against its batched run)")
     p.add_argument("--only", choices=["lowbit", "llama.cpp"], help="run one library only")

@@ -892,6 +892,15 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
+  m.def("use_openmp", [](const std::string& path) {
+    try {
+      return use_openmp(path);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("path"), "run parallel work on the OpenMP runtime loaded from path (\"\": lowbit's pool); returns the previous path");
+  m.def("openmp_runtime", &openmp_runtime, "the OpenMP runtime parallel work runs on (\"\": lowbit's pool)");
+
   m.def("quantize_w8", &quantize_w8_py, py::arg("w"), py::arg("group"));
   m.def("pack_w8", &pack_w8_py, py::arg("q"), py::arg("group"));
   m.def("quantize_w4", &quantize_w4_py, py::arg("w"), py::arg("group"), py::arg("symmetric"));

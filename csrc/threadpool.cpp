@@ -1,5 +1,6 @@
 #include "threadpool.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -7,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -70,6 +72,43 @@ int default_threads() {
 
 thread_local bool in_pool_job = false;
 
+// An OpenMP runtime already in the process (PyTorch's libgomp, or Intel's libiomp5, which exports
+// the same GNU entry points), when lowbit is told to run its parallel work on that runtime's
+// threads: two pools on the same cores take turns badly, each one's idle threads spinning while
+// the other works. Only entry points of the stable GNU ABI are used.
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned);  // GOMP_parallel
+  int (*thread_num)();
+  int (*num_threads)();
+  std::string path;
+};
+std::atomic<const OpenMP*> openmp{nullptr};
+
+struct OmpJob {
+  const std::function<void(int64_t, int64_t)>* fn;
+  int64_t ntasks;
+  const OpenMP* omp;
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+};
+
+void omp_task(void* p) {
+  OmpJob& job = *(OmpJob*)p;
+  // the team may be smaller than asked for (OMP_DYNAMIC, thread limits): split by its real size
+  const int64_t id = job.omp->thread_num(), nt = job.omp->num_threads();
+  const int64_t b = job.ntasks * id / nt, e = job.ntasks * (id + 1) / nt;
+  const bool nested = in_pool_job;
+  in_pool_job = true;
+  try {
+    if (b < e) (*job.fn)(b, e);
+  } catch (...) {  // an exception must not leave an OpenMP thread: hand it to the caller
+    std::lock_guard<std::mutex> lock(job.error_mutex);
+    if (!job.failed.exchange(true)) job.error = std::current_exception();
+  }
+  in_pool_job = nested;
+}
+
 struct Pool {
   int nthreads = default_threads();
   std::vector<std::thread>* workers = new std::vector<std::thread>();  // never destroyed: see fork
@@ -130,6 +169,13 @@ struct Pool {
   }
 
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    if (const OpenMP* omp = openmp.load(std::memory_order_acquire)) {
+      if (in_pool_job || nthreads == 1 || n <= 1) return fn(0, n);
+      OmpJob job{&fn, n, omp};
+      omp->parallel(omp_task, &job, (unsigned)(n < nthreads ? n : nthreads), 0);
+      if (job.failed.load()) std::rethrow_exception(job.error);
+      return;
+    }
     std::unique_lock<std::mutex> lock(run_mutex, std::try_to_lock);
     if (in_pool_job || !lock.owns_lock() || nthreads == 1 || n <= 1) {
       fn(0, n);
@@ -179,11 +225,50 @@ Pool& pool() {
 
 int get_num_threads() { return pool().nthreads; }
 
+std::string openmp_runtime() {
+  const OpenMP* omp = openmp.load(std::memory_order_acquire);
+  return omp ? omp->path : "";
+}
+
 void set_num_threads(int64_t n) {
   check_count(n);
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.run_mutex);
   p.shrink_to((int)n);
+}
+
+std::string use_openmp(const std::string& path) {
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  // fork: a child cannot use its parent's OpenMP team (GNU libgomp then waits forever for threads
+  // that were not copied), so it goes back to lowbit's pool, which is fork-safe (see pool())
+  static const bool child_handler = [] {
+    pthread_atfork(nullptr, nullptr, [] { openmp.store(nullptr, std::memory_order_relaxed); });
+    return true;
+  }();
+  (void)child_handler;
+  const OpenMP* old = openmp.load();
+  std::string previous = old ? old->path : "";
+  if (path.empty()) {
+    openmp.store(nullptr, std::memory_order_release);  // the old runtime record is kept: see below
+    return previous;
+  }
+  // RTLD_NOLOAD: attach to the runtime already loaded from `path`, never load a second one
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (!lib) throw std::invalid_argument("use_openmp: no OpenMP runtime loaded from '" + path + "'");
+  auto* omp = new OpenMP{};  // never freed: a call on another thread may still be using one
+  omp->parallel = (decltype(omp->parallel))dlsym(lib, "GOMP_parallel");
+  omp->thread_num = (int (*)())dlsym(lib, "omp_get_thread_num");
+  omp->num_threads = (int (*)())dlsym(lib, "omp_get_num_threads");
+  omp->path = path;
+  if (!omp->parallel || !omp->thread_num || !omp->num_threads) {
+    delete omp;
+    dlclose(lib);
+    throw std::invalid_argument("use_openmp: '" + path +
+                                "' lacks GOMP_parallel / omp_get_thread_num / omp_get_num_threads");
+  }
+  openmp.store(omp, std::memory_order_release);  // the handle stays open as long as the process
+  return previous;
 }
 
 void parallel_for(int64_t ntasks, const std::function<void(int64_t, int64_t)>& fn) {

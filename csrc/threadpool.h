@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace lowbit {
 
@@ -21,5 +22,15 @@ void set_num_threads(int64_t n);
 // Runs inline when ntasks <= 1, when called from inside a pool job, or when another caller
 // holds the pool (concurrent Python threads then each compute on their own thread).
 void parallel_for(int64_t ntasks, const std::function<void(int64_t, int64_t)>& fn);
+
+// Runs parallel_for's work on the threads of the OpenMP runtime already loaded from `path` (its
+// GOMP_parallel), e.g. PyTorch's, instead of lowbit's own pool, so that lowbit and the other
+// library's kernels share one set of threads; "" goes back to lowbit's pool. Returns the previous
+// path ("" for lowbit's pool). Throws std::invalid_argument when no runtime is loaded from `path`
+// or it lacks the GNU OpenMP entry points.
+// In a child process made by fork, lowbit's own pool again (a forked child cannot use its parent's
+// OpenMP team).
+std::string use_openmp(const std::string& path);
+std::string openmp_runtime();  // the path in use, "" for lowbit's pool
 
 }  // namespace lowbit

@@ -257,3 +257,90 @@ def test_inductor_compiles_the_op_bit_identical_to_eager(rng):
     except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ toolchain for inductor here
         pytest.skip(f"inductor unavailable: {e}")
     assert torch.equal(y, model(x))
+
+
+def _torch_openmp():
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP here")
+    path = lb.cpu_info()["threads"]
+    assert path != "lowbit" and "omp" in path, path  # import lowbit.torch chose torch's runtime
+    return path
+
+
+def _parallel_layers(rng):
+    """Layers big enough to split over threads: int8, int4, a block format."""
+    from test_processes import block_weight
+
+    w = rng.normal(size=(1024, 512)).astype(np.float32)
+    return [lb.Linear(w), lb.Linear(w, bits=4, group_size=32, symmetric=False),
+            lb.Linear(block_weight("Q4_K", 1024, 512, rng))]
+
+
+def test_kernels_run_on_torchs_openmp_threads_bit_identical_to_lowbits_pool(rng):
+    path = _torch_openmp()
+    x = rng.normal(size=(64, 512)).astype(np.float32)
+    layers = _parallel_layers(rng)
+    previous = lb.get_num_threads()
+    try:
+        want = [layer(x) for layer in layers]
+        assert lb.runtime.use_openmp(None) == path  # back to lowbit's pool
+        assert lb.cpu_info()["threads"] == "lowbit"
+        for threads in (1, 2, 3):
+            lb.set_num_threads(threads)
+            for layer, y in zip(layers, want):
+                np.testing.assert_array_equal(layer(x), y)
+        assert lb.runtime.use_openmp(path) is None
+        for threads in (1, 2, 3):
+            lb.set_num_threads(threads)
+            for layer, y in zip(layers, want):
+                np.testing.assert_array_equal(layer(x), y)
+    finally:
+        lb.runtime.use_openmp(path)
+        lb.set_num_threads(previous)
+
+
+def test_python_threads_share_the_openmp_runtime(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _torch_openmp()
+    x = rng.normal(size=(32, 512)).astype(np.float32)
+    layers = _parallel_layers(rng)
+    want = [layer(x) for layer in layers]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: layers[i % 3](x), range(24)))
+    for i, y in enumerate(got):
+        np.testing.assert_array_equal(y, want[i % 3])
+
+
+def test_use_openmp_refuses_what_is_not_a_loaded_openmp_runtime(tmp_path):
+    with pytest.raises(ValueError, match="no OpenMP runtime loaded"):
+        lb.runtime.use_openmp(tmp_path / "libgomp.so.1")
+    with pytest.raises(ValueError, match="lacks GOMP_parallel"):
+        lb.runtime.use_openmp(lb._core.__file__)  # loaded, but not an OpenMP runtime
+    with pytest.raises(TypeError, match="expected a path or None"):
+        lb.runtime.use_openmp(3)
+    assert lb.runtime.loaded_openmp(under=tmp_path) == []
+
+
+def _forked_run(args):
+    model, x = args
+    lb.set_num_threads(2)
+    with torch.inference_mode():
+        return model(x).numpy(), lb.cpu_info()["threads"]  # numpy: torch tensors pickle by fd
+
+
+def test_a_forked_child_goes_back_to_lowbits_pool(rng):
+    import multiprocessing as mp
+
+    _torch_openmp()
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork here")
+    model = lbt.quantize_model(torch.nn.Sequential(torch.nn.Linear(512, 1024)), bits=8)
+    x = torch.from_numpy(rng.normal(size=(64, 512)).astype(np.float32))
+    with torch.inference_mode():
+        want = model(x)  # the parent's OpenMP team has run: a child must not wait on it
+    with mp.get_context("fork").Pool(2) as pool:
+        got = pool.map_async(_forked_run, [(model, x)] * 2).get(timeout=120)
+    for y, threads in got:
+        assert threads == "lowbit"
+        np.testing.assert_array_equal(y, want.numpy())

@@ -14,7 +14,8 @@ def cpu_info() -> dict:
     Keys: ``isa`` (the kernel set in use), ``available`` (kernel sets this CPU can run, best
     first), ``compiled`` (all kernel sets in this build), ``features`` (the CPU flags the sets
     need, as seen: cpuid on x86-64, the kernel's hwcaps ``asimd`` / ``asimddp`` / ``i8mm`` on
-    aarch64), ``num_threads``.
+    aarch64), ``num_threads``, ``threads`` (whose threads run the kernels: ``"lowbit"``, its own
+    pool, or the path of an OpenMP runtime, see ``use_openmp``).
     """
     return {
         "isa": _core.isa(),
@@ -22,7 +23,39 @@ def cpu_info() -> dict:
         "compiled": _core.compiled_isas(),
         "features": _core.cpu_features(),
         "num_threads": _core.get_num_threads(),
+        "threads": _core.openmp_runtime() or "lowbit",
     }
+
+
+def use_openmp(path):
+    """Run the kernels' parallel work on the threads of an OpenMP runtime already loaded in this
+    process, ``path`` being its shared library (e.g. PyTorch's ``libgomp.so.1``: ``import
+    lowbit.torch`` does this when torch's parallel backend is OpenMP), or, with ``None``, on
+    lowbit's own pool. Two pools on the same cores take turns badly (each one's idle threads spin
+    while the other one works); on one runtime they take turns well. Results do not depend on it.
+    Returns the previous choice (a path or None). Raises ValueError when no runtime with the GNU
+    OpenMP entry points is loaded from ``path`` (it is never loaded by this call). A process
+    made by fork starts on lowbit's own pool (it cannot use its parent's OpenMP threads)."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"use_openmp: expected a path or None, got {type(path).__name__}")
+    return _core.use_openmp(os.fspath(path) if path is not None else "") or None
+
+
+def loaded_openmp(under=None):
+    """Paths of the OpenMP runtimes (libgomp, libiomp5) loaded in this process (Linux: from
+    /proc/self/maps), only those inside the folder ``under`` when given; [] elsewhere."""
+    try:
+        with open("/proc/self/maps") as f:
+            fields = (line.split(None, 5) for line in f)
+            paths = {x[5].strip() for x in fields if len(x) == 6}
+    except OSError:
+        return []
+    names = ("libgomp", "libiomp5")
+    found = sorted(p for p in paths if os.path.basename(p).startswith(names) and ".so" in p)
+    if under is not None:
+        root = os.path.realpath(under) + os.sep
+        found = [p for p in found if os.path.realpath(p).startswith(root)]
+    return found
 
 
 MAX_THREADS = _core.MAX_THREADS

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Mapping
 from typing import Optional
 
@@ -91,6 +92,26 @@ def _weight(spec: str, tensors) -> tuple:
     else:
         qw = QuantizedWeight.from_blocks(fmt, shape, arrays)
     return qw, acts, epilogue
+
+
+def _share_torch_threads():
+    """When torch's intra-op threads are OpenMP's (its Linux wheels: libgomp), lowbit's kernels
+    run on those same threads (runtime.use_openmp): one team takes turns between torch's ops and
+    lowbit's layers, where two pools would fight for the cores (measured in bench/RESULTS.md,
+    "PyTorch threads"). ``lowbit.runtime.use_openmp(None)`` goes back to lowbit's own pool."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return
+    found = runtime.loaded_openmp(under=os.path.dirname(torch.__file__))
+    if not found:  # a torch linked against the system's runtime
+        found = runtime.loaded_openmp()
+    if len(found) == 1 and not _core.openmp_runtime():
+        try:
+            runtime.use_openmp(found[0])
+        except ValueError:  # not a GNU-compatible runtime: lowbit's own pool stays
+            pass
+
+
+_share_torch_threads()
 
 
 def _follow_torch_threads():
