@@ -14,10 +14,15 @@
 namespace lowbit {
 namespace {
 
-// Below this many multiply-adds a call runs on the caller's thread: waking a worker costs more.
-// (Measured with bench/calls.py: at 1 x 576 x 576, 331K, two threads gained ~1 us for INT8 and
-// lost ~1.6 us for W4A8 on an idle 16-core Xeon, and lost 5-7 us on a shared 2-core machine.)
-constexpr int64_t kSerialMacs = 1 << 20;
+// Below this many multiply-adds a matrix product runs on the caller's thread: waking a worker
+// costs more than it saves. In a model's decode step the weights come from DRAM, not cache, and one
+// core alone streams them at half the machine's bandwidth: SmolLM2's 1 x 576 x 576 (331K) and
+// 1 x 960 x 576 layers took 18 / 30 us on one thread and 12 / 18 us on two (Zen 4, 2 threads,
+// bench/RESULTS.md "Small GEMVs on two threads"); from cache, two threads cost about the same as
+// one there (bench/calls.py). 1 x 576 x 192 (110K) stays on one thread.
+constexpr int64_t kSerialMacs = 1 << 18;
+// Weight quantization (once per weight, from cache or not) threads from here.
+constexpr int64_t kSerialQuantize = 1 << 20;
 
 // Scratch memory per thread, grown on demand and kept between calls up to kKeepScratch bytes per
 // buffer, so that most calls allocate nothing; a larger one is freed when the call that needed it
@@ -141,7 +146,7 @@ template <class Fn>
 void over_panels(int64_t N, int64_t K, const Fn& fn) {
   const int64_t panels = round_up(N, kPanel) / kPanel;
   auto body = [&](int64_t p0, int64_t p1) { fn(p0 * kPanel, p1 * kPanel < N ? p1 * kPanel : N); };
-  if (N * K < kSerialMacs)
+  if (N * K < kSerialQuantize)
     body(0, panels);
   else
     parallel_for(panels, body);

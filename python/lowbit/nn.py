@@ -12,6 +12,18 @@ import numpy as np
 from . import _core
 
 F32 = np.float32
+_F32 = np.dtype(F32)
+_ND = np.ndarray
+
+
+def _plain(*arrays):
+    """Whether every one is a float32 numpy array: what a model's decode step passes, sent to
+    the C++ binding (which checks shapes and layouts) without the conversions the wrappers offer
+    for anything else (~1-3 us a call, paid ~300 times a token)."""
+    for a in arrays:
+        if type(a) is not _ND or a.dtype is not _F32:
+            return False
+    return True
 
 
 def _f32(a, what="x"):
@@ -75,6 +87,8 @@ def _norm(x, residual, weight, bias, eps, rms, out):
 def rms_norm(x, weight, eps=1e-5, out=None):
     """``x / sqrt(mean(x**2, -1) + eps) * weight`` over the last axis (LLaMA's RMSNorm). ``out``:
     a C-contiguous float32 array of x's shape to write to (may be x itself)."""
+    if out is None and _plain(x, weight) and x.ndim == 2 and weight.shape == x.shape[1:]:
+        return _core.layer_norm(x, None, weight, None, float(eps), True, None)
     return _norm(x, None, weight, None, eps, True, out)
 
 
@@ -82,6 +96,9 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, out=None):
     """LayerNorm over the last axis of ``x + residual`` (residual optional, fused in one pass):
     ``(v - mean) / sqrt(var + eps) * weight + bias``. ``out``: a C-contiguous float32 array of x's
     shape to write to (may be x or residual itself)."""
+    if (out is None and residual is None and _plain(x, weight, bias) and x.ndim == 2 and
+            weight.shape == bias.shape == x.shape[1:]):
+        return _core.layer_norm(x, None, weight, bias, float(eps), False, None)
     return _norm(x, residual, weight, bias, eps, False, out)
 
 
@@ -111,6 +128,8 @@ def swiglu(gate, up):
     in C++. gate and up: float32 of the same shape, e.g. the two halves of a fused gate / up
     projection's output (strided views are read in place). Bit-identical on every kernel set; its
     exp is lowbit's own (as GELU's), so within ~1e-7 relative of numpy's ``silu(gate) * up``."""
+    if _plain(gate, up) and gate.ndim == 2 and gate.shape == up.shape:
+        return _core.silu_mul(gate, up)
     g, u = _f32(gate, "gate"), _f32(up, "up")
     if g.shape != u.shape or g.ndim == 0:
         raise ValueError(f"gate and up: expected arrays of one shape (..., n), got {g.shape} and {u.shape}")
@@ -189,6 +208,8 @@ def rope(x, cos, sin, style="pairs"):
     if style not in ("pairs", "neox"):
         raise ValueError(f"style: expected 'pairs' or 'neox', got {style!r}")
     # float32 products and sums, in C++ (numpy's seven temporaries took ~10 us a decode step)
+    if _plain(x, cos, sin):
+        return _core.rope(x, cos, sin, style == "neox")
     return _core.rope(_f32(x), _f32(cos, "cos"), _f32(sin, "sin"), style == "neox")
 
 
@@ -204,9 +225,16 @@ class KVCache:
 
     def __init__(self, kv_heads, head_dim, capacity=256):
         capacity = max(32, -(-capacity // 32) * 32)
-        self.k = np.empty((kv_heads, head_dim, capacity + 16), F32)
-        self.v = np.empty((kv_heads, capacity, head_dim), F32)
+        self._hold(np.empty((kv_heads, head_dim, capacity + 16), F32),
+                   np.empty((kv_heads, capacity, head_dim), F32))
         self.length = 0
+        self._scale = float(1.0 / np.sqrt(head_dim)) if head_dim else 1.0  # attention's default
+
+    def _hold(self, k, v):
+        self.k, self.v = k, v
+        # the views the attention kernel takes, made once: (1, kv_heads, head_dim, capacity + 16)
+        # keys and (1, capacity, kv_heads, head_dim) values
+        self._k4, self._v4 = k[None], v.transpose(1, 0, 2)[None]
 
     def append(self, k, v):
         """k, v: (tokens, kv_heads, head_dim)."""
@@ -218,7 +246,7 @@ class KVCache:
             new_k[:, :, :n] = self.k[:, :, :n]
             new_v = np.empty((self.v.shape[0], cap, self.v.shape[2]), F32)
             new_v[:, :n] = self.v[:, :n]
-            self.k, self.v = new_k, new_v
+            self._hold(new_k, new_v)
         self.k[:, :, n:n + t] = k.transpose(1, 2, 0)
         self.v[:, n:n + t] = v.transpose(1, 0, 2)
         self.length += t
@@ -238,7 +266,10 @@ class KVCache:
         q = np.asarray(q)
         if q.dtype != F32:
             raise TypeError(f"q: expected float32, got dtype {q.dtype}")
-        scale, window = _attention_scale_window(q, scale, window)
-        out = _core.attention(q[None], self.k[None], self.values()[None], None, True, scale,
+        if scale is None and window is None and q.ndim == 3 and q.shape[2] == self.v.shape[2]:
+            scale, window = self._scale, 0
+        else:
+            scale, window = _attention_scale_window(q, scale, window)
+        out = _core.attention(q[None], self._k4, self._v4[:, : self.length], None, True, scale,
                               window, None, True)
         return out.reshape(q.shape[0], -1)
