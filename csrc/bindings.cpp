@@ -6,11 +6,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -485,6 +487,7 @@ class BlockWeight {
   BlockWeight(int fmt, int64_t N, int64_t K, const py::dict& parts)
       : parts_(py::dict(parts)), w_(blk_weight(fmt, N, K, parts_)) {}
   const BlkArgs& args() const { return w_; }
+  const py::dict& parts() const { return parts_; }
 
  private:
   py::dict parts_;  // a copy of the mapping: replacing an entry later cannot free what w_ reads
@@ -540,6 +543,7 @@ class LinearPlan {
     check_w8(packed, scales, comp, p.w8_);
     p.arrays_ = {packed, scales, comp};
     p.w_ = {packed.data(), scales.data(), comp.data(), nullptr};
+    p.own_ranges(p.arrays_);
     p.act_scale_ = act_scale, p.act_zero_ = act_zero;
     return p;
   }
@@ -554,6 +558,7 @@ class LinearPlan {
     check_w4(packed, scales, mins, zeros, p.q4_);
     p.arrays_ = {packed, scales, mins, zeros};
     p.w_ = {packed.data(), scales.data(), cptr_or_null<uint16_t>(mins), cptr_or_null<uint8_t>(zeros)};
+    p.own_ranges(p.arrays_);
     p.int8_ = int8_activations, p.act_scale_ = act_scale;
     return p;
   }
@@ -565,6 +570,9 @@ class LinearPlan {
     LinearPlan p(Kind::Blk, w.N, w.K, bias, input_scale, gelu, fast);
     p.blk_ = w;
     p.arrays_ = {weight};
+    std::vector<py::object> parts;
+    for (auto item : weight.cast<const BlockWeight&>().parts()) parts.push_back(py::reinterpret_borrow<py::object>(item.second));
+    p.own_ranges(parts);
     p.int8_ = int8_activations, p.act_scale_ = act_scale;
     return p;
   }
@@ -641,10 +649,51 @@ class LinearPlan {
         colscale_(optional_vector(input_scale, "input_scale", K)),
         bias_p_(cptr_or_null<float>(bias_)), colscale_p_(cptr_or_null<float>(colscale_)) {}
 
+  // The weight's arrays, as prefetch_async reads them.
+  void own_ranges(const std::vector<py::object>& arrays) {
+    for (const py::object& a : arrays)
+      if (py::isinstance<py::array>(a) && own_n_ < 8) {
+        const auto arr = a.cast<py::array>();
+        own_[own_n_++] = {arr.data(), (int64_t)arr.nbytes()};
+      }
+  }
+
   // Runs without the GIL: only the raw pointers taken (with it) when the plan was made.
+  // A few rows stream the weights from memory, and a model's decode step calls its layers in the
+  // same order each token: each plan learns which plan this Python thread called after it (with
+  // the GIL held, so threads never race on it), and once its own kernel is done has the pool's
+  // idle workers prefetch that one's weights, while Python computes what lies between the two
+  // layers (norms, attention).
   void run_kernel(const float* x, int64_t ldx, int64_t M, float* y) const {
     const float *b = bias_p_, *cs = colscale_p_;
+    thread_local std::weak_ptr<Successor> last;  // where the plan called before this one learns
+    MemRange ahead[kMaxPrefetchRanges];
+    int n_ahead = 0;
+    if (M <= kStreamRows) {
+      if (auto prev = last.lock()) {
+        prev->n = own_n_;
+        std::copy(own_, own_ + own_n_, prev->r);
+        prev->after = next_;
+      }
+      last = next_;
+      // the weights of the next few calls, as far as they were learned, up to ~2 MB
+      int64_t bytes = 0;
+      std::shared_ptr<const Successor> s = next_;
+      for (int depth = 0; s && depth < 4 && bytes < (int64_t(2) << 20); ++depth, s = s->after.lock())
+        for (int i = 0; i < s->n && n_ahead < kMaxPrefetchRanges; ++i) {
+          ahead[n_ahead++] = s->r[i];
+          bytes += s->r[i].bytes;
+        }
+    } else {
+      last.reset();
+    }
     NoGil nogil;
+    run_kernel_nogil(x, ldx, M, b, cs, y);
+    prefetch_async(ahead, n_ahead);
+  }
+
+  void run_kernel_nogil(const float* x, int64_t ldx, int64_t M, const float* b, const float* cs,
+                        float* y) const {
     switch (kind_) {
       case Kind::W8:
         linear_w8a8(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], (const int32_t*)w_[2],
@@ -661,9 +710,19 @@ class LinearPlan {
     }
   }
 
+  struct Successor {  // the weight of the plan called next, and where that one's successor is
+    MemRange r[8];
+    int n = 0;
+    std::weak_ptr<Successor> after;
+  };
+  static constexpr int64_t kStreamRows = 16;  // calls of at most this many rows learn and prefetch
+
   Kind kind_;
   int64_t N_, K_;
   bool gelu_, fast_;
+  std::shared_ptr<Successor> next_ = std::make_shared<Successor>();  // the weight called after this
+  MemRange own_[8];
+  int own_n_ = 0;
   py::object bias_, colscale_;      // checked float32 vectors, or None
   std::vector<py::object> arrays_;  // what the pointers below read, kept alive
   const float *bias_p_ = nullptr, *colscale_p_ = nullptr;

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <algorithm>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -121,15 +122,53 @@ struct Pool {
   const std::function<void(int64_t, int64_t)>* job = nullptr;
   int64_t ntasks = 0;
   int job_threads = 0;
+  // prefetch_async's request: its ranges, numbered by side_epoch
+  std::mutex side_mutex;
+  MemRange side[kMaxPrefetchRanges];
+  int side_n = 0;
+  std::atomic<uint64_t> side_epoch{0};
+
+  // Worker `id` prefetches its own share of each requested range first: with the next call split
+  // over threads the same way (contiguous panel ranges, thread t the t-th of nthreads), that is the
+  // part it will read itself; worker 1 then goes on with the caller's share (thread 0's). Stops at
+  // the next job.
+  void prefetch_share(int id, uint64_t seen) {
+    MemRange r[kMaxPrefetchRanges];
+    int n;
+    {
+      std::lock_guard<std::mutex> lock(side_mutex);
+      n = side_n;
+      std::copy(side, side + n, r);
+    }
+    const int64_t nt = nthreads;
+    for (const int64_t t : {(int64_t)id, id == 1 ? int64_t(0) : int64_t(-1)}) {
+      if (t < 0 || t >= nt) continue;
+      for (int i = 0; i < n; ++i) {
+        const char* p = static_cast<const char*>(r[i].p);
+        const int64_t hi = r[i].bytes * (t + 1) / nt;
+        for (int64_t o = r[i].bytes * t / nt; o < hi; o += 64) {
+          __builtin_prefetch(p + o, 0, 3);
+          if ((o & 4095) == 0 && epoch.load(std::memory_order_relaxed) != seen) return;
+        }
+      }
+    }
+  }
 
   void worker(int id, uint64_t seen) {
     in_pool_job = true;
+    uint64_t side_seen = side_epoch.load();
     for (;;) {
       auto idle_since = Clock::now();
       uint64_t now_epoch;
       for (int spins = 0;; ++spins) {
         now_epoch = epoch.load(std::memory_order_acquire);
         if (now_epoch != seen) break;
+        if (const uint64_t s = side_epoch.load(std::memory_order_acquire); s != side_seen) {
+          side_seen = s;
+          prefetch_share(id, seen);
+          idle_since = Clock::now();
+          continue;
+        }
         pause_or_yield(spins);
         if (spins >= kPauses && Clock::now() - idle_since > kSpin) {
           std::unique_lock<std::mutex> lock(sleep_mutex);
@@ -212,6 +251,7 @@ Pool& pool() {
                      q.workers = new std::vector<std::thread>();
                      new (&q.run_mutex) std::mutex();
                      new (&q.sleep_mutex) std::mutex();
+                     new (&q.side_mutex) std::mutex();
                      new (&q.wake) std::condition_variable();
                      q.pending.store(0);
                      q.stop.store(false);
@@ -235,6 +275,29 @@ void set_num_threads(int64_t n) {
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.run_mutex);
   p.shrink_to((int)n);
+}
+
+void prefetch_async(const MemRange* ranges, int n) {
+  Pool& p = pool();
+  // LOWBIT_PREFETCH=0: never (to measure what it gains)
+  static const bool off = [] {
+    const char* env = std::getenv("LOWBIT_PREFETCH");
+    return env && std::string(env) == "0";
+  }();
+  if (off || n < 1 || p.nthreads == 1 || openmp.load(std::memory_order_relaxed))
+    return;
+  constexpr int64_t kMaxBytes = int64_t(2) << 20;  // within what a worker's L2 cache holds
+  {
+    std::lock_guard<std::mutex> lock(p.side_mutex);
+    int64_t left = kMaxBytes;
+    p.side_n = 0;
+    for (int i = 0; i < n && i < kMaxPrefetchRanges && left > 0; ++i) {
+      const int64_t bytes = ranges[i].bytes < left ? ranges[i].bytes : left;
+      p.side[p.side_n++] = {ranges[i].p, bytes};
+      left -= bytes;
+    }
+  }
+  p.side_epoch.fetch_add(1, std::memory_order_acq_rel);
 }
 
 std::string use_openmp(const std::string& path) {

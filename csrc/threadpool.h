@@ -23,6 +23,20 @@ void set_num_threads(int64_t n);
 // holds the pool (concurrent Python threads then each compute on their own thread).
 void parallel_for(int64_t ntasks, const std::function<void(int64_t, int64_t)>& fn);
 
+// Bytes at p, for prefetch_async.
+struct MemRange {
+  const void* p;
+  int64_t bytes;
+};
+constexpr int kMaxPrefetchRanges = 16;
+
+// Asks the pool's idle workers to bring `ranges` (at most kMaxPrefetchRanges, the first few MB of
+// them) into their caches while the caller goes on with other work: a decode step's next weight,
+// streamed from memory while Python computes between two layers. Prefetch instructions only (any
+// address is safe, nothing is read into a register); dropped when no worker is awake or lowbit runs
+// on OpenMP's threads, and cut short by the next parallel job. Never changes a result.
+void prefetch_async(const MemRange* ranges, int n);
+
 // Runs parallel_for's work on the threads of the OpenMP runtime already loaded from `path` (its
 // GOMP_parallel), e.g. PyTorch's, instead of lowbit's own pool, so that lowbit and the other
 // library's kernels share one set of threads; "" goes back to lowbit's pool. Returns the previous

@@ -442,3 +442,42 @@ def test_misaligned_and_strided_integer_arrays(rng):
     np.testing.assert_array_equal(lb._core.gemm_s8(np.asfortranarray(a), b), expected)
     q = rng.integers(0, 16, (4, 6), dtype=np.uint8)
     np.testing.assert_array_equal(lb._core.unpack_int4(lb._core.pack_int4(np.asfortranarray(q))), q)
+
+
+def test_decode_prefetch_never_changes_results_and_survives_freed_weights(tmp_path):
+    """A call sequence learns each layer's successor and has idle workers prefetch its weights
+    (csrc/threadpool.cpp prefetch_async): results equal those without it (LOWBIT_PREFETCH=0, in a
+    child), including after a learned successor was freed and with the thread count changing."""
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np, lowbit as lb
+        rng = np.random.default_rng(5)
+        from test_block_formats import weight
+        ws = [rng.normal(size=(n, 256)).astype(np.float32) for n in (300, 256, 512)]
+        layers = [lb.Linear(ws[0]), lb.Linear(ws[1], bits=4, group_size=32, symmetric=False),
+                  lb.Linear(weight("Q4_K", 512, 1, rng)), lb.Linear(ws[2], bits=4, group_size=64)]
+        x = rng.normal(size=(2, 256)).astype(np.float32)
+        out = []
+        for step in range(6):
+            lb.set_num_threads(1 + step % 3)
+            for layer in layers:
+                y = layer(x)
+                out.append(y)
+                x = y[:, :256] * np.float32(0.01)
+            if step == 3:
+                del layers[1]  # its predecessor still points at its (now freed) arrays
+        np.save(__import__("sys").argv[1], np.concatenate([o.ravel() for o in out]))
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    got = {}
+    for prefetch in ("1", "0"):
+        path = str(tmp_path / f"out{prefetch}.npy")
+        env = dict(os.environ, LOWBIT_PREFETCH=prefetch, PYTHONPATH=here)
+        r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        got[prefetch] = np.load(path)
+    np.testing.assert_array_equal(got["1"], got["0"])
