@@ -12,7 +12,9 @@ machine may be shared). torch and lowbit both get `--threads` threads. Accuracy:
 cosine of each one's embeddings of all bundled sentences to the float32 model's.
 
 Implementations: float32; `torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, qint8)`;
-torchao's int8 dynamic activation / int8 weight config when torchao imports; lowbit INT8
+torchao's CPU configs when torchao imports (TORCHAO_CONFIGS: int8 dynamic activations / int8
+weights, int8 weight-only, int4 weight-only, int8 activations / int4 weights; those without a
+kernel here are reported as skipped); lowbit INT8
 (per-row weights, dynamic int8 activations) and INT4 (groups of 32 with minima, int8
 activations) through lowbit.torch.quantize_model; when lowbit shares torch's OpenMP threads (its
 default under torch's Linux wheels), lowbit INT8 on its own thread pool too.
@@ -53,18 +55,31 @@ def embed(model, batch):
     return torch.nn.functional.normalize(e.float(), dim=-1)
 
 
+# torchao's CPU-capable configs (quantize_), each tried and reported as skipped when it does not run
+TORCHAO_CONFIGS = {
+    "torchao int8 dyn": lambda tq: tq.Int8DynamicActivationInt8WeightConfig(),
+    "torchao int8 wo": lambda tq: tq.Int8WeightOnlyConfig(),
+    "torchao int4 wo g32": lambda tq: tq.Int4WeightOnlyConfig(group_size=32),
+    "torchao int8a int4w": lambda tq: tq.Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=tq.PerGroup(32)),
+}
+
+
 def variants(float_model):
     out = {"float32": float_model}
     out["torch.ao int8"] = torch.ao.quantization.quantize_dynamic(
         copy.deepcopy(float_model), {torch.nn.Linear}, dtype=torch.qint8)
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    for label, config in TORCHAO_CONFIGS.items():
+        try:
+            import torchao.quantization as tq
 
-        m = copy.deepcopy(float_model)
-        quantize_(m, Int8DynamicActivationInt8WeightConfig())
-        out["torchao int8 dyn"] = m
-    except Exception as e:  # not installed, or no CPU kernel for it here
-        print(f"torchao: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+            m = copy.deepcopy(float_model)
+            tq.quantize_(m, config(tq))
+            with torch.inference_mode():
+                m(input_ids=torch.ones(1, 8, dtype=torch.long))  # some fail only when run
+            out[label] = m
+        except Exception as e:  # not installed, or no CPU kernel for it here
+            print(f"{label}: skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     out["lowbit int8"] = lbt.quantize_model(copy.deepcopy(float_model), bits=8)
     out["lowbit int4"] = lbt.quantize_model(copy.deepcopy(float_model), bits=4, group_size=32,
                                             symmetric=False)

@@ -120,7 +120,16 @@ void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, cons
     pb = (panels + nt - 1) / nt;
     if (pb > 32) pb = round_up(pb, 8);
   }
-  const int64_t row_blocks = (M + mb - 1) / mb, panel_blocks = (panels + pb - 1) / pb;
+  const int64_t row_blocks = (M + mb - 1) / mb;
+  int64_t panel_blocks = (panels + pb - 1) / pb;
+  if (M > 4 && row_blocks < nt) {
+    // Fewer row blocks than threads: as many panel blocks as make an equal share per thread
+    // (e.g. 17 x 384 rows, 24 panels: 12 + 12, not 16 + 8), each no larger than pb.
+    const int64_t want = (nt + row_blocks - 1) / row_blocks;
+    panel_blocks = (panel_blocks + want - 1) / want * want;
+    pb = (panels + panel_blocks - 1) / panel_blocks;
+    panel_blocks = (panels + pb - 1) / pb;
+  }
   parallel_for(row_blocks * panel_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t % row_blocks, p0 = t / row_blocks * pb;
