@@ -851,7 +851,11 @@ py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox)
   cos = check<float>(cos, "cos", {T, d / 2});
   sin = check<float>(sin, "sin", {T, d / 2});
   py::array_t<float> y({T, H, d});
-  rope(cptr<float>(x), T, H, d, cptr<float>(cos), cptr<float>(sin), neox, y.mutable_data());
+  float* yp = y.mutable_data();
+  {
+    NoGil nogil;
+    rope(cptr<float>(x), T, H, d, cptr<float>(cos), cptr<float>(sin), neox, yp);
+  }
   return y;
 }
 
