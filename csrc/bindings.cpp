@@ -571,7 +571,8 @@ class LinearPlan {
     p.blk_ = w;
     p.arrays_ = {weight};
     std::vector<py::object> parts;
-    for (auto item : weight.cast<const BlockWeight&>().parts()) parts.push_back(py::reinterpret_borrow<py::object>(item.second));
+    for (auto item : weight.cast<const BlockWeight&>().parts())
+      parts.push_back(py::reinterpret_borrow<py::object>(item.second));
     p.own_ranges(parts);
     p.int8_ = int8_activations, p.act_scale_ = act_scale;
     return p;
@@ -652,7 +653,7 @@ class LinearPlan {
   // The weight's arrays, as prefetch_async reads them.
   void own_ranges(const std::vector<py::object>& arrays) {
     for (const py::object& a : arrays)
-      if (py::isinstance<py::array>(a) && own_n_ < 8) {
+      if (py::isinstance<py::array>(a) && own_n_ < kPlanRanges) {
         const auto arr = a.cast<py::array>();
         own_[own_n_++] = {arr.data(), (int64_t)arr.nbytes()};
       }
@@ -710,8 +711,9 @@ class LinearPlan {
     }
   }
 
+  static constexpr int kPlanRanges = 8;  // at least a weight's arrays (block formats: their parts)
   struct Successor {  // the weight of the plan called next, and where that one's successor is
-    MemRange r[8];
+    MemRange r[kPlanRanges];
     int n = 0;
     std::weak_ptr<Successor> after;
   };
@@ -721,7 +723,7 @@ class LinearPlan {
   int64_t N_, K_;
   bool gelu_, fast_;
   std::shared_ptr<Successor> next_ = std::make_shared<Successor>();  // the weight called after this
-  MemRange own_[8];
+  MemRange own_[kPlanRanges];
   int own_n_ = 0;
   py::object bias_, colscale_;      // checked float32 vectors, or None
   std::vector<py::object> arrays_;  // what the pointers below read, kept alive

@@ -5,17 +5,17 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <exception>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <algorithm>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
