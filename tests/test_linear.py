@@ -475,7 +475,8 @@ def test_decode_prefetch_never_changes_results_and_survives_freed_weights(tmp_pa
     got = {}
     for prefetch in ("1", "0"):
         path = str(tmp_path / f"out{prefetch}.npy")
-        env = dict(os.environ, LOWBIT_PREFETCH=prefetch, PYTHONPATH=here)
+        path_ = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, LOWBIT_PREFETCH=prefetch, PYTHONPATH=path_)
         r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr
