@@ -98,7 +98,8 @@ def _share_torch_threads():
     """When torch's intra-op threads are OpenMP's (its Linux wheels: libgomp), lowbit's kernels
     run on those same threads (runtime.use_openmp): one team takes turns between torch's ops and
     lowbit's layers, where two pools would fight for the cores (measured in bench/RESULTS.md,
-    "PyTorch threads"). ``lowbit.runtime.use_openmp(None)`` goes back to lowbit's own pool."""
+    "PyTorch: lowbit on torch's own OpenMP threads"). ``lowbit.runtime.use_openmp(None)`` goes
+    back to lowbit's own pool."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return
     found = runtime.loaded_openmp(under=os.path.dirname(torch.__file__))
