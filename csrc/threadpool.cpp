@@ -146,9 +146,11 @@ struct Pool {
       for (int i = 0; i < n; ++i) {
         const char* p = static_cast<const char*>(r[i].p);
         const int64_t hi = r[i].bytes * (t + 1) / nt;
+        // (a share starts anywhere: the job check counts lines, not offsets)
+        int64_t lines = 0;
         for (int64_t o = r[i].bytes * t / nt; o < hi; o += 64) {
           __builtin_prefetch(p + o, 0, 3);
-          if ((o & 4095) == 0 && epoch.load(std::memory_order_relaxed) != seen) return;
+          if (++lines % 64 == 0 && epoch.load(std::memory_order_relaxed) != seen) return;
         }
       }
     }
