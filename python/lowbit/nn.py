@@ -183,9 +183,13 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
     return _core.attention(q, k, v, lengths, bool(causal), scale, window, out)
 
 
+def _default_scale(head_dim):
+    return float(1.0 / np.sqrt(head_dim)) if head_dim else 1.0
+
+
 def _attention_scale_window(q, scale, window):
     if scale is None:
-        scale = 1.0 / np.sqrt(q.shape[-1]) if q.ndim and q.shape[-1] else 1.0
+        scale = _default_scale(q.shape[-1] if q.ndim else 0)
     if window is None:
         window = 0
     elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
@@ -228,7 +232,7 @@ class KVCache:
         self._hold(np.empty((kv_heads, head_dim, capacity + 16), F32),
                    np.empty((kv_heads, capacity, head_dim), F32))
         self.length = 0
-        self._scale = float(1.0 / np.sqrt(head_dim)) if head_dim else 1.0  # attention's default
+        self._scale = _default_scale(head_dim)
 
     def _hold(self, k, v):
         self.k, self.v = k, v
