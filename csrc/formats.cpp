@@ -208,26 +208,29 @@ int blk_u(const BlkArgs& w, int64_t n, int64_t k) {
   return v;
 }
 
+void blk_codes(const BlkArgs& w, int64_t n, int64_t s, int* code, int* mcode) {
+  const BlockFormat& F = kBlockFormats[w.fmt];
+  const int64_t at_sub = (n / kPanel * (w.K / F.sub) + s) * kPanel + n % kPanel;
+  *code = F.scale != ScaleKind::Code ? 1 : F.pair4 ? (uint8_t)w.sc[at_sub] & 0x0F : w.sc[at_sub];
+  *mcode = F.min != MinKind::Code ? 0 : F.pair4 ? (uint8_t)w.sc[at_sub] >> 4 : w.mc[at_sub];
+}
+
+void blk_block_scales(const BlkArgs& w, int64_t n, int64_t blk, float* d, float* dm) {
+  const BlockFormat& F = kBlockFormats[w.fmt];
+  const int64_t at_blk = (n / kPanel * (w.K / F.block) + blk) * kPanel + n % kPanel;
+  *d = F.scale == ScaleKind::E8M0 ? e8m0_half(((const uint8_t*)w.d)[at_blk])
+                                  : ref::half_to_float(((const uint16_t*)w.d)[at_blk]);
+  *dm = F.min == MinKind::None ? 0.f : ref::half_to_float(w.dm[at_blk]);
+}
+
 void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B) {
   const BlockFormat& F = kBlockFormats[w.fmt];
-  const int64_t p = n / kPanel, r = n % kPanel;
-  const int64_t blk = s * F.sub / F.block;  // the file block holding sub-block s
-  const int64_t at_blk = (p * (w.K / F.block) + blk) * kPanel + r;
-  const int64_t at_sub = (p * (w.K / F.sub) + s) * kPanel + r;
-  switch (F.scale) {
-    case ScaleKind::Half: *D = ref::half_to_float(((const uint16_t*)w.d)[at_blk]); break;
-    case ScaleKind::E8M0: *D = e8m0_half(((const uint8_t*)w.d)[at_blk]); break;
-    case ScaleKind::Code: {
-      const int code = F.pair4 ? (uint8_t)w.sc[at_sub] & 0x0F : w.sc[at_sub];
-      *D = ref::half_to_float(((const uint16_t*)w.d)[at_blk]) * (float)code;
-    }
-  }
-  *B = 0.f;
-  if (F.min == MinKind::Half) *B = ref::half_to_float(w.dm[at_blk]);
-  if (F.min == MinKind::Code) {
-    const int code = F.pair4 ? (uint8_t)w.sc[at_sub] >> 4 : w.mc[at_sub];
-    *B = -(ref::half_to_float(w.dm[at_blk]) * (float)code);
-  }
+  int code, mcode;
+  float d, dm;
+  blk_codes(w, n, s, &code, &mcode);
+  blk_block_scales(w, n, s * F.sub / F.block, &d, &dm);
+  *D = F.scale == ScaleKind::Code ? d * (float)code : d;
+  *B = F.min == MinKind::Half ? dm : F.min == MinKind::Code ? -(dm * (float)mcode) : 0.f;
 }
 
 void blk_from_gguf(const uint8_t* raw, int64_t row_bytes, const BlkShape& s, int64_t first, int64_t last,

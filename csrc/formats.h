@@ -9,6 +9,10 @@
 //   min    None: B = 0;  Half: B = float16 m;  Code: B = -(dmin * code) (dmin per file block);
 //   lut    the 4-bit value indexes a 16-entry int8 grid (IQ4, MXFP4), stored as grid + 128 with
 //          offset 128 so that the kernels' unsigned x signed dot products still apply.
+// With int8 activations, formats whose codes are small (code_dot: Q2_K, Q3_K, where every
+// code * (u - offset) lies within 255 consecutive integers, so that one byte holds it) keep the codes inside the exact integer dot of each
+// 32-input activation block and fold d / dmin once per file block (gemm_blk/ref.cpp); the others
+// fold D and B per sub-block.
 // Its kernel layout (shared by every ISA, saved as is), P = ceil(N / 16) panels of 16 rows:
 //   q8    uint8  [P*16][K]     8-bit values whole, as the int8 layout (kernels.h): 64-byte blocks
 //                              of 16 rows x 4 k, byte r*4+i holding k0+i (Q8_0)
@@ -47,6 +51,7 @@ struct BlockFormat {
   ScaleKind scale;
   MinKind min;
   bool pair4;           // scale and min codes share a byte (Q2_K)
+  bool code_dot;        // int8 activations: codes multiply inside the integer dot (see above)
   BlockDecoder decode;  // formats.cpp
 };
 
@@ -64,19 +69,20 @@ void decode_mxfp4(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16
 
 using SK = ScaleKind;
 using MK = MinKind;
-// name, ggml type, block, bytes, sub, bits, nib, planes, offset, lut, scale, min, pair4, decoder
+// name, ggml type, block, bytes, sub, bits, nib, planes, offset, lut, scale, min, pair4, code_dot,
+// decoder
 constexpr BlockFormat kBlockFormats[] = {
-    {"Q8_0", 8, 32, 34, 32, 8, false, 0, 128, Lut::None, SK::Half, MK::None, false, decode_q8_0},
-    {"Q5_0", 6, 32, 22, 32, 5, true, 1, 16, Lut::None, SK::Half, MK::None, false, decode_q5_0},
-    {"Q5_1", 7, 32, 24, 32, 5, true, 1, 0, Lut::None, SK::Half, MK::Half, false, decode_q5_1},
-    {"Q2_K", 10, 256, 84, 16, 2, false, 2, 0, Lut::None, SK::Code, MK::Code, true, decode_q2_k},
-    {"Q3_K", 11, 256, 110, 16, 3, false, 3, 4, Lut::None, SK::Code, MK::None, false, decode_q3_k},
-    {"Q4_K", 12, 256, 144, 32, 4, true, 0, 0, Lut::None, SK::Code, MK::Code, false, decode_q4_k},
-    {"Q5_K", 13, 256, 176, 32, 5, true, 1, 0, Lut::None, SK::Code, MK::Code, false, decode_q5_k},
-    {"Q6_K", 14, 256, 210, 16, 6, true, 2, 32, Lut::None, SK::Code, MK::None, false, decode_q6_k},
-    {"IQ4_NL", 20, 32, 18, 32, 4, true, 0, 128, Lut::IQ4, SK::Half, MK::None, false, decode_iq4_nl},
-    {"IQ4_XS", 23, 256, 136, 32, 4, true, 0, 128, Lut::IQ4, SK::Code, MK::None, false, decode_iq4_xs},
-    {"MXFP4", 39, 32, 17, 32, 4, true, 0, 128, Lut::MXFP4, SK::E8M0, MK::None, false, decode_mxfp4},
+    {"Q8_0", 8, 32, 34, 32, 8, false, 0, 128, Lut::None, SK::Half, MK::None, false, false, decode_q8_0},
+    {"Q5_0", 6, 32, 22, 32, 5, true, 1, 16, Lut::None, SK::Half, MK::None, false, false, decode_q5_0},
+    {"Q5_1", 7, 32, 24, 32, 5, true, 1, 0, Lut::None, SK::Half, MK::Half, false, false, decode_q5_1},
+    {"Q2_K", 10, 256, 84, 16, 2, false, 2, 0, Lut::None, SK::Code, MK::Code, true, true, decode_q2_k},
+    {"Q3_K", 11, 256, 110, 16, 3, false, 3, 4, Lut::None, SK::Code, MK::None, false, true, decode_q3_k},
+    {"Q4_K", 12, 256, 144, 32, 4, true, 0, 0, Lut::None, SK::Code, MK::Code, false, false, decode_q4_k},
+    {"Q5_K", 13, 256, 176, 32, 5, true, 1, 0, Lut::None, SK::Code, MK::Code, false, false, decode_q5_k},
+    {"Q6_K", 14, 256, 210, 16, 6, true, 2, 32, Lut::None, SK::Code, MK::None, false, false, decode_q6_k},
+    {"IQ4_NL", 20, 32, 18, 32, 4, true, 0, 128, Lut::IQ4, SK::Half, MK::None, false, false, decode_iq4_nl},
+    {"IQ4_XS", 23, 256, 136, 32, 4, true, 0, 128, Lut::IQ4, SK::Code, MK::None, false, false, decode_iq4_xs},
+    {"MXFP4", 39, 32, 17, 32, 4, true, 0, 128, Lut::MXFP4, SK::E8M0, MK::None, false, false, decode_mxfp4},
 };
 constexpr int kNumBlockFormats = sizeof(kBlockFormats) / sizeof(kBlockFormats[0]);
 
@@ -123,6 +129,10 @@ struct BlkShape {
 // u of weight (n, k), the grid applied (so w = D (u - offset) + B), and sub-block s's D and B, in
 // exactly the float operations of the gguf package's dequantizers.
 int blk_u(const BlkArgs& w, int64_t n, int64_t k);
+// Row n's codes of sub-block s (scale; min, 0 without) and its file block's d and dmin (E8M0: the
+// scale itself; dm 0 without minima), as floats.
+void blk_codes(const BlkArgs& w, int64_t n, int64_t s, int* code, int* mcode);
+void blk_block_scales(const BlkArgs& w, int64_t n, int64_t blk, float* d, float* dm);
 void blk_scale(const BlkArgs& w, int64_t n, int64_t s, float* D, float* B);
 // File rows (row_bytes apart) into rows [n0, n1) (n0 a multiple of 16) of zero-filled parts of
 // the kernel layout: raw's first row is weight row n0.

@@ -2,7 +2,8 @@
 // with each panel's 16 columns as two 8-column halves. A bit plane's 32-bit half-mask becomes
 // bytes by VPSHUFB + compare. Without VNNI the dot is VPMADDUBSW then VPMADDWD: exact while
 // values stay <= 127 (pair sums <= 2*127*128); grid and 8-bit values (up to 255) are split as
-// (u & 127) + 128 * (u >> 7), each product exact.
+// (u & 127) + 128 * (u >> 7), each product exact. code_dot formats (Q2_K, Q3_K) multiply each
+// sub-block's exact dot by its codes in int32 (VPMULLD) and fold per 32 inputs, as the reference.
 #include <immintrin.h>
 #include <cstring>
 #include "formats.h"
@@ -172,6 +173,91 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int h = 0; h < 2; ++h) store(g, m0 + m, p * kPanel + 8 * h, f[m * 2 + h]);
 }
 
+// code_dot formats: i_b = sum over the 32-block's two sub-blocks of code_s * (dot_s - offset *
+// asum_s), m_b = sum of mcode_s * asum_s, both exact in int32; the fold of gemm_blk/ref.cpp.
+template <int F, int MR>
+void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr bool mins = fmt.min != MinKind::None;
+  const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
+  const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
+  __m256 f[MR * 2];
+  LOWBIT_UNROLL
+  for (int i = 0; i < MR * 2; ++i) f[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < g->K / fmt.block; ++t) {
+    __m256 gs[MR * 2], hs[MR * 2];
+    LOWBIT_UNROLL
+    for (int i = 0; i < MR * 2; ++i) gs[i] = hs[i] = _mm256_setzero_ps();
+    for (int64_t k0 = t * fmt.block; k0 < (t + 1) * fmt.block; k0 += kActBlock) {
+      __m256i ib[MR * 2], mb[MR * 2];
+      LOWBIT_UNROLL
+      for (int i = 0; i < MR * 2; ++i) ib[i] = mb[i] = _mm256_setzero_si256();
+      for (int64_t s = k0 / 16; s < k0 / 16 + 2; ++s) {
+        __m256i acc[MR * 2];
+        LOWBIT_UNROLL
+        for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
+        LOWBIT_UNROLL
+        for (int st = 0; st < 2; ++st)
+          LOWBIT_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            __m256i lo, hi;
+            values<F>(g, p, 2 * s + st, h, lo, hi);
+            LOWBIT_UNROLL
+            for (int m = 0; m < MR; ++m) {
+              acc[m * 2 + h] = dot4<false>(acc[m * 2 + h], lo, bcast4(a + m * g->lda + 16 * s + 8 * st));
+              acc[m * 2 + h] = dot4<false>(acc[m * 2 + h], hi, bcast4(a + m * g->lda + 16 * s + 8 * st + 4));
+            }
+          }
+        __m256i code[2], mcode[2];
+        LOWBIT_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const __m128i raw = _mm_loadl_epi64((const __m128i*)(g->sc + (p * (g->K / 16) + s) * kPanel + 8 * h));
+          code[h] = fmt.pair4 ? _mm256_and_si256(_mm256_cvtepu8_epi32(raw), _mm256_set1_epi32(0x0F))
+                              : _mm256_cvtepi8_epi32(raw);
+          mcode[h] = _mm256_srli_epi32(_mm256_cvtepu8_epi32(raw), 4);
+        }
+        LOWBIT_UNROLL
+        for (int m = 0; m < MR; ++m) {
+          const int32_t asum = g->asum[(m0 + m) * n16 + s];
+          LOWBIT_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            const __m256i i = _mm256_sub_epi32(acc[m * 2 + h], _mm256_set1_epi32(fmt.offset * asum));
+            ib[m * 2 + h] = _mm256_add_epi32(ib[m * 2 + h], _mm256_mullo_epi32(code[h], i));
+            if (mins)
+              mb[m * 2 + h] = _mm256_add_epi32(mb[m * 2 + h], _mm256_mullo_epi32(mcode[h], _mm256_set1_epi32(asum)));
+          }
+        }
+      }
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sb = _mm256_set1_ps(g->ablock[(m0 + m) * n32 + k0 / kActBlock]);
+        LOWBIT_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          gs[m * 2 + h] = _mm256_fmadd_ps(sb, _mm256_cvtepi32_ps(ib[m * 2 + h]), gs[m * 2 + h]);
+          if (mins) hs[m * 2 + h] = _mm256_fmadd_ps(sb, _mm256_cvtepi32_ps(mb[m * 2 + h]), hs[m * 2 + h]);
+        }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = (p * (g->K / fmt.block) + t) * kPanel + 8 * h;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)g->d + at)));
+      const __m256 ndm = mins ? _mm256_xor_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->dm + at))),
+                                              _mm256_set1_ps(-0.f))
+                              : _mm256_setzero_ps();
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        if (mins) f[m * 2 + h] = _mm256_fmadd_ps(ndm, hs[m * 2 + h], f[m * 2 + h]);
+        f[m * 2 + h] = _mm256_fmadd_ps(d, gs[m * 2 + h], f[m * 2 + h]);
+      }
+    }
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m)
+    LOWBIT_UNROLL
+    for (int h = 0; h < 2; ++h) store(g, m0 + m, p * kPanel + 8 * h, f[m * 2 + h]);
+}
+
 template <int F, int MR>
 void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -220,15 +306,22 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int h = 0; h < 2; ++h) store(g, m0 + m, p * kPanel + 8 * h, f[m * 2 + h]);
 }
 
+template <int F, bool A8, int MR>
+void tile(const BlkArgs* g, int64_t m0, int64_t p) {
+  if constexpr (!A8) tile_f32<F, MR>(g, m0, p);
+  else if constexpr (kBlockFormats[F].code_dot) tile_code_dot<F, MR>(g, m0, p);
+  else tile_a8<F, MR>(g, m0, p);
+}
+
 template <int F, bool A8>
 void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m = 0; m < g->M;) {
       const int mr = (int)(g->M - m < 2 ? g->M - m : 2);
       if (mr == 2)
-        A8 ? tile_a8<F, 2>(g, m, p) : tile_f32<F, 2>(g, m, p);
+        tile<F, A8, 2>(g, m, p);
       else
-        A8 ? tile_a8<F, 1>(g, m, p) : tile_f32<F, 1>(g, m, p);
+        tile<F, A8, 1>(g, m, p);
       m += mr;
     }
 }

@@ -3,6 +3,10 @@
 // vectors: nibbles AND 0x0F / shift 4, the grid by VPSHUFB, each bit plane added under its 64-bit
 // mask (VPADDB with a k-mask); then VPDPBUSD (u8 values x s8 activations) per sub-block, or
 // float FMAs in k order. Scales follow the reference's fold exactly (gemm_blk/ref.cpp).
+// code_dot formats (Q2_K, Q3_K) with int8 activations build bytes code * (u - offset) + bias
+// instead: the sub-block's code bytes, doubled per plane, are added under each plane's mask to
+// bias - offset * code, so that one VPDPBUSD chain covers the 32-input activation block and the
+// float fold runs once per 32 inputs (d and dmin once per 256).
 #include <immintrin.h>
 #include <cstring>
 #include "formats.h"
@@ -159,6 +163,138 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
 }
 
+// code_dot: byte = code * (u - offset) + kBias, within [0, 255] for every u and code (formats.h)
+template <int F>
+struct CodeDot {
+  static constexpr BlockFormat fmt = kBlockFormats[F];
+  static_assert(!fmt.code_dot || (fmt.sub == 16 && !fmt.nib && fmt.bits == fmt.planes &&
+                                  (fmt.offset & (fmt.offset - 1)) == 0),
+                "code_dot: 16-input sub-blocks of bit planes, a power-of-two offset");
+  // Q2_K: code 0..15, u 0..3: 0..45.  Q3_K: code -32..31, u - 4 in -4..3: -124..128, + 127.
+  static constexpr int kBias = fmt.offset ? 127 : 0;
+};
+
+// Sub-block s's code bytes of panel p, each column's code in all 4 bytes of its lane: c, and the
+// plane addends c << j (bytes, wrapping) and the start kBias - offset * c.
+template <int F>
+inline void coded(const BlkArgs* g, int64_t p, int64_t s, __m512i& start, __m512i add[]) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  alignas(64) static const int8_t kRep[64] = {
+      0,  0,  0,  0,  1,  1,  1,  1,  2,  2,  2,  2,  3,  3,  3,  3,   4,  4,  4,  4,  5,  5,
+      5,  5,  6,  6,  6,  6,  7,  7,  7,  7,  8,  8,  8,  8,  9,  9,  9,  9,  10, 10, 10, 10,
+      11, 11, 11, 11, 12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15};
+  const __m128i raw = _mm_loadu_si128((const __m128i*)(g->sc + (p * (g->K / fmt.sub) + s) * kPanel));
+  __m512i c = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(raw), _mm512_load_si512(kRep));
+  if (fmt.pair4) c = _mm512_and_si512(c, _mm512_set1_epi8(0x0F));
+  __m512i off = _mm512_setzero_si512();
+  LOWBIT_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    if (j < fmt.planes) add[j] = c;
+    if (fmt.offset == 1 << j) off = c;
+    c = _mm512_add_epi8(c, c);
+  }
+  start = _mm512_sub_epi8(_mm512_set1_epi8((char)CodeDot<F>::kBias), off);
+}
+
+// Q2_K's minima per 32-block: each lane the pair (mcode of s, mcode of s + 1) as int16.
+template <int F>
+inline __m512i min_pairs(const BlkArgs* g, int64_t p, int64_t s) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  static_assert(fmt.min != MinKind::Code || fmt.pair4, "code_dot minima: Q2_K's shared byte");
+  const uint8_t* sc = (const uint8_t*)g->sc + (p * (g->K / fmt.sub) + s) * kPanel;
+  const __m512i m0 = _mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)sc)), 4);
+  const __m512i m1 = _mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(sc + kPanel))), 4);
+  return _mm512_or_si512(m0, _mm512_slli_epi32(m1, 16));
+}
+
+template <int F, int MR, int J>
+void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  constexpr bool mins = fmt.min != MinKind::None;
+  const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
+  const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
+  alignas(64) float fbuf[MR * J][16];
+  for (int64_t t = 0; t < g->K / fmt.block; ++t) {
+    __m512 gs[MR * J], hs[MR * J];
+    LOWBIT_UNROLL
+    for (int i = 0; i < MR * J; ++i) gs[i] = hs[i] = _mm512_setzero_ps();
+    for (int64_t k0 = t * fmt.block; k0 < (t + 1) * fmt.block; k0 += kActBlock) {
+      __m512i acc[MR * J];
+      LOWBIT_UNROLL
+      for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
+      LOWBIT_UNROLL
+      for (int h = 0; h < 2; ++h) {  // the block's two sub-blocks
+        const int64_t s = k0 / 16 + h;
+        __m512i start[J], add[J][fmt.planes];
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) coded<F>(g, p + j, s, start[j], add[j]);
+        LOWBIT_UNROLL
+        for (int st = 0; st < 2; ++st) {
+          const int64_t k8 = 2 * s + st;
+          __m512i lo[J], hi[J];
+          LOWBIT_UNROLL
+          for (int j = 0; j < J; ++j) {
+            const uint64_t* w = g->bits + ((p + j) * (g->K / 4) + 2 * k8) * fmt.planes;
+            if (MR == 1) _mm_prefetch((const char*)(w + 64), _MM_HINT_T0);
+            lo[j] = hi[j] = start[j];
+            LOWBIT_UNROLL
+            for (int b = 0; b < fmt.planes; ++b) {
+              lo[j] = _mm512_mask_add_epi8(lo[j], (__mmask64)w[b], lo[j], add[j][b]);
+              hi[j] = _mm512_mask_add_epi8(hi[j], (__mmask64)w[fmt.planes + b], hi[j], add[j][b]);
+            }
+          }
+          LOWBIT_UNROLL
+          for (int m = 0; m < MR; ++m) {
+            const __m512i alo = bcast4(a + m * g->lda + 8 * k8);
+            const __m512i ahi = bcast4(a + m * g->lda + 8 * k8 + 4);
+            LOWBIT_UNROLL
+            for (int j = 0; j < J; ++j) {
+              acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
+              acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
+            }
+          }
+        }
+      }
+      __m512i mp[J];
+      if (mins) {
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) mp[j] = min_pairs<F>(g, p + j, k0 / 16);
+      }
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const __m512 sb = _mm512_set1_ps(g->ablock[(m0 + m) * n32 + k0 / kActBlock]);
+        const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
+        const __m512i bias = _mm512_set1_epi32(CodeDot<F>::kBias * (as[0] + as[1]));
+        const __m512i apair = _mm512_set1_epi32((int32_t)((uint32_t)(uint16_t)as[0] | (uint32_t)as[1] << 16));
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          const __m512i i = CodeDot<F>::kBias ? _mm512_sub_epi32(acc[m * J + j], bias) : acc[m * J + j];
+          gs[m * J + j] = _mm512_fmadd_ps(sb, _mm512_cvtepi32_ps(i), gs[m * J + j]);
+          if (mins) hs[m * J + j] = _mm512_fmadd_ps(sb, _mm512_cvtepi32_ps(_mm512_madd_epi16(mp[j], apair)), hs[m * J + j]);
+        }
+      }
+    }
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) {
+      const int64_t at = ((p + j) * (g->K / fmt.block) + t) * kPanel;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)g->d + at)));
+      const __m512 ndm = mins ? _mm512_xor_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->dm + at))),
+                                              _mm512_set1_ps(-0.f))
+                              : _mm512_setzero_ps();
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        __m512 f = t ? _mm512_load_ps(fbuf[m * J + j]) : _mm512_setzero_ps();
+        if (mins) f = _mm512_fmadd_ps(ndm, hs[m * J + j], f);
+        _mm512_store_ps(fbuf[m * J + j], _mm512_fmadd_ps(d, gs[m * J + j], f));
+      }
+    }
+  }
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m)
+    LOWBIT_UNROLL
+    for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, _mm512_load_ps(fbuf[m * J + j]));
+}
+
 template <int F, int MR, int J>
 void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -214,17 +350,21 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
 
 using TileFn = void (*)(const BlkArgs*, int64_t, int64_t);
 
+template <int F, bool A8, int MR, int J>
+void tile(const BlkArgs* g, int64_t m0, int64_t p) {
+  if constexpr (!A8) tile_f32<F, MR, J>(g, m0, p);
+  else if constexpr (kBlockFormats[F].code_dot) tile_code_dot<F, MR, J>(g, m0, p);
+  else tile_a8<F, MR, J>(g, m0, p);
+}
+
 // A single row streams up to 4 panels at once (independent chains); several rows share each
 // rebuilt weight vector, up to 4 rows x 2 panels.
 template <int F, bool A8>
 TileFn pick(int mr, int j) {
-  static const TileFn one_row[] = {
-      A8 ? tile_a8<F, 1, 1> : tile_f32<F, 1, 1>, A8 ? tile_a8<F, 1, 2> : tile_f32<F, 1, 2>,
-      A8 ? tile_a8<F, 1, 3> : tile_f32<F, 1, 3>, A8 ? tile_a8<F, 1, 4> : tile_f32<F, 1, 4>};
-  static const TileFn rows[3][2] = {
-      {A8 ? tile_a8<F, 2, 1> : tile_f32<F, 2, 1>, A8 ? tile_a8<F, 2, 2> : tile_f32<F, 2, 2>},
-      {A8 ? tile_a8<F, 3, 1> : tile_f32<F, 3, 1>, A8 ? tile_a8<F, 3, 2> : tile_f32<F, 3, 2>},
-      {A8 ? tile_a8<F, 4, 1> : tile_f32<F, 4, 1>, A8 ? tile_a8<F, 4, 2> : tile_f32<F, 4, 2>}};
+  static const TileFn one_row[] = {tile<F, A8, 1, 1>, tile<F, A8, 1, 2>, tile<F, A8, 1, 3>, tile<F, A8, 1, 4>};
+  static const TileFn rows[3][2] = {{tile<F, A8, 2, 1>, tile<F, A8, 2, 2>},
+                                    {tile<F, A8, 3, 1>, tile<F, A8, 3, 2>},
+                                    {tile<F, A8, 4, 1>, tile<F, A8, 4, 2>}};
   return mr == 1 ? one_row[j - 1] : rows[mr - 2][j - 1];
 }
 

@@ -7,6 +7,8 @@
 // SMMLA of zipped weight row pairs x activation row pairs (i8mm), SMULL / SMLAL in int16 chains too
 // short to overflow (neon); Q8_0 on i8mm keeps u unsigned (USDOT / USMMLA). Scales follow the
 // reference's fold exactly (gemm_blk/ref.cpp); ints and bytes become floats without SCVTF.
+// code_dot formats (Q2_K, Q3_K) multiply each sub-block's exact dot by its codes in int32 (MUL /
+// MLA) and fold per 32 inputs.
 #include <arm_neon.h>
 #include <cstdint>
 #include "formats.h"
@@ -415,6 +417,57 @@ inline void store(const BlkArgs* g, int64_t m, int64_t p, const float32x4_t f[4]
   }
 }
 
+// Rows 4q .. 4q+3 of 16 signed bytes, as int32.
+inline int32x4_t rows_s32(int8x16_t v, int q) {
+  const int16x8_t h = q < 2 ? vmovl_s8(vget_low_s8(v)) : vmovl_high_s8(v);
+  return q % 2 ? vmovl_high_s16(h) : vmovl_s16(vget_low_s16(h));
+}
+
+// code_dot formats, sub-block s (16 inputs): i_s = sgn * res + fix * asum_s is exact; the
+// 32-block's sums gather code_s * i_s and mcode_s * asum_s, and its second sub-block folds them
+// with the block's activation scale (gemm_blk/ref.cpp).
+template <int F, typename E, int MR, int Q0, int G>
+inline void code_dot_step(const BlkArgs* g, int64_t p, int64_t m0, int64_t s, const int32x4_t res[][4],
+                          int32x4_t ib[][4], int32x4_t mb[][4], float32x4_t gs[][4], float32x4_t hs[][4]) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  static_assert(fmt.sub == 16 && (fmt.min == MinKind::None || fmt.pair4), "code_dot: formats.h");
+  const int8x16_t raw = vld1q_s8(g->sc + (p * (g->K / 16) + s) * kPanel);
+  const int8x16_t sc = fmt.pair4 ? vandq_s8(raw, vdupq_n_s8(0x0F)) : raw;
+  const int8x16_t mc = vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(raw), 4));
+  const bool first = s % 2 == 0;
+  const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
+  LOWBIT_UNROLL
+  for (int q = Q0; q < Q0 + G; ++q) {
+    const int32x4_t code = rows_s32(sc, q), mcode = rows_s32(mc, q);
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      const int32_t asum = g->asum[(m0 + m) * n16 + s];
+      const int32x4_t fix = vdupq_n_s32(E::fix * asum);
+      const int32x4_t i = E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : vaddq_s32(res[m][q], fix);
+      ib[m][q] = first ? vmulq_s32(code, i) : vmlaq_s32(ib[m][q], code, i);
+      if (fmt.min != MinKind::None)
+        mb[m][q] = first ? vmulq_n_s32(mcode, asum) : vmlaq_n_s32(mb[m][q], mcode, asum);
+    }
+  }
+  if (first) return;
+  // |i_b| < 2^22 (32 x 128 x 127): to float as 1.5 * 2^23 + i less 1.5 * 2^23, both exact
+  const int32x4_t bias = vdupq_n_s32(0x4B400000);
+  const float32x4_t magic = vdupq_n_f32(12582912.f);
+  LOWBIT_UNROLL
+  for (int m = 0; m < MR; ++m) {
+    const float sb = g->ablock[(m0 + m) * n32 + s * 16 / kActBlock];
+    LOWBIT_UNROLL
+    for (int q = Q0; q < Q0 + G; ++q) {
+      const float32x4_t fi = vsubq_f32(vreinterpretq_f32_s32(vaddq_s32(ib[m][q], bias)), magic);
+      gs[m][q] = vfmaq_n_f32(gs[m][q], fi, sb);
+      if (fmt.min != MinKind::None) {
+        const float32x4_t fm = vsubq_f32(vreinterpretq_f32_s32(vaddq_s32(mb[m][q], bias)), magic);
+        hs[m][q] = vfmaq_n_f32(hs[m][q], fm, sb);
+      }
+    }
+  }
+}
+
 // MR rows x row groups [Q0, Q0 + G) of panel p.
 template <int F, int MR, Dot D, int Q0 = 0, int G = 4>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
@@ -435,10 +488,20 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   for (int64_t b = 0; b < g->K / fmt.block; ++b) {
     float32x4_t d[4], dm[4];
     if (hold) block_scales<F, Q0, G>(g, p, b, d, dm);
+    int32x4_t ib[MR][4], mb[MR][4];  // code_dot: the 32-block's exact sums, the file block's folds
+    float32x4_t gs[MR][4], hs[MR][4];
+    LOWBIT_UNROLL
+    for (int m = 0; m < MR; ++m)
+      LOWBIT_UNROLL
+      for (int q = Q0; q < Q0 + G; ++q) gs[m][q] = hs[m][q] = vdupq_n_f32(0.f);
     for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
       const int64_t k0 = s * S;
       int32x4_t res[MR][4];
       dots<F, MR, D, Q0, G>(g, p, a, k0, res);
+      if constexpr (fmt.code_dot) {
+        code_dot_step<F, E, MR, Q0, G>(g, p, m0, s, res, ib, mb, gs, hs);
+        continue;
+      }
       float32x4_t Dv[4], X[4];
       if (!hold) block_scales<F, Q0, G>(g, p, b, d, dm);
       sub_scales<F, Q0, G>(g, p, s, d, dm, Dv, X);
@@ -462,6 +525,16 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
           f[m][q] = vfmaq_f32(f[m][q], Dv[q], vmulq_n_f32(fi, sb));
         }
       }
+    }
+    if constexpr (fmt.code_dot) {
+      if (!hold) block_scales<F, Q0, G>(g, p, b, d, dm);
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m)
+        LOWBIT_UNROLL
+        for (int q = Q0; q < Q0 + G; ++q) {
+          if (fmt.min != MinKind::None) f[m][q] = vfmsq_f32(f[m][q], dm[q], hs[m][q]);  // fma(-dm, .)
+          f[m][q] = vfmaq_f32(f[m][q], d[q], gs[m][q]);
+        }
     }
   }
   LOWBIT_UNROLL
