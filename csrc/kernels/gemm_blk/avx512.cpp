@@ -8,7 +8,10 @@
 // bias - offset * code, so that one VPDPBUSD chain covers the 32-input activation block and the
 // float fold runs once per 32 inputs (d and dmin once per 256).
 #include <immintrin.h>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <vector>
 #include "formats.h"
 #include "kernels/isa.h"
 
@@ -17,6 +20,22 @@ namespace LOWBIT_NS {
 namespace {
 
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
+
+template <typename T>
+struct AlignedAlloc {  // 64-byte aligned storage for the per-thread value bytes
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return (T*)p;
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const AlignedAlloc&) const { return true; }
+  bool operator!=(const AlignedAlloc&) const { return false; }
+};
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -109,8 +128,15 @@ inline void store(const BlkArgs* g, int64_t m, int64_t panel, __m512 f) {
   _mm512_mask_storeu_ps(g->c + m * g->ldc + panel * kPanel, mask, y);
 }
 
-template <int F, int MR, int J>
-void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
+// Value bytes rebuilt once per panel for every row tile (run): per 8 k, lo then hi, 128 bytes.
+inline void load_pre(const BlkArgs* g, const uint8_t* pre, int j, int64_t k8, __m512i& lo, __m512i& hi) {
+  const uint8_t* at = pre + j * g->K * 16 + k8 * 128;
+  lo = _mm512_loadu_si512(at);  // Q8_0 reads its own bytes, aligned as the file was
+  hi = _mm512_loadu_si512(at + 64);
+}
+
+template <int F, int MR, int J, bool PRE>
+void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
@@ -127,7 +153,10 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int st = 0; st < S / 8; ++st) {
       __m512i lo[J], hi[J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j], MR == 1);
+      for (int j = 0; j < J; ++j) {
+        if (PRE) load_pre(g, pre, j, k0 / 8 + st, lo[j], hi[j]);
+        else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j], MR == 1);
+      }
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
         const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * st);
@@ -207,8 +236,23 @@ inline __m512i min_pairs(const BlkArgs* g, int64_t p, int64_t s) {
   return _mm512_or_si512(m0, _mm512_slli_epi32(m1, 16));
 }
 
-template <int F, int MR, int J>
-void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
+// The code_dot bytes of panel p at k8 (lo: k 0-3, hi: k 4-7) from its sub-block's coded().
+template <int F>
+inline void code_values(const BlkArgs* g, int64_t p, int64_t k8, __m512i start, const __m512i add[],
+                        __m512i& lo, __m512i& hi, bool prefetch) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
+  if (prefetch) _mm_prefetch((const char*)(w + 64), _MM_HINT_T0);
+  lo = hi = start;
+  LOWBIT_UNROLL
+  for (int b = 0; b < fmt.planes; ++b) {
+    lo = _mm512_mask_add_epi8(lo, (__mmask64)w[b], lo, add[b]);
+    hi = _mm512_mask_add_epi8(hi, (__mmask64)w[fmt.planes + b], hi, add[b]);
+  }
+}
+
+template <int F, int MR, int J, bool PRE>
+void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr bool mins = fmt.min != MinKind::None;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
@@ -226,22 +270,18 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
       for (int h = 0; h < 2; ++h) {  // the block's two sub-blocks
         const int64_t s = k0 / 16 + h;
         __m512i start[J], add[J][fmt.planes];
-        LOWBIT_UNROLL
-        for (int j = 0; j < J; ++j) coded<F>(g, p + j, s, start[j], add[j]);
+        if (!PRE) {
+          LOWBIT_UNROLL
+          for (int j = 0; j < J; ++j) coded<F>(g, p + j, s, start[j], add[j]);
+        }
         LOWBIT_UNROLL
         for (int st = 0; st < 2; ++st) {
           const int64_t k8 = 2 * s + st;
           __m512i lo[J], hi[J];
           LOWBIT_UNROLL
           for (int j = 0; j < J; ++j) {
-            const uint64_t* w = g->bits + ((p + j) * (g->K / 4) + 2 * k8) * fmt.planes;
-            if (MR == 1) _mm_prefetch((const char*)(w + 64), _MM_HINT_T0);
-            lo[j] = hi[j] = start[j];
-            LOWBIT_UNROLL
-            for (int b = 0; b < fmt.planes; ++b) {
-              lo[j] = _mm512_mask_add_epi8(lo[j], (__mmask64)w[b], lo[j], add[j][b]);
-              hi[j] = _mm512_mask_add_epi8(hi[j], (__mmask64)w[fmt.planes + b], hi[j], add[j][b]);
-            }
+            if (PRE) load_pre(g, pre, j, k8, lo[j], hi[j]);
+            else code_values<F>(g, p + j, k8, start[j], add[j], lo[j], hi[j], MR == 1);
           }
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m) {
@@ -348,34 +388,65 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
 }
 
-using TileFn = void (*)(const BlkArgs*, int64_t, int64_t);
+using TileFn = void (*)(const BlkArgs*, int64_t, int64_t, const uint8_t*);
 
-template <int F, bool A8, int MR, int J>
-void tile(const BlkArgs* g, int64_t m0, int64_t p) {
+template <int F, bool A8, bool PRE, int MR, int J>
+void tile(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
   if constexpr (!A8) tile_f32<F, MR, J>(g, m0, p);
-  else if constexpr (kBlockFormats[F].code_dot) tile_code_dot<F, MR, J>(g, m0, p);
-  else tile_a8<F, MR, J>(g, m0, p);
+  else if constexpr (kBlockFormats[F].code_dot) tile_code_dot<F, MR, J, PRE>(g, m0, p, pre);
+  else tile_a8<F, MR, J, PRE>(g, m0, p, pre);
 }
 
 // A single row streams up to 4 panels at once (independent chains); several rows share each
 // rebuilt weight vector, up to 4 rows x 2 panels.
-template <int F, bool A8>
+template <int F, bool A8, bool PRE>
 TileFn pick(int mr, int j) {
-  static const TileFn one_row[] = {tile<F, A8, 1, 1>, tile<F, A8, 1, 2>, tile<F, A8, 1, 3>, tile<F, A8, 1, 4>};
-  static const TileFn rows[3][2] = {{tile<F, A8, 2, 1>, tile<F, A8, 2, 2>},
-                                    {tile<F, A8, 3, 1>, tile<F, A8, 3, 2>},
-                                    {tile<F, A8, 4, 1>, tile<F, A8, 4, 2>}};
+  static const TileFn one_row[] = {tile<F, A8, PRE, 1, 1>, tile<F, A8, PRE, 1, 2>,
+                                   tile<F, A8, PRE, 1, 3>, tile<F, A8, PRE, 1, 4>};
+  static const TileFn rows[3][2] = {{tile<F, A8, PRE, 2, 1>, tile<F, A8, PRE, 2, 2>},
+                                    {tile<F, A8, PRE, 3, 1>, tile<F, A8, PRE, 3, 2>},
+                                    {tile<F, A8, PRE, 4, 1>, tile<F, A8, PRE, 4, 2>}};
   return mr == 1 ? one_row[j - 1] : rows[mr - 2][j - 1];
 }
+
+// Panels p .. p + J - 1's value bytes (load_pre's layout), rebuilt once for all row tiles.
+template <int F>
+void unpack(const BlkArgs* g, int64_t p, int J, uint8_t* out) {
+  constexpr BlockFormat fmt = kBlockFormats[F];
+  for (int j = 0; j < J; ++j)
+    for (int64_t k8 = 0; k8 < g->K / 8; ++k8) {
+      __m512i lo, hi;
+      if constexpr (fmt.code_dot) {
+        __m512i start, add[fmt.planes];
+        coded<F>(g, p + j, k8 / 2, start, add);
+        code_values<F>(g, p + j, k8, start, add, lo, hi, false);
+      } else {
+        values<F>(g, p + j, k8, lo, hi, false);
+      }
+      _mm512_store_si512(out + j * g->K * 16 + k8 * 128, lo);
+      _mm512_store_si512(out + j * g->K * 16 + k8 * 128 + 64, hi);
+    }
+}
+
+// With int8 activations and more rows than one tile, each pair of panels is rebuilt to bytes once
+// (a per-thread buffer of 32 bytes per input; Q8_0's bytes are its own) and every row tile reads
+// those.
+constexpr int64_t kPreRows = 5;
 
 template <int F, bool A8>
 void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   const int max_j = g->M == 1 ? 4 : 2;
+  const bool pre = A8 && g->M >= kPreRows;
+  constexpr bool own = kBlockFormats[F].bits == 8;
+  thread_local std::vector<uint8_t, AlignedAlloc<uint8_t>> buf;
+  if (pre && !own && (int64_t)buf.size() < 2 * g->K * 16) buf.resize(2 * g->K * 16);
   for (int64_t p = p0; p < p1;) {
     const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
+    if (pre && !own) unpack<F>(g, p, j, buf.data());
+    const uint8_t* bytes = own ? g->q8 + p * g->K * 16 : buf.data();
     for (int64_t m = 0; m < g->M;) {
       const int mr = (int)(g->M - m < 4 ? g->M - m : 4);
-      pick<F, A8>(mr, j)(g, m, p);
+      (pre ? pick<F, A8, true> : pick<F, A8, false>)(mr, j)(g, m, p, bytes);
       m += mr;
     }
     p += j;
