@@ -29,7 +29,7 @@ constexpr int kN = 16;
 typedef float vf __attribute__((vector_size(64)));
 inline vf fmav(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 inline vf splat(float f) { return (vf)_mm512_set1_ps(f); }
-constexpr int64_t kTile = 4;
+constexpr int64_t kTile = 8;  // 16 accumulators: two FMA pipes of latency 4 stay busy
 #elif defined(__FMA__)
 constexpr int kN = 8;
 typedef float vf __attribute__((vector_size(32)));
@@ -313,7 +313,9 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       constexpr int64_t R = decltype(rows)::value;
       const float* qr[R];
       for (int64_t r = 0; r < R; ++r) qr[r] = q + (i + r < i1 ? i + r : i) * a->qs[1];
-      for (int64_t j = 0; j < kend; j += 32) {
+      // keys past the tile's last query's limit are never read (causal): not scored
+      const int64_t jend = round_up(limit(i + R - 1 < i1 ? i + R - 1 : i1 - 1), 32);
+      for (int64_t j = 0; j < jend; j += 32) {
         vf acc[R][kV] = {};
         for (int64_t c = 0; c < d; ++c) {
           vf kv[kV];
