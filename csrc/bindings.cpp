@@ -870,24 +870,29 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
   int64_t* strides[3] = {a.qs, a.ks, a.vs};
   for (int i = 0; i < 3; ++i) {
     py::array& x = *arrays[i];
-    if (x.ndim() != 4 && x.dtype().equal(py::dtype::of<float>()))
-      throw py::value_error(std::string(names[i]) + ": expected 4 dimensions (batch, tokens, "
-                            "heads, head_dim), got shape " + shape_str(x));
-    x = check<float>(x, names[i], {-1, -1, -1, -1}, true);
+    const int nd = k_transposed && i == 1 ? 5 : 4;
+    if (x.ndim() != nd && x.dtype().equal(py::dtype::of<float>()))
+      throw py::value_error(std::string(names[i]) + ": expected " +
+                            (nd == 5 ? "5 dimensions (batch, kv_heads, blocks, head_dim, 32)"
+                                     : "4 dimensions (batch, tokens, heads, head_dim)") +
+                            ", got shape " + shape_str(x));
+    x = nd == 5 ? check<float>(x, names[i], {-1, -1, -1, -1, -1}, true)
+                : check<float>(x, names[i], {-1, -1, -1, -1}, true);
     for (int j = 0; j < 3; ++j) strides[i][j] = x.strides(j) / 4;  // (an empty array's are unused)
   }
   a.B = q.shape(0), a.Sq = q.shape(1), a.H = q.shape(2), a.d = q.shape(3);
   a.k_transposed = k_transposed;
   if (k_transposed) {
-    // (batch, kv_heads, head_dim, columns): each head's keys along the last axis, readable up to
-    // the key count rounded up to 32
+    // (batch, kv_heads, blocks, head_dim, 32): each head's keys 32 at a time, d rows of 32 per
+    // block, readable up to the key count rounded up to 32
     a.Sk = v.shape(1), a.Hkv = k.shape(1);
-    a.ks[0] = k.strides(0) / 4, a.ks[1] = k.strides(2) / 4, a.ks[2] = k.strides(1) / 4;
-    if (k.shape(0) != a.B || k.shape(2) != a.d || k.shape(3) < round_up(a.Sk, 32) || a.Hkv < 1 ||
-        a.H % a.Hkv)
+    a.ks[0] = k.strides(0) / 4, a.ks[1] = k.strides(3) / 4, a.ks[2] = k.strides(1) / 4;
+    a.kbs = k.strides(2) / 4;
+    if (k.shape(0) != a.B || k.shape(3) != a.d || k.shape(4) != 32 ||
+        k.shape(2) * 32 < round_up(a.Sk, 32) || a.Hkv < 1 || a.H % a.Hkv)
       throw py::value_error("k (transposed): expected shape (" + std::to_string(a.B) +
-                            ", kv_heads, " + std::to_string(a.d) + ", >= " +
-                            std::to_string(round_up(a.Sk, 32)) + ") with kv_heads dividing " +
+                            ", kv_heads, >= " + std::to_string(round_up(a.Sk, 32) / 32) + ", " +
+                            std::to_string(a.d) + ", 32) with kv_heads dividing " +
                             std::to_string(a.H) + ", got " + shape_str(k));
   } else {
     a.Sk = k.shape(1), a.Hkv = k.shape(2);

@@ -53,9 +53,10 @@ constexpr int64_t kActBlock = 32;  // activation quantization block (W4A8)
 // first lengths[b] keys (all Sk when lengths is null); causal: query i also only keys
 // j <= Sk - Sq + i; window W > 0 (sliding-window attention): also only keys j > Sk - Sq + i - W
 // (query i sits at key position Sk - Sq + i). A query with no key to see gets zeros. One task:
-// (b, h, kAttnQueries queries). k_transposed: k is given per (batch, kv head) as d rows of keys
-// (a key cache laid out for the kernel: no transposition per call), ks[1] then being the stride
-// between those rows, each readable up to Sk rounded up to 32 (what lies past Sk is never used).
+// (b, h, kAttnQueries queries). k_transposed: k is given per (batch, kv head) in blocks of 32 keys
+// of d rows each (a key cache laid out for the kernel: no transposition per call, and a cache's
+// first keys contiguous): key j's dimension c at k + j / 32 * kbs + c * ks[1] + j % 32 (kbs = 32:
+// d whole rows of keys), readable up to Sk rounded up to 32 (what lies past Sk is never used).
 constexpr int64_t kAttnQueries = 64;
 struct AttnArgs {
   const float *q, *k, *v;
@@ -67,6 +68,7 @@ struct AttnArgs {
   float scale;
   int64_t window;  // 0: none
   bool k_transposed;
+  int64_t kbs;  // k_transposed: floats from one 32-key block to the next
 };
 
 struct BlkArgs;  // formats.h: the block formats (GGUF K-quants, IQ4, Q5, MXFP4)

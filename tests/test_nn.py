@@ -227,6 +227,9 @@ def test_kv_cache_attention_matches_definition_batched_and_step_by_step(rng, hea
         rows.append(steps.attend(q[a:b]))
     assert close(np.concatenate(rows), expected)
     assert steps.length == n
+    for cache in (whole, steps):  # the 32-key blocks give back what went in
+        np.testing.assert_array_equal(cache.keys(), k)
+        np.testing.assert_array_equal(cache.values(), v)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,9 +237,11 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
   } trim;
   float sums[kAttnQueries];
   int64_t filled_b = -1, filled_kvh = -1, filled_j0 = -1, filled_keys = 0, Kp = 0;
-  const float* krows = nullptr;  // dimension c of key j (from j0) at krows + c * kld + j
+  // dimension c of key j (from j0) at krows + j / 32 * kbs + c * kld + j % 32: 32-key blocks of d
+  // rows (the caller's, lowbit.nn.KVCache's layout), or d whole rows of keys (kbs = 32)
+  const float* krows = nullptr;
   const float* vrows = nullptr;  // value row j (from j0) at vrows + j * vld
-  int64_t kld = 0, vld = 0;
+  int64_t kld = 0, kbs = 32, vld = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (a->H * blocks), h = t / blocks % a->H, kvh = h / group;
     const int64_t i0 = t % blocks * kAttnQueries;
@@ -271,7 +273,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
       const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
       if (a->k_transposed) {  // the caller's rows (past `held` they only feed padding scores)
-        krows = k + j0, kld = a->ks[1];
+        krows = k + j0 / 32 * a->kbs, kld = a->ks[1], kbs = a->kbs;
       } else {  // transposed 16 keys at a time (their rows stay in L1; each c writes 64 bytes)
         for (int64_t jb = 0; jb < held; jb += 16) {
           const int64_t je = jb + 16 < held ? jb + 16 : held;
@@ -280,7 +282,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         }
         // the padding keys score 0 (their weights are then zeroed by the softmax pass)
         for (int64_t c = 0; c < d; ++c) std::memset(&kt[c * ktld + held], 0, (size_t)(Kp - held) * sizeof(float));
-        krows = kt.data(), kld = ktld;
+        krows = kt.data(), kld = ktld, kbs = 32;
       }
       // v read where it is when its rows fill whole 32-float chunks (head_dim 64, 128, ...),
       // else copied with each row padded by zeros to dp
@@ -319,7 +321,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         vf acc[R][kV] = {};
         for (int64_t c = 0; c < d; ++c) {
           vf kv[kV];
-          for (int u = 0; u < kV; ++u) kv[u] = load(krows + c * kld + j + u * kN);
+          for (int u = 0; u < kV; ++u) kv[u] = load(krows + j / 32 * kbs + c * kld + u * kN);
           for (int64_t r = 0; r < R; ++r) {
             const vf qv = splat(qr[r][c]);
             for (int u = 0; u < kV; ++u) acc[r][u] = fmav(qv, kv[u], acc[r][u]);

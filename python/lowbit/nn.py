@@ -221,22 +221,22 @@ class KVCache:
     """Keys and values of one attention layer, grown by doubling; ``attend`` runs causal
     grouped-query attention of new queries over everything cached so far.
 
-    Values are held as (kv_heads, capacity, head_dim); keys transposed, (kv_heads, head_dim,
-    capacity + 16), the layout the attention kernel reads its keys in, so that a decoding step does
-    not transpose the whole cache again (``keys()`` gives them as (tokens, kv_heads, head_dim)).
-    The capacity is a multiple of 32 (the kernel reads keys 32 at a time); the 16 more floats per
-    key row keep the rows an odd number of cache lines apart (see kernels/nn.cpp)."""
+    Values are held as (kv_heads, capacity, head_dim); keys as (kv_heads, capacity / 32, head_dim,
+    32), blocks of 32 keys transposed, the layout the attention kernel reads its keys in: a
+    decoding step does not transpose the whole cache again, and each head's first keys are one
+    contiguous run (``keys()`` gives them as (tokens, kv_heads, head_dim)). The capacity is a
+    multiple of 32."""
 
     def __init__(self, kv_heads, head_dim, capacity=256):
         capacity = max(32, -(-capacity // 32) * 32)
-        self._hold(np.empty((kv_heads, head_dim, capacity + 16), F32),
+        self._hold(np.empty((kv_heads, capacity // 32, head_dim, 32), F32),
                    np.empty((kv_heads, capacity, head_dim), F32))
         self.length = 0
         self._scale = _default_scale(head_dim)
 
     def _hold(self, k, v):
         self.k, self.v = k, v
-        # the views the attention kernel takes, made once: (1, kv_heads, head_dim, capacity + 16)
+        # the views the attention kernel takes, made once: (1, kv_heads, blocks, head_dim, 32)
         # keys and (1, capacity, kv_heads, head_dim) values
         self._k4, self._v4 = k[None], v.transpose(1, 0, 2)[None]
 
@@ -246,18 +246,26 @@ class KVCache:
         n = self.length
         if n + t > self.v.shape[1]:
             cap = -(-max(2 * self.v.shape[1], n + t) // 32) * 32
-            new_k = np.empty(self.k.shape[:2] + (cap + 16,), F32)
-            new_k[:, :, :n] = self.k[:, :, :n]
+            blocks = -(-n // 32)
+            new_k = np.empty(self.k.shape[:1] + (cap // 32,) + self.k.shape[2:], F32)
+            new_k[:, :blocks] = self.k[:, :blocks]
             new_v = np.empty((self.v.shape[0], cap, self.v.shape[2]), F32)
             new_v[:, :n] = self.v[:, :n]
             self._hold(new_k, new_v)
-        self.k[:, :, n:n + t] = k.transpose(1, 2, 0)
+        if t == 1:
+            self.k[:, n // 32, :, n % 32] = k[0]
+        j = n
+        while t > 1 and j < n + t:  # block by block
+            end = min(n + t, j // 32 * 32 + 32)
+            self.k[:, j // 32, :, j % 32: end - j // 32 * 32] = k[j - n:end - n].transpose(1, 2, 0)
+            j = end
         self.v[:, n:n + t] = v.transpose(1, 0, 2)
         self.length += t
 
     def keys(self):
-        """The cached keys, (tokens, kv_heads, head_dim) (a view)."""
-        return self.k[:, :, : self.length].transpose(2, 0, 1)
+        """The cached keys, (tokens, kv_heads, head_dim) (a copy)."""
+        kv, blocks, d, _ = self.k.shape
+        return self.k.transpose(1, 3, 0, 2).reshape(blocks * 32, kv, d)[: self.length]
 
     def values(self):
         """The cached values, (tokens, kv_heads, head_dim) (a view)."""

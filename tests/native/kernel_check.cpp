@@ -405,16 +405,18 @@ void nn_cases() {
           a.lengths = c.lengths ? lengths.data() : nullptr;
           a.causal = c.causal, a.scale = 0.125f, a.window = c.window;
           attention(a);
-          // again with the keys given transposed (lowbit.nn.KVCache's layout), NaN past the keys
-          const int64_t cols = (c.Sk + 31) / 32 * 32 + 16;
+          // again with the keys given transposed in 32-key blocks (lowbit.nn.KVCache's layout), NaN
+          // past the keys
+          const int64_t cols = (c.Sk + 31) / 32 * 32;
           std::vector<float> kt((size_t)(c.B * c.Hkv * c.d * cols), NAN), out_t(out.size());
           for (int64_t b = 0; b < c.B; ++b)
             for (int64_t j = 0; j < c.Sk; ++j)
               for (int64_t h = 0; h < c.Hkv; ++h)
                 for (int64_t e = 0; e < c.d; ++e)
-                  kt[(size_t)(((b * c.Hkv + h) * c.d + e) * cols + j)] = k[(size_t)(ks[0] * b + ks[1] * j + ks[2] * h + e)];
+                  kt[(size_t)(((b * c.Hkv + h) * cols + j / 32 * 32) * c.d + e * 32 + j % 32)] =
+                      k[(size_t)(ks[0] * b + ks[1] * j + ks[2] * h + e)];
           a.k = kt.data(), a.k_transposed = true, a.out = out_t.data();
-          a.ks[0] = c.Hkv * c.d * cols, a.ks[1] = cols, a.ks[2] = c.d * cols;
+          a.ks[0] = c.Hkv * c.d * cols, a.ks[1] = 32, a.ks[2] = c.d * cols, a.kbs = 32 * c.d;
           attention(a);
           if (std::memcmp(out.data(), out_t.data(), out.size() * sizeof(float))) {
             std::printf("attention with transposed keys differs from the plain layout\n");
