@@ -87,6 +87,7 @@ struct Q4Args {
   int64_t lda;
   const float* ablock;      // W4A8 only: [M][Kp/32]
   const float* agroup;      // [M][G]
+  const int32_t* asum;      // W4A8, symmetric weights: [M][Kp/32] sum(q_b) per block, else null
   const float* bias;        // [N] or null
   float* c;                 // [M][ldc]
   int64_t ldc;
@@ -131,8 +132,12 @@ struct Kernels {
   // W4A8 for panels [p0, p1): per 32-block b the exact int32 dot I_b = sum q_w * q_a, per group
   //   I_g = sum_b I_b * s_b   (first term a product, then fma, in block order)
   //   f  += fma(d_g, I_g, m_g * A_g)   (f = first group's term, then adds)  ; y = f + bias.
+  // Symmetric weights (no minima, no zero points; asum given) instead take I_b = sum (q_w - 8) q_a,
+  // exact through asum, and fold f = fma(d_g, I_g, f) from f = 0: no offset term to cancel, one
+  // multiply fewer.
   void (*gemm_q4a8)(const Q4Args* args, int64_t p0, int64_t p1);
-  // W4A32: per group S_g = sum_k q_w * x, one fma per k in k order, then the same fold as W4A8.
+  // W4A32: per group S_g = sum_k q_w * x, one fma per k in k order, then f += fma(d, S, m A) as
+  // W4A8's first form.
   void (*gemm_q4f32)(const Q4Args* args, int64_t p0, int64_t p1);
   // Activation quantization for W4A8, rows [m0, m1): per 32-block scale = amax / 127,
   // q = round-half-even(x / scale) in [-127, 127], or (fixed > 0, static) scale = fixed and

@@ -330,6 +330,18 @@ int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* pack
   });
 }
 
+// The integer sums of rows [m0, m1)'s n blocks of `len` int8 activations: out [M][n].
+static void block_sums(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t n, int64_t len,
+                       int32_t* out) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t h = 0; h < n; ++h) {
+      const int8_t* q = a + m * lda + len * h;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < len; ++i) sum += q[i];
+      out[m * n + h] = sum;
+    }
+}
+
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
                const float* bias, const Q4Shape& s,
@@ -342,8 +354,11 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
   const int64_t elem = int8_activations ? 1 : 4;
   const int64_t lda = activation_stride(s.Kp * elem) / elem;
   uint8_t* a = activation_buffer(M, lda * elem);
-  float* agroup = scratch_scales(M * (s.G + nblocks));
+  // per row: group sums, 32-block scales and, for symmetric weights, 32-block integer sums
+  const bool symmetric = int8_activations && !mins && !zeros;
+  float* agroup = scratch_scales(M * (s.G + nblocks + (symmetric ? nblocks : 0)));
   float* ablock = agroup + M * s.G;
+  int32_t* asum = symmetric ? (int32_t*)(ablock + M * nblocks) : nullptr;
   const bool big = M * s.K >= (1 << 16);
   if (int8_activations) {
     auto quant = [&](int64_t m0, int64_t m1) {
@@ -351,6 +366,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
         kt.quantize_a8_blocks(rows, ld, s.K, s.Kp, s.group, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
                               ablock + r0 * nblocks, agroup + r0 * s.G, act_scale);
       });
+      if (symmetric) block_sums((const int8_t*)a, lda, m0, m1, nblocks, kActBlock, asum);
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {
@@ -359,7 +375,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     };
     big ? parallel_for(M, prep) : prep(0, M);
   }
-  const Q4Args args{M, s.N, s.Np, s.Kp, s.group, packed, scales, mins, zeros, a, lda, ablock, agroup, bias, y, s.N};
+  const Q4Args args{M, s.N, s.Np, s.Kp, s.group, packed, scales, mins, zeros, a, lda, ablock, agroup, asum, bias, y, s.N};
   const auto gemm = int8_activations ? kt.gemm_q4a8 : kt.gemm_q4f32;
   split(M, s.Np / kPanel, 64, 8, M * s.N * s.Kp, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
     Q4Args sub = args;
@@ -367,6 +383,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     sub.a = (const uint8_t*)a + m0 * lda * elem;
     sub.ablock = ablock + m0 * nblocks;
     sub.agroup = agroup + m0 * s.G;
+    if (asum) sub.asum = asum + m0 * nblocks;
     sub.c = y + m0 * s.N;
     gemm(&sub, p0, p1);
     if (gelu) gelu_block(kt, y, s.N, s.N, m0, m1, p0, p1);
@@ -441,13 +458,7 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
         kt.quantize_a8_blocks(rows, ld, K, K, K, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
                               ablock + r0 * n32, rowsum + r0, act_scale);
       });
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t h = 0; h < n16; ++h) {
-          const int8_t* q = (const int8_t*)a + m * lda + 16 * h;
-          int32_t sum = 0;
-          for (int i = 0; i < 16; ++i) sum += q[i];
-          asum[m * n16 + h] = sum;
-        }
+      block_sums((const int8_t*)a, lda, m0, m1, n16, 16, asum);
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {

@@ -30,10 +30,11 @@ inline __m256i dot4(__m256i acc, __m256i w_u8, __m256i a_s8) {
 #endif
 }
 
-// f += fma(d, I, m * A) for 8 columns starting at `col` (see kernels.h).
-inline __m256 fold(const Q4Args* g, int64_t grp, int64_t col, __m256 I, float A, __m256 f) {
+// f += fma(d, I, m * A), or with `direct` f = fma(d, I, f), for 8 columns starting at `col` (see kernels.h).
+inline __m256 fold(const Q4Args* g, int64_t grp, int64_t col, __m256 I, float A, __m256 f, bool direct) {
   const int64_t at = (col / kPanel * (g->Kp / g->group) + grp) * kPanel + col % kPanel;
   const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->scales + at)));
+  if (direct) return _mm256_fmadd_ps(d, I, grp == 0 ? _mm256_setzero_ps() : f);  // symmetric W4A8 (kernels.h)
   const __m256 m =
       g->mins    ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g->mins + at)))
       : g->zeros ? _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(),
@@ -59,9 +60,11 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   __m256 f[MR * 2], I[MR * 2];
   for (int64_t grp = 0; grp < G; ++grp) {
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
-      __m256i acc[MR * 2];
+      __m256i acc[MR * 2];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
-      for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
+      for (int m = 0; m < MR; ++m)
+        acc[m * 2] = acc[m * 2 + 1] =
+            g->asum ? _mm256_set1_epi32(-8 * g->asum[(m0 + m) * nblocks + k0 / kActBlock]) : _mm256_setzero_si256();
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
         LOWBIT_UNROLL
         for (int h = 0; h < 2; ++h) {
@@ -89,7 +92,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h)
-        f[m * 2 + h] = fold(g, grp, p * kPanel + 8 * h, I[m * 2 + h], g->agroup[(m0 + m) * G + grp], f[m * 2 + h]);
+        f[m * 2 + h] = fold(g, grp, p * kPanel + 8 * h, I[m * 2 + h], g->agroup[(m0 + m) * G + grp], f[m * 2 + h], g->asum != nullptr);
   }
   LOWBIT_UNROLL
   for (int m = 0; m < MR; ++m)
@@ -128,7 +131,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h)
-        f[m * 2 + h] = fold(g, grp, p * kPanel + 8 * h, S[m * 2 + h], g->agroup[(m0 + m) * G + grp], f[m * 2 + h]);
+        f[m * 2 + h] = fold(g, grp, p * kPanel + 8 * h, S[m * 2 + h], g->agroup[(m0 + m) * G + grp], f[m * 2 + h], false);
   }
   LOWBIT_UNROLL
   for (int m = 0; m < MR; ++m)

@@ -25,10 +25,11 @@ inline __mmask16 tail_mask(const Q4Args* g, int64_t panel) {
   return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
-// f += fma(d, I, m * A) for the group's 16 columns of panel `panel` (see kernels.h).
-inline __m512 fold(const Q4Args* g, int64_t grp, int64_t panel, __m512 I, float A, __m512 f) {
+// f += fma(d, I, m * A), or with `direct` f = fma(d, I, f), for the group's 16 columns of panel `panel` (see kernels.h).
+inline __m512 fold(const Q4Args* g, int64_t grp, int64_t panel, __m512 I, float A, __m512 f, bool direct) {
   const int64_t at = (panel * (g->Kp / g->group) + grp) * kPanel;
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->scales + at)));
+  if (direct) return _mm512_fmadd_ps(d, I, grp == 0 ? _mm512_setzero_ps() : f);  // symmetric W4A8 (kernels.h)
   const __m512 m =
       g->mins    ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g->mins + at)))
       : g->zeros ? _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(),
@@ -44,7 +45,7 @@ inline void store(const Q4Args* g, int64_t m, int64_t panel, __m512 f) {
   _mm512_mask_storeu_ps(g->c + m * g->ldc + panel * kPanel, mask, y);
 }
 
-template <int MR, int J>
+template <int MR, int J, bool SYM>  // SYM: symmetric weights, g->asum given (kernels.h)
 void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group, nblocks = g->Kp / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
@@ -53,9 +54,14 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   __m512 f[MR * J], I[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
-      __m512i acc[MR * J];
+      __m512i acc[MR * J];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
-      for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
+      for (int m = 0; m < MR; ++m) {
+        const __m512i start =
+            SYM ? _mm512_set1_epi32(-8 * g->asum[(m0 + m) * nblocks + k0 / kActBlock]) : _mm512_setzero_si512();
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) acc[m * J + j] = start;
+      }
       LOWBIT_UNROLL
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
         __m512i lo[J], hi[J];
@@ -93,7 +99,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j)
-        f[m * J + j] = fold(g, grp, p + j, I[m * J + j], g->agroup[(m0 + m) * G + grp], f[m * J + j]);
+        f[m * J + j] = fold(g, grp, p + j, I[m * J + j], g->agroup[(m0 + m) * G + grp], f[m * J + j], SYM);
   }
   LOWBIT_UNROLL
   for (int m = 0; m < MR; ++m)
@@ -140,7 +146,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j)
-        f[m * J + j] = fold(g, grp, p + j, S[m * J + j], g->agroup[(m0 + m) * G + grp], f[m * J + j]);
+        f[m * J + j] = fold(g, grp, p + j, S[m * J + j], g->agroup[(m0 + m) * G + grp], f[m * J + j], false);
   }
   LOWBIT_UNROLL
   for (int m = 0; m < MR; ++m)
@@ -150,29 +156,34 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
 
 using TileFn = void (*)(const Q4Args*, int64_t, int64_t);
 
+enum Mode { kF32, kA8, kA8Sym };
+template <int MODE, int MR, int J>
+void tile(const Q4Args* g, int64_t m0, int64_t p) {
+  if constexpr (MODE == kF32) tile_f32<MR, J>(g, m0, p);
+  else tile_a8<MR, J, MODE == kA8Sym>(g, m0, p);
+}
+
 // Tiles: a single row streams several panels at once (GEMV: independent chains; W4A32 needs 8 to
 // cover the FMA latency); several rows share each unpacked weight vector, 4 rows x 2 panels.
-template <bool A8>
+template <int MODE>
 TileFn pick(int mr, int j) {
-  static const TileFn one_row[] = {
-      A8 ? tile_a8<1, 1> : tile_f32<1, 1>, A8 ? tile_a8<1, 2> : tile_f32<1, 2>,
-      A8 ? tile_a8<1, 3> : tile_f32<1, 3>, A8 ? tile_a8<1, 4> : tile_f32<1, 4>,
-      tile_f32<1, 5>, tile_f32<1, 6>, tile_f32<1, 7>, tile_f32<1, 8>};
-  static const TileFn rows[3][2] = {
-      {A8 ? tile_a8<2, 1> : tile_f32<2, 1>, A8 ? tile_a8<2, 2> : tile_f32<2, 2>},
-      {A8 ? tile_a8<3, 1> : tile_f32<3, 1>, A8 ? tile_a8<3, 2> : tile_f32<3, 2>},
-      {A8 ? tile_a8<4, 1> : tile_f32<4, 1>, A8 ? tile_a8<4, 2> : tile_f32<4, 2>}};
+  static const TileFn one_row[] = {tile<MODE, 1, 1>,  tile<MODE, 1, 2>,  tile<MODE, 1, 3>,
+                                   tile<MODE, 1, 4>,  tile<kF32, 1, 5>, tile<kF32, 1, 6>,
+                                   tile<kF32, 1, 7>, tile<kF32, 1, 8>};
+  static const TileFn rows[3][2] = {{tile<MODE, 2, 1>, tile<MODE, 2, 2>},
+                                    {tile<MODE, 3, 1>, tile<MODE, 3, 2>},
+                                    {tile<MODE, 4, 1>, tile<MODE, 4, 2>}};
   return mr == 1 ? one_row[j - 1] : rows[mr - 2][j - 1];
 }
 
-template <bool A8>
+template <int MODE>
 void run(const Q4Args* g, int64_t p0, int64_t p1) {
-  const int max_j = g->M == 1 ? (A8 ? 4 : 8) : 2;
+  const int max_j = g->M == 1 ? (MODE != kF32 ? 4 : 8) : 2;
   for (int64_t p = p0; p < p1;) {
     const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
     for (int64_t m = 0; m < g->M;) {
       const int mr = (int)(g->M - m < 4 ? g->M - m : 4);
-      pick<A8>(mr, j)(g, m, p);
+      pick<MODE>(mr, j)(g, m, p);
       m += mr;
     }
     p += j;
@@ -181,8 +192,10 @@ void run(const Q4Args* g, int64_t p0, int64_t p1) {
 
 }  // namespace
 
-void gemm_q4a8(const Q4Args* g, int64_t p0, int64_t p1) { run<true>(g, p0, p1); }
-void gemm_q4f32(const Q4Args* g, int64_t p0, int64_t p1) { run<false>(g, p0, p1); }
+void gemm_q4a8(const Q4Args* g, int64_t p0, int64_t p1) {
+  g->asum ? run<kA8Sym>(g, p0, p1) : run<kA8>(g, p0, p1);
+}
+void gemm_q4f32(const Q4Args* g, int64_t p0, int64_t p1) { run<kF32>(g, p0, p1); }
 
 }  // namespace LOWBIT_NS
 }  // namespace lowbit

@@ -36,10 +36,17 @@ inline Scales group_scales(const Q4Args* g, int64_t G, int64_t grp, int64_t p, i
   return {d, vmulq_f32(d, vcvtq_f32_s32(vnegq_s32(vreinterpretq_s32_u32(z))))};
 }
 
-// f += fma(d, I, m * A)  (f = the term for the first group).
-inline float32x4_t fold(Scales s, float32x4_t I, float32x4_t A, float32x4_t f, bool first) {
+// f += fma(d, I, m * A)  (f = the term for the first group); with `direct` (symmetric W4A8,
+// kernels.h) f = fma(d, I, f) from 0.
+inline float32x4_t fold(Scales s, float32x4_t I, float32x4_t A, float32x4_t f, bool first, bool direct) {
+  if (direct) return vfmaq_f32(first ? vdupq_n_f32(0.f) : f, s.d, I);
   const float32x4_t term = vfmaq_f32(vmulq_f32(s.m, A), s.d, I);
   return first ? term : vaddq_f32(f, term);
+}
+
+// Symmetric W4A8: a block's dot of q_w - 8 is the dot of q_w less 8 sum(q_a) (kernels.h).
+inline int32_t sym_fix(const Q4Args* g, int64_t m, int64_t k0) {
+  return g->asum ? -8 * g->asum[m * (g->Kp / kActBlock) + k0 / kActBlock] : 0;
 }
 
 // Row m, columns n..n+3 (those below N) = f + bias.
@@ -86,7 +93,7 @@ inline void block_fold(const Q4Args* g, int64_t m0, int64_t k0, bool first,
 
 template <int MR, int J>
 inline void group_fold(const Q4Args* g, int64_t G, int64_t m0, int64_t p, int64_t grp,
-                       const float32x4_t (&I)[MR][J][4], float32x4_t (&f)[MR][J][4]) {
+                       const float32x4_t (&I)[MR][J][4], float32x4_t (&f)[MR][J][4], bool direct) {
   LOWBIT_UNROLL
   for (int j = 0; j < J; ++j)
     LOWBIT_UNROLL
@@ -95,7 +102,7 @@ inline void group_fold(const Q4Args* g, int64_t G, int64_t m0, int64_t p, int64_
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
         const float32x4_t A = vdupq_n_f32(g->agroup[(m0 + m) * G + grp]);
-        f[m][j][q] = fold(s, I[m][j][q], A, f[m][j][q], grp == 0);
+        f[m][j][q] = fold(s, I[m][j][q], A, f[m][j][q], grp == 0, direct);
       }
     }
 }
@@ -145,7 +152,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j)
           LOWBIT_UNROLL
-          for (int q = 0; q < 4; ++q) acc[m][j][q] = vdupq_n_s32(kBiasBits);
+          for (int q = 0; q < 4; ++q) acc[m][j][q] = vdupq_n_s32(kBiasBits + sym_fix(g, m0 + m, k0));
       _Pragma("GCC unroll 1")  // one step's registers at a time (unrolled, GCC hoists and spills)
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
         int8x8_t x[MR];
@@ -167,7 +174,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
       }
       block_fold<MR, J, unbias>(g, m0, k0, k0 == grp * g->group, acc, I);
     }
-    group_fold<MR, J>(g, G, m0, p, grp, I, f);
+    group_fold<MR, J>(g, G, m0, p, grp, I, f, g->asum != nullptr);
   }
   store_rows<MR, J>(g, m0, p, f);
 }
@@ -223,10 +230,11 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         for (int j = 0; j < J; ++j)
           LOWBIT_UNROLL
           for (int q = 0; q < 4; ++q)
-            dot[m][j][q] = vpaddq_s32(vpaddlq_s16(acc[m][j][q][0]), vpaddlq_s16(acc[m][j][q][1]));
+            dot[m][j][q] = vaddq_s32(vpaddq_s32(vpaddlq_s16(acc[m][j][q][0]), vpaddlq_s16(acc[m][j][q][1])),
+                                     vdupq_n_s32(sym_fix(g, m0 + m, k0)));
       block_fold<MR, J, to_float>(g, m0, k0, k0 == grp * g->group, dot, I);
     }
-    group_fold<MR, J>(g, G, m0, p, grp, I, f);
+    group_fold<MR, J>(g, G, m0, p, grp, I, f, g->asum != nullptr);
   }
   store_rows<MR, J>(g, m0, p, f);
 }
@@ -250,7 +258,10 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
       LOWBIT_UNROLL
       for (int r = 0; r < P; ++r)
         LOWBIT_UNROLL
-        for (int q = 0; q < CQ; ++q) acc[r][q][0] = acc[r][q][1] = vdupq_n_s32(kBiasBits);
+        for (int q = 0; q < CQ; ++q) {  // the 2 x 2 layout: row m twice, then row m + 1 twice
+          const int32_t f0 = kBiasBits + sym_fix(g, m0 + 2 * r, k0), f1 = kBiasBits + sym_fix(g, m0 + 2 * r + 1, k0);
+          acc[r][q][0] = acc[r][q][1] = int32x4_t{f0, f0, f1, f1};
+        }
       LOWBIT_UNROLL
       for (int s2 = 0; s2 < kActBlock / 16; ++s2) {
         int8x16_t x[P][2];  // steps 2 * s2 and 2 * s2 + 1
@@ -304,7 +315,7 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
         const float* ag = g->agroup + (m0 + 2 * r) * G + grp;
         const float32x4_t A = {ag[0], ag[0], ag[G], ag[G]};
         LOWBIT_UNROLL
-        for (int h = 0; h < 2; ++h) f[r][q][h] = fold(pair[h], I[r][q][h], A, f[r][q][h], grp == 0);
+        for (int h = 0; h < 2; ++h) f[r][q][h] = fold(pair[h], I[r][q][h], A, f[r][q][h], grp == 0, g->asum != nullptr);
       }
     }
   }
@@ -378,7 +389,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
           }
       }
     }
-    group_fold<MR, J>(g, G, m0, p, grp, S, f);
+    group_fold<MR, J>(g, G, m0, p, grp, S, f, false);
   }
   store_rows<MR, J>(g, m0, p, f);
 }

@@ -39,10 +39,16 @@ void gemm_q4a8(const Q4Args* g, int64_t p0, int64_t p1) {
         for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
           int32_t dot = 0;
           for (int64_t k = k0; k < k0 + kActBlock; ++k) dot += q4(g, n, k) * a[m * g->lda + k];
+          if (g->asum) dot -= 8 * g->asum[m * nblocks + k0 / kActBlock];  // symmetric: q - 8
           const float s = g->ablock[m * nblocks + k0 / kActBlock];
           I = k0 == grp * g->group ? (float)dot * s : std::fma((float)dot, s, I);
         }
-        f = fold(g, grp, n, I, g->agroup[m * G + grp], f);
+        if (g->asum) {
+          const int64_t at = (n / kPanel * G + grp) * kPanel + n % kPanel;
+          f = std::fma(half_to_float(g->scales[at]), I, f);
+        } else {
+          f = fold(g, grp, n, I, g->agroup[m * G + grp], f);
+        }
       }
       g->c[m * g->ldc + n] = g->bias ? f + g->bias[n] : f;
     }
