@@ -141,11 +141,12 @@ struct Kernels {
   void (*gemm_q4f32)(const Q4Args* args, int64_t p0, int64_t p1);
   // Activation quantization for W4A8, rows [m0, m1): per 32-block scale = amax / 127,
   // q = round-half-even(x / scale) in [-127, 127], or (fixed > 0, static) scale = fixed and
-  // q = clamp(round-half-even(x / scale), -128, 127); padded with 0 to Kp; per group A_g as above.
-  // A block holding NaN/Inf gets a NaN scale (its row's output becomes NaN).
+  // q = clamp(round-half-even(x / scale), -128, 127); padded with 0 to Kp; per group A_g as above;
+  // when bsum is given, each block's sum(q) [M][Kp/32] (Q4Args.asum). A block holding NaN/Inf gets
+  // a NaN scale (its row's output becomes NaN).
   void (*quantize_a8_blocks)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                              int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                             float* agroup, float fixed);
+                             float* agroup, int32_t* bsum, float fixed);
 
   // Block formats (formats.h) for panels [p0, p1), int8 activations (per 32-block scales and
   // per-16 integer sums) or float32 ones; the order of operations is gemm_blk/ref.cpp's.

@@ -330,18 +330,6 @@ int64_t quantize_w4(const float* w, int64_t ldw, const Q4Shape& s, uint8_t* pack
   });
 }
 
-// The integer sums of rows [m0, m1)'s n blocks of `len` int8 activations: out [M][n].
-static void block_sums(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t n, int64_t len,
-                       int32_t* out) {
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t h = 0; h < n; ++h) {
-      const int8_t* q = a + m * lda + len * h;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < len; ++i) sum += q[i];
-      out[m * n + h] = sum;
-    }
-}
-
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
                const float* bias, const Q4Shape& s,
@@ -364,9 +352,9 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     auto quant = [&](int64_t m0, int64_t m1) {
       with_scaled_rows(x, ldx, s.K, colscale, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
         kt.quantize_a8_blocks(rows, ld, s.K, s.Kp, s.group, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
-                              ablock + r0 * nblocks, agroup + r0 * s.G, act_scale);
+                              ablock + r0 * nblocks, agroup + r0 * s.G,
+                              asum ? asum + r0 * nblocks : nullptr, act_scale);
       });
-      if (symmetric) block_sums((const int8_t*)a, lda, m0, m1, nblocks, kActBlock, asum);
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {
@@ -456,9 +444,15 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
     auto quant = [&](int64_t m0, int64_t m1) {
       with_scaled_rows(x, ldx, K, colscale, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
         kt.quantize_a8_blocks(rows, ld, K, K, K, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
-                              ablock + r0 * n32, rowsum + r0, act_scale);
+                              ablock + r0 * n32, rowsum + r0, nullptr, act_scale);
       });
-      block_sums((const int8_t*)a, lda, m0, m1, n16, 16, asum);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t h = 0; h < n16; ++h) {
+          const int8_t* q = (const int8_t*)a + m * lda + 16 * h;
+          int32_t sum = 0;
+          for (int i = 0; i < 16; ++i) sum += q[i];
+          asum[m * n16 + h] = sum;
+        }
     };
     big ? parallel_for(M, quant) : quant(0, M);
   } else {

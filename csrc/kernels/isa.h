@@ -24,7 +24,7 @@ void gemm_q4a8(const Q4Args* args, int64_t p0, int64_t p1);
 void gemm_q4f32(const Q4Args* args, int64_t p0, int64_t p1);
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup, float fixed);
+                        float* agroup, int32_t* bsum, float fixed);
 void gemm_blk_a8(const BlkArgs* args, int64_t p0, int64_t p1);
 void gemm_blk_f32(const BlkArgs* args, int64_t p0, int64_t p1);
 int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);

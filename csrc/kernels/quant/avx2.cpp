@@ -186,7 +186,7 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
 
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup, float fixed) {
+                        float* agroup, int32_t* bsum, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
   const int32_t lo = fixed > 0.f ? -128 : -127;
   for (int64_t m = m0; m < m1; ++m) {
@@ -210,6 +210,7 @@ void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int6
       int32_t total = 0;
       for (int t = 0; t < 8; ++t) total += lanes[t];
       ablock[m * nblocks + b] = scale;
+      if (bsum) bsum[m * nblocks + b] = total;
       A = k0 % group == 0 ? scale * (float)total : std::fma(scale, (float)total, A);  // as quant/ref.cpp
       if ((k0 + kActBlock) % group == 0) agroup[m * G + k0 / group] = A;
     }

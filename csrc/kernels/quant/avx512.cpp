@@ -155,15 +155,67 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
   }
 }
 
+// Four 16-lane vectors to their four lane reductions (max or add, both exact on integers), by one
+// transposing reduction in place of four.
+template <bool Max>
+inline __m128i reduce4(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+  auto op = [](__m512i a, __m512i b) { return Max ? _mm512_max_epu32(a, b) : _mm512_add_epi32(a, b); };
+  const __m512i a = op(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+  const __m512i b = op(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+  const __m512i c = op(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));  // per 128 bits
+  const __m512i d = op(c, _mm512_shuffle_i32x4(c, c, 0x4E));
+  return _mm512_castsi512_si128(op(d, _mm512_shuffle_i32x4(d, d, 0xB1)));
+}
+
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup, float fixed) {
+                        float* agroup, int32_t* bsum, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
   const int32_t lo = fixed > 0.f ? -128 : -127;
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * ldx;
     float A = 0.f;
-    for (int64_t b = 0; b < nblocks; ++b) {
+    // the group fold, as quant/ref.cpp: a product first, then fma, in block order (blocks come in
+    // order: a count, not a division, finds the groups' ends)
+    int64_t in_group = 0, grp = 0;
+    auto fold = [&](int64_t b, float scale, int32_t sum) {
+      ablock[m * nblocks + b] = scale;
+      if (bsum) bsum[m * nblocks + b] = sum;
+      A = in_group == 0 ? scale * (float)sum : std::fma(scale, (float)sum, A);
+      if (++in_group * kActBlock == group) agroup[m * G + grp++] = A, in_group = 0;
+    };
+    int64_t b = 0;
+    for (; (b + 4) * kActBlock <= K; b += 4) {  // four whole blocks
+      const float* at = row + b * kActBlock;
+      __m512i mx[4];
+      for (int i = 0; i < 4; ++i)
+        mx[i] = _mm512_max_epu32(_mm512_and_si512(_mm512_loadu_si512(at + 32 * i), absmask),
+                                 _mm512_and_si512(_mm512_loadu_si512(at + 32 * i + 16), absmask));
+      const __m128i bits = reduce4<true>(mx[0], mx[1], mx[2], mx[3]);
+      const __mmask8 bad = _mm_cmpge_epu32_mask(bits, _mm_set1_epi32((int)kInfBits));
+      __m128 sc = fixed > 0.f ? _mm_set1_ps(fixed) : _mm_div_ps(_mm_castsi128_ps(bits), _mm_set1_ps(127.f));
+      sc = _mm_mask_mov_ps(sc, bad, _mm_set1_ps(NAN));
+      alignas(16) float scale[4];
+      _mm_store_ps(scale, sc);
+      __m512i sums[4];
+      for (int i = 0; i < 4; ++i) {
+        __m512i q0 = _mm512_setzero_si512(), q1 = q0;
+        if (scale[i] != 0.f && !(bad >> i & 1)) {
+          const __m512 s = _mm512_set1_ps(scale[i]);
+          q0 = quant16(at + 32 * i, 16, s, 0, lo);
+          q1 = quant16(at + 32 * i + 16, 16, s, 0, lo);
+        }
+        int8_t* dst = q + m * ldq + (b + i) * kActBlock;
+        _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i*)(dst + 16), _mm512_cvtepi32_epi8(q1));
+        sums[i] = _mm512_add_epi32(q0, q1);
+      }
+      alignas(16) int32_t sum[4];
+      _mm_store_si128((__m128i*)sum, reduce4<false>(sums[0], sums[1], sums[2], sums[3]));
+      for (int i = 0; i < 4; ++i) fold(b + i, scale[i], sum[i]);
+    }
+    for (; b < nblocks; ++b) {
       const int64_t k0 = b * kActBlock;
       const uint32_t bits = amax_bits(row, k0 < K ? k0 : K, k0 + kActBlock < K ? k0 + kActBlock : K);
       const float scale = bits >= kInfBits ? NAN : fixed > 0.f ? fixed : bits_to_float(bits) / 127.f;
@@ -175,10 +227,7 @@ void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int6
       }
       _mm_storeu_si128((__m128i*)(q + m * ldq + k0), _mm512_cvtepi32_epi8(q0));
       _mm_storeu_si128((__m128i*)(q + m * ldq + k0 + 16), _mm512_cvtepi32_epi8(q1));
-      const float sum = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-      ablock[m * nblocks + b] = scale;
-      A = k0 % group == 0 ? scale * sum : std::fma(scale, sum, A);  // as quant/ref.cpp
-      if ((k0 + kActBlock) % group == 0) agroup[m * G + k0 / group] = A;
+      fold(b, scale, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
   }
 }

@@ -126,7 +126,7 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
 
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup, float fixed) {
+                        float* agroup, int32_t* bsum, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
   const int32x4_t lo = vdupq_n_s32(fixed > 0.f ? -128 : -127), zero = vdupq_n_s32(0);
   for (int64_t m = m0; m < m1; ++m) {
@@ -155,6 +155,7 @@ void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int6
         std::memset(dst, 0, kActBlock);
       }
       ablock[m * nblocks + b] = scale;
+      if (bsum) bsum[m * nblocks + b] = sum;
       // A_g: the group's sum of scale_b * sum(q_b), a product first, then fma, in block order
       A = k0 % group == 0 ? scale * (float)sum : std::fma(scale, (float)sum, A);
       if ((k0 + kActBlock) % group == 0) agroup[m * G + k0 / group] = A;

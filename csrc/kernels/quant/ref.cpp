@@ -144,7 +144,7 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
 
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,
                         int64_t m0, int64_t m1, int8_t* q, int64_t ldq, float* ablock,
-                        float* agroup, float fixed) {
+                        float* agroup, int32_t* bsum, float fixed) {
   const int64_t nblocks = Kp / kActBlock, G = Kp / group;
   const int32_t lo = fixed > 0.f ? -128 : -127;
   for (int64_t m = m0; m < m1; ++m) {
@@ -167,6 +167,7 @@ void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int6
         sum += v;
       }
       ablock[m * nblocks + b] = scale;
+      if (bsum) bsum[m * nblocks + b] = sum;
       // A_g: the group's sum of scale_b * sum(q_b), a product first, then fma, in block order
       const bool first = k0 % group == 0;
       A = first ? scale * (float)sum : std::fma(scale, (float)sum, A);
