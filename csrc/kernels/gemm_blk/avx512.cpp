@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#include <vector>
 #include "formats.h"
 #include "kernels/isa.h"
 
@@ -21,21 +20,23 @@ namespace {
 
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
 
-template <typename T>
-struct AlignedAlloc {  // 64-byte aligned storage for the per-thread value bytes
-  using value_type = T;
-  AlignedAlloc() = default;
-  template <typename U>
-  AlignedAlloc(const AlignedAlloc<U>&) {}
-  T* allocate(size_t n) {
-    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
-    if (!p) throw std::bad_alloc();
-    return (T*)p;
+// This thread's buffer for a panel pair's value bytes (run), 64-byte aligned, grown as needed and
+// shared by every format.
+uint8_t* value_buffer(int64_t bytes) {
+  struct Buffer {
+    uint8_t* p = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (buf.size < bytes) {
+    std::free(buf.p);
+    buf.p = (uint8_t*)std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64);
+    buf.size = buf.p ? bytes : 0;
+    if (!buf.p) throw std::bad_alloc();
   }
-  void deallocate(T* p, size_t) { std::free(p); }
-  bool operator==(const AlignedAlloc&) const { return true; }
-  bool operator!=(const AlignedAlloc&) const { return false; }
-};
+  return buf.p;
+}
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -438,12 +439,11 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   const int max_j = g->M == 1 ? 4 : 2;
   const bool pre = A8 && g->M >= kPreRows;
   constexpr bool own = kBlockFormats[F].bits == 8;
-  thread_local std::vector<uint8_t, AlignedAlloc<uint8_t>> buf;
-  if (pre && !own && (int64_t)buf.size() < 2 * g->K * 16) buf.resize(2 * g->K * 16);
+  uint8_t* buf = pre && !own ? value_buffer(2 * g->K * 16) : nullptr;
   for (int64_t p = p0; p < p1;) {
     const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
-    if (pre && !own) unpack<F>(g, p, j, buf.data());
-    const uint8_t* bytes = own ? g->q8 + p * g->K * 16 : buf.data();
+    if (buf) unpack<F>(g, p, j, buf);
+    const uint8_t* bytes = own ? g->q8 + p * g->K * 16 : buf;
     for (int64_t m = 0; m < g->M;) {
       const int mr = (int)(g->M - m < 4 ? g->M - m : 4);
       (pre ? pick<F, A8, true> : pick<F, A8, false>)(mr, j)(g, m, p, bytes);
