@@ -8,6 +8,7 @@
 #include <cstring>
 #include "formats.h"
 #include "kernels/isa.h"
+#include "kernels/stream.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -136,8 +137,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     LOWBIT_UNROLL
     for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
     for (int st = 0; st < S / 8; ++st) {
-      if (MR == 1 && fmt.nib) _mm_prefetch((const char*)(g->nib + p * g->K * 8 + (k0 / 8 + st) * 64 + 2048), _MM_HINT_T0);
-      if (MR == 1 && fmt.bits == 8) _mm_prefetch((const char*)(g->q8 + p * g->K * 16 + (k0 / 8 + st) * 128 + 2048), _MM_HINT_T0);
+      if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h) {
         __m256i lo, hi;
@@ -197,7 +197,8 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
         LOWBIT_UNROLL
         for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
         LOWBIT_UNROLL
-        for (int st = 0; st < 2; ++st)
+        for (int st = 0; st < 2; ++st) {
+          if (MR == 1) stream_ahead<F, 1>(g, p, 2 * s + st);
           LOWBIT_UNROLL
           for (int h = 0; h < 2; ++h) {
             __m256i lo, hi;
@@ -208,6 +209,7 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
               acc[m * 2 + h] = dot4<false>(acc[m * 2 + h], hi, bcast4(a + m * g->lda + 16 * s + 8 * st + 4));
             }
           }
+        }
         __m256i code[2], mcode[2];
         LOWBIT_UNROLL
         for (int h = 0; h < 2; ++h) {
@@ -274,6 +276,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     LOWBIT_UNROLL
     for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_ps();
     for (int st = 0; st < S / 8; ++st) {
+      if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h) {
         __m256i v[2];

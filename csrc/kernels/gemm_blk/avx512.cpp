@@ -13,6 +13,7 @@
 #include <new>
 #include "formats.h"
 #include "kernels/isa.h"
+#include "kernels/stream.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -46,21 +47,16 @@ inline __m512i bcast4(const int8_t* p) {
 
 // The u8 values of panel p's 16 columns at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
 template <int F>
-inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i& hi, bool prefetch) {
+inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i& hi) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   if (fmt.bits == 8) {
     const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
-    if (prefetch) {
-      _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);
-      _mm_prefetch((const char*)(at + 2112), _MM_HINT_T0);
-    }
     lo = _mm512_loadu_si512(at);
     hi = _mm512_loadu_si512(at + 64);
     return;
   }
   if (fmt.nib) {
     const uint8_t* at = g->nib + p * g->K * 8 + k8 * 64;
-    if (prefetch) _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(at), nib = _mm512_set1_epi8(0x0F);
     lo = _mm512_and_si512(v, nib);
     hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
@@ -75,7 +71,6 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i
   }
   if (fmt.planes) {
     const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
-    if (prefetch && !fmt.nib) _mm_prefetch((const char*)(w + 64), _MM_HINT_T0);
     LOWBIT_UNROLL
     for (int j = 0; j < fmt.planes; ++j) {
       const __m512i bit = _mm512_set1_epi8((char)(1 << ((fmt.nib ? 4 : 0) + j)));
@@ -84,6 +79,7 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i
     }
   }
 }
+
 
 // D and B of sub-block s for panel p's 16 columns (blk_scale, 16 lanes at once).
 template <int F>
@@ -156,8 +152,9 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j) {
         if (PRE) load_pre(g, pre, j, k0 / 8 + st, lo[j], hi[j]);
-        else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j], MR == 1);
+        else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j]);
       }
+      if (MR == 1) stream_ahead<F, J>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
         const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * st);
@@ -240,10 +237,9 @@ inline __m512i min_pairs(const BlkArgs* g, int64_t p, int64_t s) {
 // The code_dot bytes of panel p at k8 (lo: k 0-3, hi: k 4-7) from its sub-block's coded().
 template <int F>
 inline void code_values(const BlkArgs* g, int64_t p, int64_t k8, __m512i start, const __m512i add[],
-                        __m512i& lo, __m512i& hi, bool prefetch) {
+                        __m512i& lo, __m512i& hi) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
-  if (prefetch) _mm_prefetch((const char*)(w + 64), _MM_HINT_T0);
   lo = hi = start;
   LOWBIT_UNROLL
   for (int b = 0; b < fmt.planes; ++b) {
@@ -282,8 +278,9 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) 
           LOWBIT_UNROLL
           for (int j = 0; j < J; ++j) {
             if (PRE) load_pre(g, pre, j, k8, lo[j], hi[j]);
-            else code_values<F>(g, p + j, k8, start[j], add[j], lo[j], hi[j], MR == 1);
+            else code_values<F>(g, p + j, k8, start[j], add[j], lo[j], hi[j]);
           }
+          if (MR == 1) stream_ahead<F, J>(g, p, k8);
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m) {
             const __m512i alo = bcast4(a + m * g->lda + 8 * k8);
@@ -354,7 +351,8 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int st = 0; st < S / 8; ++st) {
       __m512i v[2][J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, v[0][j], v[1][j], MR == 1);
+      for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, v[0][j], v[1][j]);
+      if (MR == 1) stream_ahead<F, J>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order: byte i % 4 of each lane
         __m512 w[J];
@@ -420,9 +418,9 @@ void unpack(const BlkArgs* g, int64_t p, int J, uint8_t* out) {
       if constexpr (fmt.code_dot) {
         __m512i start, add[fmt.planes];
         coded<F>(g, p + j, k8 / 2, start, add);
-        code_values<F>(g, p + j, k8, start, add, lo, hi, false);
+        code_values<F>(g, p + j, k8, start, add, lo, hi);
       } else {
-        values<F>(g, p + j, k8, lo, hi, false);
+        values<F>(g, p + j, k8, lo, hi);
       }
       _mm512_store_si512(out + j * g->K * 16 + k8 * 128, lo);
       _mm512_store_si512(out + j * g->K * 16 + k8 * 128 + 64, hi);

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include "formats.h"
 #include "kernels/isa.h"
+#include "kernels/stream.h"
 
 
 namespace lowbit {
@@ -154,15 +155,10 @@ constexpr uint8_t kBitOf[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32,
 // The value registers of panel p's rows 4q..4q+3 at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
 // Built one row group at a time, next to the dots that use them, to keep few registers live.
 template <int F, bool U>
-inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo, int8x16_t& hi,
-                   bool prefetch) {
+inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo, int8x16_t& hi) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   if constexpr (fmt.bits == 8) {
     const uint8_t* at = g->q8 + p * g->K * 16 + k8 * 128;
-    if (prefetch && q == 0) {  // one row streams the weights, as the x86 sets do (untimed on ARM)
-      __builtin_prefetch(at + 2048);
-      __builtin_prefetch(at + 2112);
-    }
     const uint8x16_t a = vld1q_u8(at + 16 * q), b = vld1q_u8(at + 64 + 16 * q);
     lo = vreinterpretq_s8_u8(U ? a : veorq_u8(a, vdupq_n_u8(0x80)));
     hi = vreinterpretq_s8_u8(U ? b : veorq_u8(b, vdupq_n_u8(0x80)));
@@ -171,7 +167,6 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
   uint8x16_t x[2];
   if constexpr (fmt.nib) {
     const uint8_t* at = g->nib + p * g->K * 8 + k8 * 64;
-    if (prefetch && q == 0) __builtin_prefetch(at + 2048);
     const uint8x16_t b = vld1q_u8(at + 16 * q);
     x[0] = fmt.planes ? b : vandq_u8(b, vdupq_n_u8(0x0F));  // SLI keeps only the low nibble
     x[1] = vshrq_n_u8(b, 4);
@@ -185,7 +180,6 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
   if constexpr (fmt.planes > 0) {
     // 2 * planes words (lo: k 0-3, then hi: k 4-7), two per 16-byte load
     const uint64_t* w = g->bits + (p * (g->K / 4) + 2 * k8) * fmt.planes;
-    if (prefetch && q == 0 && !fmt.nib) __builtin_prefetch(w + 64);
     const uint8x16_t bit = vld1q_u8(kBitOf);
     LOWBIT_UNROLL
     for (int h = 0; h < 2; ++h)
@@ -234,17 +228,19 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) x[m] = vld1q_s8(a[m] + k0 + 16 * t);
       LOWBIT_UNROLL
-      for (int st = 0; st < 2; ++st)
+      for (int st = 0; st < 2; ++st) {
+        if (MR == 1 && Q0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + 2 * t + st);
         LOWBIT_UNROLL
         for (int q = Q0; q < Q0 + G; ++q) {
           int8x16_t lo, hi;
-          values<F, U>(g, p, k0 / 8 + 2 * t + st, q, lo, hi, MR == 1);
+          values<F, U>(g, p, k0 / 8 + 2 * t + st, q, lo, hi);
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m) {
             res[m][q] = sdot<U>(res[m][q], lo, x[m], 2 * st);
             res[m][q] = sdot<U>(res[m][q], hi, x[m], 2 * st + 1);
           }
         }
+      }
     }
 #endif
   } else if constexpr (D == kMmla) {
@@ -269,7 +265,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       LOWBIT_UNROLL
       for (int q = Q0; q < Q0 + G; ++q) {
         int8x16_t vlo, vhi;
-        values<F, U>(g, p, k0 / 8 + k8, q, vlo, vhi, false);
+        values<F, U>(g, p, k0 / 8 + k8, q, vlo, vhi);
         const int32x4_t lo = vreinterpretq_s32_s8(vlo), hi = vreinterpretq_s32_s8(vhi);
         const int8x16_t b[2] = {vreinterpretq_s8_s32(vzip1q_s32(lo, hi)),
                                 vreinterpretq_s8_s32(vzip2q_s32(lo, hi))};
@@ -311,10 +307,11 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
         for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
           for (int hs = 0; hs < 2; ++hs) a4[m][hs] = lane4(x[m], 2 * st + hs);
+        if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + 2 * t + st);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           int8x16_t v[2];
-          values<F, false>(g, p, k0 / 8 + 2 * t + st, q, v[0], v[1], MR == 1);
+          values<F, false>(g, p, k0 / 8 + 2 * t + st, q, v[0], v[1]);
           LOWBIT_UNROLL
           for (int hs = 0; hs < 2; ++hs) {
             const int n = 4 * t + 2 * st + hs;  // this product's place in the lanes' chains
@@ -574,10 +571,11 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
         for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
           for (int hs = 0; hs < 2; ++hs) xv[m][hs] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
+        if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + st);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           int8x16_t v[2];
-          values<F, true>(g, p, k0 / 8 + st, q, v[0], v[1], MR == 1);
+          values<F, true>(g, p, k0 / 8 + st, q, v[0], v[1]);
           LOWBIT_UNROLL
           for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order for each accumulator
             const float32x4_t w =

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <utility>
 #include "kernels/isa.h"
+#include "kernels/stream.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -67,12 +68,11 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         __m512i lo[J], hi[J];
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
-          const uint8_t* at = b + j * ps + (k0 / kQ4Step + s) * 64;
-          if (MR == 1) _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);  // GEMV: stream ahead
-          const __m512i v = _mm512_loadu_si512(at);
+          const __m512i v = _mm512_loadu_si512(b + j * ps + (k0 / kQ4Step + s) * 64);
           lo[j] = _mm512_and_si512(v, nib);
           hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         }
+        if (MR == 1) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m) {
           const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * s);
@@ -121,11 +121,8 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {
       __m512i v[J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) {
-        const uint8_t* at = b + j * ps + k0 / kQ4Step * 64;
-        if (MR == 1) _mm_prefetch((const char*)(at + 2048), _MM_HINT_T0);  // GEMV: stream ahead
-        v[j] = _mm512_loadu_si512(at);
-      }
+      for (int j = 0; j < J; ++j) v[j] = _mm512_loadu_si512(b + j * ps + k0 / kQ4Step * 64);
+      if (MR == 1) stream_ahead<J>(g, p, k0 / kQ4Step);
       LOWBIT_UNROLL
       for (int i = 0; i < kQ4Step; ++i) {  // k0 + i, in order: each lane is one column's sum
         // k0+i sits in byte i%4 of each column's lane, low nibble for i < 4, high nibble after

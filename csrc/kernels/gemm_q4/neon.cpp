@@ -8,6 +8,7 @@
 #include <arm_neon.h>
 #include <cstring>
 #include "kernels/isa.h"
+#include "kernels/stream.h"
 
 
 namespace lowbit {
@@ -133,7 +134,6 @@ inline Nibbles unpack(const uint8_t* at) {
   return w;
 }
 
-constexpr int kAhead = 1024;  // GEMV software prefetch distance per panel stream, bytes
 
 #if defined(__ARM_FEATURE_DOTPROD)
 // W4A8, SDOT: MR rows x J panels; per 8 k and quad, SDOT lane 0 (k0..3) on the low nibbles and
@@ -158,10 +158,10 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         int8x8_t x[MR];
         LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m) x[m] = vld1_s8(a + m * g->lda + k0 + kQ4Step * s);
+        if (MR == 1) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
           const uint8_t* at = b + j * ps + (k0 / kQ4Step + s) * 64;
-          if (MR == 1) __builtin_prefetch(at + kAhead);
           const Nibbles w = unpack(at);
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m)
@@ -200,10 +200,10 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
           xlo[m] = vreinterpretq_s8_s32(vdupq_lane_s32(v, 0));
           xhi[m] = vreinterpretq_s8_s32(vdupq_lane_s32(v, 1));
         }
+        if (MR == 1) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
           const uint8_t* at = b + j * ps + (k0 / kQ4Step + s) * 64;
-          if (MR == 1) __builtin_prefetch(at + kAhead);
           const Nibbles w = unpack(at);
           LOWBIT_UNROLL
           for (int m = 0; m < MR; ++m)
@@ -360,10 +360,10 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
         xv[m][0] = vld1q_f32(x + m * g->lda + k0);
         xv[m][1] = vld1q_f32(x + m * g->lda + k0 + 4);
       }
+      if (MR == 1) stream_ahead<J>(g, p, k0 / kQ4Step);
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j) {
         const uint8_t* at = b + j * ps + k0 / kQ4Step * 64;
-        if (MR == 1) __builtin_prefetch(at + kAhead);
         const Nibbles w = unpack(at);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q)
