@@ -325,10 +325,12 @@ def test_attention_window_one_sees_its_own_key(rng):
 
 
 @pytest.mark.parametrize("window", [None, 1, 20, 64])
-def test_kv_cache_window_is_bit_identical_batched_and_step_by_step(rng, window):
+@pytest.mark.parametrize("h,kvh", [(4, 1), (9, 3), (9, 1), (2, 2)])
+def test_kv_cache_window_is_bit_identical_batched_and_step_by_step(rng, window, h, kvh):
     """A query's result does not depend on how the context was fed (the property a model's
-    logits rely on): the whole prompt at once, token by token, or in uneven chunks."""
-    h, kvh, d, n = 4, 1, 32, 150
+    logits rely on): the whole prompt at once, token by token, or in uneven chunks. (A decode
+    step computes the heads that share a KV head as one tile, 9 of them in two.)"""
+    d, n = 32, 150
     q = rng.normal(size=(n, h, d)).astype(F32)
     k = rng.normal(size=(n, kvh, d)).astype(F32)
     v = rng.normal(size=(n, kvh, d)).astype(F32)

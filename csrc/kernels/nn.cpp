@@ -222,6 +222,18 @@ void softmax(float* x, int64_t rows, int64_t n) {
   }
 }
 
+// f(R) for the tile of n rows: R = n up to kTile (one instance per count, so that a short tile
+// runs no copies of its rows), kTile beyond.
+template <int64_t R = 1, class F>
+void with_rows(int64_t n, const F& f) {
+  if constexpr (R >= kTile)
+    f(std::integral_constant<int64_t, kTile>());
+  else if (n <= R)
+    f(std::integral_constant<int64_t, R>());
+  else
+    with_rows<R + 1>(n, f);
+}
+
 void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
   const int64_t d = a->d, dp = round_up(d, 32);
   const int64_t blocks = (a->Sq + kAttnQueries - 1) / kAttnQueries, group = a->H / a->Hkv;
@@ -242,10 +254,19 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
   const float* krows = nullptr;
   const float* vrows = nullptr;  // value row j (from j0) at vrows + j * vld
   int64_t kld = 0, kbs = 32, vld = 0;
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = t0, next; t < t1; t = next) {
     const int64_t b = t / (a->H * blocks), h = t / blocks % a->H, kvh = h / group;
     const int64_t i0 = t % blocks * kAttnQueries;
     const int64_t i1 = i0 + kAttnQueries < a->Sq ? i0 + kAttnQueries : a->Sq;
+    // The tile's rows: queries i0 .. i1 - 1 of head h; or, for one query per head (a decode
+    // step), that query of the following heads that read the same KV head (GQA), up to kTile of
+    // them, so that a tile holds independent chains and reads the keys and values once.
+    int64_t heads = 1;
+    if (a->Sq == 1)
+      while (heads < kTile && t + heads < t1 && (h + heads) / group == kvh) ++heads;
+    next = t + heads;
+    const int64_t rows = heads > 1 ? heads : i1 - i0;
+    auto query = [&](int64_t r) { return heads > 1 ? i0 : i0 + r; };  // row r's query index
     int64_t keys = a->lengths ? (a->lengths[b] < a->Sk ? a->lengths[b] : a->Sk) : a->Sk;
     if (a->causal && off + i1 < keys) keys = off + i1;  // the most any query of the block sees
     // Sliding window: the block's first query sees keys from off + i0 - window + 1 on. Keys are
@@ -253,10 +274,15 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     // in the sums: a query's result does not depend on the block it is computed in.
     const int64_t from = a->window > 0 ? off + i0 - a->window + 1 : 0;
     const int64_t j0 = from > 0 ? from / 32 * 32 : 0;
-    const float* q = a->q + b * a->qs[0] + h * a->qs[2];
-    float* out = a->out + (b * a->Sq * a->H + h) * d;
+    // row r's query and output rows
+    auto qrow = [&](int64_t r) {
+      return a->q + b * a->qs[0] + (heads > 1 ? h + r : h) * a->qs[2] + query(r) * a->qs[1];
+    };
+    auto orow = [&](int64_t r) {
+      return a->out + (b * a->Sq * a->H + (heads > 1 ? h + r : h)) * d + query(r) * a->H * d;
+    };
     if (keys <= j0) {
-      for (int64_t i = i0; i < i1; ++i) std::memset(out + i * a->H * d, 0, (size_t)d * sizeof(float));
+      for (int64_t r = 0; r < rows; ++r) std::memset(orow(r), 0, (size_t)d * sizeof(float));
       continue;
     }
     if (b != filled_b || kvh != filled_kvh || j0 != filled_j0 || keys > filled_keys) {
@@ -297,26 +323,27 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       }
       filled_b = b, filled_kvh = kvh, filled_j0 = j0, filled_keys = keys;
     }
-    // Query i sees the held keys [first(i), limit(i)) (indices from j0).
-    auto limit = [&](int64_t i) {
-      const int64_t n = a->causal && off + i + 1 < keys ? off + i + 1 : keys;
+    // Row r sees the held keys [first(r), limit(r)) (indices from j0).
+    auto limit = [&](int64_t r) {
+      const int64_t i = query(r), n = a->causal && off + i + 1 < keys ? off + i + 1 : keys;
       return n > j0 ? n - j0 : 0;
     };
-    auto first = [&](int64_t i) {
-      const int64_t f = a->window > 0 ? off + i - a->window + 1 : 0;
+    auto first = [&](int64_t r) {
+      const int64_t f = a->window > 0 ? off + query(r) - a->window + 1 : 0;
       return f > j0 ? f - j0 : 0;
     };
     const int64_t kend = round_up(keys - j0, 32);
 
-    // Scores: a tile of R queries x 32 keys in registers, an fma per element of d (R = kTile, or
-    // 1 for a lone query: a decode step's, which would otherwise compute kTile copies of itself).
+    // Scores: a tile of R rows x 32 keys in registers, an fma per element of d (R: the rows left,
+    // up to kTile).
     const vf scale = splat(a->scale);
-    auto score_tile = [&](int64_t i, auto rows) {
-      constexpr int64_t R = decltype(rows)::value;
+    auto score_tile = [&](int64_t r0, auto tile) {
+      constexpr int64_t R = decltype(tile)::value;
+      const int64_t last = r0 + R - 1 < rows ? r0 + R - 1 : rows - 1;
       const float* qr[R];
-      for (int64_t r = 0; r < R; ++r) qr[r] = q + (i + r < i1 ? i + r : i) * a->qs[1];
-      // keys past the tile's last query's limit are never read (causal): not scored
-      const int64_t jend = round_up(limit(i + R - 1 < i1 ? i + R - 1 : i1 - 1), 32);
+      for (int64_t r = 0; r < R; ++r) qr[r] = qrow(r0 + r <= last ? r0 + r : r0);
+      // keys past the tile's last row's limit are never read (causal): not scored
+      const int64_t jend = round_up(limit(last), 32);
       for (int64_t j = 0; j < jend; j += 32) {
         vf acc[R][kV] = {};
         for (int64_t c = 0; c < d; ++c) {
@@ -328,19 +355,17 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
           }
         }
         for (int64_t r = 0; r < R; ++r)
-          for (int u = 0; u < kV; ++u) store(&S[(i - i0 + r) * Kp + j + u * kN], acc[r][u] * scale);
+          for (int u = 0; u < kV; ++u) store(&S[(r0 + r) * Kp + j + u * kN], acc[r][u] * scale);
       }
     };
-    for (int64_t i = i0; i < i1; i += kTile)
-      i1 - i == 1 ? score_tile(i, std::integral_constant<int64_t, 1>())
-                  : score_tile(i, std::integral_constant<int64_t, kTile>());
-    // Softmax weights of each query, unnormalised and zero outside its keys; their sums.
-    for (int64_t i = i0; i < i1; ++i) {
-      float* row = &S[(i - i0) * Kp];
-      const int64_t lo = first(i), n = limit(i);
+    for (int64_t r = 0; r < rows; r += kTile) with_rows(rows - r, [&](auto R) { score_tile(r, R); });
+    // Softmax weights of each row, unnormalised and zero outside its keys; their sums.
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = &S[r * Kp];
+      const int64_t lo = first(r), n = limit(r);
       if (n <= lo) {  // no key to see
         std::memset(row, 0, (size_t)kend * sizeof(float));
-        sums[i - i0] = 0.f;
+        sums[r] = 0.f;
         continue;
       }
       const float mx = max_of(row + lo, n - lo);
@@ -356,22 +381,24 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       std::memset(row + j, 0, (size_t)(kend - j) * sizeof(float));
       float partial[kLanes];
       std::memcpy(partial, acc, sizeof partial);
-      sums[i - i0] = combine(partial);  // >= 1 (the max's own weight), or NaN: kept
+      sums[r] = combine(partial);  // >= 1 (the max's own weight), or NaN: kept
     }
-    // Outputs: a tile of kTile queries x 32 of d, an fma per key, then divided by the sum (keys
-    // outside a query's range weigh 0 and leave its sums unchanged; those before the tile's first
-    // visible key are skipped).
-    auto out_tile = [&](int64_t i, auto tile) {
+    // Outputs: a tile of R rows x 32 of d, an fma per key, then divided by the sum (keys outside a
+    // row's range weigh 0 and leave its sums unchanged; those before the tile's first visible key
+    // are skipped).
+    auto out_tile = [&](int64_t r0, auto tile) {
       constexpr int64_t R = decltype(tile)::value;
-      const int64_t rows = i1 - i < R ? i1 - i : R;
-      const int64_t lo = first(i), n = limit(i + rows - 1);
+      const int64_t n_rows = rows - r0 < R ? rows - r0 : R;
+      const float* sr[R];  // rows past the tile's end read its first row's weights
+      for (int64_t r = 0; r < R; ++r) sr[r] = &S[(r < n_rows ? r0 + r : r0) * Kp];
+      const int64_t lo = first(r0), n = limit(r0 + n_rows - 1);
       for (int64_t c = 0; c < dp; c += 32) {
         vf acc[R][kV] = {};
         for (int64_t j = lo; j < n; ++j) {
           vf vv[kV];
           for (int u = 0; u < kV; ++u) vv[u] = load(vrows + j * vld + c + u * kN);
           for (int64_t r = 0; r < R; ++r) {
-            const vf p = splat(S[(i - i0 + r) * Kp + j]);
+            const vf p = splat(sr[r][j]);
             for (int u = 0; u < kV; ++u) acc[r][u] = fmav(p, vv[u], acc[r][u]);
           }
         }
@@ -379,16 +406,14 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         for (int64_t r = 0; r < R; ++r)
           for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
         const int64_t width = d - c < 32 ? d - c : 32;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float sum = sums[i - i0 + r];
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const float sum = sums[r0 + r];
           for (int64_t e = 0; e < width; ++e) o[r][e] = sum != 0.f ? o[r][e] / sum : 0.f;  // 0: no key
-          std::memcpy(out + (i + r) * a->H * d + c, o[r], (size_t)width * sizeof(float));
+          std::memcpy(orow(r0 + r) + c, o[r], (size_t)width * sizeof(float));
         }
       }
     };
-    for (int64_t i = i0; i < i1; i += kTile)
-      i1 - i == 1 ? out_tile(i, std::integral_constant<int64_t, 1>())
-                  : out_tile(i, std::integral_constant<int64_t, kTile>());
+    for (int64_t r = 0; r < rows; r += kTile) with_rows(rows - r, [&](auto R) { out_tile(r, R); });
   }
 }
 
