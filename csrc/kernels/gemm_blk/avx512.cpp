@@ -80,7 +80,6 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i
   }
 }
 
-
 // D and B of sub-block s for panel p's 16 columns (blk_scale, 16 lanes at once).
 template <int F>
 inline void scales(const BlkArgs* g, int64_t p, int64_t s, __m512& D, __m512& B) {
