@@ -134,7 +134,6 @@ inline Nibbles unpack(const uint8_t* at) {
   return w;
 }
 
-
 #if defined(__ARM_FEATURE_DOTPROD)
 // W4A8, SDOT: MR rows x J panels; per 8 k and quad, SDOT lane 0 (k0..3) on the low nibbles and
 // lane 1 (k4..7) on the high ones, both into the quad's int32 accumulator.
