@@ -124,46 +124,58 @@ inline void store(const BlkArgs* g, int64_t m, int64_t col, __m256 f) {
 template <int F, int MR>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
-  constexpr int S = fmt.sub;
+  constexpr int S = fmt.sub, H = kActBlock / S;  // sub-blocks per activation block
+  static_assert(H == 1 || fmt.min == MinKind::None, "minima fold per 32-input sub-block");
   constexpr bool wide = fmt.lut != Lut::None || fmt.bits == 8;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
   __m256 f[MR * 2];
   LOWBIT_UNROLL
   for (int i = 0; i < MR * 2; ++i) f[i] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < g->K / S; ++s) {
-    const int64_t k0 = s * S;
-    __m256i acc[MR * 2];
+  for (int64_t b = 0; b < n32; ++b) {
+    __m256 t[MR * 2];  // H > 1: the block's sum of D_s * i_s
     LOWBIT_UNROLL
-    for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
-    for (int st = 0; st < S / 8; ++st) {
-      if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + st);
+    for (int hs = 0; hs < H; ++hs) {
+      const int64_t s = b * H + hs, k0 = s * S;
+      __m256i acc[MR * 2];
       LOWBIT_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        __m256i lo, hi;
-        values<F>(g, p, k0 / 8 + st, h, lo, hi);
+      for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
+      for (int st = 0; st < S / 8; ++st) {
+        if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + st);
         LOWBIT_UNROLL
-        for (int m = 0; m < MR; ++m) {
-          acc[m * 2 + h] = dot4<wide>(acc[m * 2 + h], lo, bcast4(a + m * g->lda + k0 + 8 * st));
-          acc[m * 2 + h] = dot4<wide>(acc[m * 2 + h], hi, bcast4(a + m * g->lda + k0 + 8 * st + 4));
+        for (int h = 0; h < 2; ++h) {
+          __m256i lo, hi;
+          values<F>(g, p, k0 / 8 + st, h, lo, hi);
+          LOWBIT_UNROLL
+          for (int m = 0; m < MR; ++m) {
+            acc[m * 2 + h] = dot4<wide>(acc[m * 2 + h], lo, bcast4(a + m * g->lda + k0 + 8 * st));
+            acc[m * 2 + h] = dot4<wide>(acc[m * 2 + h], hi, bcast4(a + m * g->lda + k0 + 8 * st + 4));
+          }
         }
       }
-    }
-    __m256 D[2], B[2];
-    LOWBIT_UNROLL
-    for (int h = 0; h < 2; ++h) scales<F>(g, p, s, h, D[h], B[h]);
-    LOWBIT_UNROLL
-    for (int m = 0; m < MR; ++m) {
-      const float sb = g->ablock[(m0 + m) * n32 + k0 / kActBlock];
-      const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
-      const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
-      const __m256 sbv = _mm256_set1_ps(sb), av = _mm256_set1_ps(sb * (float)asum);
-      const __m256i off = _mm256_set1_epi32(fmt.offset * asum);
+      __m256 D[2], B[2];
       LOWBIT_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const __m256i i = fmt.offset ? _mm256_sub_epi32(acc[m * 2 + h], off) : acc[m * 2 + h];
-        if (fmt.min != MinKind::None) f[m * 2 + h] = _mm256_fmadd_ps(B[h], av, f[m * 2 + h]);
-        f[m * 2 + h] = _mm256_fmadd_ps(D[h], _mm256_mul_ps(_mm256_cvtepi32_ps(i), sbv), f[m * 2 + h]);
+      for (int h = 0; h < 2; ++h) scales<F>(g, p, s, h, D[h], B[h]);
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const float sb = g->ablock[(m0 + m) * n32 + b];
+        const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
+        const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
+        const __m256 sbv = _mm256_set1_ps(sb), av = _mm256_set1_ps(sb * (float)asum);
+        const __m256i off = _mm256_set1_epi32(fmt.offset * asum);
+        LOWBIT_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const __m256i i = fmt.offset ? _mm256_sub_epi32(acc[m * 2 + h], off) : acc[m * 2 + h];
+          const __m256 fi = _mm256_cvtepi32_ps(i);
+          __m256& fo = f[m * 2 + h];
+          if (H == 1) {
+            if (fmt.min != MinKind::None) fo = _mm256_fmadd_ps(B[h], av, fo);
+            fo = _mm256_fmadd_ps(D[h], _mm256_mul_ps(fi, sbv), fo);
+          } else {
+            t[m * 2 + h] = hs ? _mm256_fmadd_ps(D[h], fi, t[m * 2 + h]) : _mm256_mul_ps(D[h], fi);
+            if (hs == H - 1) fo = _mm256_fmadd_ps(sbv, t[m * 2 + h], fo);
+          }
+        }
       }
     }
   }

@@ -134,52 +134,64 @@ inline void load_pre(const BlkArgs* g, const uint8_t* pre, int j, int64_t k8, __
 template <int F, int MR, int J, bool PRE>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
   constexpr BlockFormat fmt = kBlockFormats[F];
-  constexpr int S = fmt.sub;
+  constexpr int S = fmt.sub, H = kActBlock / S;  // sub-blocks per activation block
+  static_assert(H == 1 || fmt.min == MinKind::None, "minima fold per 32-input sub-block");
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
   __m512 f[MR * J];
   LOWBIT_UNROLL
   for (int i = 0; i < MR * J; ++i) f[i] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < g->K / S; ++s) {
-    const int64_t k0 = s * S;
-    __m512i acc[MR * J];
+  for (int64_t b = 0; b < n32; ++b) {
+    __m512 t[MR * J];  // H > 1: the block's sum of D_s * i_s
     LOWBIT_UNROLL
-    for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
-    LOWBIT_UNROLL
-    for (int st = 0; st < S / 8; ++st) {
-      __m512i lo[J], hi[J];
+    for (int h = 0; h < H; ++h) {
+      const int64_t s = b * H + h, k0 = s * S;
+      __m512i acc[MR * J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) {
-        if (PRE) load_pre(g, pre, j, k0 / 8 + st, lo[j], hi[j]);
-        else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j]);
-      }
-      if (MR == 1) stream_ahead<F, J>(g, p, k0 / 8 + st);
+      for (int i = 0; i < MR * J; ++i) acc[i] = _mm512_setzero_si512();
       LOWBIT_UNROLL
-      for (int m = 0; m < MR; ++m) {
-        const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * st);
-        const __m512i ahi = bcast4(a + m * g->lda + k0 + 8 * st + 4);
+      for (int st = 0; st < S / 8; ++st) {
+        __m512i lo[J], hi[J];
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
-          acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
-          acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
+          if (PRE) load_pre(g, pre, j, k0 / 8 + st, lo[j], hi[j]);
+          else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j]);
+        }
+        if (MR == 1) stream_ahead<F, J>(g, p, k0 / 8 + st);
+        LOWBIT_UNROLL
+        for (int m = 0; m < MR; ++m) {
+          const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * st);
+          const __m512i ahi = bcast4(a + m * g->lda + k0 + 8 * st + 4);
+          LOWBIT_UNROLL
+          for (int j = 0; j < J; ++j) {
+            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
+            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
+          }
         }
       }
-    }
-    __m512 D[J], B[J];
-    LOWBIT_UNROLL
-    for (int j = 0; j < J; ++j) scales<F>(g, p + j, s, D[j], B[j]);
-    LOWBIT_UNROLL
-    for (int m = 0; m < MR; ++m) {
-      const float sb = g->ablock[(m0 + m) * n32 + k0 / kActBlock];
-      const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
-      const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
-      const __m512 sbv = _mm512_set1_ps(sb), av = _mm512_set1_ps(sb * (float)asum);
-      const __m512i off = _mm512_set1_epi32(fmt.offset * asum);
+      __m512 D[J], B[J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) {
-        const __m512i i = fmt.offset ? _mm512_sub_epi32(acc[m * J + j], off) : acc[m * J + j];
-        if (fmt.min != MinKind::None) f[m * J + j] = _mm512_fmadd_ps(B[j], av, f[m * J + j]);
-        f[m * J + j] = _mm512_fmadd_ps(D[j], _mm512_mul_ps(_mm512_cvtepi32_ps(i), sbv), f[m * J + j]);
+      for (int j = 0; j < J; ++j) scales<F>(g, p + j, s, D[j], B[j]);
+      LOWBIT_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const float sb = g->ablock[(m0 + m) * n32 + b];
+        const int32_t* as = g->asum + (m0 + m) * n16 + k0 / 16;
+        const int32_t asum = S == 16 ? as[0] : as[0] + as[1];
+        const __m512 sbv = _mm512_set1_ps(sb), av = _mm512_set1_ps(sb * (float)asum);
+        const __m512i off = _mm512_set1_epi32(fmt.offset * asum);
+        LOWBIT_UNROLL
+        for (int j = 0; j < J; ++j) {
+          const __m512i i = fmt.offset ? _mm512_sub_epi32(acc[m * J + j], off) : acc[m * J + j];
+          const __m512 fi = _mm512_cvtepi32_ps(i);
+          __m512& fo = f[m * J + j];
+          if (H == 1) {
+            if (fmt.min != MinKind::None) fo = _mm512_fmadd_ps(B[j], av, fo);
+            fo = _mm512_fmadd_ps(D[j], _mm512_mul_ps(fi, sbv), fo);
+          } else {
+            t[m * J + j] = h ? _mm512_fmadd_ps(D[j], fi, t[m * J + j]) : _mm512_mul_ps(D[j], fi);
+            if (h == H - 1) fo = _mm512_fmadd_ps(sbv, t[m * J + j], fo);
+          }
+        }
       }
     }
   }

@@ -469,7 +469,8 @@ inline void code_dot_step(const BlkArgs* g, int64_t p, int64_t m0, int64_t s, co
 template <int F, int MR, Dot D, int Q0 = 0, int G = 4>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
-  constexpr int S = fmt.sub;
+  constexpr int S = fmt.sub, H = kActBlock / S;  // sub-blocks per activation block
+  static_assert(fmt.code_dot || H == 1 || fmt.min == MinKind::None, "minima fold per 32-input sub-block");
   using E = Enc<F, fmt.bits == 8 && (D == kMmla || (D == kSdot && kI8mm))>;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a[MR];
@@ -487,6 +488,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     if (hold) block_scales<F, Q0, G>(g, p, b, d, dm);
     int32x4_t ib[MR][4], mb[MR][4];  // code_dot: the 32-block's exact sums, the file block's folds
     float32x4_t gs[MR][4], hs[MR][4];
+    float32x4_t t[MR][4];  // H > 1: the activation block's sum of D_s * i_s
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
@@ -500,6 +502,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
         continue;
       }
       float32x4_t Dv[4], X[4];
+      const int h = (int)(s % H);
       if (!hold) block_scales<F, Q0, G>(g, p, b, d, dm);
       sub_scales<F, Q0, G>(g, p, s, d, dm, Dv, X);
       LOWBIT_UNROLL
@@ -517,9 +520,14 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
           const int32x4_t i =
               E::sgn < 0 ? vsubq_s32(fix, res[m][q]) : vaddq_s32(res[m][q], fix);
           const float32x4_t fi = vsubq_f32(vreinterpretq_f32_s32(i), magic);
-          if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], sba);
-          if (fmt.min == MinKind::Code) f[m][q] = vfmsq_f32(f[m][q], X[q], sba);  // fma(-X, ., f)
-          f[m][q] = vfmaq_f32(f[m][q], Dv[q], vmulq_n_f32(fi, sb));
+          if constexpr (H == 1) {
+            if (fmt.min == MinKind::Half) f[m][q] = vfmaq_f32(f[m][q], X[q], sba);
+            if (fmt.min == MinKind::Code) f[m][q] = vfmsq_f32(f[m][q], X[q], sba);  // fma(-X, ., f)
+            f[m][q] = vfmaq_f32(f[m][q], Dv[q], vmulq_n_f32(fi, sb));
+          } else {
+            t[m][q] = h ? vfmaq_f32(t[m][q], Dv[q], fi) : vmulq_f32(Dv[q], fi);
+            if (h == H - 1) f[m][q] = vfmaq_n_f32(f[m][q], t[m][q], sb);
+          }
         }
       }
     }

@@ -2,6 +2,8 @@
 // order of operations every SIMD variant uses. Per sub-block s of the row, in k order:
 //   A8:  i_s = sum_k u_k a_k - offset * asum_s  (exact int32), sb its 32-block's activation scale
 //        f = fma(B_s, sb * asum_s, f)  (formats with minima);   f = fma(D_s, sb * i_s, f)
+//   A8, sub-blocks of 16 (Q6_K), instead per 32-input activation block of sub-blocks s0, s1:
+//        t = D_s0 * i_s0,  t = fma(D_s1, i_s1, t),  f = fma(sb, t, f)
 //   A8, code_dot formats, instead per 32-input activation block b of a file block:
 //        i_b = sum_k code_s(k) (u_k - offset) a_k,  m_b = sum_s mcode_s asum_s  (exact int32)
 //        g = fma(sb_b, i_b, g),  h = fma(sb_b, m_b, h)  (from 0 in each file block), and then
@@ -58,16 +60,24 @@ void gemm_blk_a8(const BlkArgs* g, int64_t p0, int64_t p1) {
       if (F.code_dot) {
         f = code_dot_row(g, m, n);
       } else {
+        const int64_t H = kActBlock / F.sub;  // sub-blocks per activation block
+        float t = 0.f;
         for (int64_t s = 0; s < g->K / F.sub; ++s) {
-          const int64_t k0 = s * F.sub;
+          const int64_t k0 = s * F.sub, h = s % H;
           int32_t dot = 0, asum = 0;
           for (int64_t k = k0; k < k0 + F.sub; ++k) dot += blk_u(*g, n, k) * a[m * g->lda + k];
-          for (int64_t h = k0 / 16; h < (k0 + F.sub) / 16; ++h) asum += g->asum[m * (g->K / 16) + h];
+          for (int64_t h16 = k0 / 16; h16 < (k0 + F.sub) / 16; ++h16) asum += g->asum[m * (g->K / 16) + h16];
           const float sb = g->ablock[m * (g->K / kActBlock) + k0 / kActBlock];
+          const float i = (float)(dot - F.offset * asum);
           float D, B;
           blk_scale(*g, n, s, &D, &B);
-          if (F.min != MinKind::None) f = std::fma(B, sb * (float)asum, f);
-          f = std::fma(D, sb * (float)(dot - F.offset * asum), f);
+          if (H == 1) {
+            if (F.min != MinKind::None) f = std::fma(B, sb * (float)asum, f);
+            f = std::fma(D, sb * i, f);
+          } else {  // (no minima at sub-blocks of 16 outside code_dot)
+            t = h ? std::fma(D, i, t) : D * i;
+            if (h == H - 1) f = std::fma(sb, t, f);
+          }
         }
       }
       g->c[m * g->ldc + n] = g->bias ? f + g->bias[n] : f;
