@@ -131,6 +131,23 @@ inline void load_pre(const BlkArgs* g, const uint8_t* pre, int j, int64_t k8, __
   hi = _mm512_loadu_si512(at + 64);
 }
 
+// Formats whose D or B take a multiply keep them per sub-block after the pair's value bytes
+// (unpack), 128 bytes each; the others load their float16 scales as they go.
+template <int F>
+constexpr bool kPreScales = kBlockFormats[F].scale == ScaleKind::Code && !kBlockFormats[F].code_dot;
+
+template <int F>
+inline float* pre_scales(const BlkArgs* g, const uint8_t* pre, int j, int64_t s) {
+  return (float*)(pre + 2 * g->K * 16 + (j * (g->K / kBlockFormats[F].sub) + s) * 128);
+}
+
+template <int F>
+inline void load_pre_scales(const BlkArgs* g, const uint8_t* pre, int j, int64_t s, __m512& D, __m512& B) {
+  const float* at = pre_scales<F>(g, pre, j, s);
+  D = _mm512_load_ps(at);
+  B = _mm512_load_ps(at + 16);
+}
+
 template <int F, int MR, int J, bool PRE>
 void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -171,7 +188,10 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
       }
       __m512 D[J], B[J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) scales<F>(g, p + j, s, D[j], B[j]);
+      for (int j = 0; j < J; ++j) {
+        if (PRE && kPreScales<F>) load_pre_scales<F>(g, pre, j, s, D[j], B[j]);
+        else scales<F>(g, p + j, s, D[j], B[j]);
+      }
       LOWBIT_UNROLL
       for (int m = 0; m < MR; ++m) {
         const float sb = g->ablock[(m0 + m) * n32 + b];
@@ -436,11 +456,21 @@ void unpack(const BlkArgs* g, int64_t p, int J, uint8_t* out) {
       _mm512_store_si512(out + j * g->K * 16 + k8 * 128, lo);
       _mm512_store_si512(out + j * g->K * 16 + k8 * 128 + 64, hi);
     }
+  if constexpr (kPreScales<F>)
+    for (int j = 0; j < J; ++j)
+      for (int64_t s = 0; s < g->K / fmt.sub; ++s) {
+        __m512 D, B;
+        scales<F>(g, p + j, s, D, B);
+        float* at = pre_scales<F>(g, out, j, s);
+        _mm512_store_ps(at, D);
+        _mm512_store_ps(at + 16, B);
+      }
 }
 
 // With int8 activations and more rows than one tile, each pair of panels is rebuilt to bytes once
-// (a per-thread buffer of 32 bytes per input; Q8_0's bytes are its own) and every row tile reads
-// those.
+// (a per-thread buffer of 32 bytes per input; Q8_0's bytes are its own), with the K-quants' D and B
+// per sub-block as floats, and every row tile reads those: D = d * code and B = -dmin * mcode take
+// the FMA pipes VPDPBUSD runs on (Zen 4: multiplies and FMAs do, converts and adds do not).
 constexpr int64_t kPreRows = 5;
 
 template <int F, bool A8>
@@ -448,7 +478,7 @@ void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   const int max_j = g->M == 1 ? 4 : 2;
   const bool pre = A8 && g->M >= kPreRows;
   constexpr bool own = kBlockFormats[F].bits == 8;
-  uint8_t* buf = pre && !own ? value_buffer(2 * g->K * 16) : nullptr;
+  uint8_t* buf = pre && !own ? value_buffer(2 * g->K * 16 + (kPreScales<F> ? 2 * (g->K / kBlockFormats[F].sub) * 128 : 0)) : nullptr;
   for (int64_t p = p0; p < p1;) {
     const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
     if (buf) unpack<F>(g, p, j, buf);
