@@ -82,10 +82,11 @@ class SmolLM2:
         nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, cache in zip(self.layers, self.caches):
             qkv = layer["qkv"](nn.rms_norm(x, layer["attn_norm"], self.eps))
-            q = nn.rope(qkv[:, :nq].reshape(t, self.heads, self.head_dim), cos, sin)
-            k = nn.rope(qkv[:, nq:nq + nkv].reshape(t, self.kv_heads, self.head_dim), cos, sin)
-            cache.append(k, qkv[:, nq + nkv:].reshape(t, self.kv_heads, self.head_dim))
-            x = x + layer["o"](cache.attend(q))
+            # q's heads and k's, side by side in qkv, rotated in one call
+            qk = nn.rope(qkv[:, :nq + nkv].reshape(t, self.heads + self.kv_heads, self.head_dim),
+                         cos, sin)
+            cache.append(qk[:, self.heads:], qkv[:, nq + nkv:].reshape(t, self.kv_heads, self.head_dim))
+            x = x + layer["o"](cache.attend(qk[:, : self.heads]))
             gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
             x = x + layer["down"](nn.swiglu(gu[:, : self.ffn], gu[:, self.ffn:]))
         self.position += t

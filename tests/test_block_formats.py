@@ -270,9 +270,14 @@ def test_fused_linear_groups_runs_of_equal_formats():
     q, k, v = weight("Q5_0", 32, 8, rng), weight("Q5_0", 16, 8, rng), weight("Q8_0", 16, 8, rng)
     fused = lb.FusedLinear([q, k, v])
     assert len(fused.layers) == 2 and fused.out_features == 64 and fused.in_features == 256
-    x = rng.normal(size=(3, 256)).astype(F32)
-    parts = [lb.matmul(x, w) for w in (q, k, v)]
-    assert same_bits(fused(x), np.concatenate(parts, axis=1))
+    for shape in ((3, 256), (1, 256), (256,), (2, 1, 256)):  # one row: each call writes its columns
+        x = rng.normal(size=shape).astype(F32)
+        parts = [lb.matmul(x, w) for w in (q, k, v)]
+        got = fused(x)
+        assert got.shape == shape[:-1] + (64,) and got.dtype == F32
+        assert same_bits(got, np.concatenate(parts, axis=-1))
+    assert same_bits(fused(x.astype(np.float16)), np.concatenate([lb.matmul(x.astype(np.float16), w)
+                                                                   for w in (q, k, v)], axis=-1))
     assert len(lb.FusedLinear([q, k]).layers) == 1
     with pytest.raises(TypeError):
         lb.FusedLinear([])
