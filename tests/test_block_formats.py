@@ -124,9 +124,11 @@ def test_gguf_file_loads_every_block_format_at_native_size(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-# m >= 5 rebuilds each panel pair's values once for every row tile (gemm_blk/avx512.cpp); 13 rows
-# end on a single-row tile, 50 columns on a single panel
-@pytest.mark.parametrize("m,n,nblocks", [(1, 1, 1), (1, 33, 2), (5, 40, 1), (7, 17, 3), (2, 64, 2), (13, 50, 2)])
+# from 12 rows (bit-plane formats) or 32 (the others) each panel pair's values are rebuilt once for
+# every row tile (gemm_blk/avx512.cpp); 13 and 33 rows end on a single-row tile, 50 columns on a
+# single panel
+@pytest.mark.parametrize("m,n,nblocks", [(1, 1, 1), (1, 33, 2), (5, 40, 1), (7, 17, 3), (2, 64, 2), (13, 50, 2),
+                                         (33, 50, 2)])
 @pytest.mark.parametrize("activations", ["int8", "float"])
 def test_block_linear_is_bit_identical_on_every_isa(isa, name, m, n, nblocks, activations):
     rng = np.random.default_rng(m * 1000 + n * 10 + nblocks)

@@ -282,7 +282,8 @@ uint16_t half_bits(Rng& r, bool allow_zero) {
 }
 
 void blk_cases() {
-  const int64_t Ms[] = {1, 2, 3, 5, 8, 17};
+  // AVX-512 rebuilds a panel pair's values once for all row tiles from 12 rows (bit planes) or 32
+  const int64_t Ms[] = {1, 2, 3, 5, 8, 17, 33};
   const int64_t Ns[] = {1, 15, 16, 17, 33};
   for (int f = 0; f < kNumBlockFormats; ++f) {
     const BlockFormat& F = kBlockFormats[f];

@@ -467,16 +467,20 @@ void unpack(const BlkArgs* g, int64_t p, int J, uint8_t* out) {
       }
 }
 
-// With int8 activations and more rows than one tile, each pair of panels is rebuilt to bytes once
-// (a per-thread buffer of 32 bytes per input; Q8_0's bytes are its own), with the K-quants' D and B
+// With int8 activations and enough rows, each pair of panels is rebuilt to bytes once (a
+// per-thread buffer of 32 bytes per input; Q8_0's bytes are its own), with the K-quants' D and B
 // per sub-block as floats, and every row tile reads those: D = d * code and B = -dmin * mcode take
 // the FMA pipes VPDPBUSD runs on (Zen 4: multiplies and FMAs do, converts and adds do not).
-constexpr int64_t kPreRows = 5;
+// Writing and reading back the buffer costs about two thirds of a 4-row tile, so fewer rows rebuild
+// the values in each tile: measured on Zen 4, bit planes (Q5_*, Q6_K, Q2_K, Q3_K) pay from 12 rows,
+// nibbles and grids (cheap to rebuild) from 32.
+template <int F>
+constexpr int64_t kPreRows = kBlockFormats[F].planes ? 12 : 32;
 
 template <int F, bool A8>
 void run(const BlkArgs* g, int64_t p0, int64_t p1) {
   const int max_j = g->M == 1 ? 4 : 2;
-  const bool pre = A8 && g->M >= kPreRows;
+  const bool pre = A8 && g->M >= kPreRows<F>;
   constexpr bool own = kBlockFormats[F].bits == 8;
   uint8_t* buf = pre && !own ? value_buffer(2 * g->K * 16 + (kPreScales<F> ? 2 * (g->K / kBlockFormats[F].sub) * 128 : 0)) : nullptr;
   for (int64_t p = p0; p < p1;) {
