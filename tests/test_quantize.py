@@ -108,8 +108,10 @@ def test_rows_select_like_numpy_indexing(rng, fmt):
     array several (2-D), exactly those of the whole matrix; out of range is an IndexError."""
     qw = lb.quantize(rng.normal(size=(40, 64)).astype(np.float32), **fmt)
     d, q = qw.dequantize(), qw.int_values()
-    for rows in (3, -1, np.int64(7), slice(2, 5), [3, 39], np.array([0, 0, 17])):
+    for rows in (3, -1, np.int64(7), np.uint8(9), slice(2, 5), [3, 39], [-40, 0], np.array([0, 0, 17]),
+                 [], np.arange(40) % 3 == 0, np.arange(40)[::-1]):
         np.testing.assert_array_equal(qw.dequantize(rows=rows), d[rows])
         np.testing.assert_array_equal(qw.int_values(rows=rows), q[rows])
-    with pytest.raises(IndexError, match="out of range"):
-        qw.dequantize(rows=40)
+    for bad in (40, -41, [0, 40], np.array([-41]), np.uint64(2**63 + 1)):
+        with pytest.raises(IndexError, match="out of range"):
+            qw.dequantize(rows=bad)

@@ -178,6 +178,13 @@ class QuantizedWeight:
     def _rows(self, rows):
         """Row numbers (1-D) selected by rows (None, an index, a slice or an index array)."""
         n = self.shape[0]
+        r = None if rows is None or isinstance(rows, slice) else np.asarray(rows)
+        if r is not None and r.ndim <= 1 and r.dtype.kind in "iu" and r.size <= 64:
+            # a few rows (a token's embedding): checked in Python, not through an arange of all
+            picked = [int(i) for i in r.reshape(-1)]
+            if any(not -n <= i < n for i in picked):
+                raise IndexError(f"rows {rows!r} out of range for {n} rows")
+            return np.array([i % n for i in picked], np.int64)
         try:
             return np.atleast_1d(np.arange(n)[slice(None) if rows is None else rows])
         except IndexError:
@@ -228,7 +235,7 @@ class QuantizedWeight:
         b = self._blocks()[r // 16, :, r % 16]
         if self.bits == 4:  # low nibbles k0..3, high k4..7
             b = np.concatenate([b & 0x0F, b >> 4], axis=-1)
-        q = np.ascontiguousarray(b.reshape(len(r), -1)[:, :k])
+        q = np.ascontiguousarray(b.reshape(len(r), b.shape[1] * b.shape[2])[:, :k])  # (no rows: (0, k))
         return q[0] if isinstance(rows, (int, np.integer)) else q
 
     def dequantize(self, rows=None) -> np.ndarray:
