@@ -5,6 +5,7 @@
 #include <cstring>
 #include <utility>
 #include "kernels/isa.h"
+#include "kernels/stream.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -40,9 +41,9 @@ __attribute__((noinline)) void dots(const uint8_t* a, int64_t lda, const int8_t*
     __m512i bv[J];
     LOWBIT_UNROLL
     for (int j = 0; j < J; ++j) bv[j] = _mm512_loadu_si512(b + j * ps + s * 64);
-    if (STREAM) {  // GEMV-like: ask for the weights well ahead of use
+    if (STREAM) {  // GEMV-like: ask for the weights well ahead of use, into L2 (stream.h)
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) _mm_prefetch((const char*)(b + j * ps + s * 64 + 2048), _MM_HINT_T0);
+      for (int j = 0; j < J; ++j) prefetch_line(b + j * ps + s * 64 + 2048);
     }
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m) {
