@@ -65,19 +65,21 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // e^x in float32 (relative error ~2e-7): 2^k * e^r with k = round(x / ln 2), |r| <= ln(2) / 2,
 // e^r by its degree-7 Taylor polynomial. Below -87.3 (where e^x leaves the normal range): 0.
+// Polynomials here step by fmav, one rounding per step on every ISA: a multiply and an add each
+// made GELU's erf form 1.6x slower (Zen 4: 6.3 M values 4.9 -> 3.0 ms).
 inline vf expv(vf x) {
   vf xc = x > 88.f ? splat(88.f) : x;
   xc = xc < -87.f ? splat(-87.f) : xc;
-  const vf k = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
-  const vf r = (xc - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
+  const vf k = fmav(xc, splat(1.44269504f), splat(12582912.f)) - 12582912.f;  // nearest integer
+  const vf r = fmav(k, splat(-1.42860677e-6f), fmav(k, splat(-0.693145752f), xc));  // ln 2 in two parts
   vf p = splat(1.f / 5040);
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  p = fmav(p, r, splat(1.f / 720));
+  p = fmav(p, r, splat(1.f / 120));
+  p = fmav(p, r, splat(1.f / 24));
+  p = fmav(p, r, splat(1.f / 6));
+  p = fmav(p, r, splat(0.5f));
+  p = fmav(p, r, splat(1.f));
+  p = fmav(p, r, splat(1.f));
   const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
   return x < -87.3f ? splat(0.f) : p * (vf)bits;
 }
@@ -154,7 +156,7 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
     // x (1 + tanh u) / 2 = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): one exp, one
     // division. Where -2u > 88 (x < -10) the result, below 1e-37 in size, is 0 (so GELU(-inf) = 0).
     map(x, y, n, [](vf v) {
-      const vf m2u = v * (v * v * -0.0713548162f - 1.59576912f);
+      const vf m2u = v * fmav(v * v, splat(-0.0713548162f), splat(-1.59576912f));
       return m2u > 88.f ? splat(0.f) : v / (expv(m2u) + 1.f);
     });
     return;
@@ -164,12 +166,12 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
   map(x, y, n, [](vf v) {
     const vf av = v < 0.f ? -v : v;
     const vf a = av * 0.707106781f;
-    const vf t = 1.f / (a * 0.3275911f + 1.f);
+    const vf t = 1.f / fmav(a, splat(0.3275911f), splat(1.f));
     vf p = splat(1.061405429f);
-    p = p * t - 1.453152027f;
-    p = p * t + 1.421413741f;
-    p = p * t - 0.284496736f;
-    p = p * t + 0.254829592f;
+    p = fmav(p, t, splat(-1.453152027f));
+    p = fmav(p, t, splat(1.421413741f));
+    p = fmav(p, t, splat(-0.284496736f));
+    p = fmav(p, t, splat(0.254829592f));
     const vf half_erfc = (p * t) * 0.5f * expv(-(a * a));
     // where erfc underflows to 0 the tail term is 0 (for |x| = inf too, where inf * 0 is NaN):
     // GELU(+inf) = +inf, GELU(-inf) = 0; NaN stays NaN
