@@ -27,9 +27,10 @@ inline bool ahead_of(int64_t& p, int64_t& k, int64_t k8, int J, int64_t steps, i
 }
 
 // Into L2 on x86: a prefetch into L1 holds one of its few miss buffers until the line arrives, and
-// from memory that capped the stream (Zen 4, 2 threads, weights read cold: INT8 GEMV 26-32 ->
-// 32-43 GB/s, 1 x 11008 x 4096 1.3-1.5x faster; a read probe 25-29 -> 32-53 GB/s without any). Only
-// weights held in L3 read a little faster with L1 prefetches, a case a decode step never meets.
+// from memory that capped the stream (Zen 4, weights read cold: INT8 GEMV 26-32 -> 32-43 GB/s,
+// 1 x 11008 x 4096 1.4x faster on 2 threads, 1.8x on 1; a read probe 25-29 -> 32-53 GB/s without
+// any). Only a weight held in L3 between calls reads faster with L1 prefetches (10-25%), a case a
+// decode step never meets.
 #if defined(__x86_64__) || defined(__i386__)
 constexpr int kPrefetchLocality = 2;  // PREFETCHT1
 #else
