@@ -5,6 +5,7 @@
 #include <functional>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <vector>
 
 #include "dispatch.h"
@@ -109,6 +110,10 @@ void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, in
 // consecutive tasks reuse the same weights from cache, and runs fn(m0, m1, p0, p1) on the pool.
 // Few rows stream the weights: one long contiguous panel range per thread; more rows: blocks of
 // `pb` panels and row blocks of `mb` rows. Each output is computed whole inside one task.
+// Each thread takes a contiguous range of the tasks. So panel blocks are of equal size (within a
+// panel: 24 panels in blocks of 16 gave one thread 16 and the other 8, a third of the time lost),
+// and there are as many as give every thread whole panel blocks (blocks of at least 4 panels), or
+// else a task count that is a multiple of the thread count.
 template <class Fn>
 void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, const Fn& fn) {
   const int64_t nt = get_num_threads();
@@ -122,18 +127,17 @@ void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, cons
   }
   const int64_t row_blocks = (M + mb - 1) / mb;
   int64_t panel_blocks = (panels + pb - 1) / pb;
-  if (M > 4 && row_blocks < nt) {
-    // Fewer row blocks than threads: as many panel blocks as make an equal share per thread
-    // (e.g. 17 x 384 rows, 24 panels: 12 + 12, not 16 + 8), each no larger than pb.
-    const int64_t want = (nt + row_blocks - 1) / row_blocks;
-    panel_blocks = (panel_blocks + want - 1) / want * want;
-    pb = (panels + panel_blocks - 1) / panel_blocks;
-    panel_blocks = (panels + pb - 1) / pb;
+  if (M > 4) {
+    const int64_t want = round_up(panel_blocks, nt) * 4 <= panels ? nt : nt / std::gcd(nt, row_blocks);
+    panel_blocks = round_up(panel_blocks, want);
+    if (panel_blocks > panels) panel_blocks = panels;
   }
+  // panel block i: [i * panels / panel_blocks, (i + 1) * panels / panel_blocks)
+  auto edge = [&](int64_t i) { return M > 4 ? i * panels / panel_blocks : (i * pb < panels ? i * pb : panels); };
   parallel_for(row_blocks * panel_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t % row_blocks, p0 = t / row_blocks * pb;
-      fn(r * mb, (r + 1) * mb < M ? (r + 1) * mb : M, p0, p0 + pb < panels ? p0 + pb : panels);
+      const int64_t r = t % row_blocks, i = t / row_blocks;
+      fn(r * mb, (r + 1) * mb < M ? (r + 1) * mb : M, edge(i), edge(i + 1));
     }
   });
 }

@@ -194,7 +194,9 @@ void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
   const int64_t ps = g->Kp * kPanel;
   alignas(64) int32_t acc[kMc * 4 * 16];
   for (int64_t p = p0; p < p1;) {
-    const int j = (int)(p1 - p < 4 ? p1 - p : 4);
+    // the fewest tiles of at most 4 panels, of equal width (9 panels: 3 + 3 + 3, not 4 + 4 + 1)
+    const int64_t left = p1 - p, tiles = (left + 3) / 4;
+    const int j = (int)((left + tiles - 1) / tiles);
     for (int64_t mc = 0; mc < g->M; mc += kMc) {
       const int64_t rows = g->M - mc < kMc ? g->M - mc : kMc;
       for (int64_t kc = 0; kc < g->Kp; kc += kKc) {
