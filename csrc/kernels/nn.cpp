@@ -114,6 +114,30 @@ inline float combine(float* acc) {
   return acc[0];
 }
 
+// The lanes of v combined by op in halves, in registers: lane l op lane l + n/2 for l < n/2, then
+// the same on those, down to one lane (the order of combine's and max_of's trees).
+template <class V, class Op>
+inline float fold_halves(V v, Op op) {
+  if constexpr (sizeof(V) == sizeof(float)) {
+    return v[0];
+  } else {
+    typedef float H __attribute__((vector_size(sizeof(V) / 2)));
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
+    return fold_halves(op(lo, hi), op);
+  }
+}
+
+// combine() of 16 partial sums held as kLanes / kN vectors (lanes 0.., kN.., ...).
+inline float combine(const vf* acc) {
+  vf v[kLanes / kN];
+  for (int i = 0; i < kLanes / kN; ++i) v[i] = acc[i];
+  for (int n = kLanes / kN; n > 1; n /= 2)
+    for (int i = 0; i < n / 2; ++i) v[i] += v[i + n / 2];
+  return fold_halves(v[0], [](auto a, auto b) { return a + b; });
+}
+
 // Sum of n floats as 16 interleaved partial sums combined pairwise.
 inline float sum16(const float* v, int64_t n) {
   float acc[kLanes] = {};
@@ -140,11 +164,9 @@ inline float max_of(const float* v, int64_t n) {
   for (; i + kN <= n; i += kN) m = load(v + i) > m ? load(v + i) : m;
   float r = v[0];
   for (; i < n; ++i) r = v[i] > r ? v[i] : r;
-  float lanes[kN];
-  store(lanes, m);
-  for (int w = kN / 2; w > 0; w /= 2)  // a tree: a short dependency chain
-    for (int l = 0; l < w; ++l) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
-  return lanes[0] > r ? lanes[0] : r;
+  // a tree: a short dependency chain
+  const float top = fold_halves(m, [](auto a, auto b) { return b > a ? b : a; });
+  return top > r ? top : r;
 }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -240,7 +262,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
   const int64_t d = a->d, dp = round_up(d, 32);
   const int64_t blocks = (a->Sq + kAttnQueries - 1) / kAttnQueries, group = a->H / a->Hkv;
   const int64_t off = a->Sk - a->Sq;  // query i sits at key position off + i
-  // k transposed (d, Kp), v padded (Kp, dp) when needed, weights (queries, Kp), of keys j0, ...:
+  // k transposed (d, Kp), v padded (Kp, dp) when needed, a tile's weights (kTile, Kp), of keys j0..:
   // kept per thread between calls (a decode step calls once per layer), let go above 4 MB
   thread_local std::vector<float> kt, vp, S;
   struct Trim {
@@ -249,7 +271,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         if (buf->capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(*buf);
     }
   } trim;
-  float sums[kAttnQueries];
+  float sums[kTile];  // of the tile's rows
   int64_t filled_b = -1, filled_kvh = -1, filled_j0 = -1, filled_keys = 0, Kp = 0;
   // dimension c of key j (from j0) at krows + j / 32 * kbs + c * kld + j % 32: 32-key blocks of d
   // rows (the caller's, lowbit.nn.KVCache's layout), or d whole rows of keys (kbs = 32)
@@ -297,7 +319,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       const int64_t ktld = Kp + 16;
       if (!a->k_transposed && kt.size() < (size_t)(d * ktld)) kt.resize((size_t)(d * ktld));
       if (d != dp && vp.size() < (size_t)(Kp * dp)) vp.resize((size_t)(Kp * dp));
-      if (S.size() < (size_t)(kAttnQueries * Kp)) S.resize((size_t)(kAttnQueries * Kp));
+      if (S.size() < (size_t)(kTile * Kp)) S.resize((size_t)(kTile * Kp));
       const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
       const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
       if (a->k_transposed) {  // the caller's rows (past `held` they only feed padding scores)
@@ -336,8 +358,9 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     };
     const int64_t kend = round_up(keys - j0, 32);
 
-    // Scores: a tile of R rows x 32 keys in registers, an fma per element of d (R: the rows left,
-    // up to kTile).
+    // The block's rows go through in tiles of R (the rows left, up to kTile): scores, softmax
+    // weights, outputs, so that the tile's weights (row r at S + r * Kp) stay in L1 throughout.
+    // Scores: R rows x 32 keys in registers, an fma per element of d.
     const vf scale = splat(a->scale);
     auto score_tile = [&](int64_t r0, auto tile) {
       constexpr int64_t R = decltype(tile)::value;
@@ -357,34 +380,32 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
           }
         }
         for (int64_t r = 0; r < R; ++r)
-          for (int u = 0; u < kV; ++u) store(&S[(r0 + r) * Kp + j + u * kN], acc[r][u] * scale);
+          for (int u = 0; u < kV; ++u) store(&S[r * Kp + j + u * kN], acc[r][u] * scale);
       }
     };
-    for (int64_t r = 0; r < rows; r += kTile) with_rows(rows - r, [&](auto R) { score_tile(r, R); });
-    // Softmax weights of each row, unnormalised and zero outside its keys; their sums.
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = &S[r * Kp];
-      const int64_t lo = first(r), n = limit(r);
-      if (n <= lo) {  // no key to see
-        std::memset(row, 0, (size_t)kend * sizeof(float));
-        sums[r] = 0.f;
-        continue;
+    // Softmax weights of rows [r0, r1), unnormalised and zero outside their keys; their sums.
+    auto softmax_rows = [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = &S[(r - r0) * Kp];
+        const int64_t lo = first(r), n = limit(r);
+        if (n <= lo) {  // no key to see
+          std::memset(row, 0, (size_t)kend * sizeof(float));
+          sums[r - r0] = 0.f;
+          continue;
+        }
+        const float mx = max_of(row + lo, n - lo);
+        // e^(s - max) over the 16-key blocks that hold [lo, n) (by map: independent chains), zero
+        // around them; then the 16 partial sums
+        const int64_t jb = lo / kLanes * kLanes, je = round_up(n, kLanes);
+        map(row + jb, row + jb, je - jb, [mx](vf e) { return expv(e - mx); });
+        if (lo) std::memset(row, 0, (size_t)lo * sizeof(float));
+        if (n < kend) std::memset(row + n, 0, (size_t)(kend - n) * sizeof(float));
+        vf acc[kLanes / kN] = {};
+        for (int64_t j = jb; j < je; j += kLanes)
+          for (int u = 0; u < kLanes / kN; ++u) acc[u] += load(row + j + u * kN);
+        sums[r - r0] = combine(acc);  // >= 1 (the max's own weight), or NaN: kept
       }
-      const float mx = max_of(row + lo, n - lo);
-      vf acc[kLanes / kN] = {};  // the 16 partial sums
-      int64_t j = lo / kLanes * kLanes;
-      std::memset(row, 0, (size_t)j * sizeof(float));
-      for (; j < n; j += kLanes) {
-        for (int u = 0; u < kLanes / kN; ++u) store(row + j + u * kN, expv(load(row + j + u * kN) - mx));
-        if (j < lo) std::memset(row + j, 0, (size_t)(lo - j) * sizeof(float));
-        if (j + kLanes > n) std::memset(row + n, 0, (size_t)(j + kLanes - n) * sizeof(float));
-        for (int u = 0; u < kLanes / kN; ++u) acc[u] += load(row + j + u * kN);
-      }
-      std::memset(row + j, 0, (size_t)(kend - j) * sizeof(float));
-      float partial[kLanes];
-      std::memcpy(partial, acc, sizeof partial);
-      sums[r] = combine(partial);  // >= 1 (the max's own weight), or NaN: kept
-    }
+    };
     // Outputs: a tile of R rows x 32 of d, an fma per key, then divided by the sum (keys outside a
     // row's range weigh 0 and leave its sums unchanged; those before the tile's first visible key
     // are skipped).
@@ -392,7 +413,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       constexpr int64_t R = decltype(tile)::value;
       const int64_t n_rows = rows - r0 < R ? rows - r0 : R;
       const float* sr[R];  // rows past the tile's end read its first row's weights
-      for (int64_t r = 0; r < R; ++r) sr[r] = &S[(r < n_rows ? r0 + r : r0) * Kp];
+      for (int64_t r = 0; r < R; ++r) sr[r] = &S[(r < n_rows ? r : 0) * Kp];
       const int64_t lo = first(r0), n = limit(r0 + n_rows - 1);
       for (int64_t c = 0; c < dp; c += 32) {
         vf acc[R][kV] = {};
@@ -409,13 +430,21 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
           for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
         const int64_t width = d - c < 32 ? d - c : 32;
         for (int64_t r = 0; r < n_rows; ++r) {
-          const float sum = sums[r0 + r];
+          const float sum = sums[r];
           for (int64_t e = 0; e < width; ++e) o[r][e] = sum != 0.f ? o[r][e] / sum : 0.f;  // 0: no key
-          std::memcpy(orow(r0 + r) + c, o[r], (size_t)width * sizeof(float));
+          if (width == 32)  // (a constant size: no call)
+            std::memcpy(orow(r0 + r) + c, o[r], 32 * sizeof(float));
+          else
+            std::memcpy(orow(r0 + r) + c, o[r], (size_t)width * sizeof(float));
         }
       }
     };
-    for (int64_t r = 0; r < rows; r += kTile) with_rows(rows - r, [&](auto R) { out_tile(r, R); });
+    for (int64_t r = 0; r < rows; r += kTile)
+      with_rows(rows - r, [&](auto R) {
+        score_tile(r, R);
+        softmax_rows(r, r + R);
+        out_tile(r, R);
+      });
   }
 }
 
