@@ -383,7 +383,8 @@ void nn_cases() {
   struct AC { int64_t B, Sq, Sk, H, Hkv, d; bool causal, lengths; int64_t window; };
   const AC acs[] = {{1, 1, 1, 2, 1, 8, true, false, 0},   {1, 5, 8, 4, 2, 64, true, false, 0},
                     {2, 70, 70, 2, 2, 16, true, true, 0},  {2, 3, 9, 4, 1, 32, false, true, 0},
-                    {1, 20, 20, 2, 1, 64, true, false, 5}, {1, 1, 40, 3, 3, 8, true, false, 7}};
+                    {1, 20, 20, 2, 1, 64, true, false, 5}, {1, 1, 40, 3, 3, 8, true, false, 7},
+                    {2, 37, 37, 2, 1, 24, false, true, 0}};
   int ai = 0;
   for (const AC& c : acs) {
     add("nn", shape("attention B=%lld Sq=%lld Sk=%lld d=%lld", c.B, c.Sq, c.Sk, c.d) +
