@@ -13,6 +13,7 @@
 #include <new>
 #include "formats.h"
 #include "kernels/isa.h"
+#include "kernels/dot512.h"
 #include "kernels/stream.h"
 
 namespace lowbit {
@@ -37,12 +38,6 @@ uint8_t* value_buffer(int64_t bytes) {
     if (!buf.p) throw std::bad_alloc();
   }
   return buf.p;
-}
-
-inline __m512i bcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
 }
 
 // The u8 values of panel p's 16 columns at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
@@ -175,16 +170,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
           else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j]);
         }
         if (MR == 1) stream_ahead<F, J>(g, p, k0 / 8 + st);
-        LOWBIT_UNROLL
-        for (int m = 0; m < MR; ++m) {
-          const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * st);
-          const __m512i ahi = bcast4(a + m * g->lda + k0 + 8 * st + 4);
-          LOWBIT_UNROLL
-          for (int j = 0; j < J; ++j) {
-            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
-            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
-          }
-        }
+        dot8<MR, J>(acc, lo, hi, a, g->lda, k0 + 8 * st);
       }
       __m512 D[J], B[J];
       LOWBIT_UNROLL
@@ -312,16 +298,7 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) 
             else code_values<F>(g, p + j, k8, start[j], add[j], lo[j], hi[j]);
           }
           if (MR == 1) stream_ahead<F, J>(g, p, k8);
-          LOWBIT_UNROLL
-          for (int m = 0; m < MR; ++m) {
-            const __m512i alo = bcast4(a + m * g->lda + 8 * k8);
-            const __m512i ahi = bcast4(a + m * g->lda + 8 * k8 + 4);
-            LOWBIT_UNROLL
-            for (int j = 0; j < J; ++j) {
-              acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
-              acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
-            }
-          }
+          dot8<MR, J>(acc, lo, hi, a, g->lda, 8 * k8);
         }
       }
       __m512i mp[J];

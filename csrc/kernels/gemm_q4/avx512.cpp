@@ -7,6 +7,7 @@
 #include <cstring>
 #include <utility>
 #include "kernels/isa.h"
+#include "kernels/dot512.h"
 #include "kernels/stream.h"
 
 namespace lowbit {
@@ -14,12 +15,6 @@ namespace LOWBIT_NS {
 namespace {
 
 #define LOWBIT_UNROLL _Pragma("GCC unroll 32")
-
-inline __m512i bcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
 
 inline __mmask16 tail_mask(const Q4Args* g, int64_t panel) {
   const int64_t left = g->N - panel * kPanel;
@@ -73,16 +68,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
           hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         }
         if (MR == 1) stream_ahead<J>(g, p, k0 / kQ4Step + s);
-        LOWBIT_UNROLL
-        for (int m = 0; m < MR; ++m) {
-          const __m512i alo = bcast4(a + m * g->lda + k0 + 8 * s);
-          const __m512i ahi = bcast4(a + m * g->lda + k0 + 8 * s + 4);
-          LOWBIT_UNROLL
-          for (int j = 0; j < J; ++j) {
-            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], lo[j], alo);
-            acc[m * J + j] = _mm512_dpbusd_epi32(acc[m * J + j], hi[j], ahi);
-          }
-        }
+        dot8<MR, J>(acc, lo, hi, a, g->lda, k0 + 8 * s);
       }
       const bool first = k0 == grp * g->group;
       LOWBIT_UNROLL

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <utility>
 #include "kernels/isa.h"
+#include "kernels/dot512.h"
 #include "kernels/stream.h"
 
 namespace lowbit {
@@ -12,12 +13,6 @@ namespace LOWBIT_NS {
 namespace {
 
 enum Mode { kInt32, kFloat, kFloatGrouped };
-
-inline __m512i bcast4(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
 
 inline __mmask16 tail_mask(const GemmArgs* g, int64_t panel) {
   const int64_t left = g->N - panel * kPanel;
