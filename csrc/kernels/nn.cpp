@@ -304,8 +304,9 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     if (a->Sq == 1)
       while (heads < kTile && t + heads < t1 && (h + heads) / group == kvh) ++heads;
     next = t + heads;
-    const int64_t rows = heads > 1 ? heads : i1 - i0;
-    auto query = [&](int64_t r) { return heads > 1 ? i0 : i0 + r; };  // row r's query index
+    // row r: query i0 + r * qstep of head h + r * hstep
+    const int64_t rows = heads > 1 ? heads : i1 - i0, qstep = heads > 1 ? 0 : 1, hstep = 1 - qstep;
+    auto query = [&](int64_t r) { return i0 + r * qstep; };
     int64_t keys = a->lengths ? (a->lengths[b] < a->Sk ? a->lengths[b] : a->Sk) : a->Sk;
     if (a->causal && off + i1 < keys) keys = off + i1;  // the most any query of the block sees
     // Sliding window: the block's first query sees keys from off + i0 - window + 1 on. Keys are
@@ -315,10 +316,10 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     const int64_t j0 = from > 0 ? from / 32 * 32 : 0;
     // row r's query and output rows
     auto qrow = [&](int64_t r) {
-      return a->q + b * a->qs[0] + (heads > 1 ? h + r : h) * a->qs[2] + query(r) * a->qs[1];
+      return a->q + b * a->qs[0] + (h + r * hstep) * a->qs[2] + query(r) * a->qs[1];
     };
     auto orow = [&](int64_t r) {
-      return a->out + (b * a->Sq * a->H + (heads > 1 ? h + r : h)) * d + query(r) * a->H * d;
+      return a->out + (b * a->Sq * a->H + h + r * hstep) * d + query(r) * a->H * d;
     };
     if (keys <= j0) {
       for (int64_t r = 0; r < rows; ++r) std::memset(orow(r), 0, (size_t)d * sizeof(float));
