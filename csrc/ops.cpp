@@ -133,7 +133,9 @@ void split(int64_t M, int64_t panels, int64_t mb, int64_t pb, int64_t work, cons
     if (panel_blocks > panels) panel_blocks = panels;
   }
   // panel block i: [i * panels / panel_blocks, (i + 1) * panels / panel_blocks)
-  auto edge = [&](int64_t i) { return M > 4 ? i * panels / panel_blocks : (i * pb < panels ? i * pb : panels); };
+  auto edge = [&](int64_t i) {
+    return M > 4 ? i * panels / panel_blocks : (i * pb < panels ? i * pb : panels);
+  };
   parallel_for(row_blocks * panel_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t % row_blocks, i = t / row_blocks;

@@ -150,6 +150,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
   static_assert(H == 1 || fmt.min == MinKind::None, "minima fold per 32-input sub-block");
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
+  if (MR > 1) prefetch_for_write(g->c + m0 * g->ldc + p * kPanel, g->ldc, MR, J);
   __m512 f[MR * J];
   LOWBIT_UNROLL
   for (int i = 0; i < MR * J; ++i) f[i] = _mm512_setzero_ps();
@@ -271,6 +272,7 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) 
   constexpr bool mins = fmt.min != MinKind::None;
   const int64_t n16 = g->K / 16, n32 = g->K / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
+  if (MR > 1) prefetch_for_write(g->c + m0 * g->ldc + p * kPanel, g->ldc, MR, J);
   alignas(64) float fbuf[MR * J][16];
   for (int64_t t = 0; t < g->K / fmt.block; ++t) {
     __m512 gs[MR * J], hs[MR * J];

@@ -47,6 +47,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
   const uint8_t* b = g->b + p * ps;
   const __m512i nib = _mm512_set1_epi8(0x0F);
+  if (MR > 1) prefetch_for_write(g->c + m0 * g->ldc + p * kPanel, g->ldc, MR, J);
   __m512 f[MR * J], I[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {

@@ -184,17 +184,6 @@ void epilogue(const GemmArgs* g, int64_t m0, int64_t rows, int64_t p, int J, con
   }
 }
 
-// Asks for the output lines of rows [m0, m0 + mr) x panels [p, p + J) for writing (PREFETCHW),
-// long before the epilogue stores to them. Without it the epilogue's stores miss and wait for
-// their lines (an output of 4096 x 1152 floats is 19 MB, beyond the caches): MiniLM's layers,
-// 4096 rows x K = 384 / 1536, ran 5-14% faster with it (Zen 4, 2 threads). One tile's lines at
-// a time: a whole 48-row block's at once, more than the miss queue holds, gained only 2-3%.
-inline void prefetch_outputs(const GemmArgs* g, int64_t m0, int mr, int64_t p, int J) {
-  for (int r = 0; r < mr; ++r)
-    for (int j = 0; j < J; ++j)
-      __builtin_prefetch((const char*)g->c + ((m0 + r) * g->ldc + (p + j) * kPanel) * 4, 1, 3);
-}
-
 template <int MODE>
 void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
   const int64_t ps = g->Kp * kPanel;
@@ -209,7 +198,8 @@ void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
         const int64_t steps = (g->Kp - kc < kKc ? g->Kp - kc : kKc) / kKStep;
         for (int64_t m = 0; m < rows; m += kMaxMR) {
           const int mr = (int)(rows - m < kMaxMR ? rows - m : kMaxMR);
-          if (kc == 0) prefetch_outputs(g, mc + m, mr, p, j);
+          if (kc == 0)  // (int32 or float32 outputs: 4 bytes either way)
+            prefetch_for_write((const float*)g->c + (mc + m) * g->ldc + p * kPanel, g->ldc, mr, j);
           (kc ? dots_for<true>(mr, j) : dots_for<false>(mr, j))(
               g->a + (mc + m) * g->lda + kc, g->lda, g->b + p * ps + kc * kPanel, ps, steps,
               acc + m * j * 16);
