@@ -398,12 +398,11 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     // Scores: R rows x 32 keys in registers, an fma per element of d.
     const vf scale = splat(a->scale);
     auto score_tile = [&](int64_t r0, auto tile) {
-      constexpr int64_t R = decltype(tile)::value;
-      const int64_t last = r0 + R - 1 < rows ? r0 + R - 1 : rows - 1;
+      constexpr int64_t R = decltype(tile)::value;  // (with_rows: R <= the rows left)
       const float* qr[R];
-      for (int64_t r = 0; r < R; ++r) qr[r] = qrow(r0 + r <= last ? r0 + r : r0);
+      for (int64_t r = 0; r < R; ++r) qr[r] = qrow(r0 + r);
       // keys past the tile's last row's limit are never read (causal): not scored
-      const int64_t jend = round_up(limit(last), 32);
+      const int64_t jend = round_up(limit(r0 + R - 1), 32);
       for (int64_t j = 0; j < jend; j += 32) {
         vf acc[R][kV] = {};
         for (int64_t c = 0; c < d; ++c) {
@@ -446,10 +445,9 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
     // are skipped).
     auto out_tile = [&](int64_t r0, auto tile) {
       constexpr int64_t R = decltype(tile)::value;
-      const int64_t n_rows = rows - r0 < R ? rows - r0 : R;
-      const float* sr[R];  // rows past the tile's end read its first row's weights
-      for (int64_t r = 0; r < R; ++r) sr[r] = &S[(r < n_rows ? r : 0) * Kp];
-      const int64_t lo = first(r0), n = limit(r0 + n_rows - 1);
+      const float* sr[R];
+      for (int64_t r = 0; r < R; ++r) sr[r] = &S[r * Kp];
+      const int64_t lo = first(r0), n = limit(r0 + R - 1);
       for (int64_t c = 0; c < dp; c += 32) {
         vf acc[R][kV] = {};
         for (int64_t j = lo; j < n; ++j) {
@@ -464,7 +462,7 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         for (int64_t r = 0; r < R; ++r)
           for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
         const int64_t width = d - c < 32 ? d - c : 32;
-        for (int64_t r = 0; r < n_rows; ++r) {
+        for (int64_t r = 0; r < R; ++r) {
           const float sum = sums[r];
           for (int64_t e = 0; e < width; ++e) o[r][e] = sum != 0.f ? o[r][e] / sum : 0.f;  // 0: no key
           if (width == 32)  // (a constant size: no call)
