@@ -108,13 +108,6 @@ inline void map(const float* x, float* y, int64_t n, F f) {
   }
 }
 
-// 16 partial sums combined pairwise (lane l with l + 8, then l + 4, ...).
-inline float combine(float* acc) {
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
-}
-
 // The lanes of v combined by op in halves, in registers: lane l op lane l + n/2 for l < n/2, then
 // the same on those, down to one lane (the order of combine's and max_of's trees).
 template <class V, class Op>
@@ -130,13 +123,19 @@ inline float fold_halves(V v, Op op) {
   }
 }
 
-// combine() of 16 partial sums held as kLanes / kN vectors (lanes 0.., kN.., ...).
+// 16 partial sums combined pairwise (lane l with l + 8, then l + 4, ...), held as kLanes / kN
+// vectors (lanes 0.., kN.., ...) or as 16 floats.
 inline float combine(const vf* acc) {
   vf v[kLanes / kN];
   for (int i = 0; i < kLanes / kN; ++i) v[i] = acc[i];
   for (int n = kLanes / kN; n > 1; n /= 2)
     for (int i = 0; i < n / 2; ++i) v[i] += v[i + n / 2];
   return fold_halves(v[0], [](auto a, auto b) { return a + b; });
+}
+inline float combine(const float* acc) {
+  vf v[kLanes / kN];
+  std::memcpy(v, acc, sizeof v);
+  return combine(v);
 }
 
 // Sum of n floats as 16 interleaved partial sums combined pairwise.
