@@ -8,10 +8,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -119,6 +121,168 @@ class NoGil {
 #endif
   }
   PyThreadState* state_;
+};
+
+// A recorded sequence of kernel calls (lowbit.nn.record), replayed from C++ with the GIL released
+// once: the CUDA-graphs idea on the CPU, for a model's decode step (~300 calls a token, each a
+// few microseconds of Python and binding around a kernel that streams its weights).
+//
+// Recording runs the model's Python code once as usual; each recordable binding (the linear
+// plans, norms, RoPE, SwiGLU, add, the KV cache, embedding rows) also appends its kernel call,
+// with the raw pointers it was given, to the graph being recorded on this thread. A replay calls
+// those kernels again on the same buffers: the graph's inputs (copied in by the caller), the
+// outputs of earlier calls, the weights. Anything computed outside lowbit's calls would be frozen
+// at its recorded value, so each call's activation inputs must lie in memory the graph knows (its
+// inputs or what a recorded call wrote), checked as it is recorded; the arrays the calls return
+// while recording are read-only, so numpy cannot write to them in place unseen.
+class KVCache;
+
+class Graph {
+ public:
+  using Op = std::function<void()>;
+
+  // Recording, on this thread: the graph every recordable call appends to, or null.
+  static Graph*& recording() {
+    thread_local Graph* g = nullptr;
+    return g;
+  }
+  static void not_recordable(const char* what) {
+    if (recording())
+      throw py::type_error(std::string(what) +
+                           " cannot be recorded (lowbit.nn.record): use the recordable lowbit "
+                           "calls (Linear, rms_norm, layer_norm, RoPE, swiglu, add, KVCache)");
+  }
+
+  void begin() {
+    if (recording()) throw py::value_error("record: another recording is under way on this thread");
+    if (recorded_) throw py::value_error("record: this graph was recorded already");
+    recording() = this;
+  }
+  void end() {
+    if (recording() == this) recording() = nullptr;
+    recorded_ = true;
+    plan_prefetches();
+  }
+
+  // A graph input: the buffer a replay copies its argument into. Returns a read-only view.
+  py::array input(py::array a) {
+    if (recorded_ || recording()) throw py::value_error("record: inputs come before recording");
+    a = py::array(a.attr("copy")());  // C-contiguous, owned
+    know(a);
+    inputs_.push_back(a);
+    return readonly_view(a);
+  }
+  void output(const py::handle& h) {
+    const py::array a = h.cast<py::array>();
+    require(a, "a result");
+  }
+
+  // While recording: `a` (read by a call being recorded) must lie in memory the graph knows.
+  void require(const py::array& a, const char* what) const {
+    const char* lo = static_cast<const char*>(a.data());
+    const char* hi = lo;
+    if (a.size()) {
+      for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        const py::ssize_t st = a.strides(i) * (a.shape(i) - 1);
+        (st < 0 ? lo : hi) += st;
+      }
+      hi += a.itemsize();
+    }
+    require(lo, hi, what);
+  }
+  void require(const void* p, int64_t bytes, const char* what) const {
+    require(static_cast<const char*>(p), static_cast<const char*>(p) + bytes, what);
+  }
+  // `a` (written by a call being recorded) becomes known memory; a new result is made read-only.
+  py::object produce(const py::object& a, bool fresh = true) {
+    know(a.cast<py::array>());
+    if (fresh) py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    return a;
+  }
+  void keep(const py::object& o) { keep_.push_back(o); }
+  // A kernel call; `prepare` (optional) runs first with the GIL held, before any call of the
+  // replay: checks of the inputs' values, a cache's growth. weights: what the call streams, for
+  // the prefetch of the calls ahead.
+  void add(Op op, Op prepare = nullptr, const MemRange* weights = nullptr, int n_weights = 0) {
+    ops_.push_back({std::move(op), std::vector<MemRange>(weights, weights + n_weights), {}});
+    if (prepare) prepares_.push_back(std::move(prepare));
+  }
+  // A KV cache's appends in one replay, reserved before it (see KVCache).
+  int64_t& appended(KVCache* c) {
+    for (auto& e : appends_)
+      if (e.first == c) return e.second;
+    appends_.emplace_back(c, 0);
+    return appends_.back().second;
+  }
+
+  void replay(const py::args& args);
+
+  size_t size() const { return ops_.size(); }
+
+ private:
+  struct Recorded {
+    Op op;
+    std::vector<MemRange> weights, ahead;
+  };
+  struct Span {
+    const char *lo, *hi;
+  };
+
+  static py::array readonly_view(const py::array& a) {
+    py::array v = a.attr("view")();
+    py::detail::array_proxy(v.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    return v;
+  }
+  void know(const py::array& a) {
+    const char* p = static_cast<const char*>(a.data());
+    known_.push_back({p, p + a.nbytes()});
+    keep_.push_back(a);
+  }
+  void require(const char* lo, const char* hi, const char* what) const {
+    // covered by the union of the known spans
+    for (bool moved = true; lo < hi && moved;) {
+      moved = false;
+      for (const Span& s : known_)
+        if (s.lo <= lo && lo < s.hi) {
+          lo = s.hi, moved = true;
+          break;
+        }
+    }
+    if (lo < hi)
+      throw py::value_error(
+          std::string("record: ") + what +
+          " was not computed by a recorded lowbit call: numpy work on activations (a + b, "
+          "concatenate, a reshape that copies, np.asarray of other dtypes) runs once, while "
+          "recording, and a replay would reuse its value. Use lowbit.nn.add and the other "
+          "recordable calls, or pass the array as an input of record");
+  }
+  // Each streaming call has the pool's idle threads prefetch the weights of the calls after it
+  // (up to 4 of them, ~2 MB), as LinearPlan learns it when called from Python.
+  void plan_prefetches() {
+    for (size_t i = 0; i < ops_.size(); ++i) {
+      if (ops_[i].weights.empty()) continue;
+      int64_t bytes = 0;
+      int calls = 0;
+      for (size_t j = i + 1; j < ops_.size() && calls < 4 && bytes < (int64_t(2) << 20); ++j) {
+        if (ops_[j].weights.empty()) continue;
+        ++calls;
+        for (const MemRange& r : ops_[j].weights)
+          if ((int)ops_[i].ahead.size() < kMaxPrefetchRanges) {
+            ops_[i].ahead.push_back(r);
+            bytes += r.bytes;
+          }
+      }
+    }
+  }
+
+  std::vector<Recorded> ops_;
+  std::vector<Op> prepares_;
+  std::vector<std::pair<KVCache*, int64_t>> appends_;
+  std::vector<Span> known_;
+  std::vector<py::object> keep_;  // every array a pointer of ops_ reads or writes, and the caches
+  std::vector<py::array> inputs_;
+  bool recorded_ = false;
+  std::atomic<bool> busy_{false};
 };
 
 // The weight shape and group size every format shares: positive, K small enough for exact int32
@@ -502,10 +666,21 @@ py::array_t<float> dequantize_blk_py(const BlockWeight& weight, py::array rows) 
   for (int64_t i = 0; i < rows.shape(0); ++i)
     if (r[i] < 0 || r[i] >= N) throw py::index_error("row " + std::to_string(r[i]) + " out of range");
   py::array_t<float> out({(py::ssize_t)rows.shape(0), (py::ssize_t)K});
-  {
-    NoGil nogil;
-    blk_dequantize(w, r, rows.shape(0), out.mutable_data());
+  const int64_t n = rows.shape(0);
+  float* op = out.mutable_data();
+  if (Graph* g = Graph::recording()) {
+    g->require(rows, "the rows of dequantize");
+    g->produce(out);
+    g->keep(py::cast(&weight));
+    g->add([&w, r, n, op] { blk_dequantize(w, r, n, op); }, [r, n, N] {
+      for (int64_t i = 0; i < n; ++i)
+        if (r[i] < 0 || r[i] >= N)
+          throw py::index_error("row " + std::to_string(r[i]) + " out of range for " +
+                                std::to_string(N) + " rows");
+    });
   }
+  NoGil nogil;
+  blk_dequantize(w, r, n, op);
   return out;
 }
 
@@ -529,6 +704,157 @@ const PyArrayObj* float_array(const py::handle& h) {
 }
 
 bool aligned(const PyArrayObj* a) { return reinterpret_cast<uintptr_t>(a->data) % sizeof(float) == 0; }
+
+
+// lowbit.nn.KVCache's storage and calls. Values (kv_heads, capacity, head_dim); keys (kv_heads,
+// capacity / 32, head_dim, 32), blocks of 32 keys transposed, as the attention kernel reads them.
+// It grows by doubling, with the GIL held: a graph's replay reserves its appends before it
+// releases the GIL, and its recorded calls read the storage where it is at the time.
+class KVCache {
+ public:
+  KVCache(int64_t kv_heads, int64_t head_dim, int64_t capacity) : kvh_(kv_heads), d_(head_dim) {
+    if (kv_heads < 1 || head_dim < 1)
+      throw py::value_error("KVCache: expected kv_heads >= 1 and head_dim >= 1, got " +
+                            std::to_string(kv_heads) + " and " + std::to_string(head_dim));
+    grow(round_up(std::max<int64_t>(capacity, 32), 32));
+  }
+  const py::array_t<float>& k() const { return k_; }
+  const py::array_t<float>& v() const { return v_; }
+  int64_t length() const { return length_; }
+  int64_t capacity() const { return cap_; }
+  void clear() { length_ = 0; }
+
+  // Room for n keys (with the GIL held).
+  void reserve(int64_t n) {
+    if (n > cap_) grow(round_up(std::max(2 * cap_, n), 32));
+  }
+
+  // k, v: (tokens, kv_heads, head_dim) float32, last axis contiguous.
+  void append(py::array k, py::array v) {
+    k = check<float>(k, "k", {-1, kvh_, d_}, true);
+    v = check<float>(v, "v", {k.shape(0), kvh_, d_}, true);
+    const int64_t t = k.shape(0);
+    const float *kp = cptr<float>(k), *vp = cptr<float>(v);
+    const int64_t ks0 = k.strides(0) / 4, ks1 = k.strides(1) / 4;
+    const int64_t vs0 = v.strides(0) / 4, vs1 = v.strides(1) / 4;
+    if (Graph* g = Graph::recording()) {
+      g->require(k, "the keys appended to a KVCache");
+      g->require(v, "the values appended to a KVCache");
+      g->appended(this) += t;
+      g->add([this, kp, ks0, ks1, vp, vs0, vs1, t] { store(kp, ks0, ks1, vp, vs0, vs1, t); });
+    }
+    reserve(length_ + t);
+    store(kp, ks0, ks1, vp, vs0, vs1, t);
+  }
+
+  // Causal attention of q (tokens, heads, head_dim), the last `tokens` positions cached, over
+  // every cached key: (tokens, heads * head_dim).
+  py::array_t<float> attend(py::array q, float scale, int64_t window) {
+    q = check<float>(q, "q", {-1, -1, d_}, true);
+    const int64_t t = q.shape(0), H = q.shape(1);
+    if (H % kvh_)
+      throw py::value_error("q: expected a number of heads divisible by kv_heads " +
+                            std::to_string(kvh_) + ", got shape " + shape_str(q));
+    if (t > length_)
+      throw py::value_error("q: " + std::to_string(t) + " queries, but only " +
+                            std::to_string(length_) + " positions cached");
+    if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
+    py::array_t<float> out({t, H * d_});
+    const float* qp = cptr<float>(q);
+    const int64_t qs0 = q.strides(0) / 4, qs1 = q.strides(1) / 4;
+    float* op = out.mutable_data();
+    if (Graph* g = Graph::recording()) {
+      g->require(q, "the queries of KVCache.attend");
+      g->produce(out);
+      g->add([this, qp, qs0, qs1, t, H, scale, window, op] {
+        attend_into(qp, qs0, qs1, t, H, scale, window, op);
+      });
+    }
+    NoGil nogil;
+    attend_into(qp, qs0, qs1, t, H, scale, window, op);
+    return out;
+  }
+
+ private:
+  void grow(int64_t cap) {
+    py::array_t<float> k({kvh_, cap / 32, d_, int64_t(32)}), v({kvh_, cap, d_});
+    float *kd = k.mutable_data(), *vd = v.mutable_data();
+    const int64_t blocks = round_up(length_, 32) / 32;
+    for (int64_t h = 0; h < kvh_; ++h) {
+      std::memcpy(kd + h * cap * d_, kd_ + h * cap_ * d_, sizeof(float) * blocks * 32 * d_);
+      std::memcpy(vd + h * cap * d_, vd_ + h * cap_ * d_, sizeof(float) * length_ * d_);
+    }
+    k_ = k, v_ = v, kd_ = kd, vd_ = vd, cap_ = cap;
+  }
+
+  void store(const float* k, int64_t ks0, int64_t ks1, const float* v, int64_t vs0, int64_t vs1,
+             int64_t t) {
+    if (length_ + t > cap_) throw std::runtime_error("KVCache: appended past its reserved capacity");
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t j = length_ + i;
+      for (int64_t h = 0; h < kvh_; ++h) {
+        const float* kr = k + i * ks0 + h * ks1;
+        float* kb = kd_ + (h * cap_ + j / 32 * 32) * d_ + j % 32;  // block j / 32, lane j % 32
+        for (int64_t c = 0; c < d_; ++c) kb[c * 32] = kr[c];
+        std::memcpy(vd_ + (h * cap_ + j) * d_, v + i * vs0 + h * vs1, sizeof(float) * d_);
+      }
+    }
+    length_ += t;
+  }
+
+  void attend_into(const float* q, int64_t qs0, int64_t qs1, int64_t t, int64_t H, float scale,
+                   int64_t window, float* out) const {
+    if (t > length_) throw std::runtime_error("KVCache: more queries than positions cached");
+    AttnArgs a{};
+    a.q = q, a.qs[1] = qs0, a.qs[2] = qs1;
+    a.k = kd_, a.ks[1] = 32, a.ks[2] = cap_ * d_, a.kbs = 32 * d_, a.k_transposed = true;
+    a.v = vd_, a.vs[1] = d_, a.vs[2] = cap_ * d_;
+    a.out = out;
+    a.B = 1, a.Sq = t, a.Sk = length_, a.H = H, a.Hkv = kvh_, a.d = d_;
+    a.causal = true, a.scale = scale, a.window = window;
+    if (t * H) attention(a);
+  }
+
+  int64_t kvh_, d_, cap_ = 0, length_ = 0;
+  py::array_t<float> k_, v_;
+  float *kd_ = nullptr, *vd_ = nullptr;
+};
+
+void Graph::replay(const py::args& args) {
+  if (!recorded_) throw py::value_error("replay: the graph has not been recorded");
+  if (args.size() != inputs_.size())
+    throw py::type_error("replay: expected " + std::to_string(inputs_.size()) + " inputs, got " +
+                         std::to_string(args.size()));
+  if (busy_.exchange(true)) throw std::runtime_error("replay: this graph is running already");
+  struct Done {
+    std::atomic<bool>& busy;
+    ~Done() { busy = false; }
+  } done{busy_};
+  for (size_t i = 0; i < inputs_.size(); ++i) {
+    py::array& buf = inputs_[i];
+    const PyArrayObj* a = py::detail::npy_api::get().PyArray_Check_(args[i].ptr())
+                              ? py::detail::array_proxy(args[i].ptr()) : nullptr;
+    const bool same = a && a->nd == buf.ndim() && (a->flags & kCContiguous) &&
+                      py::reinterpret_borrow<py::array>(args[i]).dtype().equal(buf.dtype()) &&
+                      std::equal(a->dimensions, a->dimensions + a->nd, buf.shape());
+    if (same) {
+      std::memcpy(buf.mutable_data(), a->data, buf.nbytes());
+      continue;
+    }
+    const py::object arr = py::module_::import("numpy").attr("asarray")(args[i]);
+    if (!py::object(arr.attr("shape")).equal(py::object(buf.attr("shape"))))
+      throw py::value_error("replay: input " + std::to_string(i) + ": expected shape " +
+                            shape_str(buf) + ", got " + std::string(py::str(arr.attr("shape"))));
+    py::module_::import("numpy").attr("copyto")(buf, arr, py::arg("casting") = "same_kind");
+  }
+  for (const Op& p : prepares_) p();
+  for (auto& [cache, t] : appends_) cache->reserve(cache->length() + t);
+  NoGil nogil;
+  for (const Recorded& r : ops_) {
+    r.op();
+    if (!r.ahead.empty()) prefetch_async(r.ahead.data(), (int)r.ahead.size());
+  }
+}
 
 class LinearPlan {
  public:
@@ -630,6 +956,8 @@ class LinearPlan {
       yp = reinterpret_cast<float*>(o->data);
     }
     run_kernel(reinterpret_cast<const float*>(x->data), ldx, M, yp);
+    if (Graph* g = Graph::recording())
+      record(*g, reinterpret_cast<const float*>(x->data), ldx, M, y, yp, outh.is_none());
     return y;
   }
 
@@ -639,7 +967,10 @@ class LinearPlan {
     const int64_t M = x.shape(0);
     Output y(out, {M, N_});
     run_kernel(cptr<float>(x), row_stride<float>(x), M, y.data());
-    return y.finish();
+    py::array r = y.finish();
+    if (Graph* g = Graph::recording())
+      record(*g, cptr<float>(x), row_stride<float>(x), M, r, y.data(), out.is_none());
+    return r;
   }
 
  private:
@@ -649,6 +980,21 @@ class LinearPlan {
         bias_(optional_vector(bias, "bias", N)),
         colscale_(optional_vector(input_scale, "input_scale", K)),
         bias_p_(cptr_or_null<float>(bias_)), colscale_p_(cptr_or_null<float>(colscale_)) {}
+
+  // Appends this call to the graph being recorded (see Graph): x's rows must be known to it.
+  void record(Graph& g, const float* x, int64_t ldx, int64_t M, const py::object& y, float* yp,
+              bool fresh) const {
+    g.require(x, ((M ? M - 1 : 0) * ldx + (M ? K_ : 0)) * (int64_t)sizeof(float),
+              "a linear layer's input");
+    if (py::cast<py::array>(y).data() != yp)
+      throw py::value_error("record: out must be aligned float32 (the kernel wrote a copy)");
+    g.produce(y, fresh);
+    g.keep(py::cast(this));
+    const float *b = bias_p_, *cs = colscale_p_;
+    const bool stream = M <= kStreamRows;
+    g.add([this, x, ldx, M, b, cs, yp] { run_kernel_nogil(x, ldx, M, b, cs, yp); }, nullptr,
+          stream ? own_ : nullptr, stream ? own_n_ : 0);
+  }
 
   // The weight's arrays, as prefetch_async reads them.
   void own_ranges(const std::vector<py::object>& arrays) {
@@ -738,6 +1084,7 @@ class LinearPlan {
 };
 
 py::array_t<int32_t> gemm_s8_py(py::array a, py::array b) {
+  Graph::not_recordable("lowbit.gemm_s8");
   a = check<int8_t>(a, "a", {-1, -1});
   b = check<int8_t>(b, "b", {-1, a.shape(1)});
   const int64_t M = a.shape(0), N = b.shape(0), K = a.shape(1);
@@ -785,6 +1132,7 @@ py::array_t<uint8_t> unpack_int4_py(py::array p) {
 // x's shape, which may be x itself (elementwise: in place is safe; any other overlap is checked
 // by lowbit.nn). tanh: GELU's tanh approximation instead of the erf form.
 py::array gelu_py(py::array x, const py::object& out, bool tanh) {
+  Graph::not_recordable("lowbit.nn.gelu");
   if (!x.dtype().equal(py::dtype::of<float>()))
     throw py::type_error("gelu: expected a float32 array, got " + std::string(py::str(x.dtype())));
   x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
@@ -805,18 +1153,30 @@ py::array layer_norm_py(py::array x, const py::object& r, py::array w, const py:
   const py::object bias = rms ? py::object(py::none()) : optional_vector(b, "bias", n);
   if (!rms && bias.is_none()) throw py::type_error("bias: expected a numpy array for LayerNorm");
   Output y(out, {rows, n});
-  const float *rp = cptr_or_null<float>(res), *bp = cptr_or_null<float>(bias);
+  const float *xp = cptr<float>(x), *rp = cptr_or_null<float>(res), *wp = cptr<float>(w),
+              *bp = cptr_or_null<float>(bias);
+  const int64_t ld = row_stride<float>(x);
+  float* yp = y.data();
   {
     NoGil nogil;
-    layer_norm(cptr<float>(x), rp, row_stride<float>(x), cptr<float>(w), bp, eps, rms, rows, n,
-               y.data());
+    layer_norm(xp, rp, ld, wp, bp, eps, rms, rows, n, yp);
   }
-  return y.finish();
+  py::array result = y.finish();
+  if (Graph* g = Graph::recording()) {
+    g->require(x, "a norm's input");
+    if (!res.is_none()) g->require(res.cast<py::array>(), "a norm's residual");
+    if (result.data() != yp) throw py::value_error("record: out must be aligned float32");
+    g->produce(result, out.is_none());
+    g->keep(w), g->keep(bias);
+    g->add([=] { layer_norm(xp, rp, ld, wp, bp, eps, rms, rows, n, yp); });
+  }
+  return result;
 }
 
 // In place on a writeable C-contiguous float32 array (through an aligned copy when its data is
 // not 4-byte aligned).
 void softmax_py(py::array x) {
+  Graph::not_recordable("lowbit.nn.softmax");
   if (!x.dtype().equal(py::dtype::of<float>()) || !(x.flags() & py::array::c_style) || !x.writeable())
     throw py::type_error("softmax: expected a writeable C-contiguous float32 array");
   if (x.ndim() == 0 || x.size() == 0) return;
@@ -838,32 +1198,88 @@ py::array_t<float> silu_mul_py(py::array gate, py::array up) {
   up = check<float>(up, "up", {gate.shape(0), gate.shape(1)}, true);
   const int64_t rows = gate.shape(0), n = gate.shape(1);
   py::array_t<float> y({rows, n});
-  {
-    NoGil nogil;
-    silu_mul(cptr<float>(gate), row_stride<float>(gate), cptr<float>(up), row_stride<float>(up),
-             rows, n, y.mutable_data());
+  const float *gp = cptr<float>(gate), *upp = cptr<float>(up);
+  const int64_t ldg = row_stride<float>(gate), ldu = row_stride<float>(up);
+  float* yp = y.mutable_data();
+  if (Graph* g = Graph::recording()) {
+    g->require(gate, "swiglu's gate"), g->require(up, "swiglu's up");
+    g->produce(y);
+    g->add([=] { silu_mul(gp, ldg, upp, ldu, rows, n, yp); });
   }
+  NoGil nogil;
+  silu_mul(gp, ldg, upp, ldu, rows, n, yp);
   return y;
 }
 
-py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox) {
+// x (T, H, d) rotated by cos / sin: (T, d / 2) tables, or with positions (int64 (T,)) tables of
+// any number of rows, token t taking row positions[t].
+py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox,
+                           const py::object& positions) {
   x = check<float>(x, "x", {-1, -1, -1});
   const int64_t T = x.shape(0), H = x.shape(1), d = x.shape(2);
   if (d % 2) throw py::value_error("x: expected an even head_dim, got shape " + shape_str(x));
-  cos = check<float>(cos, "cos", {T, d / 2});
-  sin = check<float>(sin, "sin", {T, d / 2});
-  py::array_t<float> y({T, H, d});
-  float* yp = y.mutable_data();
-  {
-    NoGil nogil;
-    rope(cptr<float>(x), T, H, d, cptr<float>(cos), cptr<float>(sin), neox, yp);
+  const bool at = !positions.is_none();
+  cos = check<float>(cos, "cos", {at ? -1 : T, d / 2});
+  sin = check<float>(sin, "sin", {cos.shape(0), d / 2});
+  py::array pos;
+  const int64_t* pp = nullptr;
+  if (at) {
+    pos = check<int64_t>(positions.cast<py::array>(), "positions", {T});
+    pp = cptr<int64_t>(pos);
   }
+  const int64_t rows = cos.shape(0);
+  auto check_positions = [pp, T, rows] {
+    for (int64_t t = 0; t < T; ++t)
+      if (pp[t] < 0 || pp[t] >= rows)
+        throw py::index_error("position " + std::to_string(pp[t]) + " outside the RoPE tables' " +
+                              std::to_string(rows) + " positions");
+  };
+  if (at) check_positions();
+  py::array_t<float> y({T, H, d});
+  const float *xp = cptr<float>(x), *cp = cptr<float>(cos), *sp = cptr<float>(sin);
+  float* yp = y.mutable_data();
+  if (Graph* g = Graph::recording()) {
+    if (!at)
+      throw py::value_error("record: rope's tables hold the positions of one call; record "
+                            "lowbit.nn.RoPE, which takes the positions as an array");
+    g->require(x, "rope's input"), g->require(pos, "rope's positions");
+    g->produce(y);
+    g->keep(cos), g->keep(sin);
+    g->add([=] { rope(xp, T, H, d, cp, sp, pp, neox, yp); }, check_positions);
+  }
+  NoGil nogil;
+  rope(xp, T, H, d, cp, sp, pp, neox, yp);
   return y;
+}
+
+// a + b: float32 arrays of one shape (lowbit.nn.add, recordable).
+py::array add_py(py::array a, py::array b, const py::object& out) {
+  for (const py::array* x : {&a, &b})
+    if (!x->dtype().equal(py::dtype::of<float>()))
+      throw py::type_error("add: expected float32 arrays, got dtype " + std::string(py::str(x->dtype())));
+  if (a.ndim() != b.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), b.shape()))
+    throw py::value_error("add: expected arrays of one shape, got " + shape_str(a) + " and " + shape_str(b));
+  a = readable(a, sizeof(float), false) ? a : py::array(a.attr("copy")());
+  b = readable(b, sizeof(float), false) ? b : py::array(b.attr("copy")());
+  Output y(out, std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
+  const float *ap = cptr<float>(a), *bp = cptr<float>(b);
+  float* yp = y.data();
+  const int64_t n = (int64_t)a.size();
+  add(ap, bp, n, yp);
+  py::array result = y.finish();
+  if (Graph* g = Graph::recording()) {
+    g->require(a, "add's first operand"), g->require(b, "add's second operand");
+    if (result.data() != yp) throw py::value_error("record: out must be aligned float32");
+    g->produce(result, out.is_none());
+    g->add([=] { add(ap, bp, n, yp); });
+  }
+  return result;
 }
 
 py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
                        bool causal, float scale, int64_t window, const py::object& out,
                        bool k_transposed) {
+  Graph::not_recordable("lowbit.nn.attention");
   py::array* arrays[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
   AttnArgs a{};
@@ -1022,5 +1438,25 @@ PYBIND11_MODULE(_core, m) {
         py::arg("k_transposed") = false);
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
   m.def("silu_mul", &silu_mul_py, py::arg("gate"), py::arg("up"));
-  m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"));
+  m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"),
+        py::arg("positions") = py::none());
+  m.def("add", &add_py, py::arg("a"), py::arg("b"), py::arg("out") = py::none());
+  py::class_<KVCache>(m, "KVCache", "a key / value cache's storage (lowbit.nn.KVCache)")
+      .def(py::init<int64_t, int64_t, int64_t>(), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("capacity"))
+      .def_property_readonly("k", &KVCache::k)
+      .def_property_readonly("v", &KVCache::v)
+      .def_property_readonly("length", &KVCache::length)
+      .def_property_readonly("capacity", &KVCache::capacity)
+      .def("clear", &KVCache::clear)
+      .def("append", &KVCache::append, py::arg("k"), py::arg("v"))
+      .def("attend", &KVCache::attend, py::arg("q"), py::arg("scale"), py::arg("window"));
+  py::class_<Graph>(m, "Graph", "a recorded sequence of kernel calls (lowbit.nn.record)")
+      .def(py::init<>())
+      .def("input", &Graph::input, py::arg("a"))
+      .def("begin", &Graph::begin)
+      .def("end", &Graph::end)
+      .def("output", &Graph::output, py::arg("a"))
+      .def("replay", &Graph::replay)
+      .def("__len__", &Graph::size);
 }

@@ -531,14 +531,18 @@ void attention(const AttnArgs& a) {
   parallel_for(tasks, [&](int64_t t0, int64_t t1) { kt.attention(&a, t0, t1); });
 }
 
+void add(const float* a, const float* b, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+}
+
 void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
-          const float* sin, bool neox, float* y) {
+          const float* sin, const int64_t* positions, bool neox, float* y) {
   const int64_t half = d / 2;
   // element offsets of pair i's two coordinates
   const int64_t step = neox ? 1 : 2, other = neox ? half : 1;
   auto rows = [&](int64_t r0, int64_t r1) {  // rows (token, head) r0 .. r1-1
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t t = r / heads;
+      const int64_t t = positions ? positions[r / heads] : r / heads;
       const float* a = x + r * d;
       float* o = y + r * d;
       const float *c = cos + t * half, *s = sin + t * half;

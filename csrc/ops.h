@@ -84,13 +84,16 @@ void silu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t 
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);
+// y = a + b elementwise (lowbit.nn.add).
+void add(const float* a, const float* b, int64_t n, float* y);
 void attention(const AttnArgs& args);
 
 // Rotary position embedding (lowbit.nn.rope): x (tokens, heads, d) rotated by cos / sin (tokens,
 // d / 2), pair i by angle i, the pairs (x[2i], x[2i+1]) or, with neox, (x[i], x[i + d/2]):
-// (a, b) -> (a c - b s, a s + b c), each product rounded, then the difference / sum.
+// (a, b) -> (a c - b s, a s + b c), each product rounded, then the difference / sum. positions:
+// null, or token t's row of the tables (lowbit.nn.RoPE: tables made once for every position).
 void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
-          const float* sin, bool neox, float* y);
+          const float* sin, const int64_t* positions, bool neox, float* y);
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);
 void unpack_int4(const uint8_t* p, int64_t n_in, uint8_t* out);

@@ -2,7 +2,7 @@
 
 A model (examples/smollm2.py's SmolLM2, examples/gemma3.py's Gemma3) provides ``reset()``,
 ``forward(ids, all_logits=False)``, ``tokenizer``, ``eos`` (a set of ids), ``nbytes()`` and
-``chat_prompt(text)``; ``main`` runs it from the command line:
+``chat_prompt(text)``, and may provide ``decode(token)`` (the logits of one more token); ``main`` runs it from the command line:
 
     --prompt TEXT [--chat] [--max-tokens N] [--threads N] [--gguf FILE] [--json]
     --score-ids FILE [--json]       # argmax next token at every position of a JSON list of ids
@@ -24,8 +24,9 @@ def generate(model, prompt_ids, max_tokens):
     t0 = time.perf_counter()
     out = [int(np.argmax(model.forward(prompt_ids)))]
     t1 = time.perf_counter()
+    step = getattr(model, "decode", None) or (lambda token: model.forward([token]))
     while len(out) < max_tokens and out[-1] not in model.eos:
-        out.append(int(np.argmax(model.forward([out[-1]]))))
+        out.append(int(np.argmax(step(out[-1]))))
     return out, t1 - t0, time.perf_counter() - t1, len(out) - 1
 
 

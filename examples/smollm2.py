@@ -59,13 +59,18 @@ class SmolLM2:
                 gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]),
                 down=lb.Linear(b("ffn_down"))))
         self.ffn = self.layers[0]["down"].in_features
+        self.rope = nn.RoPE(self.head_dim, self.rope_base,
+                            max_positions=meta.get("llama.context_length", 8192))
         self.tokenizer = tokenizer_from_gguf(meta)
         self.eos = {meta["tokenizer.ggml.eos_token_id"], self.tokenizer.token_to_id("<|im_end|>")}
+        self.caches = [nn.KVCache(self.kv_heads, self.head_dim) for _ in self.layers]
+        self.step = None  # the decode step, recorded at the first (see decode)
         self.reset()
 
     def reset(self):
         """Forgets the context (empties every layer's key/value cache)."""
-        self.caches = [nn.KVCache(self.kv_heads, self.head_dim) for _ in self.layers]
+        for cache in self.caches:
+            cache.clear()
         self.position = 0
 
     def nbytes(self) -> int:
@@ -76,20 +81,38 @@ class SmolLM2:
         """Feeds token ids after the cached context; returns float32 logits of the last position
         (vocab,), or of every new position (len(ids), vocab)."""
         t = len(ids)
-        x = self.embed.dequantize(rows=np.asarray(ids))  # (t, hidden)
-        cos, sin = nn.rope_tables(self.head_dim, np.arange(self.position, self.position + t),
-                                  self.rope_base)
+        logits = self.run(np.asarray(ids, np.int64), np.arange(self.position, self.position + t),
+                          all_logits)
+        self.position += t
+        return logits
+
+    def decode(self, token):
+        """forward([token]), as the first call recorded it (nn.record) and replayed from C++: the
+        logits (vocab,) are overwritten by the next call."""
+        ids, positions = np.array([token]), np.array([self.position])
+        if self.step is None:
+            self.step = nn.record(self.run, ids, positions)
+            logits = self.step.result
+        else:
+            logits = self.step(ids, positions)
+        self.position += 1
+        return logits
+
+    def run(self, ids, positions, all_logits=False):
+        """The model on token ids (int64) at positions (int64): lowbit calls only, so that
+        nn.record can replay it."""
+        t = len(ids)
+        x = self.embed.dequantize(rows=ids)  # (t, hidden)
         nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, cache in zip(self.layers, self.caches):
             qkv = layer["qkv"](nn.rms_norm(x, layer["attn_norm"], self.eps))
             # q's heads and k's, side by side in qkv, rotated in one call
-            qk = nn.rope(qkv[:, :nq + nkv].reshape(t, self.heads + self.kv_heads, self.head_dim),
-                         cos, sin)
+            qk = self.rope(qkv[:, :nq + nkv].reshape(t, self.heads + self.kv_heads, self.head_dim),
+                           positions)
             cache.append(qk[:, self.heads:], qkv[:, nq + nkv:].reshape(t, self.kv_heads, self.head_dim))
-            x = x + layer["o"](cache.attend(qk[:, : self.heads]))
+            x = nn.add(x, layer["o"](cache.attend(qk[:, : self.heads])))
             gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
-            x = x + layer["down"](nn.swiglu(gu[:, : self.ffn], gu[:, self.ffn:]))
-        self.position += t
+            x = nn.add(x, layer["down"](nn.swiglu(gu[:, : self.ffn], gu[:, self.ffn:])))
         x = x if all_logits else x[-1:]
         logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))
         return logits if all_logits else logits[0]

@@ -1,6 +1,7 @@
 """Float32 building blocks for running transformer models around lowbit's layers: GELU (erf or
 tanh), SwiGLU / GeGLU, LayerNorm / RMSNorm (with a fused residual add), softmax, attention (causal,
-padded, sliding-window), rotary embeddings (pair or NeoX layout) and a key/value cache.
+padded, sliding-window), rotary embeddings (pair or NeoX layout), a key/value cache, and
+``record``: a function of lowbit calls (a model's decode step) recorded once and replayed from C++.
 
 GELU, SwiGLU, the norms, softmax, attention and RoPE run in C++ (vectorized, threaded on large
 inputs, bit-identical on every kernel set, thread count and machine); ``silu`` is numpy.
@@ -217,50 +218,78 @@ def rope(x, cos, sin, style="pairs"):
     return _core.rope(_f32(x), _f32(cos, "cos"), _f32(sin, "sin"), style == "neox")
 
 
+class RoPE:
+    """Rotary position embeddings at given positions (``rope`` with tables made once): ``rope(x,
+    positions)`` rotates x (tokens, heads, head_dim), token t by the angles of position
+    ``positions[t]`` (int, < max_positions). Equal to ``rope(x, *rope_tables(head_dim, positions,
+    base), style)``; recordable by :func:`record`, its positions an input of the graph."""
+
+    def __init__(self, head_dim, base=10000.0, style="pairs", max_positions=8192):
+        if style not in ("pairs", "neox"):
+            raise ValueError(f"style: expected 'pairs' or 'neox', got {style!r}")
+        if head_dim < 2 or head_dim % 2 or max_positions < 1:
+            raise ValueError(f"expected an even head_dim and max_positions >= 1, got {head_dim} and {max_positions}")
+        self.cos, self.sin = rope_tables(head_dim, np.arange(max_positions), base)
+        self.style, self.max_positions = style, max_positions
+
+    def __call__(self, x, positions):
+        p = np.asarray(positions)
+        if p.dtype.kind not in "iu":
+            raise TypeError(f"positions: expected integers, got dtype {p.dtype}")
+        x = x if _plain(x) else _f32(x)
+        return _core.rope(x, self.cos, self.sin, self.style == "neox", p.astype(np.int64, copy=False))
+
+
+def add(a, b, out=None):
+    """``a + b`` of two float32 arrays of one shape (no broadcasting), e.g. a residual connection;
+    recordable by :func:`record` (numpy's ``a + b`` is not). ``out``: a C-contiguous float32
+    array of that shape (may be a or b itself)."""
+    if not _plain(a, b):
+        a, b = _f32(a, "a"), _f32(b, "b")
+    return _core.add(a, b, out)
+
+
 class KVCache:
     """Keys and values of one attention layer, grown by doubling; ``attend`` runs causal
-    grouped-query attention of new queries over everything cached so far.
+    grouped-query attention of new queries over everything cached so far. Both are recordable
+    by :func:`record` (the cache grows as a replay needs it).
 
-    Values are held as (kv_heads, capacity, head_dim); keys as (kv_heads, capacity / 32, head_dim,
-    32), blocks of 32 keys transposed, the layout the attention kernel reads its keys in: a
-    decoding step does not transpose the whole cache again, and each head's first keys are one
-    contiguous run (``keys()`` gives them as (tokens, kv_heads, head_dim)). The capacity is a
+    Values are held as ``v`` (kv_heads, capacity, head_dim); keys as ``k`` (kv_heads, capacity /
+    32, head_dim, 32), blocks of 32 keys transposed, the layout the attention kernel reads its keys
+    in: a decoding step does not transpose the whole cache again, and each head's first keys are
+    one contiguous run (``keys()`` gives them as (tokens, kv_heads, head_dim)). The capacity is a
     multiple of 32."""
 
     def __init__(self, kv_heads, head_dim, capacity=256):
-        capacity = max(32, -(-capacity // 32) * 32)
-        self._hold(np.empty((kv_heads, capacity // 32, head_dim, 32), F32),
-                   np.empty((kv_heads, capacity, head_dim), F32))
-        self.length = 0
+        self._c = _core.KVCache(kv_heads, head_dim, capacity)
         self._scale = _default_scale(head_dim)
+        self._d = head_dim
 
-    def _hold(self, k, v):
-        self.k, self.v = k, v
-        # the views the attention kernel takes, made once: (1, kv_heads, blocks, head_dim, 32)
-        # keys and (1, capacity, kv_heads, head_dim) values
-        self._k4, self._v4 = k[None], v.transpose(1, 0, 2)[None]
+    @property
+    def length(self):
+        """The number of positions cached."""
+        return self._c.length
+
+    @property
+    def capacity(self):
+        """The number of positions it holds before it grows."""
+        return self._c.capacity
+
+    @property
+    def k(self):
+        return self._c.k
+
+    @property
+    def v(self):
+        return self._c.v
+
+    def clear(self):
+        """Forgets every position (keeps the memory)."""
+        self._c.clear()
 
     def append(self, k, v):
         """k, v: (tokens, kv_heads, head_dim)."""
-        t = k.shape[0]
-        n = self.length
-        if n + t > self.v.shape[1]:
-            cap = -(-max(2 * self.v.shape[1], n + t) // 32) * 32
-            blocks = -(-n // 32)
-            new_k = np.empty(self.k.shape[:1] + (cap // 32,) + self.k.shape[2:], F32)
-            new_k[:, :blocks] = self.k[:, :blocks]
-            new_v = np.empty((self.v.shape[0], cap, self.v.shape[2]), F32)
-            new_v[:, :n] = self.v[:, :n]
-            self._hold(new_k, new_v)
-        if t == 1:
-            self.k[:, n // 32, :, n % 32] = k[0]
-        j = n
-        while t > 1 and j < n + t:  # block by block
-            end = min(n + t, j // 32 * 32 + 32)
-            self.k[:, j // 32, :, j % 32: end - j // 32 * 32] = k[j - n:end - n].transpose(1, 2, 0)
-            j = end
-        self.v[:, n:n + t] = v.transpose(1, 0, 2)
-        self.length += t
+        self._c.append(k if _plain(k) else _f32(k, "k"), v if _plain(v) else _f32(v, "v"))
 
     def keys(self):
         """The cached keys, (tokens, kv_heads, head_dim) (a copy)."""
@@ -268,20 +297,66 @@ class KVCache:
         return self.k.transpose(1, 3, 0, 2).reshape(blocks * 32, kv, d)[: self.length]
 
     def values(self):
-        """The cached values, (tokens, kv_heads, head_dim) (a view)."""
+        """The cached values, (tokens, kv_heads, head_dim) (a view, valid until the cache grows)."""
         return self.v[:, : self.length].transpose(1, 0, 2)
 
     def attend(self, q, scale=None, window=None):
         """q: (tokens, heads, head_dim), the last `tokens` positions cached; returns causal
         attention (tokens, heads * head_dim) (``attention`` over the cached keys and values, with
         its scale and sliding window). Head h reads kv head h // (heads // kv_heads)."""
-        q = np.asarray(q)
+        if type(q) is not _ND:
+            q = np.asarray(q)
         if q.dtype != F32:
             raise TypeError(f"q: expected float32, got dtype {q.dtype}")
-        if scale is None and window is None and q.ndim == 3 and q.shape[2] == self.v.shape[2]:
+        if scale is None and window is None and q.ndim == 3 and q.shape[2] == self._d:
             scale, window = self._scale, 0
         else:
             scale, window = _attention_scale_window(q, scale, window)
-        out = _core.attention(q[None], self._k4, self._v4[:, : self.length], None, True, scale,
-                              window, None, True)
-        return out.reshape(q.shape[0], -1)
+        return self._c.attend(q, scale, window)
+
+
+class Graph:
+    """A function of lowbit calls recorded once and replayed from C++ (see :func:`record`).
+    ``graph(*inputs)`` copies the inputs (same shapes as recorded; values cast like
+    ``np.copyto``) into the graph's input buffers, runs every recorded kernel call again with the
+    GIL released once, and returns ``result``: the recorded function's result, whose arrays each
+    replay rewrites in place (copy what you keep). Not reentrant: one replay at a time."""
+
+    def __init__(self, fn, inputs):
+        self._g = _core.Graph()
+        self.inputs = tuple(self._g.input(np.asarray(a)) for a in inputs)
+        self._g.begin()
+        try:
+            self.result = fn(*self.inputs)
+        finally:
+            self._g.end()
+        arrays = self.result if isinstance(self.result, (tuple, list)) else [self.result]
+        for a in arrays:
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"record: the function must return arrays, got {type(a).__name__}")
+            self._g.output(a)
+
+    def __call__(self, *inputs):
+        self._g.replay(*inputs)
+        return self.result
+
+    def __len__(self):
+        """The number of kernel calls recorded."""
+        return len(self._g)
+
+
+def record(fn, *inputs):
+    """Records ``fn(*inputs)`` as a :class:`Graph` that replays its lowbit calls from C++: a
+    model's decode step as one call (the CUDA-graphs idea on the CPU), without the Python
+    between its ~300 kernel calls. ``fn`` runs once, now, as usual (its result is the graph's
+    ``result``), on read-only copies of the inputs (numpy arrays, e.g. token ids and positions).
+
+    Recordable: ``Linear`` / ``FusedLinear`` (one row, or one call), ``rms_norm``, ``layer_norm``,
+    ``swiglu``, ``add``, ``RoPE``, ``KVCache.append`` / ``attend``, the rows of a block-format
+    weight's ``dequantize(rows=ids)``; views of their results (slices, reshapes that do not copy).
+    Anything else computed from the inputs would run once only and be replayed with its recorded
+    value, so it is refused as it is recorded: each recorded call checks that the activations it
+    reads come from the inputs or from recorded calls, and the arrays recorded calls return are
+    read-only. Python control flow runs once: a replay repeats the recorded path. Constants
+    (weights, norm weights, the RoPE tables) are read where they are."""
+    return Graph(fn, inputs)

@@ -179,6 +179,9 @@ class QuantizedWeight:
         """Row numbers (1-D) selected by rows (None, an index, a slice or an index array)."""
         n = self.shape[0]
         r = None if rows is None or isinstance(rows, slice) else np.asarray(rows)
+        if (r is not None and r.ndim == 1 and r.dtype == np.int64 and 0 < r.size <= 64 and
+                r.min() >= 0 and r.max() < n):
+            return r  # the array itself (lowbit.nn.record reads the rows from it)
         if r is not None and r.ndim <= 1 and r.dtype.kind in "iu" and r.size <= 64:
             # a few rows (a token's embedding): checked in Python, not through an arange of all
             picked = [int(i) for i in r.reshape(-1)]
@@ -245,7 +248,7 @@ class QuantizedWeight:
         k = self.shape[1]
         sel = self._rows(rows)
         if self._parts is not None:
-            w = _core.dequantize_blk(self._kernel, sel.astype(np.int64))
+            w = _core.dequantize_blk(self._kernel, sel.astype(np.int64, copy=False))
             return w[0] if isinstance(rows, (int, np.integer)) else w
         q = self.int_values(sel).astype(np.float32)
         r = q.shape[0]

@@ -1,0 +1,171 @@
+"""lowbit.nn.record: a function of lowbit calls recorded once and replayed from C++ gives, step
+after step, the very bits the Python calls give; whatever it cannot replay is refused while
+recording, never replayed with a stale value."""
+import numpy as np
+import pytest
+
+import lowbit as lb
+from lowbit import nn
+from test_block_formats import weight as block_weight
+
+F32 = np.float32
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 64, 4, 2, 16, 96, 50
+
+
+class TinyLlama:
+    """Two llama blocks on weights of several formats (int8, W4A8 g32, a fused Q5_0 + Q8_0
+    projection run as two calls), a Q8_0 embedding, and the example's forward."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        dense = lambda n, k: rng.normal(0, 0.1, (n, k)).astype(F32)  # noqa: E731
+        self.embed = block_weight("Q8_0", VOCAB, HIDDEN // 32, rng)
+        nq, nkv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+        self.layers = []
+        for i in range(2):
+            q = lb.quantize(dense(nq + nkv, HIDDEN), bits=8 if i == 0 else 4, group_size=32)
+            v = lb.quantize(dense(nkv, HIDDEN), bits=8) if i == 0 else block_weight("Q5_0", nkv, HIDDEN // 32, rng)
+            gate_up = (lb.Linear(lb.quantize(dense(2 * FFN, HIDDEN), bits=8)) if i == 0 else
+                       lb.FusedLinear([block_weight("Q5_0", FFN, HIDDEN // 32, rng),
+                                       block_weight("Q8_0", FFN, HIDDEN // 32, rng)]))
+            self.layers.append(dict(
+                norm1=rng.uniform(0.5, 1.5, HIDDEN).astype(F32),
+                norm2=rng.uniform(0.5, 1.5, HIDDEN).astype(F32),
+                qkv=lb.FusedLinear([q, v]), gate_up=gate_up,
+                o=lb.Linear(lb.quantize(dense(HIDDEN, nq), bits=4, group_size=32, symmetric=False)),
+                down=lb.Linear(block_weight("Q8_0", HIDDEN, FFN // 32, rng))))
+        self.out_norm = rng.uniform(0.5, 1.5, HIDDEN).astype(F32)
+        self.output = lb.Linear(self.embed)
+        self.rope = nn.RoPE(HEAD_DIM, 10000.0, max_positions=128)
+        self.caches = [nn.KVCache(KV_HEADS, HEAD_DIM, capacity=32) for _ in self.layers]
+
+    def run(self, ids, positions):
+        t = len(ids)
+        x = self.embed.dequantize(rows=ids)
+        nq, nkv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+        for layer, cache in zip(self.layers, self.caches):
+            qkv = layer["qkv"](nn.rms_norm(x, layer["norm1"]))
+            qk = self.rope(qkv[:, :nq + nkv].reshape(t, HEADS + KV_HEADS, HEAD_DIM), positions)
+            cache.append(qk[:, HEADS:], qkv[:, nq + nkv:].reshape(t, KV_HEADS, HEAD_DIM))
+            x = nn.add(x, layer["o"](cache.attend(qk[:, :HEADS])))
+            gu = layer["gate_up"](nn.rms_norm(x, layer["norm2"]))
+            x = nn.add(x, layer["down"](nn.swiglu(gu[:, :FFN], gu[:, FFN:])))
+        return self.output(nn.rms_norm(x[-1:], self.out_norm))[0]
+
+    def eager(self, ids, start):
+        return self.run(np.asarray(ids, np.int64), np.arange(start, start + len(ids)))
+
+
+def test_replay_matches_the_python_calls_bit_for_bit():
+    """45 decode steps, the caches growing past their first capacity, the thread count changed
+    between steps: every replay gives the eager step's logits exactly."""
+    prompt = [3, 14, 15, 9, 26]
+    eager, graphed = TinyLlama(), TinyLlama()
+    eager.eager(prompt, 0), graphed.eager(prompt, 0)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, 45)
+    step = None
+    threads = lb.get_num_threads()
+    try:
+        for i, tok in enumerate(tokens):
+            pos = len(prompt) + i
+            want = eager.eager([tok], pos).copy()
+            if step is None:
+                step = nn.record(graphed.run, np.array([tok]), np.array([pos]))
+                got = step.result
+            else:
+                lb.set_num_threads(1 if i % 3 == 1 else threads)
+                got = step(np.array([tok]), np.array([pos]))
+            np.testing.assert_array_equal(got, want)
+    finally:
+        lb.set_num_threads(threads)
+    assert graphed.caches[0].length == len(prompt) + len(tokens) and graphed.caches[0].capacity >= 50
+    np.testing.assert_array_equal(graphed.caches[1].keys(), eager.caches[1].keys())
+    np.testing.assert_array_equal(graphed.caches[1].values(), eager.caches[1].values())
+    assert len(step) > 20  # every call recorded: 2 x (norm, 1-2 linear, rope, append, attend, ...)
+    # inputs: cast like np.copyto (a Python int, a list), shapes as recorded
+    before = graphed.caches[0].length
+    step([int(tokens[0])], [before])
+    with pytest.raises(ValueError, match="shape"):
+        step(np.array([1, 2]), np.array([before + 1]))
+    with pytest.raises(TypeError, match="2 inputs"):
+        step(np.array([1]))
+    assert graphed.caches[0].length == before + 1  # refused replays ran nothing
+
+
+def test_replay_checks_positions_and_rows_before_running_anything():
+    m = TinyLlama()
+    m.eager([1, 2], 0)
+    step = nn.record(m.run, np.array([3]), np.array([2]))
+    with pytest.raises(IndexError, match="position 128"):
+        step(np.array([3]), np.array([128]))
+    with pytest.raises(IndexError, match="row 50 out of range"):
+        step(np.array([50]), np.array([3]))
+    with pytest.raises(IndexError, match="row -1"):
+        step(np.array([-1]), np.array([3]))
+    assert m.caches[0].length == 3  # nothing was appended
+
+
+def numpy_add(m):
+    def run(ids, positions):
+        x = m.embed.dequantize(rows=ids)
+        return nn.rms_norm(x + x, m.out_norm)  # numpy's add: would be frozen
+    return run
+
+
+@pytest.mark.parametrize("body,error,match", [
+    (lambda m: numpy_add(m), ValueError, "not computed by a recorded lowbit call"),
+    (lambda m: lambda ids, p: nn.rope(m.embed.dequantize(rows=ids).reshape(1, 4, 16),
+                                      *nn.rope_tables(16, p)), ValueError, "nn.RoPE"),
+    (lambda m: lambda ids, p: nn.gelu(m.embed.dequantize(rows=ids)), TypeError, "cannot be recorded"),
+    (lambda m: lambda ids, p: np.multiply(m.embed.dequantize(rows=ids), 2, out=m.embed.dequantize(rows=ids)),
+     ValueError, "read-only"),
+    (lambda m: lambda ids, p: 3, TypeError, "must return arrays"),
+    (lambda m: lambda ids, p: np.ones(3, F32), ValueError, "a result was not computed"),
+    (lambda m: lambda ids, p: nn.record(lambda: None), ValueError, "another recording"),
+])
+def test_what_cannot_be_replayed_is_refused_while_recording(body, error, match):
+    m = TinyLlama()
+    with pytest.raises(error, match=match):
+        nn.record(body(m), np.array([3]), np.array([0]))
+    # the failed recording is over: calls run (and record) as usual
+    x = m.embed.dequantize(rows=np.array([1]))
+    assert nn.gelu(x).shape == (1, HIDDEN)
+    double = lambda ids: (lambda r: nn.add(r, r))(m.embed.dequantize(rows=ids))  # noqa: E731
+    assert len(nn.record(double, np.array([2]))) == 2
+
+
+def test_add_and_rope_at_positions():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(3, 7)).astype(F32), rng.normal(size=(3, 7)).astype(F32)
+    np.testing.assert_array_equal(nn.add(a, b), a + b)
+    np.testing.assert_array_equal(nn.add(a.T, b.T), (a + b).T)  # any layout
+    out = np.empty_like(a)
+    assert nn.add(a, b, out=out) is out and np.array_equal(out, a + b)
+    with pytest.raises(ValueError, match="one shape"):
+        nn.add(a, b[:2])
+    np.testing.assert_array_equal(nn.add(np.arange(3), np.ones(3)), np.arange(1, 4, dtype=F32))
+    with pytest.raises(TypeError, match="real values"):
+        nn.add(a.astype(np.complex64), b)
+    x = rng.normal(size=(4, 3, 16)).astype(F32)
+    positions = np.array([7, 0, 99, 7])
+    for style in ("pairs", "neox"):
+        r = nn.RoPE(16, 500.0, style, max_positions=100)
+        np.testing.assert_array_equal(r(x, positions), nn.rope(x, *nn.rope_tables(16, positions, 500.0), style))
+    with pytest.raises(IndexError, match="position 100"):
+        r(x, np.array([0, 1, 2, 100]))
+    with pytest.raises(TypeError, match="integers"):
+        r(x, np.zeros(4))
+
+
+def test_kv_cache_clear_keeps_its_memory():
+    rng = np.random.default_rng(4)
+    cache = nn.KVCache(2, 8, capacity=32)
+    k = rng.normal(size=(40, 2, 8)).astype(F32)
+    cache.append(k, k)
+    cap = cache.capacity
+    cache.clear()
+    assert cache.length == 0 and cache.k.shape[1] * 32 == cap
+    cache.append(k[:3], k[:3])
+    np.testing.assert_array_equal(cache.keys(), k[:3])
+    with pytest.raises(ValueError, match="queries"):
+        cache.attend(rng.normal(size=(4, 2, 8)).astype(F32))
