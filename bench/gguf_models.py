@@ -14,7 +14,12 @@ For each file, side by side in one run, at the same thread count (2 by default):
   dequantized with the gguf package's reference ``gguf.quants.dequantize`` and the model run in
   float64 (``exact_logits``: the llama architecture is here; another architecture's example module
   may provide ``exact_logits(path, ids)``, e.g. examples/gemma3.py);
-* lowbit's weight bytes against the file's size.
+* lowbit's weight bytes against the file's size;
+* decode against the memory: weight bytes x decode tokens/s over the machine's read probe
+  (``lowbit._core.read_bandwidth`` over 1 GB, measured after each file's timings), for both.
+
+lowbit decodes with the example's ``decode(token)`` where it has one (SmolLM2: its forward
+recorded once by ``lowbit.nn.record`` and replayed from C++).
 
 lowbit's side uses the example model class of the file's architecture (MODELS below: llama ->
 examples/smollm2.py SmolLM2, gemma3 -> examples/gemma3.py Gemma3 when present). A file it cannot
@@ -145,7 +150,8 @@ def exact_hook(arch):
 
 class Lowbit:
     """lowbit's example model class for the file's architecture: forward(ids, all_logits),
-    reset(), tokenizer."""
+    reset(), tokenizer, and decode(token) (one more token, replayed by nn.record) where it has
+    one."""
     name = "lowbit"
 
     def __init__(self, path):
@@ -170,7 +176,8 @@ class Lowbit:
         return int(np.argmax(self.model.forward(ids)))
 
     def step(self, tok):
-        return int(np.argmax(self.model.forward([tok])))
+        decode = getattr(self.model, "decode", None)
+        return int(np.argmax(decode(tok) if decode else self.model.forward([tok])))
 
     def top1(self, ids):
         self.model.reset()
@@ -178,7 +185,7 @@ class Lowbit:
 
     def top1_stepwise(self, ids):
         self.model.reset()
-        return np.array([np.argmax(self.model.forward([t])) for t in ids])
+        return np.array([self.step(t) for t in ids])
 
 
 class LlamaCpp:
@@ -365,6 +372,16 @@ def bench_file(path, args, names, pool):
             s["top1_vs_itself_stepwise"] = round(
                 float(np.mean(top == np.asarray(got["top1_stepwise"]))), 4)
     r.update(side)
+    # decode against the memory: the weights a token reads (lowbit's bytes, which are the file's
+    # tensors at their native size) times tokens/s, over the read probe measured now
+    buf = np.ones(1 << 30, np.uint8)
+    r["read_gb_s"] = round(max(lb._core.read_bandwidth(buf, 2) for _ in range(2)) / 1e9, 1)
+    del buf
+    weights = next((best[n]["nbytes"] for n in names if best[n] and best[n]["nbytes"]), None)
+    for name in names:
+        if weights and "decode_tok_s" in side[name]:
+            side[name]["decode_share_of_read"] = round(
+                weights * side[name]["decode_tok_s"] / (r["read_gb_s"] * 1e9), 3)
     if len(tops) == 2:
         r["top1_lowbit_vs_llama_cpp"] = round(float(np.mean(tops["lowbit"] == tops["llama.cpp"])), 4)
     if all("decode_tok_s" in side.get(n, {}) for n in ("lowbit", "llama.cpp")):
@@ -386,8 +403,8 @@ def print_table(results, args):
           f"{os.cpu_count()} CPUs (above {os.cpu_count()}, the timings shared the CPUs with other "
           f"work)\n")
     libs = ["lowbit", "llama.cpp"]
-    cols = ["file", "file MB", "lowbit MB"]
-    for what in ("decode tok/s", "prompt tok/s", "top-1 vs exact"):
+    cols = ["file", "file MB", "lowbit MB", "read probe GB/s"]
+    for what in ("decode tok/s", "decode share of read probe", "prompt tok/s", "top-1 vs exact"):
         cols += [f"{what} {name}" for name in libs]
     cols.append("top-1 lowbit vs llama.cpp")
     if args.stepwise:
@@ -398,8 +415,9 @@ def print_table(results, args):
         sides = [r.get(name, {}) for name in libs]
         pair = lambda key, fmt=str: [  # noqa: E731
             fmt(s[key]) if s.get(key) is not None else "-" for s in sides]
-        row = [r["file"], str(r["file_mb"]), str(sides[0].get("weights_mb", "-")),
-               *pair("decode_tok_s"), *pair("prompt_tok_s"), *pair("top1_vs_exact", _pct),
+        row = [r["file"], str(r["file_mb"]), str(sides[0].get("weights_mb", "-")), str(r["read_gb_s"]),
+               *pair("decode_tok_s"), *pair("decode_share_of_read", lambda v: f"{100 * v:.0f}%"),
+               *pair("prompt_tok_s"), *pair("top1_vs_exact", _pct),
                _pct(r.get("top1_lowbit_vs_llama_cpp"))]
         if args.stepwise:
             row += pair("top1_vs_itself_stepwise", _pct)

@@ -741,6 +741,7 @@ class KVCache {
       g->require(k, "the keys appended to a KVCache");
       g->require(v, "the values appended to a KVCache");
       g->appended(this) += t;
+      g->keep(py::cast(this));
       g->add([this, kp, ks0, ks1, vp, vs0, vs1, t] { store(kp, ks0, ks1, vp, vs0, vs1, t); });
     }
     reserve(length_ + t);
@@ -766,6 +767,7 @@ class KVCache {
     if (Graph* g = Graph::recording()) {
       g->require(q, "the queries of KVCache.attend");
       g->produce(out);
+      g->keep(py::cast(this));
       g->add([this, qp, qs0, qs1, t, H, scale, window, op] {
         attend_into(qp, qs0, qs1, t, H, scale, window, op);
       });
@@ -821,6 +823,7 @@ class KVCache {
 };
 
 void Graph::replay(const py::args& args) {
+  not_recordable("a graph's replay");
   if (!recorded_) throw py::value_error("replay: the graph has not been recorded");
   if (args.size() != inputs_.size())
     throw py::type_error("replay: expected " + std::to_string(inputs_.size()) + " inputs, got " +

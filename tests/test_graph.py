@@ -122,6 +122,8 @@ def numpy_add(m):
     (lambda m: lambda ids, p: 3, TypeError, "must return arrays"),
     (lambda m: lambda ids, p: np.ones(3, F32), ValueError, "a result was not computed"),
     (lambda m: lambda ids, p: nn.record(lambda: None), ValueError, "another recording"),
+    (lambda m: (lambda inner: lambda ids, p: inner(ids))(
+        nn.record(lambda ids: m.embed.dequantize(rows=ids), np.array([1]))), TypeError, "replay"),
 ])
 def test_what_cannot_be_replayed_is_refused_while_recording(body, error, match):
     m = TinyLlama()
@@ -169,3 +171,16 @@ def test_kv_cache_clear_keeps_its_memory():
     np.testing.assert_array_equal(cache.keys(), k[:3])
     with pytest.raises(ValueError, match="queries"):
         cache.attend(rng.normal(size=(4, 2, 8)).astype(F32))
+
+
+def test_a_graph_keeps_what_it_reads_alive():
+    """The model's layers, caches and tables may go: the graph holds what its calls read."""
+    import gc
+    m, ref = TinyLlama(), TinyLlama()
+    m.eager([1, 2, 3], 0), ref.eager([1, 2, 3], 0)
+    step = nn.record(m.run, np.array([4]), np.array([3]))
+    ref.eager([4], 3)
+    del m
+    gc.collect()
+    for pos, tok in enumerate([5, 6, 7], start=4):
+        np.testing.assert_array_equal(step(np.array([tok]), np.array([pos])), ref.eager([tok], pos))
