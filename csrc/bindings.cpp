@@ -1196,7 +1196,9 @@ void softmax_py(py::array x) {
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 // gate and up: (rows, n) float32 with a contiguous last axis (e.g. the halves of a fused gate / up
 // projection's output).
-py::array_t<float> silu_mul_py(py::array gate, py::array up) {
+py::array_t<float> gated_py(py::array gate, py::array up, const std::string& act) {
+  if (act != "silu" && act != "gelu_tanh" && act != "gelu")
+    throw py::value_error("act: expected 'silu', 'gelu' or 'gelu_tanh', got '" + act + "'");
   gate = check<float>(gate, "gate", {-1, -1}, true);
   up = check<float>(up, "up", {gate.shape(0), gate.shape(1)}, true);
   const int64_t rows = gate.shape(0), n = gate.shape(1);
@@ -1204,55 +1206,117 @@ py::array_t<float> silu_mul_py(py::array gate, py::array up) {
   const float *gp = cptr<float>(gate), *upp = cptr<float>(up);
   const int64_t ldg = row_stride<float>(gate), ldu = row_stride<float>(up);
   float* yp = y.mutable_data();
+  const bool silu = act == "silu", tanh = act == "gelu_tanh";
+  auto run = [=] {
+    silu ? silu_mul(gp, ldg, upp, ldu, rows, n, yp) : gelu_mul(gp, ldg, upp, ldu, rows, n, tanh, yp);
+  };
   if (Graph* g = Graph::recording()) {
-    g->require(gate, "swiglu's gate"), g->require(up, "swiglu's up");
+    g->require(gate, "a gated activation's gate"), g->require(up, "a gated activation's up");
     g->produce(y);
-    g->add([=] { silu_mul(gp, ldg, upp, ldu, rows, n, yp); });
+    g->add(run);
   }
   NoGil nogil;
-  silu_mul(gp, ldg, upp, ldu, rows, n, yp);
+  run();
   return y;
 }
 
-// x (T, H, d) rotated by cos / sin: (T, d / 2) tables, or with positions (int64 (T,)) tables of
-// any number of rows, token t taking row positions[t].
-py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox,
-                           const py::object& positions) {
+// RoPE tables that grow (lowbit.nn.RoPE): cos and sin (rows, d / 2) float32, and `grow`, a
+// Python callable (rows) that sets larger ones; what a recorded call reads is looked up when it
+// runs, and a replay grows them first (with the GIL held) for the positions it is given.
+class RopeTables {
+ public:
+  RopeTables(py::array cos, py::array sin, py::object grow) : grow_(std::move(grow)) { set(cos, sin); }
+  void set(py::array cos, py::array sin) {
+    cos = check<float>(cos, "cos", {-1, -1});
+    sin = check<float>(sin, "sin", {cos.shape(0), cos.shape(1)});
+    cos_ = cos, sin_ = sin, rows_ = cos.shape(0), half_ = cos.shape(1);
+    cp_ = cptr<float>(cos), sp_ = cptr<float>(sin);
+  }
+  // Room for positions < n (with the GIL held).
+  void ensure(int64_t n) {
+    if (n > rows_) grow_(n);
+    if (n > rows_)
+      throw py::index_error("position " + std::to_string(n - 1) + " outside the RoPE tables' " +
+                            std::to_string(rows_) + " positions");
+  }
+  int64_t rows() const { return rows_; }
+  int64_t half() const { return half_; }
+  const float* cos() const { return cp_; }
+  const float* sin() const { return sp_; }
+
+ private:
+  py::object grow_;
+  py::array cos_, sin_;
+  const float *cp_ = nullptr, *sp_ = nullptr;
+  int64_t rows_ = 0, half_ = 0;
+};
+
+// x (T, H, d) rotated at positions (int64 (T,), each >= 0) by the tables' rows.
+py::array_t<float> rope_at_py(py::array x, RopeTables& tables, py::array positions, bool neox) {
+  x = check<float>(x, "x", {-1, -1, 2 * tables.half()});
+  const int64_t T = x.shape(0), H = x.shape(1), d = x.shape(2);
+  positions = check<int64_t>(positions, "positions", {T});
+  const int64_t* pp = cptr<int64_t>(positions);
+  auto prepare = [pp, T, &tables] {
+    int64_t most = -1;
+    for (int64_t t = 0; t < T; ++t) {
+      if (pp[t] < 0) throw py::index_error("position " + std::to_string(pp[t]) + " is negative");
+      most = std::max(most, pp[t]);
+    }
+    tables.ensure(most + 1);
+  };
+  prepare();
+  py::array_t<float> y({T, H, d});
+  const float* xp = cptr<float>(x);
+  float* yp = y.mutable_data();
+  RopeTables* tp = &tables;
+  if (Graph* g = Graph::recording()) {
+    g->require(x, "rope's input"), g->require(positions, "rope's positions");
+    g->produce(y);
+    g->keep(py::cast(tp));
+    g->add([=] { rope(xp, T, H, d, tp->cos(), tp->sin(), pp, neox, yp); }, prepare);
+  }
+  NoGil nogil;
+  rope(xp, T, H, d, tables.cos(), tables.sin(), pp, neox, yp);
+  return y;
+}
+
+py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox) {
+  if (Graph::recording())
+    throw py::value_error("record: rope's tables hold the positions of one call; record "
+                          "lowbit.nn.RoPE, which takes the positions as an array");
   x = check<float>(x, "x", {-1, -1, -1});
   const int64_t T = x.shape(0), H = x.shape(1), d = x.shape(2);
   if (d % 2) throw py::value_error("x: expected an even head_dim, got shape " + shape_str(x));
-  const bool at = !positions.is_none();
-  cos = check<float>(cos, "cos", {at ? -1 : T, d / 2});
-  sin = check<float>(sin, "sin", {cos.shape(0), d / 2});
-  py::array pos;
-  const int64_t* pp = nullptr;
-  if (at) {
-    pos = check<int64_t>(positions.cast<py::array>(), "positions", {T});
-    pp = cptr<int64_t>(pos);
-  }
-  const int64_t rows = cos.shape(0);
-  auto check_positions = [pp, T, rows] {
-    for (int64_t t = 0; t < T; ++t)
-      if (pp[t] < 0 || pp[t] >= rows)
-        throw py::index_error("position " + std::to_string(pp[t]) + " outside the RoPE tables' " +
-                              std::to_string(rows) + " positions");
-  };
-  if (at) check_positions();
+  cos = check<float>(cos, "cos", {T, d / 2});
+  sin = check<float>(sin, "sin", {T, d / 2});
   py::array_t<float> y({T, H, d});
-  const float *xp = cptr<float>(x), *cp = cptr<float>(cos), *sp = cptr<float>(sin);
   float* yp = y.mutable_data();
-  if (Graph* g = Graph::recording()) {
-    if (!at)
-      throw py::value_error("record: rope's tables hold the positions of one call; record "
-                            "lowbit.nn.RoPE, which takes the positions as an array");
-    g->require(x, "rope's input"), g->require(pos, "rope's positions");
-    g->produce(y);
-    g->keep(cos), g->keep(sin);
-    g->add([=] { rope(xp, T, H, d, cp, sp, pp, neox, yp); }, check_positions);
+  {
+    NoGil nogil;
+    rope(cptr<float>(x), T, H, d, cptr<float>(cos), cptr<float>(sin), nullptr, neox, yp);
   }
-  NoGil nogil;
-  rope(xp, T, H, d, cp, sp, pp, neox, yp);
   return y;
+}
+
+// x * s (lowbit.nn.scale, recordable).
+py::array scale_py(py::array x, float s, const py::object& out) {
+  if (!x.dtype().equal(py::dtype::of<float>()))
+    throw py::type_error("scale: expected a float32 array, got dtype " + std::string(py::str(x.dtype())));
+  x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
+  Output y(out, std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
+  const float* xp = cptr<float>(x);
+  float* yp = y.data();
+  const int64_t n = (int64_t)x.size();
+  scale(xp, s, n, yp);
+  py::array result = y.finish();
+  if (Graph* g = Graph::recording()) {
+    g->require(x, "scale's input");
+    if (result.data() != yp) throw py::value_error("record: out must be aligned float32");
+    g->produce(result, out.is_none());
+    g->add([=] { scale(xp, s, n, yp); });
+  }
+  return result;
 }
 
 // a + b: float32 arrays of one shape (lowbit.nn.add, recordable).
@@ -1440,9 +1504,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none(),
         py::arg("k_transposed") = false);
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
-  m.def("silu_mul", &silu_mul_py, py::arg("gate"), py::arg("up"));
-  m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"),
-        py::arg("positions") = py::none());
+  m.def("gated", &gated_py, py::arg("gate"), py::arg("up"), py::arg("act"));
+  m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"));
+  py::class_<RopeTables>(m, "RopeTables", "RoPE tables that grow (lowbit.nn.RoPE)")
+      .def(py::init<py::array, py::array, py::object>(), py::arg("cos"), py::arg("sin"),
+           py::arg("grow"))
+      .def("set", &RopeTables::set, py::arg("cos"), py::arg("sin"))
+      .def_property_readonly("rows", &RopeTables::rows);
+  m.def("rope_at", &rope_at_py, py::arg("x"), py::arg("tables"), py::arg("positions"),
+        py::arg("neox"));
+  m.def("scale", &scale_py, py::arg("x"), py::arg("s"), py::arg("out") = py::none());
   m.def("add", &add_py, py::arg("a"), py::arg("b"), py::arg("out") = py::none());
   py::class_<KVCache>(m, "KVCache", "a key / value cache's storage (lowbit.nn.KVCache)")
       .def(py::init<int64_t, int64_t, int64_t>(), py::arg("kv_heads"), py::arg("head_dim"),

@@ -535,6 +535,24 @@ void add(const float* a, const float* b, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
 }
 
+void scale(const float* x, float s, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * s;
+}
+
+void gelu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t rows, int64_t n,
+              bool tanh, float* y) {
+  const Kernels& kt = kernels();
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* yr = y + r * n;
+      const float* ur = u + r * ldu;
+      kt.gelu(g + r * ldg, yr, n, tanh);
+      for (int64_t i = 0; i < n; ++i) yr[i] *= ur[i];
+    }
+  };
+  rows * n < kSerialElems ? body(0, rows) : parallel_for(rows, body);
+}
+
 void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
           const float* sin, const int64_t* positions, bool neox, float* y) {
   const int64_t half = d / 2;

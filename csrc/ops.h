@@ -84,8 +84,12 @@ void silu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t 
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);
-// y = a + b elementwise (lowbit.nn.add).
+// y = a + b, y = x * s elementwise (lowbit.nn.add, lowbit.nn.scale).
 void add(const float* a, const float* b, int64_t n, float* y);
+void scale(const float* x, float s, int64_t n, float* y);
+// gelu(g) * u over rows of n values, like silu_mul (tanh: GELU's tanh form; lowbit.nn.geglu).
+void gelu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t rows, int64_t n,
+              bool tanh, float* y);
 void attention(const AttnArgs& args);
 
 // Rotary position embedding (lowbit.nn.rope): x (tokens, heads, d) rotated by cos / sin (tokens,

@@ -49,7 +49,7 @@ def default_gguf() -> str:
     return str(package.assemble())
 
 
-class Gemma3:
+class Gemma3(llm_cli.CachedModel):
     def __init__(self, path):
         meta = lb.gguf_metadata(path)
         if meta.get("general.architecture") != "gemma3":
@@ -72,6 +72,8 @@ class Gemma3:
         self.embed = w["token_embd.weight"]
         self.output = lb.Linear(w.get("output.weight", self.embed))  # tied to the embedding
         self.output_norm = w["output_norm.weight"]
+        ropes = {base: nn.RoPE(self.head_dim, base, style="neox")
+                 for base in (self.global_base, LOCAL_ROPE_BASE)}
         self.layers = []
         for i in range(hp("block_count")):
             b = lambda name: w[f"blk.{i}.{name}.weight"]  # noqa: E731
@@ -83,45 +85,36 @@ class Gemma3:
                 qkv=lb.FusedLinear([b("attn_q"), b("attn_k"), b("attn_v")]), o=lb.Linear(b("attn_output")),
                 gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]), down=lb.Linear(b("ffn_down")),
                 window=None if is_global else self.window,
-                rope_base=self.global_base if is_global else LOCAL_ROPE_BASE))
+                rope=ropes[self.global_base if is_global else LOCAL_ROPE_BASE]))
         self.ffn = hp("feed_forward_length")
         self.tokenizer = tokenizer_from_gguf(meta)
         self.eos = {meta["tokenizer.ggml.eos_token_id"],
                     self.tokenizer.token_to_id("<end_of_turn>")}
-        self.reset()
-
-    def reset(self):
-        """Forgets the context (empties every layer's key/value cache)."""
         self.caches = [nn.KVCache(self.kv_heads, self.head_dim) for _ in self.layers]
-        self.position = 0
+        self.reset()
 
     def nbytes(self) -> int:
         layers = sum(l[k].nbytes for l in self.layers for k in ("qkv", "o", "gate_up", "down"))
         return layers + self.output.nbytes
 
-    def forward(self, ids, all_logits=False):
-        """Feeds token ids after the cached context; returns float32 logits of the last position
-        (vocab,), or of every new position (len(ids), vocab)."""
+    def run(self, ids, positions, all_logits=False):
+        """The logits of token ids (int64) at positions (int64) after the cached context: lowbit
+        calls only, so that nn.record can replay it (CachedModel.decode)."""
         t, hd = len(ids), self.head_dim
-        x = self.embed.dequantize(rows=np.asarray(ids)) * self.embed_scale  # (t, hidden)
-        positions = np.arange(self.position, self.position + t)
-        rope = {base: nn.rope_tables(hd, positions, base)
-                for base in {l["rope_base"] for l in self.layers}}
+        x = nn.scale(self.embed.dequantize(rows=ids), self.embed_scale)  # (t, hidden)
         nq, nkv = self.heads * hd, self.kv_heads * hd
         for layer, cache in zip(self.layers, self.caches):
             qkv = layer["qkv"](nn.rms_norm(x, layer["attn_norm"], self.eps))
-            cos, sin = rope[layer["rope_base"]]
             q = nn.rms_norm(qkv[:, :nq].reshape(t, self.heads, hd), layer["q_norm"], self.eps)
             k = nn.rms_norm(qkv[:, nq:nq + nkv].reshape(t, self.kv_heads, hd), layer["k_norm"],
                             self.eps)
-            q, k = nn.rope(q, cos, sin, style="neox"), nn.rope(k, cos, sin, style="neox")
+            q, k = layer["rope"](q, positions), layer["rope"](k, positions)
             cache.append(k, qkv[:, nq + nkv:].reshape(t, self.kv_heads, hd))
             a = layer["o"](cache.attend(q, scale=self.scale, window=layer["window"]))
-            x = x + nn.rms_norm(a, layer["post_attn_norm"], self.eps)
+            x = nn.add(x, nn.rms_norm(a, layer["post_attn_norm"], self.eps))
             gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
             f = layer["down"](nn.geglu(gu[:, : self.ffn], gu[:, self.ffn:]))
-            x = x + nn.rms_norm(f, layer["post_ffn_norm"], self.eps)
-        self.position += t
+            x = nn.add(x, nn.rms_norm(f, layer["post_ffn_norm"], self.eps))
         x = x if all_logits else x[-1:]
         logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))
         return logits if all_logits else logits[0]

@@ -2,7 +2,8 @@
 
 A model (examples/smollm2.py's SmolLM2, examples/gemma3.py's Gemma3) provides ``reset()``,
 ``forward(ids, all_logits=False)``, ``tokenizer``, ``eos`` (a set of ids), ``nbytes()`` and
-``chat_prompt(text)``, and may provide ``decode(token)`` (the logits of one more token); ``main`` runs it from the command line:
+``chat_prompt(text)``, and may provide ``decode(token)`` (the logits of one more token; both
+examples take these from CachedModel below); ``main`` runs it from the command line:
 
     --prompt TEXT [--chat] [--max-tokens N] [--threads N] [--gguf FILE] [--json]
     --score-ids FILE [--json]       # argmax next token at every position of a JSON list of ids
@@ -16,6 +17,42 @@ import time
 import numpy as np
 
 import lowbit as lb
+from lowbit import nn
+
+
+class CachedModel:
+    """``reset``, ``forward`` and ``decode`` for a model whose ``run(ids, positions, all_logits)``
+    feeds int64 token ids at their positions through its key/value caches (``self.caches``) with
+    lowbit calls only: ``decode`` records ``run`` at its first step (``lowbit.nn.record``) and
+    replays it from C++ at every later one."""
+
+    step = None  # the recorded decode step
+
+    def reset(self):
+        """Forgets the context (empties every layer's key/value cache)."""
+        for cache in self.caches:
+            cache.clear()
+        self.position = 0
+
+    def forward(self, ids, all_logits=False):
+        """Feeds token ids after the cached context; returns float32 logits of the last position
+        (vocab,), or of every new position (len(ids), vocab)."""
+        t = len(ids)
+        logits = self.run(np.asarray(ids, np.int64), np.arange(self.position, self.position + t),
+                          all_logits)
+        self.position += t
+        return logits
+
+    def decode(self, token):
+        """forward([token]), replayed: its logits (vocab,) are overwritten by the next call."""
+        ids, positions = np.array([token]), np.array([self.position])
+        if self.step is None:
+            self.step = nn.record(self.run, ids, positions)
+            logits = self.step.result
+        else:
+            logits = self.step(ids, positions)
+        self.position += 1
+        return logits
 
 
 def generate(model, prompt_ids, max_tokens):

@@ -34,7 +34,7 @@ def default_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-class SmolLM2:
+class SmolLM2(llm_cli.CachedModel):
     def __init__(self, path):
         meta = lb.gguf_metadata(path)
         if meta.get("general.architecture") != "llama":
@@ -59,48 +59,19 @@ class SmolLM2:
                 gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]),
                 down=lb.Linear(b("ffn_down"))))
         self.ffn = self.layers[0]["down"].in_features
-        self.rope = nn.RoPE(self.head_dim, self.rope_base,
-                            max_positions=meta.get("llama.context_length", 8192))
+        self.rope = nn.RoPE(self.head_dim, self.rope_base)
         self.tokenizer = tokenizer_from_gguf(meta)
         self.eos = {meta["tokenizer.ggml.eos_token_id"], self.tokenizer.token_to_id("<|im_end|>")}
         self.caches = [nn.KVCache(self.kv_heads, self.head_dim) for _ in self.layers]
-        self.step = None  # the decode step, recorded at the first (see decode)
         self.reset()
-
-    def reset(self):
-        """Forgets the context (empties every layer's key/value cache)."""
-        for cache in self.caches:
-            cache.clear()
-        self.position = 0
 
     def nbytes(self) -> int:
         layers = sum(l[k].nbytes for l in self.layers for k in ("qkv", "o", "gate_up", "down"))
         return layers + self.output.nbytes
 
-    def forward(self, ids, all_logits=False):
-        """Feeds token ids after the cached context; returns float32 logits of the last position
-        (vocab,), or of every new position (len(ids), vocab)."""
-        t = len(ids)
-        logits = self.run(np.asarray(ids, np.int64), np.arange(self.position, self.position + t),
-                          all_logits)
-        self.position += t
-        return logits
-
-    def decode(self, token):
-        """forward([token]), as the first call recorded it (nn.record) and replayed from C++: the
-        logits (vocab,) are overwritten by the next call."""
-        ids, positions = np.array([token]), np.array([self.position])
-        if self.step is None:
-            self.step = nn.record(self.run, ids, positions)
-            logits = self.step.result
-        else:
-            logits = self.step(ids, positions)
-        self.position += 1
-        return logits
-
     def run(self, ids, positions, all_logits=False):
-        """The model on token ids (int64) at positions (int64): lowbit calls only, so that
-        nn.record can replay it."""
+        """The logits of token ids (int64) at positions (int64) after the cached context: lowbit
+        calls only, so that nn.record can replay it (CachedModel.decode)."""
         t = len(ids)
         x = self.embed.dequantize(rows=ids)  # (t, hidden)
         nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim

@@ -36,7 +36,7 @@ class TinyLlama:
                 down=lb.Linear(block_weight("Q8_0", HIDDEN, FFN // 32, rng))))
         self.out_norm = rng.uniform(0.5, 1.5, HIDDEN).astype(F32)
         self.output = lb.Linear(self.embed)
-        self.rope = nn.RoPE(HEAD_DIM, 10000.0, max_positions=128)
+        self.rope = nn.RoPE(HEAD_DIM, 10000.0)
         self.caches = [nn.KVCache(KV_HEADS, HEAD_DIM, capacity=32) for _ in self.layers]
 
     def run(self, ids, positions):
@@ -96,13 +96,20 @@ def test_replay_checks_positions_and_rows_before_running_anything():
     m = TinyLlama()
     m.eager([1, 2], 0)
     step = nn.record(m.run, np.array([3]), np.array([2]))
-    with pytest.raises(IndexError, match="position 128"):
-        step(np.array([3]), np.array([128]))
+    with pytest.raises(IndexError, match="position -1"):
+        step(np.array([3]), np.array([-1]))
     with pytest.raises(IndexError, match="row 50 out of range"):
         step(np.array([50]), np.array([3]))
     with pytest.raises(IndexError, match="row -1"):
         step(np.array([-1]), np.array([3]))
     assert m.caches[0].length == 3  # nothing was appended
+    # a position past the RoPE tables grows them before the replay (as an eager call does)
+    ref = TinyLlama()
+    ref.eager([1, 2, 3], 0)
+    want = ref.eager([4], 1000).copy()
+    got = step(np.array([4]), np.array([1000]))
+    np.testing.assert_array_equal(got, want)
+    assert m.rope._tables.rows >= 1001
 
 
 def numpy_add(m):
@@ -149,14 +156,17 @@ def test_add_and_rope_at_positions():
     with pytest.raises(TypeError, match="real values"):
         nn.add(a.astype(np.complex64), b)
     x = rng.normal(size=(4, 3, 16)).astype(F32)
-    positions = np.array([7, 0, 99, 7])
+    positions = np.array([7, 0, 999, 7])  # past the first tables: they grow
     for style in ("pairs", "neox"):
-        r = nn.RoPE(16, 500.0, style, max_positions=100)
+        r = nn.RoPE(16, 500.0, style)
         np.testing.assert_array_equal(r(x, positions), nn.rope(x, *nn.rope_tables(16, positions, 500.0), style))
-    with pytest.raises(IndexError, match="position 100"):
-        r(x, np.array([0, 1, 2, 100]))
+    with pytest.raises(IndexError, match="position -2"):
+        r(x, np.array([0, 1, 2, -2]))
     with pytest.raises(TypeError, match="integers"):
         r(x, np.zeros(4))
+    np.testing.assert_array_equal(nn.scale(a, 3.5), a * F32(3.5))
+    g, u = rng.normal(size=(2, 3, 40)).astype(F32), rng.normal(size=(2, 3, 40)).astype(F32)
+    np.testing.assert_array_equal(nn.geglu(g, u), nn.gelu(g, approximate="tanh") * u)
 
 
 def test_kv_cache_clear_keeps_its_memory():

@@ -118,10 +118,9 @@ def gelu(x, out=None, *, approximate="none"):
 
 
 def geglu(gate, up):
-    """``gelu(gate, approximate="tanh") * up``: the gated FFN activation of Gemma (GeGLU)."""
-    y = gelu(gate, approximate="tanh")
-    y *= up
-    return y
+    """``gelu(gate, approximate="tanh") * up``: the gated FFN activation of Gemma (GeGLU), in one
+    pass in C++ like :func:`swiglu` (bit-identical to gelu then a float32 product)."""
+    return _gated(gate, up, "gelu_tanh")
 
 
 def swiglu(gate, up):
@@ -129,13 +128,17 @@ def swiglu(gate, up):
     in C++. gate and up: float32 of the same shape, e.g. the two halves of a fused gate / up
     projection's output (strided views are read in place). Bit-identical on every kernel set; its
     exp is lowbit's own (as GELU's), so within ~1e-7 relative of numpy's ``silu(gate) * up``."""
+    return _gated(gate, up, "silu")
+
+
+def _gated(gate, up, act):
     if _plain(gate, up) and gate.ndim == 2 and gate.shape == up.shape:
-        return _core.silu_mul(gate, up)
+        return _core.gated(gate, up, act)
     g, u = _f32(gate, "gate"), _f32(up, "up")
     if g.shape != u.shape or g.ndim == 0:
         raise ValueError(f"gate and up: expected arrays of one shape (..., n), got {g.shape} and {u.shape}")
     rows = lambda a: a if a.ndim == 2 else a.reshape(-1, a.shape[-1])  # noqa: E731
-    return _core.silu_mul(rows(g), rows(u)).reshape(g.shape)
+    return _core.gated(rows(g), rows(u), act).reshape(g.shape)
 
 
 def silu(x):
@@ -219,25 +222,40 @@ def rope(x, cos, sin, style="pairs"):
 
 
 class RoPE:
-    """Rotary position embeddings at given positions (``rope`` with tables made once): ``rope(x,
-    positions)`` rotates x (tokens, heads, head_dim), token t by the angles of position
-    ``positions[t]`` (int, < max_positions). Equal to ``rope(x, *rope_tables(head_dim, positions,
-    base), style)``; recordable by :func:`record`, its positions an input of the graph."""
+    """Rotary position embeddings at given positions: ``rope(x, positions)`` rotates x (tokens,
+    heads, head_dim), token t by the angles of position ``positions[t]`` (integers >= 0). Equal
+    to ``rope(x, *rope_tables(head_dim, positions, base), style)``, from tables made once and
+    grown (doubling) as positions need; recordable by :func:`record`, the positions an input of
+    the graph."""
 
-    def __init__(self, head_dim, base=10000.0, style="pairs", max_positions=8192):
+    def __init__(self, head_dim, base=10000.0, style="pairs"):
         if style not in ("pairs", "neox"):
             raise ValueError(f"style: expected 'pairs' or 'neox', got {style!r}")
-        if head_dim < 2 or head_dim % 2 or max_positions < 1:
-            raise ValueError(f"expected an even head_dim and max_positions >= 1, got {head_dim} and {max_positions}")
-        self.cos, self.sin = rope_tables(head_dim, np.arange(max_positions), base)
-        self.style, self.max_positions = style, max_positions
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim: expected an even number >= 2, got {head_dim}")
+        self.head_dim, self.base, self.style = head_dim, base, style
+        self._tables = _core.RopeTables(*rope_tables(head_dim, np.arange(256), base), self._grow)
+
+    def _grow(self, n):
+        rows = max(n, 2 * self._tables.rows)
+        self._tables.set(*rope_tables(self.head_dim, np.arange(rows), self.base))
 
     def __call__(self, x, positions):
         p = np.asarray(positions)
         if p.dtype.kind not in "iu":
             raise TypeError(f"positions: expected integers, got dtype {p.dtype}")
+        if p.ndim != 1:
+            raise ValueError(f"positions: expected shape (tokens,), got {p.shape}")
         x = x if _plain(x) else _f32(x)
-        return _core.rope(x, self.cos, self.sin, self.style == "neox", p.astype(np.int64, copy=False))
+        return _core.rope_at(x, self._tables, p.astype(np.int64, copy=False), self.style == "neox")
+
+
+def scale(x, s, out=None):
+    """``x * s`` (s a number, rounded to float32) of a float32 array; recordable by
+    :func:`record`. ``out``: a C-contiguous float32 array of x's shape (may be x itself)."""
+    if not _plain(x):
+        x = _f32(x)
+    return _core.scale(x, float(np.float32(s)), out)
 
 
 def add(a, b, out=None):
@@ -352,11 +370,12 @@ def record(fn, *inputs):
     ``result``), on read-only copies of the inputs (numpy arrays, e.g. token ids and positions).
 
     Recordable: ``Linear`` / ``FusedLinear`` (one row, or one call), ``rms_norm``, ``layer_norm``,
-    ``swiglu``, ``add``, ``RoPE``, ``KVCache.append`` / ``attend``, the rows of a block-format
+    ``swiglu``, ``geglu``, ``add``, ``scale``, ``RoPE``, ``KVCache.append`` / ``attend``, the rows of a block-format
     weight's ``dequantize(rows=ids)``; views of their results (slices, reshapes that do not copy).
     Anything else computed from the inputs would run once only and be replayed with its recorded
     value, so it is refused as it is recorded: each recorded call checks that the activations it
     reads come from the inputs or from recorded calls, and the arrays recorded calls return are
     read-only. Python control flow runs once: a replay repeats the recorded path. Constants
-    (weights, norm weights, the RoPE tables) are read where they are."""
+    (weights, norm weights, the RoPE tables) are read where they are; the KV caches and RoPE
+    tables grow as a replay needs, before it starts."""
     return Graph(fn, inputs)
