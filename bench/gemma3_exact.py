@@ -151,7 +151,7 @@ def main(argv=None):
               "lowbit_ppl": round(float(np.exp(-ours_lp.mean())), 3)}
     if args.stepwise:
         model.reset()
-        step = np.array([np.argmax(model.forward([t])) for t in ids])
+        step = np.array([np.argmax(model.decode(t)) for t in ids])  # the replayed decode step
         result["lowbit_stepwise_vs_batched"] = round(float(np.mean(step == ours)), 4)
     if args.llama_cpp:
         llama = llama_cpp_top1(path, ids, args.threads)

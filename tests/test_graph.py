@@ -194,3 +194,18 @@ def test_a_graph_keeps_what_it_reads_alive():
     gc.collect()
     for pos, tok in enumerate([5, 6, 7], start=4):
         np.testing.assert_array_equal(step(np.array([tok]), np.array([pos])), ref.eager([tok], pos))
+
+
+def test_caches_and_rope_pickle_by_value():
+    import pickle
+    rng = np.random.default_rng(5)
+    cache = nn.KVCache(2, 8, capacity=32)
+    k, v = rng.normal(size=(40, 2, 8)).astype(F32), rng.normal(size=(40, 2, 8)).astype(F32)
+    cache.append(k, v)
+    back = pickle.loads(pickle.dumps(cache))
+    assert back.length == 40 and back.capacity == cache.capacity
+    q = rng.normal(size=(3, 4, 8)).astype(F32)
+    np.testing.assert_array_equal(back.attend(q), cache.attend(q))
+    r = pickle.loads(pickle.dumps(nn.RoPE(8, 500.0, "neox")))
+    x = rng.normal(size=(2, 3, 8)).astype(F32)
+    np.testing.assert_array_equal(r(x, [5, 600]), nn.RoPE(8, 500.0, "neox")(x, [5, 600]))

@@ -236,6 +236,9 @@ class RoPE:
         self.head_dim, self.base, self.style = head_dim, base, style
         self._tables = _core.RopeTables(*rope_tables(head_dim, np.arange(256), base), self._grow)
 
+    def __reduce__(self):  # (pickles by its settings: the tables are made again)
+        return RoPE, (self.head_dim, self.base, self.style)
+
     def _grow(self, n):
         rows = max(n, 2 * self._tables.rows)
         self._tables.set(*rope_tables(self.head_dim, np.arange(rows), self.base))
@@ -282,6 +285,9 @@ class KVCache:
         self._c = _core.KVCache(kv_heads, head_dim, capacity)
         self._scale = _default_scale(head_dim)
         self._d = head_dim
+
+    def __reduce__(self):  # (pickles by value: what is cached, at its capacity)
+        return _kv_cache, (self.k.shape[0], self._d, self.capacity, self.keys(), self.values())
 
     @property
     def length(self):
@@ -331,6 +337,12 @@ class KVCache:
         else:
             scale, window = _attention_scale_window(q, scale, window)
         return self._c.attend(q, scale, window)
+
+
+def _kv_cache(kv_heads, head_dim, capacity, k, v):
+    cache = KVCache(kv_heads, head_dim, capacity)
+    cache.append(k, v)
+    return cache
 
 
 class Graph:
