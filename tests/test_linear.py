@@ -1,4 +1,6 @@
 """lb.Linear / lb.matmul with int8 weights and dynamic int8 activations."""
+import os
+
 import numpy as np
 import pytest
 
@@ -482,3 +484,32 @@ def test_decode_prefetch_never_changes_results_and_survives_freed_weights(tmp_pa
         assert r.returncode == 0, r.stderr
         got[prefetch] = np.load(path)
     np.testing.assert_array_equal(got["1"], got["0"])
+
+
+def test_large_results_reuse_freed_blocks_safely(rng):
+    """Results of 256 KB and more come from a cache of freed blocks: each is its own writeable
+    array, and a reused block holds the new result, not the old."""
+    w = rng.normal(0, 0.02, (1024, 256)).astype(np.float32)
+    layer = lb.Linear(w)
+    x1, x2 = (rng.normal(size=(128, 256)).astype(np.float32) for _ in range(2))
+    want1, want2 = layer(x1).copy(), layer(x2).copy()
+    a, b = layer(x1), layer(x1)
+    assert not np.shares_memory(a, b) and a.flags.writeable and a.flags.c_contiguous
+    del a
+    c = layer(x2)  # (likely a's block)
+    np.testing.assert_array_equal(c, want2)
+    np.testing.assert_array_equal(b, want1)
+    c[:] = 0  # writeable, and no other result changes
+    np.testing.assert_array_equal(b, want1)
+    assert c.__array_interface__["data"][0] % 4096 == 0  # page-aligned blocks
+
+
+def test_block_cache_can_be_turned_off():
+    import subprocess
+    import sys
+    code = ("import numpy as np, lowbit as lb; l = lb.Linear(np.eye(1024, 256, dtype=np.float32)); "
+            "x = np.ones((128, 256), np.float32); y = l(x); del y; z = l(x); print(float(z.sum()))")
+    for mb in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CACHE_MB": mb},
+                             capture_output=True, text=True, check=True).stdout
+        assert abs(float(out) - 128 * 256) < 1
