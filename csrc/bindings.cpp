@@ -195,9 +195,15 @@ class Graph {
     require(static_cast<const char*>(p), static_cast<const char*>(p) + bytes, what);
   }
   // `a` (written by a call being recorded) becomes known memory; a new result is made read-only.
+  // (An `out` given by the caller is made read-only too, with the arrays it views: numpy must not
+  // change it unseen between recorded calls either.)
   py::object produce(const py::object& a, bool fresh = true) {
     know(a.cast<py::array>());
-    if (fresh) py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    auto& api = py::detail::npy_api::get();
+    for (PyObject* o = a.ptr(); o && api.PyArray_Check_(o); o = py::detail::array_proxy(o)->base) {
+      py::detail::array_proxy(o)->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+      if (fresh) break;
+    }
     return a;
   }
   void keep(const py::object& o) { keep_.push_back(o); }
@@ -208,6 +214,9 @@ class Graph {
     ops_.push_back({std::move(op), std::vector<MemRange>(weights, weights + n_weights), {}});
     if (prepare) prepares_.push_back(std::move(prepare));
   }
+  // What a replay reads through an object whose storage may be replaced (a KV cache, RoPE
+  // tables): `storage` gives its arrays, held for the replay's length.
+  void hold_storage(std::function<py::object()> storage) { storages_.push_back(std::move(storage)); }
   // A KV cache's appends in one replay, reserved before it (see KVCache).
   int64_t& appended(KVCache* c) {
     for (auto& e : appends_)
@@ -279,6 +288,7 @@ class Graph {
   std::vector<Recorded> ops_;
   std::vector<Op> prepares_;
   std::vector<std::pair<KVCache*, int64_t>> appends_;
+  std::vector<std::function<py::object()>> storages_;
   std::vector<Span> known_;
   std::vector<py::object> keep_;  // every array a pointer of ops_ reads or writes, and the caches
   std::vector<py::array> inputs_;
@@ -786,7 +796,16 @@ class KVCache {
   const py::array_t<float>& v() const { return v_; }
   int64_t length() const { return length_; }
   int64_t capacity() const { return cap_; }
-  void clear() { length_ = 0; }
+  // Keeps the first n positions (0 <= n <= length), with their memory.
+  void truncate(int64_t n) {
+    Graph::not_recordable("KVCache.clear / a change of its length");
+    if (n < 0 || n > length_)
+      throw py::value_error("length: expected 0 .. " + std::to_string(length_) + ", got " + std::to_string(n));
+    length_ = n;
+  }
+  // The arrays the calls read now: held by a caller around a call without the GIL, so that a
+  // growth on another thread cannot free them under it.
+  py::object storage() const { return py::make_tuple(k_, v_); }
 
   // Room for n keys (with the GIL held).
   void reserve(int64_t n) {
@@ -806,6 +825,7 @@ class KVCache {
       g->require(v, "the values appended to a KVCache");
       g->appended(this) += t;
       g->keep(py::cast(this));
+      g->hold_storage([this] { return storage(); });
       g->add([this, kp, ks0, ks1, vp, vs0, vs1, t] { store(kp, ks0, ks1, vp, vs0, vs1, t); });
     }
     reserve(length_ + t);
@@ -832,10 +852,12 @@ class KVCache {
       g->require(q, "the queries of KVCache.attend");
       g->produce(out);
       g->keep(py::cast(this));
+      g->hold_storage([this] { return storage(); });
       g->add([this, qp, qs0, qs1, t, H, scale, window, op] {
         attend_into(qp, qs0, qs1, t, H, scale, window, op);
       });
     }
+    const py::object hold = storage();
     NoGil nogil;
     attend_into(qp, qs0, qs1, t, H, scale, window, op);
     return out;
@@ -905,7 +927,7 @@ void Graph::replay(const py::args& args) {
                       py::reinterpret_borrow<py::array>(args[i]).dtype().equal(buf.dtype()) &&
                       std::equal(a->dimensions, a->dimensions + a->nd, buf.shape());
     if (same) {
-      std::memcpy(buf.mutable_data(), a->data, buf.nbytes());
+      std::memmove(buf.mutable_data(), a->data, buf.nbytes());
       continue;
     }
     const py::object arr = py::module_::import("numpy").attr("asarray")(args[i]);
@@ -916,6 +938,8 @@ void Graph::replay(const py::args& args) {
   }
   for (const Op& p : prepares_) p();
   for (auto& [cache, t] : appends_) cache->reserve(cache->length() + t);
+  std::vector<py::object> held;
+  for (const auto& storage : storages_) held.push_back(storage());
   NoGil nogil;
   for (const Recorded& r : ops_) {
     r.op();
@@ -1292,22 +1316,26 @@ py::array_t<float> gated_py(py::array gate, py::array up, const std::string& act
 // runs, and a replay grows them first (with the GIL held) for the positions it is given.
 class RopeTables {
  public:
-  RopeTables(py::array cos, py::array sin, py::object grow) : grow_(std::move(grow)) { set(cos, sin); }
-  void set(py::array cos, py::array sin) {
-    cos = check<float>(cos, "cos", {-1, -1});
-    sin = check<float>(sin, "sin", {cos.shape(0), cos.shape(1)});
+  // grow(rows) returns (cos, sin) of that many rows (it must not hold this object: pybind11's
+  // objects are invisible to the garbage collector, so a cycle through one is never freed).
+  RopeTables(py::object grow, int64_t rows) : grow_(std::move(grow)) { set_rows(rows); }
+  void set_rows(int64_t rows) {
+    const py::tuple t = grow_(rows);
+    py::array cos = check<float>(t[0].cast<py::array>(), "cos", {rows, -1});
+    py::array sin = check<float>(t[1].cast<py::array>(), "sin", {rows, cos.shape(1)});
     cos_ = cos, sin_ = sin, rows_ = cos.shape(0), half_ = cos.shape(1);
     cp_ = cptr<float>(cos), sp_ = cptr<float>(sin);
   }
   // Room for positions < n (with the GIL held).
   void ensure(int64_t n) {
-    if (n > rows_) grow_(n);
+    if (n > rows_) set_rows(std::max(n, 2 * rows_));
     if (n > rows_)
       throw py::index_error("position " + std::to_string(n - 1) + " outside the RoPE tables' " +
                             std::to_string(rows_) + " positions");
   }
   int64_t rows() const { return rows_; }
   int64_t half() const { return half_; }
+  py::object storage() const { return py::make_tuple(cos_, sin_); }
   const float* cos() const { return cp_; }
   const float* sin() const { return sp_; }
 
@@ -1341,8 +1369,10 @@ py::array_t<float> rope_at_py(py::array x, RopeTables& tables, py::array positio
     g->require(x, "rope's input"), g->require(positions, "rope's positions");
     g->produce(y);
     g->keep(py::cast(tp));
+    g->hold_storage([tp] { return tp->storage(); });
     g->add([=] { rope(xp, T, H, d, tp->cos(), tp->sin(), pp, neox, yp); }, prepare);
   }
+  const py::object hold = tables.storage();
   NoGil nogil;
   rope(xp, T, H, d, tables.cos(), tables.sin(), pp, neox, yp);
   return y;
@@ -1574,9 +1604,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("gated", &gated_py, py::arg("gate"), py::arg("up"), py::arg("act"));
   m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"));
   py::class_<RopeTables>(m, "RopeTables", "RoPE tables that grow (lowbit.nn.RoPE)")
-      .def(py::init<py::array, py::array, py::object>(), py::arg("cos"), py::arg("sin"),
-           py::arg("grow"))
-      .def("set", &RopeTables::set, py::arg("cos"), py::arg("sin"))
+      .def(py::init<py::object, int64_t>(), py::arg("grow"), py::arg("rows"))
       .def_property_readonly("rows", &RopeTables::rows);
   m.def("rope_at", &rope_at_py, py::arg("x"), py::arg("tables"), py::arg("positions"),
         py::arg("neox"));
@@ -1589,7 +1617,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("v", &KVCache::v)
       .def_property_readonly("length", &KVCache::length)
       .def_property_readonly("capacity", &KVCache::capacity)
-      .def("clear", &KVCache::clear)
+      .def("truncate", &KVCache::truncate, py::arg("n"))
       .def("append", &KVCache::append, py::arg("k"), py::arg("v"))
       .def("attend", &KVCache::attend, py::arg("q"), py::arg("scale"), py::arg("window"));
   py::class_<Graph>(m, "Graph", "a recorded sequence of kernel calls (lowbit.nn.record)")

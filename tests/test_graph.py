@@ -127,6 +127,13 @@ def numpy_add(m):
     (lambda m: lambda ids, p: np.multiply(m.embed.dequantize(rows=ids), 2, out=m.embed.dequantize(rows=ids)),
      ValueError, "read-only"),
     (lambda m: lambda ids, p: 3, TypeError, "must return arrays"),
+    (lambda m: lambda ids, p: (m.caches[0].clear(), m.embed.dequantize(rows=ids))[1], TypeError,
+     "KVCache.clear"),
+    (lambda m: lambda ids, p: (lambda y: (np.multiply(y, 2, out=y), y)[1])(
+        m.layers[1]["gate_up"](m.embed.dequantize(rows=ids))), ValueError, "read-only"),
+    (lambda m: lambda ids, p: (lambda buf: (nn.add(m.embed.dequantize(rows=ids), m.embed.dequantize(rows=ids), out=buf),
+                                            np.multiply(buf, 2, out=buf), buf)[2])(np.empty((1, HIDDEN), F32)),
+     ValueError, "read-only"),
     (lambda m: lambda ids, p: np.ones(3, F32), ValueError, "a result was not computed"),
     (lambda m: lambda ids, p: nn.record(lambda: None), ValueError, "another recording"),
     (lambda m: (lambda inner: lambda ids, p: inner(ids))(
@@ -165,8 +172,14 @@ def test_add_and_rope_at_positions():
     with pytest.raises(TypeError, match="integers"):
         r(x, np.zeros(4))
     np.testing.assert_array_equal(nn.scale(a, 3.5), a * F32(3.5))
+    v = np.arange(9, dtype=F32)
+    for call in (lambda: nn.scale(v[:8], 2, out=v[1:]), lambda: nn.add(v[:8], v[1:], out=v[1:])):
+        with pytest.raises(ValueError, match="overlap"):
+            call()
+    assert nn.add(v, v, out=v) is v and v[3] == 6  # in place: fine
     g, u = rng.normal(size=(2, 3, 40)).astype(F32), rng.normal(size=(2, 3, 40)).astype(F32)
     np.testing.assert_array_equal(nn.geglu(g, u), nn.gelu(g, approximate="tanh") * u)
+    np.testing.assert_array_equal(nn.geglu(g, u[0, 0]), nn.gelu(g, approximate="tanh") * u[0, 0])
 
 
 def test_kv_cache_clear_keeps_its_memory():
@@ -179,8 +192,14 @@ def test_kv_cache_clear_keeps_its_memory():
     assert cache.length == 0 and cache.k.shape[1] * 32 == cap
     cache.append(k[:3], k[:3])
     np.testing.assert_array_equal(cache.keys(), k[:3])
+    cache.append(k[3:9], k[3:9])
+    cache.length = 4  # forget the positions after the fourth
+    cache.append(k[20:21], k[20:21])
+    np.testing.assert_array_equal(cache.keys(), np.concatenate([k[:4], k[20:21]]))
+    with pytest.raises(ValueError, match="length"):
+        cache.length = 6
     with pytest.raises(ValueError, match="queries"):
-        cache.attend(rng.normal(size=(4, 2, 8)).astype(F32))
+        cache.attend(rng.normal(size=(6, 2, 8)).astype(F32))
 
 
 def test_a_graph_keeps_what_it_reads_alive():
@@ -209,3 +228,14 @@ def test_caches_and_rope_pickle_by_value():
     r = pickle.loads(pickle.dumps(nn.RoPE(8, 500.0, "neox")))
     x = rng.normal(size=(2, 3, 8)).astype(F32)
     np.testing.assert_array_equal(r(x, [5, 600]), nn.RoPE(8, 500.0, "neox")(x, [5, 600]))
+
+
+def test_rope_is_freed():
+    import gc
+    import weakref
+    r = nn.RoPE(8)
+    r(np.zeros((1, 1, 8), F32), [1000])  # grown
+    ref = weakref.ref(r)
+    del r
+    gc.collect()
+    assert ref() is None

@@ -258,10 +258,11 @@ class FusedLinear:
             return self.layers[0](x)
         shape = np.shape(x)
         if len(shape) == 2 and shape[0] == 1:  # one row: each call writes its columns in place
-            y, j = np.empty((1, self.out_features), np.float32), 0
-            for layer in self.layers:
-                layer(x, out=y[:, j:j + layer.out_features])
-                j += layer.out_features
+            y = np.empty((1, self.out_features), np.float32)
+            ends = np.cumsum([0] + [layer.out_features for layer in self.layers])
+            columns = [y[:, a:b] for a, b in zip(ends, ends[1:])]  # (views made before any call:
+            for layer, out in zip(self.layers, columns):  # recording makes y read-only after one)
+                layer(x, out=out)
             return y
         return np.concatenate([layer(x) for layer in self.layers], axis=-1)
 

@@ -8,6 +8,8 @@ inputs, bit-identical on every kernel set, thread count and machine); ``silu`` i
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import _core
@@ -68,7 +70,7 @@ def _out(out, shape, inputs, in_place=()):
                                             a.size == out.size and a.__array_interface__["data"][0] == at)]
     if any(np.may_share_memory(out, a) for a in inputs):
         raise ValueError("out must not overlap the inputs" +
-                         (" (except being x or residual itself)" if in_place else ""))
+                         (" (except being one of them itself)" if in_place else ""))
     return out
 
 
@@ -119,7 +121,12 @@ def gelu(x, out=None, *, approximate="none"):
 
 def geglu(gate, up):
     """``gelu(gate, approximate="tanh") * up``: the gated FFN activation of Gemma (GeGLU), in one
-    pass in C++ like :func:`swiglu` (bit-identical to gelu then a float32 product)."""
+    pass in C++ like :func:`swiglu` (bit-identical to gelu then a float32 product); an ``up`` of
+    another shape is broadcast (in two passes)."""
+    if np.shape(gate) != np.shape(up):
+        y = gelu(gate, approximate="tanh")
+        y *= up
+        return y
     return _gated(gate, up, "gelu_tanh")
 
 
@@ -221,6 +228,10 @@ def rope(x, cos, sin, style="pairs"):
     return _core.rope(_f32(x), _f32(cos, "cos"), _f32(sin, "sin"), style == "neox")
 
 
+def _rope_rows(head_dim, base, rows):
+    return rope_tables(head_dim, np.arange(rows), base)
+
+
 class RoPE:
     """Rotary position embeddings at given positions: ``rope(x, positions)`` rotates x (tokens,
     heads, head_dim), token t by the angles of position ``positions[t]`` (integers >= 0). Equal
@@ -234,14 +245,11 @@ class RoPE:
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim: expected an even number >= 2, got {head_dim}")
         self.head_dim, self.base, self.style = head_dim, base, style
-        self._tables = _core.RopeTables(*rope_tables(head_dim, np.arange(256), base), self._grow)
+        # (the tables' maker must not hold self: see RopeTables)
+        self._tables = _core.RopeTables(functools.partial(_rope_rows, head_dim, base), 256)
 
     def __reduce__(self):  # (pickles by its settings: the tables are made again)
         return RoPE, (self.head_dim, self.base, self.style)
-
-    def _grow(self, n):
-        rows = max(n, 2 * self._tables.rows)
-        self._tables.set(*rope_tables(self.head_dim, np.arange(rows), self.base))
 
     def __call__(self, x, positions):
         p = np.asarray(positions)
@@ -258,6 +266,8 @@ def scale(x, s, out=None):
     :func:`record`. ``out``: a C-contiguous float32 array of x's shape (may be x itself)."""
     if not _plain(x):
         x = _f32(x)
+    if out is not None:
+        _out(out, x.shape, [x], in_place=[x])
     return _core.scale(x, float(np.float32(s)), out)
 
 
@@ -267,6 +277,8 @@ def add(a, b, out=None):
     array of that shape (may be a or b itself)."""
     if not _plain(a, b):
         a, b = _f32(a, "a"), _f32(b, "b")
+    if out is not None:
+        _out(out, a.shape, [a, b], in_place=[a, b])
     return _core.add(a, b, out)
 
 
@@ -291,8 +303,12 @@ class KVCache:
 
     @property
     def length(self):
-        """The number of positions cached."""
+        """The number of positions cached; set it lower to forget the positions after it."""
         return self._c.length
+
+    @length.setter
+    def length(self, n):
+        self._c.truncate(n)
 
     @property
     def capacity(self):
@@ -309,7 +325,7 @@ class KVCache:
 
     def clear(self):
         """Forgets every position (keeps the memory)."""
-        self._c.clear()
+        self._c.truncate(0)
 
     def append(self, k, v):
         """k, v: (tokens, kv_heads, head_dim)."""
@@ -387,7 +403,9 @@ def record(fn, *inputs):
     Anything else computed from the inputs would run once only and be replayed with its recorded
     value, so it is refused as it is recorded: each recorded call checks that the activations it
     reads come from the inputs or from recorded calls, and the arrays recorded calls return are
-    read-only. Python control flow runs once: a replay repeats the recorded path. Constants
+    read-only (so is an ``out=`` buffer a recorded call wrote, with the arrays it views). Python
+    control flow runs once: a replay repeats the recorded path, with the layers' settings of the
+    recording (a bias or activation setting changed later is not seen). Constants
     (weights, norm weights, the RoPE tables) are read where they are; the KV caches and RoPE
     tables grow as a replay needs, before it starts."""
     return Graph(fn, inputs)
