@@ -239,3 +239,32 @@ def test_rope_is_freed():
     del r
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda w, b, obs: lb.Linear(w, b, activations=obs),              # static int8 activations
+    lambda w, b, obs: lb.Linear(w, b, bits=4, group_size=32, activations="float"),  # W4A32
+    lambda w, b, obs: lb.Linear(w, b, epilogue="gelu"),               # GELU in the epilogue
+    lambda w, b, obs: lb.Linear(lb.quantize(w, input_scale=np.linspace(0.5, 2, 64).astype(F32)), b),
+    lambda w, b, obs: lb.Linear(block_weight("Q4_K", 48, 1, np.random.default_rng(2)), activations="float"),
+])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_every_kind_of_layer_replays_exactly(make, rows):
+    """Each layer setting records and replays the very kernel call it makes in Python, one row
+    (a decode step) or several (a chunk)."""
+    rng = np.random.default_rng(7)
+    k = 64
+    w, b = rng.normal(0, 0.1, (48, k)).astype(F32), rng.normal(size=48).astype(F32)
+    obs = lb.MinMaxObserver()
+    obs.observe(rng.normal(size=(16, k)).astype(F32))
+    layer = make(w, b, obs.params())
+    k = layer.in_features
+    norm = rng.uniform(0.5, 1.5, k).astype(F32)
+    step = lambda x: layer(nn.rms_norm(x, norm))  # noqa: E731
+    x0 = rng.normal(size=(rows, k)).astype(F32)
+    graph = nn.record(step, x0)
+    np.testing.assert_array_equal(graph.result, step(x0))
+    for _ in range(3):
+        x = rng.normal(size=(rows, k)).astype(F32)
+        want = step(x)
+        np.testing.assert_array_equal(graph(x), want)
