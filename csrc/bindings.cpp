@@ -151,7 +151,8 @@ class Graph {
     if (recording())
       throw py::type_error(std::string(what) +
                            " cannot be recorded (lowbit.nn.record): use the recordable lowbit "
-                           "calls (Linear, rms_norm, layer_norm, RoPE, swiglu, add, KVCache)");
+                           "calls (Linear, FusedLinear, rms_norm, layer_norm, RoPE, swiglu, "
+                           "geglu, add, scale, KVCache, a block weight's dequantize(rows=))");
   }
 
   void begin() {
@@ -194,10 +195,12 @@ class Graph {
   void require(const void* p, int64_t bytes, const char* what) const {
     require(static_cast<const char*>(p), static_cast<const char*>(p) + bytes, what);
   }
-  // `a` (written by a call being recorded) becomes known memory; a new result is made read-only.
-  // (An `out` given by the caller is made read-only too, with the arrays it views: numpy must not
-  // change it unseen between recorded calls either.)
-  py::object produce(const py::object& a, bool fresh = true) {
+  // `a` (written by a call being recorded, at `written` when given) becomes known memory; a new
+  // result is made read-only. (An `out` given by the caller is made read-only too, with the
+  // arrays it views: numpy must not change it unseen between recorded calls either.)
+  py::object produce(const py::object& a, bool fresh = true, const void* written = nullptr) {
+    if (written && a.cast<py::array>().data() != written)
+      throw py::value_error("record: out must be aligned float32 (the kernel wrote a copy)");
     know(a.cast<py::array>());
     auto& api = py::detail::npy_api::get();
     for (PyObject* o = a.ptr(); o && api.PyArray_Check_(o); o = py::detail::array_proxy(o)->base) {
@@ -215,8 +218,12 @@ class Graph {
     if (prepare) prepares_.push_back(std::move(prepare));
   }
   // What a replay reads through an object whose storage may be replaced (a KV cache, RoPE
-  // tables): `storage` gives its arrays, held for the replay's length.
-  void hold_storage(std::function<py::object()> storage) { storages_.push_back(std::move(storage)); }
+  // tables): `storage` gives its arrays, held for the replay's length (once per owner).
+  void hold_storage(const void* owner, std::function<py::object()> storage) {
+    for (const auto& s : storages_)
+      if (s.first == owner) return;
+    storages_.emplace_back(owner, std::move(storage));
+  }
   // A KV cache's appends in one replay, reserved before it (see KVCache).
   int64_t& appended(KVCache* c) {
     for (auto& e : appends_)
@@ -288,7 +295,7 @@ class Graph {
   std::vector<Recorded> ops_;
   std::vector<Op> prepares_;
   std::vector<std::pair<KVCache*, int64_t>> appends_;
-  std::vector<std::function<py::object()>> storages_;
+  std::vector<std::pair<const void*, std::function<py::object()>>> storages_;
   std::vector<Span> known_;
   std::vector<py::object> keep_;  // every array a pointer of ops_ reads or writes, and the caches
   std::vector<py::array> inputs_;
@@ -825,7 +832,7 @@ class KVCache {
       g->require(v, "the values appended to a KVCache");
       g->appended(this) += t;
       g->keep(py::cast(this));
-      g->hold_storage([this] { return storage(); });
+      g->hold_storage(this, [this] { return storage(); });
       g->add([this, kp, ks0, ks1, vp, vs0, vs1, t] { store(kp, ks0, ks1, vp, vs0, vs1, t); });
     }
     reserve(length_ + t);
@@ -852,7 +859,7 @@ class KVCache {
       g->require(q, "the queries of KVCache.attend");
       g->produce(out);
       g->keep(py::cast(this));
-      g->hold_storage([this] { return storage(); });
+      g->hold_storage(this, [this] { return storage(); });
       g->add([this, qp, qs0, qs1, t, H, scale, window, op] {
         attend_into(qp, qs0, qs1, t, H, scale, window, op);
       });
@@ -939,7 +946,7 @@ void Graph::replay(const py::args& args) {
   for (const Op& p : prepares_) p();
   for (auto& [cache, t] : appends_) cache->reserve(cache->length() + t);
   std::vector<py::object> held;
-  for (const auto& storage : storages_) held.push_back(storage());
+  for (const auto& s : storages_) held.push_back(s.second());
   NoGil nogil;
   for (const Recorded& r : ops_) {
     r.op();
@@ -1080,9 +1087,7 @@ class LinearPlan {
               bool fresh) const {
     g.require(x, ((M ? M - 1 : 0) * ldx + (M ? K_ : 0)) * (int64_t)sizeof(float),
               "a linear layer's input");
-    if (py::cast<py::array>(y).data() != yp)
-      throw py::value_error("record: out must be aligned float32 (the kernel wrote a copy)");
-    g.produce(y, fresh);
+    g.produce(y, fresh, yp);
     g.keep(py::cast(this));
     const float *b = bias_p_, *cs = colscale_p_;
     const bool stream = M <= kStreamRows;
@@ -1259,8 +1264,7 @@ py::array layer_norm_py(py::array x, const py::object& r, py::array w, const py:
   if (Graph* g = Graph::recording()) {
     g->require(x, "a norm's input");
     if (!res.is_none()) g->require(res.cast<py::array>(), "a norm's residual");
-    if (result.data() != yp) throw py::value_error("record: out must be aligned float32");
-    g->produce(result, out.is_none());
+    g->produce(result, out.is_none(), yp);
     g->keep(w), g->keep(bias);
     g->add([=] { layer_norm(xp, rp, ld, wp, bp, eps, rms, rows, n, yp); });
   }
@@ -1283,13 +1287,11 @@ void softmax_py(py::array x) {
   y.finish();
 }
 
-// q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
-// non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
-// gate and up: (rows, n) float32 with a contiguous last axis (e.g. the halves of a fused gate / up
-// projection's output).
+// act(gate) * up, act "silu" (SwiGLU) or "gelu_tanh" (GeGLU). gate and up: (rows, n) float32 with
+// a contiguous last axis (e.g. the halves of a fused gate / up projection's output).
 py::array_t<float> gated_py(py::array gate, py::array up, const std::string& act) {
-  if (act != "silu" && act != "gelu_tanh" && act != "gelu")
-    throw py::value_error("act: expected 'silu', 'gelu' or 'gelu_tanh', got '" + act + "'");
+  if (act != "silu" && act != "gelu_tanh")
+    throw py::value_error("act: expected 'silu' or 'gelu_tanh', got '" + act + "'");
   gate = check<float>(gate, "gate", {-1, -1}, true);
   up = check<float>(up, "up", {gate.shape(0), gate.shape(1)}, true);
   const int64_t rows = gate.shape(0), n = gate.shape(1);
@@ -1297,9 +1299,9 @@ py::array_t<float> gated_py(py::array gate, py::array up, const std::string& act
   const float *gp = cptr<float>(gate), *upp = cptr<float>(up);
   const int64_t ldg = row_stride<float>(gate), ldu = row_stride<float>(up);
   float* yp = y.mutable_data();
-  const bool silu = act == "silu", tanh = act == "gelu_tanh";
+  const bool silu = act == "silu";
   auto run = [=] {
-    silu ? silu_mul(gp, ldg, upp, ldu, rows, n, yp) : gelu_mul(gp, ldg, upp, ldu, rows, n, tanh, yp);
+    silu ? silu_mul(gp, ldg, upp, ldu, rows, n, yp) : gelu_mul(gp, ldg, upp, ldu, rows, n, true, yp);
   };
   if (Graph* g = Graph::recording()) {
     g->require(gate, "a gated activation's gate"), g->require(up, "a gated activation's up");
@@ -1369,7 +1371,7 @@ py::array_t<float> rope_at_py(py::array x, RopeTables& tables, py::array positio
     g->require(x, "rope's input"), g->require(positions, "rope's positions");
     g->produce(y);
     g->keep(py::cast(tp));
-    g->hold_storage([tp] { return tp->storage(); });
+    g->hold_storage(tp, [tp] { return tp->storage(); });
     g->add([=] { rope(xp, T, H, d, tp->cos(), tp->sin(), pp, neox, yp); }, prepare);
   }
   const py::object hold = tables.storage();
@@ -1409,8 +1411,7 @@ py::array scale_py(py::array x, float s, const py::object& out) {
   py::array result = y.finish();
   if (Graph* g = Graph::recording()) {
     g->require(x, "scale's input");
-    if (result.data() != yp) throw py::value_error("record: out must be aligned float32");
-    g->produce(result, out.is_none());
+    g->produce(result, out.is_none(), yp);
     g->add([=] { scale(xp, s, n, yp); });
   }
   return result;
@@ -1433,13 +1434,14 @@ py::array add_py(py::array a, py::array b, const py::object& out) {
   py::array result = y.finish();
   if (Graph* g = Graph::recording()) {
     g->require(a, "add's first operand"), g->require(b, "add's second operand");
-    if (result.data() != yp) throw py::value_error("record: out must be aligned float32");
-    g->produce(result, out.is_none());
+    g->produce(result, out.is_none(), yp);
     g->add([=] { add(ap, bp, n, yp); });
   }
   return result;
 }
 
+// q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
+// non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
                        bool causal, float scale, int64_t window, const py::object& out,
                        bool k_transposed) {
