@@ -875,7 +875,7 @@ class KVCache {
     py::array_t<float> k({kvh_, cap / 32, d_, int64_t(32)}), v({kvh_, cap, d_});
     float *kd = k.mutable_data(), *vd = v.mutable_data();
     const int64_t blocks = round_up(length_, 32) / 32;
-    for (int64_t h = 0; h < kvh_; ++h) {
+    for (int64_t h = 0; h < kvh_ && length_; ++h) {  // (nothing to copy into a new cache)
       std::memcpy(kd + h * cap * d_, kd_ + h * cap_ * d_, sizeof(float) * blocks * 32 * d_);
       std::memcpy(vd + h * cap * d_, vd_ + h * cap_ * d_, sizeof(float) * length_ * d_);
     }
