@@ -1398,46 +1398,43 @@ py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox)
   return y;
 }
 
-// x * s (lowbit.nn.scale, recordable).
-py::array scale_py(py::array x, float s, const py::object& out) {
-  if (!x.dtype().equal(py::dtype::of<float>()))
-    throw py::type_error("scale: expected a float32 array, got dtype " + std::string(py::str(x.dtype())));
-  x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
-  Output y(out, std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
-  const float* xp = cptr<float>(x);
+// An elementwise op of float32 arrays of one shape (lowbit.nn.add, lowbit.nn.scale), recordable:
+// f(pointers of xs, n, y) into a new array or `out`.
+template <size_t N, class F>
+py::array elementwise_py(const char* what, std::array<py::array, N> xs, const py::object& out, F f) {
+  std::array<const float*, N> p;
+  for (size_t i = 0; i < N; ++i) {
+    py::array& x = xs[i];
+    if (!x.dtype().equal(py::dtype::of<float>()))
+      throw py::type_error(std::string(what) + ": expected float32 arrays, got dtype " +
+                           std::string(py::str(x.dtype())));
+    if (x.ndim() != xs[0].ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), xs[0].shape()))
+      throw py::value_error(std::string(what) + ": expected arrays of one shape, got " +
+                            shape_str(xs[0]) + " and " + shape_str(x));
+    x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
+    p[i] = cptr<float>(x);
+  }
+  Output y(out, std::vector<int64_t>(xs[0].shape(), xs[0].shape() + xs[0].ndim()));
   float* yp = y.data();
-  const int64_t n = (int64_t)x.size();
-  scale(xp, s, n, yp);
+  const int64_t n = (int64_t)xs[0].size();
+  f(p, n, yp);
   py::array result = y.finish();
   if (Graph* g = Graph::recording()) {
-    g->require(x, "scale's input");
+    for (const py::array& x : xs) g->require(x, (std::string(what) + "'s operand").c_str());
     g->produce(result, out.is_none(), yp);
-    g->add([=] { scale(xp, s, n, yp); });
+    g->add([=] { f(p, n, yp); });
   }
   return result;
 }
 
-// a + b: float32 arrays of one shape (lowbit.nn.add, recordable).
+py::array scale_py(py::array x, float s, const py::object& out) {
+  return elementwise_py<1>("scale", {x}, out,
+                           [s](const auto& p, int64_t n, float* y) { scale(p[0], s, n, y); });
+}
+
 py::array add_py(py::array a, py::array b, const py::object& out) {
-  for (const py::array* x : {&a, &b})
-    if (!x->dtype().equal(py::dtype::of<float>()))
-      throw py::type_error("add: expected float32 arrays, got dtype " + std::string(py::str(x->dtype())));
-  if (a.ndim() != b.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), b.shape()))
-    throw py::value_error("add: expected arrays of one shape, got " + shape_str(a) + " and " + shape_str(b));
-  a = readable(a, sizeof(float), false) ? a : py::array(a.attr("copy")());
-  b = readable(b, sizeof(float), false) ? b : py::array(b.attr("copy")());
-  Output y(out, std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
-  const float *ap = cptr<float>(a), *bp = cptr<float>(b);
-  float* yp = y.data();
-  const int64_t n = (int64_t)a.size();
-  add(ap, bp, n, yp);
-  py::array result = y.finish();
-  if (Graph* g = Graph::recording()) {
-    g->require(a, "add's first operand"), g->require(b, "add's second operand");
-    g->produce(result, out.is_none(), yp);
-    g->add([=] { add(ap, bp, n, yp); });
-  }
-  return result;
+  return elementwise_py<2>("add", {a, b}, out,
+                           [](const auto& p, int64_t n, float* y) { add(p[0], p[1], n, y); });
 }
 
 // q (B, Sq, H, d), k and v (B, Sk, Hkv, d): float32, last axis contiguous, other strides any
