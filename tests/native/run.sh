@@ -21,6 +21,20 @@ cmake -S . -B "$build/aarch64" -DLOWBIT_KERNEL_CHECK=ON \
   -DCMAKE_TOOLCHAIN_FILE="$PWD/tests/aarch64/toolchain.cmake" >/dev/null
 cmake --build "$build/aarch64" -j2 >/dev/null
 
+# The GEMV weight prefetches (csrc/kernels/stream.h) must be in every SIMD set's 4-bit and
+# block-format kernels: GCC once deleted them all, unseen, as calls without effect.
+check_prefetches() {  # objdump, instruction, object files
+  local dump=$1 insn=$2; shift 2
+  for o in "$@"; do
+    if [ "$("$dump" -d "$o" | grep -c "$insn")" -eq 0 ]; then
+      echo "no $insn in $o: the GEMV weight prefetches were compiled out (stream.h)" >&2
+      exit 1
+    fi
+  done
+}
+check_prefetches objdump prefetcht "$build"/x86/CMakeFiles/lowbit_{avx2,avx512vnni}.dir/csrc/kernels/gemm_{blk,q4}/*.o
+check_prefetches aarch64-linux-gnu-objdump prfm "$build"/aarch64/CMakeFiles/lowbit_{neon,dotprod,i8mm}.dir/csrc/kernels/gemm_{blk,q4}/neon.cpp.o
+
 echo "== x86-64 ($(uname -m), native)"
 "$build/x86/kernel_check" | tee "$build/x86.out"
 grep '^digest' "$build/x86.out" > "$build/x86.digests"
