@@ -37,8 +37,9 @@ __attribute__((always_inline)) inline void dot8(__m512i* acc, const __m512i* lo,
 // the tile stores them. Outputs of thousands of rows lie beyond the caches, and each store would
 // miss and wait for its line: MiniLM's 4096-row layers ran 5-14% (int8) and 16-25% (W4A8) faster
 // with it (Zen 4, 2 threads). A tile's lines at a time: a 48-row block's at once, more than the
-// miss queue holds, gained only 2-3%.
-inline void prefetch_for_write(const float* c, int64_t ld, int rows, int panels) {
+// miss queue holds, gained only 2-3%. Forced inline: GCC deletes calls to a function whose only
+// effect is a prefetch (see stream.h).
+__attribute__((always_inline)) inline void prefetch_for_write(const float* c, int64_t ld, int rows, int panels) {
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < panels; ++j) __builtin_prefetch(c + r * ld + j * 16, 1, 3);
 }

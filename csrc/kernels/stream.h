@@ -47,27 +47,36 @@ constexpr int kPrefetchLocality = 3;  // (not measured on aarch64)
 #endif
 LOWBIT_STREAM_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, kPrefetchLocality); }
 
-// Step k's line of a panel's part of Bytes bytes per Inputs inputs, starting at base: every line
-// of a step for parts of a line or more per step, else only where a new line starts.
-template <int64_t Bytes, int64_t Inputs>
-LOWBIT_STREAM_INLINE void ahead_line(const void* base, int64_t k) {
+// Step k's lines of part `base` (panel_bytes apart per panel, Bytes bytes per Inputs inputs) in
+// panels p .. p + J - 1: every line of the step for parts of a line or more per step, else only
+// at a step where a new line starts. The test is one per part and step, the addresses one
+// multiply: these run inside the kernels' inner loops, where weights in L2 leave no room for them.
+template <int64_t Bytes, int64_t Inputs, int J>
+LOWBIT_STREAM_INLINE void ahead_part(const void* base, int64_t panel_bytes, int64_t p, int64_t k) {
   static_assert(Bytes * 8 >= Inputs ? (Bytes * 8) % Inputs == 0 : Inputs % (Bytes * 8) == 0,
                 "a whole number of bytes per step, or of steps per byte");
-  constexpr int64_t num = Bytes * 8 >= Inputs ? Bytes * 8 / Inputs : 1;
-  constexpr int64_t den = Bytes * 8 >= Inputs ? 1 : Inputs / (Bytes * 8);
-  const char* at = (const char*)base + k * num / den;
-  if constexpr (num >= 64) {
-    for (int64_t l = 0; l < num; l += 64) prefetch_line(at + l);
-  } else if (k == 0 || ((k * num / den) ^ ((k - 1) * num / den)) >> 6) {
-    prefetch_line(at);
+  constexpr int64_t num = Bytes * 8 >= Inputs ? Bytes * 8 / Inputs : 1;  // bytes per step
+  constexpr int64_t den = Bytes * 8 >= Inputs ? 1 : Inputs / (Bytes * 8);  // steps per byte
+  const int64_t off = k * num / den;
+  if constexpr (den > 1) {
+    if (k % (64 * den) != 0) return;
+  } else if constexpr (num < 64) {
+    if ((off & 63) >= num) return;
   }
+  const char* at = (const char*)base + p * panel_bytes + off;
+  for (int j = 0; j < J; ++j)
+    for (int64_t l = 0; l < num; l += 64) prefetch_line(at + j * panel_bytes + l);
 }
 
 // The same for `bytes` bytes every 2^log2_inputs inputs (a group size known at run time).
-LOWBIT_STREAM_INLINE void ahead_line(const void* base, int64_t k, int64_t bytes, int log2_inputs) {
+template <int J>
+LOWBIT_STREAM_INLINE void ahead_part(const void* base, int64_t panel_bytes, int64_t p, int64_t k,
+                                     int64_t bytes, int log2_inputs) {
   const int shift = log2_inputs - 3;  // steps per group: 2^shift
   const int64_t off = (k >> shift) * bytes;
-  if (k == 0 || (off ^ (((k - 1) >> shift) * bytes)) >> 6) prefetch_line((const char*)base + off);
+  if ((k & ((int64_t(1) << shift) - 1)) != 0 || (off & 63) >= bytes) return;
+  const char* at = (const char*)base + p * panel_bytes + off;
+  for (int j = 0; j < J; ++j) prefetch_line(at + j * panel_bytes);
 }
 
 // A block-format tile's prefetches at step k8 (formats.h's layout: every part the format has).
@@ -77,16 +86,14 @@ LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) 
   int64_t k;
   if (!ahead_of(p, k, k8, J, g->K / 8, g->Np / kPanel)) return;
   constexpr int64_t dsize = fmt.scale == ScaleKind::E8M0 ? 1 : 2;
-  for (int j = 0; j < J; ++j) {
-    const int64_t q = p + j;
-    if constexpr (fmt.bits == 8) ahead_line<128, 8>(g->q8 + q * g->K * 16, k);
-    if constexpr (fmt.nib) ahead_line<64, 8>(g->nib + q * g->K * 8, k);
-    if constexpr (fmt.planes > 0) ahead_line<16 * fmt.planes, 8>(g->bits + q * (g->K / 4) * fmt.planes, k);
-    ahead_line<16 * dsize, fmt.block>((const uint8_t*)g->d + q * (g->K / fmt.block) * 16 * dsize, k);
-    if constexpr (fmt.min != MinKind::None) ahead_line<32, fmt.block>(g->dm + q * (g->K / fmt.block) * 16, k);
-    if constexpr (fmt.scale == ScaleKind::Code) ahead_line<16, fmt.sub>(g->sc + q * (g->K / fmt.sub) * 16, k);
-    if constexpr (fmt.min == MinKind::Code && !fmt.pair4) ahead_line<16, fmt.sub>(g->mc + q * (g->K / fmt.sub) * 16, k);
-  }
+  const int64_t K = g->K;
+  if constexpr (fmt.bits == 8) ahead_part<128, 8, J>(g->q8, K * 16, p, k);
+  if constexpr (fmt.nib) ahead_part<64, 8, J>(g->nib, K * 8, p, k);
+  if constexpr (fmt.planes > 0) ahead_part<16 * fmt.planes, 8, J>(g->bits, K / 4 * fmt.planes * 8, p, k);
+  ahead_part<16 * dsize, fmt.block, J>(g->d, K / fmt.block * 16 * dsize, p, k);
+  if constexpr (fmt.min != MinKind::None) ahead_part<32, fmt.block, J>(g->dm, K / fmt.block * 32, p, k);
+  if constexpr (fmt.scale == ScaleKind::Code) ahead_part<16, fmt.sub, J>(g->sc, K / fmt.sub * 16, p, k);
+  if constexpr (fmt.min == MinKind::Code && !fmt.pair4) ahead_part<16, fmt.sub, J>(g->mc, K / fmt.sub * 16, p, k);
 }
 
 // A 4-bit tile's (kernels.h's Q4Args layout): nibbles, and the scales, minima or zero points of
@@ -95,20 +102,17 @@ template <int J>
 LOWBIT_STREAM_INLINE void stream_ahead(const Q4Args* g, int64_t p, int64_t k8) {
   int64_t k;
   if (!ahead_of(p, k, k8, J, g->Kp / 8, g->Np / kPanel)) return;
+  ahead_part<64, 8, J>(g->b, g->Kp * 8, p, k);
   const int64_t G = g->Kp / g->group;
+  const void* parts[] = {g->scales, g->mins, g->zeros};
+  const int64_t bytes[] = {32, 32, 16};  // per group and panel
   const bool pow2 = (g->group & (g->group - 1)) == 0;
-  const int log2_group = __builtin_ctzll((unsigned long long)g->group);
-  for (int j = 0; j < J; ++j) {
-    const int64_t q = p + j;
-    ahead_line<64, 8>(g->b + q * g->Kp * 8, k);
-    const void* group_parts[] = {g->scales ? (const void*)(g->scales + q * G * 16) : nullptr,
-                                 g->mins ? (const void*)(g->mins + q * G * 16) : nullptr,
-                                 g->zeros ? (const void*)(g->zeros + q * G * 16) : nullptr};
-    const int64_t group_bytes[] = {32, 32, 16};
-    for (int i = 0; i < 3; ++i) {
-      if (!group_parts[i]) continue;
-      if (pow2) ahead_line(group_parts[i], k, group_bytes[i], log2_group);
-      else if (k == 0) prefetch_line(group_parts[i]);
+  for (int i = 0; i < 3; ++i) {
+    if (!parts[i]) continue;
+    if (pow2) {
+      ahead_part<J>(parts[i], G * bytes[i], p, k, bytes[i], __builtin_ctzll((unsigned long long)g->group));
+    } else if (k == 0) {
+      for (int j = 0; j < J; ++j) prefetch_line((const char*)parts[i] + (p + j) * G * bytes[i]);
     }
   }
 }
