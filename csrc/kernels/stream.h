@@ -96,24 +96,32 @@ LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) 
   if constexpr (fmt.min == MinKind::Code && !fmt.pair4) ahead_part<16, fmt.sub, J>(g->mc, K / fmt.sub * 16, p, k);
 }
 
-// A 4-bit tile's (kernels.h's Q4Args layout): nibbles, and the scales, minima or zero points of
-// its groups (those of a group size that is not a power of two only at a panel's start).
+// A 4-bit tile's (kernels.h's Q4Args layout) at step k8: its nibbles. The parts per group come
+// from group_ahead, once a group.
 template <int J>
 LOWBIT_STREAM_INLINE void stream_ahead(const Q4Args* g, int64_t p, int64_t k8) {
   int64_t k;
   if (!ahead_of(p, k, k8, J, g->Kp / 8, g->Np / kPanel)) return;
   ahead_part<64, 8, J>(g->b, g->Kp * 8, p, k);
-  const int64_t G = g->Kp / g->group;
-  const void* parts[] = {g->scales, g->mins, g->zeros};
-  const int64_t bytes[] = {32, 32, 16};  // per group and panel
-  const bool pow2 = (g->group & (g->group - 1)) == 0;
+}
+
+// At the start of group grp (of G a panel), the scales, minima or zero points of the group as far
+// ahead as the nibbles' prefetch, where a line of them starts (every group is visited, so every
+// line is asked for once).
+template <int J>
+LOWBIT_STREAM_INLINE void group_ahead(const Q4Args* g, int64_t p, int64_t grp, int64_t G) {
+  int64_t q = grp + (kAheadSteps * 8 + g->group - 1) / g->group;
+  while (q >= G) {
+    q -= G;
+    p += J;
+  }
+  if (p >= g->Np / kPanel) return;
+  const char* parts[] = {(const char*)g->scales, (const char*)g->mins, (const char*)g->zeros};
+  constexpr int64_t bytes[] = {32, 32, 16};  // per group and panel
   for (int i = 0; i < 3; ++i) {
-    if (!parts[i]) continue;
-    if (pow2) {
-      ahead_part<J>(parts[i], G * bytes[i], p, k, bytes[i], __builtin_ctzll((unsigned long long)g->group));
-    } else if (k == 0) {
-      for (int j = 0; j < J; ++j) prefetch_line((const char*)parts[i] + (p + j) * G * bytes[i]);
-    }
+    if (!parts[i] || ((q * bytes[i]) & 63) >= bytes[i]) continue;
+    const char* at = parts[i] + p * G * bytes[i] + q * bytes[i];
+    for (int j = 0; j < J; ++j) prefetch_line(at + j * G * bytes[i]);
   }
 }
 

@@ -60,6 +60,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   __m256 f[MR * 2], I[MR * 2];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<1>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       __m256i acc[MR * 2];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
@@ -110,6 +111,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const __m256i nib = _mm256_set1_epi8(0x0F), byte = _mm256_set1_epi32(0xFF);
   __m256 f[MR * 2], S[MR * 2];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<1>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int i = 0; i < MR * 2; ++i) S[i] = _mm256_setzero_ps();
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {

@@ -50,6 +50,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   if (MR > 1) prefetch_for_write(g->c + m0 * g->ldc + p * kPanel, g->ldc, MR, J);
   __m512 f[MR * J], I[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       __m512i acc[MR * J];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
@@ -103,6 +104,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 f[MR * J], S[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<J>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int i = 0; i < MR * J; ++i) S[i] = _mm512_setzero_ps();
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {

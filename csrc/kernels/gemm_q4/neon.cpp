@@ -144,6 +144,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const uint8_t* b = g->b + p * ps;
   float32x4_t f[MR][J][4], I[MR][J][4];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       int32x4_t acc[MR][J][4];
       LOWBIT_UNROLL
@@ -188,6 +189,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const uint8_t* b = g->b + p * ps;
   float32x4_t f[MR][J][4], I[MR][J][4];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       int16x8_t acc[MR][J][4][2];
       LOWBIT_UNROLL
@@ -346,6 +348,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const uint32x4_t byte0 = vdupq_n_u32(0xFF);
   float32x4_t f[MR][J][4], S[MR][J][4];
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (MR == 1) group_ahead<J>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
