@@ -90,6 +90,11 @@ LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) 
   if constexpr (fmt.bits == 8) ahead_part<128, 8, J>(g->q8, K * 16, p, k);
   if constexpr (fmt.nib) ahead_part<64, 8, J>(g->nib, K * 8, p, k);
   if constexpr (fmt.planes > 0) ahead_part<16 * fmt.planes, 8, J>(g->bits, K / 4 * fmt.planes * 8, p, k);
+  // The parts per sub-block or block, 32 bytes or less a sub-block, start their lines only where
+  // sub-blocks start: k is one where k8 is (kAheadSteps and K / 8 are whole sub-blocks), and at
+  // the callers' unrolled steps that test folds away.
+  static_assert(kAheadSteps % (fmt.sub / 8) == 0, "the distance: whole sub-blocks");
+  if (k8 % (fmt.sub / 8) != 0) return;
   ahead_part<16 * dsize, fmt.block, J>(g->d, K / fmt.block * 16 * dsize, p, k);
   if constexpr (fmt.min != MinKind::None) ahead_part<32, fmt.block, J>(g->dm, K / fmt.block * 32, p, k);
   if constexpr (fmt.scale == ScaleKind::Code) ahead_part<16, fmt.sub, J>(g->sc, K / fmt.sub * 16, p, k);
