@@ -68,17 +68,6 @@ LOWBIT_STREAM_INLINE void ahead_part(const void* base, int64_t panel_bytes, int6
     for (int64_t l = 0; l < num; l += 64) prefetch_line(at + j * panel_bytes + l);
 }
 
-// The same for `bytes` bytes every 2^log2_inputs inputs (a group size known at run time).
-template <int J>
-LOWBIT_STREAM_INLINE void ahead_part(const void* base, int64_t panel_bytes, int64_t p, int64_t k,
-                                     int64_t bytes, int log2_inputs) {
-  const int shift = log2_inputs - 3;  // steps per group: 2^shift
-  const int64_t off = (k >> shift) * bytes;
-  if ((k & ((int64_t(1) << shift) - 1)) != 0 || (off & 63) >= bytes) return;
-  const char* at = (const char*)base + p * panel_bytes + off;
-  for (int j = 0; j < J; ++j) prefetch_line(at + j * panel_bytes);
-}
-
 // A block-format tile's prefetches at step k8 (formats.h's layout: every part the format has).
 template <int F, int J>
 LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) {
