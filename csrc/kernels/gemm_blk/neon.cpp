@@ -207,10 +207,11 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, int q, int8x16_t& lo
 }
 
 // The per-row int32 results res[m][q] (rows 4q..4q+3 of the panel, q in [Q0, Q0 + G)) of
-// sub-block [k0, k0 + sub) for MR activation rows a[m]: sum v a, v as values() builds them.
+// sub-block [k0, k0 + sub) for MR activation rows a[m]: sum v a, v as values() builds them;
+// stream: this tile reads the weights first, and prefetches ahead (stream.h).
 template <int F, int MR, Dot D, int Q0 = 0, int G = 4>
 inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0,
-                 int32x4_t res[][4]) {
+                 int32x4_t res[][4], bool stream) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   constexpr int S = fmt.sub;
   if constexpr (D == kSdot) {
@@ -229,7 +230,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       for (int m = 0; m < MR; ++m) x[m] = vld1q_s8(a[m] + k0 + 16 * t);
       LOWBIT_UNROLL
       for (int st = 0; st < 2; ++st) {
-        if (MR == 1 && Q0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + 2 * t + st);
+        if (stream && Q0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + 2 * t + st);
         LOWBIT_UNROLL
         for (int q = Q0; q < Q0 + G; ++q) {
           int8x16_t lo, hi;
@@ -257,6 +258,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
       for (int i = 2 * Q0; i < 2 * (Q0 + G); ++i) acc[r][i] = vdupq_n_s32(0);
     LOWBIT_UNROLL
     for (int k8 = 0; k8 < S / 8; ++k8) {
+      if (stream && Q0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + k8);
       int8x16_t ap[PR];
       LOWBIT_UNROLL
       for (int r = 0; r < PR; ++r)
@@ -307,7 +309,7 @@ inline void dots(const BlkArgs* g, int64_t p, const int8_t* const* a, int64_t k0
         for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
           for (int hs = 0; hs < 2; ++hs) a4[m][hs] = lane4(x[m], 2 * st + hs);
-        if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + 2 * t + st);
+        if (stream) stream_ahead<F, 1>(g, p, k0 / 8 + 2 * t + st);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           int8x16_t v[2];
@@ -496,7 +498,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
       const int64_t k0 = s * S;
       int32x4_t res[MR][4];
-      dots<F, MR, D, Q0, G>(g, p, a, k0, res);
+      dots<F, MR, D, Q0, G>(g, p, a, k0, res, m0 == 0);
       if constexpr (fmt.code_dot) {
         code_dot_step<F, E, MR, Q0, G>(g, p, m0, s, res, ib, mb, gs, hs);
         continue;
@@ -579,7 +581,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
         for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
           for (int hs = 0; hs < 2; ++hs) xv[m][hs] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
-        if (MR == 1) stream_ahead<F, 1>(g, p, k0 / 8 + st);
+        if (m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           int8x16_t v[2];
