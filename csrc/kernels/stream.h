@@ -1,7 +1,7 @@
 // GEMV weight streaming, shared by every ISA's 4-bit and block-format kernels: the tiles of a
 // call's first rows (m0 == 0), which read the weights from memory (the later row tiles of the
-// same panels find them in cache; with many rows the block formats unpack each panel once
-// instead). A tile reads J panels at once, each part of a weight (nibbles, bit planes, scales,
+// same panels find them in cache; with many rows and int8 activations, AVX-512 unpacks each
+// block-format panel once, except Q8_0's, and reads the unpacked bytes instead). A tile reads J panels at once, each part of a weight (nibbles, bit planes, scales,
 // minima) one stream per panel: at small K a panel's stream is a few KB, too short for the
 // hardware prefetcher to reach full speed before it ends, and the next tile's streams start
 // cold. So a tile prefetches, from every part, what it will read kAheadSteps steps of 8 inputs
@@ -49,26 +49,28 @@ constexpr int kPrefetchLocality = 2;  // PREFETCHT1
 constexpr int kPrefetchLocality = 3;  // (not measured on aarch64)
 #endif
 LOWBIT_STREAM_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, kPrefetchLocality); }
+// The address `offset` bytes past base, in integers: the last tile's ahead panels may lie past an
+// array's end, where a prefetch is harmless but pointer arithmetic is undefined.
+LOWBIT_STREAM_INLINE void prefetch_at(const void* base, int64_t offset) {
+  prefetch_line((const void*)((uintptr_t)base + (uintptr_t)offset));
+}
 
 // Step k's lines of part `base` (panel_bytes apart per panel, Bytes bytes per Inputs inputs) in
 // panels p .. p + J - 1: every line of the step for parts of a line or more per step, else only
-// at a step where a new line starts. The test is one per part and step, the addresses one
-// multiply: these run inside the kernels' inner loops, where weights in L2 leave no room for them.
+// at a step where a new line starts. One test per part and step, and a few integer operations
+// per address: these run inside the kernels' inner loops, where weights in L2 leave no room.
+// (Lines are counted from the array's start: a part of 48 bytes a step, Q3_K's bit planes, in an
+// array 32 or 48 bytes past a line start misses a third of its lines: the kernel then waits for
+// them, nothing else changes.)
 template <int64_t Bytes, int64_t Inputs, int J>
 LOWBIT_STREAM_INLINE void ahead_part(const void* base, int64_t panel_bytes, int64_t p, int64_t k) {
-  static_assert(Bytes * 8 >= Inputs ? (Bytes * 8) % Inputs == 0 : Inputs % (Bytes * 8) == 0,
-                "a whole number of bytes per step, or of steps per byte");
-  constexpr int64_t num = Bytes * 8 >= Inputs ? Bytes * 8 / Inputs : 1;  // bytes per step
-  constexpr int64_t den = Bytes * 8 >= Inputs ? 1 : Inputs / (Bytes * 8);  // steps per byte
-  const int64_t off = k * num / den;
-  if constexpr (den > 1) {
-    if (k % (64 * den) != 0) return;
-  } else if constexpr (num < 64) {
-    if ((off & 63) >= num) return;
-  }
-  const char* at = (const char*)base + p * panel_bytes + off;
+  static_assert(Bytes * 8 >= Inputs && (Bytes * 8) % Inputs == 0, "a whole number of bytes per step");
+  constexpr int64_t num = Bytes * 8 / Inputs;  // bytes per step
+  const int64_t off = k * num;
+  if (num < 64 && (off & 63) >= num) return;
+  const int64_t at = p * panel_bytes + off;
   for (int j = 0; j < J; ++j)
-    for (int64_t l = 0; l < num; l += 64) prefetch_line(at + j * panel_bytes + l);
+    for (int64_t l = 0; l < num; l += 64) prefetch_at(base, at + j * panel_bytes + l);
 }
 
 // A block-format tile's prefetches at step k8 (formats.h's layout: every part the format has).
@@ -83,8 +85,8 @@ LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) 
   if constexpr (fmt.nib) ahead_part<64, 8, J>(g->nib, K * 8, p, k);
   if constexpr (fmt.planes > 0) ahead_part<16 * fmt.planes, 8, J>(g->bits, K / 4 * fmt.planes * 8, p, k);
   // The parts per sub-block or block, 32 bytes or less a sub-block, start their lines only where
-  // sub-blocks start: k is one where k8 is (kAheadSteps and K / 8 are whole sub-blocks), and at
-  // the callers' unrolled steps that test folds away.
+  // sub-blocks start: k is one where k8 is (kAheadSteps and K / 8 are whole sub-blocks). A cheap
+  // test, folded away where the caller unrolls its steps.
   static_assert(kAheadSteps % (fmt.sub / 8) == 0, "the distance: whole sub-blocks");
   if (k8 % (fmt.sub / 8) != 0) return;
   ahead_part<16 * dsize, fmt.block, J>(g->d, K / fmt.block * 16 * dsize, p, k);
@@ -104,7 +106,7 @@ LOWBIT_STREAM_INLINE void stream_ahead(const Q4Args* g, int64_t p, int64_t k8) {
 
 // At the start of group grp (of G a panel), the scales, minima or zero points of the group as far
 // ahead as the nibbles' prefetch, where a line of them starts (every group is visited, so every
-// line is asked for once).
+// line is asked for; one two panels share, by both).
 template <int J>
 LOWBIT_STREAM_INLINE void group_ahead(const Q4Args* g, int64_t p, int64_t grp, int64_t G) {
   int64_t q = grp + (kAheadSteps * 8 + g->group - 1) / g->group;
@@ -117,8 +119,8 @@ LOWBIT_STREAM_INLINE void group_ahead(const Q4Args* g, int64_t p, int64_t grp, i
   constexpr int64_t bytes[] = {32, 32, 16};  // per group and panel
   for (int i = 0; i < 3; ++i) {
     if (!parts[i] || ((q * bytes[i]) & 63) >= bytes[i]) continue;
-    const char* at = parts[i] + p * G * bytes[i] + q * bytes[i];
-    for (int j = 0; j < J; ++j) prefetch_line(at + j * G * bytes[i]);
+    const int64_t at = (p * G + q) * bytes[i];
+    for (int j = 0; j < J; ++j) prefetch_at(parts[i], at + j * G * bytes[i]);
   }
 }
 

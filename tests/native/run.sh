@@ -32,7 +32,7 @@ check_prefetches() {  # objdump, instruction, object files
     fi
   done
 }
-check_prefetches objdump prefetcht "$build"/x86/CMakeFiles/lowbit_{avx2,avx512vnni}.dir/csrc/kernels/gemm_{blk,q4}/*.o
+check_prefetches objdump prefetcht1 "$build"/x86/CMakeFiles/lowbit_{avx2,avx512vnni}.dir/csrc/kernels/gemm_{blk,q4}/*.o
 check_prefetches aarch64-linux-gnu-objdump prfm "$build"/aarch64/CMakeFiles/lowbit_{neon,dotprod,i8mm}.dir/csrc/kernels/gemm_{blk,q4}/neon.cpp.o
 
 echo "== x86-64 ($(uname -m), native)"

@@ -170,7 +170,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
           if (PRE) load_pre(g, pre, j, k0 / 8 + st, lo[j], hi[j]);
           else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j]);
         }
-        if (!PRE && m0 == 0) stream_ahead<F, J>(g, p, k0 / 8 + st);
+        if ((!PRE || fmt.bits == 8) && m0 == 0) stream_ahead<F, J>(g, p, k0 / 8 + st);  // Q8_0: in place
         dot8<MR, J>(acc, lo, hi, a, g->lda, k0 + 8 * st);
       }
       __m512 D[J], B[J];

@@ -253,7 +253,9 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
   const uint8_t* b = g->b + p * ps + 16 * q0;
   const uint8x16_t nib = vdupq_n_u8(0x0F);
   float32x4_t f[P][CQ][2], I[P][CQ][2];
+  const bool stream = m0 == 0 && q0 == 0;  // the tile that reads the panel first (stream.h)
   for (int64_t grp = 0; grp < G; ++grp) {
+    if (stream) group_ahead<1>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       int32x4_t acc[P][CQ][2];
       LOWBIT_UNROLL
@@ -275,7 +277,8 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
           x[r][1] = vreinterpretq_s8_s64(vzip2q_s64(r0, r1));
         }
         LOWBIT_UNROLL
-        for (int t = 0; t < 2; ++t)
+        for (int t = 0; t < 2; ++t) {
+          if (stream) stream_ahead<1>(g, p, k0 / kQ4Step + 2 * s2 + t);
           LOWBIT_UNROLL
           for (int q = 0; q < CQ; ++q) {
             const uint8x16_t v = vld1q_u8(b + (k0 / kQ4Step + 2 * s2 + t) * 64 + 16 * q);
@@ -289,6 +292,7 @@ void tile_mmla(const Q4Args* g, int64_t m0, int64_t p, int q0) {
               acc[r][q][1] = vmmlaq_s32(acc[r][q][1], x[r][t], w23);
             }
           }
+        }
       }
       const bool first = k0 == grp * g->group;
       LOWBIT_UNROLL
