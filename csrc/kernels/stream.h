@@ -28,12 +28,13 @@ namespace {
 constexpr int64_t kAheadSteps = 32;
 #define LOWBIT_STREAM_INLINE __attribute__((always_inline)) inline
 
-// Panel p and step k (of `steps` per panel) that tile [p, p + J) reads kAheadSteps steps after
-// step k8; false past the last of `panels`.
-LOWBIT_STREAM_INLINE bool ahead_of(int64_t& p, int64_t& k, int64_t k8, int J, int64_t steps, int64_t panels) {
-  k = k8 + kAheadSteps;
-  while (k >= steps) {
-    k -= steps;
+// Panel p and position k (steps, or groups: `count` of them per panel) that tile [p, p + J)
+// reaches `ahead` positions after position `at`; false past the last of `panels`.
+LOWBIT_STREAM_INLINE bool ahead_of(int64_t& p, int64_t& k, int64_t at, int64_t ahead, int J,
+                                   int64_t count, int64_t panels) {
+  k = at + ahead;
+  while (k >= count) {
+    k -= count;
     p += J;
   }
   return p < panels;
@@ -79,7 +80,7 @@ template <int F, int J>
 LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   int64_t k;
-  if (!ahead_of(p, k, k8, J, g->K / 8, g->Np / kPanel)) return;
+  if (!ahead_of(p, k, k8, kAheadSteps, J, g->K / 8, g->Np / kPanel)) return;
   constexpr int64_t dsize = fmt.scale == ScaleKind::E8M0 ? 1 : 2;
   const int64_t K = g->K;
   if constexpr (fmt.bits == 8) ahead_part<128, 8, J>(g->q8, K * 16, p, k);
@@ -101,7 +102,7 @@ LOWBIT_STREAM_INLINE void stream_ahead(const BlkArgs* g, int64_t p, int64_t k8) 
 template <int J>
 LOWBIT_STREAM_INLINE void stream_ahead(const Q4Args* g, int64_t p, int64_t k8) {
   int64_t k;
-  if (!ahead_of(p, k, k8, J, g->Kp / 8, g->Np / kPanel)) return;
+  if (!ahead_of(p, k, k8, kAheadSteps, J, g->Kp / 8, g->Np / kPanel)) return;
   ahead_part<64, 8, J>(g->b, g->Kp * 8, p, k);
 }
 
@@ -110,12 +111,8 @@ LOWBIT_STREAM_INLINE void stream_ahead(const Q4Args* g, int64_t p, int64_t k8) {
 // line is asked for; a line two panels share, by both).
 template <int J>
 LOWBIT_STREAM_INLINE void group_ahead(const Q4Args* g, int64_t p, int64_t grp, int64_t G) {
-  int64_t q = grp + (kAheadSteps * 8 + g->group - 1) / g->group;
-  while (q >= G) {
-    q -= G;
-    p += J;
-  }
-  if (p >= g->Np / kPanel) return;
+  int64_t q;
+  if (!ahead_of(p, q, grp, (kAheadSteps * 8 + g->group - 1) / g->group, J, G, g->Np / kPanel)) return;
   const char* parts[] = {(const char*)g->scales, (const char*)g->mins, (const char*)g->zeros};
   constexpr int64_t bytes[] = {32, 32, 16};  // per group and panel
   for (int i = 0; i < 3; ++i) {
