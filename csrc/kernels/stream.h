@@ -1,13 +1,14 @@
 // GEMV weight streaming, shared by every ISA's 4-bit and block-format kernels: the tiles of a
-// call's first rows (m0 == 0), which read the weights from memory (the later row tiles of the
-// same panels find them in cache; with many rows and int8 activations, AVX-512 unpacks each
-// block-format panel once, except Q8_0's, and reads the unpacked bytes instead). A tile reads J
-// panels at once, each part of a weight (nibbles, bit planes, scales, minima) one stream per
+// call's first rows (m0 == 0; and every one-row tile, where the test is a constant: as a run-time
+// test it cost a hot 576 x 576 int4 call 10%), which read the weights from memory (the later row
+// tiles of the same panels find them in cache; with many rows and int8 activations, AVX-512 unpacks
+// each block-format panel once, except Q8_0's, and reads the unpacked bytes instead). A tile reads
+// J panels at once, each part of a weight (nibbles, bit planes, scales, minima) one stream per
 // panel: at small K a panel's stream is a few KB, too short for the hardware prefetcher to reach
 // full speed before it ends, and the next tile's streams start cold. So a tile prefetches, from
-// every part, what it will read kAheadSteps steps of 8 inputs later; past its panels' end, the
-// same places in the next J panels (the next tile's). For 2-8 rows (weights from DRAM, Zen 4,
-// 2 threads) that made 576-row layers 20-55% faster.
+// every part, what it will read kAheadSteps steps of 8 inputs later; past its panels' end, the same
+// places in the next J panels (the next tile's). For 2-8 rows (weights from DRAM, Zen 4, 2 threads)
+// that made 576-row layers 20-55% faster.
 //
 // Every function here is always_inline: GCC 12 judges a function whose only effect is
 // __builtin_prefetch to have none, and deletes its calls. Until they were forced inline, no

@@ -141,7 +141,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
       LOWBIT_UNROLL
       for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
       for (int st = 0; st < S / 8; ++st) {
-        if (m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
+        if (MR == 1 || m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
         LOWBIT_UNROLL
         for (int h = 0; h < 2; ++h) {
           __m256i lo, hi;
@@ -210,7 +210,7 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p) {
         for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_si256();
         LOWBIT_UNROLL
         for (int st = 0; st < 2; ++st) {
-          if (m0 == 0) stream_ahead<F, 1>(g, p, 2 * s + st);
+          if (MR == 1 || m0 == 0) stream_ahead<F, 1>(g, p, 2 * s + st);
           LOWBIT_UNROLL
           for (int h = 0; h < 2; ++h) {
             __m256i lo, hi;
@@ -288,7 +288,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     LOWBIT_UNROLL
     for (int i = 0; i < MR * 2; ++i) acc[i] = _mm256_setzero_ps();
     for (int st = 0; st < S / 8; ++st) {
-      if (m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
+      if (MR == 1 || m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h) {
         __m256i v[2];

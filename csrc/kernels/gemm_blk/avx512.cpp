@@ -170,7 +170,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) {
           if (PRE) load_pre(g, pre, j, k0 / 8 + st, lo[j], hi[j]);
           else values<F>(g, p + j, k0 / 8 + st, lo[j], hi[j]);
         }
-        if ((!PRE || fmt.bits == 8) && m0 == 0) stream_ahead<F, J>(g, p, k0 / 8 + st);  // Q8_0: in place
+        if (MR == 1 || ((!PRE || fmt.bits == 8) && m0 == 0)) stream_ahead<F, J>(g, p, k0 / 8 + st);  // Q8_0: in place
         dot8<MR, J>(acc, lo, hi, a, g->lda, k0 + 8 * st);
       }
       __m512 D[J], B[J];
@@ -299,7 +299,7 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) 
             if (PRE) load_pre(g, pre, j, k8, lo[j], hi[j]);
             else code_values<F>(g, p + j, k8, start[j], add[j], lo[j], hi[j]);
           }
-          if (!PRE && m0 == 0) stream_ahead<F, J>(g, p, k8);
+          if (MR == 1 || (!PRE && m0 == 0)) stream_ahead<F, J>(g, p, k8);
           dot8<MR, J>(acc, lo, hi, a, g->lda, 8 * k8);
         }
       }
@@ -362,7 +362,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
       __m512i v[2][J];
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, v[0][j], v[1][j]);
-      if (m0 == 0) stream_ahead<F, J>(g, p, k0 / 8 + st);
+      if (MR == 1 || m0 == 0) stream_ahead<F, J>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order: byte i % 4 of each lane
         __m512 w[J];

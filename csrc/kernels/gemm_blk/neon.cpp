@@ -498,7 +498,7 @@ void tile_a8(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int64_t s = b * (fmt.block / S); s < (b + 1) * (fmt.block / S); ++s) {
       const int64_t k0 = s * S;
       int32x4_t res[MR][4];
-      dots<F, MR, D, Q0, G>(g, p, a, k0, res, m0 == 0);
+      dots<F, MR, D, Q0, G>(g, p, a, k0, res, MR == 1 || m0 == 0);
       if constexpr (fmt.code_dot) {
         code_dot_step<F, E, MR, Q0, G>(g, p, m0, s, res, ib, mb, gs, hs);
         continue;
@@ -581,7 +581,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
         for (int m = 0; m < MR; ++m)
           LOWBIT_UNROLL
           for (int hs = 0; hs < 2; ++hs) xv[m][hs] = vld1q_f32(x[m] + k0 + 8 * st + 4 * hs);
-        if (m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
+        if (MR == 1 || m0 == 0) stream_ahead<F, 1>(g, p, k0 / 8 + st);
         LOWBIT_UNROLL
         for (int q = 0; q < 4; ++q) {
           int8x16_t v[2];

@@ -60,7 +60,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   __m256 f[MR * 2], I[MR * 2];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<1>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<1>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       __m256i acc[MR * 2];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
@@ -68,7 +68,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         acc[m * 2] = acc[m * 2 + 1] =
             g->asum ? _mm256_set1_epi32(-8 * g->asum[(m0 + m) * nblocks + k0 / kActBlock]) : _mm256_setzero_si256();
       for (int s = 0; s < kActBlock / kQ4Step; ++s) {
-        if (m0 == 0) stream_ahead<1>(g, p, k0 / kQ4Step + s);
+        if (MR == 1 || m0 == 0) stream_ahead<1>(g, p, k0 / kQ4Step + s);
         LOWBIT_UNROLL
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(b + (k0 / kQ4Step + s) * 64 + 32 * h));
@@ -111,11 +111,11 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const __m256i nib = _mm256_set1_epi8(0x0F), byte = _mm256_set1_epi32(0xFF);
   __m256 f[MR * 2], S[MR * 2];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<1>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<1>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int i = 0; i < MR * 2; ++i) S[i] = _mm256_setzero_ps();
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {
-      if (m0 == 0) stream_ahead<1>(g, p, k0 / kQ4Step);
+      if (MR == 1 || m0 == 0) stream_ahead<1>(g, p, k0 / kQ4Step);
       LOWBIT_UNROLL
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(b + k0 / kQ4Step * 64 + 32 * h));

@@ -50,7 +50,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   if (MR > 1) prefetch_for_write(g->c + m0 * g->ldc + p * kPanel, g->ldc, MR, J);
   __m512 f[MR * J], I[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       __m512i acc[MR * J];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
@@ -69,7 +69,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
           lo[j] = _mm512_and_si512(v, nib);
           hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         }
-        if (m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
+        if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         dot8<MR, J>(acc, lo, hi, a, g->lda, k0 + 8 * s);
       }
       const bool first = k0 == grp * g->group;
@@ -104,14 +104,14 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 f[MR * J], S[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int i = 0; i < MR * J; ++i) S[i] = _mm512_setzero_ps();
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {
       __m512i v[J];
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j) v[j] = _mm512_loadu_si512(b + j * ps + k0 / kQ4Step * 64);
-      if (m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step);
+      if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step);
       LOWBIT_UNROLL
       for (int i = 0; i < kQ4Step; ++i) {  // k0 + i, in order: each lane is one column's sum
         // k0+i sits in byte i%4 of each column's lane, low nibble for i < 4, high nibble after

@@ -144,7 +144,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const uint8_t* b = g->b + p * ps;
   float32x4_t f[MR][J][4], I[MR][J][4];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       int32x4_t acc[MR][J][4];
       LOWBIT_UNROLL
@@ -158,7 +158,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
         int8x8_t x[MR];
         LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m) x[m] = vld1_s8(a + m * g->lda + k0 + kQ4Step * s);
-        if (m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
+        if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
           const uint8_t* at = b + j * ps + (k0 / kQ4Step + s) * 64;
@@ -189,7 +189,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const uint8_t* b = g->b + p * ps;
   float32x4_t f[MR][J][4], I[MR][J][4];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       int16x8_t acc[MR][J][4][2];
       LOWBIT_UNROLL
@@ -201,7 +201,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
           xlo[m] = vreinterpretq_s8_s32(vdupq_lane_s32(v, 0));
           xhi[m] = vreinterpretq_s8_s32(vdupq_lane_s32(v, 1));
         }
-        if (m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
+        if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
           const uint8_t* at = b + j * ps + (k0 / kQ4Step + s) * 64;
@@ -352,7 +352,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const uint32x4_t byte0 = vdupq_n_u32(0xFF);
   float32x4_t f[MR][J][4], S[MR][J][4];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int m = 0; m < MR; ++m)
       LOWBIT_UNROLL
@@ -366,7 +366,7 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
         xv[m][0] = vld1q_f32(x + m * g->lda + k0);
         xv[m][1] = vld1q_f32(x + m * g->lda + k0 + 4);
       }
-      if (m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step);
+      if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step);
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j) {
         const uint8_t* at = b + j * ps + k0 / kQ4Step * 64;
