@@ -41,7 +41,7 @@ inline void store(const Q4Args* g, int64_t m, int64_t panel, __m512 f) {
   _mm512_mask_storeu_ps(g->c + m * g->ldc + panel * kPanel, mask, y);
 }
 
-template <int MR, int J, bool SYM>  // SYM: symmetric weights, g->asum given (kernels.h)
+template <int MR, int J, bool SYM, bool STREAM>  // SYM: symmetric weights, g->asum given (kernels.h)
 void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group, nblocks = g->Kp / kActBlock;
   const int8_t* a = (const int8_t*)g->a + m0 * g->lda;
@@ -50,7 +50,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
   if (MR > 1) prefetch_for_write(g->c + m0 * g->ldc + p * kPanel, g->ldc, MR, J);
   __m512 f[MR * J], I[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (STREAM) group_ahead<J>(g, p, grp, G);
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kActBlock) {
       __m512i acc[MR * J];  // symmetric weights: from -8 sum(q_a), so that the dot is of q_w - 8
       LOWBIT_UNROLL
@@ -69,7 +69,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
           lo[j] = _mm512_and_si512(v, nib);
           hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         }
-        if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step + s);
+        if (STREAM) stream_ahead<J>(g, p, k0 / kQ4Step + s);
         dot8<MR, J>(acc, lo, hi, a, g->lda, k0 + 8 * s);
       }
       const bool first = k0 == grp * g->group;
@@ -95,7 +95,7 @@ void tile_a8(const Q4Args* g, int64_t m0, int64_t p) {
     for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, f[m * J + j]);
 }
 
-template <int MR, int J>
+template <int MR, int J, bool STREAM>
 void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const int64_t ps = g->Kp * kQ4Step, G = g->Kp / g->group;
   const float* x = (const float*)g->a + m0 * g->lda;
@@ -104,14 +104,14 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
   const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 f[MR * J], S[MR * J];
   for (int64_t grp = 0; grp < G; ++grp) {
-    if (MR == 1 || m0 == 0) group_ahead<J>(g, p, grp, G);
+    if (STREAM) group_ahead<J>(g, p, grp, G);
     LOWBIT_UNROLL
     for (int i = 0; i < MR * J; ++i) S[i] = _mm512_setzero_ps();
     for (int64_t k0 = grp * g->group; k0 < (grp + 1) * g->group; k0 += kQ4Step) {
       __m512i v[J];
       LOWBIT_UNROLL
       for (int j = 0; j < J; ++j) v[j] = _mm512_loadu_si512(b + j * ps + k0 / kQ4Step * 64);
-      if (MR == 1 || m0 == 0) stream_ahead<J>(g, p, k0 / kQ4Step);
+      if (STREAM) stream_ahead<J>(g, p, k0 / kQ4Step);
       LOWBIT_UNROLL
       for (int i = 0; i < kQ4Step; ++i) {  // k0 + i, in order: each lane is one column's sum
         // k0+i sits in byte i%4 of each column's lane, low nibble for i < 4, high nibble after
@@ -143,23 +143,29 @@ void tile_f32(const Q4Args* g, int64_t m0, int64_t p) {
 using TileFn = void (*)(const Q4Args*, int64_t, int64_t);
 
 enum Mode { kF32, kA8, kA8Sym };
-template <int MODE, int MR, int J>
+template <int MODE, int MR, int J, bool STREAM = MR == 1>
 void tile(const Q4Args* g, int64_t m0, int64_t p) {
-  if constexpr (MODE == kF32) tile_f32<MR, J>(g, m0, p);
-  else tile_a8<MR, J, MODE == kA8Sym>(g, m0, p);
+  if constexpr (MODE == kF32) tile_f32<MR, J, STREAM>(g, m0, p);
+  else tile_a8<MR, J, MODE == kA8Sym, STREAM>(g, m0, p);
 }
 
 // Tiles: a single row streams several panels at once (GEMV: independent chains; W4A32 needs 8 to
 // cover the FMA latency); several rows share each unpacked weight vector, 4 rows x 2 panels.
+// STREAM: the tile prefetches ahead (stream.h), one-row tiles and a call's first rows (`first`).
+// It is a template argument, not a run-time test: as a test in the 4-row tile, a 128 x 4096 x 4096
+// symmetric W4A8 GEMM ran 20-25% slower (Zen 4, 2 threads).
 template <int MODE>
-TileFn pick(int mr, int j) {
+TileFn pick(int mr, int j, bool first) {
   static const TileFn one_row[] = {tile<MODE, 1, 1>,  tile<MODE, 1, 2>,  tile<MODE, 1, 3>,
                                    tile<MODE, 1, 4>,  tile<kF32, 1, 5>, tile<kF32, 1, 6>,
                                    tile<kF32, 1, 7>, tile<kF32, 1, 8>};
-  static const TileFn rows[3][2] = {{tile<MODE, 2, 1>, tile<MODE, 2, 2>},
-                                    {tile<MODE, 3, 1>, tile<MODE, 3, 2>},
-                                    {tile<MODE, 4, 1>, tile<MODE, 4, 2>}};
-  return mr == 1 ? one_row[j - 1] : rows[mr - 2][j - 1];
+  static const TileFn rows[2][3][2] = {{{tile<MODE, 2, 1>, tile<MODE, 2, 2>},
+                                        {tile<MODE, 3, 1>, tile<MODE, 3, 2>},
+                                        {tile<MODE, 4, 1>, tile<MODE, 4, 2>}},
+                                       {{tile<MODE, 2, 1, true>, tile<MODE, 2, 2, true>},
+                                        {tile<MODE, 3, 1, true>, tile<MODE, 3, 2, true>},
+                                        {tile<MODE, 4, 1, true>, tile<MODE, 4, 2, true>}}};
+  return mr == 1 ? one_row[j - 1] : rows[first][mr - 2][j - 1];
 }
 
 template <int MODE>
@@ -169,7 +175,7 @@ void run(const Q4Args* g, int64_t p0, int64_t p1) {
     const int j = (int)(p1 - p < max_j ? p1 - p : max_j);
     for (int64_t m = 0; m < g->M;) {
       const int mr = (int)(g->M - m < 4 ? g->M - m : 4);
-      pick<MODE>(mr, j)(g, m, p);
+      pick<MODE>(mr, j, m == 0)(g, m, p);
       m += mr;
     }
     p += j;
