@@ -1,7 +1,8 @@
 """Every weight format against the machine's own limits, in one run.
 
 For each GGUF block format lowbit reads (lowbit.formats: Q8_0, Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_NL,
-IQ4_XS, MXFP4) and lowbit's own int8 / int4:
+IQ4_XS, MXFP4) and lowbit's own int8, int4 (symmetric, lb.quantize's default W4A8: as Q4_0) and
+int4a (asymmetric, with minima: as Q4_1), int4 in groups of 32:
 
 * size: bytes held per weight against the bytes of the GGUF file (nbytes / file);
 * cold GEMV (M = 1, int8 and float activations) on a ~128 MB weight (4x the last-level cache, so
@@ -44,20 +45,25 @@ def block_weight(name, n, k, rng):
     return lb.QuantizedWeight.from_blocks(name, (n, k), parts), raw.nbytes
 
 
-def int_weight(bits, n, k, rng):
+INT_FORMATS = {"int8": 34, "int4": 18, "int4a": 20}  # bytes per 32 weights of the GGUF type alike
+
+
+def int_weight(name, n, k, rng):
+    """lowbit's own format `name` (INT_FORMATS) of a random (n, k) weight, and the bytes of the
+    GGUF type alike (Q8_0, Q4_0, Q4_1)."""
     w = rng.normal(0, 0.02, (n, k)).astype(np.float32)
-    if bits == 8:
-        return lb.quantize(w, bits=8), n * k // 32 * 34  # as GGUF Q8_0
-    return lb.quantize(w, bits=4, group_size=32, symmetric=False), n * k // 32 * 20  # as Q4_1
+    qw = (lb.quantize(w, bits=8) if name == "int8"
+          else lb.quantize(w, bits=4, group_size=32, symmetric=name == "int4"))
+    return qw, n * k // 32 * INT_FORMATS[name]
 
 
 def weights(names, k, rows_for, rng):
     out = {}
     for name in names:
         n = rows_for(name)
-        if name in ("int8", "int4"):
+        if name in INT_FORMATS:
             # quantizing floats of a 128 MB weight is slow: build rows once, tile them
-            qw, file_bytes = int_weight(8 if name == "int8" else 4, 256, k, rng)
+            qw, file_bytes = int_weight(name, 256, k, rng)
             qw = lb.concat_rows([qw] * (n // 256))
             file_bytes *= n // 256
         else:
@@ -67,8 +73,8 @@ def weights(names, k, rows_for, rng):
 
 
 def bits_per_weight(name):
-    if name in ("int8", "int4"):
-        return 8.5 if name == "int8" else 5.0
+    if name in INT_FORMATS:
+        return INT_FORMATS[name] / 4
     f = BLOCK_FORMATS[name]
     return f.bytes * 8 / f.block
 
@@ -90,11 +96,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--formats", help="comma-separated subset (default: all, and int8 / int4)")
+    p.add_argument("--formats", help="comma-separated subset (default: all, and int8 / int4 / int4a)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     lb.set_num_threads(args.threads)
-    names = args.formats.split(",") if args.formats else sorted(BLOCK_FORMATS) + ["int8", "int4"]
+    names = args.formats.split(",") if args.formats else sorted(BLOCK_FORMATS) + list(INT_FORMATS)
     rng = np.random.default_rng(0)
     k = 4096
 

@@ -1,9 +1,9 @@
 """Each matmul kernel's fraction of its own limit across M = 1 .. 256, so that regressions show.
 
-For every weight format (lowbit's int8 / int4 and each GGUF block format) and activation mode
-(int8; with --float also float32 for the weight-only kernels), an N x K weight (default
-4096 x 4096) is multiplied by M rows for M in 1, 2, 4, 8, 16, 64, 256. The limit of a call is the
-larger of
+For every weight format (lowbit's int8, int4 (symmetric, the default W4A8) and int4a (with minima),
+and each GGUF block format) and activation mode (int8; with --float also float32 for the
+weight-only kernels), an N x K weight (default 4096 x 4096) is multiplied by M rows for M in 1, 2,
+4, 8, 16, 64, 256. The limit of a call is the larger of
 
 * its weight bytes over the read bandwidth of a buffer of the same size (lowbit's own probe, the
   same threads: a weight that fits in cache is held to the cache's speed, not DRAM's), and
@@ -32,7 +32,7 @@ from lowbit import _core
 from lowbit.formats import BLOCK_FORMATS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from formats import block_weight, int_weight  # noqa: E402
+from formats import INT_FORMATS, block_weight, int_weight  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 64, 256)
 
@@ -53,14 +53,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--formats", help="comma-separated subset (default: int8, int4 and every block format)")
+    p.add_argument("--formats", help="comma-separated subset (default: int8, int4, int4a and every block format)")
     p.add_argument("--float", action="store_true", help="also the float-activation kernels")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     lb.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     n, k = args.n, args.k
-    names = args.formats.split(",") if args.formats else ["int8", "int4"] + sorted(BLOCK_FORMATS)
+    names = args.formats.split(",") if args.formats else list(INT_FORMATS) + sorted(BLOCK_FORMATS)
 
     peak = _core.dot_peak(0.5)
     bandwidth = {}  # bytes -> read bandwidth of a buffer that size
@@ -75,7 +75,7 @@ def main(argv=None):
     xs = {m: rng.normal(size=(m, k)).astype(np.float32) for m in MS}
     rows = []
     for name in names:
-        qw = (int_weight(8 if name == "int8" else 4, n, k, rng) if name in ("int8", "int4")
+        qw = (int_weight(name, n, k, rng) if name in INT_FORMATS
               else block_weight(name, n, k, rng))[0]
         bw = read_bw(qw.nbytes)
         modes = ("int8", "float") if args.float and name != "int8" else ("int8",)

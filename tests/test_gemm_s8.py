@@ -6,9 +6,10 @@ import lowbit as lb
 from lowbit import _core
 
 # M: GEMV path (1..4), tile tails (5, 7), several row tiles (17, 64); N: panel tails;
-# K: 1, below / at / above the 4-byte step and the 64-byte block, long.
+# K: 1, below / at / above the 4-byte step and the 64-byte block, long; at / above AVX-512's
+# 4096-k block (rows > 4: partial sums carried across blocks).
 SHAPES = [(m, n, k) for m in (1, 2, 3, 5, 17) for n in (1, 15, 16, 17, 70) for k in (1, 3, 4, 5, 63, 64, 65, 260)]
-SHAPES += [(64, 129, 1000), (7, 300, 4100), (128, 64, 96), (1, 1000, 4096)]
+SHAPES += [(64, 129, 1000), (7, 300, 4100), (128, 64, 96), (1, 1000, 4096), (9, 40, 4096), (6, 17, 8195)]
 
 
 def reference(a, b):
