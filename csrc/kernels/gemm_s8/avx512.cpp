@@ -293,9 +293,6 @@ void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
   }
   _tile_release();
 }
-
-// AMX pays off once a weight tile serves several rows; GEMV shapes stay on VPDPBUSD.
-constexpr int64_t kAmxMinRows = 8;
 #endif
 
 }  // namespace
