@@ -19,9 +19,9 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kKStep = 4;
 
 // Activations for the INT8 GEMM are unsigned: q + 128, rows padded to Kp with 128 (a zero).
-// Calls of kAmxMinRows rows or more run on AMX tiles where the CPU has them (a weight tile then
-// serves several rows; fewer stay on VPDPBUSD), which read the rows in blocks of 32: the buffer
-// holds rows of 128 up to the next multiple of 32.
+// Ungrouped calls of kAmxMinRows rows or more run on AMX tiles where the CPU has them (a weight
+// tile then serves several rows; fewer stay on VPDPBUSD), which read the rows in blocks of 32:
+// for those calls the buffer holds rows of 128 up to the next multiple of 32.
 constexpr int64_t kAmxMinRows = 8;
 struct GemmArgs {
   const uint8_t* a;       // [M][lda] u8

@@ -76,16 +76,20 @@ float* scratch_scales(int64_t M) {
 // a tile reads do not all fall into the same L1 cache set.
 int64_t activation_stride(int64_t Kp) { return round_up(Kp, 64) % 4096 ? round_up(Kp, 64) : Kp + 64; }
 
-// The kernels' activation operand: M rows of lda bytes, then, for calls the AMX kernel may take
-// (kAmxMinRows rows or more), padding rows of 128 (a zero) up to a multiple of 32 rows, which it
-// reads whole. (Padding every call cost a 1 x 576 x 576 GEMV a 20 KB memset, 0.2 us.)
-uint8_t* activation_buffer(int64_t M, int64_t lda) {
+// The kernels' activation operand: M rows of lda bytes (room for a multiple of 32 rows). With
+// `amx_pad`, the rows after M up to that multiple hold 128 (the INT8 GEMM's zero), which the AMX
+// kernel reads whole. (Padding every call cost a 1 x 576 x 576 GEMV an 18 KB memset, half of L1.)
+uint8_t* activation_buffer(int64_t M, int64_t lda, bool amx_pad = false) {
   std::vector<uint8_t>& buf = buffers().activations;
   const size_t rows = (size_t)round_up(M, 32), bytes = rows * (size_t)lda;
   if (buf.size() < bytes) buf.resize(bytes);
-  if (M >= kAmxMinRows) std::memset(buf.data() + M * lda, 128, (rows - (size_t)M) * (size_t)lda);
+  if (amx_pad) std::memset(buf.data() + M * lda, 128, (rows - (size_t)M) * (size_t)lda);
   return buf.data();
 }
+
+// Whether an INT8 GEMM of M rows may run on AMX tiles (the `amx` kernel set, kAmxMinRows rows or
+// more), and so needs activation_buffer's padding rows.
+bool amx_rows(const Kernels& kt, int64_t M) { return M >= kAmxMinRows && std::strcmp(kt.name, "amx") == 0; }
 
 // Runs quant(rows, ld, r0, r1) over rows [m0, m1) of x, `rows` pointing at row r0, ld floats
 // apart: x itself in one call, or, with per-column factors c (a layer's input_scale), blocks of
@@ -256,7 +260,7 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
   const ScratchScope scope;
   const Kernels& kt = kernels();
   const int64_t lda = activation_stride(s.Kp);
-  uint8_t* a = activation_buffer(M, lda);
+  uint8_t* a = activation_buffer(M, lda, amx_rows(kt, M));
   float* ascale = (float*)scratch_scales(M);
   auto quant = [&](int64_t m0, int64_t m1) {
     with_scaled_rows(x, ldx, s.K, colscale, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
@@ -275,7 +279,7 @@ void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, 
   // Operands in the kernel's form: a + 128 padded with 128; b in panels, with its column sums.
   const size_t b_bytes = (size_t)(s.Np * s.Kp);
   const int64_t lda = activation_stride(s.Kp);
-  uint8_t* au = activation_buffer(M, lda);
+  uint8_t* au = activation_buffer(M, lda, amx_rows(kernels(), M));
   uint8_t* buf = scratch(b_bytes + (size_t)s.Np * sizeof(int32_t));
   int8_t* bp = (int8_t*)buf;
   int32_t* comp = (int32_t*)(buf + b_bytes);

@@ -1,7 +1,8 @@
 // GEMV weight streaming, shared by every ISA's 4-bit and block-format kernels: the tiles of a
 // call's first rows (m0 == 0; and every one-row tile, where the test is a constant: as a run-time
-// test it cost a hot 576 x 576 int4 call 10%, and AVX-512's int4 GEMM 20-25%, so that one builds
-// its row tiles with and without the prefetches), which read the weights from memory (the later row
+// test it cost a hot 576 x 576 int4 call 10%; in AVX-512's multi-row int4 tiles, m0 == 0 cost a
+// symmetric W4A8 GEMM 20-25%, so that file builds its row tiles with and without the prefetches),
+// which read the weights from memory (the later row
 // tiles of the same panels find them in cache; with many rows and int8 activations, AVX-512 unpacks
 // each block-format panel once, except Q8_0's, and reads the unpacked bytes instead). A tile reads
 // J panels at once, each part of a weight (nibbles, bit planes, scales, minima) one stream per

@@ -139,7 +139,7 @@ void run(const GemmArgs* g, int64_t p0, int64_t p1, int max_mr, int max_j) {
 // wait in acc. Blocks of 256 k, which kept a block in L1, were slower: their row tiles' dot loops
 // were short, and the partial sums went to memory and back every 256 k. With 4096 (Zen 4, 2
 // threads, best of 11 interleaved calls) GEMMs with K of 2048 to 11008 ran 8-14% faster (128 x
-// 4096 x 4096: 359-366 -> 398-409 GMAC/s), MiniLM's K = 384 / 1536 layers within 5%.
+// 4096 x 4096: 359-366 -> 398-412 GMAC/s), MiniLM's K = 384 / 1536 layers within 5%.
 constexpr int64_t kKc = 4096, kMc = 48;
 using DotsFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
 
@@ -237,7 +237,8 @@ void amx_configure() {
 }
 
 // out[32][32] = exact dots of rows [0, 32) of `a` with panels p, p+1 (at b, b + ps) over [0, Kp).
-// Reads 32 rows of `a` (the caller pads the activation buffer to a multiple of 32 rows).
+// Reads 32 rows of `a` (ops.cpp's activation_buffer pads calls of kAmxMinRows rows or more to a
+// multiple of 32 rows).
 template <bool STREAM>
 void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps, int64_t Kp, int32_t* out) {
   const int64_t k64 = Kp / 64 * 64;
