@@ -2,9 +2,9 @@
 // call's first rows (m0 == 0; and every one-row tile, where the test is a constant: as a run-time
 // test it cost a hot 576 x 576 int4 call 10%; in AVX-512's multi-row int4 tiles, m0 == 0 cost a
 // symmetric W4A8 GEMM 20-25%, so that file builds its row tiles with and without the prefetches),
-// which read the weights from memory (the later row
-// tiles of the same panels find them in cache; with many rows and int8 activations, AVX-512 unpacks
-// each block-format panel once, except Q8_0's, and reads the unpacked bytes instead). A tile reads
+// which read the weights from memory (the later row tiles of the same panels find them in cache;
+// with many rows and int8 activations, AVX-512 unpacks each block-format panel once, except
+// Q8_0's, and reads the unpacked bytes instead). A tile reads
 // J panels at once, each part of a weight (nibbles, bit planes, scales, minima) one stream per
 // panel: at small K a panel's stream is a few KB, too short for the hardware prefetcher to reach
 // full speed before it ends, and the next tile's streams start cold. So a tile prefetches, from
