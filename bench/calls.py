@@ -5,7 +5,10 @@ and weight format, the median time of ``layer(x)`` over interleaved rounds, besi
 
 * ``empty``: an M = 0 call (every check, no kernel): the fixed cost of the binding;
 * ``numpy``: ``np.empty`` of the output and a float32 ``x @ w.T`` (what a plain numpy layer pays);
-* the same call at each thread count asked for (``--threads 1 2``).
+* the same call at each thread count asked for (``--threads 1 2``);
+* with PyTorch installed, the torch route: ``lowbit.torch.LowbitLinear`` called on a tensor
+  (eager, under ``torch.inference_mode``) beside torch's own ``nn.Linear`` (float32) and its
+  dynamic INT8 ``nn.quantized.dynamic.Linear`` (FBGEMM), the same weights.
 
     python bench/calls.py [--threads 1 2] [--rounds 15]
 """
@@ -59,6 +62,53 @@ def main():
                 med = {c: statistics.median(v) * 1e6 for c, v in times.items()}
                 print(f"{f'1x{n}x{k}':>12} {name:>10} {t:>7} {med['call']:9.2f} {med['out']:7.2f} "
                       f"{med['empty']:7.2f} {med['np']:7.2f} {med['np.empty']:8.2f}", flush=True)
+    try:
+        import torch
+    except ImportError:
+        print("(PyTorch is not installed: no torch route)")
+        return
+    torch_route(torch, args, rng)
+
+
+def torch_route(torch, args, rng):
+    import warnings
+
+    import lowbit.torch as lt
+    print(f"\ntorch {torch.__version__}, eager under inference_mode; microseconds per call, median "
+          f"of {args.rounds} interleaved rounds")
+    print(f"{'shape':>12} {'threads':>7} {'lb int8':>8} {'lb int4':>8} {'nn.Linear':>9} "
+          f"{'torch dyn int8':>14}")
+    for n, k in ((32, 32), (576, 576)):
+        lin = torch.nn.Linear(k, n)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)))
+        x = torch.from_numpy(rng.standard_normal((1, k)).astype(np.float32))
+        with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated, not gone
+            warnings.simplefilter("ignore")
+            dyn = torch.ao.nn.quantized.dynamic.Linear.from_float(_with_qconfig(torch, lin))
+        cases = {"int8": lt.LowbitLinear.from_linear(lin, bits=8),
+                 "int4": lt.LowbitLinear.from_linear(lin, bits=4, group_size=32, symmetric=False),
+                 "f32": lin, "dyn": dyn}
+        reps = 20000 if n < 100 else 3000
+        for t in args.threads:
+            lb.set_num_threads(t)
+            torch.set_num_threads(t)
+            with torch.inference_mode():
+                fns = {c: (lambda m=m: m(x)) for c, m in cases.items()}
+                for f in fns.values():
+                    per_call(f, reps // 10)
+                times = {c: [] for c in fns}
+                for _ in range(args.rounds):
+                    for c, f in fns.items():
+                        times[c].append(per_call(f, reps))
+            med = {c: statistics.median(v) * 1e6 for c, v in times.items()}
+            print(f"{f'1x{n}x{k}':>12} {t:>7} {med['int8']:8.2f} {med['int4']:8.2f} "
+                  f"{med['f32']:9.2f} {med['dyn']:14.2f}", flush=True)
+
+
+def _with_qconfig(torch, lin):
+    lin.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    return lin
 
 
 if __name__ == "__main__":

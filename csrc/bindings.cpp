@@ -1245,6 +1245,8 @@ py::array gelu_py(py::array x, const py::object& out, bool tanh) {
 
 py::array layer_norm_py(py::array x, const py::object& r, py::array w, const py::object& b,
                         float eps, bool rms, const py::object& out) {
+  if (!(eps >= 0.f) || !std::isfinite(eps))
+    throw py::value_error("eps: expected a finite number >= 0, got " + std::to_string(eps));
   x = check<float>(x, "x", {-1, -1}, true);
   const int64_t rows = x.shape(0), n = x.shape(1);
   w = check<float>(w, "weight", {n});
@@ -1328,9 +1330,15 @@ class RopeTables {
     cos_ = cos, sin_ = sin, rows_ = cos.shape(0), half_ = cos.shape(1);
     cp_ = cptr<float>(cos), sp_ = cptr<float>(sin);
   }
+  // Most positions the tables grow to (16 M: beyond any model's context; 8 GB of tables at
+  // head_dim 128): a larger position is a bug in the caller's positions, not an allocation.
+  static constexpr int64_t kMaxRows = int64_t(1) << 24;
   // Room for positions < n (with the GIL held).
   void ensure(int64_t n) {
-    if (n > rows_) set_rows(std::max(n, 2 * rows_));
+    if (n > kMaxRows)
+      throw py::index_error("position " + std::to_string(n - 1) + " beyond the " +
+                            std::to_string(kMaxRows) + " positions RoPE tables are made for");
+    if (n > rows_) set_rows(std::min(std::max(n, 2 * rows_), kMaxRows));
     if (n > rows_)
       throw py::index_error("position " + std::to_string(n - 1) + " outside the RoPE tables' " +
                             std::to_string(rows_) + " positions");

@@ -283,3 +283,5 @@ def test_fused_linear_groups_runs_of_equal_formats():
     assert len(lb.FusedLinear([q, k]).layers) == 1
     with pytest.raises(TypeError):
         lb.FusedLinear([])
+    with pytest.raises(ValueError, match="same inputs; weight 1 has in_features 512"):
+        lb.FusedLinear([q, weight("Q5_0", 16, 16, rng)])  # a layer no input could run

@@ -404,3 +404,9 @@ def test_save_refuses_non_finite_scales_that_load_would_refuse(tmp_path):
     with pytest.raises(ValueError, match="scales hold NaN or Inf"):
         lb.save(target, {"w": qw})
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_save_refuses_what_is_not_a_mapping(tmp_path):
+    with pytest.raises(TypeError, match="expected a dict"):
+        lb.save(tmp_path / "x.lowbit", [np.zeros(3)])
+    assert not (tmp_path / "x.lowbit").exists()

@@ -1,5 +1,6 @@
 """lb.Linear / lb.matmul with int8 weights and dynamic int8 activations."""
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -513,3 +514,20 @@ def test_block_cache_can_be_turned_off():
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CACHE_MB": mb},
                              capture_output=True, text=True, check=True).stdout
         assert abs(float(out) - 128 * 256) < 1
+
+
+def test_a_refused_setting_leaves_the_layer_as_it_was(rng):
+    w = rng.normal(size=(20, 64)).astype(np.float32)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    layer = lb.Linear(lb.quantize(w, bits=4, group_size=32), activations="float")
+    before = layer(x)
+    with pytest.raises(ValueError, match="activations='float'"):
+        layer.weight = lb.quantize(w, bits=8)  # 8-bit weights with float activations: refused
+    assert layer.weight.bits == 4
+    layer = lb.Linear(lb.quantize(w), bias=np.ones(20, np.float32))
+    before = layer(x)
+    with pytest.raises(ValueError, match="bias"):
+        layer.weight = lb.quantize(rng.normal(size=(30, 64)).astype(np.float32))
+    assert layer.out_features == 20
+    np.testing.assert_array_equal(layer(x), before)
+    assert pickle.loads(pickle.dumps(layer)).out_features == 20

@@ -855,3 +855,22 @@ def test_scalars_and_complex_values_are_refused(rng):
               lambda: nn.softmax(z), lambda: nn.rms_norm(z.real, w.astype(np.complex64))):
         with pytest.raises(TypeError, match="real values"):
             f()
+
+
+def test_norm_and_rope_arguments_checked(rng):
+    x = rng.normal(size=(2, 64)).astype(F32)
+    w, b = np.ones(64, F32), np.zeros(64, F32)
+    for r in (np.ones((1, 128), F32), np.ones((4, 32), F32), np.ones((1, 64), F32), np.ones(64, F32)):
+        with pytest.raises(ValueError, match=r"residual: expected x's shape \(2, 64\)"):
+            nn.layer_norm(x, w, b, residual=r)  # (not reshaped into x's shape, nor broadcast)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            nn.layer_norm(x, w, b, eps=eps)
+        with pytest.raises(ValueError, match="eps"):
+            nn.rms_norm(x, w, eps=eps)
+    rope = nn.RoPE(8)
+    q = np.ones((3, 1, 8), F32)
+    for positions in ([0, 1, 2 ** 40], np.array([0, 1, 2 ** 63], np.uint64)):
+        with pytest.raises(IndexError, match="beyond"):
+            rope(q, positions)  # not a table of 2**40 rows
+    assert rope(q, [0, 1, 2]).shape == (3, 1, 8)

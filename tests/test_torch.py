@@ -344,3 +344,133 @@ def test_a_forked_child_goes_back_to_lowbits_pool(rng):
     for y, threads in got:
         assert threads == "lowbit"
         np.testing.assert_array_equal(y, want.numpy())
+
+
+def test_models_made_under_inference_mode_run_as_made_outside_it(rng):
+    """Inference tensors have no version counter: the layers' cache must not need one."""
+    x = torch.from_numpy(rng.normal(size=(5, 64)).astype(np.float32))
+    ref = run(quantized("int4"), x.numpy())
+    ref_half = run(quantized("int4").half(), x.numpy(), torch.float16)
+    with torch.inference_mode():
+        model = quantized("int4")
+        assert model[0].weight_packed.is_inference()
+        assert torch.equal(model(x), ref)
+        half = pickle.loads(pickle.dumps(model)).half()  # buffers made again: inference tensors
+        assert torch.equal(half(x.half()), ref_half)
+        other = quantized("int4", seed=1)
+        model.load_state_dict(other.state_dict())  # copied into inference tensors: no version
+        assert torch.equal(model(x), other(x))
+
+
+@pytest.mark.parametrize("fmt,dtype", [("observer", torch.float32), ("int8", torch.float16)])
+def test_untracked_writes_to_a_bias_the_kernel_converts_show(fmt, dtype, rng):
+    """A float16 bias (converted for the kernel) or one carrying a static zero point's term is
+    made again each call: a write through .data (no version moves) shows."""
+    if fmt == "observer":  # asymmetric: a zero point
+        model = lbt.quantize_model(small_model(),
+                                   activations=lambda: lb.MinMaxObserver(symmetric=False),
+                                   calibration=calibration_batches())
+        assert model[0].layer.activations.zero_point != 0
+    else:
+        model = quantized(fmt, dtype)
+    x = torch.from_numpy(rng.normal(size=(4, 64)).astype(np.float32)).to(dtype)
+    with torch.inference_mode():
+        before = model(x)
+        model[0].bias.data.zero_()
+        after = model(x)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, pickle.loads(pickle.dumps(model))(x))  # as made afresh
+
+
+def test_input_needing_gradients_compiles_and_gets_none(rng):
+    if not hasattr(torch, "compile"):
+        pytest.skip("no torch.compile")
+    model = quantized("int8")
+    x = torch.from_numpy(rng.normal(size=(3, 64)).astype(np.float32)).requires_grad_()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    with torch.no_grad():
+        assert torch.equal(y.detach(), model(x))
+    y.sum().backward()  # no gradient flows through the layers, as in eager mode
+    assert x.grad is None or not x.grad.any()
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(64, 64)
+        self.b = self.a
+        self.attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        return self.attn(h, h, h)[0]
+
+
+def test_tied_linears_replaced_under_each_name_and_attention_projection_left_float(rng):
+    model = lbt.quantize_model(Tied())
+    assert isinstance(model.a, lbt.LowbitLinear) and model.a is model.b
+    assert type(model.attn.out_proj) is not lbt.LowbitLinear  # MultiheadAttention reads it itself
+    x = torch.from_numpy(rng.normal(size=(2, 3, 64)).astype(np.float32))
+    with torch.no_grad():
+        assert model(x).shape == (2, 3, 64)
+
+
+def test_gptq_calibration_from_a_generator_and_inputs_by_keyword(rng):
+    batches = calibration_batches()
+    model = lbt.quantize_model(small_model(), bits=4, group_size=32, method="gptq",
+                               calibration=(b for b in batches))  # runs more than once
+    expected = lbt.quantize_model(small_model(), bits=4, group_size=32, method="gptq",
+                                  calibration=batches)
+    x = torch.from_numpy(rng.normal(size=(4, 64)).astype(np.float32))
+    assert torch.equal(run(model, x.numpy()), run(expected, x.numpy()))
+
+    class ByKeyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.lin(input=x)  # nn.Linear's own name for it
+    m = lbt.quantize_model(ByKeyword(), method="mse", calibration=batches)
+    assert m(x).shape == (4, 8)
+
+
+def test_loading_settings_of_other_part_dtypes_raises():
+    layer = quantized("int4")[0]
+    spec = layer.get_extra_state()
+    layer.set_extra_state(spec)  # the same settings load
+    spec["parts"] = [[p, "<i2" if p == "mins" else dt] for p, dt in spec["parts"]]
+    with pytest.raises(ValueError, match="cannot load"):
+        layer.set_extra_state(spec)
+
+
+def test_a_pickle_without_buffer_names_still_runs(rng):
+    model = quantized("int8")
+    del model[0].__dict__["_buffer_names"]  # as a model pickled by an earlier lowbit holds it
+    copy = pickle.loads(pickle.dumps(model))
+    x = rng.normal(size=(2, 64)).astype(np.float32)
+    assert torch.equal(run(copy, x), run(quantized("int8"), x))
+
+
+def test_load_fills_a_buffer_the_model_keeps_out_of_its_state(rng, tmp_path):
+    class WithPositions(torch.nn.Module):  # as transformers' BERT keeps position_ids
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 8)
+            self.register_buffer("pos", torch.zeros(5, dtype=torch.int64), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x)
+    m = WithPositions()
+    lb.save(tmp_path / "m.lowbit", {"lin.weight": lb.quantize(m.lin.weight.detach().numpy()),
+                                    "lin.bias": m.lin.bias.detach().numpy(),
+                                    "pos": np.arange(5)})
+    fresh = lbt.load(tmp_path / "m.lowbit", WithPositions())
+    assert fresh.pos.tolist() == [0, 1, 2, 3, 4]
+    lb.save(tmp_path / "bad.lowbit", {"lin.weight": lb.quantize(m.lin.weight.detach().numpy()),
+                                      "lin.bias": m.lin.bias.detach().numpy(),
+                                      "pos": np.arange(6)})
+    with pytest.raises(ValueError, match="pos"):
+        lbt.load(tmp_path / "bad.lowbit", WithPositions())

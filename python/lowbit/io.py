@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import tempfile
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -53,6 +54,9 @@ def save(path, tensors: dict) -> None:
     link kept); an existing file keeps its permission bits, a new one gets the umask's. Temporary
     files that earlier saves killed mid-way left in that folder are removed.
     """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors: expected a dict of name -> QuantizedWeight or numpy array, "
+                        f"got {type(tensors).__name__}")
     arrays, described = {}, {}
     for name, t in tensors.items():
         if not isinstance(name, str) or ":" in name or name == "__metadata__":

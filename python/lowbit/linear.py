@@ -53,18 +53,23 @@ def _held(a):
     return a
 
 
-def _kernel_bias(qw: QuantizedWeight, bias, activations):
-    """The bias the kernel adds: with a static zero point z on 8-bit weights it also carries
-    -scale * z * sum_k w[n, k] (the kernel multiplies the int8 values q, x ~ scale * (q - z))."""
+def _zero_point_term(qw: QuantizedWeight, activations):
+    """float64 (N,) -scale * z * sum_k w[n, k] for a static zero point z on 8-bit weights (the
+    kernel multiplies the int8 values q, x ~ scale * (q - z)), else None."""
     if not (isinstance(activations, StaticActivations) and activations.zero_point):
-        return bias
+        return None
     n = qw.shape[0]
     colsum = (qw._comp[:, :n] // 128).astype(np.float64)  # (groups, N) sums of the int8 values
     wsum = (qw._scales[:, :n].astype(np.float64) * colsum).sum(0)
-    b = -activations.scale * activations.zero_point * wsum
-    if bias is not None:
-        b += bias
-    return b.astype(np.float32)
+    return -activations.scale * activations.zero_point * wsum
+
+
+def _kernel_bias(qw: QuantizedWeight, bias, activations):
+    """The bias the kernel adds: `bias`, plus the static zero point's term where there is one."""
+    term = _zero_point_term(qw, activations)
+    if term is None:
+        return bias
+    return (term if bias is None else term + bias).astype(np.float32)
 
 
 def _out_rows(out, x, n, bias):
@@ -165,14 +170,15 @@ class Linear:
         """Checks the settings and prepares the kernel call (again when one of them changes)."""
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"weight: expected a QuantizedWeight, got {type(weight).__name__}")
-        d = self.__dict__
-        d["epilogue"] = _check_epilogue(epilogue)
-        d["weight"] = weight
-        d["activations"] = _check_activations(activations, weight.format)
-        d["bias"] = _held(_check_bias(bias, weight.shape[0]))
-        kernel_bias = _kernel_bias(weight, self.bias, self.activations)
-        d["_bias"] = self.bias if kernel_bias is self.bias else _held(kernel_bias)
-        d["_plan"] = _plan(weight, self._bias, self.activations, self.epilogue)
+        # every check and the plan first: a refused setting leaves the layer as it was
+        epilogue = _check_epilogue(epilogue)
+        activations = _check_activations(activations, weight.format)
+        bias = _held(_check_bias(bias, weight.shape[0]))
+        kernel_bias = _kernel_bias(weight, bias, activations)
+        kernel_bias = bias if kernel_bias is bias else _held(kernel_bias)
+        plan = _plan(weight, kernel_bias, activations, epilogue)
+        self.__dict__.update(epilogue=epilogue, weight=weight, activations=activations,
+                             bias=bias, _bias=kernel_bias, _plan=plan)
 
     def __setattr__(self, name, value):
         if name not in self._SETTINGS:
@@ -237,12 +243,17 @@ class FusedLinear:
         weights = list(weights)
         if not weights or not all(isinstance(w, QuantizedWeight) for w in weights):
             raise TypeError("FusedLinear: expected a non-empty sequence of QuantizedWeight")
+        k = weights[0].shape[1]
+        for i, w in enumerate(weights):
+            if w.shape[1] != k:
+                raise ValueError(f"FusedLinear: every weight must take the same inputs; weight "
+                                 f"{i} has in_features {w.shape[1]}, weight 0 has {k}")
         runs = [[weights[0]]]
         for w in weights[1:]:
             try:
                 concat_rows(runs[-1] + [w])
                 runs[-1].append(w)
-            except ValueError:
+            except ValueError:  # another format or layout: a call of its own
                 runs.append([w])
         self.layers = [Linear(concat_rows(r) if len(r) > 1 else r[0], activations=activations)
                        for r in runs]

@@ -78,7 +78,12 @@ def _norm(x, residual, weight, bias, eps, rms, out):
     x_in = x
     x, x2 = _rows(x)
     n = x.shape[-1]
-    r = None if residual is None else _f32(residual, "residual").reshape(x2.shape)
+    r = None
+    if residual is not None:
+        r = _f32(residual, "residual")
+        if r.shape != x.shape:
+            raise ValueError(f"residual: expected x's shape {x.shape}, got {r.shape}")
+        r = r.reshape(x2.shape)
     w = _vector(weight, n, "weight")
     b = None if rms else _vector(bias, n, "bias")
     o = _out(out, x.shape, [a for a in (x2, r, w, b) if a is not None],
@@ -171,7 +176,7 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
     fused QKV projection reshaped to (batch, tokens, heads, head_dim).
 
     lengths: int (batch,) or None: batch b attends to its first ``lengths[b]`` keys only (BERT's
-    padding mask). causal: query i attends to keys j <= keys - queries + i (the queries are the
+    padding mask; a length past the keys means all of them, 0 or less none). causal: query i attends to keys j <= keys - queries + i (the queries are the
     last positions, as in a key/value cache). window: None, or W >= 1 for sliding-window
     attention (Gemma's, Mistral's local layers): query i, at key position p = keys - queries + i,
     also sees only keys j > p - W (llama.cpp's rule: j visible iff p - j < W), so with causal the
@@ -257,6 +262,8 @@ class RoPE:
             raise TypeError(f"positions: expected integers, got dtype {p.dtype}")
         if p.ndim != 1:
             raise ValueError(f"positions: expected shape (tokens,), got {p.shape}")
+        if p.dtype == np.uint64 and p.size and p.max() > np.iinfo(np.int64).max:
+            raise IndexError(f"position {p.max()} beyond the positions RoPE tables are made for")
         x = x if _plain(x) else _f32(x)
         return _core.rope_at(x, self._tables, p.astype(np.int64, copy=False), self.style == "neox")
 

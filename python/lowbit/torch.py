@@ -33,14 +33,17 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import _core, runtime
 from .calibrate import StaticActivations
-from .linear import Linear, _check_activations, _forward, _kernel_bias, _plan
+from .linear import (Linear, _check_activations, _forward, _kernel_bias, _plan,
+                     _zero_point_term)
 from .quantize import QuantizedWeight, quantize
 
 _INT_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")  # __init__ names
 _SPEC_VERSION = 1
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # inputs the layers take
 
 
 def _parts_of(qw: QuantizedWeight) -> dict:
@@ -148,11 +151,29 @@ def _prepared(weight: tuple, bias: Optional[torch.Tensor]) -> tuple:
     return qw, _plan(qw, b, acts, epilogue), b
 
 
+def _cacheable(spec: str, tensors: list) -> tuple:
+    """(_prepared of the weight parts and bias in `tensors`, None or a function that makes the
+    kernel's bias again from the bias tensor where the kernel does not read that tensor itself)."""
+    qw, acts, epilogue = weight = _weight(spec, tensors[:-1])
+    bias = tensors[-1]
+    prepared = _prepared(weight, bias)
+    term = _zero_point_term(qw, acts)
+    if bias is None or (term is None and bias.dtype is torch.float32):
+        return prepared, None
+    b = prepared[2]
+
+    def refresh():
+        b[...] = _numpy32(bias) if term is None else term + _numpy32(bias)  # (as _kernel_bias)
+    return prepared, refresh
+
+
 def _run(x: torch.Tensor, qw: QuantizedWeight, plan, bias: Optional[np.ndarray]) -> torch.Tensor:
     """x through a prepared weight (_prepared), in x's dtype."""
     _follow_torch_threads()
-    y = torch.from_numpy(_forward(plan, qw, _numpy32(x), None, bias))
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    dtype = x.dtype
+    if dtype is torch.float32 and not x.requires_grad:  # a view, the output as it comes
+        return torch.from_numpy(_forward(plan, qw, x.numpy(), None, bias))
+    return torch.from_numpy(_forward(plan, qw, _numpy32(x), None, bias)).to(dtype)
 
 
 linear = torch.library.custom_op("lowbit::linear", _linear, mutates_args=())
@@ -161,6 +182,18 @@ linear = torch.library.custom_op("lowbit::linear", _linear, mutates_args=())
 @linear.register_fake
 def _linear_fake(x, parts, bias, spec):
     return x.new_empty((*x.shape[:-1], _settings(spec)[0][0]))
+
+
+def _count_parts(ctx, inputs, output):
+    ctx.parts = len(inputs[1])
+
+
+def _no_gradient(ctx, grad):  # as in eager mode: the layers pass no gradient back
+    return None, [None] * ctx.parts, None, None
+
+
+# (without it, torch.compile of a model whose inputs need gradients refuses the op)
+linear.register_autograd(_no_gradient, setup_context=_count_parts)
 
 
 class LowbitLinear(torch.nn.Module):
@@ -177,6 +210,7 @@ class LowbitLinear(torch.nn.Module):
         self.out_features = qw.shape[0]
         self._spec = _spec(qw, parts, layer.activations, layer.epilogue)
         self._part_names = tuple(parts)
+        self._buffer_names = tuple("weight_" + p for p in parts) + ("bias",)
         for p, a in parts.items():
             self.register_buffer("weight_" + p, _tensor(a))
         bias = None if layer.bias is None else torch.from_numpy(layer.bias.copy())
@@ -221,26 +255,46 @@ class LowbitLinear(torch.nn.Module):
         return [getattr(self, "weight_" + p) for p in self._part_names]
 
     def _prepared(self):
-        """_prepared of the buffers, kept while they are the same tensors, unmodified."""
+        """_prepared of the buffers, kept while they are the same memory at the same version.
+        The kernels read the weight parts and a float32 bias where they are, so every write to
+        them shows, tracked or not (through ``.data``, or to inference tensors, which have no
+        version); the versions catch in-place writes to what is derived from the weight (a
+        static zero point's term of the bias). A bias converted from float16 / bfloat16 or
+        carrying that term is made again from the bias tensor each call."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
-        parts = [buffers["weight_" + p] for p in self._part_names]
-        bias = buffers["bias"]
-        key = (self._spec, *((t.data_ptr(), t._version) for t in parts),
-               None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
+        tensors = [buffers[n] for n in self._buffer_names]  # the parts, then the bias
+        key = [self._spec]
+        for t in tensors:  # (a view held by the cache keeps its memory from being reused)
+            if t is not None:
+                key.append(t.data_ptr())
+                if not t.is_inference():
+                    key.append(t._version)
         cached = self.__dict__.get("_views")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_views"] = (key, _prepared(_weight(self._spec, parts), bias))
+            cached = self.__dict__["_views"] = (key, *_cacheable(self._spec, tensors))
+        if cached[2] is not None:
+            cached[2]()
         return cached[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_views", None)  # (inference tensors copied into: no version moves)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # pickle / deepcopy: the buffers, not views of them
         state = super().__getstate__()
         state.pop("_views", None)
         return state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_buffer_names" not in state:  # pickled by lowbit 0.x before it was kept
+            self._buffer_names = tuple("weight_" + p for p in self._part_names) + ("bias",)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear's name for it)
+        x = input
+        if not x.is_cpu:
             raise ValueError(f"lowbit runs on the CPU; got a tensor on {x.device}")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if x.dtype not in _DTYPES:
             raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
         if type(x) is torch.Tensor and not (torch.compiler.is_compiling() or
                                             torch.jit.is_tracing()):
@@ -254,11 +308,11 @@ class LowbitLinear(torch.nn.Module):
 
     def set_extra_state(self, state):
         spec = json.dumps(state, sort_keys=True)
-        names = tuple(p for p, _ in _settings(spec)[5])
-        if names != self._part_names or tuple(state["shape"]) != (self.out_features,
-                                                                  self.in_features):
+        if _settings(spec)[5] != _settings(self._spec)[5] or tuple(state["shape"]) != (
+                self.out_features, self.in_features):  # parts' names and dtypes, the shape
+            parts = [f"{p} {dt}" for p, dt in _settings(spec)[5]]
             raise ValueError(f"lowbit.torch: a {state['format']} {tuple(state['shape'])} layer "
-                             f"(parts {names}) cannot load into this {self.extra_repr()} one; "
+                             f"(parts {parts}) cannot load into this {self.extra_repr()} one; "
                              f"quantize the model as the state was, or use lowbit.torch.load")
         self._spec = spec
 
@@ -302,13 +356,14 @@ def capture_inputs(model: torch.nn.Module, calibration, names=None) -> dict:
     rows = {}
 
     def hook(name):
-        def record(module, args):
-            x = args[0].detach()
+        def record(module, args, kwargs):
+            x = (args[0] if args else kwargs["input"]).detach()
             rows.setdefault(name, []).append(
                 np.array(x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()))
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True)
+               for n, m in model.named_modules()
                if isinstance(m, (torch.nn.Linear, LowbitLinear)) and (names is None or n in names)]
     try:
         _run_calibration(model, calibration)
@@ -334,11 +389,21 @@ def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric
     ("mse", "gptq", "awq") and for static activations (`activations` an observer class, see
     ``LowbitLinear.from_linear``). GPTQ goes layer by layer in forward order, re-running the
     calibration before each layer, so that a layer sees the outputs of the quantized ones before
-    it (as the GPTQ paper does); the other methods use the float model's inputs."""
+    it (as the GPTQ paper does); the other methods use the float model's inputs.
+
+    A Linear held under several names (tied) is replaced under each by the same LowbitLinear.
+    ``nn.MultiheadAttention``'s output projection stays float: that module reads its weight
+    itself (as torch.ao's dynamic quantization leaves it too)."""
+    names = {}  # id of each Linear -> its qualified names, the first of them first
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
     targets = {name: m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)
+               and not isinstance(m, NonDynamicallyQuantizableLinear)
                and (include is None or include(name))
                and min(m.in_features, m.out_features) >= min_features}
+    if calibration is not None and not callable(calibration) and iter(calibration) is calibration:
+        calibration = list(calibration)  # a generator: GPTQ runs the calibration again
     needs = method != "rtn" or callable(activations)
     if needs and calibration is None:
         raise ValueError(f"method={method!r} / activations={activations!r} need calibration: "
@@ -358,7 +423,8 @@ def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         inputs.pop(name, None)
-        model = _replace(model, name, new)
+        for alias in names[id(targets[name])]:
+            model = _replace(model, alias, new)
     return model
 
 
@@ -445,7 +511,16 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
         model = _replace(model, name, LowbitLinear(layer))
     owned = {(name + "." if name else "") + k for name, m in model.named_modules()
              if isinstance(m, LowbitLinear) for k in m.state_dict()}
-    expected = set(model.state_dict()) - owned
+    state = model.state_dict()
+    with torch.no_grad():  # a file's value of a buffer the model keeps out of its state_dict
+        for key, buf in model.named_buffers():  # (an older transformers' saved position_ids)
+            if key not in state and key in arrays and buf is not None:
+                value = torch.from_numpy(np.array(arrays.pop(key)))
+                if value.shape != buf.shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, "
+                                     f"{tuple(buf.shape)} in the model")
+                buf.copy_(value)
+    expected = set(state) - owned
     missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
     if missing or unexpected:
         raise ValueError(f"{path}: does not match the model: missing {missing[:8]}"
