@@ -686,6 +686,16 @@ BlkArgs blk_weight(int fmt, int64_t N, int64_t K, py::dict& parts) {
   w.dm = (const uint16_t*)ptr[4];
   w.sc = (const int8_t*)ptr[5];
   w.mc = (const uint8_t*)ptr[6];
+  const BlockFormat& f = kBlockFormats[fmt];
+  if (w.sc && (f.sc_lo > INT8_MIN || f.sc_hi < INT8_MAX)) {  // (Q3_K's dot holds code * value
+    const int64_t n = parts[kPartNames[5]].cast<py::array>().size();  // in a byte)
+    for (int64_t i = 0; i < n; ++i)
+      if (w.sc[i] < f.sc_lo || w.sc[i] > f.sc_hi)
+        throw py::value_error(std::string(f.name) + " weight: part 'sc' holds the scale code " +
+                              std::to_string(w.sc[i]) + " at " + std::to_string(i) + "; " +
+                              f.name + " codes lie in " + std::to_string(f.sc_lo) + ".." +
+                              std::to_string(f.sc_hi));
+  }
   return w;
 }
 

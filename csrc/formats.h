@@ -52,6 +52,7 @@ struct BlockFormat {
   MinKind min;
   bool pair4;           // scale and min codes share a byte (Q2_K)
   bool code_dot;        // int8 activations: codes multiply inside the integer dot (see above)
+  int8_t sc_lo, sc_hi;  // the scale codes (sc) the kernels take: what the file's fields can hold
   BlockDecoder decode;  // formats.cpp
 };
 
@@ -70,19 +71,19 @@ void decode_mxfp4(const uint8_t*, uint8_t*, int8_t*, uint8_t*, uint16_t*, uint16
 using SK = ScaleKind;
 using MK = MinKind;
 // name, ggml type, block, bytes, sub, bits, nib, planes, offset, lut, scale, min, pair4, code_dot,
-// decoder
+// scale code range, decoder
 constexpr BlockFormat kBlockFormats[] = {
-    {"Q8_0", 8, 32, 34, 32, 8, false, 0, 128, Lut::None, SK::Half, MK::None, false, false, decode_q8_0},
-    {"Q5_0", 6, 32, 22, 32, 5, true, 1, 16, Lut::None, SK::Half, MK::None, false, false, decode_q5_0},
-    {"Q5_1", 7, 32, 24, 32, 5, true, 1, 0, Lut::None, SK::Half, MK::Half, false, false, decode_q5_1},
-    {"Q2_K", 10, 256, 84, 16, 2, false, 2, 0, Lut::None, SK::Code, MK::Code, true, true, decode_q2_k},
-    {"Q3_K", 11, 256, 110, 16, 3, false, 3, 4, Lut::None, SK::Code, MK::None, false, true, decode_q3_k},
-    {"Q4_K", 12, 256, 144, 32, 4, true, 0, 0, Lut::None, SK::Code, MK::Code, false, false, decode_q4_k},
-    {"Q5_K", 13, 256, 176, 32, 5, true, 1, 0, Lut::None, SK::Code, MK::Code, false, false, decode_q5_k},
-    {"Q6_K", 14, 256, 210, 16, 6, true, 2, 32, Lut::None, SK::Code, MK::None, false, false, decode_q6_k},
-    {"IQ4_NL", 20, 32, 18, 32, 4, true, 0, 128, Lut::IQ4, SK::Half, MK::None, false, false, decode_iq4_nl},
-    {"IQ4_XS", 23, 256, 136, 32, 4, true, 0, 128, Lut::IQ4, SK::Code, MK::None, false, false, decode_iq4_xs},
-    {"MXFP4", 39, 32, 17, 32, 4, true, 0, 128, Lut::MXFP4, SK::E8M0, MK::None, false, false, decode_mxfp4},
+    {"Q8_0", 8, 32, 34, 32, 8, false, 0, 128, Lut::None, SK::Half, MK::None, false, false, -128, 127, decode_q8_0},
+    {"Q5_0", 6, 32, 22, 32, 5, true, 1, 16, Lut::None, SK::Half, MK::None, false, false, -128, 127, decode_q5_0},
+    {"Q5_1", 7, 32, 24, 32, 5, true, 1, 0, Lut::None, SK::Half, MK::Half, false, false, -128, 127, decode_q5_1},
+    {"Q2_K", 10, 256, 84, 16, 2, false, 2, 0, Lut::None, SK::Code, MK::Code, true, true, -128, 127, decode_q2_k},
+    {"Q3_K", 11, 256, 110, 16, 3, false, 3, 4, Lut::None, SK::Code, MK::None, false, true, -32, 31, decode_q3_k},
+    {"Q4_K", 12, 256, 144, 32, 4, true, 0, 0, Lut::None, SK::Code, MK::Code, false, false, 0, 63, decode_q4_k},
+    {"Q5_K", 13, 256, 176, 32, 5, true, 1, 0, Lut::None, SK::Code, MK::Code, false, false, 0, 63, decode_q5_k},
+    {"Q6_K", 14, 256, 210, 16, 6, true, 2, 32, Lut::None, SK::Code, MK::None, false, false, -128, 127, decode_q6_k},
+    {"IQ4_NL", 20, 32, 18, 32, 4, true, 0, 128, Lut::IQ4, SK::Half, MK::None, false, false, -128, 127, decode_iq4_nl},
+    {"IQ4_XS", 23, 256, 136, 32, 4, true, 0, 128, Lut::IQ4, SK::Code, MK::None, false, false, -32, 31, decode_iq4_xs},
+    {"MXFP4", 39, 32, 17, 32, 4, true, 0, 128, Lut::MXFP4, SK::E8M0, MK::None, false, false, -128, 127, decode_mxfp4},
 };
 constexpr int kNumBlockFormats = sizeof(kBlockFormats) / sizeof(kBlockFormats[0]);
 

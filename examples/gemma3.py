@@ -12,7 +12,8 @@ attention on five layers of six; a norm after attention and after the FFN, befor
 add; a GeGLU FFN, gelu_tanh(gate) * up.
 
     python examples/gemma3.py --prompt "The capital of France is" --max-tokens 32 --json
-    python examples/gemma3.py --chat --prompt "Why is the sky blue?"
+    python examples/gemma3.py --chat --prompt "Why is the sky blue?" --gguf gemma-3-270m-it.gguf
+                       # (--chat wants an instruction-tuned file: the packaged one is the base model)
     python examples/gemma3.py --score-ids ids.json --json    # argmax next token per position
 """
 from __future__ import annotations

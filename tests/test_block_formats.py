@@ -285,3 +285,48 @@ def test_fused_linear_groups_runs_of_equal_formats():
         lb.FusedLinear([])
     with pytest.raises(ValueError, match="same inputs; weight 1 has in_features 512"):
         lb.FusedLinear([q, weight("Q5_0", 16, 16, rng)])  # a layer no input could run
+
+
+def test_gguf_tensors_that_are_not_runnable_matrices_can_be_dequantized_or_skipped(tmp_path):
+    """Stacks of expert matrices (3-D), vectors and rows longer than the kernels take (MAX_K):
+    named in the error, dequantized bit for bit by lowbit itself on request, or skipped."""
+    rng = np.random.default_rng(11)
+    long_k = (lb._core.MAX_K // 32 + 1) * 32 + 32 * 16  # whole blocks, past MAX_K
+    tensors = {"experts": (random_rows("Q4_K", 8, 1, rng).reshape(2, 4, -1), "Q4_K"),
+               "vector": (random_rows("Q8_0", 1, 2, rng).reshape(-1), "Q8_0"),
+               "long": (random_rows("Q8_0", 2, long_k // 32, rng), "Q8_0"),
+               "long4": (rng.integers(0, 256, (1, long_k // 32 * 18), dtype=np.uint8), "Q4_0")}
+    path = tmp_path / "odd.gguf"
+    write_raw_gguf(path, tensors)
+    with pytest.raises(lb.FormatError, match=r"'experts': Q4_K of shape \(2, 4, 256\).*dequantize"):
+        lb.load_gguf(path)
+    with np.errstate(invalid="ignore", over="ignore"):  # (random blocks: some scales NaN / Inf)
+        got = lb.load_gguf(path, unsupported="dequantize")
+        for name, (raw, type_name) in tensors.items():
+            ref = quants.dequantize(raw, T[type_name]).astype(F32)
+            assert got[name].shape == ref.shape and same_bits(got[name], ref), name
+    assert got["long"].shape == (2, long_k) and got["experts"].shape == (2, 4, 256)
+    assert lb.load_gguf(path, unsupported="skip") == {}
+
+
+def test_q3_k_scale_codes_beyond_what_a_file_holds_are_refused(tmp_path):
+    """Q3_K's integer dot holds code * value in a byte: codes outside -32..31 (which no GGUF block
+    can hold) would give wrong results on some kernel sets, so neither from_blocks nor a saved
+    file takes them."""
+    rng = np.random.default_rng(12)
+    q = weight("Q3_K", 16, 2, rng)
+    parts = {p: a.copy() for p, a in q._parts.items()}
+    assert parts["sc"].min() >= -32 and parts["sc"].max() <= 31
+    lb.save(tmp_path / "ok.lowbit", {"q": q})
+    parts["sc"][0, 0, 3] = 33
+    with pytest.raises(ValueError, match=r"Q3_K weight: part 'sc' holds the scale code 33.*-32\.\.31"):
+        lb.QuantizedWeight.from_blocks("Q3_K", q.shape, parts)
+    path = tmp_path / "ok.lowbit"  # the same code written into a saved file: refused on load
+    data = bytearray(path.read_bytes())
+    sc = q._parts["sc"].tobytes()
+    at = bytes(data).find(sc)
+    assert at > 0
+    data[at + 3] = 33
+    (tmp_path / "bad.lowbit").write_bytes(bytes(data))
+    with pytest.raises(lb.FormatError, match="scale code 33"):
+        lb.load(tmp_path / "bad.lowbit")

@@ -117,6 +117,17 @@ def test_quantize_reports_bad_input(tmp_path, capsys):
         cli.main(["quantize", str(bad), str(tmp_path / "out.lowbit")])
     assert e.value.code == 2 and "error" in capsys.readouterr().err
     assert not (tmp_path / "out.lowbit").exists()
+    w = np.ones((64, 64), np.float32)
+    w[3, 5] = np.nan
+    with open(tmp_path / "nan.NPZ", "wb") as f:  # (the suffix in any case)
+        np.savez(f, fine=np.ones((64, 64), np.float32), broken=w)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", str(tmp_path / "nan.NPZ"), str(tmp_path / "out.lowbit")])
+    assert e.value.code == 2 and "tensor 'broken': weight row 3" in capsys.readouterr().err
+    assert not (tmp_path / "out.lowbit").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--threads", "0"])
+    assert e.value.code == 2 and "positive" in capsys.readouterr().err
 
 
 def test_bf16_safetensors_load_as_float32(tmp_path):

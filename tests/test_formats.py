@@ -95,6 +95,14 @@ def gguf_array(itype, count, items=b""):
     return struct.pack("<IQ", itype, count) + items
 
 
+def test_gguf_duplicate_metadata_keys_are_refused(tmp_path):
+    import struct
+    one = ("general.alignment", 4, struct.pack("<I", 32))
+    (tmp_path / "dup.gguf").write_bytes(gguf_bytes([one, one]))
+    with pytest.raises(lb.FormatError, match="'general.alignment' appears twice"):
+        lb.gguf_metadata(tmp_path / "dup.gguf")
+
+
 def test_gguf_large_metadata_arrays_are_numpy_views(tmp_path):
     """A 10 MB u8 array became a list of 10M ints (~80 MB, ~600 MB for 100 MB); arrays of more
     than 1024 numbers are read-only numpy views of the file now, shorter ones stay lists."""
@@ -374,6 +382,17 @@ def test_bad_checkpoints_raise_format_error(tmp_path, rng):
         lb.from_gptq(qweight, qzeros, s, np.zeros(64, np.int32))  # group 0 holds all 64 inputs
     with pytest.raises(lb.FormatError, match="4-bit"):
         lb.from_gptq(qweight, qzeros, s, bits=8)
+    with pytest.raises(lb.FormatError, match="8-bit GPTQ packs them"):  # 8-bit data, no bits given
+        lb.from_gptq(qweight, np.zeros((qzeros.shape[0], 16 // 4), np.int32), s)
+    folder = tmp_path / "gptq8"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", {"a.qweight": qweight, "a.qzeros": qzeros,
+                                                     "a.scales": s})
+    (folder / "config.json").write_text('{"quantization_config": {"bits": 8, "quant_method": "gptq"}}')
+    with pytest.raises(lb.FormatError, match="8 bits"):
+        lb.load_gptq(folder)
+    (folder / "config.json").write_text('{"quantization_config": {"bits": 4}}')
+    assert lb.load_gptq(folder)["a"].shape == (16, 64)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(lb.FormatError, match="safetensors"):
         lb.load_gptq(tmp_path / "junk.safetensors")

@@ -19,6 +19,7 @@ tensors cannot be, empty or with scales beyond float16, raises :class:`lowbit.Fo
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -83,7 +84,9 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight
     k, n = qw.shape[0] * 8, qw.shape[1]
     groups = qz.shape[0]
     if qz.shape[1] * 8 != n:
-        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n}, got {qz.shape}")
+        other = f" (as {32 * qz.shape[1] // n}-bit GPTQ packs them)" if n and 32 * qz.shape[1] % n == 0 else ""
+        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n} of 4-bit GPTQ, "
+                          f"got {qz.shape}{other}; lowbit reads 4-bit GPTQ")
     d = _scales(scales, groups, n, "scales")
     q = _nibbles(qw.T)                                # [K/8, N] -> (N, K)
     z = _nibbles(qz).T.astype(np.int16) + 1           # stored z - 1
@@ -109,7 +112,9 @@ def from_awq(qweight, qzeros, scales) -> QuantizedWeight:
     k, n = qw.shape[0], qw.shape[1] * 8
     groups = qz.shape[0]
     if qz.shape[1] * 8 != n:
-        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n}, got {qz.shape}")
+        other = f" (as {32 * qz.shape[1] // n}-bit GPTQ packs them)" if n and 32 * qz.shape[1] % n == 0 else ""
+        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n} of 4-bit GPTQ, "
+                          f"got {qz.shape}{other}; lowbit reads 4-bit GPTQ")
     d = _scales(scales, groups, n, "scales")
     q = np.ascontiguousarray(_nibbles(qw, _AWQ_ORDER).T)
     z = _nibbles(qz, _AWQ_ORDER).T
@@ -135,6 +140,22 @@ def _tensors(source) -> dict:
             raise FormatError(f"{f}: tensor {name!r} is also in another file of {path}")
         out.update(tensors)
     return out
+
+
+def _config_bits(source):
+    """The bits a checkpoint directory's quantization config names, or None."""
+    if isinstance(source, dict) or not os.path.isdir(os.fspath(source)):
+        return None
+    for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
+        try:
+            with open(os.path.join(os.fspath(source), name)) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        config = config.get(key) if key and isinstance(config, dict) else config
+        if isinstance(config, dict) and "bits" in config:
+            return config["bits"]
+    return None
 
 
 def _load(source, build, parts) -> dict:
@@ -163,7 +184,11 @@ def _load(source, build, parts) -> dict:
 def load_gptq(source) -> dict:
     """Every layer of a 4-bit GPTQ checkpoint (a .safetensors file, a directory of them, or a dict
     of arrays) as a :class:`QuantizedWeight` under its prefix (``...q_proj``); the other tensors
-    (biases, embeddings, norms) come back as arrays under their own names."""
+    (biases, embeddings, norms) come back as arrays under their own names. A directory's
+    quantize_config.json (or config.json's quantization_config) naming other bits is refused."""
+    bits = _config_bits(source)
+    if bits not in (None, 4):
+        raise FormatError(f"{source}: GPTQ with {bits} bits is not supported; lowbit reads 4-bit GPTQ")
     return _load(source, lambda qweight, qzeros, scales, g_idx=None: from_gptq(
         qweight, qzeros, scales, g_idx), ("qweight", "qzeros", "scales", "g_idx"))
 

@@ -103,9 +103,9 @@ def read_tensors(path):
     from .io import load
 
     path = str(path)
-    if path.endswith(".gguf"):
+    if path.lower().endswith(".gguf"):
         return load_gguf(path)
-    if path.endswith(".npz"):
+    if path.lower().endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     return load(path)
@@ -277,9 +277,12 @@ def cmd_quantize(args):
             table.append((name, t.shape, f"{kind} ({kept})", t.nbytes, t.nbytes, None))
             continue
         a = np.asarray(t)
-        qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"],
-                      method=args.method, calibration=calibration.get(name)
-                      if args.method != "rtn" else None)
+        try:
+            qw = quantize(a, bits=s["bits"], group_size=s["group_size"], symmetric=s["symmetric"],
+                          method=args.method, calibration=calibration.get(name)
+                          if args.method != "rtn" else None)
+        except ValueError as e:  # (NaN weights, say): which tensor
+            raise ValueError(f"tensor {name!r}: {e}") from None
         out[name] = qw
         g = f"g{qw.group_size}" if qw.group_size else "per-row"
         how = ("" if qw.symmetric else " asym") + ("" if args.method == "rtn" else " " + args.method)
@@ -309,6 +312,13 @@ def shapes_arg(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive_int(s):
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lowbit", description="Fast low-bit CPU kernels for numpy.")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -317,7 +327,7 @@ def main(argv=None):
     pi.add_argument("--json", action="store_true")
     pi.set_defaults(fn=cmd_info)
     pb = sub.add_parser("bench", help="INT8 / INT4 Linear vs numpy float32: speed, accuracy, memory")
-    pb.add_argument("--threads", type=int, default=None)
+    pb.add_argument("--threads", type=positive_int, default=None)
     pb.add_argument("--json", action="store_true")
     pb.add_argument("--shapes", type=shapes_arg, metavar="MxNxK,...",
                     help="the shapes timed, e.g. 1x4096x4096,16x4096x4096 (default: M = 1, 16, 128 "
@@ -346,6 +356,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         args.fn(args)
+    except BrokenPipeError:  # (lowbit info | head): the reader has gone; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (ValueError, TypeError, OSError, ImportError) as e:  # FormatError is a ValueError
         p.exit(2, f"lowbit {args.cmd}: error: {e}\n")
 

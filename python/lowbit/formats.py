@@ -3,8 +3,7 @@
 One descriptor per format lives in the C++ core (``csrc/formats.h``: block, bits, scale structure,
 file decoder, kernel entries, kernel-layout parts); this module only exposes that table, so the
 GGUF reader, the saved-file format, :class:`lowbit.QuantizedWeight` and the tests all read the
-same rows. GGUF Q4_0, Q4_1 and Q8_0 are not here: they map exactly onto lowbit's int4 and int8
-layouts.
+same rows. GGUF Q4_0 and Q4_1 are not here: they map exactly onto lowbit's int4 layout.
 """
 from __future__ import annotations
 

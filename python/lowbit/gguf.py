@@ -134,6 +134,8 @@ class _File:
         self.metadata = {}
         for _ in range(n_kv):
             key = c.string()
+            if key in self.metadata:  # (llama.cpp's reader refuses it too)
+                raise FormatError(f"GGUF metadata key {key!r} appears twice")
             self.metadata[key] = c.value(c.scalar("<I"))
         align = self.metadata.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
@@ -206,7 +208,9 @@ def load_gguf(path, *, unsupported: str = "raise") -> dict:
     Any other type (IQ2_XXS, TQ1_0, ...) raises :class:`lowbit.FormatError` naming the tensor, its
     type and the types read; ``unsupported="dequantize"`` gives such tensors as float32 arrays
     instead (through the ``gguf`` package's reference dequantizer, which must be installed), and
-    ``unsupported="skip"`` leaves them out.
+    ``unsupported="skip"`` leaves them out. So do quantized tensors of a type read that are not
+    matrices the kernels run (stacks of experts' matrices, vectors, rows of more than
+    ``lowbit._core.MAX_K`` inputs), dequantized by lowbit itself.
     """
     if unsupported not in UNSUPPORTED:
         raise ValueError(f"unsupported must be one of {list(UNSUPPORTED)}, got {unsupported!r}")
@@ -226,12 +230,32 @@ def load_gguf(path, *, unsupported: str = "raise") -> dict:
                                   f"load_gguf(..., unsupported='dequantize') gives it as float32")
             if unsupported == "dequantize":
                 out[name] = _reference_dequantize(name, type_name, raw, shape)
-        else:
-            if len(shape) != 2 or 0 in shape:
-                raise FormatError(f"GGUF tensor {name!r}: {type_name} tensors must be non-empty "
-                                  f"2-D matrices, got shape {shape}")
+        elif len(shape) == 2 and 0 not in shape and shape[1] <= _core.MAX_K:
             out[name] = weight_from_blocks(type_name, raw, shape[1])
+        else:  # a stack of matrices (MoE experts), a vector, or rows longer than the kernels take
+            if unsupported == "raise":
+                why = (f"rows of {shape[-1]} inputs, more than the kernels' {_core.MAX_K}"
+                       if len(shape) == 2 and 0 not in shape else f"shape {shape}")
+                raise FormatError(f"GGUF tensor {name!r}: {type_name} of {why}: lowbit runs "
+                                  f"non-empty 2-D matrices of at most {_core.MAX_K} inputs; "
+                                  f"load_gguf(..., unsupported='dequantize') gives it as float32, "
+                                  f"'skip' leaves it out")
+            if unsupported == "dequantize":
+                out[name] = _dequantized(type_name, raw, shape)
     return out
+
+
+def _dequantized(type_name, raw, shape) -> np.ndarray:
+    """float32 values (of `shape`) of GGUF rows `raw` of a type in ``READ``, bit for bit as
+    QuantizedWeight.dequantize gives them: rows longer than the kernels take are cut into pieces
+    of whole blocks (each block carries its own scales)."""
+    if 0 in shape:
+        return np.zeros(shape, np.float32)
+    k = shape[-1]
+    block = BLOCK_FORMATS[type_name].block if type_name in BLOCK_FORMATS else 32
+    piece = max(p for p in range(block, min(k, _core.MAX_K) + 1, block) if k % p == 0)
+    rows = raw.reshape(-1, raw.shape[1] * piece // k)
+    return weight_from_blocks(type_name, rows, piece).dequantize().reshape(shape)
 
 
 def weight_from_blocks(type_name, raw, k, chunk_bytes=16 << 20) -> QuantizedWeight:
