@@ -114,7 +114,7 @@ def main(argv=None):
     x1 = rng.normal(size=(1, k)).astype(np.float32)
     gemv = interleaved({(n, a): (lambda qw=qw, a=a: lb.matmul(x1, qw, activations=a))
                         for n, (qw, _) in cold.items()
-                        for a in (("int8", "float") if n != "int8" else ("int8",))}, args.repeats)
+                        for a in ("int8", "float")}, args.repeats)
     del cold
     hot = weights(names, k, lambda name: 4096, rng)
     x128 = rng.normal(size=(128, k)).astype(np.float32)

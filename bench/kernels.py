@@ -78,7 +78,7 @@ def main(argv=None):
         qw = (int_weight(name, n, k, rng) if name in INT_FORMATS
               else block_weight(name, n, k, rng))[0]
         bw = read_bw(qw.nbytes)
-        modes = ("int8", "float") if args.float and name != "int8" else ("int8",)
+        modes = ("int8", "float") if args.float else ("int8",)
         for mode in modes:
             row = {"format": name, "activations": mode, "weight_MB": round(qw.nbytes / 1e6, 1),
                    "read_GBs": round(bw / 1e9, 1), "cells": {}}

@@ -969,10 +969,13 @@ class LinearPlan {
   enum class Kind { W8, W4, Blk };
 
   static LinearPlan w8(py::array packed, py::array scales, py::array comp, int64_t N, int64_t K,
-                       int64_t group, const py::object& bias, float act_scale, int32_t act_zero,
-                       const py::object& input_scale, bool gelu, bool fast) {
+                       int64_t group, const py::object& bias, bool int8_activations, float act_scale,
+                       int32_t act_zero, const py::object& input_scale, bool gelu, bool fast) {
     check_static(act_scale, act_zero);
+    if (!int8_activations && act_scale > 0.f)
+      throw py::value_error("static activations are int8 activations, not float ones");
     LinearPlan p(Kind::W8, N, K, bias, input_scale, gelu, fast);
+    p.int8_ = int8_activations;
     p.w8_ = w8_shape(N, K, group);
     check_w8(packed, scales, comp, p.w8_);
     p.arrays_ = {packed, scales, comp};
@@ -1152,8 +1155,11 @@ class LinearPlan {
                         float* y) const {
     switch (kind_) {
       case Kind::W8:
-        linear_w8a8(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], (const int32_t*)w_[2],
-                    b, w8_, act_scale_, act_zero_, cs, gelu_, y);
+        if (int8_)
+          linear_w8a8(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], (const int32_t*)w_[2],
+                      b, w8_, act_scale_, act_zero_, cs, gelu_, y);
+        else
+          linear_w8f32(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], b, w8_, cs, gelu_, y);
         break;
       case Kind::W4:
         linear_w4(x, ldx, M, (const uint8_t*)w_[0], (const uint16_t*)w_[1],
@@ -1588,9 +1594,9 @@ PYBIND11_MODULE(_core, m) {
       .def("run", &LinearPlan::run, py::arg("x"), py::arg("out") = py::none(),
            "y (M, N) for rows x (M, K), every argument checked");
   m.def("plan_w8", &LinearPlan::w8, py::arg("packed"), py::arg("scales"), py::arg("comp"),
-        py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"), py::arg("act_scale") = 0.f,
-        py::arg("act_zero") = 0, py::arg("input_scale") = py::none(), py::arg("gelu") = false,
-        py::arg("fast") = true);
+        py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
+        py::arg("int8_activations") = true, py::arg("act_scale") = 0.f, py::arg("act_zero") = 0,
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("fast") = true);
   m.def("plan_w4", &LinearPlan::w4, py::arg("packed"), py::arg("scales"), py::arg("mins"),
         py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,

@@ -132,6 +132,10 @@ struct Kernels {
   void (*gemm_u8s8_f32)(const GemmArgs* args, int64_t p0, int64_t p1);
   // Exact int32 C[m, n] = sum_k (a - 128) * b for panels [p0, p1) (single group).
   void (*gemm_u8s8_i32)(const GemmArgs* args, int64_t p0, int64_t p1);
+  // W8A32 (weight-only): args.a holds float32 activations [M][lda] padded with 0 to Kp (ascale
+  // and comp unused); per group S_g = sum_k w * x, one fma per k in k order, then
+  // f = S_0 * ws_0;  f = fma(S_g, ws_g, f) for g >= 1;  y = f + bias[n]  (gemm_w8f32.cpp).
+  void (*gemm_s8f32)(const GemmArgs* args, int64_t p0, int64_t p1);
 
   // W4A8 for panels [p0, p1): per 32-block b the exact int32 dot I_b = sum q_w * q_a, per group
   //   I_g = sum_b I_b * s_b   (first term a product, then fma, in block order)

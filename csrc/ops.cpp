@@ -272,6 +272,29 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
   run_gemm(kt, args, false, gelu);
 }
 
+void linear_w8f32(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
+                  const float* bias, const W8Shape& s, const float* colscale, bool gelu, float* y) {
+  if (M == 0) return;
+  const ScratchScope scope;
+  const Kernels& kt = kernels();
+  const int64_t lda = activation_stride(s.Kp * 4) / 4;
+  float* a = (float*)activation_buffer(M, lda * 4);
+  auto prep = [&](int64_t m0, int64_t m1) {
+    float_rows(x, ldx, s.K, s.Kp, colscale, s.group, m0, m1, a, lda, nullptr, s.G);
+  };
+  M * s.K >= (1 << 16) ? parallel_for(M, prep) : prep(0, M);
+  const GemmArgs args{(const uint8_t*)a, lda, M, packed, scales, nullptr, s.Kp, s.group, s.Np,
+                      s.N, nullptr, bias, y, s.N};
+  split(M, s.Np / kPanel, 64, 8, M * s.N * s.Kp, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    GemmArgs sub = args;
+    sub.M = m1 - m0;
+    sub.a = (const uint8_t*)(a + m0 * lda);
+    sub.c = y + m0 * s.N;
+    kt.gemm_s8f32(&sub, p0, p1);
+    if (gelu) gelu_block(kt, y, s.N, s.N, m0, m1, p0, p1);
+  });
+}
+
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c) {
   if (M == 0 || N == 0) return;
   const ScratchScope scope;

@@ -34,6 +34,11 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
                  const int32_t* comp, const float* bias, const W8Shape& s, float act_scale,
                  int32_t act_zero, const float* colscale, bool gelu, float* y);
 
+// y (M, N) = x . dequant(W)^T + bias for int8 weights, float32 activations (weight-only,
+// Kernels::gemm_s8f32); colscale and gelu as for linear_w8a8.
+void linear_w8f32(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
+                  const float* bias, const W8Shape& s, const float* colscale, bool gelu, float* y);
+
 // Exact c (M, N) = a (M, K) . b (N, K)^T in int32.
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c);
 

@@ -182,9 +182,12 @@ def test_int4_refuses_what_float16_scales_cannot_hold(isa):
         lb.quantize(w, bits=4)
 
 
-def test_float_activations_need_4_bit_weights():
-    with pytest.raises(ValueError, match="4-bit"):
-        lb.Linear(np.ones((4, 64), F32), activations="float")
-    qw = lb.quantize(np.ones((4, 64), F32))
-    with pytest.raises(ValueError, match="4-bit"):
-        lb.matmul(np.ones((1, 64), F32), qw, activations="float")
+def test_float_activations_run_8_bit_weights_too():
+    """API.md's activations="float" (weight-only) for every weight kind, 8-bit ones included."""
+    w = np.arange(4 * 64, dtype=F32).reshape(4, 64) / 256 - 0.5
+    x = np.linspace(-1, 1, 64, dtype=F32)[None]
+    qw = lb.quantize(w)
+    y = lb.Linear(w, activations="float")(x)
+    np.testing.assert_array_equal(y, lb.matmul(x, qw, activations="float"))
+    exact = x.astype(np.float64) @ qw.dequantize().astype(np.float64).T
+    assert np.abs(y - exact).max() < 1e-5

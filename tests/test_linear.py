@@ -39,6 +39,26 @@ def test_linear_is_bit_identical_on_every_isa(isa, rng, m, n, k, group, with_bia
     np.testing.assert_array_equal(y, expected)
 
 
+@pytest.mark.parametrize("m,n,k,group", [s + (g,) for s in SHAPES + [(1, 300, 1024), (9, 40, 4096)]
+                                          for g in (None, 32) if not g or s[2] % g == 0])
+def test_weight_only_int8_is_bit_identical_on_every_isa_and_thread_count(isa, rng, threads, m, n,
+                                                                         k, group):
+    """activations="float" with 8-bit weights (gemm_w8f32.cpp): per group an fma chain in k order,
+    then the scales; equal to the float64 product of the dequantized weight up to float32 sums."""
+    w = rng.normal(0, 0.02, (n, k)).astype(np.float32)
+    x = rng.normal(0, 1, (m, k)).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    qw = lb.quantize(w, group_size=group)
+    layer = lb.Linear(qw, bias, activations="float")
+    y = layer(x)
+    with lb.use_isa("ref"):
+        np.testing.assert_array_equal(y, layer(x))
+    lb.set_num_threads(1)
+    np.testing.assert_array_equal(y, layer(x))
+    exact = x.astype(np.float64) @ qw.dequantize().astype(np.float64).T + bias
+    assert np.abs(y - exact).max() <= 1e-5 * max(1.0, np.abs(exact).max()) * max(1, k / 64)
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_linear_reference_matches_numpy_emulation(rng, m, n, k):
     w = rng.normal(0, 0.02, (n, k)).astype(np.float32)
@@ -154,7 +174,8 @@ def test_linear_construction_errors():
 # ---------------------------------------------------------------------------------------------
 # out=: the result written into a caller's buffer
 
-OUT_CONFIGS = [(8, None, "int8"), (8, 32, "int8"), (4, 32, "int8"), (4, 32, "float")]
+OUT_CONFIGS = [(8, None, "int8"), (8, 32, "int8"), (8, 32, "float"), (4, 32, "int8"),
+               (4, 32, "float")]
 
 
 def out_layer(rng, bits, group, activations, n=48, k=64, with_bias=True):
@@ -261,8 +282,9 @@ def test_matmul_out_overlapping_bias_is_rejected_or_correct(rng, bits, group, ac
 
 # --- epilogue="gelu" and input_scale in the kernels ---------------------------------------------
 
-EPILOGUE_CONFIGS = [(8, None, "int8"), (8, 32, "int8"), (8, None, 0.02), (4, 32, "int8"),
-                    (4, None, "int8"), (4, 32, "float"), (4, 32, 0.02)]
+EPILOGUE_CONFIGS = [(8, None, "int8"), (8, 32, "int8"), (8, None, 0.02), (8, None, "float"),
+                    (8, 32, "float"), (4, 32, "int8"), (4, None, "int8"), (4, 32, "float"),
+                    (4, 32, 0.02)]
 
 
 @pytest.mark.parametrize("m", [1, 3, 33, 300])
@@ -406,8 +428,8 @@ def misaligned_parts(qw):
 
 
 @pytest.mark.parametrize("bits,group,activations,symmetric", [
-    (8, None, "int8", True), (8, 64, "int8", True), (4, 32, "int8", False), (4, 64, "float", True),
-    (4, None, "float", False)])
+    (8, None, "int8", True), (8, 64, "int8", True), (8, 32, "float", True), (4, 32, "int8", False),
+    (4, 64, "float", True), (4, None, "float", False)])
 def test_misaligned_arrays_give_the_aligned_results(isa, rng, bits, group, activations, symmetric):
     """Arrays at odd byte addresses (inputs, bias, out, stored parts, weights to quantize) are
     copied at the binding into aligned memory: the same results, no misaligned float* in a kernel
@@ -519,11 +541,12 @@ def test_block_cache_can_be_turned_off():
 def test_a_refused_setting_leaves_the_layer_as_it_was(rng):
     w = rng.normal(size=(20, 64)).astype(np.float32)
     x = rng.normal(size=(3, 64)).astype(np.float32)
-    layer = lb.Linear(lb.quantize(w, bits=4, group_size=32), activations="float")
+    layer = lb.Linear(lb.quantize(w), activations=lb.StaticActivations(0.05, 3))
     before = layer(x)
-    with pytest.raises(ValueError, match="activations='float'"):
-        layer.weight = lb.quantize(w, bits=8)  # 8-bit weights with float activations: refused
-    assert layer.weight.bits == 4
+    with pytest.raises(ValueError, match="zero point"):
+        layer.weight = lb.quantize(w, bits=4, group_size=32)  # a zero point needs 8-bit weights
+    assert layer.weight.bits == 8
+    np.testing.assert_array_equal(layer(x), before)
     layer = lb.Linear(lb.quantize(w), bias=np.ones(20, np.float32))
     before = layer(x)
     with pytest.raises(ValueError, match="bias"):

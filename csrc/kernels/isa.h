@@ -20,6 +20,7 @@ void quantize_a8(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t m0,
                  uint8_t* out, int64_t ldo, float* scales, float fixed, int32_t zero);
 void gemm_u8s8_f32(const GemmArgs* args, int64_t p0, int64_t p1);
 void gemm_u8s8_i32(const GemmArgs* args, int64_t p0, int64_t p1);
+void gemm_s8f32(const GemmArgs* args, int64_t p0, int64_t p1);
 void gemm_q4a8(const Q4Args* args, int64_t p0, int64_t p1);
 void gemm_q4f32(const Q4Args* args, int64_t p0, int64_t p1);
 void quantize_a8_blocks(const float* x, int64_t ldx, int64_t K, int64_t Kp, int64_t group,

@@ -10,11 +10,7 @@
 #include <utility>
 #include <vector>
 #include "kernels/isa.h"
-#if defined(__AVX512F__) || defined(__FMA__)
-#include <immintrin.h>
-#elif defined(__ARM_NEON)
-#include <arm_neon.h>
-#endif
+#include "kernels/vec.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -22,47 +18,18 @@ namespace {
 
 constexpr int kLanes = 16;  // partial sums of every reduction
 
-// The native vector: kN floats (one zmm, ymm or xmm register); fmav(a, b, c) = a * b + c rounded
-// once per lane. Tiles of attention: kTile queries x 32 keys (or 32 of head_dim), kTile * kV
-// accumulators, as many as the ISA's registers hold beside the operands.
+// Tiles of attention: kTile queries x 32 keys (or 32 of head_dim), kTile * kV accumulators, as
+// many as the ISA's registers hold beside the operands (vec.h: the vector of kN floats).
 #if defined(__AVX512F__)
-constexpr int kN = 16;
-typedef float vf __attribute__((vector_size(64)));
-inline vf fmav(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
-inline vf splat(float f) { return (vf)_mm512_set1_ps(f); }
 constexpr int64_t kTile = 8;  // 16 accumulators: two FMA pipes of latency 4 stay busy
 #elif defined(__FMA__)
-constexpr int kN = 8;
-typedef float vf __attribute__((vector_size(32)));
-inline vf fmav(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
-inline vf splat(float f) { return (vf)_mm256_set1_ps(f); }
 constexpr int64_t kTile = 2;
 #elif defined(__ARM_NEON)
-constexpr int kN = 4;
-typedef float vf __attribute__((vector_size(16)));
-inline vf fmav(vf a, vf b, vf c) { return (vf)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b); }
-inline vf splat(float f) { return (vf)vdupq_n_f32(f); }
 constexpr int64_t kTile = 4;  // 32 vector registers: 4 queries x 8 accumulators beside the operands
 #else
-constexpr int kN = 4;
-typedef float vf __attribute__((vector_size(16)));
-inline vf fmav(vf a, vf b, vf c) {
-  for (int l = 0; l < kN; ++l) c[l] = std::fma(a[l], b[l], c[l]);
-  return c;
-}
-inline vf splat(float f) { return vf{f, f, f, f}; }
 constexpr int64_t kTile = 2;
 #endif
-typedef int32_t vi __attribute__((vector_size(sizeof(vf))));
 constexpr int kV = 32 / kN;  // vectors per 32 floats
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // v, kept in a register: an operand loaded once for several rows' FMAs. Without it the compiler
 // folds the load into each FMA (one load per row), and at 2 x 256 bits a cycle (Zen 4) the loads,

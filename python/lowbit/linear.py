@@ -26,9 +26,6 @@ def _check_activations(activations, fmt):
     if not isinstance(activations, str) or activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {list(ACTIVATIONS)} or a StaticActivations "
                          f"(a calibrated scale), got {activations!r}")
-    if activations == "float" and fmt == "int8":
-        raise ValueError("activations='float' (weight-only) runs 4-bit and block-format weights; "
-                         "8-bit weights run with activations='int8'")
     return activations
 
 
@@ -105,7 +102,7 @@ def _plan(qw: QuantizedWeight, bias, activations, epilogue):
     if qw.bits == 8:
         zero = activations.zero_point if static else 0
         return _core.plan_w8(qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
-                             scale, zero, in_scale, gelu, fast)
+                             activations != "float", scale, zero, in_scale, gelu, fast)
     return _core.plan_w4(qw._packed, qw._scales, qw._mins, qw._zeros, n, k, qw.group_size or 0,
                          bias, activations != "float", scale, in_scale, gelu, fast)
 
@@ -146,7 +143,8 @@ class Linear:
     * a :class:`StaticActivations` (from a calibration observer, or a positive number: a
       symmetric scale): one fixed scale (and, with 8-bit weights, zero point) for every input,
       ``q = clamp(round(x / scale) + zero_point, -128, 127)``; no range is computed per call.
-    * "float" (4-bit weights): weight-only, the 4-bit values meet the float32 inputs in FMA.
+    * "float": weight-only, the weight's integer values meet the float32 inputs in FMA (the
+      scales applied per group), for 8-bit, 4-bit and block-format weights alike.
 
     epilogue: None, or "gelu" for ``GELU(x @ W.T + bias)`` (lowbit.nn.gelu's exact erf form, bit
     for bit), applied to each block of the output while it is in cache: a BERT intermediate

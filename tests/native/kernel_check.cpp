@@ -102,7 +102,8 @@ std::vector<float> activations(Rng& r, int64_t M, int64_t K, float scale) {
   return x;
 }
 
-// ---- INT8: weight quantization, activation quantization (dynamic / static), the GEMM ----
+// ---- INT8: weight quantization, activation quantization (dynamic / static), the GEMM; the
+// same weights with float activations (W8A32) ----
 void int8_cases() {
   const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33};
   const int64_t Ns[] = {1, 15, 17, 33};
@@ -136,9 +137,12 @@ void int8_cases() {
               linear_w8a8(x->data(), K, M, packed.data(), scales.data(), comp.data(),
                           bias ? b->data() : nullptr, s, stat ? 1.f / 64 : 0.f, stat ? zero : 0,
                           cs ? c->data() : nullptr, gelu, y.data());
+              std::vector<float> yf((size_t)(M * N));  // the same weights, float activations
+              linear_w8f32(x->data(), K, M, packed.data(), scales.data(), bias ? b->data() : nullptr,
+                           s, cs ? c->data() : nullptr, gelu, yf.data());
               Bytes out;
               put(out, &bad, 1);
-              put(out, packed), put(out, scales), put(out, comp), put(out, y);
+              put(out, packed), put(out, scales), put(out, comp), put(out, y), put(out, yf);
               return out;
             });
       }
