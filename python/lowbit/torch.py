@@ -152,19 +152,25 @@ def _prepared(weight: tuple, bias: Optional[torch.Tensor]) -> tuple:
 
 
 def _cacheable(spec: str, tensors: list) -> tuple:
-    """(_prepared of the weight parts and bias in `tensors`, None or a function that makes the
-    kernel's bias again from the bias tensor where the kernel does not read that tensor itself)."""
+    """(_prepared of the weight parts and bias in `tensors`; None or a function that makes the
+    kernel's bias again from the bias tensor where the kernel does not read that tensor itself;
+    whether the kernel's bias holds a term derived from the weight)."""
     qw, acts, epilogue = weight = _weight(spec, tensors[:-1])
     bias = tensors[-1]
     prepared = _prepared(weight, bias)
     term = _zero_point_term(qw, acts)
     if bias is None or (term is None and bias.dtype is torch.float32):
-        return prepared, None
+        return prepared, None, term is not None
     b = prepared[2]
 
     def refresh():
         b[...] = _numpy32(bias) if term is None else term + _numpy32(bias)  # (as _kernel_bias)
-    return prepared, refresh
+    return prepared, refresh, term is not None
+
+
+def _versions(tensors: list) -> list:
+    """In-place write counts of the tensors (None for inference tensors: torch keeps none)."""
+    return [None if t is None or t.is_inference() else t._version for t in tensors]
 
 
 def _run(x: torch.Tensor, qw: QuantizedWeight, plan, bias: Optional[np.ndarray]) -> torch.Tensor:
@@ -255,23 +261,24 @@ class LowbitLinear(torch.nn.Module):
         return [getattr(self, "weight_" + p) for p in self._part_names]
 
     def _prepared(self):
-        """_prepared of the buffers, kept while they are the same memory at the same version.
-        The kernels read the weight parts and a float32 bias where they are, so every write to
-        them shows, tracked or not (through ``.data``, or to inference tensors, which have no
-        version); the versions catch in-place writes to what is derived from the weight (a
-        static zero point's term of the bias). A bias converted from float16 / bfloat16 or
-        carrying that term is made again from the bias tensor each call."""
+        """_prepared of the buffers, kept while they are the same memory. The kernels read the
+        weight parts and a float32 bias where they are, so every write to them shows, tracked or
+        not (through ``.data``, or to inference tensors, which have no version). A bias converted
+        from float16 / bfloat16 or carrying a static zero point's term is made again from the
+        bias tensor each call; that term, derived from the weight, is kept while the weight's
+        versions (where torch tracks them) stay."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
         tensors = [buffers[n] for n in self._buffer_names]  # the parts, then the bias
         key = [self._spec]
         for t in tensors:  # (a view held by the cache keeps its memory from being reused)
             if t is not None:
                 key.append(t.data_ptr())
-                if not t.is_inference():
-                    key.append(t._version)
         cached = self.__dict__.get("_views")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_views"] = (key, *_cacheable(self._spec, tensors))
+        if (cached is None or cached[0] != key or
+                (cached[3] is not None and cached[3] != _versions(tensors))):
+            prepared, refresh, derived = _cacheable(self._spec, tensors)
+            cached = (key, prepared, refresh, _versions(tensors) if derived else None)
+            self.__dict__["_views"] = cached
         if cached[2] is not None:
             cached[2]()
         return cached[1]
