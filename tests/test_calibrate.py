@@ -609,3 +609,16 @@ def test_histogram_observers_take_the_whole_float32_range(cls, symmetric):
     assert np.isfinite(lo) and np.isfinite(hi) and lo <= 0 <= hi
     p = obs.params()
     assert np.isfinite(p.scale) and p.scale > 0
+
+
+@pytest.mark.parametrize("observer", [lb.MinMaxObserver, lb.PercentileObserver, lb.MSEObserver,
+                                      lb.EntropyObserver])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_observers_of_one_value_agree_with_minmax(observer, symmetric):
+    """All-zero (or constant) calibration batches: a histogram of one value has no tail to clip,
+    so every observer gives MinMax's scale (1.0 for zeros), not a scale of 1e-30 that would
+    saturate every later input."""
+    for value in (0.0, 5.0, -2.0):
+        x = np.full((4, 8), value, np.float32)
+        got = observer(symmetric=symmetric).observe(x).observe(x).params()
+        assert got == lb.MinMaxObserver(symmetric=symmetric).observe(x).params()

@@ -554,3 +554,14 @@ def test_a_refused_setting_leaves_the_layer_as_it_was(rng):
     assert layer.out_features == 20
     np.testing.assert_array_equal(layer(x), before)
     assert pickle.loads(pickle.dumps(layer)).out_features == 20
+
+
+def test_settings_given_beside_a_quantized_weight_must_agree(rng):
+    w = rng.normal(size=(16, 64)).astype(np.float32)
+    q4 = lb.quantize(w, bits=4, group_size=32)
+    assert lb.Linear(q4, bits=4, group_size=32).weight is q4  # agreeing, or left out: fine
+    with pytest.raises(ValueError, match="bits=4 given with a QuantizedWeight of bits=8"):
+        lb.Linear(lb.quantize(w), bits=4)
+    for wrong in (dict(group_size=64), dict(symmetric=False)):
+        with pytest.raises(ValueError, match="keeps its own"):
+            lb.Linear(q4, **wrong)

@@ -172,6 +172,17 @@ class HistogramObserver(Observer):
         self.hist = np.diff(np.interp(new, old, cum))
         self.edges = (lo, hi)
 
+    def range(self):
+        """(lo, hi): the range the scale covers (the extremes seen, where they are one value: a
+        histogram of one value, all zeros say, has no shape to clip)."""
+        self._check()
+        if self.lo == self.hi:
+            return self.lo, self.hi
+        return self._clip_range()
+
+    def _clip_range(self):  # (the subclasses' choice of range; here the extremes)
+        return self.lo, self.hi
+
     def _centers(self):
         left, right = self.edges
         return left + (np.arange(self.bins) + 0.5) * (right - left) / self.bins
@@ -191,9 +202,7 @@ class PercentileObserver(HistogramObserver):
             raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
         self.percentile = percentile
 
-    def range(self):
-        """(lo, hi): the range the scale covers."""
-        self._check()
+    def _clip_range(self):
         p = self.percentile / 100
         if self.symmetric:
             t = self._cdf_at(p)
@@ -206,9 +215,7 @@ class MSEObserver(HistogramObserver):
     error step^2 / 12, values beyond it are clipped to it. Symmetric: thresholds t over the
     histogram of |x|; asymmetric: the observed range shrunk by factors 1.0 down to 0.05."""
 
-    def range(self):
-        """(lo, hi): the range the scale covers."""
-        self._check()
+    def _clip_range(self):
         c = self._centers()
         h = self.hist
         left, right = self.edges
@@ -239,9 +246,7 @@ class EntropyObserver(HistogramObserver):
     def __init__(self, symmetric=True, bins=2048):
         super().__init__(symmetric, bins)
 
-    def range(self):
-        """(lo, hi): the range the scale covers."""
-        self._check()
+    def _clip_range(self):
         left, right = self.edges
         width = (right - left) / self.bins
         if self.symmetric:

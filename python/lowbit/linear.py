@@ -160,6 +160,13 @@ class Linear:
         if not isinstance(w_or_qw, QuantizedWeight):
             _check_activations(activations, f"int{bits}")
             w_or_qw = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
+        else:  # a weight's own settings apply: one given otherwise would be silently ignored
+            given = {"bits": (bits, 8), "group_size": (group_size, None), "symmetric": (symmetric, True)}
+            for name, (value, default) in given.items():
+                if value != default and value != getattr(w_or_qw, name):
+                    raise ValueError(f"Linear: {name}={value!r} given with a QuantizedWeight of "
+                                     f"{name}={getattr(w_or_qw, name)!r}; a quantized weight keeps "
+                                     f"its own (quantize the float weight again to change it)")
         self._setup(w_or_qw, bias, activations, epilogue)
 
     _SETTINGS = ("weight", "bias", "activations", "epilogue")
