@@ -277,12 +277,18 @@ void linear_w8f32(const float* x, int64_t ldx, int64_t M, const int8_t* packed, 
   if (M == 0) return;
   const ScratchScope scope;
   const Kernels& kt = kernels();
-  const int64_t lda = activation_stride(s.Kp * 4) / 4;
-  float* a = (float*)activation_buffer(M, lda * 4);
-  auto prep = [&](int64_t m0, int64_t m1) {
-    float_rows(x, ldx, s.K, s.Kp, colscale, s.group, m0, m1, a, lda, nullptr, s.G);
-  };
-  M * s.K >= (1 << 16) ? parallel_for(M, prep) : prep(0, M);
+  // the rows as they are where they need no padding and no per-column factors, else a copy
+  const bool direct = !colscale && s.K == s.Kp;
+  const int64_t lda = direct ? ldx : activation_stride(s.Kp * 4) / 4;
+  const float* a = x;
+  if (!direct) {
+    float* rows = (float*)activation_buffer(M, lda * 4);
+    auto prep = [&](int64_t m0, int64_t m1) {
+      float_rows(x, ldx, s.K, s.Kp, colscale, s.group, m0, m1, rows, lda, nullptr, s.G);
+    };
+    M * s.K >= (1 << 16) ? parallel_for(M, prep) : prep(0, M);
+    a = rows;
+  }
   const GemmArgs args{(const uint8_t*)a, lda, M, packed, scales, nullptr, s.Kp, s.group, s.Np,
                       s.N, nullptr, bias, y, s.N};
   split(M, s.Np / kPanel, 64, 8, M * s.N * s.Kp, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {

@@ -391,6 +391,12 @@ def test_bad_checkpoints_raise_format_error(tmp_path, rng):
     (folder / "config.json").write_text('{"quantization_config": {"bits": 8, "quant_method": "gptq"}}')
     with pytest.raises(lb.FormatError, match="8 bits"):
         lb.load_gptq(folder)
+    (folder / "config.json").write_text('{"quantization_config": {"bits": "8"}}')
+    with pytest.raises(lb.FormatError, match="8 bits"):  # the file's folder's config, read too
+        lb.load_gptq(folder / "model.safetensors")
+    with pytest.raises(lb.FormatError, match="8-bit AWQ packs them"):
+        lb.from_awq(np.zeros((64, 2), np.int32), np.zeros((2, 4), np.int32),
+                    np.ones((2, 16), np.float16))  # N = 16: 8-bit zeros take 4 words a row
     (folder / "config.json").write_text('{"quantization_config": {"bits": 4}}')
     assert lb.load_gptq(folder)["a"].shape == (16, 64)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -474,3 +474,36 @@ def test_load_fills_a_buffer_the_model_keeps_out_of_its_state(rng, tmp_path):
                                       "pos": np.arange(6)})
     with pytest.raises(ValueError, match="pos"):
         lbt.load(tmp_path / "bad.lowbit", WithPositions())
+
+
+def test_writes_reach_layers_whose_buffers_the_kernels_cannot_read_in_place(rng):
+    """A strided bias or a part of another layout is copied for the kernels: writes to it must
+    still show (tracked by versions), as must writes into inference tensors a static zero
+    point's term is derived from (made again every call)."""
+    x = torch.from_numpy(rng.normal(size=(3, 64)).astype(np.float32))
+    model = quantized("int8")
+    with torch.no_grad():
+        model[0].bias = torch.zeros(2 * 96)[::2]  # a strided view
+        before = model[0](x)
+        model[0].bias.add_(1)
+        assert torch.allclose(model[0](x), before + 1, rtol=0, atol=1e-6)  # (fma(f, s, 1) rounds once)
+        assert torch.equal(model(x), pickle.loads(pickle.dumps(model))(x))
+    with torch.inference_mode():
+        zp = lbt.quantize_model(small_model(), activations=lambda: lb.MinMaxObserver(symmetric=False),
+                                calibration=calibration_batches())
+        assert zp[0].weight_scales.is_inference()
+        zp(x)
+        zp[0].weight_scales.mul_(2)  # in place, no version: the zero point's term follows
+        assert torch.equal(zp(x), pickle.loads(pickle.dumps(zp))(x))
+
+
+def test_a_state_of_another_group_size_keeps_the_layers_settings(rng):
+    """torch copies the buffers whose shapes fit (the packed values here) before it raises for
+    the others; the settings must stay the layer's own, so that it still runs on its buffers."""
+    layer = lbt.LowbitLinear.from_linear(torch.nn.Linear(128, 16), bits=4, group_size=32)
+    other = lbt.LowbitLinear.from_linear(torch.nn.Linear(128, 16), bits=4, group_size=64)
+    x = torch.from_numpy(rng.normal(size=(2, 128)).astype(np.float32))
+    with pytest.raises((ValueError, RuntimeError)):
+        layer.load_state_dict(other.state_dict())
+    assert "group_size=32" in repr(layer)
+    assert layer(x).shape == (2, 16)

@@ -74,6 +74,14 @@ def _group_size(k, groups):
     return None if groups == 1 else group
 
 
+def _check_qzeros(qz, groups, n, kind):
+    if qz.shape[1] * 8 != n:
+        bits = 32 * qz.shape[1] // n if n and 32 * qz.shape[1] % n == 0 else None
+        other = f" (as {bits}-bit {kind} packs them)" if bits else ""
+        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n} of 4-bit {kind}, "
+                          f"got {qz.shape}{other}; lowbit reads 4-bit {kind}")
+
+
 def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight:
     """A :class:`QuantizedWeight` from one GPTQ (AutoGPTQ v1) layer's tensors; see the module
     docstring for the layout. Only 4-bit GPTQ is read."""
@@ -83,10 +91,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight
     qz = _int32_matrix(qzeros, "qzeros")
     k, n = qw.shape[0] * 8, qw.shape[1]
     groups = qz.shape[0]
-    if qz.shape[1] * 8 != n:
-        other = f" (as {32 * qz.shape[1] // n}-bit GPTQ packs them)" if n and 32 * qz.shape[1] % n == 0 else ""
-        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n} of 4-bit GPTQ, "
-                          f"got {qz.shape}{other}; lowbit reads 4-bit GPTQ")
+    _check_qzeros(qz, groups, n, "GPTQ")
     d = _scales(scales, groups, n, "scales")
     q = _nibbles(qw.T)                                # [K/8, N] -> (N, K)
     z = _nibbles(qz).T.astype(np.int16) + 1           # stored z - 1
@@ -111,10 +116,7 @@ def from_awq(qweight, qzeros, scales) -> QuantizedWeight:
     qz = _int32_matrix(qzeros, "qzeros")
     k, n = qw.shape[0], qw.shape[1] * 8
     groups = qz.shape[0]
-    if qz.shape[1] * 8 != n:
-        other = f" (as {32 * qz.shape[1] // n}-bit GPTQ packs them)" if n and 32 * qz.shape[1] % n == 0 else ""
-        raise FormatError(f"qzeros: expected shape ({groups}, {n // 8}) for N={n} of 4-bit GPTQ, "
-                          f"got {qz.shape}{other}; lowbit reads 4-bit GPTQ")
+    _check_qzeros(qz, groups, n, "AWQ")
     d = _scales(scales, groups, n, "scales")
     q = np.ascontiguousarray(_nibbles(qw, _AWQ_ORDER).T)
     z = _nibbles(qz, _AWQ_ORDER).T
@@ -143,18 +145,24 @@ def _tensors(source) -> dict:
 
 
 def _config_bits(source):
-    """The bits a checkpoint directory's quantization config names, or None."""
-    if isinstance(source, dict) or not os.path.isdir(os.fspath(source)):
+    """The bits the quantization config beside a checkpoint (in its directory, or the file's)
+    names, or None."""
+    if isinstance(source, dict):
         return None
+    folder = os.fspath(source)
+    folder = folder if os.path.isdir(folder) else os.path.dirname(folder) or "."
     for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
         try:
-            with open(os.path.join(os.fspath(source), name)) as f:
+            with open(os.path.join(folder, name)) as f:
                 config = json.load(f)
         except (OSError, ValueError):
             continue
         config = config.get(key) if key and isinstance(config, dict) else config
         if isinstance(config, dict) and "bits" in config:
-            return config["bits"]
+            try:
+                return int(config["bits"])
+            except (TypeError, ValueError):
+                return config["bits"]
     return None
 
 

@@ -151,26 +151,45 @@ def _prepared(weight: tuple, bias: Optional[torch.Tensor]) -> tuple:
     return qw, _plan(qw, b, acts, epilogue), b
 
 
+def _in_place(t: torch.Tensor) -> bool:
+    """Whether the kernels read t's memory itself (else the binding copies it: another layout,
+    or an address off its element size)."""
+    return t.is_contiguous() and t.data_ptr() % t.element_size() == 0
+
+
 def _cacheable(spec: str, tensors: list) -> tuple:
     """(_prepared of the weight parts and bias in `tensors`; None or a function that makes the
     kernel's bias again from the bias tensor where the kernel does not read that tensor itself;
-    whether the kernel's bias holds a term derived from the weight)."""
+    whether the kernels read anything derived from the weight parts rather than the parts
+    themselves: a static zero point's term, a copy of a part, act-order's permuted input scale)."""
     qw, acts, epilogue = weight = _weight(spec, tensors[:-1])
     bias = tensors[-1]
-    prepared = _prepared(weight, bias)
     term = _zero_point_term(qw, acts)
-    if bias is None or (term is None and bias.dtype is torch.float32):
-        return prepared, None, term is not None
-    b = prepared[2]
+    derived = (term is not None or (qw._perm is not None and qw._in_scale is not None) or
+               not all(_in_place(t) for t in tensors[:-1]))
+    if bias is None or (term is None and bias.dtype is torch.float32 and _in_place(bias)):
+        return _prepared(weight, bias), None, derived
+    b = np.empty(qw.shape[0], np.float32)  # the kernel's own bias, which it reads in place
 
     def refresh():
         b[...] = _numpy32(bias) if term is None else term + _numpy32(bias)  # (as _kernel_bias)
-    return prepared, refresh, term is not None
+    refresh()
+    return (qw, _plan(qw, b, acts, epilogue), b), refresh, derived
 
 
-def _versions(tensors: list) -> list:
-    """In-place write counts of the tensors (None for inference tensors: torch keeps none)."""
-    return [None if t is None or t.is_inference() else t._version for t in tensors]
+_UNTRACKED = "untracked"  # (a cache entry made again every call)
+
+
+def _versions(tensors: list):
+    """The tensors' in-place write counts, or _UNTRACKED where torch keeps none for one of them
+    (inference tensors)."""
+    out = []
+    for t in tensors:
+        if t is not None:
+            if t.is_inference():
+                return _UNTRACKED
+            out.append(t._version)
+    return out
 
 
 def _run(x: torch.Tensor, qw: QuantizedWeight, plan, bias: Optional[np.ndarray]) -> torch.Tensor:
@@ -194,7 +213,7 @@ def _count_parts(ctx, inputs, output):
     ctx.parts = len(inputs[1])
 
 
-def _no_gradient(ctx, grad):  # as in eager mode: the layers pass no gradient back
+def _no_gradient(ctx, grad):  # no gradient flows back (eager's output does not ask for one)
     return None, [None] * ctx.parts, None, None
 
 
@@ -263,10 +282,13 @@ class LowbitLinear(torch.nn.Module):
     def _prepared(self):
         """_prepared of the buffers, kept while they are the same memory. The kernels read the
         weight parts and a float32 bias where they are, so every write to them shows, tracked or
-        not (through ``.data``, or to inference tensors, which have no version). A bias converted
-        from float16 / bfloat16 or carrying a static zero point's term is made again from the
-        bias tensor each call; that term, derived from the weight, is kept while the weight's
-        versions (where torch tracks them) stay."""
+        not (through ``.data``, or to inference tensors, which have no version). A bias the
+        kernel reads from a buffer of its own (converted from float16 / bfloat16, or carrying a
+        static zero point's term) is made again from the bias tensor each call. What is derived
+        from the weight parts (that term; copies of parts not laid out for the kernels) is kept
+        while the parts' versions stay, and made again every call where torch keeps no versions
+        (inference tensors). Not checked again after the first call: the ranges of block-format
+        scale codes, should a part be overwritten with codes no file holds."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
         tensors = [buffers[n] for n in self._buffer_names]  # the parts, then the bias
         key = [self._spec]
@@ -274,8 +296,8 @@ class LowbitLinear(torch.nn.Module):
             if t is not None:
                 key.append(t.data_ptr())
         cached = self.__dict__.get("_views")
-        if (cached is None or cached[0] != key or
-                (cached[3] is not None and cached[3] != _versions(tensors))):
+        if (cached is None or cached[0] != key or (cached[3] is not None and (
+                cached[3] is _UNTRACKED or cached[3] != _versions(tensors)))):
             prepared, refresh, derived = _cacheable(self._spec, tensors)
             cached = (key, prepared, refresh, _versions(tensors) if derived else None)
             self.__dict__["_views"] = cached
@@ -315,12 +337,15 @@ class LowbitLinear(torch.nn.Module):
 
     def set_extra_state(self, state):
         spec = json.dumps(state, sort_keys=True)
-        if _settings(spec)[5] != _settings(self._spec)[5] or tuple(state["shape"]) != (
-                self.out_features, self.in_features):  # parts' names and dtypes, the shape
-            parts = [f"{p} {dt}" for p, dt in _settings(spec)[5]]
-            raise ValueError(f"lowbit.torch: a {state['format']} {tuple(state['shape'])} layer "
-                             f"(parts {parts}) cannot load into this {self.extra_repr()} one; "
-                             f"quantize the model as the state was, or use lowbit.torch.load")
+        # the weight's kind (shape, format, bits, group size, symmetry, parts' names and dtypes)
+        # must be this layer's: torch calls this even where the buffers' shapes did not fit
+        theirs = _settings(spec)
+        if theirs[:6] != _settings(self._spec)[:6]:
+            shape, fmt, bits, group, sym, parts = theirs[:6]
+            raise ValueError(f"lowbit.torch: a {fmt} {shape} layer (bits={bits}, group_size="
+                             f"{group}, symmetric={sym}, parts {[f'{p} {dt}' for p, dt in parts]}) "
+                             f"cannot load into this {self.extra_repr()} one; quantize the model as "
+                             f"the state was, or use lowbit.torch.load")
         self._spec = spec
 
     def extra_repr(self):

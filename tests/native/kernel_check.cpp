@@ -107,7 +107,7 @@ std::vector<float> activations(Rng& r, int64_t M, int64_t K, float scale) {
 void int8_cases() {
   const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33};
   const int64_t Ns[] = {1, 15, 17, 33};
-  const int64_t Ks[] = {1, 4, 5, 32, 33, 100, 260};
+  const int64_t Ks[] = {1, 4, 5, 32, 33, 64, 100, 128, 260};  // (64, 128: grouped every other case)
   int idx = 0;
   for (int64_t M : Ms)
     for (int64_t N : Ns)
