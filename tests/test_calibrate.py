@@ -622,3 +622,14 @@ def test_observers_of_one_value_agree_with_minmax(observer, symmetric):
         x = np.full((4, 8), value, np.float32)
         got = observer(symmetric=symmetric).observe(x).observe(x).params()
         assert got == lb.MinMaxObserver(symmetric=symmetric).observe(x).params()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_entropy_observer_on_data_away_from_zero_keeps_its_range(rng, symmetric):
+    """No data near zero: the first candidate thresholds clip everything into one bin, whose
+    divergence from itself is 0; they are no choice (they clipped 99% of the values)."""
+    x = rng.uniform(3, 7, 10000).astype(np.float32)
+    if not symmetric:
+        x *= rng.choice([-1, 1], x.size).astype(np.float32)
+    lo, hi = lb.EntropyObserver(symmetric=symmetric).observe(x).range()
+    assert hi > 6 and lo < -6

@@ -293,8 +293,9 @@ def reference_gptq(w, x, bits, symmetric, group, damp=0.1):
     grid = methods.Grid(bits, symmetric)
     h = hess(x)
     dead = np.diagonal(h) == 0
-    h[dead, dead] = 1
-    h += damp * np.mean(np.diagonal(h)) * np.eye(k)
+    live = np.diagonal(h)[~dead].mean() if (~dead).any() else 1.0
+    h[dead, dead] = live
+    h += damp * live * np.eye(k)
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
     wt = w.astype(np.float64)
     q = np.zeros((n, k), F32)
@@ -792,3 +793,26 @@ def test_calibration_of_any_magnitude(rng, bits, group, method):
     from lowbit.methods import hessian
     h = hessian(x.astype(np.float64) * 1e200, 64)  # float64 rows beyond float32
     assert np.isfinite(h).all() and h.max() > 0
+
+
+def test_gptq_inputs_never_seen_leave_the_others_as_without_them(rng):
+    """Calibration columns that are exactly zero (ReLU units that never fire) decouple from the
+    rest of H; they must not change the damping either, so the live columns come out as GPTQ on
+    the live columns alone gives them."""
+    w = rng.normal(size=(16, 128)).astype(F32)
+    x = rng.normal(size=(200, 128)).astype(F32)
+    x[:, :64] = x[:, :64] @ rng.normal(size=(64, 64)).astype(F32)  # correlated live inputs
+    x[:, 64:] = 0
+    full = lb.quantize(w, 4, 32, method="gptq", calibration=x)
+    alone = lb.quantize(w[:, :64], 4, 32, method="gptq", calibration=x[:, :64])
+    np.testing.assert_array_equal(full.int_values()[:, :64], alone.int_values())
+    np.testing.assert_array_equal(full.dequantize()[:, :64], alone.dequantize())
+
+
+def test_calibration_checked_as_given_with_an_input_scale(rng):
+    w = rng.normal(size=(16, 64)).astype(F32)
+    x = rng.normal(size=(100, 64)).astype(F32)
+    c = np.full(64, 0.5, F32)
+    for bad, error in ((x[:, :1], ValueError), (x[:, :32], ValueError), (x.astype(np.int32), TypeError)):
+        with pytest.raises(error, match="calibration"):  # not broadcast against the scale first
+            lb.quantize(w, 4, 32, method="gptq", calibration=bad, input_scale=c)

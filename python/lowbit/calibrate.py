@@ -266,9 +266,11 @@ class EntropyObserver(HistogramObserver):
             return last  # fewer bins than levels: nothing to clip
         best_i, best_kl = last, np.inf
         for i in range(n, last + 1):
-            p = h[:i].copy()
-            p[-1] += h[i:].sum()
             src = h[:i]
+            if np.count_nonzero(src) < 2:  # one spike clipped to one spike: a divergence of 0
+                continue                   # that says nothing (data away from zero)
+            p = src.copy()
+            p[-1] += h[i:].sum()
             # level j covers bins [j * i / n, (j + 1) * i / n)
             level = (np.arange(i) * n) // i
             total = np.bincount(level, src, n)

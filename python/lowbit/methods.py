@@ -91,6 +91,17 @@ class Grid:
             bits=self.bits, group_size=group_size, mins=mins, perm=perm, input_scale=input_scale)
 
 
+def calibration_rows(calibration, k) -> np.ndarray:
+    """Calibration activations as given: float, of shape (..., k), at least one row."""
+    x = np.asarray(calibration)
+    if x.dtype.kind != "f":
+        raise TypeError(f"calibration: expected float activations, got dtype {x.dtype}")
+    if x.ndim < 2 or x.shape[-1] != k or x.size == 0:
+        raise ValueError(f"calibration: expected activations of shape (S, {k}) with S >= 1, got "
+                         f"{x.shape}")
+    return x
+
+
 def hessian(calibration, k, chunk=4096):
     """H = X^T X / S (float64, (K, K)) of the calibration rows X (S, K), in chunks of rows, with
     X first scaled by the power of two that brings its largest |x| into [0.5, 1): H up to a
@@ -98,13 +109,7 @@ def hessian(calibration, k, chunk=4096):
     are all relative), and always finite: in float32, rows near 1e19 overflowed H (8-bit GPTQ
     then returned weights with 99% error) and rows near 1e-20 underflowed it to 0. Scaling by a
     power of two is exact, so X and X * 2^e give the same H."""
-    x = np.asarray(calibration)
-    if x.dtype.kind != "f":
-        raise TypeError(f"calibration: expected float activations, got dtype {x.dtype}")
-    if x.ndim < 2 or x.shape[-1] != k or x.size == 0:
-        raise ValueError(f"calibration: expected activations of shape (S, {k}) with S >= 1, got "
-                         f"{x.shape}")
-    x = x.reshape(-1, k)
+    x = calibration_rows(calibration, k).reshape(-1, k)
     shift = power_of_two_scale(x, chunk)
     h = np.zeros((k, k), np.float64)
     for lo in range(0, len(x), chunk):
@@ -177,12 +182,16 @@ def gptq(w, grid, group, h, damp, act_order=False, progress=False):
     h = h.copy()
     diag = np.diagonal(h).copy()
     dead = diag == 0
-    h[dead, dead] = 1.0  # inputs never seen: their columns are only rounded
+    # Inputs never seen: their columns are only rounded. The damping is a fraction of the mean
+    # diagonal of the inputs seen (the GPTQ reference's filler of 1 counted in that mean: with
+    # H scaled to inputs of at most 1, ReLU units that never fire multiplied the damping).
+    live = float(np.mean(diag[~dead])) if (~dead).any() else 1.0
+    h[dead, dead] = live
     perm = np.argsort(-diag, kind="stable") if act_order else None
     if perm is not None:
         h = h[perm][:, perm]
         w = w[:, perm]
-    h[np.diag_indices(k)] += damp * np.mean(np.diagonal(h))
+    h[np.diag_indices(k)] += damp * live
     # U, the upper Cholesky factor of H^-1: H = R R^T with R upper (the Cholesky factor of H with
     # its index order reversed), so H^-1 = R^-T R^-1 and U = R^-1.
     try:

@@ -469,7 +469,9 @@ def quantize(w, bits: int = 8, group_size: int | None = None, symmetric: bool = 
         if method == "awq":
             raise ValueError("input_scale: method='awq' chooses its own input scale")
         w = w / c
-        calibration = None if calibration is None else np.asarray(calibration) * c
+        if calibration is not None:  # checked as given (not broadcast by the scaling)
+            from . import methods
+            calibration = methods.calibration_rows(calibration, k) * c
     if method != "rtn":
         qw = _quantize_method(w, bits, group_size, bool(symmetric), method, calibration,
                               act_order, damp, progress)
