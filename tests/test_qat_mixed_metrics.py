@@ -675,3 +675,15 @@ def test_model_sensitivity_evaluates_one_layer_at_a_time(rng):
                 assert v["nbytes"] == lb.quantize(w, **lb.mixed.FORMATS[fmt]).nbytes
     plan = lb.plan_precision(sens, sens["a"]["int8"]["nbytes"] + sens["b"]["int4-g32"]["nbytes"])
     assert plan["b"]["bits"] == 4 and plan["a"]["bits"] in (4, 8)
+
+
+def test_unclear_misuses_get_errors_that_say_what_was_expected(rng):
+    a = rng.normal(size=(10, 3))
+    report = metrics.report(a, a + 0.01, slices=np.array(["x", "y"] * 5))
+    with pytest.raises(ValueError, match="no 'drop'.*needs targets"):
+        report.worst("drop")
+    with pytest.raises(ValueError, match="at least one input"):
+        metrics.evaluate(lambda x: x, lambda x: x, np.zeros((0, 3)))
+    sens = {"a": {"i4": {"error": 0.01, "nbytes": 100}, "k": {"error": 0.0, "nbytes": 400}}}
+    with pytest.raises(ValueError, match=r"formats \['i4', 'k'\]"):
+        lb.plan_precision(sens, 1000)  # measured with formats= of its own, planned without them

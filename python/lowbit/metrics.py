@@ -99,6 +99,10 @@ class Report:
         """The slice with the lowest `key` (the highest for drop, relative_error, max_abs_error)."""
         if not self.slices:
             raise ValueError("the report has no slices")
+        known = next(iter(self.slices.values()))
+        if key not in known:
+            raise ValueError(f"worst: no {key!r} in the report's slices (they hold "
+                             f"{sorted(known)}{'; drop needs targets' if key == 'drop' else ''})")
         high = key in ("drop", "relative_error", "max_abs_error")
         pick = max if high else min
         return pick(self.slices, key=lambda s: self.slices[s][key])
@@ -181,6 +185,8 @@ def evaluate(model_before, model_after, inputs, *, targets=None, slices=None, ba
     inputs = np.asarray(inputs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if inputs.ndim == 0 or len(inputs) == 0:
+        raise ValueError(f"inputs: expected at least one input, got shape {inputs.shape}")
     outs = ([], [])
     for lo in range(0, len(inputs), batch_size):
         batch = inputs[lo:lo + batch_size]

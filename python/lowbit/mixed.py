@@ -103,6 +103,10 @@ def plan_precision(sensitivity: dict, budget: int, formats=None) -> dict:
     """{name: lb.quantize settings or "keep"}: the format per layer with the least total error
     whose bytes sum to at most `budget` (ValueError when even the smallest formats exceed it)."""
     formats = FORMATS if formats is None else formats
+    unknown = sorted({f for v in sensitivity.values() for f in v} - set(formats))
+    if unknown:
+        raise ValueError(f"sensitivity measured formats {unknown} that `formats` does not hold: "
+                         f"pass the formats the sensitivity was measured with")
     names = list(sensitivity)
     # front: Pareto-optimal partial plans as parallel arrays (bytes ascending, error descending)
     front_bytes, front_err = np.zeros(1, np.int64), np.zeros(1)
