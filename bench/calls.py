@@ -29,6 +29,18 @@ def per_call(fn, n):
     return (time.perf_counter() - t) / n
 
 
+def medians(cases, reps, rounds):
+    """{name: median microseconds per call} of the cases, each warmed up, timed in `rounds`
+    interleaved rounds of `reps` calls."""
+    for f in cases.values():  # warm up (pool threads, caches)
+        per_call(f, reps // 10)
+    times = {c: [] for c in cases}
+    for _ in range(rounds):
+        for c, f in cases.items():
+            times[c].append(per_call(f, reps))
+    return {c: statistics.median(v) * 1e6 for c, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -50,16 +62,10 @@ def main():
         for name, layer in layers.items():
             for t in args.threads:
                 lb.set_num_threads(t)
-                cases = {"call": lambda: layer(x), "out": lambda: layer(x, out=out),
-                         "empty": lambda: layer(x0), "np": lambda: x @ w.T,
-                         "np.empty": lambda: np.empty((1, n), np.float32)}
-                for f in cases.values():  # warm up (pool threads, caches)
-                    per_call(f, reps // 10)
-                times = {c: [] for c in cases}
-                for _ in range(args.rounds):
-                    for c, f in cases.items():
-                        times[c].append(per_call(f, reps))
-                med = {c: statistics.median(v) * 1e6 for c, v in times.items()}
+                med = medians({"call": lambda: layer(x), "out": lambda: layer(x, out=out),
+                               "empty": lambda: layer(x0), "np": lambda: x @ w.T,
+                               "np.empty": lambda: np.empty((1, n), np.float32)},
+                              reps, args.rounds)
                 print(f"{f'1x{n}x{k}':>12} {name:>10} {t:>7} {med['call']:9.2f} {med['out']:7.2f} "
                       f"{med['empty']:7.2f} {med['np']:7.2f} {med['np.empty']:8.2f}", flush=True)
     try:
@@ -94,14 +100,7 @@ def torch_route(torch, args, rng):
             lb.set_num_threads(t)
             torch.set_num_threads(t)
             with torch.inference_mode():
-                fns = {c: (lambda m=m: m(x)) for c, m in cases.items()}
-                for f in fns.values():
-                    per_call(f, reps // 10)
-                times = {c: [] for c in fns}
-                for _ in range(args.rounds):
-                    for c, f in fns.items():
-                        times[c].append(per_call(f, reps))
-            med = {c: statistics.median(v) * 1e6 for c, v in times.items()}
+                med = medians({c: (lambda m=m: m(x)) for c, m in cases.items()}, reps, args.rounds)
             print(f"{f'1x{n}x{k}':>12} {t:>7} {med['int8']:8.2f} {med['int4']:8.2f} "
                   f"{med['f32']:9.2f} {med['dyn']:14.2f}", flush=True)
 
