@@ -560,6 +560,8 @@ def test_settings_given_beside_a_quantized_weight_must_agree(rng):
     w = rng.normal(size=(16, 64)).astype(np.float32)
     q4 = lb.quantize(w, bits=4, group_size=32)
     assert lb.Linear(q4, bits=4, group_size=32).weight is q4  # agreeing, or left out: fine
+    whole = lb.quantize(w, group_size=64)  # one group of K: per channel, group_size None
+    assert lb.Linear(whole, group_size=64).weight.group_size is None
     with pytest.raises(ValueError, match="bits=4 given with a QuantizedWeight of bits=8"):
         lb.Linear(lb.quantize(w), bits=4)
     for wrong in (dict(group_size=64), dict(symmetric=False)):

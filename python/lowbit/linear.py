@@ -161,7 +161,8 @@ class Linear:
             _check_activations(activations, f"int{bits}")
             w_or_qw = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
         else:  # a weight's own settings apply: one given otherwise would be silently ignored
-            given = {"bits": (bits, 8), "group_size": (group_size, None), "symmetric": (symmetric, True)}
+            whole = None if group_size == w_or_qw.shape[1] else group_size  # (one group: None)
+            given = {"bits": (bits, 8), "group_size": (whole, None), "symmetric": (symmetric, True)}
             for name, (value, default) in given.items():
                 if value != default and value != getattr(w_or_qw, name):
                     raise ValueError(f"Linear: {name}={value!r} given with a QuantizedWeight of "
