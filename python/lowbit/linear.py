@@ -162,9 +162,11 @@ class Linear:
             w_or_qw = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
         else:  # a weight's own settings apply: one given otherwise would be silently ignored
             whole = None if group_size == w_or_qw.shape[1] else group_size  # (one group: None)
-            given = {"bits": (bits, 8), "group_size": (whole, None), "symmetric": (symmetric, True)}
-            for name, (value, default) in given.items():
-                if value != default and value != getattr(w_or_qw, name):
+            given = (("bits", bits, bits, bits != 8),  # name, as given, as stored, given at all
+                     ("group_size", group_size, whole, group_size is not None),
+                     ("symmetric", symmetric, symmetric, symmetric is not True))
+            for name, value, stored, set_ in given:
+                if set_ and stored != getattr(w_or_qw, name):
                     raise ValueError(f"Linear: {name}={value!r} given with a QuantizedWeight of "
                                      f"{name}={getattr(w_or_qw, name)!r}; a quantized weight keeps "
                                      f"its own (quantize the float weight again to change it)")
