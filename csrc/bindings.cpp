@@ -37,6 +37,12 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+std::string strides_str(const py::array& a) {  // in bytes, as numpy gives them
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.strides(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
 // Whether the kernels can read `a` through a T* as it is: data aligned to T (sizeof(T)), and
 // C-contiguous, or with `strided` (activation rows, attention's q / k / v) a contiguous last axis
 // and the other strides non-negative multiples of sizeof(T) (rows may overlap: they are only read).
@@ -1373,8 +1379,26 @@ class RopeTables {
 };
 
 // x (T, H, d) rotated at positions (int64 (T,), each >= 0) by the tables' rows.
+// The token stride (in floats) of x (T, H, d) whose heads lie side by side in each token's row,
+// as in a slice of a fused QKV projection's output; x checked, or copied where it is laid out
+// otherwise (copied only outside recording, which must read the rows where they are).
+int64_t token_stride(py::array& x, const char* what) {
+  const int64_t H = x.shape(1), d = x.shape(2);
+  const bool rows = readable(x, sizeof(float), true) && (H <= 1 || x.strides(1) == d * 4);
+  if (!rows) {
+    if (Graph::recording())
+      throw py::value_error(std::string("record: ") + what + " is a view whose heads do not lie "
+                            "side by side in each token's row (strides " + strides_str(x) +
+                            "); a recorded call reads its input where it is");
+    x = py::array(x.attr("copy")());
+  }
+  return x.shape(0) > 1 ? x.strides(0) / 4 : H * d;
+}
+
 py::array_t<float> rope_at_py(py::array x, RopeTables& tables, py::array positions, bool neox) {
-  x = check<float>(x, "x", {-1, -1, 2 * tables.half()});
+  if (!x.dtype().equal(py::dtype::of<float>()) || x.ndim() != 3 || x.shape(2) != 2 * tables.half())
+    x = check<float>(x, "x", {-1, -1, 2 * tables.half()});  // (its message)
+  const int64_t ldx = token_stride(x, "rope's input");
   const int64_t T = x.shape(0), H = x.shape(1), d = x.shape(2);
   positions = check<int64_t>(positions, "positions", {T});
   const int64_t* pp = cptr<int64_t>(positions);
@@ -1396,11 +1420,11 @@ py::array_t<float> rope_at_py(py::array x, RopeTables& tables, py::array positio
     g->produce(y);
     g->keep(py::cast(tp));
     g->hold_storage(tp, [tp] { return tp->storage(); });
-    g->add([=] { rope(xp, T, H, d, tp->cos(), tp->sin(), pp, neox, yp); }, prepare);
+    g->add([=] { rope(xp, ldx, T, H, d, tp->cos(), tp->sin(), pp, neox, yp); }, prepare);
   }
   const py::object hold = tables.storage();
   NoGil nogil;
-  rope(xp, T, H, d, tables.cos(), tables.sin(), pp, neox, yp);
+  rope(xp, ldx, T, H, d, tables.cos(), tables.sin(), pp, neox, yp);
   return y;
 }
 
@@ -1417,7 +1441,7 @@ py::array_t<float> rope_py(py::array x, py::array cos, py::array sin, bool neox)
   float* yp = y.mutable_data();
   {
     NoGil nogil;
-    rope(cptr<float>(x), T, H, d, cptr<float>(cos), cptr<float>(sin), nullptr, neox, yp);
+    rope(cptr<float>(x), H * d, T, H, d, cptr<float>(cos), cptr<float>(sin), nullptr, neox, yp);
   }
   return y;
 }
@@ -1435,7 +1459,13 @@ py::array elementwise_py(const char* what, std::array<py::array, N> xs, const py
     if (x.ndim() != xs[0].ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), xs[0].shape()))
       throw py::value_error(std::string(what) + ": expected arrays of one shape, got " +
                             shape_str(xs[0]) + " and " + shape_str(x));
-    x = readable(x, sizeof(float), false) ? x : py::array(x.attr("copy")());
+    if (!readable(x, sizeof(float), false)) {
+      if (Graph::recording())  // (its copy would be numpy work the replay cannot see)
+        throw py::value_error(std::string("record: ") + what + "'s operand " + shape_str(x) +
+                              " is not C-contiguous (strides " + strides_str(x) + "); a recorded " +
+                              what + " reads whole arrays where they are");
+      x = py::array(x.attr("copy")());
+    }
     p[i] = cptr<float>(x);
   }
   Output y(out, std::vector<int64_t>(xs[0].shape(), xs[0].shape() + xs[0].ndim()));

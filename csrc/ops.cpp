@@ -587,7 +587,7 @@ void gelu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t 
   rows * n < kSerialElems ? body(0, rows) : parallel_for(rows, body);
 }
 
-void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
+void rope(const float* x, int64_t ldx, int64_t tokens, int64_t heads, int64_t d, const float* cos,
           const float* sin, const int64_t* positions, bool neox, float* y) {
   const int64_t half = d / 2;
   // element offsets of pair i's two coordinates
@@ -595,7 +595,7 @@ void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float*
   auto rows = [&](int64_t r0, int64_t r1) {  // rows (token, head) r0 .. r1-1
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = positions ? positions[r / heads] : r / heads;
-      const float* a = x + r * d;
+      const float* a = x + r / heads * ldx + r % heads * d;
       float* o = y + r * d;
       const float *c = cos + t * half, *s = sin + t * half;
       for (int64_t i = 0; i < half; ++i) {

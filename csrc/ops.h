@@ -101,7 +101,8 @@ void attention(const AttnArgs& args);
 // d / 2), pair i by angle i, the pairs (x[2i], x[2i+1]) or, with neox, (x[i], x[i + d/2]):
 // (a, b) -> (a c - b s, a s + b c), each product rounded, then the difference / sum. positions:
 // null, or token t's row of the tables (lowbit.nn.RoPE: tables made once for every position).
-void rope(const float* x, int64_t tokens, int64_t heads, int64_t d, const float* cos,
+// Token t's heads lie side by side from x + t * ldx (a slice of a fused QKV row); y is dense.
+void rope(const float* x, int64_t ldx, int64_t tokens, int64_t heads, int64_t d, const float* cos,
           const float* sin, const int64_t* positions, bool neox, float* y);
 
 int64_t pack_int4(const uint8_t* q, int64_t n_out, uint8_t* out);

@@ -74,12 +74,14 @@ def main(make_model, default_gguf, description, gguf_help, argv=None):
     p.add_argument("--gguf", help=gguf_help)
     p.add_argument("--prompt", default="The three primary colors are")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens to make (>= 1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--score-ids", metavar="FILE",
                    help="JSON list of token ids: print the argmax next token at every position")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens: expected at least 1, got {args.max_tokens}")
     if args.threads:
         lb.set_num_threads(args.threads)
         try:  # numpy's BLAS on the same number of threads, when controllable
@@ -98,6 +100,8 @@ def main(make_model, default_gguf, description, gguf_help, argv=None):
 
     prompt = model.chat_prompt(args.prompt) if args.chat else args.prompt
     ids = model.tokenizer.encode(prompt).ids
+    if not ids:  # (an empty prompt of a tokenizer that adds no BOS)
+        p.error("--prompt: the prompt has no tokens; give some text")
     new, t_prompt, t_decode, steps = generate(model, ids, args.max_tokens)
     result = {
         "text": model.tokenizer.decode(new, skip_special_tokens=True),

@@ -268,3 +268,21 @@ def test_every_kind_of_layer_replays_exactly(make, rows):
         x = rng.normal(size=(rows, k)).astype(F32)
         want = step(x)
         np.testing.assert_array_equal(graph(x), want)
+
+
+def test_rope_on_slices_of_a_fused_projection_records_for_several_tokens():
+    """The README's pattern, rope(qkv[:, :nq].reshape(t, H, D), positions), for t > 1: RoPE reads
+    the slice's rows where they are (no copy the replay could not see)."""
+    rng = np.random.default_rng(3)
+    lin = lb.Linear(rng.normal(size=(96, 64)).astype(F32))
+    rope = nn.RoPE(16)
+
+    def step(x, positions):
+        return rope(lin(x)[:, :64].reshape(-1, 4, 16), positions)
+    graph = nn.record(step, rng.normal(size=(3, 64)).astype(F32), np.arange(3))
+    x, positions = rng.normal(size=(3, 64)).astype(F32), np.arange(3) + 7
+    np.testing.assert_array_equal(graph(x, positions), step(x, positions))
+    q = lin(x)[:, :64].reshape(-1, 4, 16)
+    np.testing.assert_array_equal(rope(q, positions), rope(np.ascontiguousarray(q), positions))
+    with pytest.raises(ValueError, match="scale's operand .* is not C-contiguous"):
+        nn.record(lambda x: nn.scale(lin(x)[:, :64], 2.0), x)  # named, not "numpy work"

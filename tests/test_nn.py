@@ -874,3 +874,17 @@ def test_norm_and_rope_arguments_checked(rng):
         with pytest.raises(IndexError, match="beyond"):
             rope(q, positions)  # not a table of 2**40 rows
     assert rope(q, [0, 1, 2]).shape == (3, 1, 8)
+
+
+def test_cache_keys_are_a_copy_and_huge_unsigned_lengths_mean_all_keys(rng):
+    cache = nn.KVCache(2, 4, 32)  # one block of keys: the layout's reshape is a view
+    k = rng.normal(size=(3, 2, 4)).astype(F32)
+    cache.append(k, k)
+    keys = cache.keys()
+    assert not np.shares_memory(keys, cache.k)
+    keys[...] = 0
+    np.testing.assert_array_equal(cache.keys(), k)
+    q = rng.normal(size=(1, 2, 2, 4)).astype(F32)
+    kv = rng.normal(size=(1, 5, 2, 4)).astype(F32)
+    np.testing.assert_array_equal(nn.attention(q, kv, kv, lengths=np.array([2 ** 64 - 1], np.uint64)),
+                                  nn.attention(q, kv, kv))

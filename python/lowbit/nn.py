@@ -192,6 +192,8 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
         lengths = np.asarray(lengths)
         if lengths.dtype.kind not in "iu":
             raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+        if lengths.dtype == np.uint64:  # (past int64: all the keys, not a wrapped negative)
+            lengths = np.minimum(lengths, np.uint64(np.iinfo(np.int64).max))
         lengths = lengths.astype(np.int64)
     scale, window = _attention_scale_window(q, scale, window)
     if out is not None and q.ndim == 4:
@@ -340,8 +342,8 @@ class KVCache:
 
     def keys(self):
         """The cached keys, (tokens, kv_heads, head_dim) (a copy)."""
-        kv, blocks, d, _ = self.k.shape
-        return self.k.transpose(1, 3, 0, 2).reshape(blocks * 32, kv, d)[: self.length]
+        kv, blocks, d, _ = self.k.shape  # (reshape copies, except for one block: copied then)
+        return self.k.transpose(1, 3, 0, 2).reshape(blocks * 32, kv, d)[: self.length].copy()
 
     def values(self):
         """The cached values, (tokens, kv_heads, head_dim) (a view, valid until the cache grows)."""
@@ -414,5 +416,11 @@ def record(fn, *inputs):
     control flow runs once: a replay repeats the recorded path, with the layers' settings of the
     recording (a bias or activation setting changed later is not seen). Constants
     (weights, norm weights, the RoPE tables) are read where they are; the KV caches and RoPE
-    tables grow as a replay needs, before it starts."""
+    tables grow as a replay needs, before it starts.
+
+    Not checked, so keep them out of a recorded step: a norm's weight or bias computed from the
+    inputs (it is taken as a constant, with its recorded value), and numpy writes into an
+    ``out=`` buffer through a view of it made before recording (only the buffer and the arrays
+    it views become read-only). RoPE reads query / key slices of a fused projection's rows where
+    they are; ``add`` and ``scale`` refuse operands that are not C-contiguous."""
     return Graph(fn, inputs)

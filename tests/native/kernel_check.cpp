@@ -449,7 +449,7 @@ void nn_cases() {
       Rng r(35000 + neox);
       std::vector<float> x = r.floats(3 * 5 * 64, 4.f), c = r.floats(3 * 32, 1.f),
                          sn = r.floats(3 * 32, 1.f), y(x.size());
-      rope(x.data(), 3, 5, 64, c.data(), sn.data(), nullptr, neox, y.data());
+      rope(x.data(), 5 * 64, 3, 5, 64, c.data(), sn.data(), nullptr, neox, y.data());
       Bytes out;
       put(out, y);
       return out;
