@@ -1647,6 +1647,8 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
   m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"), py::arg("tanh") = false);
+  m.def("recording", [] { return Graph::recording() != nullptr; },
+        "whether lowbit.nn.record is recording on this thread");
   m.def("layer_norm", &layer_norm_py, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("rms"), py::arg("out") = py::none());
   m.def("softmax_", &softmax_py, py::arg("x"));

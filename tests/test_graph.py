@@ -286,3 +286,15 @@ def test_rope_on_slices_of_a_fused_projection_records_for_several_tokens():
     np.testing.assert_array_equal(rope(q, positions), rope(np.ascontiguousarray(q), positions))
     with pytest.raises(ValueError, match="scale's operand .* is not C-contiguous"):
         nn.record(lambda x: nn.scale(lin(x)[:, :64], 2.0), x)  # named, not "numpy work"
+
+
+def test_an_act_order_layer_is_refused_by_name_while_recording():
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(16, 64)).astype(F32)
+    x = rng.normal(size=(50, 64)).astype(F32)
+    qw = lb.quantize(w, 4, 32, method="gptq", calibration=x, act_order=True)
+    assert qw.perm is not None
+    layer = lb.Linear(qw)
+    with pytest.raises(TypeError, match="act-order weight"):
+        nn.record(lambda x: layer(x), x[:1])
+    assert layer(x[:1]).shape == (1, 16)  # unrecorded, as ever

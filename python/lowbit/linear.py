@@ -126,6 +126,9 @@ def _forward_converted(plan, qw: QuantizedWeight, x, out, bias):
     y2 = _out_rows(out, x, n, bias)
     x2 = x.reshape(-1, k)
     if qw._perm is not None:
+        if _core.recording():
+            raise TypeError("record: an act-order weight (qw.perm, from GPTQ's g_idx) permutes its "
+                            "inputs in numpy, which a replay would not repeat; run it unrecorded")
         x2 = x2.take(qw._perm, axis=1)
     y = plan.run(x2, y2)
     return out if out is not None else y.reshape(x.shape[:-1] + (n,))
