@@ -562,6 +562,9 @@ def test_settings_given_beside_a_quantized_weight_must_agree(rng):
     assert lb.Linear(q4, bits=4, group_size=32).weight is q4  # agreeing, or left out: fine
     whole = lb.quantize(w, group_size=64)  # one group of K: per channel, group_size None
     assert lb.Linear(whole, group_size=64).weight.group_size is None
+    from test_block_formats import weight as block_weight
+    q8_0 = block_weight("Q8_0", 16, 1, rng)  # K = 32 = its group: reads back 32
+    assert lb.Linear(q8_0, group_size=32).weight is q8_0
     with pytest.raises(ValueError, match="bits=4 given with a QuantizedWeight of bits=8"):
         lb.Linear(lb.quantize(w), bits=4)
     for wrong in (dict(group_size=64), dict(symmetric=False)):

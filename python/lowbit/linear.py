@@ -127,7 +127,7 @@ def _forward_converted(plan, qw: QuantizedWeight, x, out, bias):
     x2 = x.reshape(-1, k)
     if qw._perm is not None:
         if _core.recording():
-            raise TypeError("record: an act-order weight (qw.perm, from GPTQ's g_idx) permutes its "
+            raise ValueError("record: an act-order weight (qw.perm, from GPTQ's g_idx) permutes its "
                             "inputs in numpy, which a replay would not repeat; run it unrecorded")
         x2 = x2.take(qw._perm, axis=1)
     y = plan.run(x2, y2)
@@ -164,12 +164,12 @@ class Linear:
             _check_activations(activations, f"int{bits}")
             w_or_qw = quantize(w_or_qw, bits=bits, group_size=group_size, symmetric=symmetric)
         else:  # a weight's own settings apply: one given otherwise would be silently ignored
-            whole = None if group_size == w_or_qw.shape[1] else group_size  # (one group: None)
-            given = (("bits", bits, bits, bits != 8),  # name, as given, as stored, given at all
-                     ("group_size", group_size, whole, group_size is not None),
-                     ("symmetric", symmetric, symmetric, symmetric is not True))
-            for name, value, stored, set_ in given:
-                if set_ and stored != getattr(w_or_qw, name):
+            one_group = group_size == w_or_qw.shape[1] and w_or_qw.group_size is None
+            given = (("bits", bits, bits != 8),  # (name, as given, given at all)
+                     ("group_size", group_size, group_size is not None and not one_group),
+                     ("symmetric", symmetric, symmetric is not True))
+            for name, value, set_ in given:
+                if set_ and value != getattr(w_or_qw, name):
                     raise ValueError(f"Linear: {name}={value!r} given with a QuantizedWeight of "
                                      f"{name}={getattr(w_or_qw, name)!r}; a quantized weight keeps "
                                      f"its own (quantize the float weight again to change it)")

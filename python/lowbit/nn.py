@@ -342,8 +342,9 @@ class KVCache:
 
     def keys(self):
         """The cached keys, (tokens, kv_heads, head_dim) (a copy)."""
-        kv, blocks, d, _ = self.k.shape  # (reshape copies, except for one block: copied then)
-        return self.k.transpose(1, 3, 0, 2).reshape(blocks * 32, kv, d)[: self.length].copy()
+        kv, blocks, d, _ = self.k.shape
+        keys = self.k.transpose(1, 3, 0, 2).reshape(blocks * 32, kv, d)[: self.length]
+        return keys.copy() if np.shares_memory(keys, self.k) else keys  # (one block: a view)
 
     def values(self):
         """The cached values, (tokens, kv_heads, head_dim) (a view, valid until the cache grows)."""

@@ -159,22 +159,28 @@ def _in_place(t: torch.Tensor) -> bool:
 
 def _cacheable(spec: str, tensors: list) -> tuple:
     """(_prepared of the weight parts and bias in `tensors`; None or a function that makes the
-    kernel's bias again from the bias tensor where the kernel does not read that tensor itself;
-    whether the kernels read anything derived from the weight parts rather than the parts
-    themselves: a static zero point's term, a copy of a part, act-order's permuted input scale)."""
+    kernel's bias again where the kernel does not read the bias tensor itself; what the cache
+    must watch: None, "versions" (the kernels read a copy of a part, act-order's permuted input
+    scale, or a static zero point's term: derived from the parts) or "always" (such a copy of
+    parts torch keeps no versions of: made again every call))."""
     qw, acts, epilogue = weight = _weight(spec, tensors[:-1])
     bias = tensors[-1]
     term = _zero_point_term(qw, acts)
-    derived = (term is not None or (qw._perm is not None and qw._in_scale is not None) or
-               not all(_in_place(t) for t in tensors[:-1]))
-    if bias is None or (term is None and bias.dtype is torch.float32 and _in_place(bias)):
-        return _prepared(weight, bias), None, derived
+    copied = ((qw._perm is not None and qw._in_scale is not None) or
+              not all(_in_place(t) for t in tensors[:-1]))
+    untracked = _versions(tensors) is _UNTRACKED
+    watch = ("always" if untracked else "versions") if copied else (
+        "versions" if term is not None and not untracked else None)
+    if term is None and (bias is None or (bias.dtype is torch.float32 and _in_place(bias))):
+        return _prepared(weight, bias), None, watch
     b = np.empty(qw.shape[0], np.float32)  # the kernel's own bias, which it reads in place
 
-    def refresh():
-        b[...] = _numpy32(bias) if term is None else term + _numpy32(bias)  # (as _kernel_bias)
+    def refresh():  # (as _kernel_bias; the term again where torch keeps no versions of the parts)
+        t = _zero_point_term(qw, acts) if untracked else term
+        src = None if bias is None else _numpy32(bias)
+        b[...] = t if src is None else src if t is None else t + src
     refresh()
-    return (qw, _plan(qw, b, acts, epilogue), b), refresh, derived
+    return (qw, _plan(qw, b, acts, epilogue), b), refresh, watch
 
 
 _UNTRACKED = "untracked"  # (a cache entry made again every call)
@@ -292,22 +298,27 @@ class LowbitLinear(torch.nn.Module):
         buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
         tensors = [buffers[n] for n in self._buffer_names]  # the parts, then the bias
         key = [self._spec]
-        for t in tensors:  # (a view held by the cache keeps its memory from being reused)
+        for t in tensors:  # (the cache holds its tensors: neither id nor memory is reused)
             if t is not None:
-                key.append(t.data_ptr())
+                key += id(t), t.data_ptr()
         cached = self.__dict__.get("_views")
         if (cached is None or cached[0] != key or (cached[3] is not None and (
                 cached[3] is _UNTRACKED or cached[3] != _versions(tensors)))):
-            prepared, refresh, derived = _cacheable(self._spec, tensors)
-            cached = (key, prepared, refresh, _versions(tensors) if derived else None)
+            prepared, refresh, watch = _cacheable(self._spec, tensors)
+            versions = _versions(tensors) if watch == "versions" else (
+                _UNTRACKED if watch == "always" else None)
+            cached = (key, prepared, refresh, versions)
             self.__dict__["_views"] = cached
         if cached[2] is not None:
             cached[2]()
         return cached[1]
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.__dict__.pop("_views", None)  # (inference tensors copied into: no version moves)
-        super()._load_from_state_dict(*args, **kwargs)
+        theirs = state_dict.get(prefix + "_extra_state")
+        if isinstance(theirs, dict):  # refused before torch copies the buffers whose shapes fit
+            self._check_kind(theirs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):  # pickle / deepcopy: the buffers, not views of them
         state = super().__getstate__()
@@ -336,9 +347,12 @@ class LowbitLinear(torch.nn.Module):
         return json.loads(self._spec)
 
     def set_extra_state(self, state):
+        self._spec = self._check_kind(state)
+
+    def _check_kind(self, state) -> str:
+        """The settings `state` holds, if its weight's kind (shape, format, bits, group size,
+        symmetry, parts' names and dtypes) is this layer's; ValueError if not."""
         spec = json.dumps(state, sort_keys=True)
-        # the weight's kind (shape, format, bits, group size, symmetry, parts' names and dtypes)
-        # must be this layer's: torch calls this even where the buffers' shapes did not fit
         theirs = _settings(spec)
         if theirs[:6] != _settings(self._spec)[:6]:
             shape, fmt, bits, group, sym, parts = theirs[:6]
@@ -346,7 +360,7 @@ class LowbitLinear(torch.nn.Module):
                              f"{group}, symmetric={sym}, parts {[f'{p} {dt}' for p, dt in parts]}) "
                              f"cannot load into this {self.extra_repr()} one; quantize the model as "
                              f"the state was, or use lowbit.torch.load")
-        self._spec = spec
+        return spec
 
     def extra_repr(self):
         shape, fmt, bits, group, _, _, acts, _ = _settings(self._spec)
