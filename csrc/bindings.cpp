@@ -31,17 +31,14 @@ using namespace lowbit;
 
 namespace {
 
-std::string shape_str(const py::array& a) {
+// (n0, n1, ...) as Python writes a tuple
+std::string tuple_str(const py::ssize_t* v, py::ssize_t n) {
   std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
+  for (py::ssize_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + (n == 1 ? ",)" : ")");
 }
-
-std::string strides_str(const py::array& a) {  // in bytes, as numpy gives them
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.strides(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
+std::string shape_str(const py::array& a) { return tuple_str(a.shape(), a.ndim()); }
+std::string strides_str(const py::array& a) { return tuple_str(a.strides(), a.ndim()); }  // bytes
 
 // Whether the kernels can read `a` through a T* as it is: data aligned to T (sizeof(T)), and
 // C-contiguous, or with `strided` (activation rows, attention's q / k / v) a contiguous last axis
@@ -1378,7 +1375,6 @@ class RopeTables {
   int64_t rows_ = 0, half_ = 0;
 };
 
-// x (T, H, d) rotated at positions (int64 (T,), each >= 0) by the tables' rows.
 // The token stride (in floats) of x (T, H, d) whose heads lie side by side in each token's row,
 // as in a slice of a fused QKV projection's output; x checked, or copied where it is laid out
 // otherwise (copied only outside recording, which must read the rows where they are).
@@ -1395,6 +1391,7 @@ int64_t token_stride(py::array& x, const char* what) {
   return x.shape(0) > 1 ? x.strides(0) / 4 : H * d;
 }
 
+// x (T, H, d) rotated at positions (int64 (T,), each >= 0) by the tables' rows.
 py::array_t<float> rope_at_py(py::array x, RopeTables& tables, py::array positions, bool neox) {
   if (!x.dtype().equal(py::dtype::of<float>()) || x.ndim() != 3 || x.shape(2) != 2 * tables.half())
     x = check<float>(x, "x", {-1, -1, 2 * tables.half()});  // (its message)
