@@ -192,8 +192,9 @@ def _load(source, build, parts) -> dict:
 def load_gptq(source) -> dict:
     """Every layer of a 4-bit GPTQ checkpoint (a .safetensors file, a directory of them, or a dict
     of arrays) as a :class:`QuantizedWeight` under its prefix (``...q_proj``); the other tensors
-    (biases, embeddings, norms) come back as arrays under their own names. A directory's
-    quantize_config.json (or config.json's quantization_config) naming other bits is refused."""
+    (biases, embeddings, norms) come back as arrays under their own names. A quantize_config.json
+    (or config.json's quantization_config) in the checkpoint's folder naming other bits is
+    refused."""
     bits = _config_bits(source)
     if bits not in (None, 4):
         raise FormatError(f"{source}: GPTQ with {bits} bits is not supported; lowbit reads 4-bit GPTQ")
