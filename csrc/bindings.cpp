@@ -973,11 +973,13 @@ class LinearPlan {
 
   static LinearPlan w8(py::array packed, py::array scales, py::array comp, int64_t N, int64_t K,
                        int64_t group, const py::object& bias, bool int8_activations, float act_scale,
-                       int32_t act_zero, const py::object& input_scale, bool gelu, bool fast) {
+                       int32_t act_zero, const py::object& input_scale, bool gelu,
+                       const py::object& perm) {
     check_static(act_scale, act_zero);
     if (!int8_activations && act_scale > 0.f)
       throw py::value_error("static activations are int8 activations, not float ones");
-    LinearPlan p(Kind::W8, N, K, bias, input_scale, gelu, fast);
+    LinearPlan p(Kind::W8, N, K, bias, input_scale, gelu);
+    p.set_perm(perm);
     p.int8_ = int8_activations;
     p.w8_ = w8_shape(N, K, group);
     check_w8(packed, scales, comp, p.w8_);
@@ -991,9 +993,10 @@ class LinearPlan {
   static LinearPlan w4(py::array packed, py::array scales, py::object mins, py::object zeros,
                        int64_t N, int64_t K, int64_t group, const py::object& bias,
                        bool int8_activations, float act_scale, const py::object& input_scale,
-                       bool gelu, bool fast) {
+                       bool gelu, const py::object& perm) {
     check_static(act_scale, 0);
-    LinearPlan p(Kind::W4, N, K, bias, input_scale, gelu, fast);
+    LinearPlan p(Kind::W4, N, K, bias, input_scale, gelu);
+    p.set_perm(perm);
     p.q4_ = q4_shape(N, K, group);
     check_w4(packed, scales, mins, zeros, p.q4_);
     p.arrays_ = {packed, scales, mins, zeros};
@@ -1004,10 +1007,10 @@ class LinearPlan {
   }
 
   static LinearPlan blk(const py::object& weight, const py::object& bias, bool int8_activations,
-                        float act_scale, const py::object& input_scale, bool gelu, bool fast) {
+                        float act_scale, const py::object& input_scale, bool gelu) {
     check_static(act_scale, 0);
     const BlkArgs& w = weight.cast<const BlockWeight&>().args();
-    LinearPlan p(Kind::Blk, w.N, w.K, bias, input_scale, gelu, fast);
+    LinearPlan p(Kind::Blk, w.N, w.K, bias, input_scale, gelu);
     p.blk_ = w;
     p.arrays_ = {weight};
     std::vector<py::object> parts;
@@ -1018,9 +1021,22 @@ class LinearPlan {
     return p;
   }
 
+  // Act-order weights' input order (lowbit.QuantizedWeight.perm): int64 (K,), each in [0, K),
+  // gathered by the kernels' quantization pass.
+  void set_perm(const py::object& perm) {
+    if (perm.is_none()) return;
+    perm_array_ = check<int64_t>(perm.cast<py::array>(), "perm", {K_});
+    const int64_t* p = cptr<int64_t>(perm_array_);
+    for (int64_t k = 0; k < K_; ++k)
+      if (p[k] < 0 || p[k] >= K_)
+        throw py::value_error("perm: input " + std::to_string(p[k]) + " at " + std::to_string(k) +
+                              " outside 0.." + std::to_string(K_ - 1));
+    perm_ = p;
+  }
+
   py::object call(const py::handle& xh, const py::handle& outh) const {
     // numpy's own structs, read without a Python call: this path runs per layer per token
-    const PyArrayObj* x = fast_ ? float_array(xh) : nullptr;
+    const PyArrayObj* x = float_array(xh);
     if (!x) return py::none();
     const int nd = x->nd;
     if (nd < 1 || nd > 32 || x->dimensions[nd - 1] != K_ || !aligned(x)) return py::none();
@@ -1092,8 +1108,8 @@ class LinearPlan {
 
  private:
   LinearPlan(Kind kind, int64_t N, int64_t K, const py::object& bias, const py::object& input_scale,
-             bool gelu, bool fast)
-      : kind_(kind), N_(N), K_(K), gelu_(gelu), fast_(fast),
+             bool gelu)
+      : kind_(kind), N_(N), K_(K), gelu_(gelu),
         bias_(optional_vector(bias, "bias", N)),
         colscale_(optional_vector(input_scale, "input_scale", K)),
         bias_p_(cptr_or_null<float>(bias_)), colscale_p_(cptr_or_null<float>(colscale_)) {}
@@ -1160,14 +1176,15 @@ class LinearPlan {
       case Kind::W8:
         if (int8_)
           linear_w8a8(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], (const int32_t*)w_[2],
-                      b, w8_, act_scale_, act_zero_, cs, gelu_, y);
+                      b, w8_, act_scale_, act_zero_, cs, gelu_, y, perm_);
         else
-          linear_w8f32(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], b, w8_, cs, gelu_, y);
+          linear_w8f32(x, ldx, M, (const int8_t*)w_[0], (const float*)w_[1], b, w8_, cs, gelu_, y,
+                       perm_);
         break;
       case Kind::W4:
         linear_w4(x, ldx, M, (const uint8_t*)w_[0], (const uint16_t*)w_[1],
                   (const uint16_t*)w_[2], (const uint8_t*)w_[3], b, q4_, int8_, act_scale_, cs,
-                  gelu_, y);
+                  gelu_, y, perm_);
         break;
       case Kind::Blk:
         linear_blk(x, ldx, M, blk_, b, int8_, act_scale_, cs, gelu_, y);
@@ -1185,7 +1202,9 @@ class LinearPlan {
 
   Kind kind_;
   int64_t N_, K_;
-  bool gelu_, fast_;
+  bool gelu_;
+  py::array perm_array_;           // (held: perm_ points into it)
+  const int64_t* perm_ = nullptr;
   std::shared_ptr<Successor> next_ = std::make_shared<Successor>();  // the weight called after this
   MemRange own_[kPlanRanges];
   int own_n_ = 0;
@@ -1623,14 +1642,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("plan_w8", &LinearPlan::w8, py::arg("packed"), py::arg("scales"), py::arg("comp"),
         py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
         py::arg("int8_activations") = true, py::arg("act_scale") = 0.f, py::arg("act_zero") = 0,
-        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("fast") = true);
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("perm") = py::none());
   m.def("plan_w4", &LinearPlan::w4, py::arg("packed"), py::arg("scales"), py::arg("mins"),
         py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("bias"),
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,
-        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("fast") = true);
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("perm") = py::none());
   m.def("plan_blk", &LinearPlan::blk, py::arg("weight"), py::arg("bias"),
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,
-        py::arg("input_scale") = py::none(), py::arg("gelu") = false, py::arg("fast") = true);
+        py::arg("input_scale") = py::none(), py::arg("gelu") = false);
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     NoGil nogil;
@@ -1644,8 +1663,6 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("buf"), py::arg("repeats") = 10, "bytes per second reading buf, all threads");
   m.def("pack_int4", &pack_int4_py, py::arg("q"));
   m.def("gelu", &gelu_py, py::arg("x"), py::arg("out"), py::arg("tanh") = false);
-  m.def("recording", [] { return Graph::recording() != nullptr; },
-        "whether lowbit.nn.record is recording on this thread");
   m.def("layer_norm", &layer_norm_py, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("rms"), py::arg("out") = py::none());
   m.def("softmax_", &softmax_py, py::arg("x"));

@@ -30,14 +30,19 @@ void pack_w8(const int8_t* q, const W8Shape& s, int8_t* packed, int32_t* comp);
 // zero point's term, -act_scale * act_zero * sum_k w, is left to the caller (folded into bias).
 // colscale: null, or K factors the inputs are multiplied by first (in the quantization pass).
 // gelu: y = GELU(...) (Kernels::gelu), applied to each task's block of y while it is in cache.
+// perm: null, or act-order weights' input order (K values in [0, K)): input k of the packed
+// weights is x[perm[k]], gathered in the quantization pass (before colscale, which is in that
+// packed order).
 void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
                  const int32_t* comp, const float* bias, const W8Shape& s, float act_scale,
-                 int32_t act_zero, const float* colscale, bool gelu, float* y);
+                 int32_t act_zero, const float* colscale, bool gelu, float* y,
+                 const int64_t* perm = nullptr);
 
 // y (M, N) = x . dequant(W)^T + bias for int8 weights, float32 activations (weight-only,
-// Kernels::gemm_s8f32); colscale and gelu as for linear_w8a8.
+// Kernels::gemm_s8f32); colscale, gelu and perm as for linear_w8a8.
 void linear_w8f32(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,
-                  const float* bias, const W8Shape& s, const float* colscale, bool gelu, float* y);
+                  const float* bias, const W8Shape& s, const float* colscale, bool gelu, float* y,
+                  const int64_t* perm = nullptr);
 
 // Exact c (M, N) = a (M, K) . b (N, K)^T in int32.
 void gemm_s8(const int8_t* a, int64_t M, const int8_t* b, int64_t N, int64_t K, int32_t* c);
@@ -65,12 +70,12 @@ void gguf_q4(const uint8_t* raw, int64_t row_bytes, bool has_min, const Q4Shape&
              uint8_t* packed, uint16_t* scales, uint16_t* mins);
 // y (M, N) = x . dequant(W)^T + bias; activations int8 per 32-block (W4A8) or float32 (W4A32).
 // mins, or else zeros (integer zero points), or neither (symmetric, z = 8): see kernels.h.
-// colscale and gelu as for linear_w8a8.
+// colscale, gelu and perm as for linear_w8a8.
 void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, const uint8_t* zeros,
                const float* bias, const Q4Shape& s,
                bool int8_activations, float act_scale, const float* colscale, bool gelu,
-               float* y);
+               float* y, const int64_t* perm = nullptr);
 
 // Runs fn(n0, n1) over ranges of whole 16-row panels of an N x K matrix, threaded when large.
 void parallel_panels(int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& fn);

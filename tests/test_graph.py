@@ -288,13 +288,22 @@ def test_rope_on_slices_of_a_fused_projection_records_for_several_tokens():
         nn.record(lambda x: nn.scale(lin(x)[:, :64], 2.0), x)  # named, not "numpy work"
 
 
-def test_an_act_order_layer_is_refused_by_name_while_recording():
+@pytest.mark.parametrize("bits,activations", [(4, "int8"), (4, "float"), (8, "int8"), (8, "float")])
+def test_act_order_layers_gather_their_inputs_in_the_kernel_and_record(bits, activations):
+    """An act-order weight (GPTQ's g_idx: qw.perm) gathers its inputs in the quantization pass,
+    bit for bit as numpy's take did, so its calls record like any other."""
     rng = np.random.default_rng(4)
     w = rng.normal(size=(16, 64)).astype(F32)
     x = rng.normal(size=(50, 64)).astype(F32)
-    qw = lb.quantize(w, 4, 32, method="gptq", calibration=x, act_order=True)
+    x[:, 7] *= 20  # a dominant input: act order puts it first
+    qw = lb.quantize(w, bits, 32, method="gptq", calibration=x, act_order=True,
+                     input_scale=np.linspace(0.5, 2, 64).astype(F32))
     assert qw.perm is not None
-    layer = lb.Linear(qw)
-    with pytest.raises(ValueError, match="act-order weight"):
-        nn.record(lambda x: layer(x), x[:1])
-    assert layer(x[:1]).shape == (1, 16)  # unrecorded, as ever
+    layer = lb.Linear(qw, activations=activations)
+    taken = x[:3].take(qw.perm, axis=1) * qw.input_scale[qw.perm]  # the packed order, as it was
+    unpermuted = lb.Linear(lb.QuantizedWeight(qw.shape, qw.bits, qw.group_size, qw.symmetric,
+                                              qw._packed, qw._scales, comp=qw._comp, mins=qw._mins,
+                                              zeros=qw._zeros), activations=activations)
+    np.testing.assert_array_equal(layer(x[:3]), unpermuted(taken))
+    graph = nn.record(lambda x: layer(x), x[:1])
+    np.testing.assert_array_equal(graph(x[1:2]), layer(x[1:2]))

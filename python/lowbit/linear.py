@@ -91,20 +91,21 @@ def _plan(qw: QuantizedWeight, bias, activations, epilogue):
     for the rest (see _forward)."""
     n, k = qw.shape
     in_scale = qw._in_scale  # the kernel multiplies the inputs by it as it quantizes them
-    if qw._perm is not None:  # inputs come in the packed column order (act-order): not as given
-        in_scale = None if in_scale is None else in_scale[qw._perm]
-    fast = qw._perm is None
+    perm = qw._perm  # act-order: the kernel gathers the inputs into the packed column order
+    if perm is not None:
+        in_scale = None if in_scale is None else in_scale[perm]
+        perm = perm.astype(np.int64, copy=False)
     static = isinstance(activations, StaticActivations)
     scale = activations.scale if static else 0.0
     gelu = epilogue == "gelu"
     if qw._parts is not None:
-        return _core.plan_blk(qw._kernel, bias, activations != "float", scale, in_scale, gelu, fast)
+        return _core.plan_blk(qw._kernel, bias, activations != "float", scale, in_scale, gelu)
     if qw.bits == 8:
         zero = activations.zero_point if static else 0
         return _core.plan_w8(qw._packed, qw._scales, qw._comp, n, k, qw.group_size or 0, bias,
-                             activations != "float", scale, zero, in_scale, gelu, fast)
+                             activations != "float", scale, zero, in_scale, gelu, perm=perm)
     return _core.plan_w4(qw._packed, qw._scales, qw._mins, qw._zeros, n, k, qw.group_size or 0,
-                         bias, activations != "float", scale, in_scale, gelu, fast)
+                         bias, activations != "float", scale, in_scale, gelu, perm=perm)
 
 
 def _forward(plan, qw: QuantizedWeight, x, out=None, bias=None):
@@ -124,13 +125,7 @@ def _forward_converted(plan, qw: QuantizedWeight, x, out, bias):
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}), got {x.shape}")
     y2 = _out_rows(out, x, n, bias)
-    x2 = x.reshape(-1, k)
-    if qw._perm is not None:
-        if _core.recording():
-            raise ValueError("record: an act-order weight (qw.perm, from GPTQ's g_idx) permutes its "
-                            "inputs in numpy, which a replay would not repeat; run it unrecorded")
-        x2 = x2.take(qw._perm, axis=1)
-    y = plan.run(x2, y2)
+    y = plan.run(x.reshape(-1, k), y2)
     return out if out is not None else y.reshape(x.shape[:-1] + (n,))
 
 
