@@ -91,10 +91,6 @@ uint8_t* activation_buffer(int64_t M, int64_t lda, bool amx_pad = false) {
 // more), and so needs activation_buffer's padding rows.
 bool amx_rows(const Kernels& kt, int64_t M) { return M >= kAmxMinRows && std::strcmp(kt.name, "amx") == 0; }
 
-// Runs quant(rows, ld, r0, r1) over rows [m0, m1) of x, `rows` pointing at row r0, ld floats
-// apart: x itself in one call, or, with per-column factors c (a layer's input_scale), blocks of
-// rows times c in a per-thread buffer (ld = K; trimmed like the scratch buffers, as it returns).
-// Each product is one float multiply on every ISA.
 // One input row as the kernels read it: dst[k] = x[perm[k]] (the packed input order of act-order
 // weights; x[k] without perm), times c[k] where given (one float multiply on every ISA).
 void gather_row(const float* x, int64_t K, const float* c, const int64_t* perm, float* dst) {
@@ -109,6 +105,10 @@ void gather_row(const float* x, int64_t K, const float* c, const int64_t* perm, 
   }
 }
 
+// Runs quant(rows, ld, r0, r1) over rows [m0, m1) of x, `rows` pointing at row r0, ld floats
+// apart: x itself in one call, or, with per-column factors c (a layer's input_scale) or an input
+// order perm, blocks of rows as gather_row makes them in a per-thread buffer (ld = K; trimmed
+// like the scratch buffers, as it returns).
 template <class Quant>
 void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, const int64_t* perm,
                       int64_t m0, int64_t m1, const Quant& quant) {
