@@ -5,7 +5,8 @@
 One process. Latency of one forward pass over a batch of 32 sequences of exactly 128 real tokens
 (bundled sentences joined and truncated at 128, so no padding), for:
 
-* numpy float32 and lowbit INT8 / INT4: examples/minilm.py (`MiniLM`, modes float / int8 / int4);
+* numpy float32 and lowbit INT8 / INT4: examples/minilm.py (`MiniLM`, modes float / int8 / int4),
+  and INT8 with lb.nn.attention's int8 dot products (`attention="int8"`);
 * PyTorch: the same network written as a small torch module from the same weights (fused QKV,
   scaled_dot_product_attention, exact GELU), in float32 and after
   `torch.ao.quantization.quantize_dynamic(..., {nn.Linear}, dtype=torch.qint8)`.
@@ -19,7 +20,7 @@ its calls, so all see the same stretch of machine noise.
 
 Accuracy: cosine of each implementation's embeddings of the bundled sentences to the numpy float32
 ones; the torch float32 model (and sentence-transformers itself, when installed) checks that the
-numpy float32 model computes the reference. Profile: where the lowbit INT8 forward spends its time.
+numpy float32 model computes the reference. Profile: where the lowbit INT8 forwards spend their time.
 """
 from __future__ import annotations
 
@@ -209,13 +210,16 @@ def main(argv=None):
     sentences = minilm.read_sentences()
     model_dir = minilm.default_model_dir()
     models = {mode: minilm.MiniLM(model_dir, mode=mode, threads=args.threads) for mode in minilm.MODES}
+    # INT8 with lb.nn.attention's int8 dot products (precision="int8"), its accuracy beside
+    models["int8+"] = minilm.MiniLM(model_dir, mode="int8", threads=args.threads, attention="int8")
     torch_float = TorchMiniLM(model_dir).eval()
     torch_q8 = torch_dynamic_int8(torch_float)
-    names = {"float": "numpy float32", "int8": "lowbit INT8 (W8A8)", "int4": "lowbit INT4 g32 (W4A8)"}
+    names = {"float": "numpy float32", "int8": "lowbit INT8 (W8A8)",
+             "int8+": "lowbit INT8 (W8A8), int8 attention", "int4": "lowbit INT4 g32 (W4A8)"}
 
     # Accuracy on the bundled sentences, against the numpy float32 embeddings.
     reference = models["float"].encode(sentences)
-    embeddings = {names[m]: models[m].encode(sentences) for m in minilm.MODES}
+    embeddings = {names[m]: models[m].encode(sentences) for m in models}
     embeddings["torch float32"] = torch_encode(torch_float, models["float"], sentences)
     embeddings["torch dynamic INT8"] = torch_encode(torch_q8, models["float"], sentences)
     try:
@@ -239,15 +243,16 @@ def main(argv=None):
                 model(*batch_t)
         return call
 
-    fns = {names[m]: (lambda model=models[m]: model.forward(*batch)) for m in minilm.MODES}
+    fns = {names[m]: (lambda model=models[m]: model.forward(*batch)) for m in models}
     fns["torch float32"] = torch_call(torch_float)
     fns["torch dynamic INT8"] = torch_call(torch_q8)
     seconds = latencies(fns, args.repeats, args.rounds)
-    weight_bytes = {names[m]: models[m].nbytes for m in minilm.MODES}
+    weight_bytes = {names[m]: models[m].nbytes for m in models}
     weight_bytes["torch float32"] = torch_linear_bytes(torch_float)
     weight_bytes["torch dynamic INT8"] = torch_linear_bytes(torch_q8)
 
     profile = profile_int8(models["int8"], batch, calls=args.repeats)
+    profile_i8 = profile_int8(models["int8+"], batch, calls=args.repeats)
     report = {
         "batch": [BATCH, SEQ], "threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
         "lowbit_isa": lb.cpu_info()["isa"], "torch": torch.__version__, "numpy": np.__version__,
@@ -259,12 +264,15 @@ def main(argv=None):
                            "linear_bytes": weight_bytes.get(name)}
                     for name in cosines},
         "profile_lowbit_int8": profile,
+        "profile_lowbit_int8_int8_attention": profile_i8,
     }
     int8 = report["results"][names["int8"]]
     report["targets"] = {
         "int8 mean cos >= 0.995": int8["mean_cos"] >= 0.995,
         "int8 min cos >= 0.98": int8["min_cos"] >= 0.98,
         "int8 >= 1.5x faster than torch dynamic INT8": int8["speedup_vs_torch_int8"] >= 1.5,
+        "int8 with int8 attention >= 2x torch dynamic INT8":
+            report["results"][names["int8+"]]["speedup_vs_torch_int8"] >= 2.0,
         "numpy float32 = torch float32 (min cos > 0.99999)": cosines["torch float32"]["min"] > 0.99999,
     }
     if args.json:
@@ -282,11 +290,12 @@ def main(argv=None):
         mb = f"{r['linear_bytes'] / 1e6:.2f}" if r["linear_bytes"] is not None else "-"
         print(f"| {name} | {ms} | {sp} | {r['mean_cos']:.7f} | {r['min_cos']:.7f} | {mb} |")
     print("\ntargets: " + "; ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in report["targets"].items()))
-    print(f"\nlowbit INT8 forward, {profile['forward_ms']:.1f} ms per call:\n")
-    print("| part | ms | share |")
-    print("|---|---|---|")
-    for name, part in profile["parts"].items():
-        print(f"| {name} | {part['ms']:.1f} | {part['share'] * 100:.1f}% |")
+    for title, prof in (("lowbit INT8", profile), ("lowbit INT8, int8 attention", profile_i8)):
+        print(f"\n{title} forward, {prof['forward_ms']:.1f} ms per call:\n")
+        print("| part | ms | share |")
+        print("|---|---|---|")
+        for name, part in prof["parts"].items():
+            print(f"| {name} | {part['ms']:.1f} | {part['share'] * 100:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -1511,7 +1511,7 @@ py::array add_py(py::array a, py::array b, const py::object& out) {
 // non-negative multiple of 4 bytes (views of a fused QKV output); lengths: None or int64 (B,).
 py::array attention_py(py::array q, py::array k, py::array v, const py::object& lengths,
                        bool causal, float scale, int64_t window, const py::object& out,
-                       bool k_transposed) {
+                       bool k_transposed, bool int8) {
   Graph::not_recordable("lowbit.nn.attention");
   py::array* arrays[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
@@ -1558,6 +1558,10 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
   a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
   if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
   a.causal = causal, a.scale = scale, a.window = window;
+  if (int8 && (k_transposed || a.d > kAttnInt8MaxDim))
+    throw py::value_error("precision=\"int8\": expected head_dim <= " +
+                          std::to_string(kAttnInt8MaxDim) + ", got " + std::to_string(a.d));
+  a.int8 = int8;
   Output y(out, {a.B, a.Sq, a.H, a.d});
   a.out = y.data();
   if (a.B * a.Sq * a.H * a.d) {
@@ -1668,7 +1672,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("softmax_", &softmax_py, py::arg("x"));
   m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"),
         py::arg("causal"), py::arg("scale"), py::arg("window") = 0, py::arg("out") = py::none(),
-        py::arg("k_transposed") = false);
+        py::arg("k_transposed") = false, py::arg("int8") = false);
   m.def("unpack_int4", &unpack_int4_py, py::arg("p"));
   m.def("gated", &gated_py, py::arg("gate"), py::arg("up"), py::arg("act"));
   m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("neox"));

@@ -73,7 +73,16 @@ struct AttnArgs {
   int64_t window;  // 0: none
   bool k_transposed;
   int64_t kbs;  // k_transposed: floats from one 32-key block to the next
+  // int8 (lowbit.nn.attention's precision="int8"; not with k_transposed, d <= kAttnInt8MaxDim):
+  // each query and key row symmetric int8 (scale = amax / 127, q = round-half-even(x * 127 /
+  // amax)); score = (float(exact int dot) * (scale_q * scale)) * scale_k; the weights
+  // e = e^(score - row max) as bytes u = round-half-even(255 e); the values int8 per 32-key
+  // block (from key 0) and dimension, over the keys that hold data (the first lengths[b]); each
+  // output the fma over its blocks in order of float(exact int dot of u and the block's values)
+  // times the block's scale, divided by the sum of u. A NaN score or value gives NaN.
+  bool int8;
 };
+constexpr int64_t kAttnInt8MaxDim = 65536;  // (q + 128) k sums stay within int32
 
 struct BlkArgs;  // formats.h: the block formats (GGUF K-quants, IQ4, Q5, MXFP4)
 

@@ -74,15 +74,16 @@ def default_model_dir() -> Path:
 
 
 # --- the float parts of a block --------------------------------------------------------------
-def _attention(qkv, lengths, heads, out):
+def _attention(qkv, lengths, heads, out, precision="float32"):
     """Multi-head softmax attention: qkv (B, S, 3 * hidden) -> out (B * S, hidden), in lb.nn's
     fused C++ attention. The query weights carry the 1 / sqrt(head_dim) scale (and the value
     weights the next layer's smoothing). Each sequence attends only to its first `lengths[b]`
-    keys, which is exactly BERT's additive mask (a masked key's softmax weight, exp(-inf), is 0)."""
+    keys, which is exactly BERT's additive mask (a masked key's softmax weight, exp(-inf), is 0).
+    precision: lb.nn.attention's, "float32" or "int8" (int8 dot products)."""
     b, s, width = qkv.shape
     hidden = width // 3
     q, k, v = (qkv[:, :, j * hidden:(j + 1) * hidden].reshape(b, s, heads, -1) for j in range(3))
-    nn.attention(q, k, v, lengths=lengths, scale=1.0, out=out.reshape(q.shape))
+    nn.attention(q, k, v, lengths=lengths, scale=1.0, out=out.reshape(q.shape), precision=precision)
     return out
 
 
@@ -148,16 +149,21 @@ class MiniLM:
     ("minmax", "percentile", "mse", "entropy") for calibrated static ones. calibration: the
     sentences the smoothing, the methods and the observers are calibrated on (default
     CALIBRATION). plan: {"<block>.<layer>": lb.quantize settings or "keep"} (lb.plan_precision's
-    form, layer one of _Block.LINEARS) overriding the mode's format per layer."""
+    form, layer one of _Block.LINEARS) overriding the mode's format per layer. attention:
+    lb.nn.attention's precision, "float32" or "int8" (int8 dot products: faster, its error
+    measured in bench/minilm.py)."""
 
     def __init__(self, model_dir=None, mode="float", threads=None, max_seq_length=None, smooth=True,
-                 method="rtn", method_options=None, static=None, calibration=None, plan=None):
+                 method="rtn", method_options=None, static=None, calibration=None, plan=None,
+                 attention="float32"):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        self.mode = mode
+        if attention not in ("float32", "int8"):
+            raise ValueError(f'attention must be "float32" or "int8", got {attention!r}')
+        self.mode, self.attention = mode, attention
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         config = json.loads((model_dir / "config.json").read_text())
         st_config = json.loads((model_dir / "sentence_bert_config.json").read_text())
@@ -348,7 +354,7 @@ class MiniLM:
         """One encoder layer on x (B * S, hidden), in `work`'s arrays: the output goes to
         whichever of work's x and y x is not."""
         qkv = self._dense(blk.qkv, x, work["qkv"])
-        ctx = _attention(qkv.reshape(b, s, -1), lengths, self.heads, work["ctx"])
+        ctx = _attention(qkv.reshape(b, s, -1), lengths, self.heads, work["ctx"], self.attention)
         a = _add_layer_norm(self._dense(blk.attn_out, ctx, work["a"]), x, blk.ln1, work["a"])
         h = self._dense(blk.inter, a, work["h"])  # GELU included
         y = self._dense(blk.out, h, work["y"] if x is not work["y"] else work["x"])
@@ -378,6 +384,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sentences", default=str(DEFAULT_SENTENCES), help="one sentence per line")
     ap.add_argument("--threads", type=int, default=None, help="threads for lowbit and numpy")
+    ap.add_argument("--attention", choices=("float32", "int8"), default="float32",
+                    help="lb.nn.attention's precision in the quantized modes")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.threads:
@@ -386,7 +394,8 @@ def main(argv=None):
 
     results, reference = {}, None
     for mode in MODES:
-        model = MiniLM(mode=mode, threads=args.threads)
+        model = MiniLM(mode=mode, threads=args.threads,
+                       attention=args.attention if mode != "float" else "float32")
         model.encode(sentences[:8])  # warm-up: thread pools, first-touch of buffers
         t0 = time.perf_counter()
         emb = model.encode(sentences)

@@ -744,6 +744,126 @@ def test_norm_out_overlapping_weight_is_rejected_or_correct(rng):
     np.testing.assert_array_equal(got, expected)
 
 
+# precision="int8": int8 queries, keys and values, byte softmax weights (kernels.h, AttnArgs.int8)
+
+
+def _int8_rows(x, axis):
+    """Symmetric int8 along axis as the kernels define it: scale = amax / 127, q = round-half-
+    even(x * (127 / amax)) in float32 arithmetic."""
+    amax = np.abs(x).max(axis=axis, keepdims=True).astype(F32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, F32(127) / amax, F32(0)).astype(F32)
+    return np.rint((x * inv).astype(F32)).astype(np.int64), (amax / F32(127)).astype(F32)
+
+
+def reference_attention_int8(q, k, v, lengths=None, causal=False, scale=None, window=None):
+    """precision="int8" by its definition, in numpy: exact integer dot products, float32 scales,
+    weights u = round(255 * 2^(s - max)) over the keys a query sees (s in log2 units), values per
+    32-key block (from key 0, over the batch's first min(lengths[b], Sk) keys) and dimension;
+    out = sum over blocks of (u . v_q) * block scale, / sum(u). The kernel's 2^x is a polynomial
+    (relative error 3e-6), so a weight may round the other way: compare with a tolerance."""
+    B, Sq, H, d = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    qscale = F32(1 / np.sqrt(d) if scale is None else scale) * F32(1.44269504)
+    out = np.zeros((B, Sq, H, d), F32)
+    for b in range(B):
+        n = Sk if lengths is None else max(0, min(int(lengths[b]), Sk))
+        visible = np.broadcast_to(np.arange(Sk)[None, :] < n, (Sq, Sk))
+        if causal:
+            visible = visible & (np.arange(Sk)[None, :] <= Sk - Sq + np.arange(Sq)[:, None])
+        if window is not None:
+            visible = visible & (np.arange(Sk)[None, :] > Sk - Sq + np.arange(Sq)[:, None] - window)
+        for h in range(H):
+            kvh = h // (H // Hkv)
+            qq, sq = _int8_rows(q[b, :, h], 1)
+            kq, sk = _int8_rows(k[b, :, kvh], 1)
+            s = ((qq @ kq.T).astype(F32) * (sq * qscale).astype(F32)).astype(F32) * sk.T
+            m = np.where(visible, s, -np.inf).max(1, initial=-np.inf)[:, None]
+            e = np.where(visible, np.exp2(np.where(visible, s - m, 0).astype(np.float64)), 0)
+            u = np.rint((e * 255).astype(F32)).astype(np.int64)
+            o = np.zeros((Sq, d), F32)
+            for j0 in range(0, n, 32):
+                vq, sv = _int8_rows(v[b, j0:min(j0 + 32, n), kvh], 0)
+                o = ((u[:, j0:j0 + len(vq)] @ vq).astype(F32) * sv + o).astype(F32)
+            total = u.sum(1, keepdims=True).astype(F32)
+            out[b, :, h] = np.where(total > 0, o / np.maximum(total, 1), 0)
+    return out
+
+
+@pytest.mark.parametrize("mask", ["all", "causal", "lengths", "causal_lengths", "window"])
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,d", ATTN_SHAPES[::2] + [(2, 128, 128, 12, 12, 32)])
+def test_attention_int8_matches_its_definition(rng, B, Sq, Sk, H, Hkv, d, mask):
+    q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d)
+    opts = {"all": {}, "causal": dict(causal=True), "lengths": dict(lengths=mixed_lengths(B, Sk)),
+            "causal_lengths": dict(causal=True, lengths=mixed_lengths(B, Sk)),
+            "window": dict(causal=True, window=max(1, Sk // 3))}[mask]
+    got = nn.attention(q, k, v, precision="int8", **opts)
+    assert got.shape == (B, Sq, H, d) and got.dtype == F32 and np.isfinite(got).all()
+    expected = reference_attention_int8(q, k, v, **opts)
+    # (a weight rounded the other way moves an output by at most |v| / 255 of the row's sum)
+    assert np.abs(got - expected).max() <= 2e-3 * np.abs(v).max(), np.abs(got - expected).max()
+    exact = reference_attention(q, k, v, **opts)
+    assert np.linalg.norm(got - exact) <= 0.03 * np.linalg.norm(exact) + 1e-6
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,d", ATTN_BIT_SHAPES)
+def test_attention_int8_is_bit_identical_on_every_isa(isa, rng, B, Sq, Sk, H, Hkv, d):
+    q, k, v = qkv(rng, B, Sq, Sk, H, Hkv, d, sigma=3.0)
+    lengths = np.array([Sk, Sk - 3, 1][:B])
+    calls = [dict(), dict(causal=True), dict(lengths=lengths, causal=True),
+             dict(causal=True, window=33), dict(window=70, lengths=lengths)]
+    got = [nn.attention(q, k, v, precision="int8", **c) for c in calls]
+    with lb.use_isa("ref"):
+        expected = [nn.attention(q, k, v, precision="int8", **c) for c in calls]
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_attention_int8_bit_identical_across_thread_counts(rng, threads):
+    cases = [qkv(rng, *s) for s in ATTN_BIT_SHAPES[:3]]
+    results = []
+    for n in (1, 2, 3):
+        lb.set_num_threads(n)
+        results.append([nn.attention(q, k, v, causal=c, lengths=[k.shape[1] - 1] * len(k),
+                                     window=w, precision="int8")
+                        for q, k, v in cases for c in (False, True) for w in (None, 40)])
+    for outs in results[1:]:
+        for g, e in zip(outs, results[0]):
+            np.testing.assert_array_equal(g, e)
+
+
+def test_attention_int8_nan_zeros_and_equal_scores():
+    """A NaN in a query, a key the query sees or a value it weighs gives NaN, never a number; a
+    query with no key gets zeros; equal scores give the mean of v up to its 8-bit rounding."""
+    q, k, v = (np.ones((1, 40, 2, 8), F32) for _ in range(3))
+    v[0, :, :, :] = np.linspace(-1, 1, 40, dtype=F32)[:, None, None]
+    out = nn.attention(q, k, v, precision="int8")
+    np.testing.assert_allclose(out, np.broadcast_to(v.mean(1, keepdims=True), out.shape), atol=1 / 127)
+    qn = q.copy()
+    qn[0, 1, 0, 0] = np.nan
+    out = nn.attention(qn, k, v, precision="int8")
+    assert np.isnan(out[0, 1, 0]).all() and not np.isnan(np.delete(out[0, :, 0], 1, axis=0)).any()
+    assert not np.isnan(out[0, :, 1]).any()
+    kn = k.copy()
+    kn[0, 5, 0, 3] = np.nan  # seen by causal queries 5.. only
+    out = nn.attention(q, kn, v, causal=True, precision="int8")
+    assert not np.isnan(out[0, :5, 0]).any() and np.isnan(out[0, 5:, 0]).all()
+    vn = v.copy()
+    vn[0, 3, 1, 2] = np.inf
+    out = nn.attention(q, k, vn, precision="int8")
+    assert np.isnan(out[0, :, 1, 2]).all() and np.isfinite(np.delete(out[0, :, 1], 2, axis=1)).all()
+    assert not np.any(nn.attention(q, k, v, lengths=[0], precision="int8"))
+
+
+def test_attention_int8_rejects_bad_precision_and_head_dim(rng):
+    q, k, v = qkv(rng, 1, 2, 3, 1, 1, 8)
+    with pytest.raises(ValueError, match="precision"):
+        nn.attention(q, k, v, precision="bf16")
+    big = np.zeros((1, 1, 1, 65537), F32)
+    with pytest.raises(ValueError, match="head_dim <= 65536"):
+        nn.attention(big, big, big, precision="int8")
+
+
 def test_attention_nan_propagates_instead_of_vanishing():
     """A NaN in a query (or in a visible key) makes that output NaN: never zeros, which are the
     answer only for a query with no visible key."""

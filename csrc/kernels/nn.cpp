@@ -34,7 +34,8 @@ constexpr int kV = 32 / kN;  // vectors per 32 floats
 // v, kept in a register: an operand loaded once for several rows' FMAs. Without it the compiler
 // folds the load into each FMA (one load per row), and at 2 x 256 bits a cycle (Zen 4) the loads,
 // not the FMAs, set the pace of the attention tiles.
-inline vf in_register(vf v) {
+template <class V>
+inline V in_register(V v) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   asm("" : "+v"(v));
 #elif defined(__ARM_NEON)
@@ -89,16 +90,22 @@ inline void map(const float* x, float* y, int64_t n, F f) {
 
 // The lanes of v combined by op in halves, in registers: lane l op lane l + n/2 for l < n/2, then
 // the same on those, down to one lane (the order of combine's and max_of's trees).
+// (Halves by shuffles, not copies through memory: those kept the loop variable of the caller,
+// max_of's, in memory, a store and a load each step.)
+template <class V, size_t... L>
+inline auto lo_half(V v, std::index_sequence<L...>) { return __builtin_shufflevector(v, v, L...); }
+template <class V, size_t... L>
+inline auto hi_half(V v, std::index_sequence<L...>) {
+  return __builtin_shufflevector(v, v, (L + sizeof...(L))...);
+}
 template <class V, class Op>
 inline float fold_halves(V v, Op op) {
-  if constexpr (sizeof(V) == sizeof(float)) {
+  constexpr size_t n = sizeof(V) / sizeof(float);
+  if constexpr (n == 1) {
     return v[0];
   } else {
-    typedef float H __attribute__((vector_size(sizeof(V) / 2)));
-    H lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
-    return fold_halves(op(lo, hi), op);
+    return fold_halves(op(lo_half(v, std::make_index_sequence<n / 2>()),
+                          hi_half(v, std::make_index_sequence<n / 2>())), op);
   }
 }
 
@@ -163,6 +170,75 @@ inline void transpose_round(vf* rows, std::index_sequence<L...>) {
   if constexpr (W > 1) transpose_round<W / 2>(rows, std::index_sequence<L...>());
 }
 inline void transpose(vf* rows) { transpose_round<kN / 2>(rows, std::make_index_sequence<kN>()); }
+
+// The larger of a and b per lane, NaN where either is.
+template <class V>
+inline V max_nan(V a, V b) {
+  return (b > a) | (b != b) ? b : a;
+}
+
+// The first n < kN floats at p, zeros after them (n >= kN: a whole vector; n <= 0: zeros).
+inline vf load_n(const float* p, int64_t n) {
+  if (n >= kN) return load(p);
+  vf v = {};
+  if (n > 0) std::memcpy(&v, p, (size_t)n * sizeof(float));
+  return v;
+}
+
+// round-half-even(x) for |x| < 2^22, as integer lanes: x + 1.5 * 2^23 holds the rounded integer in
+// its low mantissa bits. No conversion instruction, so a NaN lane gives some integer, never
+// undefined behaviour (a NaN scale then marks the result).
+inline vi round_to_int(vf x) { return (vi)(x + 12582912.f) - 0x4B400000; }
+
+typedef int8_t vb __attribute__((vector_size(kN)));  // kN bytes
+
+inline vf absv(vf v) { return v < 0.f ? -v : v; }
+
+// Rows row(0) .. row(rows - 1) of d floats to symmetric int8, kN rows at a time transposed in
+// registers, so that each row's scale and values are lanewise work: scale = amax / 127,
+// q = round-half-even(x * (127 / amax)) in -127..127 (all 0 when amax is 0 or NaN: the scale,
+// NaN, then marks whatever uses it). Byte c of row i, q + add, at out[((c / 4) * ldo + i) * 4 +
+// c % 4] (4 dimensions of a row in a 32-bit lane; dimensions d .. d4 * 4 hold add), its scale at
+// scale[i] and, when sum is given, the sum of its q at sum[i]. Rows from `rows` to the next
+// multiple of kN (ldo and the arrays reach it) get zeros and scale 0. tmp: round_up(d4 * 4, kN)
+// * kN floats.
+template <class Row>
+void quantize_rows(const Row& row, int64_t rows, int64_t d, uint8_t add, uint8_t* out, int64_t ldo,
+                   float* scale, int32_t* sum, float* tmp) {
+  const int64_t d4 = (d + 3) / 4, dt = round_up(d4 * 4, kN);
+  for (int64_t i0 = 0; i0 < rows; i0 += kN) {
+    const int64_t n = rows - i0 < kN ? rows - i0 : kN;
+    vf m0 = {}, m1 = {};
+    for (int64_t c = 0; c < dt; c += kN) {
+      vf t[kN];
+      if (n == kN && c + kN <= d)  // (the common case without the copies of load_n)
+        for (int i = 0; i < kN; ++i) t[i] = load(row(i0 + i) + c);
+      else
+        for (int i = 0; i < kN; ++i) t[i] = i < n ? load_n(row(i0 + i) + c, d - c) : vf{};
+      transpose(t);
+      for (int i = 0; i < kN; i += 2) {
+        store(tmp + (c + i) * kN, t[i]);
+        store(tmp + (c + i + 1) * kN, t[i + 1]);
+        m0 = max_nan(m0, absv(t[i]));
+        m1 = max_nan(m1, absv(t[i + 1]));
+      }
+    }
+    const vf m = max_nan(m0, m1);
+    store(scale + i0, m / 127.f);
+    const vf inv = m > 0.f ? 127.f / m : splat(0.f);
+    vi total = {};
+    for (int64_t c4 = 0; c4 < d4; ++c4) {
+      vu w = {};
+      for (int i = 0; i < 4; ++i) {
+        const vi q = round_to_int(load(tmp + (c4 * 4 + i) * kN) * inv);
+        total += q;
+        w |= (vu)((q + add) & 0xFF) << (8 * i);
+      }
+      std::memcpy(out + (c4 * ldo + i0) * 4, &w, sizeof w);
+    }
+    if (sum) std::memcpy(sum + i0, &total, sizeof total);
+  }
+}
 
 }  // namespace
 
@@ -251,20 +327,86 @@ void with_rows(int64_t n, const F& f) {
     with_rows<R + 1>(n, f);
 }
 
-void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
+// A thread's buffer above 4 MB let go (kept between calls otherwise).
+template <class T>
+void let_go_if_large(std::vector<T>& buf) {
+  if (buf.capacity() * sizeof(T) > (size_t(4) << 20)) std::vector<T>().swap(buf);
+}
+
+// int8 attention's keys and values from key j0 (k and v point at it; rows kld, vld floats apart)
+// into the layouts attention_impl reads: keys [0, held) per key (quantize_rows), zeros up to Kp;
+// values per 32-key block and dimension over the keys that hold data, [0, filled) (filled >=
+// held: a block's scales do not depend on how many of its keys a query sees), zeros up to Kp.
+void fill_int8(const float* k, int64_t kld, const float* v, int64_t vld, int64_t d, int64_t held,
+               int64_t filled, int64_t Kp, std::vector<uint8_t>& kq, std::vector<float>& ksc,
+               std::vector<int32_t>& kcorr, std::vector<uint8_t>& vq, std::vector<float>& vsc,
+               std::vector<float>& tmp) {
+  const int64_t d4 = (d + 3) / 4, dp = round_up(d, 32);
+  filled = filled < Kp ? filled : Kp;
+  if (kq.size() < (size_t)(d4 * Kp * 4)) kq.resize((size_t)(d4 * Kp * 4));
+  if (ksc.size() < (size_t)Kp) ksc.resize((size_t)Kp), kcorr.resize((size_t)Kp);
+  if (vq.size() < (size_t)(Kp * dp)) vq.resize((size_t)(Kp * dp));
+  if (vsc.size() < (size_t)(Kp / 32 * dp)) vsc.resize((size_t)(Kp / 32 * dp));
+  quantize_rows([&](int64_t j) { return k + j * kld; }, held, d, 0, kq.data(), Kp, ksc.data(),
+                kcorr.data(), tmp.data());
+  for (int64_t j = held; j < Kp; ++j) {  // (quantize_rows zeroed up to a multiple of kN)
+    ksc[j] = 0.f, kcorr[j] = 0;
+    for (int64_t c4 = 0; c4 < d4; ++c4) std::memset(&kq[(c4 * Kp + j) * 4], 0, 4);
+  }
+  for (int64_t j = 0; j < held; ++j) kcorr[j] *= 128;
+  for (int64_t jb = 0; jb < Kp; jb += 32) {
+    const int64_t n = filled - jb < 0 ? 0 : filled - jb < 32 ? filled - jb : 32;
+    for (int64_t c = 0; c < dp; c += kN) {
+      auto value = [&](int64_t j) {  // dimensions c.. of value jb + j
+        return d - c >= kN ? load(v + (jb + j) * vld + c) : load_n(v + (jb + j) * vld + c, d - c);
+      };
+      vf m0 = {}, m1 = {};
+      int64_t j = 0;
+      for (; j + 2 <= n; j += 2) m0 = max_nan(m0, absv(value(j))), m1 = max_nan(m1, absv(value(j + 1)));
+      if (j < n) m0 = max_nan(m0, absv(value(j)));
+      const vf m = max_nan(m0, m1);
+      store(&vsc[jb / 32 * dp + c], m / 127.f);
+      const vf inv = m > 0.f ? 127.f / m : splat(0.f);
+      for (int64_t j4 = 0; j4 < 32; j4 += 4) {
+        vu w = {};
+        for (int64_t i = 0; i < 4; ++i)
+          if (j4 + i < n) w |= (vu)(round_to_int(value(j4 + i) * inv) & 0xFF) << (8 * i);
+        std::memcpy(&vq[((jb + j4) / 4 * dp + c) * 4], &w, sizeof w);
+      }
+    }
+  }
+}
+
+// I8: lowbit.nn.attention's precision="int8" (kernels.h), else float32.
+template <bool I8>
+void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
   const int64_t d = a->d, dp = round_up(d, 32);
   const int64_t blocks = (a->Sq + kAttnQueries - 1) / kAttnQueries, group = a->H / a->Hkv;
   const int64_t off = a->Sk - a->Sq;  // query i sits at key position off + i
   // k transposed (d, Kp), v padded (Kp, dp) when needed, a tile's weights (kTile, Kp), of keys j0..:
   // kept per thread between calls (a decode step calls once per layer), let go above 4 MB
   thread_local std::vector<float> kt, vp, S;
+  // int8: keys as bytes [d4][Kp][4] (4 dimensions of a key in a 32-bit lane), their scales and
+  // 128 x their sums; values as bytes [Kp / 4][dp][4] (4 keys of a dimension in a lane), a scale
+  // per 32-key block and dimension [Kp / 32][dp]; the tile's queries + 128 [kTile][d4 * 4], its
+  // weights as bytes [kTile][Kp]
+  thread_local std::vector<float> ksc, vsc, qsc, tmp;
+  thread_local std::vector<int32_t> kcorr;
+  thread_local std::vector<uint8_t> kq, vq, qq, P;
   struct Trim {
     ~Trim() {
-      for (std::vector<float>* buf : {&kt, &vp, &S})
-        if (buf->capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(*buf);
+      for (std::vector<float>* buf : {&kt, &vp, &S, &ksc, &vsc, &qsc, &tmp}) let_go_if_large(*buf);
+      let_go_if_large(kcorr);
+      for (std::vector<uint8_t>* buf : {&kq, &vq, &qq, &P}) let_go_if_large(*buf);
     }
   } trim;
-  float sums[kTile];  // of the tile's rows
+  const int64_t d4 = (d + 3) / 4, ldq = round_up(kAttnQueries > kTile ? kAttnQueries : kTile, kN);
+  if constexpr (I8) {
+    if (tmp.size() < (size_t)(round_up(d4 * 4, kN) * kN)) tmp.resize((size_t)(round_up(d4 * 4, kN) * kN));
+    if (qq.size() < (size_t)(d4 * ldq * 4)) qq.resize((size_t)(d4 * ldq * 4)), qsc.resize((size_t)ldq);
+  }
+  float sums[kTile];  // of the tile's rows (int8: sums of their byte weights)
+  bool bad[kTile];    // int8: the row met a NaN (its output is NaN)
   int64_t filled_b = -1, filled_kvh = -1, filled_j0 = -1, filled_keys = 0, Kp = 0;
   // dimension c of key j (from j0) at krows + j / 32 * kbs + c * kld + j % 32: 32-key blocks of d
   // rows (the caller's, lowbit.nn.KVCache's layout), or d whole rows of keys (kbs = 32)
@@ -311,14 +453,18 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       // the d rows a score tile reads spread over every L1 set (a stride of 1 or 4 KB, Kp = 256
       // or 1024, would put them all in a few sets and evict them each step)
       const int64_t ktld = Kp + 16;
-      if (!a->k_transposed && kt.size() < (size_t)(d * ktld)) kt.resize((size_t)(d * ktld));
-      if (d != dp && vp.size() < (size_t)(Kp * dp)) vp.resize((size_t)(Kp * dp));
       if (S.size() < (size_t)(kTile * Kp)) S.resize((size_t)(kTile * Kp));
       const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
       const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
-      if (a->k_transposed) {  // the caller's rows (past `held` they only feed padding scores)
+      if constexpr (I8) {
+        fill_int8(k + j0 * a->ks[1], a->ks[1], v + j0 * a->vs[1], a->vs[1], d, held,
+                  (a->lengths && a->lengths[b] < a->Sk ? a->lengths[b] : a->Sk) - j0, Kp, kq, ksc,
+                  kcorr, vq, vsc, tmp);
+        if (P.size() < (size_t)(kTile * Kp)) P.resize((size_t)(kTile * Kp));
+      } else if (a->k_transposed) {  // the caller's rows (past `held` they only feed padding scores)
         krows = k + j0 / 32 * a->kbs, kld = a->ks[1], kbs = a->kbs;
       } else {  // transposed kN keys x kN dimensions at a time in registers, the rest one by one
+        if (kt.size() < (size_t)(d * ktld)) kt.resize((size_t)(d * ktld));
         const int64_t jv = held / kN * kN, cv = d / kN * kN;
         for (int64_t jb = 0; jb < jv; jb += kN)
           for (int64_t c = 0; c < cv; c += kN) {
@@ -335,9 +481,11 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
       }
       // v read where it is when its rows fill whole 32-float chunks (head_dim 64, 128, ...),
       // else copied with each row padded by zeros to dp
-      if (d == dp) {
+      if constexpr (I8) {
+      } else if (d == dp) {
         vrows = v + j0 * a->vs[1], vld = a->vs[1];
       } else {
+        if (vp.size() < (size_t)(Kp * dp)) vp.resize((size_t)(Kp * dp));
         for (int64_t j = 0; j < held; ++j) {
           std::memcpy(&vp[j * dp], v + (j0 + j) * a->vs[1], (size_t)d * sizeof(float));
           std::memset(&vp[j * dp + d], 0, (size_t)(dp - d) * sizeof(float));
@@ -450,13 +598,136 @@ void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
         }
       }
     };
+
+    // int8: the block's queries quantized as the keys are, then scores in log2 units: the exact
+    // int dot times scale_q * (scale * log2 e), times scale_k.
+    if constexpr (I8)
+      quantize_rows([&](int64_t r) { return qrow(r); }, rows, d, 128, qq.data(), ldq, qsc.data(),
+                    nullptr, tmp.data());
+    const float qscale = a->scale * 1.44269504f;
+    auto score_tile_i8 = [&](int64_t r0, auto tile) {
+      constexpr int64_t R = decltype(tile)::value;
+      const int64_t jend = round_up(limit(r0 + R - 1), 32);
+      for (int64_t j = 0; j < jend; j += 32) {
+        vi acc[R][kV] = {};
+        for (int64_t c4 = 0; c4 < d4; ++c4) {
+          vi kv[kV];
+          for (int u = 0; u < kV; ++u) kv[u] = in_register(loadi(&kq[(c4 * Kp + j + u * kN) * 4]));
+          for (int64_t r = 0; r < R; ++r) {
+            const vi qv = splat4(&qq[(c4 * ldq + r0 + r) * 4]);
+            for (int u = 0; u < kV; ++u) acc[r][u] = dot4(acc[r][u], qv, kv[u]);
+          }
+        }
+        for (int u = 0; u < kV; ++u) {
+          const vi corr = loadi(&kcorr[j + u * kN]);
+          const vf ks = load(&ksc[j + u * kN]);
+          for (int64_t r = 0; r < R; ++r)
+            store(&S[r * Kp + j + u * kN],
+                  __builtin_convertvector(acc[r][u] - corr, vf) * (qsc[r0 + r] * qscale) * ks);
+        }
+      }
+    };
+    // int8: each row's weights 2^(s - max) (its largest 1) as bytes u = round(255 x), 0 outside
+    // its keys; their integer sums; a NaN among its scores marks the row. 2^t by 2^round(t) times
+    // a degree-5 polynomial of the rest (relative error 3e-6, far below a byte's step), t taken
+    // in [-30, 0] (u = 0 from t = -9 on).
+    auto softmax_rows_i8 = [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row = &S[(r - r0) * Kp];
+        uint8_t* pr = &P[(r - r0) * Kp];
+        const int64_t lo = first(r), n = limit(r);
+        sums[r - r0] = 0.f, bad[r - r0] = false;
+        if (n <= lo) {
+          std::memset(pr, 0, (size_t)kend);
+          continue;
+        }
+        const float mx = max_of(row + lo, n - lo);
+        const int64_t jb = lo / kN * kN, je = round_up(n, kN);
+        vi total = {}, nan = {}, idx;
+        for (int l = 0; l < kN; ++l) idx[l] = l;
+        for (int64_t j = jb; j < je; j += kN) {
+          const vf t = load(row + j) - mx;
+          const vi seen = (idx + (int32_t)j >= (int32_t)lo) & (idx + (int32_t)j < (int32_t)n);
+          nan |= (t != t) & seen;
+          vf tc = t > -30.f ? t : splat(-30.f);
+          tc = tc < 0.f ? tc : splat(0.f);  // (keys the row does not see may score above its max)
+          const vf big = tc + 12582912.f;
+          const vf f = tc - (big - 12582912.f);  // in [-1/2, 1/2]
+          vf p = splat(1.33335581e-3f);
+          p = fmav(p, f, splat(9.61812911e-3f));
+          p = fmav(p, f, splat(5.55041087e-2f));
+          p = fmav(p, f, splat(2.40226507e-1f));
+          p = fmav(p, f, splat(6.93147181e-1f));
+          p = fmav(p, f, splat(1.f));
+          const vf e = p * (vf)(((vi)big - 0x4B400000 + 127) << 23);
+          const vi u = round_to_int(e * 255.f) & seen;
+          total += u;
+          const vb bytes = __builtin_convertvector(u, vb);
+          std::memcpy(pr + j, &bytes, kN);
+        }
+        if (jb) std::memset(pr, 0, (size_t)jb);
+        if (je < kend) std::memset(pr + je, 0, (size_t)(kend - je));
+        int32_t t = 0, any = 0;
+        for (int l = 0; l < kN; ++l) t += total[l], any |= nan[l];
+        sums[r - r0] = (float)t, bad[r - r0] = any != 0;
+      }
+    };
+    // int8: per 32-key block the exact int dot of the weights with the values' bytes, times the
+    // block's scales, added in block order; divided by the sum of the weights. A row takes only
+    // the blocks that hold keys it sees (what it computes does not depend on the tile it is in).
+    auto out_tile_i8 = [&](int64_t r0, auto tile) {
+      constexpr int64_t R = decltype(tile)::value;
+      int64_t b_lo[R], b_hi[R];
+      for (int64_t r = 0; r < R; ++r) b_lo[r] = first(r0 + r) / 32, b_hi[r] = round_up(limit(r0 + r), 32) / 32;
+      const int64_t lo = first(r0) / 32, hi = round_up(limit(r0 + R - 1), 32) / 32;
+      for (int64_t c = 0; c < dp; c += 32) {
+        vf acc[R][kV] = {};
+        for (int64_t blk = lo; blk < hi; ++blk) {
+          vi dots[R][kV] = {};
+          for (int64_t j4 = blk * 8; j4 < blk * 8 + 8; ++j4) {
+            vi vv[kV];
+            for (int u = 0; u < kV; ++u) vv[u] = in_register(loadi(&vq[(j4 * dp + c + u * kN) * 4]));
+            for (int64_t r = 0; r < R; ++r) {
+              const vi p = splat4(&P[r * Kp + j4 * 4]);
+              for (int u = 0; u < kV; ++u) dots[r][u] = dot4(dots[r][u], p, vv[u]);
+            }
+          }
+          vf vs[kV];
+          for (int u = 0; u < kV; ++u) vs[u] = load(&vsc[blk * dp + c + u * kN]);
+          for (int64_t r = 0; r < R; ++r)
+            if (blk >= b_lo[r] && blk < b_hi[r])
+              for (int u = 0; u < kV; ++u)
+                acc[r][u] = fmav(__builtin_convertvector(dots[r][u], vf), vs[u], acc[r][u]);
+        }
+        float o[R][32];
+        for (int64_t r = 0; r < R; ++r)
+          for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
+        const int64_t width = d - c < 32 ? d - c : 32;
+        for (int64_t r = 0; r < R; ++r) {
+          const float sum = sums[r];
+          for (int64_t e = 0; e < width; ++e)
+            o[r][e] = bad[r] ? NAN : sum != 0.f ? o[r][e] / sum : 0.f;
+          std::memcpy(orow(r0 + r) + c, o[r], (size_t)width * sizeof(float));
+        }
+      }
+    };
     for (int64_t r = 0; r < rows; r += kTile)
       with_rows(rows - r, [&](auto R) {
-        score_tile(r, R);
-        softmax_rows(r, r + R);
-        out_tile(r, R);
+        if constexpr (I8) {
+          score_tile_i8(r, R);
+          softmax_rows_i8(r, r + R);
+          out_tile_i8(r, R);
+        } else {
+          score_tile(r, R);
+          softmax_rows(r, r + R);
+          out_tile(r, R);
+        }
       });
   }
+}
+
+void attention(const AttnArgs* a, int64_t t0, int64_t t1) {
+  a->int8 ? attention_impl<true>(a, t0, t1) : attention_impl<false>(a, t0, t1);
 }
 
 }  // namespace LOWBIT_NS

@@ -428,8 +428,14 @@ void nn_cases() {
             std::printf("attention with transposed keys differs from the plain layout\n");
             std::exit(1);
           }
+          // precision="int8" (integer dot products through each set's dot4, vec.h)
+          std::vector<float> out8(out.size());
+          a.k = k.data(), a.k_transposed = false, a.out = out8.data(), a.int8 = true;
+          std::memcpy(a.ks, ks, sizeof ks);
+          attention(a);
           Bytes o;
           put(o, out);
+          put(o, out8);
           return o;
         });
     ++ai;
