@@ -14,7 +14,13 @@ and the table gives time(limit) / time(call): 100% is the roofline. Float-activa
 held to bandwidth only (their FMA peak is not probed), so their large-M cells read low by design.
 Timings are medians of interleaved repeats.
 
-    python bench/kernels.py [--threads 2] [--repeats 7] [--formats int8,int4,Q4_K] [--float] [--json]
+Then lb.nn.attention (float32 and precision="int8") at a MiniLM batch, a SmolLM2 prompt and a
+decode step over a long cache: its multiply-adds per second (scores and weighted values, the keys
+each query sees) and their share of the int8 dot peak; the softmax's exponentials are not counted,
+so these read low by design, and a regression shows as a drop.
+
+    python bench/kernels.py [--threads 2] [--repeats 7] [--formats int8,int4,Q4_K] [--float]
+                            [--no-attention] [--json]
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--formats", help="comma-separated subset (default: int8, int4, int4a and every block format)")
     p.add_argument("--float", action="store_true", help="also the float-activation kernels")
+    p.add_argument("--no-attention", action="store_true", help="leave out lb.nn.attention's rows")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     lb.set_num_threads(args.threads)
@@ -99,9 +106,40 @@ def main(argv=None):
                 cells = " ".join(f"{c['of_limit']:7.0%}{c['bound'][0]}" for c in row["cells"].values())
                 print(f"{name:8s} {mode[:5]:5s} {row['weight_MB']:6.1f} {row['read_GBs']:6.1f} {cells}",
                       flush=True)
+    attention = [] if args.no_attention else attention_rows(rng, peak, args.repeats)
     if args.json:
         print(json.dumps({"isa": lb.cpu_info()["isa"], "threads": args.threads,
-                          "dot_peak_GMACs": round(peak / 1e9, 1), "kernels": rows}))
+                          "dot_peak_GMACs": round(peak / 1e9, 1), "kernels": rows,
+                          "attention": attention}))
+    elif attention:
+        print(f"\nlb.nn.attention: G multiply-adds/s (q.k and weights.v over the keys each query "
+              f"sees) and % of the int8 dot peak")
+        print(f"{'case':34s} {'precision':9s} {'us':>9s} {'GMAC/s':>8s} {'of peak':>8s}")
+        for r in attention:
+            print(f"{r['case']:34s} {r['precision']:9s} {r['us']:9.1f} {r['GMACs']:8.1f} "
+                  f"{r['of_dot_peak']:8.1%}")
+
+
+# (name, B, Sq, Sk, H, Hkv, d, causal)
+ATTENTION_CASES = [("MiniLM batch 32 x 128, 12 x 32", 32, 128, 128, 12, 12, 32, False),
+                   ("SmolLM2 prompt 256, 9 / 3 x 64", 1, 256, 256, 9, 3, 64, True),
+                   ("decode over 4096 keys, 9 / 3 x 64", 1, 1, 4096, 9, 3, 64, True)]
+
+
+def attention_rows(rng, peak, repeats):
+    rows = []
+    for name, B, Sq, Sk, H, Hkv, d, causal in ATTENTION_CASES:
+        q = rng.normal(size=(B, Sq, H, d)).astype(np.float32)
+        k, v = (rng.normal(size=(B, Sk, Hkv, d)).astype(np.float32) for _ in range(2))
+        out = np.empty_like(q)
+        seen = Sq * Sk - (Sq * (Sq - 1) // 2 if causal else 0)  # (query, key) pairs
+        macs = 2 * B * H * seen * d
+        for precision in ("float32", "int8"):
+            t = median_time(lambda: lb.nn.attention(q, k, v, causal=causal, out=out,
+                                                    precision=precision), repeats)
+            rows.append({"case": name, "precision": precision, "us": round(t * 1e6, 1),
+                         "GMACs": round(macs / t / 1e9, 1), "of_dot_peak": round(macs / t / peak, 3)})
+    return rows
 
 
 if __name__ == "__main__":

@@ -98,6 +98,17 @@ template <class V, size_t... L>
 inline auto hi_half(V v, std::index_sequence<L...>) {
   return __builtin_shufflevector(v, v, (L + sizeof...(L))...);
 }
+// The same for int32 lanes (exact: any order gives the same sum).
+template <class V, class Op>
+inline int32_t fold_lanes(V v, Op op) {
+  constexpr size_t n = sizeof(V) / sizeof(int32_t);
+  if constexpr (n == 1) {
+    return v[0];
+  } else {
+    return fold_lanes(op(lo_half(v, std::make_index_sequence<n / 2>()),
+                         hi_half(v, std::make_index_sequence<n / 2>())), op);
+  }
+}
 template <class V, class Op>
 inline float fold_halves(V v, Op op) {
   constexpr size_t n = sizeof(V) / sizeof(float);
@@ -667,9 +678,8 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
         }
         if (jb) std::memset(pr, 0, (size_t)jb);
         if (je < kend) std::memset(pr + je, 0, (size_t)(kend - je));
-        int32_t t = 0, any = 0;
-        for (int l = 0; l < kN; ++l) t += total[l], any |= nan[l];
-        sums[r - r0] = (float)t, bad[r - r0] = any != 0;
+        sums[r - r0] = (float)fold_lanes(total, [](auto a, auto b) { return a + b; });
+        bad[r - r0] = fold_lanes(nan, [](auto a, auto b) { return a | b; }) != 0;
       }
     };
     // int8: per 32-key block the exact int dot of the weights with the values' bytes, times the

@@ -185,14 +185,16 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
     scale: default 1 / sqrt(head_dim). Returns float32 (batch, queries, heads, head_dim), written
     to ``out`` when given (C-contiguous, that shape, not overlapping q, k or v).
 
-    precision: "float32" (float32 dot products, each an fma chain in a fixed order), or "int8",
-    about 2x faster on CPUs with int8 dot products (VNNI, SDOT): each query and key row
-    quantized to int8 (symmetric, scale = amax / 127), the scores their exact integer dot
-    products times the scales, the softmax weights rounded to 8 bits of their row's largest
-    (round(255 e^(s - max))) and the values int8 per 32-key block and dimension; integer sums
-    exact, so every ISA and thread count still gives the same bits. Its error is that of 8-bit
-    inputs: about 1% of the output's size on random data (tests/test_nn.py), and on
-    all-MiniLM-L6-v2 (bench/minilm.py) the embeddings' mean cosine to float32 moves by under 1e-4.
+    precision: "float32" (float32 dot products, each an fma chain in a fixed order), or "int8":
+    each query and key row quantized to int8 (symmetric, scale = amax / 127), the scores their
+    exact integer dot products times the scales, the softmax weights rounded to 8 bits of their
+    row's largest (round(255 * 2^(s - max)), s in log2 units) and the values int8 per 32-key
+    block and dimension; integer sums exact, so every ISA and thread count still gives the same
+    bits. It quantizes the keys and values on every call, so it pays where many queries share
+    them (an encoder's batch, a prompt: 1.2-1.5x faster on AVX-512 VNNI, bench/kernels.py), not
+    for one decoded token over a long cache (slower there). Its error is that of 8-bit inputs:
+    about 1% of the output's size on random data (tests/test_nn.py); on all-MiniLM-L6-v2
+    (bench/minilm.py) the embeddings' mean cosine to float32 moves by under 1e-4.
     """
     if precision not in ("float32", "int8"):
         raise ValueError(f'precision: expected "float32" or "int8", got {precision!r}')
