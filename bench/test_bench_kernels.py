@@ -73,13 +73,14 @@ def numpy_attention(q, k, v, causal):
     return (s @ vh / s.sum(-1, keepdims=True)).transpose(0, 2, 1, 3)
 
 
-@pytest.mark.parametrize("impl", ["lowbit", "numpy"])
+@pytest.mark.parametrize("impl", ["lowbit", "lowbit_int8", "numpy"])
 @pytest.mark.parametrize("shape", list(ATTENTION))
 def test_attention(benchmark, shape, impl):
     q, k, v, causal = attention_inputs(shape)
-    if impl == "lowbit":
+    if impl.startswith("lowbit"):
         out = np.empty_like(q)
-        benchmark(lambda: nn.attention(q, k, v, causal=causal, out=out))
+        precision = "int8" if impl == "lowbit_int8" else "float32"
+        benchmark(lambda: nn.attention(q, k, v, causal=causal, out=out, precision=precision))
     else:
         benchmark(numpy_attention, q, k, v, causal)
 
