@@ -1558,9 +1558,13 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
   a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
   if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
   a.causal = causal, a.scale = scale, a.window = window;
-  if (int8 && (k_transposed || a.d > kAttnInt8MaxDim))
+  if (int8 && k_transposed)
+    throw py::value_error("precision=\"int8\": not with keys in a KV cache's layout");
+  if (int8 && (a.d > kAttnInt8MaxDim || a.Sk > kAttnInt8MaxKeys))
     throw py::value_error("precision=\"int8\": expected head_dim <= " +
-                          std::to_string(kAttnInt8MaxDim) + ", got " + std::to_string(a.d));
+                          std::to_string(kAttnInt8MaxDim) + " and keys <= " +
+                          std::to_string(kAttnInt8MaxKeys) + ", got " + std::to_string(a.d) +
+                          " and " + std::to_string(a.Sk));
   a.int8 = int8;
   Output y(out, {a.B, a.Sq, a.H, a.d});
   a.out = y.data();

@@ -73,16 +73,22 @@ struct AttnArgs {
   int64_t window;  // 0: none
   bool k_transposed;
   int64_t kbs;  // k_transposed: floats from one 32-key block to the next
-  // int8 (lowbit.nn.attention's precision="int8"; not with k_transposed, d <= kAttnInt8MaxDim):
-  // each query and key row symmetric int8 (scale = amax / 127, q = round-half-even(x * 127 /
-  // amax)); score = (float(exact int dot) * (scale_q * scale)) * scale_k; the weights
-  // e = e^(score - row max) as bytes u = round-half-even(255 e); the values int8 per 32-key
-  // block (from key 0) and dimension, over the keys that hold data (the first lengths[b]); each
-  // output the fma over its blocks in order of float(exact int dot of u and the block's values)
-  // times the block's scale, divided by the sum of u. A NaN score or value gives NaN.
+  // int8 (lowbit.nn.attention's precision="int8"; not with k_transposed; d <= kAttnInt8MaxDim,
+  // Sk <= kAttnInt8MaxKeys): each query and key row symmetric int8 (scale = amax / 127,
+  // q = round-half-even(x * 127 / amax), 0 where that is not a number); scores in log2 units,
+  // s = float(exact int dot) * ((scale_q * (scale * log2 e)) * scale_k); per row and 32-key
+  // block (from key 0) kb = the largest round(s - max) of the keys the row sees (max: the row's
+  // largest score), and the weights as bytes u = round-half-even(180 * 2^(s - max - kb)) (2^x a
+  // polynomial, nn.cpp); the values int8 per 32-key block and dimension over the keys that hold
+  // data (the first lengths[b]: a causal query's result depends on the later keys of its
+  // blocks); each output the fma over its blocks in order of float(exact int dot of u and the
+  // block's values) * 2^(kb - 7) times the block's scale, divided by the sum of 2^(kb - 7) * u
+  // over the keys (16 partial sums, key j in sum j mod 16, combined pairwise). A NaN score the row sees, or a NaN / inf value in its blocks, gives NaN.
+  // (float32: each output's fma chain takes only the keys its query sees.)
   bool int8;
 };
-constexpr int64_t kAttnInt8MaxDim = 65536;  // (q + 128) k sums stay within int32
+constexpr int64_t kAttnInt8MaxDim = 65536;     // (q + 128) k sums stay within int32
+constexpr int64_t kAttnInt8MaxKeys = 1 << 30;  // key indices within int32 lanes
 
 struct BlkArgs;  // formats.h: the block formats (GGUF K-quants, IQ4, Q5, MXFP4)
 

@@ -751,17 +751,20 @@ def _int8_rows(x, axis):
     """Symmetric int8 along axis as the kernels define it: scale = amax / 127, q = round-half-
     even(x * (127 / amax)) in float32 arithmetic."""
     amax = np.abs(x).max(axis=axis, keepdims=True).astype(F32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, F32(127) / amax, F32(0)).astype(F32)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = (F32(127) / amax).astype(F32)
+        inv = np.where((amax > 0) & np.isfinite(inv), inv, F32(0)).astype(F32)
     return np.rint((x * inv).astype(F32)).astype(np.int64), (amax / F32(127)).astype(F32)
 
 
 def reference_attention_int8(q, k, v, lengths=None, causal=False, scale=None, window=None):
-    """precision="int8" by its definition, in numpy: exact integer dot products, float32 scales,
-    weights u = round(255 * 2^(s - max)) over the keys a query sees (s in log2 units), values per
-    32-key block (from key 0, over the batch's first min(lengths[b], Sk) keys) and dimension;
-    out = sum over blocks of (u . v_q) * block scale, / sum(u). The kernel's 2^x is a polynomial
-    (relative error 3e-6), so a weight may round the other way: compare with a tolerance."""
+    """precision="int8" by its definition (kernels.h, AttnArgs.int8), in numpy: exact integer dot
+    products, float32 scales, scores s in log2 units; per row and 32-key block (from key 0) the
+    weights as bytes u = round(180 * 2^(s - max - kb)), kb the largest round(s - max) of the
+    block's keys the row sees; values per 32-key block (over the batch's first min(lengths[b],
+    Sk) keys) and dimension; out = sum over blocks of (u . v_q) * 2^kb * block scale, / sum of
+    2^kb * sum(u). The kernel's 2^x is a polynomial (relative error 3e-6), so a weight may round
+    the other way: compare with a tolerance."""
     B, Sq, H, d = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     qscale = F32(1 / np.sqrt(d) if scale is None else scale) * F32(1.44269504)
@@ -777,16 +780,23 @@ def reference_attention_int8(q, k, v, lengths=None, causal=False, scale=None, wi
             kvh = h // (H // Hkv)
             qq, sq = _int8_rows(q[b, :, h], 1)
             kq, sk = _int8_rows(k[b, :, kvh], 1)
-            s = ((qq @ kq.T).astype(F32) * (sq * qscale).astype(F32)).astype(F32) * sk.T
+            s = (qq @ kq.T).astype(F32) * ((sq * qscale).astype(F32) * sk.T).astype(F32)
             m = np.where(visible, s, -np.inf).max(1, initial=-np.inf)[:, None]
-            e = np.where(visible, np.exp2(np.where(visible, s - m, 0).astype(np.float64)), 0)
-            u = np.rint((e * 255).astype(F32)).astype(np.int64)
+            t = np.clip(np.where(visible, s - m, 0), -60, 0).astype(F32)
+            kr = np.rint(t)
             o = np.zeros((Sq, d), F32)
+            total = np.zeros((Sq, 1), F32)
             for j0 in range(0, n, 32):
-                vq, sv = _int8_rows(v[b, j0:min(j0 + 32, n), kvh], 0)
-                o = ((u[:, j0:j0 + len(vq)] @ vq).astype(F32) * sv + o).astype(F32)
-            total = u.sum(1, keepdims=True).astype(F32)
-            out[b, :, h] = np.where(total > 0, o / np.maximum(total, 1), 0)
+                j1 = min(j0 + 32, n)
+                seen = visible[:, j0:j1]
+                kb = np.where(seen, kr[:, j0:j1], -61).max(1, keepdims=True)
+                w = np.exp2((t[:, j0:j1] - kr[:, j0:j1]).astype(np.float64)) * np.exp2(kr[:, j0:j1] - kb)
+                u = np.where(seen, np.rint((w.astype(F32) * F32(180)).astype(F32)), 0).astype(np.int64)
+                p2 = np.exp2(kb).astype(F32)
+                vq, sv = _int8_rows(v[b, j0:j1, kvh], 0)
+                o = ((u @ vq).astype(F32) * p2 * sv + o).astype(F32)
+                total = (total + u.sum(1, keepdims=True).astype(F32) * p2).astype(F32)
+            out[b, :, h] = np.where(total > 0, o / np.where(total > 0, total, 1), 0)
     return out
 
 
@@ -832,9 +842,41 @@ def test_attention_int8_bit_identical_across_thread_counts(rng, threads):
             np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_attention_nan_value_a_query_does_not_see_is_the_same_on_every_isa(precision):
+    """A NaN value at a key a causal query does not see reached that query's fma chain (as 0 x
+    NaN) whenever a later row of its tile saw the key, and tiles are 8 rows on AVX-512, 2 on AVX2:
+    the float32 outputs differed per kernel set. Now float32 leaves it out entirely; int8 makes
+    NaN exactly the queries whose 32-key blocks hold it, on every set."""
+    rng = np.random.default_rng(5)
+    q, k, v = qkv(rng, 1, 40, 40, 2, 1, 16)
+    v[0, 5, 0, 3] = np.nan
+    results = {}
+    for name in lb._core.available_isas():
+        with lb.use_isa(name):
+            results[name] = nn.attention(q, k, v, causal=True, precision=precision)
+    first = next(iter(results.values()))
+    for got in results.values():
+        np.testing.assert_array_equal(got, first)
+    if precision == "float32":
+        assert np.isfinite(first[0, :5]).all() and np.isnan(first[0, 5:, :, 3]).all()
+        assert np.isfinite(np.delete(first[0], 3, axis=2)).all()
+    else:
+        assert np.isnan(first[0, :32, :, 3]).all() and np.isfinite(np.delete(first[0], 3, axis=2)).all()
+
+
+def test_attention_window_past_int64_means_every_key(rng):
+    q, k, v = qkv(rng, 1, 5, 9, 2, 2, 8)
+    for precision in ("float32", "int8"):
+        np.testing.assert_array_equal(
+            nn.attention(q, k, v, causal=True, window=2**70, precision=precision),
+            nn.attention(q, k, v, causal=True, precision=precision))
+
+
 def test_attention_int8_nan_zeros_and_equal_scores():
-    """A NaN in a query, a key the query sees or a value it weighs gives NaN, never a number; a
-    query with no key gets zeros; equal scores give the mean of v up to its 8-bit rounding."""
+    """A NaN in a query, a key the query sees or a value in a 32-key block it sees gives NaN,
+    never a number; a query with no key gets zeros; equal scores give the mean of v up to its
+    8-bit rounding."""
     q, k, v = (np.ones((1, 40, 2, 8), F32) for _ in range(3))
     v[0, :, :, :] = np.linspace(-1, 1, 40, dtype=F32)[:, None, None]
     out = nn.attention(q, k, v, precision="int8")
@@ -853,6 +895,38 @@ def test_attention_int8_nan_zeros_and_equal_scores():
     out = nn.attention(q, k, vn, precision="int8")
     assert np.isnan(out[0, :, 1, 2]).all() and np.isfinite(np.delete(out[0, :, 1], 2, axis=1)).all()
     assert not np.any(nn.attention(q, k, v, lengths=[0], precision="int8"))
+
+
+def test_attention_int8_keeps_a_long_tail_of_small_weights():
+    """One key scoring 6.6 above 4095 equal ones: each of those weighs 1/735 of it, below a
+    byte's step of the row's largest weight, yet together they hold 85% of the row. Rounded to
+    bytes of the row's largest they all vanished (output 0 instead of 0.85); with a power of two
+    per 32-key block they keep 8 bits of their block's largest."""
+    S, d = 4096, 8
+    q = np.zeros((1, 1, 1, d), F32)
+    q[..., 0] = 1
+    k = np.zeros((1, S, 1, d), F32)
+    k[0, 0, 0, 0] = 6.6
+    v = np.zeros((1, S, 1, d), F32)
+    v[0, 1:, 0, :] = 1
+    exact = reference_attention(q, k, v, scale=1.0)
+    got = nn.attention(q, k, v, scale=1.0, precision="int8")
+    assert exact[0, 0, 0, 0] > 0.8
+    np.testing.assert_allclose(got, exact, rtol=0.01)
+
+
+def test_attention_int8_tiny_and_infinite_inputs():
+    """Rows too small for 127 / amax (denormals) quantize to zeros instead of overflowing; an
+    infinite key makes NaN only where it is seen."""
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng, 1, 40, 40, 2, 2, 16)
+    k[0, 3] = 1e-40  # denormal keys: scores 0
+    got = nn.attention(q, k, v, precision="int8")
+    assert np.isfinite(got).all()
+    k[0, 7, 1, 2] = np.inf
+    got = nn.attention(q, k, v, causal=True, precision="int8")
+    assert np.isfinite(got[0, :7]).all() and np.isnan(got[0, 7:, 1]).all()
+    assert np.isfinite(got[0, :, 0]).all()
 
 
 def test_attention_int8_rejects_bad_precision_and_head_dim(rng):

@@ -98,20 +98,9 @@ template <class V, size_t... L>
 inline auto hi_half(V v, std::index_sequence<L...>) {
   return __builtin_shufflevector(v, v, (L + sizeof...(L))...);
 }
-// The same for int32 lanes (exact: any order gives the same sum).
 template <class V, class Op>
-inline int32_t fold_lanes(V v, Op op) {
-  constexpr size_t n = sizeof(V) / sizeof(int32_t);
-  if constexpr (n == 1) {
-    return v[0];
-  } else {
-    return fold_lanes(op(lo_half(v, std::make_index_sequence<n / 2>()),
-                         hi_half(v, std::make_index_sequence<n / 2>())), op);
-  }
-}
-template <class V, class Op>
-inline float fold_halves(V v, Op op) {
-  constexpr size_t n = sizeof(V) / sizeof(float);
+inline auto fold_halves(V v, Op op) {
+  constexpr size_t n = sizeof(V) / sizeof(v[0]);
   if constexpr (n == 1) {
     return v[0];
   } else {
@@ -197,18 +186,30 @@ inline vf load_n(const float* p, int64_t n) {
 }
 
 // round-half-even(x) for |x| < 2^22, as integer lanes: x + 1.5 * 2^23 holds the rounded integer in
-// its low mantissa bits. No conversion instruction, so a NaN lane gives some integer, never
-// undefined behaviour (a NaN scale then marks the result).
+// its low mantissa bits (a conversion instruction would round by the rounding mode).
 inline vi round_to_int(vf x) { return (vi)(x + 12582912.f) - 0x4B400000; }
 
-typedef int8_t vb __attribute__((vector_size(kN)));  // kN bytes
+typedef uint8_t vb __attribute__((vector_size(kN)));  // kN bytes
+
+// int8 quantization of lanes of largest magnitude m: 127 / m where that is a finite number (0 for
+// m = 0, NaN, or so small that 127 / m overflows: such lanes quantize to 0 and their scale, NaN or
+// tiny, tells), and q = round-half-even(x * inv), 0 where x * inv is NaN (x infinite or NaN), so
+// that every q is in -127..127 and sums of them cannot overflow.
+inline vf inverse_scale(vf m) {
+  const vf inv = 127.f / m;
+  return (m > 0.f) & (inv < INFINITY) ? inv : splat(0.f);
+}
+inline vi quantize_lanes(vf x, vf inv) {
+  const vf t = x * inv;
+  return round_to_int(t == t ? t : splat(0.f));
+}
 
 inline vf absv(vf v) { return v < 0.f ? -v : v; }
 
 // Rows row(0) .. row(rows - 1) of d floats to symmetric int8, kN rows at a time transposed in
 // registers, so that each row's scale and values are lanewise work: scale = amax / 127,
-// q = round-half-even(x * (127 / amax)) in -127..127 (all 0 when amax is 0 or NaN: the scale,
-// NaN, then marks whatever uses it). Byte c of row i, q + add, at out[((c / 4) * ldo + i) * 4 +
+// q = round-half-even(x * (127 / amax)) in -127..127 (inverse_scale, quantize_lanes; a row with
+// NaN or inf gets scale NaN or inf, which marks whatever uses it). Byte c of row i, q + add, at out[((c / 4) * ldo + i) * 4 +
 // c % 4] (4 dimensions of a row in a 32-bit lane; dimensions d .. d4 * 4 hold add), its scale at
 // scale[i] and, when sum is given, the sum of its q at sum[i]. Rows from `rows` to the next
 // multiple of kN (ldo and the arrays reach it) get zeros and scale 0. tmp: round_up(d4 * 4, kN)
@@ -234,14 +235,13 @@ void quantize_rows(const Row& row, int64_t rows, int64_t d, uint8_t add, uint8_t
         m1 = max_nan(m1, absv(t[i + 1]));
       }
     }
-    const vf m = max_nan(m0, m1);
+    const vf m = max_nan(m0, m1), inv = inverse_scale(m);
     store(scale + i0, m / 127.f);
-    const vf inv = m > 0.f ? 127.f / m : splat(0.f);
     vi total = {};
     for (int64_t c4 = 0; c4 < d4; ++c4) {
       vu w = {};
       for (int i = 0; i < 4; ++i) {
-        const vi q = round_to_int(load(tmp + (c4 * 4 + i) * kN) * inv);
+        const vi q = quantize_lanes(load(tmp + (c4 * 4 + i) * kN), inv);
         total += q;
         w |= (vu)((q + add) & 0xFF) << (8 * i);
       }
@@ -338,6 +338,12 @@ void with_rows(int64_t n, const F& f) {
     with_rows<R + 1>(n, f);
 }
 
+// buf holding at least n elements (kept between calls: grown, never shrunk here).
+template <class T>
+void grow(std::vector<T>& buf, int64_t n) {
+  if (buf.size() < (size_t)n) buf.resize((size_t)n);
+}
+
 // A thread's buffer above 4 MB let go (kept between calls otherwise).
 template <class T>
 void let_go_if_large(std::vector<T>& buf) {
@@ -354,13 +360,11 @@ void fill_int8(const float* k, int64_t kld, const float* v, int64_t vld, int64_t
                std::vector<float>& tmp) {
   const int64_t d4 = (d + 3) / 4, dp = round_up(d, 32);
   filled = filled < Kp ? filled : Kp;
-  if (kq.size() < (size_t)(d4 * Kp * 4)) kq.resize((size_t)(d4 * Kp * 4));
-  if (ksc.size() < (size_t)Kp) ksc.resize((size_t)Kp), kcorr.resize((size_t)Kp);
-  if (vq.size() < (size_t)(Kp * dp)) vq.resize((size_t)(Kp * dp));
-  if (vsc.size() < (size_t)(Kp / 32 * dp)) vsc.resize((size_t)(Kp / 32 * dp));
+  grow(kq, d4 * Kp * 4), grow(ksc, Kp), grow(kcorr, Kp), grow(vq, Kp * dp), grow(vsc, Kp / 32 * dp);
+  grow(tmp, round_up(d4 * 4, kN) * kN);
   quantize_rows([&](int64_t j) { return k + j * kld; }, held, d, 0, kq.data(), Kp, ksc.data(),
                 kcorr.data(), tmp.data());
-  for (int64_t j = held; j < Kp; ++j) {  // (quantize_rows zeroed up to a multiple of kN)
+  for (int64_t j = held; j < Kp; ++j) {  // padding keys
     ksc[j] = 0.f, kcorr[j] = 0;
     for (int64_t c4 = 0; c4 < d4; ++c4) std::memset(&kq[(c4 * Kp + j) * 4], 0, 4);
   }
@@ -375,13 +379,12 @@ void fill_int8(const float* k, int64_t kld, const float* v, int64_t vld, int64_t
       int64_t j = 0;
       for (; j + 2 <= n; j += 2) m0 = max_nan(m0, absv(value(j))), m1 = max_nan(m1, absv(value(j + 1)));
       if (j < n) m0 = max_nan(m0, absv(value(j)));
-      const vf m = max_nan(m0, m1);
+      const vf m = max_nan(m0, m1), inv = inverse_scale(m);
       store(&vsc[jb / 32 * dp + c], m / 127.f);
-      const vf inv = m > 0.f ? 127.f / m : splat(0.f);
       for (int64_t j4 = 0; j4 < 32; j4 += 4) {
         vu w = {};
         for (int64_t i = 0; i < 4; ++i)
-          if (j4 + i < n) w |= (vu)(round_to_int(value(j4 + i) * inv) & 0xFF) << (8 * i);
+          if (j4 + i < n) w |= (vu)(quantize_lanes(value(j4 + i), inv) & 0xFF) << (8 * i);
         std::memcpy(&vq[((jb + j4) / 4 * dp + c) * 4], &w, sizeof w);
       }
     }
@@ -401,22 +404,19 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
   // 128 x their sums; values as bytes [Kp / 4][dp][4] (4 keys of a dimension in a lane), a scale
   // per 32-key block and dimension [Kp / 32][dp]; the tile's queries + 128 [kTile][d4 * 4], its
   // weights as bytes [kTile][Kp]
-  thread_local std::vector<float> ksc, vsc, qsc, tmp;
+  thread_local std::vector<float> ksc, vsc, qsc, tmp, bsc;
   thread_local std::vector<int32_t> kcorr;
   thread_local std::vector<uint8_t> kq, vq, qq, P;
   struct Trim {
     ~Trim() {
-      for (std::vector<float>* buf : {&kt, &vp, &S, &ksc, &vsc, &qsc, &tmp}) let_go_if_large(*buf);
+      for (std::vector<float>* buf : {&kt, &vp, &S, &ksc, &vsc, &qsc, &tmp, &bsc}) let_go_if_large(*buf);
       let_go_if_large(kcorr);
       for (std::vector<uint8_t>* buf : {&kq, &vq, &qq, &P}) let_go_if_large(*buf);
     }
   } trim;
   const int64_t d4 = (d + 3) / 4, ldq = round_up(kAttnQueries > kTile ? kAttnQueries : kTile, kN);
-  if constexpr (I8) {
-    if (tmp.size() < (size_t)(round_up(d4 * 4, kN) * kN)) tmp.resize((size_t)(round_up(d4 * 4, kN) * kN));
-    if (qq.size() < (size_t)(d4 * ldq * 4)) qq.resize((size_t)(d4 * ldq * 4)), qsc.resize((size_t)ldq);
-  }
-  float sums[kTile];  // of the tile's rows (int8: sums of their byte weights)
+  if constexpr (I8) grow(tmp, round_up(d4 * 4, kN) * kN), grow(qq, d4 * ldq * 4), grow(qsc, ldq);
+  float sums[kTile];  // of the tile's rows' weights
   bool bad[kTile];    // int8: the row met a NaN (its output is NaN)
   int64_t filled_b = -1, filled_kvh = -1, filled_j0 = -1, filled_keys = 0, Kp = 0;
   // dimension c of key j (from j0) at krows + j / 32 * kbs + c * kld + j % 32: 32-key blocks of d
@@ -460,22 +460,22 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
       // (GQA heads share a fill)
       Kp = round_up(keys - j0, 32);
       const int64_t held = keys - j0;
-      // rows of the transposed keys Kp + 16 floats apart: an odd number of cache lines, so that
-      // the d rows a score tile reads spread over every L1 set (a stride of 1 or 4 KB, Kp = 256
-      // or 1024, would put them all in a few sets and evict them each step)
-      const int64_t ktld = Kp + 16;
-      if (S.size() < (size_t)(kTile * Kp)) S.resize((size_t)(kTile * Kp));
+      grow(S, kTile * Kp);
       const float* k = a->k + b * a->ks[0] + kvh * a->ks[2];
       const float* v = a->v + b * a->vs[0] + kvh * a->vs[2];
       if constexpr (I8) {
         fill_int8(k + j0 * a->ks[1], a->ks[1], v + j0 * a->vs[1], a->vs[1], d, held,
                   (a->lengths && a->lengths[b] < a->Sk ? a->lengths[b] : a->Sk) - j0, Kp, kq, ksc,
                   kcorr, vq, vsc, tmp);
-        if (P.size() < (size_t)(kTile * Kp)) P.resize((size_t)(kTile * Kp));
+        grow(P, kTile * Kp), grow(bsc, kTile * Kp / 32);
       } else if (a->k_transposed) {  // the caller's rows (past `held` they only feed padding scores)
         krows = k + j0 / 32 * a->kbs, kld = a->ks[1], kbs = a->kbs;
       } else {  // transposed kN keys x kN dimensions at a time in registers, the rest one by one
-        if (kt.size() < (size_t)(d * ktld)) kt.resize((size_t)(d * ktld));
+        // rows of the transposed keys Kp + 16 floats apart: an odd number of cache lines, so that
+        // the d rows a score tile reads spread over every L1 set (a stride of 1 or 4 KB, Kp = 256
+        // or 1024, would put them all in a few sets and evict them each step)
+        const int64_t ktld = Kp + 16;
+        grow(kt, d * ktld);
         const int64_t jv = held / kN * kN, cv = d / kN * kN;
         for (int64_t jb = 0; jb < jv; jb += kN)
           for (int64_t c = 0; c < cv; c += kN) {
@@ -491,17 +491,18 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
         krows = kt.data(), kld = ktld, kbs = 32;
       }
       // v read where it is when its rows fill whole 32-float chunks (head_dim 64, 128, ...),
-      // else copied with each row padded by zeros to dp
-      if constexpr (I8) {
-      } else if (d == dp) {
-        vrows = v + j0 * a->vs[1], vld = a->vs[1];
-      } else {
-        if (vp.size() < (size_t)(Kp * dp)) vp.resize((size_t)(Kp * dp));
-        for (int64_t j = 0; j < held; ++j) {
-          std::memcpy(&vp[j * dp], v + (j0 + j) * a->vs[1], (size_t)d * sizeof(float));
-          std::memset(&vp[j * dp + d], 0, (size_t)(dp - d) * sizeof(float));
+      // else copied with each row padded by zeros to dp (int8: fill_int8 above)
+      if constexpr (!I8) {
+        if (d == dp) {
+          vrows = v + j0 * a->vs[1], vld = a->vs[1];
+        } else {
+          grow(vp, Kp * dp);
+          for (int64_t j = 0; j < held; ++j) {
+            std::memcpy(&vp[j * dp], v + (j0 + j) * a->vs[1], (size_t)d * sizeof(float));
+            std::memset(&vp[j * dp + d], 0, (size_t)(dp - d) * sizeof(float));
+          }
+          vrows = vp.data(), vld = dp;
         }
-        vrows = vp.data(), vld = dp;
       }
       filled_b = b, filled_kvh = kvh, filled_j0 = j0, filled_keys = keys;
       // The next kv head's keys and values into L2 while this one computes: a fill reads its
@@ -584,17 +585,28 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
       constexpr int64_t R = decltype(tile)::value;
       const float* sr[R];
       for (int64_t r = 0; r < R; ++r) sr[r] = &S[r * Kp];
-      const int64_t lo = first(r0), n = limit(r0 + R - 1);
+      // Row r takes only its keys [first(r), limit(r)): a key outside them gets no fma at all
+      // (a zero weight times a NaN or inf value is NaN, and which rows share a tile is the
+      // ISA's). The rows' ranges start and end in row order, so the keys every row sees form one
+      // run [all_lo, all_hi); around it each row checks its own range.
+      int64_t fr[R], lr[R];
+      for (int64_t r = 0; r < R; ++r) fr[r] = first(r0 + r), lr[r] = limit(r0 + r);
+      const int64_t lo = fr[0], n = lr[R - 1], all_lo = fr[R - 1], all_hi = lr[0] > all_lo ? lr[0] : all_lo;
       for (int64_t c = 0; c < dp; c += 32) {
         vf acc[R][kV] = {};
-        for (int64_t j = lo; j < n; ++j) {
+        auto step = [&](int64_t j, auto every_row) {
           vf vv[kV];
           for (int u = 0; u < kV; ++u) vv[u] = in_register(load(vrows + j * vld + c + u * kN));
-          for (int64_t r = 0; r < R; ++r) {
-            const vf p = splat(sr[r][j]);
-            for (int u = 0; u < kV; ++u) acc[r][u] = fmav(p, vv[u], acc[r][u]);
-          }
-        }
+          for (int64_t r = 0; r < R; ++r)
+            if (every_row || (j >= fr[r] && j < lr[r])) {
+              const vf p = splat(sr[r][j]);
+              for (int u = 0; u < kV; ++u) acc[r][u] = fmav(p, vv[u], acc[r][u]);
+            }
+        };
+        int64_t j = lo;
+        for (; j < n && j < all_lo; ++j) step(j, std::false_type());
+        for (; j < all_hi; ++j) step(j, std::true_type());
+        for (; j < n; ++j) step(j, std::false_type());
         float o[R][32];  // stored with constant indices: acc stays in registers
         for (int64_t r = 0; r < R; ++r)
           for (int u = 0; u < kV; ++u) store(&o[r][u * kN], acc[r][u]);
@@ -611,7 +623,7 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
     };
 
     // int8: the block's queries quantized as the keys are, then scores in log2 units: the exact
-    // int dot times scale_q * (scale * log2 e), times scale_k.
+    // int dot times (scale_q * (scale * log2 e)) * scale_k.
     if constexpr (I8)
       quantize_rows([&](int64_t r) { return qrow(r); }, rows, d, 128, qq.data(), ldq, qsc.data(),
                     nullptr, tmp.data());
@@ -634,18 +646,25 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
           const vf ks = load(&ksc[j + u * kN]);
           for (int64_t r = 0; r < R; ++r)
             store(&S[r * Kp + j + u * kN],
-                  __builtin_convertvector(acc[r][u] - corr, vf) * (qsc[r0 + r] * qscale) * ks);
+                  __builtin_convertvector(acc[r][u] - corr, vf) * ((qsc[r0 + r] * qscale) * ks));
         }
       }
     };
-    // int8: each row's weights 2^(s - max) (its largest 1) as bytes u = round(255 x), 0 outside
-    // its keys; their integer sums; a NaN among its scores marks the row. 2^t by 2^round(t) times
-    // a degree-5 polynomial of the rest (relative error 3e-6, far below a byte's step), t taken
-    // in [-30, 0] (u = 0 from t = -9 on).
+    // int8: each row's weights 2^(s - max) (its largest 1) in 32-key blocks, as bytes
+    // u = round(180 * 2^(s - max - kb)) with 2^kb a power of two per row and block (kb the
+    // largest round(s - max) of the block's keys the row sees; the bytes then reach 180 * 2^0.5
+    // < 255.5), 0 for the keys it does not see; the sum of the row's weights 2^(kb - 7) * u,
+    // key j in partial sum j mod 16 (combine). A key far below its row's largest keeps 8 bits of
+    // its block's largest, not of the row's: a long tail of small weights is not rounded away.
+    // 2^t by 2^round(t) times a degree-5 polynomial of the rest (relative error 3e-6, far below
+    // a byte's step), t taken in [-60, 0]. A NaN among the scores the row sees marks the row.
     auto softmax_rows_i8 = [&](int64_t r0, int64_t r1) {
+      vi lane;
+      for (int l = 0; l < kN; ++l) lane[l] = l;
       for (int64_t r = r0; r < r1; ++r) {
         const float* row = &S[(r - r0) * Kp];
         uint8_t* pr = &P[(r - r0) * Kp];
+        float* br = &bsc[(r - r0) * (Kp / 32)];
         const int64_t lo = first(r), n = limit(r);
         sums[r - r0] = 0.f, bad[r - r0] = false;
         if (n <= lo) {
@@ -653,38 +672,57 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
           continue;
         }
         const float mx = max_of(row + lo, n - lo);
-        const int64_t jb = lo / kN * kN, je = round_up(n, kN);
-        vi total = {}, nan = {}, idx;
-        for (int l = 0; l < kN; ++l) idx[l] = l;
-        for (int64_t j = jb; j < je; j += kN) {
-          const vf t = load(row + j) - mx;
-          const vi seen = (idx + (int32_t)j >= (int32_t)lo) & (idx + (int32_t)j < (int32_t)n);
-          nan |= (t != t) & seen;
-          vf tc = t > -30.f ? t : splat(-30.f);
-          tc = tc < 0.f ? tc : splat(0.f);  // (keys the row does not see may score above its max)
-          const vf big = tc + 12582912.f;
-          const vf f = tc - (big - 12582912.f);  // in [-1/2, 1/2]
-          vf p = splat(1.33335581e-3f);
-          p = fmav(p, f, splat(9.61812911e-3f));
-          p = fmav(p, f, splat(5.55041087e-2f));
-          p = fmav(p, f, splat(2.40226507e-1f));
-          p = fmav(p, f, splat(6.93147181e-1f));
-          p = fmav(p, f, splat(1.f));
-          const vf e = p * (vf)(((vi)big - 0x4B400000 + 127) << 23);
-          const vi u = round_to_int(e * 255.f) & seen;
-          total += u;
-          const vb bytes = __builtin_convertvector(u, vb);
-          std::memcpy(pr + j, &bytes, kN);
+        const int64_t jb = lo / 32 * 32, je = round_up(n, 32);
+        vi nan = {};
+        vf z[kLanes / kN] = {};  // the weights' sum: key j in partial sum j mod 16 (as combine's)
+        for (int64_t j = jb; j < je; j += 32) {
+          vf p[kV];
+          vi k[kV], seen[kV], kmax = vi{} - 61;
+          for (int u = 0; u < kV; ++u) {
+            const int64_t j1 = j + u * kN;
+            const vf t = load(row + j1) - mx;
+            seen[u] = (lane + (int32_t)j1 >= (int32_t)lo) & (lane + (int32_t)j1 < (int32_t)n);
+            nan |= (t != t) & seen[u];
+            vf tc = t > -60.f ? t : splat(-60.f);
+            tc = tc < 0.f ? tc : splat(0.f);  // (keys the row does not see may score above its max)
+            const vf big = tc + 12582912.f;
+            const vf f = tc - (big - 12582912.f);  // in [-1/2, 1/2]
+            vf q = splat(1.33335581e-3f);
+            q = fmav(q, f, splat(9.61812911e-3f));
+            q = fmav(q, f, splat(5.55041087e-2f));
+            q = fmav(q, f, splat(2.40226507e-1f));
+            q = fmav(q, f, splat(6.93147181e-1f));
+            p[u] = fmav(q, f, splat(1.f));
+            k[u] = (vi)big - 0x4B400000;  // round(tc), -60..0
+            const vi kseen = seen[u] ? k[u] : vi{} - 61;
+            kmax = kmax > kseen ? kmax : kseen;
+          }
+          const int32_t kb = fold_halves(kmax, [](auto x, auto y) { return x > y ? x : y; });
+          // 2^(kb - 7): the sums come out about 180 / 128 times what float weights would give
+          // (little headroom lost to overflow); every block here has a key seen, so kb >= -60
+          const int32_t bits = (kb - 7 + 127) << 23;
+          float scale;
+          std::memcpy(&scale, &bits, sizeof scale);
+          br[j / 32] = scale;
+          for (int u = 0; u < kV; ++u) {
+            // 2^(k - kb): k - kb in -60..0 for the keys seen, -60..61 for the others (masked)
+            const vf x = p[u] * (vf)((k[u] - kb + 127) << 23) * 180.f;
+            const vi w = round_to_int(seen[u] ? x : splat(0.f));
+            z[u % (kLanes / kN)] += __builtin_convertvector(w, vf) * scale;  // (exact products)
+            const vb bytes = __builtin_convertvector(w, vb);
+            std::memcpy(pr + j + u * kN, &bytes, kN);
+          }
         }
         if (jb) std::memset(pr, 0, (size_t)jb);
         if (je < kend) std::memset(pr + je, 0, (size_t)(kend - je));
-        sums[r - r0] = (float)fold_lanes(total, [](auto a, auto b) { return a + b; });
-        bad[r - r0] = fold_lanes(nan, [](auto a, auto b) { return a | b; }) != 0;
+        sums[r - r0] = combine(z);
+        bad[r - r0] = fold_halves(nan, [](auto x, auto y) { return x | y; }) != 0;
       }
     };
     // int8: per 32-key block the exact int dot of the weights with the values' bytes, times the
-    // block's scales, added in block order; divided by the sum of the weights. A row takes only
-    // the blocks that hold keys it sees (what it computes does not depend on the tile it is in).
+    // row's 2^(kb - 7) for the block and the block's scales, added in block order; divided by the sum
+    // of the weights. A row takes only the blocks that hold keys it sees (what it computes does
+    // not depend on the tile it is in).
     auto out_tile_i8 = [&](int64_t r0, auto tile) {
       constexpr int64_t R = decltype(tile)::value;
       int64_t b_lo[R], b_hi[R];
@@ -705,9 +743,11 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
           vf vs[kV];
           for (int u = 0; u < kV; ++u) vs[u] = load(&vsc[blk * dp + c + u * kN]);
           for (int64_t r = 0; r < R; ++r)
-            if (blk >= b_lo[r] && blk < b_hi[r])
+            if (blk >= b_lo[r] && blk < b_hi[r]) {
+              const float scale = bsc[r * (Kp / 32) + blk];
               for (int u = 0; u < kV; ++u)
-                acc[r][u] = fmav(__builtin_convertvector(dots[r][u], vf), vs[u], acc[r][u]);
+                acc[r][u] = fmav(__builtin_convertvector(dots[r][u], vf) * scale, vs[u], acc[r][u]);
+            }
         }
         float o[R][32];
         for (int64_t r = 0; r < R; ++r)

@@ -187,10 +187,13 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
 
     precision: "float32" (float32 dot products, each an fma chain in a fixed order), or "int8":
     each query and key row quantized to int8 (symmetric, scale = amax / 127), the scores their
-    exact integer dot products times the scales, the softmax weights rounded to 8 bits of their
-    row's largest (round(255 * 2^(s - max)), s in log2 units) and the values int8 per 32-key
-    block and dimension; integer sums exact, so every ISA and thread count still gives the same
-    bits. It quantizes the keys and values on every call, so it pays where many queries share
+    exact integer dot products times the scales, the softmax weights as bytes of the largest in
+    their 32-key block (times a power of two per block, so a long tail of small weights keeps its
+    share) and the values int8 per 32-key block and dimension; integer sums exact, so every ISA
+    and thread count still gives the same bits. The values' scales cover each block's keys up to
+    `lengths`, so a causal query's result also depends on up to 31 later values of its last
+    block (within their rounding), and a NaN or inf value makes NaN every query whose blocks hold
+    it. It quantizes the keys and values on every call, so it pays where many queries share
     them (an encoder's batch, a prompt: 1.2-1.5x faster on AVX-512 VNNI, bench/kernels.py), not
     for one decoded token over a long cache (slower there). Its error is that of 8-bit inputs:
     about 1% of the output's size on random data (tests/test_nn.py); on all-MiniLM-L6-v2
@@ -227,7 +230,7 @@ def _attention_scale_window(q, scale, window):
         window = 0
     elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window: expected None or an integer >= 1, got {window!r}")
-    return float(scale), int(window)
+    return float(scale), min(int(window), 1 << 62)  # (a window past every key: all of them)
 
 
 def rope_tables(head_dim, positions, base=10000.0):
