@@ -236,6 +236,18 @@ def test_kv_cache_attention_matches_definition_batched_and_step_by_step(rng, hea
 # lb.nn.attention: fused softmax attention (masks, causal, GQA, strided views, out=)
 
 
+def visible_keys(b, Sq, Sk, lengths, causal, window):
+    """Batch b's key count n (its first min(lengths[b], Sk) keys) and the (Sq, Sk) mask of the
+    keys each query sees (causal: j <= Sk - Sq + i; window W: j > Sk - Sq + i - W)."""
+    n = Sk if lengths is None else max(0, min(int(lengths[b]), Sk))
+    visible = np.broadcast_to(np.arange(Sk)[None, :] < n, (Sq, Sk))
+    if causal:
+        visible = visible & (np.arange(Sk)[None, :] <= Sk - Sq + np.arange(Sq)[:, None])
+    if window is not None:
+        visible = visible & (np.arange(Sk)[None, :] > Sk - Sq + np.arange(Sq)[:, None] - window)
+    return n, visible
+
+
 def reference_attention(q, k, v, lengths=None, causal=False, scale=None, window=None):
     """The definition in float64: per batch and head, scores masked to the keys the query sees
     (its batch's first min(lengths[b], Sk) keys; causal: j <= Sk - Sq + i; window W: j > Sk - Sq +
@@ -246,12 +258,7 @@ def reference_attention(q, k, v, lengths=None, causal=False, scale=None, window=
     scale = 1 / np.sqrt(d) if scale is None else scale
     out = np.zeros((B, Sq, H, d))
     for b in range(B):
-        n = Sk if lengths is None else max(0, min(int(lengths[b]), Sk))
-        visible = np.broadcast_to(np.arange(Sk)[None, :] < n, (Sq, Sk))
-        if causal:
-            visible = visible & (np.arange(Sk)[None, :] <= Sk - Sq + np.arange(Sq)[:, None])
-        if window is not None:
-            visible = visible & (np.arange(Sk)[None, :] > Sk - Sq + np.arange(Sq)[:, None] - window)
+        n, visible = visible_keys(b, Sq, Sk, lengths, causal, window)
         seen = visible.any(1)
         for h in range(H):
             kvh = h // (H // Hkv)
@@ -763,19 +770,14 @@ def reference_attention_int8(q, k, v, lengths=None, causal=False, scale=None, wi
     weights as bytes u = round(180 * 2^(s - max - kb)), kb the largest round(s - max) of the
     block's keys the row sees; values per 32-key block (over the batch's first min(lengths[b],
     Sk) keys) and dimension; out = sum over blocks of (u . v_q) * 2^kb * block scale, / sum of
-    2^kb * sum(u). The kernel's 2^x is a polynomial (relative error 3e-6), so a weight may round
-    the other way: compare with a tolerance."""
+    2^kb * u. The kernel's 2^x is a polynomial (relative error 3e-6) and its sums run in another
+    order, so a weight may round the other way: compare with a tolerance."""
     B, Sq, H, d = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     qscale = F32(1 / np.sqrt(d) if scale is None else scale) * F32(1.44269504)
     out = np.zeros((B, Sq, H, d), F32)
     for b in range(B):
-        n = Sk if lengths is None else max(0, min(int(lengths[b]), Sk))
-        visible = np.broadcast_to(np.arange(Sk)[None, :] < n, (Sq, Sk))
-        if causal:
-            visible = visible & (np.arange(Sk)[None, :] <= Sk - Sq + np.arange(Sq)[:, None])
-        if window is not None:
-            visible = visible & (np.arange(Sk)[None, :] > Sk - Sq + np.arange(Sq)[:, None] - window)
+        n, visible = visible_keys(b, Sq, Sk, lengths, causal, window)
         for h in range(H):
             kvh = h // (H // Hkv)
             qq, sq = _int8_rows(q[b, :, h], 1)
