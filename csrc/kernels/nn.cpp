@@ -209,11 +209,11 @@ inline vf absv(vf v) { return v < 0.f ? -v : v; }
 // Rows row(0) .. row(rows - 1) of d floats to symmetric int8, kN rows at a time transposed in
 // registers, so that each row's scale and values are lanewise work: scale = amax / 127,
 // q = round-half-even(x * (127 / amax)) in -127..127 (inverse_scale, quantize_lanes; a row with
-// NaN or inf gets scale NaN or inf, which marks whatever uses it). Byte c of row i, q + add, at out[((c / 4) * ldo + i) * 4 +
-// c % 4] (4 dimensions of a row in a 32-bit lane; dimensions d .. d4 * 4 hold add), its scale at
-// scale[i] and, when sum is given, the sum of its q at sum[i]. Rows from `rows` to the next
-// multiple of kN (ldo and the arrays reach it) get zeros and scale 0. tmp: round_up(d4 * 4, kN)
-// * kN floats.
+// NaN or inf gets scale NaN or inf, which marks whatever uses it). Byte c of row i, q + add, at
+// out[((c / 4) * ldo + i) * 4 + c % 4] (4 dimensions of a row in a 32-bit lane; dimensions
+// d .. d4 * 4 hold add), its scale at scale[i] and, when sum is given, the sum of its q at
+// sum[i]. Rows from `rows` to the next multiple of kN (ldo and the arrays reach it) get zeros and
+// scale 0. tmp: round_up(d4 * 4, kN) * kN floats.
 template <class Row>
 void quantize_rows(const Row& row, int64_t rows, int64_t d, uint8_t add, uint8_t* out, int64_t ldo,
                    float* scale, int32_t* sum, float* tmp) {
@@ -377,7 +377,8 @@ void fill_int8(const float* k, int64_t kld, const float* v, int64_t vld, int64_t
       };
       vf m0 = {}, m1 = {};
       int64_t j = 0;
-      for (; j + 2 <= n; j += 2) m0 = max_nan(m0, absv(value(j))), m1 = max_nan(m1, absv(value(j + 1)));
+      for (; j + 2 <= n; j += 2)
+        m0 = max_nan(m0, absv(value(j))), m1 = max_nan(m1, absv(value(j + 1)));
       if (j < n) m0 = max_nan(m0, absv(value(j)));
       const vf m = max_nan(m0, m1), inv = inverse_scale(m);
       store(&vsc[jb / 32 * dp + c], m / 127.f);
@@ -402,14 +403,16 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
   thread_local std::vector<float> kt, vp, S;
   // int8: keys as bytes [d4][Kp][4] (4 dimensions of a key in a 32-bit lane), their scales and
   // 128 x their sums; values as bytes [Kp / 4][dp][4] (4 keys of a dimension in a lane), a scale
-  // per 32-key block and dimension [Kp / 32][dp]; the tile's queries + 128 [kTile][d4 * 4], its
-  // weights as bytes [kTile][Kp]
+  // per 32-key block and dimension [Kp / 32][dp]; the task's queries + 128 as bytes [d4][ldq][4]
+  // and their scales; a tile's weights as bytes [kTile][Kp] and its powers of two per block
+  // [kTile][Kp / 32]; quantize_rows' transposed rows (tmp)
   thread_local std::vector<float> ksc, vsc, qsc, tmp, bsc;
   thread_local std::vector<int32_t> kcorr;
   thread_local std::vector<uint8_t> kq, vq, qq, P;
   struct Trim {
     ~Trim() {
-      for (std::vector<float>* buf : {&kt, &vp, &S, &ksc, &vsc, &qsc, &tmp, &bsc}) let_go_if_large(*buf);
+      for (std::vector<float>* buf : {&kt, &vp, &S, &ksc, &vsc, &qsc, &tmp, &bsc})
+        let_go_if_large(*buf);
       let_go_if_large(kcorr);
       for (std::vector<uint8_t>* buf : {&kq, &vq, &qq, &P}) let_go_if_large(*buf);
     }
@@ -595,7 +598,8 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
       // run [all_lo, all_hi); around it each row checks its own range.
       int64_t fr[R], lr[R];
       for (int64_t r = 0; r < R; ++r) fr[r] = first(r0 + r), lr[r] = limit(r0 + r);
-      const int64_t lo = fr[0], n = lr[R - 1], all_lo = fr[R - 1], all_hi = lr[0] > all_lo ? lr[0] : all_lo;
+      const int64_t lo = fr[0], n = lr[R - 1], all_lo = fr[R - 1];
+      const int64_t all_hi = lr[0] > all_lo ? lr[0] : all_lo;
       for (int64_t c = 0; c < dp; c += 32) {
         vf acc[R][kV] = {};
         auto step = [&](int64_t j, auto every_row) {
