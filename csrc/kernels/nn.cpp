@@ -683,16 +683,21 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
         const int64_t jb = lo / 32 * 32, je = round_up(n, 32);
         vi nan = {};
         vf z[kLanes / kN] = {};  // the weights' sum: key j in partial sum j mod 16 (as combine's)
-        for (int64_t j = jb; j < je; j += 32) {
+        // one 32-key block; edge: it holds keys the row does not see (the masks), else all seen
+        auto block = [&](int64_t j, auto edge) {
           vf p[kV];
           vi k[kV], seen[kV], kmax = vi{} - 61;
           for (int u = 0; u < kV; ++u) {
             const int64_t j1 = j + u * kN;
             const vf t = load(row + j1) - mx;
-            seen[u] = (lane + (int32_t)j1 >= (int32_t)lo) & (lane + (int32_t)j1 < (int32_t)n);
-            nan |= (t != t) & seen[u];
             vf tc = t > -60.f ? t : splat(-60.f);
-            tc = tc < 0.f ? tc : splat(0.f);  // (keys the row does not see may score above its max)
+            if constexpr (edge) {
+              seen[u] = (lane + (int32_t)j1 >= (int32_t)lo) & (lane + (int32_t)j1 < (int32_t)n);
+              nan |= (t != t) & seen[u];
+              tc = tc < 0.f ? tc : splat(0.f);  // (keys the row does not see may score above its max)
+            } else {
+              nan |= t != t;
+            }
             const vf big = tc + 12582912.f;
             const vf f = tc - (big - 12582912.f);  // in [-1/2, 1/2]
             vf q = splat(1.33335581e-3f);
@@ -702,7 +707,7 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
             q = fmav(q, f, splat(6.93147181e-1f));
             p[u] = fmav(q, f, splat(1.f));
             k[u] = (vi)big - 0x4B400000;  // round(tc), -60..0
-            const vi kseen = seen[u] ? k[u] : vi{} - 61;
+            const vi kseen = edge ? (seen[u] ? k[u] : vi{} - 61) : k[u];
             kmax = kmax > kseen ? kmax : kseen;
           }
           const int32_t kb = fold_halves(kmax, [](auto x, auto y) { return x > y ? x : y; });
@@ -715,12 +720,14 @@ void attention_impl(const AttnArgs* a, int64_t t0, int64_t t1) {
           for (int u = 0; u < kV; ++u) {
             // 2^(k - kb): k - kb in -60..0 for the keys seen, -60..61 for the others (masked)
             const vf x = p[u] * (vf)((k[u] - kb + 127) << 23) * 180.f;
-            const vi w = round_to_int(seen[u] ? x : splat(0.f));
+            const vi w = round_to_int(edge ? (seen[u] ? x : splat(0.f)) : x);
             z[u % (kLanes / kN)] += __builtin_convertvector(w, vf) * scale;  // (exact products)
             const vb bytes = __builtin_convertvector(w, vb);
             std::memcpy(pr + j + u * kN, &bytes, kN);
           }
-        }
+        };
+        for (int64_t j = jb; j < je; j += 32)
+          j >= lo && j + 32 <= n ? block(j, std::false_type()) : block(j, std::true_type());
         if (jb) std::memset(pr, 0, (size_t)jb);
         if (je < kend) std::memset(pr + je, 0, (size_t)(kend - je));
         sums[r - r0] = combine(z);
