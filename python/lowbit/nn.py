@@ -194,10 +194,11 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
     `lengths`, so a causal query's result also depends on up to 31 later values of its last
     block (within their rounding), and a NaN or inf value makes NaN every query whose blocks hold
     it. It quantizes the keys and values on every call, so it pays where many queries share
-    them (an encoder's batch, a prompt: 1.2-1.5x faster on AVX-512 VNNI, bench/kernels.py), not
+    them (an encoder's batch, a prompt: 1.2-1.6x faster on AVX-512 VNNI, bench/kernels.py), not
     for one decoded token over a long cache (slower there). Its error is that of 8-bit inputs:
-    about 1% of the output's size on random data (tests/test_nn.py); on all-MiniLM-L6-v2
-    (bench/minilm.py) the embeddings' mean cosine to float32 moves by under 1e-4.
+    1-3% of the output's size on random data (more with thousands of keys or sharp scores;
+    tests/test_nn.py); on all-MiniLM-L6-v2 (bench/minilm.py) the embeddings' mean cosine to
+    float32 moves by under 1e-4.
     """
     if precision not in ("float32", "int8"):
         raise ValueError(f'precision: expected "float32" or "int8", got {precision!r}')
