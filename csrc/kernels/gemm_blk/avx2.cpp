@@ -9,6 +9,7 @@
 #include "formats.h"
 #include "kernels/isa.h"
 #include "kernels/stream.h"
+#include "kernels/vec.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -22,18 +23,15 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-template <bool Wide>  // Wide: values may exceed 127
+// Values up to 127 take one VPMADDUBSW; Wide ones (up to 255) kernels/vec.h's exact dot4 (the
+// split in two products, or VPDPBUSD with -mavxvnni).
+template <bool Wide>
 inline __m256i dot4(__m256i acc, __m256i u, __m256i a) {
-#ifdef __AVXVNNI__
-  return _mm256_dpbusd_avx_epi32(acc, u, a);
-#else
+#ifndef __AVXVNNI__
   if (!Wide)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)));
-  const __m256i low = _mm256_and_si256(u, _mm256_set1_epi8(0x7F));
-  const __m256i top = _mm256_and_si256(_mm256_srli_epi16(u, 7), _mm256_set1_epi8(1));
-  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(low, a), _mm256_set1_epi16(1)));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(top, a), _mm256_set1_epi16(128)));
 #endif
+  return (__m256i)dot4((vi)acc, (vi)u, (vi)a);
 }
 
 // 32 bytes of 0xFF / 0x00 from the 32 bits of a mask: byte i is bit i.
