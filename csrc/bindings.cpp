@@ -101,22 +101,32 @@ int64_t row_stride(const py::array& a) {
 }
 
 // Releases the GIL for a block, like py::gil_scoped_release, but safe for daemon threads at
-// interpreter exit. There CPython ends a thread that asks for the GIL back with pthread_exit, an
-// unwinding, and unwinding out of a noexcept destructor (py::gil_scoped_release's) calls
-// std::terminate: the process aborts. This one parks the thread instead when the interpreter is
-// finalizing (the process is exiting and takes it along), and lets the unwinding through in the
-// narrow race where finalization begins inside PyEval_RestoreThread.
+// interpreter exit. There CPython (3.13 and older) ends a thread that asks for the GIL back with
+// pthread_exit, an unwinding: out of a noexcept destructor (py::gil_scoped_release's) it calls
+// std::terminate, and through the binding's frames it runs the destructors of the Python objects
+// they hold (the output array) with no thread state, which since 3.12 frees through a null
+// interpreter and crashes. So a thread that comes back during finalization parks instead (the
+// process is exiting and takes it along): before asking for the GIL, and also when the unwinding
+// starts inside PyEval_RestoreThread (a thread that was already waiting for the GIL when
+// finalization began), where the handler never returns, so the unwinding goes no further.
 class NoGil {
  public:
   NoGil() : state_(PyEval_SaveThread()) {}
-  ~NoGil() noexcept(false) {
-    while (finalizing()) std::this_thread::sleep_for(std::chrono::seconds(3600));
-    PyEval_RestoreThread(state_);
+  ~NoGil() {
+    if (finalizing()) park();
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (...) {  // (the forced unwinding of pthread_exit; never rethrown, so never ended)
+      park();
+    }
   }
   NoGil(const NoGil&) = delete;
   NoGil& operator=(const NoGil&) = delete;
 
  private:
+  [[noreturn]] static void park() {
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }
   static bool finalizing() {
 #if PY_VERSION_HEX >= 0x030D0000
     return Py_IsFinalizing();

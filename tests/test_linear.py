@@ -477,6 +477,7 @@ def test_decode_prefetch_never_changes_results_and_survives_freed_weights(tmp_pa
     import subprocess
     import sys
 
+    pytest.importorskip("gguf")  # (the child imports test_block_formats, which needs it)
     code = """if True:
         import numpy as np, lowbit as lb
         rng = np.random.default_rng(5)

@@ -380,7 +380,10 @@ def test_no_deadlock_beside_blas_and_openmp_pools(with_torch):
 
 
 def test_interpreter_exits_while_threads_still_compute():
-    """Interpreter shutdown with lowbit calls still running in daemon threads: a clean exit."""
+    """Interpreter shutdown with lowbit calls still running in daemon threads: a clean exit.
+    (On Python 3.12 and 3.13 a thread waiting for the GIL when finalization began was unwound
+    through the binding and freed its output array with no thread state: a segfault in about one
+    exit in four, hence the ten runs.)"""
     code = """
 import threading, numpy as np, lowbit as lb
 layer = lb.Linear(np.ones((512, 512), np.float32))
@@ -393,6 +396,6 @@ for _ in range(4):
 layer(x)
 print("bye")
 """
-    for _ in range(3):
+    for _ in range(10):
         r = run_python(code)
-        assert r.returncode == 0 and r.stdout.strip() == "bye", r.stderr
+        assert r.returncode == 0 and r.stdout.strip() == "bye", (r.returncode, r.stderr)
