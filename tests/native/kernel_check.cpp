@@ -105,7 +105,8 @@ std::vector<float> activations(Rng& r, int64_t M, int64_t K, float scale) {
 // ---- INT8: weight quantization, activation quantization (dynamic / static), the GEMM; the
 // same weights with float activations (W8A32) ----
 void int8_cases() {
-  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33};
+  // (33, 70: several 32-row AMX blocks, the last one partial)
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 70};
   const int64_t Ns[] = {1, 15, 17, 33};
   const int64_t Ks[] = {1, 4, 5, 32, 33, 64, 100, 128, 260};  // (64, 128: grouped every other case)
   int idx = 0;
@@ -164,7 +165,8 @@ void int8_cases() {
 
 // ---- exact int32 GEMM (lb.matmul on int8), extremes included ----
 void int32_cases() {
-  const int64_t Ms[] = {1, 2, 3, 5, 8, 17};
+  // (130: two AMX passes of 128 rows; K 1000, 4099: several AMX K chunks and a K tail)
+  const int64_t Ms[] = {1, 2, 3, 5, 8, 17, 33, 130};
   const int64_t Ns[] = {1, 16, 17, 33};
   const int64_t Ks[] = {1, 4, 5, 64, 100, 1000, 4099};
   int idx = 0;
@@ -194,11 +196,12 @@ void int32_cases() {
 
 // ---- 4-bit weights: quantization (symmetric, minima), integer zero points, W4A8 and W4A32 ----
 void w4_cases() {
-  const int64_t Ms[] = {1, 2, 3, 5, 8, 9, 17, 33};
+  // (40, 70: AMX's 32-row blocks, the last one partial, and its 64-row passes)
+  const int64_t Ms[] = {1, 2, 3, 5, 8, 9, 17, 33, 40, 70};
   const int64_t Ns[] = {1, 15, 17, 33};
   struct KG { int64_t K, group; };
   const KG kgs[] = {{1, 0}, {31, 0}, {32, 0}, {33, 0}, {100, 0}, {288, 0},
-                    {64, 32}, {128, 64}, {256, 128}, {96, 32}};
+                    {64, 32}, {128, 64}, {256, 128}, {96, 32}, {1024, 256}};
   int idx = 0;
   for (int64_t M : Ms)
     for (int64_t N : Ns)

@@ -7,6 +7,7 @@
 #include "kernels/isa.h"
 #include "kernels/dot512.h"
 #include "kernels/stream.h"
+#include "kernels/amx.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -221,24 +222,16 @@ void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
 // the packed panels are AMX B tiles as they stand. Blocks of 32 rows x 2 panels use all 8 tiles
 // (C 0-3, A 4-5, B 6-7); the K tail beyond the last full 64 goes through dots<> into the same
 // int32 sums, so results are exact and equal to every other ISA's.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void amx_configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+//
+// What bounds it is the tile loads, one per TDPBUSD: on a Sapphire Rapids class Xeon (device
+// machine, bench/RESULTS.md) a TDPBUSD takes 5.5 ns, a 1 KB tile load 7.3 ns from L1 and about
+// 21 ns from L2. Passes of kAmxPassRows rows take each panel pair across all their 32-row blocks
+// (the pair's weights then come from L2, not memory, after the first block), and every step
+// prefetches the activation lines of the next one.
+constexpr int64_t kAmxPassRows = 128;
 
 // out[32][32] = exact dots of rows [0, 32) of `a` with panels p, p+1 (at b, b + ps) over [0, Kp).
-// Reads 32 rows of `a` (ops.cpp's activation_buffer pads calls of kAmxMinRows rows or more to a
-// multiple of 32 rows).
+// STREAM: the weights come from memory, so each step also fetches the next step's weight lines.
 template <bool STREAM>
 void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps, int64_t Kp, int32_t* out) {
   const int64_t k64 = Kp / 64 * 64;
@@ -247,13 +240,12 @@ void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps, int64
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t k = 0; k < k64; k += 64) {
-    // one block of rows streams the weights from memory: fetch the next tiles' lines now (with
-    // more rows the weights are reused from L2 and prefetching only costs load slots)
     if (STREAM)
       for (int l = 0; l < 16; ++l) {
         _mm_prefetch((const char*)(b + (k + 64) * kPanel + 64 * l), _MM_HINT_T0);
         _mm_prefetch((const char*)(b + ps + (k + 64) * kPanel + 64 * l), _MM_HINT_T0);
       }
+    for (int r = 0; r < 32; ++r) _mm_prefetch((const char*)(a + r * lda + k + 64), _MM_HINT_T0);
     _tile_loadd(4, a + k, lda);
     _tile_loadd(5, a + 16 * lda + k, lda);
     _tile_loadd(6, b + k * kPanel, 64);
@@ -273,23 +265,24 @@ void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t ps, int64
                               out + m * 32);
 }
 
+// Reads whole 32-row blocks of `a` (ops.cpp's activation_buffer pads calls of kAmxMinRows rows or
+// more to a multiple of 32 rows).
 template <int MODE>
 void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
   const int64_t ps = g->Kp * kPanel;
   alignas(64) int32_t acc[32 * 32];
-  amx_configure();
-  // rows outer: a 32-row block of activations is reused across every panel pair of the task
-  for (int64_t m0 = 0; m0 < g->M; m0 += 32) {
-    const int64_t rows = g->M - m0 < 32 ? g->M - m0 : 32;
+  tile_configure({16, 16, 16, 16, 16, 16, 16, 16}, {64, 64, 64, 64, 64, 64, 64, 64});
+  for (int64_t mc = 0; mc < g->M; mc += kAmxPassRows) {
+    const int64_t pass = g->M - mc < kAmxPassRows ? g->M - mc : kAmxPassRows;
     for (int64_t p = p0; p < p1; p += 2) {
       const int np = p + 1 < p1 ? 2 : 1;  // a lone last panel: its partner's columns are not stored
       const int8_t* b = g->b + p * ps;
-      // with one panel left, read panel p twice rather than past the end of the weights
-      if (g->M <= 32)
-        amx_block<true>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
-      else
-        amx_block<false>(g->a + m0 * g->lda, g->lda, b, np == 2 ? ps : 0, g->Kp, acc);
-      epilogue<MODE>(g, m0, rows, p, np, acc, 32);
+      const int64_t ps2 = np == 2 ? ps : 0;  // with one panel left, read panel p twice
+      for (int64_t r = 0; r < pass; r += 32) {
+        const uint8_t* a = g->a + (mc + r) * g->lda;
+        r == 0 ? amx_block<true>(a, g->lda, b, ps2, g->Kp, acc) : amx_block<false>(a, g->lda, b, ps2, g->Kp, acc);
+        epilogue<MODE>(g, mc + r, pass - r < 32 ? pass - r : 32, p, np, acc, 32);
+      }
     }
   }
   _tile_release();

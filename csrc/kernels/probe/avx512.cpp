@@ -2,6 +2,7 @@
 // compiled for AMX), and a 512-bit read stream.
 #include <immintrin.h>
 #include "kernels/isa.h"
+#include "kernels/amx.h"
 
 namespace lowbit {
 namespace LOWBIT_NS {
@@ -9,18 +10,9 @@ namespace LOWBIT_NS {
 #ifdef __AMX_INT8__
 // AMX: four independent TDPBUSD accumulator tiles over operand tiles loaded once.
 __attribute__((noinline)) int64_t dot_peak(int64_t iters) {
-  struct alignas(64) {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  } cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
   alignas(64) static uint8_t operand[16 * 64];
   alignas(64) int32_t out[4][16 * 16];
-  _tile_loadconfig(&cfg);
+  tile_configure({16, 16, 16, 16, 16, 16, 16, 16}, {64, 64, 64, 64, 64, 64, 64, 64});
   _tile_loadd(4, operand, 64);
   _tile_loadd(5, operand, 64);
   _tile_loadd(6, operand, 64);
