@@ -21,7 +21,9 @@ constexpr int64_t kKStep = 4;
 // Activations for the INT8 GEMM are unsigned: q + 128, rows padded to Kp with 128 (a zero).
 // Ungrouped calls of kAmxMinRows rows or more run on AMX tiles where the CPU has them (a weight
 // tile then serves several rows; fewer stay on VPDPBUSD), which read the rows in blocks of 32:
-// for those calls the buffer holds rows of 128 up to the next multiple of 32.
+// for those calls the buffer holds rows of 128 up to the next multiple of 32. (W4A8 calls of 32
+// rows or more run on tiles too; they read whole 32-row blocks of their buffer, which always has
+// room for them, and drop the results of the rows past M.)
 constexpr int64_t kAmxMinRows = 8;
 struct GemmArgs {
   const uint8_t* a;       // [M][lda] u8
