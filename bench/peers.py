@@ -286,6 +286,8 @@ def report(limits, int8, int4, cold, acc, other, threads, command):
         lim = limits[t]
         if m <= 4:  # packed nibbles + float16 scale and minimum per 32
             return n * k * 0.625 / lim["read_hot_bytes"] * 1e6, "of hot read bandwidth"
+        if m >= 32:  # W4A8 runs on AMX tiles from 32 rows (kernel set amx)
+            return m * n * k / lim["dot_peak_macs"] * 1e6, "of int8 dot peak"
         return m * n * k / lim["vector_dot_peak_macs"] * 1e6, "of VPDPBUSD peak"
 
     lines = ["# lowbit benchmark", "",

@@ -28,8 +28,9 @@ def median_time(fn, min_time=0.25, min_runs=7, max_runs=2000) -> float:
 
 def machine_limits(dram_bytes=1 << 30, hot_bytes=16 << 20) -> dict:
     """Limits at the current thread count: int8 dot peak (multiply-adds/s) of the kernel set in use
-    and of its vector dot instruction (they differ under AMX, whose tiles only serve the INT8 GEMM
-    of several rows), and read bandwidth (bytes/s) of a cache-resident and of a DRAM-sized buffer."""
+    and of its vector dot instruction (they differ under AMX, whose tiles serve the INT8 GEMM of 8+
+    rows and W4A8 of 32+), and read bandwidth (bytes/s) of a cache-resident and of a DRAM-sized
+    buffer."""
     hot = np.ones(hot_bytes, np.uint8)
     dram = np.ones(dram_bytes, np.uint8)
     peak = _core.dot_peak(0.5)
