@@ -105,15 +105,17 @@ int64_t row_stride(const py::array& a) {
 // pthread_exit, an unwinding: out of a noexcept destructor (py::gil_scoped_release's) it calls
 // std::terminate, and through the binding's frames it runs the destructors of the Python objects
 // they hold (the output array) with no thread state, which since 3.12 frees through a null
-// interpreter and crashes. So a thread that comes back during finalization parks instead (the
-// process is exiting and takes it along): before asking for the GIL, and also when the unwinding
-// starts inside PyEval_RestoreThread (a thread that was already waiting for the GIL when
-// finalization began), where the handler never returns, so the unwinding goes no further.
+// interpreter and crashes. So a thread other than the main one that comes back during
+// finalization parks instead (the process is exiting and takes it along): before asking for the
+// GIL, and also when the unwinding starts inside PyEval_RestoreThread (a thread that was already
+// waiting for the GIL when finalization began), where the handler never returns, so the unwinding
+// goes no further. The main thread is the one finalizing (a __del__ at exit calling lowbit): it
+// gets the GIL back as usual.
 class NoGil {
  public:
   NoGil() : state_(PyEval_SaveThread()) {}
   ~NoGil() {
-    if (finalizing()) park();
+    if (finalizing() && PyThread_get_thread_ident() != main_thread) park();
     try {
       PyEval_RestoreThread(state_);
     } catch (...) {  // (the forced unwinding of pthread_exit; never rethrown, so never ended)
@@ -135,7 +137,11 @@ class NoGil {
 #endif
   }
   PyThreadState* state_;
+
+ public:
+  static unsigned long main_thread;  // threading.main_thread().ident, set at import
 };
+unsigned long NoGil::main_thread = 0;
 
 // A recorded sequence of kernel calls (lowbit.nn.record), replayed from C++ with the GIL released
 // once: the CUDA-graphs idea on the CPU, for a model's decode step (~300 calls a token, each a
@@ -1589,6 +1595,7 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lowbit compiled kernels (use the lowbit package, not this module)";
+  NoGil::main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   m.attr("__version__") = LOWBIT_VERSION;
   m.attr("PANEL") = kPanel;
   m.attr("MAX_K") = kMaxK;

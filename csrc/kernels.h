@@ -21,10 +21,13 @@ constexpr int64_t kKStep = 4;
 // Activations for the INT8 GEMM are unsigned: q + 128, rows padded to Kp with 128 (a zero).
 // Ungrouped calls of kAmxMinRows rows or more run on AMX tiles where the CPU has them (a weight
 // tile then serves several rows; fewer stay on VPDPBUSD), which read the rows in blocks of 32:
-// for those calls the buffer holds rows of 128 up to the next multiple of 32. (W4A8 calls of 32
-// rows or more run on tiles too; they read whole 32-row blocks of their buffer, which always has
-// room for them, and drop the results of the rows past M.)
+// for those calls the buffer holds rows of 128 up to the next multiple of 32.
 constexpr int64_t kAmxMinRows = 8;
+// W4A8 calls of kQ4AmxMinRows rows or more run on AMX tiles too (below, half of each tile would be
+// padding: 16 rows measured slower than VPDPBUSD). They read whole 32-row blocks of activations,
+// so the Q4Args operand `a` must be readable up to M rounded up to 32 rows (what lies past M is
+// never used in a result).
+constexpr int64_t kQ4AmxMinRows = 32;
 struct GemmArgs {
   const uint8_t* a;       // [M][lda] u8
   int64_t lda;
@@ -101,8 +104,9 @@ struct Q4Args {
   const uint16_t* scales;   // float16 [Np/16][G][16]
   const uint16_t* mins;     // float16 [Np/16][G][16], or null: m = d * -z
   const uint8_t* zeros;     // uint8 [Np/16][G][16] zero points z when mins is null, or null: z = 8
-  // W4A8: int8 activations [M][lda] padded with 0 to Kp, a scale per 32-block [M][Kp/32], and per
-  // row and group A_g = sum over its blocks of scale_b * sum(q_b)  (the term minima multiply).
+  // W4A8: int8 activations [M][lda] padded with 0 to Kp (readable up to M rounded up to 32 rows:
+  // kQ4AmxMinRows), a scale per 32-block [M][Kp/32], and per row and group
+  // A_g = sum over its blocks of scale_b * sum(q_b)  (the term minima multiply).
   // W4A32: float32 activations [M][lda] padded with 0 to Kp; A_g = sum of the group's x.
   const void* a;
   int64_t lda;

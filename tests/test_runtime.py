@@ -379,6 +379,21 @@ def test_no_deadlock_beside_blas_and_openmp_pools(with_torch):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_a_finalizer_at_exit_may_call_lowbit():
+    """A __del__ run by interpreter shutdown (on the main thread, which is finalizing) calls a
+    layer: it gets the GIL back and finishes (it used to be parked like a daemon thread: a hang)."""
+    code = """
+import numpy as np, lowbit as lb
+layer = lb.Linear(np.ones((64, 64), np.float32))
+class AtExit:
+    def __del__(self):
+        print(float(layer(np.ones((1, 64), np.float32))[0, 0]))
+keep = AtExit()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "64.0", (r.returncode, r.stdout, r.stderr)
+
+
 def test_interpreter_exits_while_threads_still_compute():
     """Interpreter shutdown with lowbit calls still running in daemon threads: a clean exit.
     (On Python 3.12 and 3.13 a thread waiting for the GIL when finalization began was unwound

@@ -105,8 +105,8 @@ std::vector<float> activations(Rng& r, int64_t M, int64_t K, float scale) {
 // ---- INT8: weight quantization, activation quantization (dynamic / static), the GEMM; the
 // same weights with float activations (W8A32) ----
 void int8_cases() {
-  // (33, 70: several 32-row AMX blocks, the last one partial)
-  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 70};
+  // (33, 70, 129: several 32-row AMX blocks, the last one partial, and a second 128-row pass)
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 70, 129};
   const int64_t Ns[] = {1, 15, 17, 33};
   const int64_t Ks[] = {1, 4, 5, 32, 33, 64, 100, 128, 260};  // (64, 128: grouped every other case)
   int idx = 0;
@@ -253,7 +253,7 @@ void w4_extreme_cases() {
   const uint16_t halves[] = {0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0x0000, 0x8000,
                              0xFBFF, 0x8001, 0x2E66, 0xB800, 0x1400, 0x7C00, 0xFE01};
   for (int kind = 0; kind < 3; ++kind)
-    for (int64_t M : {1, 3, 8})
+    for (int64_t M : {1, 3, 8, 33, 70})  // (33, 70: the AMX tile kernel)
       add("w4", shape("extremes M=%lld kind=%lld", M, kind, 0), [M, kind, halves] {
         const int64_t N = 24, K = 96, group = 32;
         const Q4Shape s(N, K, group);

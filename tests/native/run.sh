@@ -39,19 +39,16 @@ echo "== x86-64 ($(uname -m), native)"
 "$build/x86/kernel_check" | tee "$build/x86.out"
 grep '^digest' "$build/x86.out" > "$build/x86.digests"
 
-# The `amx` set on any x86-64 CPU: its tiles emulated in C (amx_emu.h), so that its kernels'
-# logic is checked where no AMX CPU is; it must match ref, and its digests the native run's.
-if ! grep -q '^amx: ok' "$build/x86.out" && grep -q 'LOWBIT_CXX_HAS_AMX:INTERNAL=1' "$build/x86/CMakeCache.txt"; then
+# The `amx` set on an AVX-512 VNNI CPU without AMX (the set needs AVX-512 besides the tiles): its
+# tiles emulated in C (amx_emu.h), so that its kernels' logic is checked where no AMX CPU is.
+if ! grep -q '^amx: ok' "$build/x86.out" && grep -q '^avx512vnni: ok' "$build/x86.out" &&
+   grep -q 'LOWBIT_CXX_HAS_AMX:INTERNAL=1' "$build/x86/CMakeCache.txt"; then
   cmake -S . -B "$build/x86-amx-emu" -DLOWBIT_KERNEL_CHECK=ON \
     -DCMAKE_CXX_FLAGS="-include $PWD/tests/native/amx_emu.h -DLOWBIT_EMULATE_AMX" >/dev/null
   cmake --build "$build/x86-amx-emu" -j2 --target kernel_check >/dev/null
   echo "== x86-64, AMX tiles emulated"
   "$build/x86-amx-emu/kernel_check" | tee "$build/x86-amx-emu.out"
   grep -q '^amx: ok' "$build/x86-amx-emu.out" || { echo "the emulated amx set did not run or differs from ref" >&2; exit 1; }
-  if ! diff <(grep '^digest' "$build/x86-amx-emu.out") "$build/x86.digests"; then
-    echo "the emulated amx build's outputs differ from the native run's (digests above)" >&2
-    exit 1
-  fi
 fi
 for cpu in cortex-a53 neoverse-n1 max; do
   echo "== aarch64, qemu -cpu $cpu"

@@ -203,11 +203,9 @@ void run(const Q4Args* g, int64_t p0, int64_t p1) {
 // on q - 8 for symmetric weights (that is the block's symmetric dot itself). Then the float fold of
 // tile_a8 above, in the same order, so the results are the same bits. Weights are unpacked one
 // block ahead: a tile load of bytes just stored waits for the stores to complete.
-// Reads whole 32-row blocks of activations (ops.cpp's activation_buffer has room for them).
+// Reads whole 32-row blocks of activations (kernels.h). On a Sapphire Rapids class Xeon, 16 rows
+// ran 0.75-0.95x the VPDPBUSD kernel's speed and 128 rows 1.5-1.6x (bench/RESULTS.md).
 constexpr int64_t kQ4AmxRows = 64;  // rows per pass: their float sums (2 x 8 KB) stay in L1
-// From 32 rows, whole tiles: on a Sapphire Rapids class Xeon 16 rows ran 0.75-0.95x the VPDPBUSD
-// kernel's speed and 128 rows 1.5-1.6x (bench/RESULTS.md).
-constexpr int64_t kQ4AmxMinRows = 32;
 
 // The 32-k block `blk` of panel p's nibbles as the bytes of an 8 x 64 B tile (q - 8 when SYM).
 template <bool SYM>
