@@ -1,8 +1,9 @@
 // INT4 matmuls, AVX-512: tiles of MR rows x J panels of 16 columns.
 // One 64-byte load holds 16 columns x 8 k: AND 0x0F gives k0..k0+3, shift 4 gives k0+4..k0+7.
 // W4A8: VPDPBUSD(u8 nibbles, s8 activations broadcast 4 at a time) per 32-k block, folded with the
-// block's activation scale. W4A32: nibbles to floats by VPERMPS from a 0..15 table, one FMA per k
-// in k order.
+// block's activation scale; compiled for the amx set, calls of kQ4AmxMinRows rows or more run the
+// dots on AMX tiles instead (amx_a8, same fold). W4A32: nibbles to floats by VPERMPS from a 0..15
+// table, one FMA per k in k order.
 #include <immintrin.h>
 #include <cstring>
 #include <utility>
@@ -299,6 +300,7 @@ void amx_a8(const Q4Args* g, int64_t p0, int64_t p1) {
           const int8_t* ab = a + r0 * g->lda + blk * kActBlock;
           _tile_loadd(4, ab, g->lda);
           _tile_loadd(5, ab + 16 * g->lda, g->lda);
+          // (GCC's tile intrinsics paste their tile numbers into the instruction: literals only)
           _tile_zero(0);
           _tile_zero(2);
           if (SYM) {
