@@ -43,7 +43,7 @@ grep '^digest' "$build/x86.out" > "$build/x86.digests"
 # tiles emulated in C (amx_emu.h), so that its kernels' logic is checked where no AMX CPU is.
 if ! grep -q '^amx: ok' "$build/x86.out" && grep -q '^avx512vnni: ok' "$build/x86.out" &&
    grep -q 'LOWBIT_CXX_HAS_AMX:INTERNAL=1' "$build/x86/CMakeCache.txt"; then
-  cmake -S . -B "$build/x86-amx-emu" -DLOWBIT_KERNEL_CHECK=ON \
+  cmake -S . -B "$build/x86-amx-emu" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS=amx \
     -DCMAKE_CXX_FLAGS="-include $PWD/tests/native/amx_emu.h -DLOWBIT_EMULATE_AMX" >/dev/null
   cmake --build "$build/x86-amx-emu" -j2 --target kernel_check >/dev/null
   echo "== x86-64, AMX tiles emulated"
