@@ -18,7 +18,6 @@ included) are instrumented for coverage; the C++ behind them is exercised but no
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -121,7 +120,9 @@ def reader(name):
     return lambda path: run((lb.load_gptq if name == "gptq" else lb.load_awq)(path))
 
 
-def fuzz(name, args):
+def fuzz(name, work, args):
+    """Fuzzes reader `name` in this process, its inputs and findings in directory `work` (libFuzzer
+    ends the process when done, so the caller, another process, removes `work`)."""
     import atheris
 
     import lowbit as lb
@@ -132,9 +133,8 @@ def fuzz(name, args):
     # import hook bypasses atheris's ("no interesting inputs ... Is the code instrumented?")
     atheris.instrument_all()
     read = reader(name)
-    scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     suffix = {"gguf": ".gguf", "lowbit": ".lowbit"}.get(name, ".safetensors")
-    path = scratch / f"lowbit-fuzz-{os.getpid()}{suffix}"
+    path = Path(work) / f"input{suffix}"
     header_data = HEADER_DATA.read_bytes() if name == "header" else b""
 
     def one_input(data):
@@ -146,27 +146,29 @@ def fuzz(name, args):
         except lb.FormatError:
             pass
 
-    found = tempfile.mkdtemp(prefix=f"lowbit-fuzz-{name}-")
-    try:
-        atheris.Setup([sys.argv[0], *args, found, str(CORPUS / name)], one_input)
-        atheris.Fuzz()
-    finally:
-        path.unlink(missing_ok=True)
-        shutil.rmtree(found, ignore_errors=True)
+    found = Path(work) / "found"
+    found.mkdir()
+    atheris.Setup([sys.argv[0], *args, str(found), str(CORPUS / name)], one_input)
+    atheris.Fuzz()
 
 
 def main(argv):
-    if not argv or argv[0] not in READERS + ("all", "seeds"):
+    if not argv or argv[0] not in READERS + ("all", "seeds", "--child"):
         sys.exit(f"usage: {Path(__file__).name} {{{'|'.join(READERS)}|all|seeds}} [libFuzzer flags]")
     what, rest = argv[0], argv[1:]
     if what == "seeds":
         make_seeds()
-    elif what == "all":  # libFuzzer exits the process when done: one child per reader
-        for name in READERS:
+    elif what == "--child":
+        fuzz(rest[0], rest[1], rest[2:])
+    else:  # libFuzzer exits the process when done: one child per reader, its files removed here
+        scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        for name in READERS if what == "all" else (what,):
             print(f"== {name}", flush=True)
-            subprocess.run([sys.executable, __file__, name, *rest], check=True)
-    else:
-        fuzz(what, rest)
+            work = tempfile.mkdtemp(prefix=f"lowbit-fuzz-{name}-", dir=scratch)
+            try:
+                subprocess.run([sys.executable, __file__, "--child", name, work, *rest], check=True)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
