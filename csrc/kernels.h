@@ -43,7 +43,6 @@ struct GemmArgs {
   const float* bias;      // [N] or null
   void* c;                // float32 or int32 [M][ldc]
   int64_t ldc;
-  bool gelu = false;      // float32 output: GELU (erf) applied to each tile as it is stored
 };
 
 // Packed INT4 weight layout, shared by every ISA: panels of 16 output columns; within a panel, K in

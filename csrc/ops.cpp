@@ -205,16 +205,15 @@ int64_t quantize_rows(int64_t N, int64_t K, int* why, const Fn& quantize) {
 }
 
 // GELU in place on rows [m0, m1) x panels [p0, p1) of a float32 output (N columns, ldc apart):
-// the epilogue of a task's block while it is still in cache (the INT8 GEMM's kernels apply it
-// tile by tile themselves, GemmArgs::gelu).
+// the epilogue of a task's block while it is still in cache.
 void gelu_block(const Kernels& kt, float* c, int64_t ldc, int64_t N, int64_t m0, int64_t m1,
                 int64_t p0, int64_t p1) {
   const int64_t n0 = p0 * kPanel, n1 = p1 * kPanel < N ? p1 * kPanel : N;
   for (int64_t m = m0; m < m1 && n0 < n1; ++m) kt.gelu(c + m * ldc + n0, c + m * ldc + n0, n1 - n0, false);
 }
 
-// The INT8 GEMM over all rows and panels (float32 outputs through GELU when args.gelu).
-void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
+// The INT8 GEMM over all rows and panels (float32 outputs through GELU when `gelu`).
+void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out, bool gelu = false) {
   const auto gemm = int32_out ? kt.gemm_u8s8_i32 : kt.gemm_u8s8_f32;
   // Row blocks keep the activation block around 256 KB (in L2 next to a block of weights), in
   // multiples of 96 rows: whole 6-row VNNI tiles and 32-row AMX blocks.
@@ -228,6 +227,7 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out) {
           if (args.ascale) sub.ascale = args.ascale + m0;
           sub.c = (char*)args.c + m0 * args.ldc * elem;
           gemm(&sub, p0, p1);
+          if (gelu) gelu_block(kt, (float*)args.c, args.ldc, args.N, m0, m1, p0, p1);
         });
 }
 
@@ -281,8 +281,8 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
     });
   };
   M * s.K < (1 << 16) ? quant(0, M) : parallel_for(M, quant);
-  GemmArgs args{a, lda, M, packed, scales, comp, s.Kp, s.group, s.Np, s.N, ascale, bias, y, s.N, gelu};
-  run_gemm(kt, args, false);
+  GemmArgs args{a, lda, M, packed, scales, comp, s.Kp, s.group, s.Np, s.N, ascale, bias, y, s.N};
+  run_gemm(kt, args, false, gelu);
 }
 
 void linear_w8f32(const float* x, int64_t ldx, int64_t M, const int8_t* packed, const float* scales,

@@ -31,16 +31,6 @@ void gemm_blk_f32(const BlkArgs* args, int64_t p0, int64_t p1);
 int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
 void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
 void gelu(const float* x, float* y, int64_t n, bool tanh);
-// GELU (erf) in place on rows [m0, m1) x panels [p0, p1) of a float32 GEMM output: what
-// gemm_u8s8_f32 does to each tile it has just stored when g->gelu (the tile still in L1; a pass
-// over a task's whole block afterwards cost the MiniLM intermediate layer half as much again).
-inline void gelu_tile(const GemmArgs* g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t n0 = p0 * kPanel, n1 = p1 * kPanel < g->N ? p1 * kPanel : g->N;
-  for (int64_t m = m0; m < m1 && n0 < n1; ++m) {
-    float* c = (float*)g->c + m * g->ldc + n0;
-    gelu(c, c, n1 - n0, false);
-  }
-}
 void silu_mul(const float* g, const float* u, float* y, int64_t n);
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);

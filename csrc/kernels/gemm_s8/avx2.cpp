@@ -169,7 +169,6 @@ void run(const GemmArgs* g, int64_t p0, int64_t p1, int max_mr) {
     for (int64_t m = 0; m < g->M;) {
       const int mr = (int)(g->M - m < max_mr ? g->M - m : max_mr);
       pick<MODE>(mr, j)(g, m, p);
-      if (MODE != kInt32 && g->gelu) gelu_tile(g, m, m + mr, p, p + j);
       m += mr;
     }
     p += j;

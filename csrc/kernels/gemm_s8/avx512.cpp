@@ -129,7 +129,6 @@ void run(const GemmArgs* g, int64_t p0, int64_t p1, int max_mr, int max_j) {
         default: fn = pick<MODE, 6>(j, std::make_integer_sequence<int, 4>{}); break;
       }
       fn(g, m, p);
-      if (MODE != kInt32 && g->gelu) gelu_tile(g, m, m + mr, p, p + j);
       m += mr;
     }
     p += j;
@@ -212,7 +211,6 @@ void run_kblocked(const GemmArgs* g, int64_t p0, int64_t p1) {
         }
       }
       epilogue<MODE>(g, mc, rows, p, j, acc, j * 16);
-      if (MODE != kInt32 && g->gelu) gelu_tile(g, mc, mc + rows, p, p + j);
     }
     p += j;
   }
@@ -283,9 +281,7 @@ void amx_run(const GemmArgs* g, int64_t p0, int64_t p1) {
       for (int64_t r = 0; r < pass; r += 32) {
         const uint8_t* a = g->a + (mc + r) * g->lda;
         r == 0 ? amx_block<true>(a, g->lda, b, ps2, g->Kp, acc) : amx_block<false>(a, g->lda, b, ps2, g->Kp, acc);
-        const int64_t rows = pass - r < 32 ? pass - r : 32;
-        epilogue<MODE>(g, mc + r, rows, p, np, acc, 32);
-        if (MODE != kInt32 && g->gelu) gelu_tile(g, mc + r, mc + r + rows, p, p + np);
+        epilogue<MODE>(g, mc + r, pass - r < 32 ? pass - r : 32, p, np, acc, 32);
       }
     }
   }

@@ -407,7 +407,6 @@ void gemm(const GemmArgs* g, int64_t p0, int64_t p1, bool int32_out) {
                      k_end - k0 < kKc ? k_end - k0 : kKc, acc, k0 != grp * group, abuf, wbuf);
         epilogue(g, int32_out, G, grp, mc, rows, p, J, acc, f);
       }
-      if (!int32_out && g->gelu) gelu_tile(g, mc, mc + rows, p, p + J);
     }
   }
 }

@@ -30,7 +30,6 @@ void gemm_u8s8_f32(const GemmArgs* g, int64_t p0, int64_t p1) {
         f = std::fma((float)group_dot(g, m, n, grp * g->group), g->wscale[grp * g->Np + n], f);
       c[m * g->ldc + n] = g->bias ? std::fma(f, g->ascale[m], g->bias[n]) : f * g->ascale[m];
     }
-  if (g->gelu) gelu_tile(g, 0, g->M, p0, p1);
 }
 
 void gemm_u8s8_i32(const GemmArgs* g, int64_t p0, int64_t p1) {
