@@ -58,7 +58,7 @@ def isa_skip_reason(name):
     if name in info["available"]:
         return None
     if name not in info["compiled"]:
-        return f"{name}: not in this build (a compiler without its flags)"
+        return f"{name}: not in this build (a compiler without its flags, or left out by LOWBIT_ISAS)"
     missing = [FEATURE_NAMES.get(f, f) for f in NEEDS.get(name, []) if not info["features"].get(f)]
     return f"{name}: this CPU lacks {', '.join(missing) or 'it'} (kernel set not available)"
 

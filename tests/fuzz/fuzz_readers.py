@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+# where each input is written for the reader to open (memory, when the machine has /dev/shm)
+SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 CORPUS = HERE / "corpus"
 READERS = ("gguf", "lowbit", "gptq", "awq", "header")
 HEADER_DATA = HERE / "header.data"
@@ -121,8 +123,9 @@ def reader(name):
 
 
 def fuzz(name, work, args):
-    """Fuzzes reader `name` in this process, its inputs and findings in directory `work` (libFuzzer
-    ends the process when done, so the caller, another process, removes `work`)."""
+    """Fuzzes reader `name` in this process, its findings in directory `work` and each input in
+    SCRATCH (or `work`) under work's name (libFuzzer ends the process when done, so the caller,
+    another process, removes them: `cleanup`)."""
     import atheris
 
     import lowbit as lb
@@ -134,7 +137,7 @@ def fuzz(name, work, args):
     atheris.instrument_all()
     read = reader(name)
     suffix = {"gguf": ".gguf", "lowbit": ".lowbit"}.get(name, ".safetensors")
-    path = Path(work) / f"input{suffix}"
+    path = (SCRATCH or Path(work)) / f"{Path(work).name}{suffix}"
     header_data = HEADER_DATA.read_bytes() if name == "header" else b""
 
     def one_input(data):
@@ -161,14 +164,17 @@ def main(argv):
     elif what == "--child":
         fuzz(rest[0], rest[1], rest[2:])
     else:  # libFuzzer exits the process when done: one child per reader, its files removed here
-        scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
         for name in READERS if what == "all" else (what,):
             print(f"== {name}", flush=True)
-            work = tempfile.mkdtemp(prefix=f"lowbit-fuzz-{name}-", dir=scratch)
+            work = Path(tempfile.mkdtemp(prefix=f"lowbit-fuzz-{name}-"))
             try:
-                subprocess.run([sys.executable, __file__, "--child", name, work, *rest], check=True)
+                rc = subprocess.run([sys.executable, __file__, "--child", name, str(work), *rest]).returncode
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+                for f in (SCRATCH.glob(f"{work.name}.*") if SCRATCH else ()):
+                    f.unlink(missing_ok=True)
+            if rc:  # a finding (libFuzzer's crash-* file is in the current directory)
+                sys.exit(rc)
 
 
 if __name__ == "__main__":
