@@ -15,9 +15,11 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null
 fi
 
-cmake -S . -B "$build/x86" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS= >/dev/null
+# (Release: the kernel objects get the flags of the pip builds, so that a compiler cache, .ci/run's
+# ccache, serves them from those builds)
+cmake -S . -B "$build/x86" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS= -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build/x86" -j2 >/dev/null
-cmake -S . -B "$build/aarch64" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS= \
+cmake -S . -B "$build/aarch64" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS= -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_TOOLCHAIN_FILE="$PWD/tests/aarch64/toolchain.cmake" >/dev/null
 cmake --build "$build/aarch64" -j2 >/dev/null
 
@@ -43,7 +45,7 @@ grep '^digest' "$build/x86.out" > "$build/x86.digests"
 # tiles emulated in C (amx_emu.h), so that its kernels' logic is checked where no AMX CPU is.
 if ! grep -q '^amx: ok' "$build/x86.out" && grep -q '^avx512vnni: ok' "$build/x86.out" &&
    grep -q 'LOWBIT_CXX_HAS_AMX:INTERNAL=1' "$build/x86/CMakeCache.txt"; then
-  cmake -S . -B "$build/x86-amx-emu" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS=amx \
+  cmake -S . -B "$build/x86-amx-emu" -DLOWBIT_KERNEL_CHECK=ON -DLOWBIT_ISAS=amx -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CXX_FLAGS="-include $PWD/tests/native/amx_emu.h -DLOWBIT_EMULATE_AMX" >/dev/null
   cmake --build "$build/x86-amx-emu" -j2 --target kernel_check >/dev/null
   echo "== x86-64, AMX tiles emulated"
