@@ -125,7 +125,7 @@ def reader(name):
 def fuzz(name, work, args):
     """Fuzzes reader `name` in this process, its findings in directory `work` and each input in
     SCRATCH (or `work`) under work's name (libFuzzer ends the process when done, so the caller,
-    another process, removes them: `cleanup`)."""
+    another process, removes them: `main`)."""
     import atheris
 
     import lowbit as lb
