@@ -168,10 +168,11 @@ def profile_int8(model, batch, calls):
                 totals[name] += time.perf_counter() - t0
         return wrapper
 
-    patches = [(minilm, "_attention", "attention (lb.nn.attention, C++)"),
+    patches = [(minilm.MiniLM, "_self_attention",
+                "self-attention (lb.nn.attention_block: QKV, attention, output projection)"),
                (minilm, "_add_layer_norm", "residual add + LayerNorm (lb.nn, C++)"),
-               (minilm.MiniLM, "_dense",
-                "lb.Linear calls (QKV, attn out, intermediate with its GELU, output)")]
+               (minilm.MiniLM, "_feed_forward",
+                "feed-forward (lb.nn.mlp: intermediate, its GELU, output)")]
     saved = [getattr(obj, attr) for obj, attr, _ in patches]
     for obj, attr, name in patches:
         setattr(obj, attr, timed(name, getattr(obj, attr)))

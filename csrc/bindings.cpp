@@ -983,6 +983,11 @@ void Graph::replay(const py::args& args) {
   }
 }
 
+// A worker's buffer kept between calls up to 4 MB (larger ones are freed when the job is done).
+inline void trim_floats(std::vector<float>& v) {
+  if (v.capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(v);
+}
+
 class LinearPlan {
  public:
   enum class Kind { W8, W4, Blk };
@@ -1120,6 +1125,140 @@ class LinearPlan {
     if (Graph* g = Graph::recording())
       record(*g, cptr<float>(x), row_stride<float>(x), M, r, y.data(), out.is_none());
     return r;
+  }
+
+  // lowbit.nn.mlp: down(act(up(x))), act "none" (up's own epilogue only), "silu" (SwiGLU) or
+  // "gelu_tanh" (GeGLU) on the halves [gate | up] of up's output. Many rows go in blocks of R,
+  // each block all the way through on one thread: up's output (R x up.N floats) is written,
+  // activated and quantized for down in that thread's cache, never in memory, which a layer at a
+  // time writes and reads back (4096 x 1536 floats in a BERT's intermediate layer: 25 MB each way).
+  // Every output element is computed as the three calls compute it (the kernels' results do not
+  // depend on how rows are grouped), so bit for bit the same. Few rows: the three calls, each on
+  // every thread. None while a graph is recorded (lowbit.nn.mlp then makes the recordable calls).
+  static py::object mlp(const LinearPlan& up, const LinearPlan& down, const std::string& act,
+                        py::array x, const py::object& out) {
+    if (act != "none" && act != "silu" && act != "gelu_tanh")
+      throw py::value_error("act: expected 'none', 'silu' or 'gelu_tanh', got '" + act + "'");
+    const bool gated = act != "none";
+    if (gated && up.N_ % 2)
+      throw py::value_error("mlp: a gated activation takes the two halves of up's output, and up "
+                            "has an odd out_features, " + std::to_string(up.N_));
+    const int64_t width = gated ? up.N_ / 2 : up.N_;  // the hidden activations' width
+    if (down.K_ != width)
+      throw py::value_error("mlp: down takes " + std::to_string(down.K_) + " inputs, but up" +
+                            (gated ? std::string(" gated") : std::string()) + " gives " +
+                            std::to_string(width));
+    if (Graph::recording()) return py::none();
+    x = check<float>(x, "x", {-1, up.K_}, true);
+    const int64_t M = x.shape(0), ldx = row_stride<float>(x);
+    Output y(out, {M, down.N_});
+    const float* xp = cptr<float>(x);
+    float* yp = y.data();
+    {
+      NoGil nogil;
+      // rows per block: up's output block at most ~512 KB (in L2 beside the weights' blocks), a
+      // multiple of 16 rows between 16 and 96 (whole AMX blocks of 32 where it is 32 or more)
+      int64_t R = (512 * 1024 / 4) / up.N_;
+      R = R >= 96 ? 96 : R < 16 ? 16 : R / 16 * 16;
+      const int64_t blocks = (M + R - 1) / R;
+      auto rows = [&](int64_t m0, int64_t n, std::vector<float>& h, std::vector<float>& g) {
+        h.resize((size_t)(n * up.N_));
+        up.run_kernel_nogil(xp + m0 * ldx, ldx, n, up.bias_p_, up.colscale_p_, h.data());
+        const float* hidden = h.data();
+        if (gated) {
+          g.resize((size_t)(n * width));
+          const float *gate = h.data(), *upper = h.data() + width;
+          act == "silu" ? silu_mul(gate, up.N_, upper, up.N_, n, width, g.data())
+                        : gelu_mul(gate, up.N_, upper, up.N_, n, width, true, g.data());
+          hidden = g.data();
+        }
+        down.run_kernel_nogil(hidden, width, n, down.bias_p_, down.colscale_p_, yp + m0 * down.N_);
+      };
+      if (blocks < 2 * (int64_t)get_num_threads()) {
+        std::vector<float> h, g;
+        rows(0, M, h, g);
+      } else {
+        parallel_for(blocks, [&](int64_t b0, int64_t b1) {
+          thread_local std::vector<float> h, g;  // one block's worth, kept for the next call
+          for (int64_t b = b0; b < b1; ++b) rows(b * R, std::min(R, M - b * R), h, g);
+          trim_floats(h), trim_floats(g);
+        });
+      }
+    }
+    return y.finish();
+  }
+
+  // lowbit.nn.attention_block: proj(attention(q, k, v)), [q | k | v] = qkv(x) for x (B, S, K).
+  // `a` holds the attention's settings (causal, scale, window, int8) and heads / kv_heads. Many
+  // sequences go one at a time through all three steps on one thread, their projections and
+  // attention outputs in that thread's cache; each output element is computed as the three calls
+  // compute it (attention's tasks never mix sequences), so bit for bit the same. Few sequences:
+  // the three calls, each on every thread. None while a graph is recorded.
+  static py::object attention_block(const LinearPlan& qkv, const LinearPlan& proj, py::array x,
+                                    AttnArgs a, const py::object& lengths, const py::object& out) {
+    const int64_t heads = a.H, kv = a.Hkv;
+    if (heads < 1 || kv < 1 || heads % kv)
+      throw py::value_error("heads and kv_heads: expected kv_heads >= 1 dividing heads, got " +
+                            std::to_string(heads) + " and " + std::to_string(kv));
+    const int64_t d = qkv.N_ / (heads + 2 * kv);
+    if (d * (heads + 2 * kv) != qkv.N_)
+      throw py::value_error("attention_block: qkv's " + std::to_string(qkv.N_) +
+                            " outputs are not (heads + 2 * kv_heads) = " +
+                            std::to_string(heads + 2 * kv) + " heads of one width");
+    if (proj.K_ != heads * d)
+      throw py::value_error("attention_block: proj takes " + std::to_string(proj.K_) +
+                            " inputs, but the attention gives heads * head_dim = " +
+                            std::to_string(heads * d));
+    if (a.int8 && d > kAttnInt8MaxDim)
+      throw py::value_error("precision=\"int8\": expected head_dim <= " + std::to_string(kAttnInt8MaxDim));
+    if (Graph::recording()) return py::none();
+    x = check<float>(x, "x", {-1, -1, qkv.K_});
+    const int64_t B = x.shape(0), S = x.shape(1), Nq = qkv.N_;
+    if (a.int8 && S > kAttnInt8MaxKeys)
+      throw py::value_error("precision=\"int8\": expected keys <= " + std::to_string(kAttnInt8MaxKeys));
+    const py::object lens =
+        lengths.is_none() ? lengths : py::object(check<int64_t>(lengths.cast<py::array>(), "lengths", {B}));
+    const int64_t* lp = cptr_or_null<int64_t>(lens);
+    Output y(out, {B, S, proj.N_});
+    const float* xp = cptr<float>(x);
+    float* yp = y.data();
+    if (B * S == 0) return y.finish();
+    {
+      NoGil nogil;
+      a.d = d, a.Sq = a.Sk = S;
+      a.qs[0] = a.ks[0] = a.vs[0] = S * Nq;  // q, k, v: views of the projection's rows
+      a.qs[1] = a.ks[1] = a.vs[1] = Nq;
+      a.qs[2] = a.ks[2] = a.vs[2] = d;
+      a.k_transposed = false;
+      // sequences [b0, b0 + n) through the three steps, with buffers p (projections), c (context)
+      auto run = [&](int64_t b0, int64_t n, std::vector<float>& p, std::vector<float>& c) {
+        p.resize((size_t)(n * S * Nq));
+        c.resize((size_t)(n * S * heads * d));
+        qkv.run_kernel_nogil(xp + b0 * S * qkv.K_, qkv.K_, n * S, qkv.bias_p_, qkv.colscale_p_, p.data());
+        AttnArgs s = a;
+        s.B = n;
+        s.q = p.data(), s.k = p.data() + heads * d, s.v = p.data() + (heads + kv) * d;
+        s.lengths = lp ? lp + b0 : nullptr;
+        s.out = c.data();
+        attention(s);
+        proj.run_kernel_nogil(c.data(), heads * d, n * S, proj.bias_p_, proj.colscale_p_,
+                              yp + b0 * S * proj.N_);
+      };
+      if (B < 2 * (int64_t)get_num_threads()) {
+        std::vector<float> p, c;
+        run(0, B, p, c);
+      } else {
+        // sequences from both ends in turn (0, B-1, 1, B-2, ...): a batch sorted by length
+        // (sentence-transformers' order) then gives each thread's range a like share of the
+        // attention, whose cost follows the lengths
+        parallel_for(B, [&](int64_t i0, int64_t i1) {
+          thread_local std::vector<float> p, c;  // one sequence's worth, kept for the next call
+          for (int64_t i = i0; i < i1; ++i) run(i % 2 ? B - 1 - i / 2 : i / 2, 1, p, c);
+          trim_floats(p), trim_floats(c);
+        });
+      }
+    }
+    return y.finish();
   }
 
  private:
@@ -1675,6 +1814,22 @@ PYBIND11_MODULE(_core, m) {
   m.def("plan_blk", &LinearPlan::blk, py::arg("weight"), py::arg("bias"),
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,
         py::arg("input_scale") = py::none(), py::arg("gelu") = false);
+  m.def("mlp", &LinearPlan::mlp, py::arg("up"), py::arg("down"), py::arg("act"), py::arg("x"),
+        py::arg("out") = py::none(), "down(act(up(x))) for rows x (M, K), in row blocks");
+  m.def("attention_block",
+        [](const LinearPlan& qkv, const LinearPlan& proj, py::array x, int64_t heads,
+           int64_t kv_heads, const py::object& lengths, bool causal, float scale, int64_t window,
+           bool int8, const py::object& out) {
+          if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
+          AttnArgs a{};
+          a.H = heads, a.Hkv = kv_heads, a.causal = causal, a.scale = scale, a.window = window;
+          a.int8 = int8;
+          return LinearPlan::attention_block(qkv, proj, x, a, lengths, out);
+        },
+        py::arg("qkv"), py::arg("proj"), py::arg("x"), py::arg("heads"), py::arg("kv_heads"),
+        py::arg("lengths"), py::arg("causal"), py::arg("scale"), py::arg("window"),
+        py::arg("int8"), py::arg("out") = py::none(),
+        "proj(attention(qkv(x))) for x (B, S, K), sequence by sequence");
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {
     NoGil nogil;

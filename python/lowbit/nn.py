@@ -153,6 +153,54 @@ def _gated(gate, up, act):
     return _core.gated(rows(g), rows(u), act).reshape(g.shape)
 
 
+_MLP_ACTIVATIONS = {None: "none", "swiglu": "silu", "geglu": "gelu_tanh"}
+
+
+def _plan_of(layer):
+    """The kernel call of an lb.Linear (or of a FusedLinear that is one call), else None (for
+    anything else, subclasses and wrappers included, whose own __call__ must run)."""
+    from .linear import FusedLinear, Linear
+
+    if type(layer) is FusedLinear and len(layer.layers) == 1:
+        layer = layer.layers[0]
+    return layer._plan if type(layer) is Linear else None
+
+
+def mlp(x, up, down, *, activation=None, out=None):
+    """``down(act(up(x)))``: a transformer's feed-forward block, its hidden activations kept in
+    cache. up and down: ``lb.Linear`` layers (any format; up's own epilogue applies, e.g.
+    ``epilogue="gelu"`` for BERT), or a one-call ``FusedLinear`` of gate and up projections.
+    activation: None (up's output as it is), "swiglu" or "geglu": :func:`swiglu` / :func:`geglu`
+    on the two halves ``[gate | up]`` of up's output (a ``FusedLinear([gate, up])``).
+
+    Many rows run in blocks of 16-96 rows, each block through all three steps on one thread, so
+    up's output (a BERT's 4096 x 1536 floats: 25 MB) is never written to memory and read back;
+    few rows (a decode step) run as the three calls. Either way the result is bit for bit that of
+    ``down(act(up(x)))``, which is also what runs for other layers (any callables; ``out`` then
+    goes to ``down(h, out=out)``) and while a graph is recorded (:func:`record`).
+
+    x: float32 or float16 (..., in_features); out: None or a C-contiguous float32 array of shape
+    (..., down's out_features) not overlapping x."""
+    if activation not in _MLP_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {list(_MLP_ACTIVATIONS)}, got {activation!r}")
+    up_plan, down_plan = _plan_of(up), _plan_of(down)
+    if up_plan is not None and down_plan is not None:
+        x, x2 = _rows(x)
+        n = down.out_features
+        o = _out(out, x.shape[:-1] + (n,), [x2])
+        if o is not None and not o.flags.c_contiguous:
+            raise ValueError("out: expected a C-contiguous float32 array")
+        y = _core.mlp(up_plan, down_plan, _MLP_ACTIVATIONS[activation], x2,
+                      None if o is None else o.reshape(-1, n))
+        if y is not None:
+            return o if o is not None else y.reshape(x.shape[:-1] + (n,))
+    h = up(x)
+    if activation is not None:
+        half = h.shape[-1] // 2
+        h = (swiglu if activation == "swiglu" else geglu)(h[..., :half], h[..., half:])
+    return down(h) if out is None else down(h, out=out)
+
+
 def silu(x):
     """``x * sigmoid(x)``."""
     return x / (F32(1) + np.exp(-x))
@@ -206,18 +254,75 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.dtype != F32:
             raise TypeError(f"{name}: expected float32, got dtype {a.dtype}")
-    if lengths is not None:
-        lengths = np.asarray(lengths)
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
-        if lengths.dtype == np.uint64:  # (past int64: all the keys, not a wrapped negative)
-            lengths = np.minimum(lengths, np.uint64(np.iinfo(np.int64).max))
-        lengths = lengths.astype(np.int64)
+    lengths = _lengths(lengths)
     scale, window = _attention_scale_window(q, scale, window)
     if out is not None and q.ndim == 4:
         _out(out, q.shape, (q, k, v))
     return _core.attention(q, k, v, lengths, bool(causal), scale, window, out,
                            int8=precision == "int8")
+
+
+def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=False,
+                    scale=None, window=None, precision="float32", out=None):
+    """``proj(attention(q, k, v))`` with ``[q | k | v] = qkv(x)``: a transformer's self-attention
+    with its projections, for x (batch, tokens, hidden). qkv: the fused projection (``lb.Linear``
+    or a one-call ``FusedLinear``) giving ``heads`` query heads then ``kv_heads`` (default
+    ``heads``) key and value heads of one width; proj: the output projection (``lb.Linear``).
+    lengths, causal, scale, window, precision: as for :func:`attention` (no rotary embedding:
+    an encoder's, BERT's, or any whose positions are in x already).
+
+    A batch of several sequences runs sequence by sequence, each through the three steps on one
+    thread, so the projections (a BERT's 4096 x 1152 floats: 19 MB) and the attention's output
+    stay in cache instead of going to memory and back; fewer sequences than twice the threads
+    run as the three calls. Either way the result is bit for bit that of the three calls, which
+    is also what runs for other layers (any callables: ``qkv(x)`` then ``proj(ctx)``, or
+    ``proj(ctx, out=out)``) and while a graph is recorded. Returns float32 (batch, tokens,
+    proj's out_features), written to ``out`` when given (C-contiguous, not overlapping x)."""
+    if precision not in ("float32", "int8"):
+        raise ValueError(f'precision: expected "float32" or "int8", got {precision!r}')
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, n in (("heads", heads), ("kv_heads", kv_heads)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {n!r}")
+    x = _f32(x)
+    if x.ndim != 3:
+        raise ValueError(f"x: expected shape (batch, tokens, hidden), got {x.shape}")
+    lengths = _lengths(lengths)
+    b, s = x.shape[:2]
+    qkv_plan, proj_plan = _plan_of(qkv), _plan_of(proj)
+    if qkv_plan is not None and proj_plan is not None:
+        o = _out(out, (b, s, proj.out_features), [x])
+        if o is not None and not o.flags.c_contiguous:
+            raise ValueError("out: expected a C-contiguous float32 array")
+        width = qkv.out_features // (heads + 2 * kv_heads)  # head_dim (checked in C++)
+        sc, win = _attention_scale_window(x, _default_scale(width) if scale is None else scale, window)
+        y = _core.attention_block(qkv_plan, proj_plan, x, int(heads), int(kv_heads), lengths,
+                                  bool(causal), sc, win, precision == "int8", o)
+        if y is not None:
+            return y
+    p = qkv(x)
+    width = p.shape[-1] // (heads + 2 * kv_heads)
+    if p.shape[-1] != (heads + 2 * kv_heads) * width:
+        raise ValueError(f"attention_block: qkv's {p.shape[-1]} outputs are not (heads + 2 * "
+                         f"kv_heads) = {heads + 2 * kv_heads} heads of one width")
+    q = p[..., :heads * width].reshape(b, s, heads, width)
+    k = p[..., heads * width:(heads + kv_heads) * width].reshape(b, s, kv_heads, width)
+    v = p[..., (heads + kv_heads) * width:].reshape(b, s, kv_heads, width)
+    ctx = attention(q, k, v, lengths=lengths, causal=causal, scale=scale, window=window,
+                    precision=precision).reshape(b, s, heads * width)
+    return proj(ctx) if out is None else proj(ctx, out=out)
+
+
+def _lengths(lengths):
+    """None, or int64 lengths (values past int64 clipped: all the keys, not a wrapped negative)."""
+    if lengths is None:
+        return None
+    lengths = np.asarray(lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+    if lengths.dtype == np.uint64:
+        lengths = np.minimum(lengths, np.uint64(np.iinfo(np.int64).max))
+    return lengths.astype(np.int64)
 
 
 def _default_scale(head_dim):
