@@ -87,7 +87,6 @@ class Gemma3(llm_cli.CachedModel):
                 gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]), down=lb.Linear(b("ffn_down")),
                 window=None if is_global else self.window,
                 rope=ropes[self.global_base if is_global else LOCAL_ROPE_BASE]))
-        self.ffn = hp("feed_forward_length")
         self.tokenizer = tokenizer_from_gguf(meta)
         self.eos = {meta["tokenizer.ggml.eos_token_id"],
                     self.tokenizer.token_to_id("<end_of_turn>")}
@@ -113,8 +112,8 @@ class Gemma3(llm_cli.CachedModel):
             cache.append(k, qkv[:, nq + nkv:].reshape(t, self.kv_heads, hd))
             a = layer["o"](cache.attend(q, scale=self.scale, window=layer["window"]))
             x = nn.add(x, nn.rms_norm(a, layer["post_attn_norm"], self.eps))
-            gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
-            f = layer["down"](nn.geglu(gu[:, : self.ffn], gu[:, self.ffn:]))
+            h = nn.rms_norm(x, layer["ffn_norm"], self.eps)  # down(geglu([gate | up](h))):
+            f = nn.mlp(h, layer["gate_up"], layer["down"], activation="geglu")
             x = nn.add(x, nn.rms_norm(f, layer["post_ffn_norm"], self.eps))
         x = x if all_logits else x[-1:]
         logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))

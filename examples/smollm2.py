@@ -58,7 +58,6 @@ class SmolLM2(llm_cli.CachedModel):
                 o=lb.Linear(b("attn_output")),
                 gate_up=lb.FusedLinear([b("ffn_gate"), b("ffn_up")]),
                 down=lb.Linear(b("ffn_down"))))
-        self.ffn = self.layers[0]["down"].in_features
         self.rope = nn.RoPE(self.head_dim, self.rope_base)
         self.tokenizer = tokenizer_from_gguf(meta)
         self.eos = {meta["tokenizer.ggml.eos_token_id"], self.tokenizer.token_to_id("<|im_end|>")}
@@ -82,8 +81,8 @@ class SmolLM2(llm_cli.CachedModel):
                            positions)
             cache.append(qk[:, self.heads:], qkv[:, nq + nkv:].reshape(t, self.kv_heads, self.head_dim))
             x = nn.add(x, layer["o"](cache.attend(qk[:, : self.heads])))
-            gu = layer["gate_up"](nn.rms_norm(x, layer["ffn_norm"], self.eps))
-            x = nn.add(x, layer["down"](nn.swiglu(gu[:, : self.ffn], gu[:, self.ffn:])))
+            h = nn.rms_norm(x, layer["ffn_norm"], self.eps)  # down(swiglu([gate | up](h))):
+            x = nn.add(x, nn.mlp(h, layer["gate_up"], layer["down"], activation="swiglu"))
         x = x if all_logits else x[-1:]
         logits = self.output(nn.rms_norm(x, self.output_norm, self.eps))
         return logits if all_logits else logits[0]
