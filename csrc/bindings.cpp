@@ -1156,10 +1156,11 @@ class LinearPlan {
     float* yp = y.data();
     {
       NoGil nogil;
-      // rows per block: up's output block at most ~512 KB (in L2 beside the weights' blocks), a
-      // multiple of 16 rows between 16 and 96 (whole AMX blocks of 32 where it is 32 or more)
-      int64_t R = (512 * 1024 / 4) / up.N_;
-      R = R >= 96 ? 96 : R < 16 ? 16 : R / 16 * 16;
+      // rows per block: 96, 64, 32 or 16, the most whose output of up takes at most 640 KB (in
+      // L2 beside the weights' blocks): whole 32-row AMX blocks (AMX pads a call to a multiple of
+      // 32 rows) and, at 96, two whole 48-row blocks of the VNNI kernel (kMc)
+      int64_t R = 96;
+      while (R > 16 && R * up.N_ * (int64_t)sizeof(float) > 640 * 1024) R = R == 96 ? 64 : R / 2;
       const int64_t blocks = (M + R - 1) / R;
       auto rows = [&](int64_t m0, int64_t n, std::vector<float>& h, std::vector<float>& g) {
         h.resize((size_t)(n * up.N_));

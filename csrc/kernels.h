@@ -193,6 +193,8 @@ struct Kernels {
   void (*gelu)(const float* x, float* y, int64_t n, bool tanh);
   // SwiGLU's activation: y = silu(g) u = g / (1 + e^(-g)) * u (0 where -g > 88), n values.
   void (*silu_mul)(const float* g, const float* u, float* y, int64_t n);
+  // y = x * c elementwise, n values (a layer's input_scale on its inputs, as they are quantized).
+  void (*mul)(const float* x, const float* c, float* y, int64_t n);
   void (*layer_norm)(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                      float eps, bool rms, int64_t rows, int64_t n, float* y);
   void (*softmax)(float* x, int64_t rows, int64_t n);

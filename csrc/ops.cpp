@@ -97,7 +97,7 @@ void gather_row(const float* x, int64_t K, const float* c, const int64_t* perm, 
   if (!perm && !c) {
     std::memcpy(dst, x, (size_t)K * sizeof(float));
   } else if (!perm) {
-    for (int64_t k = 0; k < K; ++k) dst[k] = x[k] * c[k];
+    kernels().mul(x, c, dst, K);
   } else if (!c) {
     for (int64_t k = 0; k < K; ++k) dst[k] = x[perm[k]];
   } else {

@@ -57,7 +57,7 @@ def plain_mlp(x, up, down, activation):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("activation", [None, "swiglu", "geglu"])
-@pytest.mark.parametrize("rows", [1, 7, 160, 333])  # the plain calls, then blocks (with a tail)
+@pytest.mark.parametrize("rows", [1, 7, 160, 333, 1000])  # the plain calls, then blocks (with a tail)
 def test_mlp_is_its_plain_calls_bit_for_bit(rng, fmt, activation, rows):
     k, hidden, n = 256, 256, 64  # (K-quants: K a multiple of 256)
     up = layer(fmt, 2 * hidden if activation else hidden, k, rng,

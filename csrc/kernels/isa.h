@@ -32,6 +32,7 @@ int64_t pack_int4(const uint8_t* q, uint8_t* out, int64_t n_bytes_out);
 void unpack_int4(const uint8_t* p, uint8_t* out, int64_t n_bytes_in);
 void gelu(const float* x, float* y, int64_t n, bool tanh);
 void silu_mul(const float* g, const float* u, float* y, int64_t n);
+void mul(const float* x, const float* c, float* y, int64_t n);
 void layer_norm(const float* x, const float* r, int64_t ld, const float* w, const float* b,
                 float eps, bool rms, int64_t rows, int64_t n, float* y);
 void softmax(float* x, int64_t rows, int64_t n);

@@ -282,6 +282,12 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
   });
 }
 
+void mul(const float* x, const float* c, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + kN <= n; i += kN) store(y + i, load(x + i) * load(c + i));
+  for (; i < n; ++i) y[i] = x[i] * c[i];
+}
+
 void silu_mul(const float* g, const float* u, float* y, int64_t n) {
   const auto f = [](vf v, vf w) {
     const vf m = -v;
