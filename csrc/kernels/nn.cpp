@@ -65,6 +65,27 @@ inline vf expv(vf x) {
   return x < -87.3f ? splat(0.f) : p * (vf)bits;
 }
 
+// e^(-z) for z >= 0 (or NaN) in float32 (relative error ~3e-9 before rounding): 2^-k * e^-r with
+// k = round(z / ln 2), r = z - k ln 2 in [-ln(2) / 2, ln(2) / 2], e^-r by a degree-6 polynomial
+// fitted on that interval (Chebyshev nodes); 2^-k from the bits of the rounding sum itself. Past
+// z = 87.3 (e^-z below the normal range): 0. A NaN z gives a finite value (GELU's other factors
+// carry the NaN).
+inline vf neg_exp(vf z) {
+  const vf zc = z < 87.3f ? z : splat(87.3f);
+  const vf s = fmav(zc, splat(1.44269504f), splat(12582912.f));  // 1.5 * 2^23 + k, k in its low bits
+  const vf k = s - 12582912.f;
+  const vf r = fmav(k, splat(-1.42860677e-6f), fmav(k, splat(-0.693145752f), zc));
+  vf p = splat(0.00139485812f);
+  p = fmav(p, r, splat(-0.00837512873f));
+  p = fmav(p, r, splat(0.0416662171f));
+  p = fmav(p, r, splat(-0.166664153f));
+  p = fmav(p, r, splat(0.5f));
+  p = fmav(p, r, splat(-1.f));
+  p = fmav(p, r, splat(1.f));
+  const vi bits = (vi)(0x3F800000u - (((vu)s - 0x4B400000u) << 23));  // 2^-k
+  return z > 87.3f ? splat(0.f) : p * (vf)bits;
+}
+
 // y[i] = f(x[i]) a vector at a time (the tail through a zero-padded vector); y may be x. Four
 // vectors per step: f is a long chain of dependent operations (polynomials, a division), and four
 // independent chains keep the FP units busy where one would leave them waiting on latency.
@@ -264,17 +285,18 @@ void gelu(const float* x, float* y, int64_t n, bool tanh) {
     return;
   }
   // x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2, erfc by Abramowitz & Stegun 7.1.26
-  // (|error| <= 1.5e-7): erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2), t = 1/(1+pa)
+  // (|error| <= 1.5e-7): erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2), t = 1/(1+pa),
+  // the coefficients halved (the / 2), e^(-a^2) as neg_exp computes it
   map(x, y, n, [](vf v) {
-    const vf av = v < 0.f ? -v : v;
+    const vf av = (vf)((vu)v & 0x7FFFFFFFu);
     const vf a = av * 0.707106781f;
     const vf t = 1.f / fmav(a, splat(0.3275911f), splat(1.f));
-    vf p = splat(1.061405429f);
-    p = fmav(p, t, splat(-1.453152027f));
-    p = fmav(p, t, splat(1.421413741f));
-    p = fmav(p, t, splat(-0.284496736f));
-    p = fmav(p, t, splat(0.254829592f));
-    const vf half_erfc = (p * t) * 0.5f * expv(-(a * a));
+    vf p = splat(0.5307027145f);
+    p = fmav(p, t, splat(-0.7265760135f));
+    p = fmav(p, t, splat(0.7107068705f));
+    p = fmav(p, t, splat(-0.142248368f));
+    p = fmav(p, t, splat(0.127414796f));
+    const vf half_erfc = (p * t) * neg_exp(a * a);
     // where erfc underflows to 0 the tail term is 0 (for |x| = inf too, where inf * 0 is NaN):
     // GELU(+inf) = +inf, GELU(-inf) = 0; NaN stays NaN
     const vf tail = half_erfc == 0.f ? splat(0.f) : av * half_erfc;
