@@ -168,11 +168,11 @@ def profile_int8(model, batch, calls):
                 totals[name] += time.perf_counter() - t0
         return wrapper
 
-    patches = [(minilm.MiniLM, "_self_attention",
-                "self-attention (lb.nn.attention_block: QKV, attention, output projection)"),
-               (minilm, "_add_layer_norm", "residual add + LayerNorm (lb.nn, C++)"),
-               (minilm.MiniLM, "_feed_forward",
-                "feed-forward (lb.nn.mlp: intermediate, its GELU, output)")]
+    patches = [(minilm.MiniLM, "_self_attention", "self-attention (lb.nn.attention_block: QKV, "
+                "attention, output projection, residual add + LayerNorm)"),
+               (minilm, "_add_layer_norm", "the embeddings' LayerNorm (lb.nn, C++)"),
+               (minilm.MiniLM, "_feed_forward", "feed-forward (lb.nn.mlp: intermediate, its GELU, "
+                "output, residual add + LayerNorm)")]
     saved = [getattr(obj, attr) for obj, attr, _ in patches]
     for obj, attr, name in patches:
         setattr(obj, attr, timed(name, getattr(obj, attr)))

@@ -988,6 +988,35 @@ inline void trim_floats(std::vector<float>& v) {
   if (v.capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(v);
 }
 
+// The residual add and LayerNorm after a block (lowbit.nn's residual_norm): out rows replaced by
+// LayerNorm(out + x) with x the block's input rows (dense), in cache as each block finishes.
+struct PostNorm {
+  py::object weight = py::none(), bias = py::none();  // checked float32 vectors (held), or None
+  const float *w = nullptr, *b = nullptr;
+  float eps = 0.f;
+  PostNorm(const py::object& weight_, const py::object& bias_, float eps_) : eps(eps_) {
+    if (weight_.is_none()) return;
+    if (!(eps >= 0.f) || !std::isfinite(eps))
+      throw py::value_error("residual_norm: eps: expected a finite number >= 0, got " + std::to_string(eps));
+    weight = weight_, bias = bias_;
+  }
+  // For a block of `in` inputs and `n` outputs: the vectors must have n values, and the residual
+  // (the input) be as wide as the output. Takes the vectors' data pointers (with the GIL).
+  void prepare(int64_t in, int64_t n) {
+    if (weight.is_none()) return;
+    if (in != n)
+      throw py::value_error("residual_norm: the residual is the block's input, " + std::to_string(in) +
+                            " wide, and the output is " + std::to_string(n) + " wide");
+    weight = check<float>(weight.cast<py::array>(), "residual_norm weight", {n});
+    bias = check<float>(bias.cast<py::array>(), "residual_norm bias", {n});
+    w = cptr<float>(weight.cast<py::array>()), b = cptr<float>(bias.cast<py::array>());
+  }
+  // rows of y (n wide) = LayerNorm(y + x), x's rows n apart
+  void apply(float* y, const float* x, int64_t rows, int64_t n) const {
+    if (w) layer_norm(y, x, n, w, b, eps, false, rows, n, y);
+  }
+};
+
 class LinearPlan {
  public:
   enum class Kind { W8, W4, Blk };
@@ -1136,7 +1165,7 @@ class LinearPlan {
   // depend on how rows are grouped), so bit for bit the same. Few rows: the three calls, each on
   // every thread. None while a graph is recorded (lowbit.nn.mlp then makes the recordable calls).
   static py::object mlp(const LinearPlan& up, const LinearPlan& down, const std::string& act,
-                        py::array x, const py::object& out) {
+                        py::array x, const py::object& out, PostNorm norm) {
     if (act != "none" && act != "silu" && act != "gelu_tanh")
       throw py::value_error("act: expected 'none', 'silu' or 'gelu_tanh', got '" + act + "'");
     const bool gated = act != "none";
@@ -1148,8 +1177,9 @@ class LinearPlan {
       throw py::value_error("mlp: down takes " + std::to_string(down.K_) + " inputs, but up" +
                             (gated ? std::string(" gated") : std::string()) + " gives " +
                             std::to_string(width));
+    norm.prepare(up.K_, down.N_);
     if (Graph::recording()) return py::none();
-    x = check<float>(x, "x", {-1, up.K_}, true);
+    x = check<float>(x, "x", {-1, up.K_}, !norm.w);  // (the norm's residual: dense rows)
     const int64_t M = x.shape(0), ldx = row_stride<float>(x);
     Output y(out, {M, down.N_});
     const float* xp = cptr<float>(x);
@@ -1174,6 +1204,7 @@ class LinearPlan {
           hidden = g.data();
         }
         down.run_kernel_nogil(hidden, width, n, down.bias_p_, down.colscale_p_, yp + m0 * down.N_);
+        norm.apply(yp + m0 * down.N_, xp + m0 * ldx, n, down.N_);
       };
       if (blocks < 2 * (int64_t)get_num_threads()) {
         std::vector<float> h, g;
@@ -1196,7 +1227,8 @@ class LinearPlan {
   // compute it (attention's tasks never mix sequences), so bit for bit the same. Few sequences:
   // the three calls, each on every thread. None while a graph is recorded.
   static py::object attention_block(const LinearPlan& qkv, const LinearPlan& proj, py::array x,
-                                    AttnArgs a, const py::object& lengths, const py::object& out) {
+                                    AttnArgs a, const py::object& lengths, const py::object& out,
+                                    PostNorm norm) {
     const int64_t heads = a.H, kv = a.Hkv;
     if (heads < 1 || kv < 1 || heads % kv)
       throw py::value_error("heads and kv_heads: expected kv_heads >= 1 dividing heads, got " +
@@ -1212,6 +1244,7 @@ class LinearPlan {
                             std::to_string(heads * d));
     if (a.int8 && d > kAttnInt8MaxDim)
       throw py::value_error("precision=\"int8\": expected head_dim <= " + std::to_string(kAttnInt8MaxDim));
+    norm.prepare(qkv.K_, proj.N_);
     if (Graph::recording()) return py::none();
     x = check<float>(x, "x", {-1, -1, qkv.K_});
     const int64_t B = x.shape(0), S = x.shape(1), Nq = qkv.N_;
@@ -1244,6 +1277,7 @@ class LinearPlan {
         attention(s);
         proj.run_kernel_nogil(c.data(), heads * d, n * S, proj.bias_p_, proj.colscale_p_,
                               yp + b0 * S * proj.N_);
+        norm.apply(yp + b0 * S * proj.N_, xp + b0 * S * qkv.K_, n * S, proj.N_);
       };
       if (B < 2 * (int64_t)get_num_threads()) {
         std::vector<float> p, c;
@@ -1815,21 +1849,31 @@ PYBIND11_MODULE(_core, m) {
   m.def("plan_blk", &LinearPlan::blk, py::arg("weight"), py::arg("bias"),
         py::arg("int8_activations"), py::arg("act_scale") = 0.f,
         py::arg("input_scale") = py::none(), py::arg("gelu") = false);
-  m.def("mlp", &LinearPlan::mlp, py::arg("up"), py::arg("down"), py::arg("act"), py::arg("x"),
-        py::arg("out") = py::none(), "down(act(up(x))) for rows x (M, K), in row blocks");
+  m.def("mlp",
+        [](const LinearPlan& up, const LinearPlan& down, const std::string& act, py::array x,
+           const py::object& out, const py::object& norm_weight, const py::object& norm_bias,
+           float eps) {
+          return LinearPlan::mlp(up, down, act, x, out, PostNorm(norm_weight, norm_bias, eps));
+        },
+        py::arg("up"), py::arg("down"), py::arg("act"), py::arg("x"), py::arg("out") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(),
+        py::arg("eps") = 0.f, "down(act(up(x))) for rows x (M, K), in row blocks");
   m.def("attention_block",
         [](const LinearPlan& qkv, const LinearPlan& proj, py::array x, int64_t heads,
            int64_t kv_heads, const py::object& lengths, bool causal, float scale, int64_t window,
-           bool int8, const py::object& out) {
+           bool int8, const py::object& out, const py::object& norm_weight,
+           const py::object& norm_bias, float eps) {
           if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
           AttnArgs a{};
           a.H = heads, a.Hkv = kv_heads, a.causal = causal, a.scale = scale, a.window = window;
           a.int8 = int8;
-          return LinearPlan::attention_block(qkv, proj, x, a, lengths, out);
+          return LinearPlan::attention_block(qkv, proj, x, a, lengths, out,
+                                             PostNorm(norm_weight, norm_bias, eps));
         },
         py::arg("qkv"), py::arg("proj"), py::arg("x"), py::arg("heads"), py::arg("kv_heads"),
         py::arg("lengths"), py::arg("causal"), py::arg("scale"), py::arg("window"),
-        py::arg("int8"), py::arg("out") = py::none(),
+        py::arg("int8"), py::arg("out") = py::none(), py::arg("norm_weight") = py::none(),
+        py::arg("norm_bias") = py::none(), py::arg("eps") = 0.f,
         "proj(attention(qkv(x))) for x (B, S, K), sequence by sequence");
   m.def("gemm_s8", &gemm_s8_py, py::arg("a"), py::arg("b"));
   m.def("dot_peak", [](double seconds) {

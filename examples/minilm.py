@@ -353,30 +353,31 @@ class MiniLM:
     def _block(self, blk, x, lengths, b, s, work):
         """One encoder layer on x (B * S, hidden), in `work`'s arrays: the output goes to
         whichever of work's x and y x is not."""
-        a = _add_layer_norm(self._self_attention(blk, x, lengths, b, s, work), x, blk.ln1, work["a"])
-        y = self._feed_forward(blk, a, work["y"] if x is not work["y"] else work["x"], work["h"])
-        return _add_layer_norm(y, a, blk.ln2, y)
+        a = self._self_attention(blk, x, lengths, b, s, work)
+        return self._feed_forward(blk, a, work["y"] if x is not work["y"] else work["x"], work["h"])
 
     def _self_attention(self, blk, x, lengths, b, s, work):
-        """attn_out(attention(qkv(x))) in work["a"]: lowbit layers through lb.nn.attention_block,
-        sequence by sequence with each one's projections in cache (bit for bit the three calls);
-        float ones as three steps through work["qkv"] and work["ctx"]."""
+        """LayerNorm(x + attn_out(attention(qkv(x)))) in work["a"]: lowbit layers through
+        lb.nn.attention_block, sequence by sequence with each one's projections in cache (bit for
+        bit the plain calls); float ones as steps through work["qkv"] and work["ctx"]."""
         if isinstance(blk.qkv, FloatLinear) or isinstance(blk.attn_out, FloatLinear):
             qkv = self._dense(blk.qkv, x, work["qkv"])
             ctx = _attention(qkv.reshape(b, s, -1), lengths, self.heads, work["ctx"], self.attention)
-            return self._dense(blk.attn_out, ctx, work["a"])
+            return _add_layer_norm(self._dense(blk.attn_out, ctx, work["a"]), x, blk.ln1, work["a"])
         out = work["a"]
         nn.attention_block(x.reshape(b, s, -1), blk.qkv, blk.attn_out, self.heads, lengths=lengths,
-                           scale=1.0, precision=self.attention, out=out.reshape(b, s, -1))
+                           scale=1.0, precision=self.attention, residual_norm=blk.ln1,
+                           out=out.reshape(b, s, -1))
         return out
 
     def _feed_forward(self, blk, a, out, h):
-        """out(GELU(inter(a))), the intermediate layer's GELU included: lowbit layers through
-        lb.nn.mlp, in row blocks whose intermediate activations stay in cache (bit for bit the
-        two calls, 20% faster); float ones as two calls, the first into h."""
+        """LayerNorm(a + out(GELU(inter(a)))), the intermediate layer's GELU included: lowbit
+        layers through lb.nn.mlp, in row blocks whose intermediate activations stay in cache (bit
+        for bit the plain calls, 20% faster); float ones as two calls, the first into h."""
         if isinstance(blk.inter, FloatLinear) or isinstance(blk.out, FloatLinear):
-            return self._dense(blk.out, self._dense(blk.inter, a, h), out)
-        return nn.mlp(a, blk.inter, blk.out, out=out)
+            y = self._dense(blk.out, self._dense(blk.inter, a, h), out)
+            return _add_layer_norm(y, a, blk.ln2, y)
+        return nn.mlp(a, blk.inter, blk.out, residual_norm=blk.ln2, out=out)
 
     def encode(self, sentences, batch_size=32) -> np.ndarray:
         """float32 (n, hidden) unit vectors. Like sentence-transformers, batches are formed by

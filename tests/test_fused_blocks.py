@@ -260,3 +260,47 @@ def test_attention_block_while_recording_is_refused_as_attention_is(rng):
     qkv, proj = layer("int8", 3 * 32, 32, rng), layer("int8", 32, 32, rng)
     with pytest.raises(TypeError, match="lowbit.nn.attention cannot be recorded"):
         nn.record(lambda a: nn.attention_block(a, qkv, proj, 2, window=4), np.zeros((1, 3, 32), F32))
+
+
+@pytest.mark.parametrize("rows", [5, 700])  # the plain calls, then blocks
+def test_mlp_residual_norm_is_layer_norm_of_the_sum_bit_for_bit(rng, rows):
+    up, down = layer("int8", 160, 64, rng, epilogue="gelu"), layer("int4-g32-min", 64, 160, rng)
+    w, b = rng.normal(size=64).astype(F32), rng.normal(size=64).astype(F32)
+    x = rng.normal(size=(rows, 64)).astype(F32)
+    expected = nn.layer_norm(plain_mlp(x, up, down, None), w, b, 1e-12, residual=x)
+    assert np.array_equal(nn.mlp(x, up, down, residual_norm=(w, b, 1e-12)), expected)
+    out = np.empty_like(expected)
+    nn.mlp(x[:, ::1], up, lambda h, out=None: down(h, out=out), residual_norm=(w, b, 1e-12), out=out)
+    assert np.array_equal(out, expected)  # (the plain calls' path)
+    strided = np.zeros((rows, 128), F32)
+    strided[:, :64] = x
+    assert np.array_equal(nn.mlp(strided[:, :64], up, down, residual_norm=(w, b, 1e-12)), expected)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_attention_block_residual_norm_is_layer_norm_of_the_sum_bit_for_bit(rng, batch):
+    qkv, proj = layer("int8", 3 * 64, 64, rng), layer("int8", 64, 64, rng)
+    w, b = rng.normal(size=64).astype(F32), rng.normal(size=64).astype(F32)
+    x = rng.normal(size=(batch, 20, 64)).astype(F32)
+    lengths = rng.integers(1, 21, batch)
+    expected = nn.layer_norm(plain_attention_block(x, qkv, proj, 4, 4, lengths=lengths), w, b, 1e-5,
+                             residual=x)
+    got = nn.attention_block(x, qkv, proj, 4, lengths=lengths, residual_norm=(w, b, 1e-5))
+    assert np.array_equal(got, expected)
+
+
+def test_residual_norm_rejects_bad_input(rng):
+    up, down = layer("int8", 96, 64, rng), layer("int8", 64, 96, rng)
+    x = rng.normal(size=(300, 64)).astype(F32)
+    w, b = np.ones(64, F32), np.zeros(64, F32)
+    with pytest.raises(TypeError, match=r"residual_norm: expected \(weight, bias, eps\)"):
+        nn.mlp(x, up, down, residual_norm=(w, b))
+    with pytest.raises(ValueError, match="residual_norm weight: expected dimension 0 to be 64"):
+        nn.mlp(x, up, down, residual_norm=(np.ones(63, F32), b, 1e-5))
+    with pytest.raises(ValueError, match="eps"):
+        nn.mlp(x, up, down, residual_norm=(w, b, -1.0))
+    with pytest.raises(ValueError, match="the residual is the block's input, 64 wide, and the output is 32"):
+        nn.mlp(x, up, layer("int8", 32, 96, rng), residual_norm=(w, b, 1e-5))
+    qkv, proj = layer("int8", 3 * 64, 64, rng), layer("int8", 32, 64, rng)
+    with pytest.raises(ValueError, match="the residual is the block's input"):
+        nn.attention_block(x.reshape(6, 50, 64), qkv, proj, 4, residual_norm=(w, b, 1e-5))

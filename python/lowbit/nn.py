@@ -166,7 +166,18 @@ def _plan_of(layer):
     return layer._plan if type(layer) is Linear else None
 
 
-def mlp(x, up, down, *, activation=None, out=None):
+def _residual_norm(spec):
+    """residual_norm's (weight, bias, eps) as float32 arrays and a float, or Nones."""
+    if spec is None:
+        return None, None, 0.0
+    try:
+        weight, bias, eps = spec
+    except (TypeError, ValueError):
+        raise TypeError("residual_norm: expected (weight, bias, eps), a LayerNorm's parameters") from None
+    return _f32(weight, "residual_norm weight"), _f32(bias, "residual_norm bias"), float(eps)
+
+
+def mlp(x, up, down, *, activation=None, residual_norm=None, out=None):
     """``down(act(up(x)))``: a transformer's feed-forward block, its hidden activations kept in
     cache. up and down: ``lb.Linear`` layers (any format; up's own epilogue applies, e.g.
     ``epilogue="gelu"`` for BERT), or a one-call ``FusedLinear`` of gate and up projections.
@@ -179,10 +190,15 @@ def mlp(x, up, down, *, activation=None, out=None):
     ``down(act(up(x)))``, which is also what runs for other layers (any callables; ``out`` then
     goes to ``down(h, out=out)``) and while a graph is recorded (:func:`record`).
 
+    residual_norm: None, or a LayerNorm's (weight, bias, eps) for a post-LN layer (BERT's):
+    ``layer_norm(mlp(x) + x, weight, bias, eps)``, each block normalized while it is in cache
+    (bit for bit :func:`layer_norm` with ``residual=x``; x as wide as the output).
+
     x: float32 or float16 (..., in_features); out: None or a C-contiguous float32 array of shape
     (..., down's out_features) not overlapping x."""
     if activation not in _MLP_ACTIVATIONS:
         raise ValueError(f"activation: expected one of {list(_MLP_ACTIVATIONS)}, got {activation!r}")
+    nw, nb, eps = _residual_norm(residual_norm)
     up_plan, down_plan = _plan_of(up), _plan_of(down)
     if up_plan is not None and down_plan is not None:
         x, x2 = _rows(x)
@@ -191,14 +207,15 @@ def mlp(x, up, down, *, activation=None, out=None):
         if o is not None and not o.flags.c_contiguous:
             raise ValueError("out: expected a C-contiguous float32 array")
         y = _core.mlp(up_plan, down_plan, _MLP_ACTIVATIONS[activation], x2,
-                      None if o is None else o.reshape(-1, n))
+                      None if o is None else o.reshape(-1, n), nw, nb, eps)
         if y is not None:
             return o if o is not None else y.reshape(x.shape[:-1] + (n,))
     h = up(x)
     if activation is not None:
         half = h.shape[-1] // 2
         h = (swiglu if activation == "swiglu" else geglu)(h[..., :half], h[..., half:])
-    return down(h) if out is None else down(h, out=out)
+    y = down(h) if out is None else down(h, out=out)
+    return y if nw is None else layer_norm(y, nw, nb, eps, residual=x, out=y)
 
 
 def silu(x):
@@ -263,13 +280,14 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, window=None, o
 
 
 def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=False,
-                    scale=None, window=None, precision="float32", out=None):
+                    scale=None, window=None, precision="float32", residual_norm=None, out=None):
     """``proj(attention(q, k, v))`` with ``[q | k | v] = qkv(x)``: a transformer's self-attention
     with its projections, for x (batch, tokens, hidden). qkv: the fused projection (``lb.Linear``
     or a one-call ``FusedLinear``) giving ``heads`` query heads then ``kv_heads`` (default
     ``heads``) key and value heads of one width; proj: the output projection (``lb.Linear``).
     lengths, causal, scale, window, precision: as for :func:`attention` (no rotary embedding:
-    an encoder's, BERT's, or any whose positions are in x already).
+    an encoder's, BERT's, or any whose positions are in x already). residual_norm: None, or a
+    LayerNorm's (weight, bias, eps) for a post-LN layer, as for :func:`mlp`.
 
     A batch of several sequences runs sequence by sequence, each through the three steps on one
     thread, so the projections (a BERT's 4096 x 1152 floats: 19 MB) and the attention's output
@@ -288,6 +306,7 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
     if x.ndim != 3:
         raise ValueError(f"x: expected shape (batch, tokens, hidden), got {x.shape}")
     lengths = _lengths(lengths)
+    nw, nb, eps = _residual_norm(residual_norm)
     b, s = x.shape[:2]
     qkv_plan, proj_plan = _plan_of(qkv), _plan_of(proj)
     if qkv_plan is not None and proj_plan is not None:
@@ -297,7 +316,7 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
         width = qkv.out_features // (heads + 2 * kv_heads)  # head_dim (checked in C++)
         sc, win = _attention_scale_window(x, _default_scale(width) if scale is None else scale, window)
         y = _core.attention_block(qkv_plan, proj_plan, x, int(heads), int(kv_heads), lengths,
-                                  bool(causal), sc, win, precision == "int8", o)
+                                  bool(causal), sc, win, precision == "int8", o, nw, nb, eps)
         if y is not None:
             return y
     p = qkv(x)
@@ -310,7 +329,8 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
     v = p[..., (heads + kv_heads) * width:].reshape(b, s, kv_heads, width)
     ctx = attention(q, k, v, lengths=lengths, causal=causal, scale=scale, window=window,
                     precision=precision).reshape(b, s, heads * width)
-    return proj(ctx) if out is None else proj(ctx, out=out)
+    y = proj(ctx) if out is None else proj(ctx, out=out)
+    return y if nw is None else layer_norm(y, nw, nb, eps, residual=x, out=y)
 
 
 def _lengths(lengths):
