@@ -988,6 +988,22 @@ inline void trim_floats(std::vector<float>& v) {
   if (v.capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(v);
 }
 
+// The block ops' schedule (lowbit.nn.mlp, attention_block): fewer blocks than two per thread run
+// as all(h, g) on the caller's thread, whose kernels then use every thread; more run one(i, h, g)
+// for each block i on the pool, h and g the thread's buffers (kept for its next blocks and calls).
+template <class All, class One>
+void run_blocks(int64_t blocks, const All& all, const One& one) {
+  if (blocks < 2 * (int64_t)get_num_threads()) {
+    std::vector<float> h, g;
+    return all(h, g);
+  }
+  parallel_for(blocks, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> h, g;
+    for (int64_t i = i0; i < i1; ++i) one(i, h, g);
+    trim_floats(h), trim_floats(g);
+  });
+}
+
 // The residual add and LayerNorm after a block (lowbit.nn's residual_norm): out rows replaced by
 // LayerNorm(out + x) with x the block's input rows (dense), in cache as each block finishes.
 struct PostNorm {
@@ -1206,16 +1222,9 @@ class LinearPlan {
         down.run_kernel_nogil(hidden, width, n, down.bias_p_, down.colscale_p_, yp + m0 * down.N_);
         norm.apply(yp + m0 * down.N_, xp + m0 * ldx, n, down.N_);
       };
-      if (blocks < 2 * (int64_t)get_num_threads()) {
-        std::vector<float> h, g;
-        rows(0, M, h, g);
-      } else {
-        parallel_for(blocks, [&](int64_t b0, int64_t b1) {
-          thread_local std::vector<float> h, g;  // one block's worth, kept for the next call
-          for (int64_t b = b0; b < b1; ++b) rows(b * R, std::min(R, M - b * R), h, g);
-          trim_floats(h), trim_floats(g);
-        });
-      }
+      run_blocks(
+          blocks, [&](auto& h, auto& g) { rows(0, M, h, g); },
+          [&](int64_t b, auto& h, auto& g) { rows(b * R, std::min(R, M - b * R), h, g); });
     }
     return y.finish();
   }
@@ -1279,19 +1288,12 @@ class LinearPlan {
                               yp + b0 * S * proj.N_);
         norm.apply(yp + b0 * S * proj.N_, xp + b0 * S * qkv.K_, n * S, proj.N_);
       };
-      if (B < 2 * (int64_t)get_num_threads()) {
-        std::vector<float> p, c;
-        run(0, B, p, c);
-      } else {
-        // sequences from both ends in turn (0, B-1, 1, B-2, ...): a batch sorted by length
-        // (sentence-transformers' order) then gives each thread's range a like share of the
-        // attention, whose cost follows the lengths
-        parallel_for(B, [&](int64_t i0, int64_t i1) {
-          thread_local std::vector<float> p, c;  // one sequence's worth, kept for the next call
-          for (int64_t i = i0; i < i1; ++i) run(i % 2 ? B - 1 - i / 2 : i / 2, 1, p, c);
-          trim_floats(p), trim_floats(c);
-        });
-      }
+      // one sequence a block, taken from both ends in turn (0, B-1, 1, B-2, ...): a batch sorted
+      // by length (sentence-transformers' order) then gives each thread's range of blocks a like
+      // share of the attention, whose cost follows the lengths
+      run_blocks(
+          B, [&](auto& p, auto& c) { run(0, B, p, c); },
+          [&](int64_t i, auto& p, auto& c) { run(i % 2 ? B - 1 - i / 2 : i / 2, 1, p, c); });
     }
     return y.finish();
   }

@@ -47,6 +47,16 @@ def layer(fmt, n, k, rng, epilogue=None):
     return lb.Linear(qw, rng.normal(size=n).astype(F32), activations=acts, epilogue=epilogue)
 
 
+def recording_wrapper(calls):
+    """wrap(layer): a plain function calling layer, appending its input's shape to calls."""
+    def wrap(fn):
+        def call(a, **kw):
+            calls.append(a.shape)
+            return fn(a, **kw)
+        return call
+    return wrap
+
+
 def plain_mlp(x, up, down, activation):
     h = up(x)
     if activation is not None:
@@ -98,13 +108,7 @@ def test_mlp_runs_other_layers_through_their_own_calls(rng):
     x = rng.normal(size=(200, 64)).astype(F32)
     expected = plain_mlp(x, up, down, None)
     calls = []
-
-    def wrapped(fn):
-        def call(a, **kw):
-            calls.append(a.shape)
-            return fn(a, **kw)
-        return call
-
+    wrapped = recording_wrapper(calls)
     assert np.array_equal(nn.mlp(x, wrapped(up), wrapped(down)), expected)
     assert calls == [(200, 64), (200, 96)]
 
@@ -210,13 +214,7 @@ def test_attention_block_runs_other_layers_through_their_own_calls(rng):
     x = rng.normal(size=(6, 10, 32)).astype(F32)
     expected = plain_attention_block(x, qkv, proj, 2, 2)
     calls = []
-
-    def wrapped(fn):
-        def call(a, **kw):
-            calls.append(a.shape)
-            return fn(a, **kw)
-        return call
-
+    wrapped = recording_wrapper(calls)
     assert np.array_equal(nn.attention_block(x, wrapped(qkv), wrapped(proj), 2), expected)
     assert calls == [(6, 10, 32), (6, 10, 32)]
     out = np.empty_like(expected)
