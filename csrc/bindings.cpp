@@ -983,11 +983,6 @@ void Graph::replay(const py::args& args) {
   }
 }
 
-// A worker's buffer kept between calls up to 4 MB (larger ones are freed when the job is done).
-inline void trim_floats(std::vector<float>& v) {
-  if (v.capacity() * sizeof(float) > (size_t(4) << 20)) std::vector<float>().swap(v);
-}
-
 // The block ops' schedule (lowbit.nn.mlp, attention_block): fewer blocks than two per thread run
 // as all(h, g) on the caller's thread, whose kernels then use every thread; more run one(i, h, g)
 // for each block i on the pool, h and g the thread's buffers (kept for its next blocks and calls).
@@ -1000,7 +995,7 @@ void run_blocks(int64_t blocks, const All& all, const One& one) {
   parallel_for(blocks, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> h, g;
     for (int64_t i = i0; i < i1; ++i) one(i, h, g);
-    trim_floats(h), trim_floats(g);
+    trim(h), trim(g);
   });
 }
 

@@ -26,15 +26,9 @@ constexpr int64_t kSerialMacs = 1 << 18;
 constexpr int64_t kSerialQuantize = 1 << 20;
 
 // Scratch memory per thread, grown on demand and kept between calls up to kKeepScratch bytes per
-// buffer, so that most calls allocate nothing; a larger one is freed when the call that needed it
-// returns (ScratchScope), so one call on a 512 MB input leaves no 500 MB resident for the life of
-// the thread.
-constexpr size_t kKeepScratch = size_t(4) << 20;
-
-template <class T>
-void trim(std::vector<T>& buf) {
-  if (buf.capacity() * sizeof(T) > kKeepScratch) std::vector<T>().swap(buf);
-}
+// buffer (ops.h), so that most calls allocate nothing; a larger one is freed when the call that
+// needed it returns (ScratchScope), so one call on a 512 MB input leaves no 500 MB resident for
+// the life of the thread.
 
 struct ScratchBuffers {
   std::vector<uint8_t> bytes, activations;

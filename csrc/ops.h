@@ -3,8 +3,18 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace lowbit {
+
+// A thread's buffer kept between calls up to kKeepScratch bytes; trim frees a larger one (when
+// the call that needed it is done).
+constexpr size_t kKeepScratch = size_t(4) << 20;
+
+template <class T>
+void trim(std::vector<T>& buf) {
+  if (buf.capacity() * sizeof(T) > kKeepScratch) std::vector<T>().swap(buf);
+}
 
 struct AttnArgs;  // kernels.h
 struct BlkArgs;   // formats.h

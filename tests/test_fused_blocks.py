@@ -15,6 +15,13 @@ from lowbit.gguf import weight_from_blocks
 F32 = np.float32
 
 
+@pytest.fixture(autouse=True)
+def two_threads(threads):
+    """Two threads unless a test sets others: the row / sequence counts below then take the
+    blocked path (two blocks per thread or more) or the plain one on any machine."""
+    lb.set_num_threads(2)
+
+
 def block_weight(name, n, k, rng):
     """A block-format weight from random file blocks, its float16 scales moderate."""
     f = BLOCK_FORMATS[name]
@@ -133,13 +140,17 @@ def test_mlp_runs_other_layers_through_their_own_calls(rng):
     assert np.array_equal(seen["down"], up(x))  # (GELU included: up's epilogue)
 
 
-def test_mlp_records_as_its_plain_calls(rng):
+@pytest.mark.parametrize("rows", [1, 200])  # (the layer calls, or the C++ op declining)
+def test_mlp_records_as_its_plain_calls(rng, rows):
     up = lb.FusedLinear([lb.quantize(rng.normal(0, 0.1, (48, 32)).astype(F32)) for _ in range(2)])
     down = layer("int8", 32, 48, rng)
-    graph = nn.record(lambda a: nn.mlp(a, up, down, activation="swiglu"), np.zeros((1, 32), F32))
+    w, b = rng.normal(size=32).astype(F32), rng.normal(size=32).astype(F32)
+    graph = nn.record(lambda a: nn.mlp(a, up, down, activation="swiglu", residual_norm=(w, b, 1e-5)),
+                      np.zeros((rows, 32), F32))
     for _ in range(2):
-        x = rng.normal(size=(1, 32)).astype(F32)
-        assert np.array_equal(graph(x), plain_mlp(x, up, down, "swiglu"))
+        x = rng.normal(size=(rows, 32)).astype(F32)
+        expected = nn.layer_norm(plain_mlp(x, up, down, "swiglu"), w, b, 1e-5, residual=x)
+        assert np.array_equal(graph(x), expected)
 
 
 def test_mlp_rejects_bad_input(rng):
@@ -162,6 +173,16 @@ def test_mlp_rejects_bad_input(rng):
         nn.mlp(big, up, down, out=big[:, :32])
     with pytest.raises(ValueError, match="C-contiguous"):
         nn.mlp(x, up, down, out=np.empty((200, 64), F32)[:, ::2])
+    with pytest.raises(TypeError, match="expected float32 or float16, got dtype int64"):
+        nn.mlp(np.ones((200, 64), np.int64), up, down)
+    wrap = recording_wrapper([])
+    for u, d in ((up, down), (wrap(up), wrap(down))):  # both paths refuse out overlapping x
+        square = layer("int8", 64, 96, rng)
+        big = rng.normal(size=(200, 64)).astype(F32)
+        with pytest.raises(ValueError, match="overlap"):
+            nn.mlp(big, u, square if d is down else wrap(square), out=big)
+    with pytest.raises(ValueError, match="odd out_features, 95"):
+        nn.mlp(x, wrap(layer("int8", 95, 64, rng)), wrap(down), activation="swiglu")
 
 
 def plain_attention_block(x, qkv, proj, heads, kv_heads, **kw):
@@ -252,6 +273,11 @@ def test_attention_block_rejects_bad_input(rng):
     with pytest.raises(ValueError, match="overlap"):
         big = np.empty((6, 10, 32), F32)
         nn.attention_block(big, qkv, proj, 2, out=big[..., :16])
+    with pytest.raises(ValueError, match="overlap"):  # (the plain calls' path too)
+        big = np.empty((6, 10, 32), F32)
+        nn.attention_block(big, recording_wrapper([])(qkv), proj, 2, out=big[..., :16])
+    with pytest.raises(TypeError, match="expected float32 or float16"):
+        nn.attention_block(x.astype(np.int32), qkv, proj, 2)
 
 
 def test_attention_block_while_recording_is_refused_as_attention_is(rng):

@@ -166,6 +166,23 @@ def _plan_of(layer):
     return layer._plan if type(layer) is Linear else None
 
 
+# Calls of at most this many rows (a decode step's) take the plain path even for lowbit layers:
+# their LinearPlans then learn the weight called next and prefetch it (as LinearPlan's kStreamRows).
+_FEW_ROWS = 16
+
+
+def _block_input(x, out):
+    """A block op's x as float32 (float16 and float64 converted, as lb.Linear does; other dtypes
+    refused), out checked not to overlap it on every path."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"x: expected float32 or float16, got dtype {x.dtype}")
+    x = x.astype(F32, copy=False)
+    if isinstance(out, np.ndarray) and np.may_share_memory(out, x):
+        raise ValueError("out must not overlap the inputs")
+    return x
+
+
 def _residual_norm(spec):
     """residual_norm's (weight, bias, eps) as float32 arrays and a float, or Nones."""
     if spec is None:
@@ -186,7 +203,8 @@ def mlp(x, up, down, *, activation=None, residual_norm=None, out=None):
 
     Many rows run in blocks of 16-96 rows, each block through all three steps on one thread, so
     up's output (a BERT's 4096 x 1536 floats: 25 MB) is never written to memory and read back;
-    few rows (a decode step) run as the three calls. Either way the result is bit for bit that of
+    fewer rows than two blocks per thread run as the three kernel calls, and up to 16 rows (a
+    decode step) as the three layer calls. Either way the result is bit for bit that of
     ``down(act(up(x)))``, which is also what runs for other layers (any callables; ``out`` then
     goes to ``down(h, out=out)``) and while a graph is recorded (:func:`record`).
 
@@ -199,11 +217,12 @@ def mlp(x, up, down, *, activation=None, residual_norm=None, out=None):
     if activation not in _MLP_ACTIVATIONS:
         raise ValueError(f"activation: expected one of {list(_MLP_ACTIVATIONS)}, got {activation!r}")
     nw, nb, eps = _residual_norm(residual_norm)
+    x = _block_input(x, out)
     up_plan, down_plan = _plan_of(up), _plan_of(down)
-    if up_plan is not None and down_plan is not None:
+    if up_plan is not None and down_plan is not None and x.size > _FEW_ROWS * x.shape[-1]:
         x, x2 = _rows(x)
         n = down.out_features
-        o = _out(out, x.shape[:-1] + (n,), [x2])
+        o = _out(out, x.shape[:-1] + (n,), [a for a in (x2, nw, nb) if a is not None])
         if o is not None and not o.flags.c_contiguous:
             raise ValueError("out: expected a C-contiguous float32 array")
         y = _core.mlp(up_plan, down_plan, _MLP_ACTIVATIONS[activation], x2,
@@ -212,10 +231,13 @@ def mlp(x, up, down, *, activation=None, residual_norm=None, out=None):
             return o if o is not None else y.reshape(x.shape[:-1] + (n,))
     h = up(x)
     if activation is not None:
+        if h.shape[-1] % 2:
+            raise ValueError("mlp: a gated activation takes the two halves of up's output, and up "
+                             f"has an odd out_features, {h.shape[-1]}")
         half = h.shape[-1] // 2
         h = (swiglu if activation == "swiglu" else geglu)(h[..., :half], h[..., half:])
     y = down(h) if out is None else down(h, out=out)
-    return y if nw is None else layer_norm(y, nw, nb, eps, residual=x, out=y)
+    return y if nw is None else layer_norm(y, nw, nb, eps, residual=x, out=out)
 
 
 def silu(x):
@@ -292,7 +314,7 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
     A batch of several sequences runs sequence by sequence, each through the three steps on one
     thread, so the projections (a BERT's 4096 x 1152 floats: 19 MB) and the attention's output
     stay in cache instead of going to memory and back; fewer sequences than twice the threads
-    run as the three calls. Either way the result is bit for bit that of the three calls, which
+    run as the three kernel calls, and up to 16 tokens in all as the three layer calls. Either way the result is bit for bit that of the three calls, which
     is also what runs for other layers (any callables: ``qkv(x)`` then ``proj(ctx)``, or
     ``proj(ctx, out=out)``) and while a graph is recorded. Returns float32 (batch, tokens,
     proj's out_features), written to ``out`` when given (C-contiguous, not overlapping x)."""
@@ -302,15 +324,15 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
     for name, n in (("heads", heads), ("kv_heads", kv_heads)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name}: expected a positive integer, got {n!r}")
-    x = _f32(x)
+    x = _block_input(x, out)
     if x.ndim != 3:
         raise ValueError(f"x: expected shape (batch, tokens, hidden), got {x.shape}")
     lengths = _lengths(lengths)
     nw, nb, eps = _residual_norm(residual_norm)
     b, s = x.shape[:2]
     qkv_plan, proj_plan = _plan_of(qkv), _plan_of(proj)
-    if qkv_plan is not None and proj_plan is not None:
-        o = _out(out, (b, s, proj.out_features), [x])
+    if qkv_plan is not None and proj_plan is not None and b * s > _FEW_ROWS:
+        o = _out(out, (b, s, proj.out_features), [a for a in (x, nw, nb) if a is not None])
         if o is not None and not o.flags.c_contiguous:
             raise ValueError("out: expected a C-contiguous float32 array")
         width = qkv.out_features // (heads + 2 * kv_heads)  # head_dim (checked in C++)
@@ -330,7 +352,7 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
     ctx = attention(q, k, v, lengths=lengths, causal=causal, scale=scale, window=window,
                     precision=precision).reshape(b, s, heads * width)
     y = proj(ctx) if out is None else proj(ctx, out=out)
-    return y if nw is None else layer_norm(y, nw, nb, eps, residual=x, out=y)
+    return y if nw is None else layer_norm(y, nw, nb, eps, residual=x, out=out)
 
 
 def _lengths(lengths):
