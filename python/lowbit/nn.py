@@ -314,10 +314,11 @@ def attention_block(x, qkv, proj, heads, *, kv_heads=None, lengths=None, causal=
     A batch of several sequences runs sequence by sequence, each through the three steps on one
     thread, so the projections (a BERT's 4096 x 1152 floats: 19 MB) and the attention's output
     stay in cache instead of going to memory and back; fewer sequences than twice the threads
-    run as the three kernel calls, and up to 16 tokens in all as the three layer calls. Either way the result is bit for bit that of the three calls, which
-    is also what runs for other layers (any callables: ``qkv(x)`` then ``proj(ctx)``, or
-    ``proj(ctx, out=out)``) and while a graph is recorded. Returns float32 (batch, tokens,
-    proj's out_features), written to ``out`` when given (C-contiguous, not overlapping x)."""
+    run as the three kernel calls, and up to 16 tokens in all as the three layer calls. Either
+    way the result is bit for bit that of the three calls, which is also what runs for other
+    layers (any callables: ``qkv(x)`` then ``proj(ctx)``, or ``proj(ctx, out=out)``) and while a
+    graph is recorded. Returns float32 (batch, tokens, proj's out_features), written to ``out``
+    when given (C-contiguous, not overlapping x)."""
     if precision not in ("float32", "int8"):
         raise ValueError(f'precision: expected "float32" or "int8", got {precision!r}')
     kv_heads = heads if kv_heads is None else kv_heads
