@@ -999,6 +999,17 @@ void run_blocks(int64_t blocks, const All& all, const One& one) {
   });
 }
 
+// lowbit.nn.attention's limits on its settings, for attention and attention_block alike: window 0
+// (none) or a key count; int8 dot products within int32 for head_dim d over `keys` keys.
+void check_attention(int64_t window, bool int8, int64_t d, int64_t keys) {
+  if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
+  if (int8 && (d > kAttnInt8MaxDim || keys > kAttnInt8MaxKeys))
+    throw py::value_error("precision=\"int8\": expected head_dim <= " +
+                          std::to_string(kAttnInt8MaxDim) + " and keys <= " +
+                          std::to_string(kAttnInt8MaxKeys) + ", got " + std::to_string(d) +
+                          " and " + std::to_string(keys));
+}
+
 // The residual add and LayerNorm after a block (lowbit.nn's residual_norm): out rows replaced by
 // LayerNorm(out + x) with x the block's input rows (dense), in cache as each block finishes.
 struct PostNorm {
@@ -1246,14 +1257,11 @@ class LinearPlan {
       throw py::value_error("attention_block: proj takes " + std::to_string(proj.K_) +
                             " inputs, but the attention gives heads * head_dim = " +
                             std::to_string(heads * d));
-    if (a.int8 && d > kAttnInt8MaxDim)
-      throw py::value_error("precision=\"int8\": expected head_dim <= " + std::to_string(kAttnInt8MaxDim));
     norm.prepare(qkv.K_, proj.N_);
     if (Graph::recording()) return py::none();
     x = check<float>(x, "x", {-1, -1, qkv.K_});
     const int64_t B = x.shape(0), S = x.shape(1), Nq = qkv.N_;
-    if (a.int8 && S > kAttnInt8MaxKeys)
-      throw py::value_error("precision=\"int8\": expected keys <= " + std::to_string(kAttnInt8MaxKeys));
+    check_attention(a.window, a.int8, d, S);
     const py::object lens =
         lengths.is_none() ? lengths : py::object(check<int64_t>(lengths.cast<py::array>(), "lengths", {B}));
     const int64_t* lp = cptr_or_null<int64_t>(lens);
@@ -1743,15 +1751,10 @@ py::array attention_py(py::array q, py::array k, py::array v, const py::object& 
       lengths.is_none() ? lengths : py::object(check<int64_t>(lengths.cast<py::array>(), "lengths", {a.B}));
   a.lengths = cptr_or_null<int64_t>(lens);
   a.q = cptr<float>(q), a.k = cptr<float>(k), a.v = cptr<float>(v);
-  if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
   a.causal = causal, a.scale = scale, a.window = window;
   if (int8 && k_transposed)
     throw py::value_error("precision=\"int8\": not with keys in a KV cache's layout");
-  if (int8 && (a.d > kAttnInt8MaxDim || a.Sk > kAttnInt8MaxKeys))
-    throw py::value_error("precision=\"int8\": expected head_dim <= " +
-                          std::to_string(kAttnInt8MaxDim) + " and keys <= " +
-                          std::to_string(kAttnInt8MaxKeys) + ", got " + std::to_string(a.d) +
-                          " and " + std::to_string(a.Sk));
+  check_attention(window, int8, a.d, a.Sk);
   a.int8 = int8;
   Output y(out, {a.B, a.Sq, a.H, a.d});
   a.out = y.data();
@@ -1860,7 +1863,6 @@ PYBIND11_MODULE(_core, m) {
            int64_t kv_heads, const py::object& lengths, bool causal, float scale, int64_t window,
            bool int8, const py::object& out, const py::object& norm_weight,
            const py::object& norm_bias, float eps) {
-          if (window < 0) throw py::value_error("window: expected a positive number of keys or 0 (none)");
           AttnArgs a{};
           a.H = heads, a.Hkv = kv_heads, a.causal = causal, a.scale = scale, a.window = window;
           a.int8 = int8;
