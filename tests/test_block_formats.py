@@ -267,6 +267,42 @@ def test_unsupported_gguf_type_is_named_and_can_be_dequantized_or_skipped(tmp_pa
         lb.load_gguf(path, unsupported="ignore")
 
 
+def test_gguf_types_newer_than_lowbit_are_dequantized_skipped_or_named(tmp_path):
+    """A ggml type lowbit's table lacks (NVFP4 here) takes its block size from the gguf package,
+    so unsupported= works on it as on any type lowbit does not run; a type number nobody knows
+    can still be skipped, and is named otherwise."""
+    if "NVFP4" not in T.__members__:
+        pytest.skip("this gguf package predates NVFP4")
+    rng = np.random.default_rng(11)
+    nv = rng.integers(0, 256, (4, gguf.GGML_QUANT_SIZES[T.NVFP4][1]), dtype=np.uint8)
+    path = tmp_path / "newer.gguf"
+    ok = rng.normal(size=(4, 32)).astype(F32)
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tensor("ok", ok)
+    w.add_tensor("nv", nv, raw_dtype=T.NVFP4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(lb.FormatError, match=r"'nv' has type NVFP4.*dequantize"):
+        lb.load_gguf(path)
+    with np.errstate(all="ignore"):
+        got = lb.load_gguf(path, unsupported="dequantize")
+        ref = quants.dequantize(nv, T.NVFP4).astype(F32).reshape(got["nv"].shape)
+    assert same_bits(got["nv"], ref) and same_bits(got["ok"], ok)
+    assert list(lb.load_gguf(path, unsupported="skip")) == ["ok"]
+    # the same file with the tensor's type number changed to one nobody knows (255)
+    data = bytearray(path.read_bytes())
+    info = data.index(b"\x02" + bytes(7) + b"nv") + 10 + 4 + 16  # name, n_dims, 2 dims
+    assert data[info:info + 4] == T.NVFP4.value.to_bytes(4, "little")
+    data[info:info + 4] = (255).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert list(lb.load_gguf(path, unsupported="skip")) == ["ok"]
+    for mode in ("raise", "dequantize"):
+        with pytest.raises(lb.FormatError, match=r"'nv' has ggml type number 255, unknown to lowbit"):
+            lb.load_gguf(path, unsupported=mode)
+
+
 def test_fused_linear_groups_runs_of_equal_formats():
     rng = np.random.default_rng(9)
     q, k, v = weight("Q5_0", 32, 8, rng), weight("Q5_0", 16, 8, rng), weight("Q8_0", 16, 8, rng)

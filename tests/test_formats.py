@@ -366,6 +366,39 @@ def test_load_gptq_and_awq_checkpoints(tmp_path, rng):
     assert same_bits(lb.load_awq(awq)["l"].dequantize(), reference(q, z, s, np.arange(128) // 32))
 
 
+def test_gptq_v2_zero_points_and_configs_lowbit_does_not_read(tmp_path, rng):
+    """GPTQModel's v2 stores z, not z - 1: the config's checkpoint_format picks the reading, and
+    a config naming another format, method or AWQ version is refused, not misread."""
+    q, z, s = make_quantized(rng, 16, 64, 32)
+    z[0, 0] = 0  # v2 holds zero points 0..15
+    z[1, 1] = 15
+    ref = reference(q, z, s, np.arange(64) // 32)
+    assert same_bits(lb.from_gptq(pack_rows(q), pack_cols(z), s, checkpoint_format="gptq_v2").dequantize(), ref)
+    folder = tmp_path / "v2"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", {"l.qweight": pack_rows(q), "l.qzeros": pack_cols(z),
+                                                     "l.scales": s})
+    (folder / "quantize_config.json").write_text('{"bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2"}')
+    assert same_bits(lb.load_gptq(folder)["l"].dequantize(), ref)
+    (folder / "quantize_config.json").write_text('{"bits": 4, "checkpoint_format": "marlin"}')
+    with pytest.raises(lb.FormatError, match="checkpoint_format 'marlin'"):
+        lb.load_gptq(folder)
+    with pytest.raises(lb.FormatError, match="checkpoint_format 'gptq_v3'"):
+        lb.from_gptq(pack_rows(q), pack_cols(z), s, checkpoint_format="gptq_v3")
+    (folder / "quantize_config.json").unlink()
+    (folder / "config.json").write_text('{"quantization_config": {"bits": 4, "quant_method": "awq"}}')
+    with pytest.raises(lb.FormatError, match="quant_method 'awq', not 'gptq'"):
+        lb.load_gptq(folder)
+    (folder / "config.json").write_text('{"quantization_config": {"bits": 4, "quant_method": "awq", '
+                                        '"version": "gemv"}}')
+    with pytest.raises(lb.FormatError, match="version 'gemv'"):
+        lb.load_awq(folder)
+    (folder / "config.json").unlink()
+    (folder / "quant_config.json").write_text('{"w_bit": 8, "q_group_size": 32, "version": "GEMM"}')
+    with pytest.raises(lb.FormatError, match="AWQ with 8 bits"):  # AutoAWQ's own names
+        lb.load_awq(folder)
+
+
 def test_bad_checkpoints_raise_format_error(tmp_path, rng):
     q, z, s = make_quantized(rng, 16, 64, 32)
     qweight, qzeros = pack_rows(q), pack_cols(z - 1)

@@ -7,7 +7,8 @@ values, float16 scales and packed integer zero points:
   ``qzeros`` int32 [K/G, N/8] packed along N, storing z - 1; ``scales`` float16 [K/G, N];
   optional ``g_idx`` int32 [K], the group of each input (act-order). lowbit sorts the inputs by
   group once, at load, so every group is contiguous for the kernels, and gathers each layer's
-  inputs in that order.
+  inputs in that order. GPTQModel's v2 (``"checkpoint_format": "gptq_v2"`` in the config) is the
+  same but for ``qzeros``, which store z itself.
 * AWQ (GEMM): ``qweight`` int32 [K, N/8] packed along N, nibble i of word c holding column
   8c + [0, 2, 4, 6, 1, 3, 5, 7][i]; ``qzeros`` int32 [K/G, N/8] in the same order, storing z;
   ``scales`` float16 [K/G, N].
@@ -28,6 +29,7 @@ from .errors import FormatError
 from .quantize import QuantizedWeight
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format: what qzeros add to z
 
 
 def _int32_matrix(a, what):
@@ -82,11 +84,15 @@ def _check_qzeros(qz, groups, n, kind):
                           f"got {qz.shape}{other}; lowbit reads 4-bit {kind}")
 
 
-def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight:
-    """A :class:`QuantizedWeight` from one GPTQ (AutoGPTQ v1) layer's tensors; see the module
-    docstring for the layout. Only 4-bit GPTQ is read."""
+def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, checkpoint_format="gptq") -> QuantizedWeight:
+    """A :class:`QuantizedWeight` from one GPTQ layer's tensors; see the module docstring for the
+    layout. Only 4-bit GPTQ is read. checkpoint_format: "gptq" (v1: qzeros store z - 1) or
+    "gptq_v2" (they store z), as the checkpoint's quantization config names it."""
     if bits != 4:
         raise FormatError(f"GPTQ with {bits} bits is not supported; lowbit reads 4-bit GPTQ")
+    if checkpoint_format not in _GPTQ_FORMATS:
+        raise FormatError(f"GPTQ checkpoint_format {checkpoint_format!r} is not supported; lowbit "
+                          f"reads {' and '.join(map(repr, _GPTQ_FORMATS))}")
     qw = _int32_matrix(qweight, "qweight")
     qz = _int32_matrix(qzeros, "qzeros")
     k, n = qw.shape[0] * 8, qw.shape[1]
@@ -94,7 +100,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4) -> QuantizedWeight
     _check_qzeros(qz, groups, n, "GPTQ")
     d = _scales(scales, groups, n, "scales")
     q = _nibbles(qw.T)                                # [K/8, N] -> (N, K)
-    z = _nibbles(qz).T.astype(np.int16) + 1           # stored z - 1
+    z = _nibbles(qz).T.astype(np.int16) + _GPTQ_FORMATS[checkpoint_format]  # stored z - 1 (v1)
     group = _group_size(k, groups)
     perm = None
     if g_idx is not None and k:
@@ -144,26 +150,47 @@ def _tensors(source) -> dict:
     return out
 
 
-def _config_bits(source):
-    """The bits the quantization config beside a checkpoint (in its directory, or the file's)
-    names, or None."""
+def _config(source) -> dict:
+    """The quantization config beside a checkpoint (quantize_config.json, or config.json's
+    quantization_config, in its directory or the file's), or {}."""
     if isinstance(source, dict):
-        return None
+        return {}
     folder = os.fspath(source)
     folder = folder if os.path.isdir(folder) else os.path.dirname(folder) or "."
-    for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
+    for name, key in (("quantize_config.json", None), ("quant_config.json", None),
+                      ("config.json", "quantization_config")):
         try:
             with open(os.path.join(folder, name)) as f:
                 config = json.load(f)
         except (OSError, ValueError):
             continue
         config = config.get(key) if key and isinstance(config, dict) else config
-        if isinstance(config, dict) and "bits" in config:
-            try:
-                return int(config["bits"])
-            except (TypeError, ValueError):
-                return config["bits"]
-    return None
+        if isinstance(config, dict):
+            return config
+    return {}
+
+
+def _check_config(source, method, accepted):
+    """Refuses a checkpoint whose config names other bits, another method, or (a key of
+    `accepted`) a value lowbit does not read; gives the config."""
+    config = _config(source)
+    bits = config.get("bits", config.get("w_bit", 4))  # (AutoAWQ's own name)
+    try:
+        bits = int(bits)
+    except (TypeError, ValueError):
+        pass
+    if bits != 4:
+        raise FormatError(f"{source}: {method.upper()} with {bits} bits is not supported; lowbit "
+                          f"reads 4-bit {method.upper()}")
+    quant_method = str(config.get("quant_method", method)).lower()
+    if quant_method != method:
+        raise FormatError(f"{source}: its config names quant_method {quant_method!r}, not {method!r}")
+    for key, values in accepted.items():
+        value = str(config.get(key, values[0])).lower()
+        if value not in values:
+            raise FormatError(f"{source}: {method.upper()} {key} {value!r} is not supported; lowbit "
+                              f"reads {' and '.join(map(repr, values))}")
+    return config
 
 
 def _load(source, build, parts) -> dict:
@@ -192,16 +219,19 @@ def _load(source, build, parts) -> dict:
 def load_gptq(source) -> dict:
     """Every layer of a 4-bit GPTQ checkpoint (a .safetensors file, a directory of them, or a dict
     of arrays) as a :class:`QuantizedWeight` under its prefix (``...q_proj``); the other tensors
-    (biases, embeddings, norms) come back as arrays under their own names. A quantize_config.json
-    (or config.json's quantization_config) in the checkpoint's folder naming other bits is
-    refused."""
-    bits = _config_bits(source)
-    if bits not in (None, 4):
-        raise FormatError(f"{source}: GPTQ with {bits} bits is not supported; lowbit reads 4-bit GPTQ")
+    (biases, embeddings, norms) come back as arrays under their own names. The quantization config
+    in the checkpoint's folder (quantize_config.json, or config.json's quantization_config) is
+    read: its checkpoint_format picks v1 ("gptq", the default) or v2 ("gptq_v2"), and other bits,
+    another quant_method or another checkpoint_format are refused."""
+    config = _check_config(source, "gptq", {"checkpoint_format": tuple(_GPTQ_FORMATS)})
+    fmt = str(config.get("checkpoint_format", "gptq")).lower()
     return _load(source, lambda qweight, qzeros, scales, g_idx=None: from_gptq(
-        qweight, qzeros, scales, g_idx), ("qweight", "qzeros", "scales", "g_idx"))
+        qweight, qzeros, scales, g_idx, checkpoint_format=fmt),
+        ("qweight", "qzeros", "scales", "g_idx"))
 
 
 def load_awq(source) -> dict:
-    """Like :func:`load_gptq`, for AWQ (GEMM layout) checkpoints."""
+    """Like :func:`load_gptq`, for AWQ (GEMM layout) checkpoints: a config naming other bits,
+    another quant_method or another version than "gemm" (GEMV, Marlin) is refused."""
+    _check_config(source, "awq", {"version": ("gemm",)})
     return _load(source, from_awq, ("qweight", "qzeros", "scales"))

@@ -28,6 +28,7 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 # ggml tensor types by number (names as llama.cpp spells them), with (elements, bytes) per block
 # so that every tensor's extent is checked, read or not. The block formats' rows come from their
 # descriptors (lowbit.formats); the rest are read as lowbit's int4 / int8 layouts or as arrays.
+# Types newer than this table take their sizes from the gguf package where it is installed.
 _GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
                9: ("Q8_1", 32, 40), 15: ("Q8_K", 256, 292),
                16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
@@ -36,7 +37,6 @@ _GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_
                28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
                35: ("TQ2_0", 256, 66)}
 _GGML_TYPES.update({f.ggml_type: (f.name, f.block, f.bytes) for f in BLOCK_FORMATS.values()})
-_BLOCKS = {name: (block, size) for name, block, size in _GGML_TYPES.values()}
 _ARRAYS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4",
            "I64": "<i8"}
 # the quantized types that become QuantizedWeights
@@ -151,15 +151,15 @@ class _File:
         data = -(-c.pos // align) * align
         self.tensors = {}
         for name, dims, ttype, offset in infos:
-            type_name = _GGML_TYPES.get(ttype, (f"type {ttype}",))[0]
+            type_name, *sizes = _GGML_TYPES.get(ttype) or _newer_type(ttype) or (f"number {ttype}",)
             count = int(np.prod(dims, dtype=object))
             # numpy's limit is on bytes, 8 per element at most: an empty tensor with huge other
             # dimensions must not become an array either (F64 / I64 views of 2^60 elements)
             if int(np.prod([d for d in dims if d], dtype=object)) >= 1 << 59:
                 raise FormatError(f"GGUF tensor {name!r}: dimensions {list(dims)} beyond any array")
-            nbytes = None
-            if type_name in _BLOCKS:
-                block, size = _BLOCKS[type_name]
+            nbytes = None  # a type neither lowbit nor the gguf package knows: its extent is not
+            if sizes:        # known, and only load_gguf(..., unsupported="skip") reads the file
+                block, size = sizes
                 if dims[0] % block:
                     raise FormatError(f"GGUF tensor {name!r}: rows of {dims[0]} are not whole "
                                       f"{type_name} blocks of {block}")
@@ -176,10 +176,35 @@ class _File:
         """(type name, numpy shape, uint8 rows of the tensor's bytes: a view of the file)."""
         type_name, shape, at, nbytes = self.tensors[name]
         if nbytes is None:
-            raise FormatError(f"GGUF tensor {name!r} has type {type_name}, unknown to lowbit")
+            raise FormatError(f"GGUF tensor {name!r} has ggml type {type_name}, unknown to lowbit "
+                              f"and to the gguf package{'' if _gguf_tables() else ' (not installed)'}; "
+                              f"load_gguf(..., unsupported='skip') leaves it out")
         rows = int(np.prod(shape[:-1], dtype=np.int64))
         raw = np.frombuffer(self.map, np.uint8, nbytes, at)
         return type_name, shape, raw.reshape(rows, nbytes // rows if rows else 0)
+
+
+def _gguf_tables():
+    """The gguf package's type enum and (elements, bytes) per block, or None without it."""
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        return None
+    return GGMLQuantizationType, GGML_QUANT_SIZES
+
+
+def _newer_type(ttype):
+    """(name, elements, bytes) per block of a ggml type newer than lowbit's table, from the gguf
+    package where it is installed and knows the type (its reference dequantizer then reads it)."""
+    tables = _gguf_tables()
+    if tables is None:
+        return None
+    types, sizes = tables
+    try:
+        qtype = types(ttype)
+        return (qtype.name, *sizes[qtype])
+    except (ValueError, KeyError):
+        return None
 
 
 def gguf_metadata(path) -> dict:
@@ -205,9 +230,10 @@ def load_gguf(path, *, unsupported: str = "raise") -> dict:
     ``qw.dequantize()`` equals the gguf package's reference dequantization bit for bit. F32, F16
     and the integer types come back as read-only arrays viewing the file, BF16 as float32 arrays.
 
-    Any other type (IQ2_XXS, TQ1_0, ...) raises :class:`lowbit.FormatError` naming the tensor, its
-    type and the types read; ``unsupported="dequantize"`` gives such tensors as float32 arrays
-    instead (through the ``gguf`` package's reference dequantizer, which must be installed), and
+    Any other type (IQ2_XXS, TQ1_0, ..., and types newer than lowbit) raises
+    :class:`lowbit.FormatError` naming the tensor, its type and the types read;
+    ``unsupported="dequantize"`` gives such tensors as float32 arrays instead (through the ``gguf``
+    package's reference dequantizer, which must be installed and know the type), and
     ``unsupported="skip"`` leaves them out. So do quantized tensors of a type read that are not
     matrices the kernels run (stacks of experts' matrices, vectors, rows of more than
     ``lowbit._core.MAX_K`` inputs), dequantized by lowbit itself.
@@ -217,6 +243,8 @@ def load_gguf(path, *, unsupported: str = "raise") -> dict:
     f = _File(path)
     out = {}
     for name in f.tensors:
+        if f.tensors[name][3] is None and unsupported == "skip":  # a type nobody here knows
+            continue
         type_name, shape, raw = f.raw(name)
         if type_name in _ARRAYS:
             out[name] = raw.reshape(-1).view(_ARRAYS[type_name]).reshape(shape)
