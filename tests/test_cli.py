@@ -138,6 +138,46 @@ def test_bf16_safetensors_load_as_float32(tmp_path):
     np.testing.assert_array_equal(lb.load(tmp_path / "b.safetensors")["x"], x)
 
 
+def write_bf16(path, tensors):
+    """A safetensors file of {name: float32 array} stored as bfloat16 (the top 16 bits)."""
+    header, blobs, at = {}, [], 0
+    for name, x in tensors.items():
+        bits = (np.ascontiguousarray(x, F32).view(np.uint32) >> 16).astype("<u2")
+        header[name] = {"dtype": "BF16", "shape": list(x.shape), "data_offsets": [at, at + bits.nbytes]}
+        blobs.append(bits.tobytes())
+        at += bits.nbytes
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_quantize_reads_a_bf16_checkpoint_one_tensor_at_a_time(tmp_path, rng, capsys):
+    """A BF16 checkpoint's float32 copies take twice the file: the command converts each tensor
+    when it quantizes it (the file's tensors stay BF16 views until then), reports the file's
+    bytes, and writes the tensors it keeps back as BF16."""
+    from lowbit.io import BF16
+
+    def bf16_values(x):  # what a BF16 file holds of x, as float32
+        return ((x.view(np.uint32) >> 16) << 16).view(F32)
+
+    w = rng.normal(size=(64, 128)).astype(F32)
+    norm = rng.normal(size=128).astype(F32)
+    write_bf16(tmp_path / "m.safetensors", {"w": w, "norm": norm})
+    tensors = cli.read_tensors(tmp_path / "m.safetensors")
+    assert all(isinstance(t, BF16) for t in tensors.values()) and tensors["w"].nbytes == w.size * 2
+    np.testing.assert_array_equal(np.asarray(tensors["w"]), bf16_values(w))
+    cli.main(["quantize", str(tmp_path / "m.safetensors"), str(tmp_path / "o.lowbit"), "--bits", "4",
+              "--group-size", "32"])
+    table = capsys.readouterr().out
+    assert "bfloat16 (kept" in table and f"{w.size * 2 / 1e6:.2f}" in table
+    got = lb.load(tmp_path / "o.lowbit")
+    expect = lb.quantize(bf16_values(w), bits=4, group_size=32)
+    np.testing.assert_array_equal(got["w"].dequantize(), expect.dequantize())
+    np.testing.assert_array_equal(got["norm"], bf16_values(norm))
+    header_len = int.from_bytes((tmp_path / "o.lowbit").read_bytes()[:8], "little")
+    header = json.loads((tmp_path / "o.lowbit").read_bytes()[8:8 + header_len])
+    assert header["norm"]["dtype"] == "BF16"
+
+
 def fake_rows(shapes):
     return [dict(M=m, N=n, K=k, format=f, us=us * m, speedup=1.0, rel_error=0.0, weight_mb=1.0)
             for f, us in (("numpy float32", 50.0), ("int8 sym (W8A8)", 10.0)) for m, n, k in shapes]

@@ -100,7 +100,7 @@ def cmd_bench(args):
 def read_tensors(path):
     """{name: array | QuantizedWeight} of a .gguf, .npz or safetensors / lowbit file."""
     from .gguf import load_gguf
-    from .io import load
+    from .io import _load
 
     path = str(path)
     if path.lower().endswith(".gguf"):
@@ -108,7 +108,7 @@ def read_tensors(path):
     if path.lower().endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    return load(path)
+    return _load(path, bf16=True)  # BF16 tensors converted one at a time, as they are used
 
 
 def relative_error(a, qw, sample=1024):
@@ -206,6 +206,7 @@ class Progress:
 def plan_tensors(tensors, plan, default, min_dim):
     """{name: settings or None (kept), reason kept}: plan entries must name tensors that exist
     and can be quantized with their settings; the defaults apply to the float matrices they fit."""
+    from .io import BF16
     from .quantize import QuantizedWeight
 
     unknown = sorted(set(plan) - set(tensors))
@@ -213,7 +214,7 @@ def plan_tensors(tensors, plan, default, min_dim):
         raise ValueError(f"--plan names tensors the input does not hold: {', '.join(map(repr, unknown))}")
     jobs = {}
     for name, t in tensors.items():
-        a = None if isinstance(t, QuantizedWeight) else np.asarray(t)
+        a = None if isinstance(t, QuantizedWeight) else t if isinstance(t, BF16) else np.asarray(t)
         matrix = a is not None and a.ndim == 2 and a.dtype.kind == "f"
         what = ("already quantized" if a is None else f"{a.dtype} of shape {a.shape}, not a 2-D "
                 f"float matrix")
@@ -240,7 +241,7 @@ def plan_tensors(tensors, plan, default, min_dim):
 
 
 def cmd_quantize(args):
-    from .io import release_pages, save
+    from .io import BF16, release_pages, save
     from .quantize import QuantizedWeight, quantize
 
     inputs = [p for p in (args.input, args.calibration, args.plan) if p]
@@ -273,7 +274,8 @@ def cmd_quantize(args):
         s, kept = jobs[name]
         if s is None:
             out[name] = t
-            kind = t.format if isinstance(t, QuantizedWeight) else f"{np.asarray(t).dtype}"
+            kind = (t.format if isinstance(t, QuantizedWeight) else "bfloat16" if isinstance(t, BF16)
+                    else f"{np.asarray(t).dtype}")
             table.append((name, t.shape, f"{kind} ({kept})", t.nbytes, t.nbytes, None))
             continue
         a = np.asarray(t)
@@ -286,9 +288,9 @@ def cmd_quantize(args):
         out[name] = qw
         g = f"g{qw.group_size}" if qw.group_size else "per-row"
         how = ("" if qw.symmetric else " asym") + ("" if args.method == "rtn" else " " + args.method)
-        table.append((name, a.shape, f"int{qw.bits} {g}{how}", a.nbytes, qw.nbytes,
+        table.append((name, a.shape, f"int{qw.bits} {g}{how}", t.nbytes, qw.nbytes,
                       relative_error(a, qw)))
-        release_pages(a)
+        release_pages(t.bits if isinstance(t, BF16) else a)
     progress.close()
     save(args.output, out)
     width = max([len(r[0]) for r in table] + [6])

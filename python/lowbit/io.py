@@ -46,6 +46,26 @@ _MAX_DIMS = 32
 _PARTIAL = ".lowbit-save-"
 
 
+class BF16:
+    """A bfloat16 tensor of a file, read as float32 when used (``np.asarray``), one at a time:
+    what ``lowbit quantize`` holds of a BF16 checkpoint, whose float32 copies would take twice
+    the file. ``bits`` is the file's uint16 view; :func:`save` writes it back as BF16."""
+
+    __slots__ = ("bits",)
+    dtype = np.dtype(np.float32)  # what it reads as
+
+    def __init__(self, bits):
+        self.bits = bits
+
+    shape = property(lambda self: self.bits.shape)
+    ndim = property(lambda self: self.bits.ndim)
+    nbytes = property(lambda self: self.bits.nbytes)  # in the file
+
+    def __array__(self, dtype=None, copy=None):
+        a = (self.bits.astype(np.uint32) << 16).view(np.float32)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
 def save(path, tensors: dict) -> None:
     """Writes ``{name: QuantizedWeight | np.ndarray}`` to `path` (see the module docstring).
 
@@ -57,7 +77,7 @@ def save(path, tensors: dict) -> None:
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors: expected a dict of name -> QuantizedWeight or numpy array, "
                         f"got {type(tensors).__name__}")
-    arrays, described = {}, {}
+    arrays, described, bf16 = {}, {}, set()
     for name, t in tensors.items():
         if not isinstance(name, str) or ":" in name or name == "__metadata__":
             raise ValueError(f"tensor names must be strings without ':', got {name!r}")
@@ -76,6 +96,9 @@ def save(path, tensors: dict) -> None:
                 a = getattr(t, "_" + part)
                 if a is not None:
                     arrays[f"{name}:{part}"] = a.astype(np.int64) if part == "perm" else a
+        elif isinstance(t, BF16):
+            arrays[name] = t.bits
+            bf16.add(name)
         else:
             a = np.asarray(t)
             if a.dtype.newbyteorder("<") not in _CODES:
@@ -86,7 +109,8 @@ def save(path, tensors: dict) -> None:
     header, offset = {}, 0
     for name in order:
         a = arrays[name]
-        header[name] = {"dtype": _CODES[a.dtype.newbyteorder("<")], "shape": list(a.shape),
+        header[name] = {"dtype": "BF16" if name in bf16 else _CODES[a.dtype.newbyteorder("<")],
+                        "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     header["__metadata__"] = {"lowbit": json.dumps({"version": FORMAT_VERSION, "weights": described})}
@@ -161,8 +185,13 @@ def load(path, mmap=True) -> dict:
     mmap=False reads the whole file into memory instead. A truncated, inconsistent or malformed
     file raises :class:`lowbit.FormatError`; the parts of each weight are checked against each
     other (column sums recomputed, padding zero, scales finite), one pass over its values."""
+    return _load(path, mmap)
+
+
+def _load(path, mmap=True, bf16=False):
+    """load(); bf16=True gives BF16 tensors as :class:`BF16` (converted when used)."""
     path = os.fspath(path)
-    tensors, meta = _read(path, mmap)
+    tensors, meta = _read(path, mmap, bf16)
     described, version = {}, None
     if "lowbit" in meta:
         lowbit = _parse_json(meta["lowbit"], path, "lowbit metadata")
@@ -179,6 +208,7 @@ def load(path, mmap=True) -> dict:
     out = {}
     for name, d in described.items():
         parts = {p: tensors.pop(f"{name}:{p}", None) for p in _PARTS}
+        parts = {p: np.asarray(a) if isinstance(a, BF16) else a for p, a in parts.items()}
         if name in tensors:
             raise FormatError(f"{path}: {name!r} names both a weight and a tensor")
         if version == 1 and parts["in_scale"] is not None:
@@ -191,11 +221,12 @@ def load(path, mmap=True) -> dict:
     return out
 
 
-def _read(path, use_mmap=True):
+def _read(path, use_mmap=True, bf16=False):
     """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
     count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
     tiling the data section (disjoint, no bytes outside a tensor), the JSON strict (no duplicate
-    keys, NaN or Infinity; nesting bounded). Anything else raises FormatError."""
+    keys, NaN or Infinity; nesting bounded). Anything else raises FormatError. BF16 tensors come
+    as float32 copies, or with bf16=True as :class:`BF16` views of the file."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
@@ -216,7 +247,7 @@ def _read(path, use_mmap=True):
         raise FormatError(f"{path}: __metadata__ should be an object, got {type(meta).__name__}")
     tensors, ranges = {}, []
     for name, info in header.items():
-        tensors[name], begin, end = _view(buf, 8 + n, size, name, info)
+        tensors[name], begin, end = _view(buf, 8 + n, size, name, info, bf16)
         if end > begin:
             ranges.append((begin, end, name))
     # as the safetensors format requires: the tensors tile the data section, no overlap, no hole
@@ -261,9 +292,10 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _view(buf, start, size, name, info):
+def _view(buf, start, size, name, info, lazy_bf16=False):
     """(the tensor `name` as a read-only array on `buf`, its byte range in the data section),
-    its header entry checked against the file. A tensor misaligned for its dtype is copied."""
+    its header entry checked against the file. A tensor misaligned for its dtype is copied; BF16
+    is converted to float32, or with lazy_bf16 wrapped in :class:`BF16`."""
     def bad_entry():
         return FormatError(f"tensor {name!r}: bad header entry {info!r} (dtype one of "
                            f"{sorted(_DTYPES) + ['BF16']}, shape: a list of at most {_MAX_DIMS} "
@@ -289,8 +321,10 @@ def _view(buf, start, size, name, info):
         raise FormatError(f"tensor {name!r}: {dtype} {tuple(shape)} does not match bytes "
                           f"[{begin}, {end}) of the {size - start}-byte data section")
     a = np.frombuffer(buf, dtype, count, start + begin).reshape(shape)
+    if bf16 and lazy_bf16:
+        return BF16(a), begin, end  # (converted when used, aligned or not)
     if bf16:
-        a = (a.astype(np.uint32) << 16).view(np.float32)
+        a = np.asarray(BF16(a))
     elif (start + begin) % dtype.alignment:
         a = a.copy()  # kernels read aligned memory (lb.save aligns every tensor; other writers may not)
     a.flags.writeable = False
