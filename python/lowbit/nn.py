@@ -402,8 +402,13 @@ def rope(x, cos, sin, style="pairs"):
     return _core.rope(_f32(x), _f32(cos, "cos"), _f32(sin, "sin"), style == "neox")
 
 
-def _rope_rows(head_dim, base, rows):
-    return rope_tables(head_dim, np.arange(rows), base)
+def _rope_rows(head_dim, base, rows, chunk=1 << 15):
+    """rope_tables of positions 0 .. rows - 1, made a chunk at a time: the float64 angles and
+    their cosines of a million positions would take three times the float32 tables."""
+    cos, sin = np.empty((rows, head_dim // 2), F32), np.empty((rows, head_dim // 2), F32)
+    for r in range(0, rows, chunk):
+        cos[r:r + chunk], sin[r:r + chunk] = rope_tables(head_dim, np.arange(r, min(rows, r + chunk)), base)
+    return cos, sin
 
 
 class RoPE:
