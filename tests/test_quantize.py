@@ -115,3 +115,6 @@ def test_rows_select_like_numpy_indexing(rng, fmt):
     for bad in (40, -41, [0, 40], np.array([-41]), np.uint64(2**63 + 1)):
         with pytest.raises(IndexError, match="out of range"):
             qw.dequantize(rows=bad)
+    for bad in (True, 1.0, np.array([[0, 1], [2, 3]]), [0.5]):  # not row numbers: named as such
+        with pytest.raises(TypeError, match="rows: expected"):
+            qw.dequantize(rows=bad)

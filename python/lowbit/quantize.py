@@ -179,6 +179,10 @@ class QuantizedWeight:
         """Row numbers (1-D) selected by rows (None, an index, a slice or an index array)."""
         n = self.shape[0]
         r = None if rows is None or isinstance(rows, slice) else np.asarray(rows)
+        if r is not None and (r.ndim > 1 or (r.dtype.kind not in "iub" and r.size) or
+                              (r.dtype.kind == "b" and r.ndim == 0)):
+            raise TypeError(f"rows: expected None, an integer, a slice, or a 1-D array of row "
+                            f"numbers or booleans, got {rows!r}")
         if (r is not None and r.ndim == 1 and r.dtype == np.int64 and 0 < r.size <= 64 and
                 r.min() >= 0 and r.max() < n):
             return r  # the array itself (lowbit.nn.record reads the rows from it)
