@@ -458,13 +458,13 @@ class BlockCache {
     held_ += bytes;
   }
 
+  size_t limit() const { return limit_; }
+
  private:
-  BlockCache() {
-    const char* env = std::getenv("LOWBIT_CACHE_MB");
-    limit_ = (env ? (size_t)std::max(0L, std::strtol(env, nullptr, 10)) : 64) << 20;
-  }
+  BlockCache() : limit_((size_t)env_count("LOWBIT_CACHE_MB", 0, kMaxMB, 64, "MB") << 20) {}
+  static constexpr int64_t kMaxMB = int64_t(1) << 20;  // 1 TB: more is a typo, not a cache
   std::multimap<size_t, void*> free_;
-  size_t held_ = 0, limit_ = 0;
+  size_t held_ = 0, limit_;
 };
 
 // A new C-contiguous float32 array of `shape` (uninitialised).
@@ -1798,6 +1798,8 @@ PYBIND11_MODULE(_core, m) {
     return d;
   });
   m.def("get_num_threads", &get_num_threads);
+  m.def("cache_limit_mb", [] { return (int64_t)(BlockCache::get().limit() >> 20); },
+        "MB of freed result blocks kept for reuse (LOWBIT_CACHE_MB)");
   m.def("set_num_threads", [](const py::int_& n) {
     int overflow = 0;  // a count beyond int64 is out of range like any other
     const long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);

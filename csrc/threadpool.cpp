@@ -26,6 +26,20 @@ static inline void cpu_relax() {}
 #endif
 
 namespace lowbit {
+
+// (threadpool.h) Digits only: atoi read "1e3" as 1 and "99999999999" as 1215752191.
+int64_t env_count(const char* name, int64_t lo, int64_t hi, int64_t unset, const char* what) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return unset;
+  int64_t n = 0;
+  const char* c = env;
+  for (; *c >= '0' && *c <= '9' && n <= hi; ++c) n = n * 10 + (*c - '0');
+  if (*c || n < lo || n > hi)
+    throw std::invalid_argument(std::string(name) + ": expected a whole number of " + what + " in " +
+                                std::to_string(lo) + ".." + std::to_string(hi) + ", got '" + env + "'");
+  return n;
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -50,18 +64,9 @@ void check_count(int64_t n) {
                                 ", got " + std::to_string(n));
 }
 
-// LOWBIT_NUM_THREADS: digits only (no sign, exponent or trailing text: atoi read "1e3" as 1 and
-// "99999999999" as 1215752191), a count in 1..kMaxThreads; unset or empty: the CPUs available.
+// LOWBIT_NUM_THREADS: a count in 1..kMaxThreads; unset or empty: the CPUs available.
 int default_threads() {
-  if (const char* env = std::getenv("LOWBIT_NUM_THREADS"); env && *env) {
-    int64_t n = 0;
-    const char* c = env;
-    for (; *c >= '0' && *c <= '9' && n <= kMaxThreads; ++c) n = n * 10 + (*c - '0');
-    if (*c || n < 1 || n > kMaxThreads)
-      throw std::invalid_argument("LOWBIT_NUM_THREADS: expected a whole number of threads in 1.." +
-                                  std::to_string(kMaxThreads) + ", got '" + env + "'");
-    return (int)n;
-  }
+  if (const int64_t n = env_count("LOWBIT_NUM_THREADS", 1, kMaxThreads, 0, "threads")) return (int)n;
   long n = 0;
 #ifdef __linux__
   cpu_set_t set;  // the CPUs this process may run on (containers, taskset)

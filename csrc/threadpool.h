@@ -18,6 +18,11 @@ constexpr int64_t kMaxThreads = 1024;
 int get_num_threads();
 void set_num_threads(int64_t n);
 
+// A whole number in lo..hi from environment variable `name` (digits only), `unset` when it is
+// unset or empty; anything else throws std::invalid_argument naming the variable and `what` it
+// counts.
+int64_t env_count(const char* name, int64_t lo, int64_t hi, int64_t unset, const char* what);
+
 // Calls fn(begin, end) on disjoint contiguous ranges covering [0, ntasks), in parallel.
 // Runs inline when ntasks <= 1, when called from inside a pool job, or when another caller
 // holds the pool (concurrent Python threads then each compute on their own thread).

@@ -173,6 +173,18 @@ def test_environment_thread_count_at_the_limit():
     assert r.stdout.strip() == "1024", r.stderr
 
 
+@pytest.mark.parametrize("value,limit", [("", 64), ("0", 0), ("256", 256), ("banana", None),
+                                         ("-5", None), ("1e3", None), ("99999999999999999999", None)])
+def test_environment_cache_size_is_parsed_strictly(value, limit):
+    """LOWBIT_CACHE_MB: strtol took "banana" and "-5" as 0 and overflowed the shift on huge ones."""
+    r = run_python("import lowbit; print(lowbit._core.cache_limit_mb())", LOWBIT_CACHE_MB=value)
+    if limit is None:
+        assert r.returncode != 0
+        assert f"LOWBIT_CACHE_MB: expected a whole number of MB in 0..1048576, got '{value}'" in r.stderr
+    else:
+        assert r.stdout.strip() == str(limit), r.stderr
+
+
 def test_set_num_threads_validates(threads):
     for bad in (0, -1, 1025, 2**31 + 1, 2**40, 2**70, -2**70):
         with pytest.raises(ValueError, match=r"num_threads must be in 1\.\.1024, got"):

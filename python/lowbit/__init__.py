@@ -28,9 +28,10 @@ __all__ = [
     "layer_sensitivity", "model_sensitivity", "plan_precision", "metrics",
 ]
 
-# Resolve the kernel table and the thread count now, so that a bad LOWBIT_ISA or
-# LOWBIT_NUM_THREADS fails at import saying what it accepts.
+# Resolve the kernel table, the thread count and the result cache now, so that a bad LOWBIT_ISA,
+# LOWBIT_NUM_THREADS or LOWBIT_CACHE_MB fails at import saying what it accepts.
 from . import _core as _c
 _c.isa()
 _c.get_num_threads()
+_c.cache_limit_mb()
 del _c
