@@ -248,6 +248,17 @@ def quantize_fails(argv, capsys, match):
     return err
 
 
+def test_quantize_and_save_name_a_missing_output_folder_before_any_work(tmp_path, weights, capsys):
+    src = tmp_path / "w.npz"
+    np.savez(src, **weights)
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", str(src), str(tmp_path / "nowhere" / "o.lowbit")])
+    out, err = capsys.readouterr()
+    assert f"no folder {tmp_path / 'nowhere'}" in err and "[1/" not in out + err  # (none started)
+    with pytest.raises(FileNotFoundError, match="no folder .*nowhere to write it in"):
+        lb.save(tmp_path / "nowhere" / "m.lowbit", {"a": np.ones(2)})
+
+
 def test_quantize_refuses_to_overwrite_its_input(tmp_path, weights, capsys):
     """lowbit quantize a.npz a.npz overwrote the float input, also through another spelling of
     its path, a symbolic or a hard link."""

@@ -244,6 +244,9 @@ def cmd_quantize(args):
     from .io import BF16, release_pages, save
     from .quantize import QuantizedWeight, quantize
 
+    folder = os.path.dirname(os.path.realpath(args.output))
+    if not os.path.isdir(folder):  # (before the work, not after it)
+        raise FileNotFoundError(f"the output {args.output}: no folder {folder} to write it in")
     inputs = [p for p in (args.input, args.calibration, args.plan) if p]
     for p in inputs:
         if same_file(args.output, p):

@@ -118,6 +118,8 @@ def save(path, tensors: dict) -> None:
     blob += b" " * (-(len(blob) + 8) % 64)  # data starts 64-byte aligned
     target = os.path.realpath(os.fspath(path))  # through symbolic links: replace what they name
     folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{os.fspath(path)}: no folder {folder} to write it in")
     _remove_stale_partials(folder)
     try:
         mode = os.stat(target).st_mode & 0o7777  # an existing file keeps its permissions
