@@ -476,6 +476,28 @@ def test_load_fills_a_buffer_the_model_keeps_out_of_its_state(rng, tmp_path):
         lbt.load(tmp_path / "bad.lowbit", WithPositions())
 
 
+@pytest.mark.parametrize("bad", ["shape", "key", "norm"])
+def test_a_file_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, bad):
+    """load checks everything before it replaces a module: an error half way left a model of
+    LowbitLinears and float Linears."""
+    def model(out=32):
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, out))
+    lbt.save(lbt.quantize_model(model(), bits=4, group_size=32), tmp_path / "q.lowbit")
+    if bad == "key":
+        arrays = dict(lb.load(tmp_path / "q.lowbit"))
+        arrays["extra"] = np.ones(2, np.float32)
+        lb.save(tmp_path / "q.lowbit", arrays)
+    target = model(16 if bad == "shape" else 32)
+    if bad == "norm":
+        target[1] = torch.nn.LayerNorm(32)  # a float parameter of another shape
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match={"shape": "does not fit", "key": "unexpected",
+                                          "norm": "1.weight: shape"}[bad]):
+        lbt.load(tmp_path / "q.lowbit", target)
+    assert [type(m) for m in target] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
 def test_writes_reach_layers_whose_buffers_the_kernels_cannot_read_in_place(rng):
     """A strided bias or a part of another layout is copied for the kernels: writes to it must
     still show (tracked by versions), as must writes into inference tensors a static zero

@@ -535,7 +535,9 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
     not match, raises ValueError: nothing is silently dropped."""
     from .io import load as load_file
 
+    # Everything is checked before the model is touched: an error leaves it as it was.
     arrays = load_file(path)
+    replace = {}  # module name -> its LowbitLinear
     for key in [k for k, v in arrays.items() if isinstance(v, QuantizedWeight)]:
         qw = arrays.pop(key)
         name = key[:-len(".weight")] if key.endswith(".weight") else "" if key == "weight" else None
@@ -554,24 +556,29 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
                              f"bias does not fit {name or 'the model'}: {module}")
         layer = Linear(qw, None if bias is None else np.array(bias),
                        activations=_activations_of(arrays.pop(p + "activations", None)))
-        model = _replace(model, name, LowbitLinear(layer))
+        replace[name] = LowbitLinear(layer)
+    # the keys LowbitLinears will own (every key of one replaced), and the rest of the state
     owned = {(name + "." if name else "") + k for name, m in model.named_modules()
-             if isinstance(m, LowbitLinear) for k in m.state_dict()}
-    state = model.state_dict()
-    with torch.no_grad():  # a file's value of a buffer the model keeps out of its state_dict
-        for key, buf in model.named_buffers():  # (an older transformers' saved position_ids)
-            if key not in state and key in arrays and buf is not None:
-                value = torch.from_numpy(np.array(arrays.pop(key)))
-                if value.shape != buf.shape:
-                    raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, "
-                                     f"{tuple(buf.shape)} in the model")
-                buf.copy_(value)
-    expected = set(state) - owned
-    missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+             if isinstance(m, LowbitLinear) or name in replace for k in m.state_dict()}
+    state = {k: v for k, v in model.state_dict().items() if k not in owned}
+    buffers = {}  # a file's value of a buffer the model keeps out of its state_dict
+    for key, buf in model.named_buffers():  # (an older transformers' saved position_ids)
+        if key not in state and key not in owned and key in arrays and buf is not None:
+            buffers[key] = (buf, torch.from_numpy(np.array(arrays.pop(key))))
+    missing, unexpected = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
     if missing or unexpected:
         raise ValueError(f"{path}: does not match the model: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{'...' if len(unexpected) > 8 else ''}")
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-                          strict=False)
+    values = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    for key, (target, value) in [(k, (state[k], v)) for k, v in values.items()] + list(buffers.items()):
+        if isinstance(target, torch.Tensor) and value.shape != target.shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, {tuple(target.shape)} "
+                             f"in the model")
+    for name, new in replace.items():
+        model = _replace(model, name, new)
+    with torch.no_grad():
+        for buf, value in buffers.values():
+            buf.copy_(value)
+    model.load_state_dict(values, strict=False)
     return model
