@@ -498,6 +498,30 @@ def test_a_file_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, bad):
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
 
+@pytest.mark.parametrize("mode", ["enable_grad", "no_grad", "inference_mode"])
+def test_torch_transformer_encoders_take_their_general_path(mode):
+    """nn.TransformerEncoderLayer / TransformerEncoder in eval mode gather their Linears'
+    .weight for a fused fast path: with LowbitLinears there they must take the general path
+    (which calls the layers), not read .device off a QuantizedWeight."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval()
+    stack = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True),
+                                        2, enable_nested_tensor=True).eval()
+    x = torch.randn(2, 5, 64)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        expect = [layer(x), stack(x, src_key_padding_mask=pad)]
+    lbt.quantize_model(layer, bits=8)
+    lbt.quantize_model(stack, bits=8)
+    with getattr(torch, mode)():
+        got = [layer(x), stack(x, src_key_padding_mask=pad)]
+    for g, e in zip(got, expect):
+        assert not g.is_nested and g.shape == (2, 5, 64)
+        g = g.detach()
+        assert (g[0] - e[0]).abs().max() < 0.05  # int8 against float32
+    assert (got[0].detach()[1] - expect[0][1]).abs().max() < 0.05
+
+
 def test_writes_reach_layers_whose_buffers_the_kernels_cannot_read_in_place(rng):
     """A strided bias or a part of another layout is copied for the kernels: writes to it must
     still show (tracked by versions), as must writes into inference tensors a static zero

@@ -40,6 +40,14 @@ class QuantizedWeight:
     __slots__ = ("shape", "bits", "group_size", "symmetric", "format", "_packed", "_scales", "_comp",
                  "_mins", "_zeros", "_perm", "_in_scale", "_parts", "_kernel")
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Not a tensor to torch: its functions handed one (the fused fast paths of torch's
+        nn.TransformerEncoderLayer / TransformerEncoder gather their Linears' ``.weight``, a
+        LowbitLinear's being this) find it implements none of them and take their general path,
+        which calls the layers; without it they read ``.device`` off it and failed."""
+        return NotImplemented
+
     def __init__(self, shape, bits, group_size, symmetric, packed, scales, comp=None, mins=None,
                  zeros=None, perm=None, in_scale=None):
         self.shape = (int(shape[0]), int(shape[1]))
