@@ -498,6 +498,33 @@ def test_a_file_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, bad):
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
 
+def test_load_takes_one_name_of_a_tied_tensor(rng, tmp_path):
+    """Hugging Face's tied embeddings: lm_head.weight is embed_tokens.weight, save_pretrained (and
+    so `lowbit quantize`) writes one name, state_dict lists both: one name in the file loads it."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(96, 64)
+            self.body = torch.nn.Linear(64, 64)
+            self.head = torch.nn.Linear(64, 96, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.emb(ids)))
+    m = Tied()
+    emb = lb.quantize(m.emb.weight.detach().numpy(), bits=8)
+    lb.save(tmp_path / "q.lowbit", {"emb.weight": emb, "body.weight": lb.quantize(m.body.weight.detach().numpy()),
+                                    "body.bias": m.body.bias.detach().numpy()})
+    fresh = lbt.load(tmp_path / "q.lowbit", Tied())
+    assert isinstance(fresh.body, lbt.LowbitLinear) and fresh.head.weight is fresh.emb.weight
+    np.testing.assert_array_equal(fresh.emb.weight.detach().numpy(), emb.dequantize())
+    assert fresh(torch.tensor([[1, 2, 3]])).shape == (1, 3, 96)
+    lb.save(tmp_path / "none.lowbit", {"body.weight": lb.quantize(m.body.weight.detach().numpy()),
+                                       "body.bias": m.body.bias.detach().numpy()})
+    with pytest.raises(ValueError, match=r"missing \['emb.weight', 'head.weight'\]"):
+        lbt.load(tmp_path / "none.lowbit", Tied())
+
+
 @pytest.mark.parametrize("mode", ["enable_grad", "no_grad", "inference_mode"])
 def test_torch_transformer_encoders_take_their_general_path(mode):
     """nn.TransformerEncoderLayer / TransformerEncoder in eval mode gather their Linears'

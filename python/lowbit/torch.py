@@ -560,12 +560,18 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
     # the keys LowbitLinears will own (every key of one replaced), and the rest of the state
     owned = {(name + "." if name else "") + k for name, m in model.named_modules()
              if isinstance(m, LowbitLinear) or name in replace for k in m.state_dict()}
-    state = {k: v for k, v in model.state_dict().items() if k not in owned}
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in owned}
     buffers = {}  # a file's value of a buffer the model keeps out of its state_dict
     for key, buf in model.named_buffers():  # (an older transformers' saved position_ids)
         if key not in state and key not in owned and key in arrays and buf is not None:
             buffers[key] = (buf, torch.from_numpy(np.array(arrays.pop(key))))
-    missing, unexpected = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
+    # a tensor held under several names (tied embeddings: lm_head.weight is embed_tokens.weight,
+    # and save_pretrained writes one of them) is loaded when one of its names is in the file
+    names = {}
+    for k, v in state.items():
+        names.setdefault(id(v), []).append(k)
+    missing = sorted(k for k in state if not any(n in arrays for n in names[id(state[k])]))
+    unexpected = sorted(set(arrays) - set(state))
     if missing or unexpected:
         raise ValueError(f"{path}: does not match the model: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
