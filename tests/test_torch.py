@@ -525,6 +525,24 @@ def test_load_takes_one_name_of_a_tied_tensor(rng, tmp_path):
         lbt.load(tmp_path / "none.lowbit", Tied())
 
 
+def test_a_linear_under_two_names_saves_once_and_loads_tied(tmp_path):
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x))
+    q = lbt.quantize_model(Shared(), bits=8)
+    lbt.save(q, tmp_path / "q.lowbit")
+    assert sorted(lb.load(tmp_path / "q.lowbit")) == ["a.bias", "a.weight"]
+    fresh = lbt.load(tmp_path / "q.lowbit", Shared())
+    assert isinstance(fresh.a, lbt.LowbitLinear) and fresh.b is fresh.a
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), q(x))
+
+
 @pytest.mark.parametrize("mode", ["enable_grad", "no_grad", "inference_mode"])
 def test_torch_transformer_encoders_take_their_general_path(mode):
     """nn.TransformerEncoderLayer / TransformerEncoder in eval mode gather their Linears'

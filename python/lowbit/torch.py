@@ -499,12 +499,15 @@ def save(model: torch.nn.Module, path) -> None:
     (bfloat16 as float32, exactly). :func:`load` reads it back into the matching model."""
     from .io import save as save_file
 
-    tensors, owned = {}, set()
-    for name, m in model.named_modules():
+    tensors, owned, seen = {}, set(), set()
+    for name, m in model.named_modules(remove_duplicate=False):  # (tied: each name's keys owned)
         if not isinstance(m, LowbitLinear):
             continue
         p = name + "." if name else ""
         owned.update(p + k for k in m.state_dict())
+        if id(m) in seen:  # written under its first name; load ties the others to it again
+            continue
+        seen.add(id(m))
         layer = m.layer
         if layer.epilogue is not None:
             raise ValueError(f"{name}: a layer with an epilogue cannot be saved in a lowbit file")
@@ -537,7 +540,7 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
 
     # Everything is checked before the model is touched: an error leaves it as it was.
     arrays = load_file(path)
-    replace = {}  # module name -> its LowbitLinear
+    replace, by_module = {}, {}  # module name / id -> its LowbitLinear
     for key in [k for k, v in arrays.items() if isinstance(v, QuantizedWeight)]:
         qw = arrays.pop(key)
         name = key[:-len(".weight")] if key.endswith(".weight") else "" if key == "weight" else None
@@ -556,9 +559,11 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
                              f"bias does not fit {name or 'the model'}: {module}")
         layer = Linear(qw, None if bias is None else np.array(bias),
                        activations=_activations_of(arrays.pop(p + "activations", None)))
-        replace[name] = LowbitLinear(layer)
+        replace[name] = by_module[id(module)] = LowbitLinear(layer)
+    modules = list(model.named_modules(remove_duplicate=False))
+    replace.update({name: by_module[id(m)] for name, m in modules if id(m) in by_module})  # (tied)
     # the keys LowbitLinears will own (every key of one replaced), and the rest of the state
-    owned = {(name + "." if name else "") + k for name, m in model.named_modules()
+    owned = {(name + "." if name else "") + k for name, m in modules
              if isinstance(m, LowbitLinear) or name in replace for k in m.state_dict()}
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in owned}
     buffers = {}  # a file's value of a buffer the model keeps out of its state_dict
