@@ -525,6 +525,13 @@ def test_load_takes_one_name_of_a_tied_tensor(rng, tmp_path):
         lbt.load(tmp_path / "none.lowbit", Tied())
 
 
+def test_quantize_model_that_fails_leaves_the_model_float():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8))
+    with pytest.raises(ValueError, match="1: group_size"):  # the second layer's K = 48
+        lbt.quantize_model(model, bits=4, group_size=32)
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
+
+
 def test_a_linear_under_two_names_saves_once_and_loads_tied(tmp_path):
     class Shared(torch.nn.Module):
         def __init__(self):

@@ -459,18 +459,25 @@ def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric
     inputs = capture_inputs(model, calibration, set(targets)) if needs else {}
     if needs and set(inputs) != set(targets):
         raise ValueError(f"calibration never ran {sorted(set(targets) - set(inputs))[:8]}")
-    for i, name in enumerate(list(inputs or targets)):  # forward order when calibrated
-        if method == "gptq" and i:  # the inputs the layers quantized so far give
-            inputs[name] = capture_inputs(model, calibration, {name})[name]
-        try:
-            new = LowbitLinear.from_linear(targets[name], bits=bits, group_size=group_size,
-                                           symmetric=symmetric, activations=activations,
-                                           method=method, calibration=inputs.get(name), **options)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        inputs.pop(name, None)
-        for alias in names[id(targets[name])]:
-            model = _replace(model, alias, new)
+    done = []  # (name, the Linear it replaced): put back if a later layer fails
+    try:
+        for i, name in enumerate(list(inputs or targets)):  # forward order when calibrated
+            if method == "gptq" and i:  # the inputs the layers quantized so far give
+                inputs[name] = capture_inputs(model, calibration, {name})[name]
+            try:
+                new = LowbitLinear.from_linear(targets[name], bits=bits, group_size=group_size,
+                                               symmetric=symmetric, activations=activations,
+                                               method=method, calibration=inputs.get(name), **options)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            inputs.pop(name, None)
+            for alias in names[id(targets[name])]:
+                done.append((alias, targets[name]))
+                model = _replace(model, alias, new)
+    except BaseException:  # (an interrupt too): the model as it was, not half quantized
+        for alias, old in reversed(done):
+            model = _replace(model, alias, old)
+        raise
     return model
 
 
