@@ -525,6 +525,19 @@ def test_load_takes_one_name_of_a_tied_tensor(rng, tmp_path):
         lbt.load(tmp_path / "none.lowbit", Tied())
 
 
+def test_a_bias_made_a_parameter_is_used(rng):
+    """BitFit-style tooling makes the bias a Parameter (nn.Module moves it out of the buffers)."""
+    layer = lbt.LowbitLinear.from_linear(torch.nn.Linear(64, 8))
+    x = torch.from_numpy(rng.normal(size=(2, 64)).astype(np.float32))
+    layer.bias = torch.nn.Parameter(torch.arange(8, dtype=torch.float32))
+    expect = lb.Linear(layer.weight, np.arange(8, dtype=np.float32))(x.numpy())
+    np.testing.assert_array_equal(layer(x).detach().numpy(), expect)
+    with torch.no_grad():
+        layer.bias.add_(1)
+    expect = lb.Linear(layer.weight, np.arange(1, 9, dtype=np.float32))(x.numpy())
+    np.testing.assert_array_equal(layer(x).detach().numpy(), expect)
+
+
 def test_quantize_model_that_fails_leaves_the_model_float():
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8))
     with pytest.raises(ValueError, match="1: group_size"):  # the second layer's K = 48

@@ -296,7 +296,10 @@ class LowbitLinear(torch.nn.Module):
         (inference tensors). Not checked again after the first call: the ranges of block-format
         scale codes, should a part be overwritten with codes no file holds."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs a few us a buffer)
-        tensors = [buffers[n] for n in self._buffer_names]  # the parts, then the bias
+        try:
+            tensors = [buffers[n] for n in self._buffer_names]  # the parts, then the bias
+        except KeyError:  # one made a Parameter (the bias, for BitFit): where the module holds it
+            tensors = [getattr(self, n) for n in self._buffer_names]
         key = [self._spec]
         for t in tensors:  # (the cache holds its tensors: neither id nor memory is reused)
             if t is not None:
