@@ -538,6 +538,14 @@ def test_a_bias_made_a_parameter_is_used(rng):
     np.testing.assert_array_equal(layer(x).detach().numpy(), expect)
 
 
+def test_a_lazily_negated_input_is_read_negated(rng):
+    layer = lbt.LowbitLinear.from_linear(torch.nn.Linear(64, 8))
+    z = torch.complex(torch.randn(2, 64), torch.randn(2, 64))
+    x = z.conj().imag  # -z.imag, as a view with the negative bit set
+    assert x.is_neg()
+    assert torch.equal(layer(x), layer(-z.imag))
+
+
 def test_quantize_model_that_fails_leaves_the_model_float():
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8))
     with pytest.raises(ValueError, match="1: group_size"):  # the second layer's K = 48

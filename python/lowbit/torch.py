@@ -201,6 +201,8 @@ def _versions(tensors: list):
 def _run(x: torch.Tensor, qw: QuantizedWeight, plan, bias: Optional[np.ndarray]) -> torch.Tensor:
     """x through a prepared weight (_prepared), in x's dtype."""
     _follow_torch_threads()
+    if x.is_neg():  # (a lazily negated view, as .conj().imag gives: numpy() refuses those)
+        x = x.resolve_neg()
     dtype = x.dtype
     if dtype is torch.float32 and not x.requires_grad:  # a view, the output as it comes
         return torch.from_numpy(_forward(plan, qw, x.numpy(), None, bias))
