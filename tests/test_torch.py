@@ -546,6 +546,14 @@ def test_a_lazily_negated_input_is_read_negated(rng):
     assert torch.equal(layer(x), layer(-z.imag))
 
 
+def test_vmap_over_the_input_rows():
+    layer = lbt.LowbitLinear.from_linear(torch.nn.Linear(64, 8))
+    x = torch.randn(4, 3, 64)
+    assert torch.equal(torch.func.vmap(layer)(x), layer(x))
+    assert torch.equal(torch.func.vmap(layer, in_dims=1)(x), layer(x.transpose(0, 1)))
+    assert torch.equal(torch.func.vmap(torch.func.vmap(layer))(x), layer(x))
+
+
 def test_quantize_model_that_fails_leaves_the_model_float():
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8))
     with pytest.raises(ValueError, match="1: group_size"):  # the second layer's K = 48

@@ -229,6 +229,18 @@ def _no_gradient(ctx, grad):  # no gradient flows back (eager's output does not 
 linear.register_autograd(_no_gradient, setup_context=_count_parts)
 
 
+@linear.register_vmap
+def _linear_vmap(info, in_dims, x, parts, bias, spec):
+    """torch.func.vmap over x's rows: the op takes any leading dimensions, so the batched one
+    moves to the front (a batched weight or bias is not a lowbit layer)."""
+    x_dim, part_dims, bias_dim, _ = in_dims
+    if any(d is not None for d in part_dims) or bias_dim is not None:
+        raise ValueError("lowbit::linear: vmap over a LowbitLinear's weight or bias is not supported")
+    if x_dim is None:
+        return linear(x, parts, bias, spec), None
+    return linear(x.movedim(x_dim, 0), parts, bias, spec), 0
+
+
 class LowbitLinear(torch.nn.Module):
     """An ``nn.Linear`` replacement computing ``x @ W.T + b`` on lowbit's kernels (see the module
     docstring for its state)."""
@@ -341,8 +353,8 @@ class LowbitLinear(torch.nn.Module):
             raise ValueError(f"lowbit runs on the CPU; got a tensor on {x.device}")
         if x.dtype not in _DTYPES:
             raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
-        if type(x) is torch.Tensor and not (torch.compiler.is_compiling() or
-                                            torch.jit.is_tracing()):
+        if type(x) is torch.Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                                            or torch._C._are_functorch_transforms_active()):
             # eager: the op's own function, without the dispatcher's ~30 us a call (a tenth of
             # a batch-1 MiniLM forward); compile, export and trace see the op
             return _run(x, *self._prepared())
