@@ -382,7 +382,7 @@ def test_untracked_writes_to_a_bias_the_kernel_converts_show(fmt, dtype, rng):
         assert torch.equal(after, pickle.loads(pickle.dumps(model))(x))  # as made afresh
 
 
-def test_input_needing_gradients_compiles_and_gets_none(rng):
+def test_input_gradients_compile_as_they_run_eagerly(rng):
     if not hasattr(torch, "compile"):
         pytest.skip("no torch.compile")
     model = quantized("int8")
@@ -391,8 +391,42 @@ def test_input_needing_gradients_compiles_and_gets_none(rng):
     y = compiled(x)
     with torch.no_grad():
         assert torch.equal(y.detach(), model(x))
-    y.sum().backward()  # no gradient flows through the layers, as in eager mode
-    assert x.grad is None or not x.grad.any()
+    y.sum().backward()
+    eager = x.detach().clone().requires_grad_()
+    model(eager).sum().backward()
+    assert x.grad is not None and x.grad.any() and torch.equal(x.grad, eager.grad)
+
+
+@pytest.mark.parametrize("fmt", [dict(bits=8), dict(bits=4, group_size=32),
+                                 dict(bits=4, group_size=32, activations="float")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_reach_the_input_and_a_bias_parameter(rng, fmt, dtype):
+    """QLoRA's setting: what is trained before (or beside) a frozen quantized layer gets the
+    gradient of x @ W.T + b with W as dequantize() gives it, straight through the activations'
+    quantization; a bias made a Parameter gets its gradient; the weight's parts none."""
+    layer = lbt.LowbitLinear.from_linear(torch.nn.Linear(64, 16), **fmt)
+    layer.bias = torch.nn.Parameter(layer.bias.clone())
+    w = torch.from_numpy(layer.weight.dequantize())
+    x = torch.from_numpy(rng.normal(size=(3, 5, 64)).astype(np.float32)).to(dtype).requires_grad_()
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(y, layer(x))  # the same values as without autograd
+    g = torch.from_numpy(rng.normal(size=y.shape).astype(np.float32)).to(dtype)
+    y.backward(g)
+    assert torch.equal(x.grad, (g.float() @ w).to(dtype))
+    assert torch.equal(layer.bias.grad, g.reshape(-1, 16).sum(0).to(layer.bias.dtype))
+    assert all(not t.requires_grad for t in layer._weights())
+    adapter = torch.nn.Parameter(torch.zeros(64))  # trained before the frozen layer
+    layer(torch.ones(2, 64) + adapter).sum().backward()
+    assert torch.equal(adapter.grad, 2 * w.sum(0))
+
+
+def test_a_fused_epilogue_refuses_to_pass_a_gradient(rng):
+    qw = lb.quantize(rng.normal(size=(16, 64)).astype(np.float32))
+    layer = lbt.LowbitLinear(lb.Linear(qw, epilogue="gelu"))
+    x = torch.ones(2, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="epilogue passes no gradient"):
+        layer(x).sum().backward()
 
 
 class Tied(torch.nn.Module):

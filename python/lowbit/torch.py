@@ -20,8 +20,12 @@ Forward is the custom op ``torch.ops.lowbit.linear`` (``torch.library``): a pure
 input, the weight's part tensors, the bias and a settings string, with a fake (meta) kernel giving
 the output's shape and dtype, so ``torch.compile(fullgraph=True)``, ``torch.jit.trace`` and
 ``torch.export`` see one real op. Inputs in float32, float16 or bfloat16 (of any layout);
-the kernels read float32, and the output comes back in the input's dtype. No gradients flow
-through these layers (their weights are not parameters).
+the kernels read float32, and the output comes back in the input's dtype. Gradients flow to the
+input (and to a bias made a trainable Parameter) as through ``x @ W.T + b`` with the weight as
+``dequantize()`` gives it, straight through the activations' quantization: adapters or prompts
+trained before a quantized layer (QLoRA's setting) learn; the weight itself is frozen (its parts
+are buffers, not parameters), and a layer with a fused epilogue passes no gradient (backward
+raises).
 """
 from __future__ import annotations
 
@@ -217,16 +221,41 @@ def _linear_fake(x, parts, bias, spec):
     return x.new_empty((*x.shape[:-1], _settings(spec)[0][0]))
 
 
-def _count_parts(ctx, inputs, output):
-    ctx.parts = len(inputs[1])
+@torch.library.custom_op("lowbit::linear_input_grad", mutates_args=())
+def linear_input_grad(grad: torch.Tensor, parts: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """``grad @ W`` (float32, W as ``dequantize()`` gives it): the gradient of lowbit::linear's
+    output with respect to its input, in grad's dtype."""
+    qw, _, epilogue = _weight(spec, parts)
+    if epilogue is not None:
+        raise RuntimeError(f"lowbit.torch: a layer with a fused {epilogue!r} epilogue passes no "
+                           f"gradient; quantize it without the epilogue to train through it")
+    w = torch.from_numpy(qw.dequantize())
+    return (grad.to(torch.float32) @ w).to(grad.dtype)
 
 
-def _no_gradient(ctx, grad):  # no gradient flows back (eager's output does not ask for one)
-    return None, [None] * ctx.parts, None, None
+@linear_input_grad.register_fake
+def _linear_input_grad_fake(grad, parts, spec):
+    return grad.new_empty((*grad.shape[:-1], _settings(spec)[0][1]))
 
 
-# (without it, torch.compile of a model whose inputs need gradients refuses the op)
-linear.register_autograd(_no_gradient, setup_context=_count_parts)
+def _keep_for_backward(ctx, inputs, output):
+    x, parts, bias, spec = inputs
+    ctx.save_for_backward(*parts)
+    ctx.spec, ctx.x_dtype = spec, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    """To the input (straight through the activations' quantization) and the bias; the weight's
+    parts are frozen."""
+    parts = list(ctx.saved_tensors)
+    gx = linear_input_grad(grad, parts, ctx.spec).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    gb = (grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+          if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None)
+    return gx, [None] * len(parts), gb, None
+
+
+linear.register_autograd(_backward, setup_context=_keep_for_backward)
 
 
 @linear.register_vmap
@@ -354,11 +383,19 @@ class LowbitLinear(torch.nn.Module):
         if x.dtype not in _DTYPES:
             raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
         if type(x) is torch.Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                                            or torch._C._are_functorch_transforms_active()):
+                                            or torch._C._are_functorch_transforms_active()
+                                            or self._wants_gradient(x)):
             # eager: the op's own function, without the dispatcher's ~30 us a call (a tenth of
-            # a batch-1 MiniLM forward); compile, export and trace see the op
+            # a batch-1 MiniLM forward); compile, export, trace and autograd see the op
             return _run(x, *self._prepared())
         return torch.ops.lowbit.linear(x, self._weights(), self.bias, self._spec)
+
+    def _wants_gradient(self, x) -> bool:
+        """Whether autograd needs this call: grad mode on and x, or a bias Parameter, needs one."""
+        if not torch.is_grad_enabled():
+            return False
+        bias = self._parameters.get("bias")  # (a bias made a Parameter; buffers need none)
+        return x.requires_grad or (bias is not None and bias.requires_grad)
 
     def get_extra_state(self):
         return json.loads(self._spec)
