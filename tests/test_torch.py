@@ -423,10 +423,43 @@ def test_gradients_reach_the_input_and_a_bias_parameter(rng, fmt, dtype):
 
 def test_a_fused_epilogue_refuses_to_pass_a_gradient(rng):
     qw = lb.quantize(rng.normal(size=(16, 64)).astype(np.float32))
-    layer = lbt.LowbitLinear(lb.Linear(qw, epilogue="gelu"))
+    layer = lbt.LowbitLinear(lb.Linear(qw, np.zeros(16, np.float32), epilogue="gelu"))
     x = torch.ones(2, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="epilogue passes no gradient"):
         layer(x).sum().backward()
+    layer.bias = torch.nn.Parameter(torch.zeros(16))  # the bias's gradient alone: GELU's too
+    with pytest.raises(RuntimeError, match="epilogue passes no gradient"):
+        layer(torch.ones(2, 64)).sum().backward()
+
+
+def test_eval_mode_computes_without_autograd(tmp_path):
+    """A Hugging Face model is in eval mode after from_pretrained and is often called without
+    no_grad: its hidden states then need gradients (the float embeddings are Parameters), and the
+    layers must keep inference's cached path, not build autograd nodes."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).eval()
+    lbt.quantize_model(model, bits=8)
+    assert not any(m.training for m in model)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = model(x)
+    assert not y.requires_grad
+    model.train()
+    assert model(x).requires_grad
+    lbt.save(model, tmp_path / "m.lowbit")
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).eval()
+    assert not lbt.load(tmp_path / "m.lowbit", fresh)[0].training  # load keeps the module's mode
+
+
+def test_load_refuses_two_weights_for_one_module(rng, tmp_path):
+    lin = torch.nn.Linear(64, 64)
+    arrays = {f"{n}.{p}": v for n in "ab" for p, v in
+              (("weight", lb.quantize(rng.normal(size=(64, 64)).astype(np.float32))),
+               ("bias", np.zeros(64, np.float32)))}
+    lb.save(tmp_path / "two.lowbit", arrays)
+    model = torch.nn.Module()
+    model.a = model.b = lin
+    with pytest.raises(ValueError, match="also holds under another name"):
+        lbt.load(tmp_path / "two.lowbit", model)
+    assert model.a is lin and model.b is lin
 
 
 class Tied(torch.nn.Module):

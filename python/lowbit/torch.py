@@ -1,4 +1,4 @@
-"""PyTorch interop: run a model's ``nn.Linear`` layers on lowbit's kernels (inference only).
+"""PyTorch interop: run a model's ``nn.Linear`` layers on lowbit's kernels (frozen weights).
 
     import lowbit.torch
     model = lowbit.torch.quantize_model(model, bits=4, group_size=32)   # in place; returns model
@@ -20,12 +20,15 @@ Forward is the custom op ``torch.ops.lowbit.linear`` (``torch.library``): a pure
 input, the weight's part tensors, the bias and a settings string, with a fake (meta) kernel giving
 the output's shape and dtype, so ``torch.compile(fullgraph=True)``, ``torch.jit.trace`` and
 ``torch.export`` see one real op. Inputs in float32, float16 or bfloat16 (of any layout);
-the kernels read float32, and the output comes back in the input's dtype. Gradients flow to the
-input (and to a bias made a trainable Parameter) as through ``x @ W.T + b`` with the weight as
-``dequantize()`` gives it, straight through the activations' quantization: adapters or prompts
-trained before a quantized layer (QLoRA's setting) learn; the weight itself is frozen (its parts
-are buffers, not parameters), and a layer with a fused epilogue passes no gradient (backward
-raises).
+the kernels read float32, and the output comes back in the input's dtype. In training mode
+(``model.train()``), gradients flow to the input (and to a bias made a trainable Parameter) as
+through ``x @ W.T + b`` with the weight as ``dequantize()`` gives it, straight through the
+activations' quantization: adapters or prompts trained around a quantized model (QLoRA's
+setting) learn; the weight itself is frozen (its parts are buffers, not parameters), and a layer
+with a fused epilogue passes no gradient (backward raises). Each backward dequantizes the weight,
+a chunk of rows at a time. In eval mode (``model.eval()``, as ``from_pretrained`` leaves a
+Hugging Face model) the layers compute without autograd, as inference does, even where the
+input asks for gradients: a model called without ``torch.no_grad()`` keeps its speed.
 """
 from __future__ import annotations
 
@@ -225,12 +228,13 @@ def _linear_fake(x, parts, bias, spec):
 def linear_input_grad(grad: torch.Tensor, parts: list[torch.Tensor], spec: str) -> torch.Tensor:
     """``grad @ W`` (float32, W as ``dequantize()`` gives it): the gradient of lowbit::linear's
     output with respect to its input, in grad's dtype."""
-    qw, _, epilogue = _weight(spec, parts)
-    if epilogue is not None:
-        raise RuntimeError(f"lowbit.torch: a layer with a fused {epilogue!r} epilogue passes no "
-                           f"gradient; quantize it without the epilogue to train through it")
-    w = torch.from_numpy(qw.dequantize())
-    return (grad.to(torch.float32) @ w).to(grad.dtype)
+    qw, _, _ = _weight(spec, parts)
+    g = grad.to(torch.float32).reshape(-1, grad.shape[-1])
+    out = torch.zeros((g.shape[0], qw.shape[1]), dtype=torch.float32)
+    step = max(1, (16 << 20) // (4 * qw.shape[1]))  # rows of W dequantized at a time: ~16 MB
+    for r in range(0, qw.shape[0], step):
+        out += g[:, r:r + step] @ torch.from_numpy(qw.dequantize(slice(r, r + step)))
+    return out.reshape(*grad.shape[:-1], qw.shape[1]).to(grad.dtype)
 
 
 @linear_input_grad.register_fake
@@ -248,6 +252,10 @@ def _keep_for_backward(ctx, inputs, output):
 def _backward(ctx, grad):
     """To the input (straight through the activations' quantization) and the bias; the weight's
     parts are frozen."""
+    epilogue = _settings(ctx.spec)[7]
+    if epilogue is not None:
+        raise RuntimeError(f"lowbit.torch: a layer with a fused {epilogue!r} epilogue passes no "
+                           f"gradient; quantize it without the epilogue to train through it")
     parts = list(ctx.saved_tensors)
     gx = linear_input_grad(grad, parts, ctx.spec).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
     gb = (grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -312,7 +320,7 @@ class LowbitLinear(torch.nn.Module):
         if observe:
             seen = calibration if qw.input_scale is None else calibration * qw.input_scale
             activations = activations().observe(seen).params()
-        return cls(Linear(qw, b, activations=activations))
+        return cls(Linear(qw, b, activations=activations)).train(linear.training)
 
     @property
     def layer(self) -> Linear:
@@ -391,8 +399,9 @@ class LowbitLinear(torch.nn.Module):
         return torch.ops.lowbit.linear(x, self._weights(), self.bias, self._spec)
 
     def _wants_gradient(self, x) -> bool:
-        """Whether autograd needs this call: grad mode on and x, or a bias Parameter, needs one."""
-        if not torch.is_grad_enabled():
+        """Whether autograd needs this call: training mode, grad mode on, and x or a bias
+        Parameter needing one (in eval mode inference keeps the cached eager path)."""
+        if not (self.training and torch.is_grad_enabled()):
             return False
         bias = self._parameters.get("bias")  # (a bias made a Parameter; buffers need none)
         return x.requires_grad or (bias is not None and bias.requires_grad)
@@ -620,7 +629,10 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
                              f"bias does not fit {name or 'the model'}: {module}")
         layer = Linear(qw, None if bias is None else np.array(bias),
                        activations=_activations_of(arrays.pop(p + "activations", None)))
-        replace[name] = by_module[id(module)] = LowbitLinear(layer)
+        if id(module) in by_module:  # one module under two names, two weights in the file
+            raise ValueError(f"{key}: {name} is a module the model also holds under another name, "
+                             f"whose weight the file holds too; the model ties what the file does not")
+        replace[name] = by_module[id(module)] = LowbitLinear(layer).train(module.training)
     modules = list(model.named_modules(remove_duplicate=False))
     replace.update({name: by_module[id(m)] for name, m in modules if id(m) in by_module})  # (tied)
     # the keys LowbitLinears will own (every key of one replaced), and the rest of the state
