@@ -393,6 +393,17 @@ def test_gptq_v2_zero_points_and_configs_lowbit_does_not_read(tmp_path, rng):
                                         '"version": "gemv"}}')
     with pytest.raises(lb.FormatError, match="version 'gemv'"):
         lb.load_awq(folder)
+    awq = tmp_path / "awq"
+    awq.mkdir()
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    write_safetensors(awq / "model.safetensors", {"l.qweight": pack_cols(q, order),
+                                                  "l.qzeros": pack_cols(z, order), "l.scales": s})
+    (awq / "config.json").write_text('{"quantization_config": {"bits": 4, "quant_method": "awq", '
+                                     '"version": "exllama"}}')  # a kernel over GEMM's layout
+    assert same_bits(lb.load_awq(awq)["l"].dequantize(), ref)
+    (folder / "config.json").write_text('{"quantization_config": {"bits": null, "is_marlin_format": true}}')
+    with pytest.raises(lb.FormatError, match="Marlin-format GPTQ"):
+        lb.load_gptq(folder)
     (folder / "config.json").unlink()
     (folder / "quant_config.json").write_text('{"w_bit": 8, "q_group_size": 32, "version": "GEMM"}')
     with pytest.raises(lb.FormatError, match="AWQ with 8 bits"):  # AutoAWQ's own names

@@ -174,7 +174,8 @@ def _check_config(source, method, accepted):
     """Refuses a checkpoint whose config names other bits, another method, or (a key of
     `accepted`) a value lowbit does not read; gives the config."""
     config = _config(source)
-    bits = config.get("bits", config.get("w_bit", 4))  # (AutoAWQ's own name)
+    bits = config.get("bits", config.get("w_bit"))  # (AutoAWQ's own name)
+    bits = 4 if bits is None else bits
     try:
         bits = int(bits)
     except (TypeError, ValueError):
@@ -185,6 +186,9 @@ def _check_config(source, method, accepted):
     quant_method = str(config.get("quant_method", method)).lower()
     if quant_method != method:
         raise FormatError(f"{source}: its config names quant_method {quant_method!r}, not {method!r}")
+    if config.get("is_marlin_format"):  # (AutoGPTQ 0.6-0.7's name for Marlin's repacking)
+        raise FormatError(f"{source}: a Marlin-format {method.upper()} checkpoint (is_marlin_format); "
+                          f"lowbit reads the plain layout")
     for key, values in accepted.items():
         value = str(config.get(key, values[0])).lower()
         if value not in values:
@@ -220,8 +224,8 @@ def load_gptq(source) -> dict:
     """Every layer of a 4-bit GPTQ checkpoint (a .safetensors file, a directory of them, or a dict
     of arrays) as a :class:`QuantizedWeight` under its prefix (``...q_proj``); the other tensors
     (biases, embeddings, norms) come back as arrays under their own names. The quantization config
-    in the checkpoint's folder (quantize_config.json, or config.json's quantization_config) is
-    read: its checkpoint_format picks v1 ("gptq", the default) or v2 ("gptq_v2"), and other bits,
+    in the checkpoint's folder (quantize_config.json, quant_config.json, or config.json's
+    quantization_config) is read: its checkpoint_format picks v1 ("gptq", the default) or v2 ("gptq_v2"), and other bits,
     another quant_method or another checkpoint_format are refused."""
     config = _check_config(source, "gptq", {"checkpoint_format": tuple(_GPTQ_FORMATS)})
     fmt = str(config.get("checkpoint_format", "gptq")).lower()
@@ -232,6 +236,7 @@ def load_gptq(source) -> dict:
 
 def load_awq(source) -> dict:
     """Like :func:`load_gptq`, for AWQ (GEMM layout) checkpoints: a config naming other bits,
-    another quant_method or another version than "gemm" (GEMV, Marlin) is refused."""
-    _check_config(source, "awq", {"version": ("gemm",)})
+    another quant_method or a version of another layout (GEMV, Marlin) is refused; "gemm",
+    "exllama" and "ipex" (kernels over the GEMM layout) are read."""
+    _check_config(source, "awq", {"version": ("gemm", "exllama", "ipex")})  # (GEMM's layout, all)
     return _load(source, from_awq, ("qweight", "qzeros", "scales"))

@@ -98,7 +98,8 @@ def cmd_bench(args):
 
 
 def read_tensors(path):
-    """{name: array | QuantizedWeight} of a .gguf, .npz or safetensors / lowbit file."""
+    """{name: array | QuantizedWeight | io.BF16} of a .gguf, .npz or safetensors / lowbit file
+    (BF16 tensors as views of the file, read as float32 when used)."""
     from .gguf import load_gguf
     from .io import _load
 
@@ -216,7 +217,8 @@ def plan_tensors(tensors, plan, default, min_dim):
     for name, t in tensors.items():
         a = None if isinstance(t, QuantizedWeight) else t if isinstance(t, BF16) else np.asarray(t)
         matrix = a is not None and a.ndim == 2 and a.dtype.kind == "f"
-        what = ("already quantized" if a is None else f"{a.dtype} of shape {a.shape}, not a 2-D "
+        what = ("already quantized" if a is None else
+                f"{'bfloat16' if isinstance(t, BF16) else a.dtype} of shape {a.shape}, not a 2-D "
                 f"float matrix")
         if name in plan:
             s = plan[name]

@@ -62,6 +62,8 @@ class BF16:
     nbytes = property(lambda self: self.bits.nbytes)  # in the file
 
     def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("a BF16 tensor reads as float32 only through a copy")
         a = (self.bits.astype(np.uint32) << 16).view(np.float32)
         return a if dtype is None else a.astype(dtype, copy=False)
 
