@@ -449,6 +449,35 @@ def test_eval_mode_computes_without_autograd(tmp_path):
     assert not lbt.load(tmp_path / "m.lowbit", fresh)[0].training  # load keeps the module's mode
 
 
+def test_the_op_keeps_prepared_weights_only_while_its_tensors_live(rng):
+    """torch.ops.lowbit.linear (what compiled and exported graphs call) keeps each weight's
+    prepared form, without holding the tensors: a part replaced, written in place or freed is
+    seen, and a freed model leaves nothing behind."""
+    import gc
+    import weakref
+    from lowbit.torch import _OP_CACHE
+
+    def call(layer, x):
+        return torch.ops.lowbit.linear(x, layer._weights(), layer.bias, layer._spec)
+    layer = lbt.LowbitLinear.from_linear(torch.nn.Linear(64, 8), bits=4, group_size=32,
+                                         activations="float")
+    x = torch.from_numpy(rng.normal(size=(3, 64)).astype(np.float32))
+    with torch.no_grad():
+        before = len(_OP_CACHE)
+        y = call(layer, x)
+        assert torch.equal(y, layer(x)) and len(_OP_CACHE) == before + 1
+        assert torch.equal(call(layer, x), y)  # (from the cache)
+        saved = layer.weight_scales.clone()
+        layer.weight_scales.zero_()  # in place: the kernels read the scales where they are
+        assert torch.equal(call(layer, x), layer.bias.expand(3, 8))
+        layer.weight_scales = saved  # another tensor
+        assert torch.equal(call(layer, x), y)
+    head = weakref.ref(layer._weights()[0])
+    del layer
+    gc.collect()
+    assert head() is None and len(_OP_CACHE) == before
+
+
 def test_load_refuses_two_weights_for_one_module(rng, tmp_path):
     lin = torch.nn.Linear(64, 64)
     arrays = {f"{n}.{p}": v for n in "ab" for p, v in

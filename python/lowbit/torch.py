@@ -32,9 +32,11 @@ input asks for gradients: a model called without ``torch.no_grad()`` keeps its s
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Optional
 
@@ -91,12 +93,14 @@ def _settings(spec: str):
             s["epilogue"])
 
 
-def _weight(spec: str, tensors) -> tuple:
-    """(QuantizedWeight on views of `tensors`, activations, epilogue) for a layer's settings."""
+def _weight(spec: str, tensors, borrow=False) -> tuple:
+    """(QuantizedWeight on views of `tensors`, activations, epilogue) for a layer's settings;
+    borrow: views that do not hold the tensors (_op_prepared)."""
     shape, fmt, bits, group, sym, parts, acts, epilogue = _settings(spec)
     if len(tensors) != len(parts):
         raise ValueError(f"lowbit.torch: {len(tensors)} weight tensors for parts {parts}")
-    arrays = {p: t.detach().contiguous().numpy().view(dt) for (p, dt), t in zip(parts, tensors)}
+    view = _borrowed if borrow else lambda t: t.detach().contiguous().numpy()
+    arrays = {p: view(t).view(dt) for (p, dt), t in zip(parts, tensors)}
     if fmt in ("int8", "int4"):
         qw = QuantizedWeight(shape, bits, group, sym, **arrays)
     else:
@@ -138,7 +142,47 @@ def _linear(x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Ten
             spec: str) -> torch.Tensor:
     """``x @ W.T + bias`` for the weight whose packed parts and settings (see LowbitLinear) are
     given; the output in x's dtype."""
-    return _run(x, *_prepared(_weight(spec, parts), bias))
+    return _run(x, *_op_prepared(spec, [*parts, bias]))
+
+
+def _borrowed(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of t's memory that does not keep t alive (a contiguous copy where t is not
+    contiguous): what _op_prepared's entries hold, so that they die with the tensors."""
+    t = t.detach()
+    if not t.is_contiguous() or not t.numel():
+        return t.contiguous().numpy()
+    like = t.numpy()  # (only for its dtype and shape)
+    memory = (ctypes.c_char * like.nbytes).from_address(t.data_ptr())
+    return np.ndarray(like.shape, like.dtype, memory)
+
+
+# The op's prepared weights (compiled and exported graphs call it with a module's buffers each
+# time, and making them again took ~100 us a call), per first part tensor: {id: (weak references
+# to the tensors, their addresses, spec, then as LowbitLinear._prepared's cache)}. The entries
+# borrow the memory (_borrowed) and are removed when their tensor dies, so no model outlives its
+# last reference here; a hit needs the very same tensors (weak references) at the same addresses.
+_OP_CACHE: dict = {}
+
+
+def _op_prepared(spec: str, tensors: list) -> tuple:
+    head = tensors[0]
+    where = [spec] + [None if t is None else t.data_ptr() for t in tensors]
+    entry = _OP_CACHE.get(id(head))
+    if (entry is None or entry[1] != where or
+            any((r is None) != (t is None) or (r is not None and r() is not t)
+                for r, t in zip(entry[0], tensors)) or
+            (entry[4] is not None and (entry[4] is _UNTRACKED or entry[4] != _versions(tensors)))):
+        prepared, refresh, watch = _cacheable(spec, tensors, borrow=True)
+        versions = _versions(tensors) if watch == "versions" else (
+            _UNTRACKED if watch == "always" else None)
+        if entry is None:
+            weakref.finalize(head, _OP_CACHE.pop, id(head), None)
+        entry = ([None if t is None else weakref.ref(t) for t in tensors], where, prepared, refresh,
+                 versions)
+        _OP_CACHE[id(head)] = entry
+    if entry[3] is not None:
+        entry[3]()
+    return entry[2]
 
 
 def _numpy32(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
@@ -164,13 +208,13 @@ def _in_place(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % t.element_size() == 0
 
 
-def _cacheable(spec: str, tensors: list) -> tuple:
+def _cacheable(spec: str, tensors: list, borrow=False) -> tuple:
     """(_prepared of the weight parts and bias in `tensors`; None or a function that makes the
     kernel's bias again where the kernel does not read the bias tensor itself; what the cache
     must watch: None, "versions" (the kernels read a copy of a part, act-order's permuted input
     scale, or a static zero point's term: derived from the parts) or "always" (such a copy of
     parts torch keeps no versions of: made again every call))."""
-    qw, acts, epilogue = weight = _weight(spec, tensors[:-1])
+    qw, acts, epilogue = weight = _weight(spec, tensors[:-1], borrow)
     bias = tensors[-1]
     term = _zero_point_term(qw, acts)
     copied = ((qw._perm is not None and qw._in_scale is not None) or
