@@ -277,13 +277,7 @@ def test_gguf_types_newer_than_lowbit_are_dequantized_skipped_or_named(tmp_path)
     nv = rng.integers(0, 256, (4, gguf.GGML_QUANT_SIZES[T.NVFP4][1]), dtype=np.uint8)
     path = tmp_path / "newer.gguf"
     ok = rng.normal(size=(4, 32)).astype(F32)
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_tensor("ok", ok)
-    w.add_tensor("nv", nv, raw_dtype=T.NVFP4)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_raw_gguf(path, {"ok": (ok, "F32"), "nv": (nv, "NVFP4")})
     with pytest.raises(lb.FormatError, match=r"'nv' has type NVFP4.*dequantize"):
         lb.load_gguf(path)
     with np.errstate(all="ignore"):
