@@ -992,7 +992,9 @@ void run_blocks(int64_t blocks, const All& all, const One& one) {
     std::vector<float> h, g;
     return all(h, g);
   }
+  const Kernels& kt = kernels();  // the caller's set (lb.use_isa) for the blocks' ops
   parallel_for(blocks, [&](int64_t i0, int64_t i1) {
+    const UseKernels use(kt);
     thread_local std::vector<float> h, g;
     for (int64_t i = i0; i < i1; ++i) one(i, h, g);
     trim(h), trim(g);

@@ -213,6 +213,9 @@ std::string set_thread_isa(const std::string& name) {
   return previous;
 }
 
+UseKernels::UseKernels(const Kernels& kt) : previous_(thread_choice) { thread_choice = &kt; }
+UseKernels::~UseKernels() { thread_choice = previous_; }
+
 std::vector<std::pair<std::string, bool>> cpu_features() {
   std::vector<std::pair<std::string, bool>> out;
   for (const char* f : kFeatures) out.emplace_back(f, has(f));

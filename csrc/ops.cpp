@@ -86,12 +86,14 @@ uint8_t* activation_buffer(int64_t M, int64_t lda, bool amx_pad = false) {
 bool amx_rows(const Kernels& kt, int64_t M) { return M >= kAmxMinRows && std::strcmp(kt.name, "amx") == 0; }
 
 // One input row as the kernels read it: dst[k] = x[perm[k]] (the packed input order of act-order
-// weights; x[k] without perm), times c[k] where given (one float multiply on every ISA).
-void gather_row(const float* x, int64_t K, const float* c, const int64_t* perm, float* dst) {
+// weights; x[k] without perm), times c[k] where given (one float multiply on every ISA), with
+// the caller's kernel set `kt` (pool workers have no use_isa choice of their own).
+void gather_row(const Kernels& kt, const float* x, int64_t K, const float* c, const int64_t* perm,
+                float* dst) {
   if (!perm && !c) {
     std::memcpy(dst, x, (size_t)K * sizeof(float));
   } else if (!perm) {
-    kernels().mul(x, c, dst, K);
+    kt.mul(x, c, dst, K);
   } else if (!c) {
     for (int64_t k = 0; k < K; ++k) dst[k] = x[perm[k]];
   } else {
@@ -104,8 +106,8 @@ void gather_row(const float* x, int64_t K, const float* c, const int64_t* perm, 
 // order perm, blocks of rows as gather_row makes them in a per-thread buffer (ld = K; trimmed
 // like the scratch buffers, as it returns).
 template <class Quant>
-void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, const int64_t* perm,
-                      int64_t m0, int64_t m1, const Quant& quant) {
+void with_scaled_rows(const Kernels& kt, const float* x, int64_t ldx, int64_t K, const float* c,
+                      const int64_t* perm, int64_t m0, int64_t m1, const Quant& quant) {
   if (!c && !perm) return quant(x + m0 * ldx, ldx, m0, m1);
   constexpr int64_t kRows = 16;
   thread_local std::vector<float> buf;
@@ -113,7 +115,7 @@ void with_scaled_rows(const float* x, int64_t ldx, int64_t K, const float* c, co
   for (int64_t r0 = m0; r0 < m1; r0 += kRows) {
     const int64_t r1 = r0 + kRows < m1 ? r0 + kRows : m1;
     for (int64_t m = r0; m < r1; ++m)
-      gather_row(x + m * ldx, K, c, perm, buf.data() + (m - r0) * K);
+      gather_row(kt, x + m * ldx, K, c, perm, buf.data() + (m - r0) * K);
     quant(buf.data(), K, r0, r1);
   }
   trim(buf);
@@ -229,12 +231,12 @@ void run_gemm(const Kernels& kt, const GemmArgs& args, bool int32_out, bool gelu
 // per-column factors c) padded with zeros to Kp, and, when `sums`, each group's sum of x: 8
 // interleaved partial sums combined pairwise, one fixed order for every ISA and thread count
 // (group a multiple of 8).
-void float_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, const float* c,
+void float_rows(const Kernels& kt, const float* x, int64_t ldx, int64_t K, int64_t Kp, const float* c,
                 const int64_t* perm, int64_t group, int64_t m0, int64_t m1, float* dst0,
                 int64_t lda, float* sums, int64_t G) {
   for (int64_t m = m0; m < m1; ++m) {
     float* dst = dst0 + m * lda;
-    gather_row(x + m * ldx, K, c, perm, dst);
+    gather_row(kt, x + m * ldx, K, c, perm, dst);
     std::memset(dst + K, 0, (size_t)(Kp - K) * sizeof(float));
     for (int64_t g = 0; sums && g < G; ++g) {
       float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -270,7 +272,7 @@ void linear_w8a8(const float* x, int64_t ldx, int64_t M, const int8_t* packed, c
   uint8_t* a = activation_buffer(M, lda, amx_rows(kt, M));
   float* ascale = (float*)scratch_scales(M);
   auto quant = [&](int64_t m0, int64_t m1) {
-    with_scaled_rows(x, ldx, s.K, colscale, perm, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
+    with_scaled_rows(kt, x, ldx, s.K, colscale, perm, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
       kt.quantize_a8(rows, ld, s.K, s.Kp, 0, r1 - r0, a + r0 * lda, lda, ascale + r0, act_scale, act_zero);
     });
   };
@@ -292,7 +294,7 @@ void linear_w8f32(const float* x, int64_t ldx, int64_t M, const int8_t* packed, 
   if (!direct) {
     float* rows = (float*)activation_buffer(M, lda * 4);
     auto prep = [&](int64_t m0, int64_t m1) {
-      float_rows(x, ldx, s.K, s.Kp, colscale, perm, s.group, m0, m1, rows, lda, nullptr, s.G);
+      float_rows(kt, x, ldx, s.K, s.Kp, colscale, perm, s.group, m0, m1, rows, lda, nullptr, s.G);
     };
     M * s.K >= (1 << 16) ? parallel_for(M, prep) : prep(0, M);
     a = rows;
@@ -398,7 +400,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
   const bool big = M * s.K >= (1 << 16);
   if (int8_activations) {
     auto quant = [&](int64_t m0, int64_t m1) {
-      with_scaled_rows(x, ldx, s.K, colscale, perm, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
+      with_scaled_rows(kt, x, ldx, s.K, colscale, perm, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
         kt.quantize_a8_blocks(rows, ld, s.K, s.Kp, s.group, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
                               ablock + r0 * nblocks, agroup + r0 * s.G,
                               asum ? asum + r0 * nblocks : nullptr, act_scale);
@@ -407,7 +409,7 @@ void linear_w4(const float* x, int64_t ldx, int64_t M, const uint8_t* packed,
     big ? parallel_for(M, quant) : quant(0, M);
   } else {
     auto prep = [&](int64_t m0, int64_t m1) {
-      float_rows(x, ldx, s.K, s.Kp, colscale, perm, s.group, m0, m1, (float*)a, lda, agroup, s.G);
+      float_rows(kt, x, ldx, s.K, s.Kp, colscale, perm, s.group, m0, m1, (float*)a, lda, agroup, s.G);
     };
     big ? parallel_for(M, prep) : prep(0, M);
   }
@@ -490,7 +492,7 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
   const bool big = M * K >= (1 << 16);
   if (int8_activations) {
     auto quant = [&](int64_t m0, int64_t m1) {
-      with_scaled_rows(x, ldx, K, colscale, nullptr, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
+      with_scaled_rows(kt, x, ldx, K, colscale, nullptr, m0, m1, [&](const float* rows, int64_t ld, int64_t r0, int64_t r1) {
         kt.quantize_a8_blocks(rows, ld, K, K, K, 0, r1 - r0, (int8_t*)a + r0 * lda, lda,
                               ablock + r0 * n32, rowsum + r0, nullptr, act_scale);
       });
@@ -505,7 +507,7 @@ void linear_blk(const float* x, int64_t ldx, int64_t M, const BlkArgs& w, const 
     big ? parallel_for(M, quant) : quant(0, M);
   } else {
     auto prep = [&](int64_t m0, int64_t m1) {
-      float_rows(x, ldx, K, K, colscale, nullptr, F.sub, m0, m1, (float*)a, lda,
+      float_rows(kt, x, ldx, K, K, colscale, nullptr, F.sub, m0, m1, (float*)a, lda,
                  F.min == MinKind::None ? nullptr : xsum, nsub);
     };
     big ? parallel_for(M, prep) : prep(0, M);

@@ -32,6 +32,22 @@ def test_use_isa_switches_and_restores(isa):
     assert lb.cpu_info()["isa"] == before
 
 
+def test_a_use_isa_object_entered_again_switches_again():
+    """The switch happens at the call; a block entered again on the same object (reused, or
+    nested) must switch again, not run on whatever set the thread has then."""
+    default = lb.cpu_info()["isa"]
+    u = lb.use_isa("ref")
+    with u:
+        assert lb.cpu_info()["isa"] == "ref"
+    assert lb.cpu_info()["isa"] == default
+    with u:
+        assert lb.cpu_info()["isa"] == "ref"
+        with u:
+            assert lb.cpu_info()["isa"] == "ref"
+        assert lb.cpu_info()["isa"] == "ref"
+    assert lb.cpu_info()["isa"] == default
+
+
 def test_use_isa_in_two_threads_interleaved_restores_each(rng):
     """Thread A enters ref, B enters another set, A exits, B exits: each thread saw its own
     choice throughout, the main thread never saw either, and the process ends where it began

@@ -96,11 +96,17 @@ class use_isa:
         if not name:  # "" would mean "the process's choice" to set_thread_isa
             raise ValueError(f"unknown ISA ''; available on this CPU: "
                              f"{', '.join(_core.available_isas())}")
-        self._previous = _core.set_thread_isa(name)
+        self._name = name
+        self._previous = [_core.set_thread_isa(name)]  # one entry per block open on the object
+        self._switched = True  # by the call itself: the first block's switch
 
     def __enter__(self):
+        if self._switched:
+            self._switched = False
+        else:  # the object entered again (reused, or nested): switch again
+            self._previous.append(_core.set_thread_isa(self._name))
         return self
 
     def __exit__(self, *exc):
-        _core.set_thread_isa(self._previous)
+        _core.set_thread_isa(self._previous.pop())
         return False
