@@ -64,6 +64,7 @@ class Gemma3(llm_cli.CachedModel):
             raise ValueError("expected keys and values of the same head dimension")
         self.eps = hp("attention.layer_norm_rms_epsilon")
         self.window = hp("attention.sliding_window")
+        self.context = meta.get("gemma3.context_length")
         self.global_base = meta.get("gemma3.rope.freq_base", 1e6)
         # query_pre_attn_scalar = head_dim for the 270M (llama.cpp: 1 / sqrt(n_embd_head_k))
         self.scale = self.head_dim ** -0.5

@@ -24,9 +24,24 @@ class CachedModel:
     """``reset``, ``forward`` and ``decode`` for a model whose ``run(ids, positions, all_logits)``
     feeds int64 token ids at their positions through its key/value caches (``self.caches``) with
     lowbit calls only: ``decode`` records ``run`` at its first step (``lowbit.nn.record``) and
-    replays it from C++ at every later one."""
+    replays it from C++ at every later one. Token ids must be in the vocabulary (the rows of
+    ``self.embed``) and positions within ``self.context`` (the file's context length)."""
 
     step = None  # the recorded decode step
+    context = None  # most positions, from the file (None: not checked)
+
+    def _check(self, ids):
+        """ids as int64, refused unless whole numbers in the vocabulary that fit the context."""
+        a = np.asarray(ids)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise ValueError(f"token ids: expected a list of integers, got {a.dtype} of shape {a.shape}")
+        vocab = self.embed.shape[0]
+        if a.size and (a.min() < 0 or a.max() >= vocab):
+            raise ValueError(f"token ids: expected 0..{vocab - 1}, got {a.min()}..{a.max()}")
+        if self.context is not None and self.position + a.size > self.context:
+            raise ValueError(f"{self.position} cached + {a.size} new tokens exceed the model's "
+                             f"context of {self.context}")
+        return a.astype(np.int64)
 
     def reset(self):
         """Forgets the context (empties every layer's key/value cache)."""
@@ -37,15 +52,15 @@ class CachedModel:
     def forward(self, ids, all_logits=False):
         """Feeds token ids after the cached context; returns float32 logits of the last position
         (vocab,), or of every new position (len(ids), vocab)."""
+        ids = self._check(ids)
         t = len(ids)
-        logits = self.run(np.asarray(ids, np.int64), np.arange(self.position, self.position + t),
-                          all_logits)
+        logits = self.run(ids, np.arange(self.position, self.position + t), all_logits)
         self.position += t
         return logits
 
     def decode(self, token):
         """forward([token]), replayed: its logits (vocab,) are overwritten by the next call."""
-        ids, positions = np.array([token]), np.array([self.position])
+        ids, positions = self._check([token]), np.array([self.position])
         if self.step is None:
             self.step = nn.record(self.run, ids, positions)
             logits = self.step.result
@@ -56,13 +71,16 @@ class CachedModel:
 
 
 def generate(model, prompt_ids, max_tokens):
-    """Greedy decoding. Returns (new ids, prompt seconds, decode seconds, decode steps)."""
+    """Greedy decoding, up to max_tokens, an end token or the model's context. Returns (new ids,
+    prompt seconds, decode seconds, decode steps)."""
     model.reset()
     t0 = time.perf_counter()
     out = [int(np.argmax(model.forward(prompt_ids)))]
     t1 = time.perf_counter()
     step = getattr(model, "decode", None) or (lambda token: model.forward([token]))
-    while len(out) < max_tokens and out[-1] not in model.eos:
+    context = getattr(model, "context", None)
+    while (len(out) < max_tokens and out[-1] not in model.eos and
+           (context is None or model.position < context)):
         out.append(int(np.argmax(step(out[-1]))))
     return out, t1 - t0, time.perf_counter() - t1, len(out) - 1
 
@@ -82,6 +100,8 @@ def main(make_model, default_gguf, description, gguf_help, argv=None):
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error(f"--max-tokens: expected at least 1, got {args.max_tokens}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected at least 1, got {args.threads}")
     if args.threads:
         lb.set_num_threads(args.threads)
         try:  # numpy's BLAS on the same number of threads, when controllable

@@ -407,9 +407,13 @@ def main(argv=None):
                     help="lb.nn.attention's precision in the quantized modes")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads: expected at least 1, got {args.threads}")
     if args.threads:
         lb.set_num_threads(args.threads)
     sentences = read_sentences(args.sentences)
+    if not sentences:
+        ap.error(f"--sentences {args.sentences}: no sentences (one per line)")
 
     results, reference = {}, None
     for mode in MODES:

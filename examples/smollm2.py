@@ -46,6 +46,7 @@ class SmolLM2(llm_cli.CachedModel):
         self.head_dim = self.hidden // self.heads
         self.eps = meta["llama.attention.layer_norm_rms_epsilon"]
         self.rope_base = meta.get("llama.rope.freq_base", 10000.0)
+        self.context = meta.get("llama.context_length")
         self.embed = w["token_embd.weight"]
         self.output = lb.Linear(w.get("output.weight", self.embed))  # tied to the embedding
         self.output_norm = w["output_norm.weight"]

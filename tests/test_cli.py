@@ -183,6 +183,18 @@ def fake_rows(shapes):
             for f, us in (("numpy float32", 50.0), ("int8 sym (W8A8)", 10.0)) for m, n, k in shapes]
 
 
+def test_bench_plot_without_matplotlib_fails_before_timing(tmp_path, monkeypatch, capsys):
+    from lowbit import bench
+
+    def no_matplotlib():
+        raise ImportError("--plot needs matplotlib: pip install 'lowbit[plot]'")
+    monkeypatch.setattr(bench, "plotting", no_matplotlib)
+    monkeypatch.setattr(bench, "quick_table", lambda *a, **k: pytest.fail("timed before failing"))
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--plot", str(tmp_path / "p.png")])
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
 def test_bench_plot(tmp_path, monkeypatch, capsys):
     """lowbit bench --plot writes a picture of throughput against batch size, over more than
     three batch sizes by default, and says where (quick_table is replaced by fixed rows: the

@@ -34,6 +34,21 @@ def test_smollm2_greedy_answer(smollm2):
     assert smollm2.tokenizer.decode(new).startswith(" Paris")
 
 
+def test_smollm2_refuses_ids_it_has_no_row_for_and_stops_at_its_context(smollm2):
+    """Negative ids read the last rows, floats truncated, and positions past the file's context
+    ran on: each is refused (generation stops at the context instead)."""
+    smollm2.reset()
+    vocab = smollm2.embed.shape[0]
+    for bad in ([-1], [vocab], [2.7]):
+        with pytest.raises(ValueError, match="token ids"):
+            smollm2.forward(bad)
+    assert smollm2.position == 0 and smollm2.context == 8192
+    smollm2.position = smollm2.context - 1  # (as if 8191 tokens were cached)
+    with pytest.raises(ValueError, match="exceed the model's context of 8192"):
+        smollm2.forward([1, 2])
+    smollm2.reset()
+
+
 @pytest.mark.parametrize("activations", ["float", "int8"])
 def test_smollm2_logits_do_not_depend_on_batching_or_threads(smollm2, activations, threads):
     """The same text in one pass, token by token through the KV cache, or in uneven chunks, on 1

@@ -104,16 +104,22 @@ def quick_table(shapes=SHAPES, threads=None):
     return rows
 
 
-def plot(rows, path, machine=""):
-    """Throughput (GFLOP/s, 2 M N K per call) against batch size M, one line per format and
-    N x K, from quick_table's rows, written to `path` (PNG, SVG, PDF: by its suffix); `machine`
-    (CPU, kernel set, threads) heads the title. Needs matplotlib."""
+def plotting():
+    """matplotlib.pyplot (without a display), or ImportError saying how to get it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'lowbit[plot]'") from None
+    return plt
+
+
+def plot(rows, path, machine=""):
+    """Throughput (GFLOP/s, 2 M N K per call) against batch size M, one line per format and
+    N x K, from quick_table's rows, written to `path` (PNG, SVG, PDF: by its suffix); `machine`
+    (CPU, kernel set, threads) heads the title. Needs matplotlib."""
+    plt = plotting()
     fig, ax = plt.subplots(figsize=(8, 5))
     shapes = sorted({(r["N"], r["K"]) for r in rows})
     for fmt in dict.fromkeys(r["format"] for r in rows):

@@ -70,6 +70,8 @@ def cmd_bench(args):
     from . import bench
 
     shapes = args.shapes or (bench.PLOT_SHAPES if args.plot else bench.SHAPES)
+    if args.plot:  # (before the timing, not after it)
+        bench.plotting()
     info = cpu_info()
     threads = args.threads or info["num_threads"]
     rows = bench.quick_table(shapes=shapes, threads=args.threads)

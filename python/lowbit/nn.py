@@ -580,8 +580,9 @@ def record(fn, *inputs):
     ``result``), on read-only copies of the inputs (numpy arrays, e.g. token ids and positions).
 
     Recordable: ``Linear`` / ``FusedLinear`` (one row, or one call), ``rms_norm``, ``layer_norm``,
-    ``swiglu``, ``geglu``, ``add``, ``scale``, ``RoPE``, ``KVCache.append`` / ``attend``, the rows of a block-format
-    weight's ``dequantize(rows=ids)``; views of their results (slices, reshapes that do not copy).
+    ``swiglu``, ``geglu``, ``add``, ``scale``, ``mlp`` (as its plain calls), ``RoPE``,
+    ``KVCache.append`` / ``attend``, the rows of a block-format weight's
+    ``dequantize(rows=ids)``; views of their results (slices, reshapes that do not copy).
     Anything else computed from the inputs would run once only and be replayed with its recorded
     value, so it is refused as it is recorded: each recorded call checks that the activations it
     reads come from the inputs or from recorded calls, and the arrays recorded calls return are
