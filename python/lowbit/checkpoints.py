@@ -151,8 +151,8 @@ def _tensors(source) -> dict:
 
 
 def _config(source) -> dict:
-    """The quantization config beside a checkpoint (quantize_config.json, or config.json's
-    quantization_config, in its directory or the file's), or {}."""
+    """The quantization config beside a checkpoint (quantize_config.json, quant_config.json, or
+    config.json's quantization_config, in its directory or the file's), or {}."""
     if isinstance(source, dict):
         return {}
     folder = os.fspath(source)
@@ -225,8 +225,8 @@ def load_gptq(source) -> dict:
     of arrays) as a :class:`QuantizedWeight` under its prefix (``...q_proj``); the other tensors
     (biases, embeddings, norms) come back as arrays under their own names. The quantization config
     in the checkpoint's folder (quantize_config.json, quant_config.json, or config.json's
-    quantization_config) is read: its checkpoint_format picks v1 ("gptq", the default) or v2 ("gptq_v2"), and other bits,
-    another quant_method or another checkpoint_format are refused."""
+    quantization_config) is read: its checkpoint_format picks v1 ("gptq", the default) or v2
+    ("gptq_v2"), and other bits, another quant_method or another checkpoint_format are refused."""
     config = _check_config(source, "gptq", {"checkpoint_format": tuple(_GPTQ_FORMATS)})
     fmt = str(config.get("checkpoint_format", "gptq")).lower()
     return _load(source, lambda qweight, qzeros, scales, g_idx=None: from_gptq(

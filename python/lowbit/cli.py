@@ -245,12 +245,10 @@ def plan_tensors(tensors, plan, default, min_dim):
 
 
 def cmd_quantize(args):
-    from .io import BF16, release_pages, save
+    from .io import BF16, output_folder, release_pages, save
     from .quantize import QuantizedWeight, quantize
 
-    folder = os.path.dirname(os.path.realpath(args.output))
-    if not os.path.isdir(folder):  # (before the work, not after it)
-        raise FileNotFoundError(f"the output {args.output}: no folder {folder} to write it in")
+    output_folder(args.output)  # (before the work, not after it)
     inputs = [p for p in (args.input, args.calibration, args.plan) if p]
     for p in inputs:
         if same_file(args.output, p):

@@ -119,9 +119,7 @@ def save(path, tensors: dict) -> None:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(len(blob) + 8) % 64)  # data starts 64-byte aligned
     target = os.path.realpath(os.fspath(path))  # through symbolic links: replace what they name
-    folder = os.path.dirname(target)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{os.fspath(path)}: no folder {folder} to write it in")
+    folder = output_folder(path)
     _remove_stale_partials(folder)
     try:
         mode = os.stat(target).st_mode & 0o7777  # an existing file keeps its permissions
@@ -143,6 +141,15 @@ def save(path, tensors: dict) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def output_folder(path) -> str:
+    """The folder a file written to `path` goes in (through symbolic links), or
+    FileNotFoundError naming it when it does not exist: checked before work that ends in a save."""
+    folder = os.path.dirname(os.path.realpath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{os.fspath(path)}: no folder {folder} to write it in")
+    return folder
 
 
 def _host():
