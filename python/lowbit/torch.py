@@ -158,7 +158,7 @@ def _borrowed(t: torch.Tensor) -> np.ndarray:
 
 # The op's prepared weights (compiled and exported graphs call it with a module's buffers each
 # time, and making them again took ~100 us a call), per first part tensor: {id: (weak references
-# to the tensors, their addresses, spec, then as LowbitLinear._prepared's cache)}. The entries
+# to the tensors, the _serve entry keyed by the spec and their addresses)}. The entries
 # borrow the memory (_borrowed) and are removed when their tensor dies, so no model outlives its
 # last reference here; a hit needs the very same tensors (weak references) at the same addresses.
 _OP_CACHE: dict = {}
@@ -166,23 +166,31 @@ _OP_CACHE: dict = {}
 
 def _op_prepared(spec: str, tensors: list) -> tuple:
     head = tensors[0]
+    held = _OP_CACHE.get(id(head))  # (weak references to the tensors, the _serve entry)
+    same = held is not None and all((r is None) == (t is None) and (r is None or r() is t)
+                                    for r, t in zip(held[0], tensors))
     where = [spec] + [None if t is None else t.data_ptr() for t in tensors]
-    entry = _OP_CACHE.get(id(head))
-    if (entry is None or entry[1] != where or
-            any((r is None) != (t is None) or (r is not None and r() is not t)
-                for r, t in zip(entry[0], tensors)) or
-            (entry[4] is not None and (entry[4] is _UNTRACKED or entry[4] != _versions(tensors)))):
-        prepared, refresh, watch = _cacheable(spec, tensors, borrow=True)
+    entry = _serve(held[1] if same else None, where, spec, tensors, borrow=True)
+    if held is None:
+        weakref.finalize(head, _OP_CACHE.pop, id(head), None)
+    if not same or entry is not held[1]:
+        _OP_CACHE[id(head)] = ([None if t is None else weakref.ref(t) for t in tensors], entry)
+    return entry[1]
+
+
+def _serve(entry, key, spec: str, tensors: list, borrow=False) -> tuple:
+    """A prepared-weight cache entry, (key, _prepared's tuple, refresh, versions watched), for
+    the parts and bias in `tensors`: `entry` while its key is `key` and the versions it watches
+    stay, else made again (_cacheable); the kernel's own bias refreshed where it has one."""
+    if (entry is None or entry[0] != key or (entry[3] is not None and (
+            entry[3] is _UNTRACKED or entry[3] != _versions(tensors)))):
+        prepared, refresh, watch = _cacheable(spec, tensors, borrow)
         versions = _versions(tensors) if watch == "versions" else (
             _UNTRACKED if watch == "always" else None)
-        if entry is None:
-            weakref.finalize(head, _OP_CACHE.pop, id(head), None)
-        entry = ([None if t is None else weakref.ref(t) for t in tensors], where, prepared, refresh,
-                 versions)
-        _OP_CACHE[id(head)] = entry
-    if entry[3] is not None:
-        entry[3]()
-    return entry[2]
+        entry = (key, prepared, refresh, versions)
+    if entry[2] is not None:
+        entry[2]()
+    return entry
 
 
 def _numpy32(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
@@ -400,16 +408,10 @@ class LowbitLinear(torch.nn.Module):
             if t is not None:
                 key += id(t), t.data_ptr()
         cached = self.__dict__.get("_views")
-        if (cached is None or cached[0] != key or (cached[3] is not None and (
-                cached[3] is _UNTRACKED or cached[3] != _versions(tensors)))):
-            prepared, refresh, watch = _cacheable(self._spec, tensors)
-            versions = _versions(tensors) if watch == "versions" else (
-                _UNTRACKED if watch == "always" else None)
-            cached = (key, prepared, refresh, versions)
-            self.__dict__["_views"] = cached
-        if cached[2] is not None:
-            cached[2]()
-        return cached[1]
+        entry = _serve(cached, key, self._spec, tensors)
+        if entry is not cached:
+            self.__dict__["_views"] = entry
+        return entry[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.__dict__.pop("_views", None)  # (inference tensors copied into: no version moves)
