@@ -1,6 +1,10 @@
 """lowbit.torch: nn.Linear swapped for lowbit kernels (skipped without PyTorch)."""
 import io
+import json
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -154,6 +158,106 @@ def test_lowbit_file_round_trips_into_a_float_model(fmt, dtype, rng, tmp_path):
     assert torch.equal(run(fresh, x, dtype), run(model, x, dtype))
     with pytest.raises(ValueError, match="missing"):
         lbt.load(tmp_path / "m.lowbit", torch.nn.Sequential(small_model(), torch.nn.Linear(2, 2)))
+
+
+def save_shards(state, folder, n=2):
+    """`state` as save_pretrained shards it: model-0000i-of-0000n.safetensors and their index."""
+    st = pytest.importorskip("safetensors.torch")
+    folder.mkdir()
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = keys[i * len(keys) // n:(i + 1) * len(keys) // n]
+        st.save_file({k: state[k].contiguous() for k in part}, folder / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_safetensors_state_loads_into_a_float_model(fmt, dtype, rng, tmp_path):
+    """The state as state_dict() holds it, every value a tensor (the settings too), so that
+    safetensors' save_model and Hugging Face's save_pretrained store it; lbt.load reads it into
+    a float model from a file, or from a folder of shards with their index."""
+    st = pytest.importorskip("safetensors.torch")
+    model = quantized(fmt, dtype)
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    st.save_model(model, tmp_path / "m.safetensors")
+    fresh = lbt.load(tmp_path / "m.safetensors", small_model(seed=1).to(dtype))
+    assert isinstance(fresh[2][0], lbt.LowbitLinear) and repr(fresh) == repr(model)
+    assert torch.equal(run(fresh, x, dtype), run(model, x, dtype))
+    save_shards(model.state_dict(), tmp_path / "saved")
+    fresh = lbt.load(tmp_path / "saved", small_model(seed=2).to(dtype))
+    assert torch.equal(run(fresh, x, dtype), run(model, x, dtype))
+    st.load_model(quantized(fmt, dtype, seed=3), tmp_path / "m.safetensors")  # (same structure)
+
+
+def test_corrupt_safetensors_state_raises(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    state = quantized("int4").state_dict()
+    cases = {"settings": {"0._extra_state": torch.tensor(list(b"{not json"), dtype=torch.uint8)},
+             "width": {"0.weight_scales": state["0.weight_scales"].view(torch.uint8)},
+             "shape": {"0.weight_packed": state["0.weight_packed"][:-16]},
+             "missing": {"0.weight_scales": None}}
+    for case, change in cases.items():
+        bad = {k: v for k, v in {**state, **change}.items() if v is not None}
+        st.save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / f"{case}.safetensors")
+        with pytest.raises(lb.FormatError, match="0._extra_state|0.weight"):
+            lbt.load(tmp_path / f"{case}.safetensors", small_model())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        lbt.load(tmp_path, small_model())
+    save_shards(state, tmp_path / "saved")
+    index = tmp_path / "saved" / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace("model-00001", "../model-00001"))
+    with pytest.raises(lb.FormatError, match="not a file name"):
+        lbt.load(tmp_path / "saved", small_model())
+
+
+def test_hugging_face_save_pretrained_and_from_pretrained(rng, tmp_path):
+    """A transformers model quantized by lowbit.torch: save_pretrained writes its layers' state
+    and quant_method "lowbit" in config.json; from_pretrained (lowbit.torch imported) rebuilds
+    the LowbitLinears, bit for bit, and so does lbt.load into a float model. A tied lm_head,
+    quantized while the embedding stays float, saves and loads too."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.from_numpy(rng.integers(0, 64, size=(2, 12)))
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=128)
+    llama = transformers.LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1,
+                                     intermediate_size=128, tie_word_embeddings=True)
+    for config, cls, out in [(bert, transformers.BertModel, "last_hidden_state"),
+                             (llama, transformers.LlamaForCausalLM, "logits")]:
+        folder = tmp_path / config.model_type
+        torch.manual_seed(0)
+        model = lbt.quantize_model(cls(config).eval(), bits=4, group_size=32)
+        assert model.config.quantization_config == {"quant_method": "lowbit"}
+        model.save_pretrained(folder, max_shard_size="100KB")
+        assert json.loads((folder / "config.json").read_text())["quantization_config"] == {
+            "quant_method": "lowbit"}
+        with torch.inference_mode():
+            expected = getattr(model(input_ids=ids), out)
+        torch.manual_seed(1)
+        loaded = [cls.from_pretrained(folder).eval(), lbt.load(folder, cls(config).eval())]
+        loaded[0].save_pretrained(tmp_path / "again")  # (a loaded model saves as it came)
+        loaded.append(cls.from_pretrained(tmp_path / "again").eval())
+        for m in loaded:
+            assert isinstance(m.get_submodule("lm_head" if out == "logits" else
+                                              "encoder.layer.1.output.dense"), lbt.LowbitLinear)
+            with torch.inference_mode():
+                assert torch.equal(getattr(m(input_ids=ids), out), expected)
+        shutil.rmtree(tmp_path / "again")
+
+
+def test_lowbit_registers_with_transformers_imported_first(tmp_path):
+    """Imported before transformers, lowbit.torch registers its method when transformers loads
+    its quantizer table (the test above); imported after, at once."""
+    pytest.importorskip("transformers")
+    code = ("import transformers.quantizers.auto as auto\n"
+            "assert 'lowbit' not in auto.AUTO_QUANTIZER_MAPPING\n"
+            "import lowbit.torch\n"
+            "assert 'lowbit' in auto.AUTO_QUANTIZER_MAPPING\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 def test_a_numpy_lowbit_file_loads_into_the_torch_model(rng, tmp_path):
@@ -536,8 +640,11 @@ def test_gptq_calibration_from_a_generator_and_inputs_by_keyword(rng):
 
 def test_loading_settings_of_other_part_dtypes_raises():
     layer = quantized("int4")[0]
-    spec = layer.get_extra_state()
-    layer.set_extra_state(spec)  # the same settings load
+    state = layer.get_extra_state()
+    assert state.dtype == torch.uint8 and state.dim() == 1  # (safetensors stores only tensors)
+    layer.set_extra_state(state)  # the same settings load
+    spec = json.loads(bytes(state.numpy()))
+    layer.set_extra_state(spec)  # and as a dict, as lowbit wrote them before
     spec["parts"] = [[p, "<i2" if p == "mins" else dt] for p, dt in spec["parts"]]
     with pytest.raises(ValueError, match="cannot load"):
         layer.set_extra_state(spec)

@@ -13,8 +13,10 @@ from each layer's own inputs, see :func:`quantize_model`). Its state is ordinary
 buffer per part of the packed weight (``weight_packed``, ``weight_scales``, ... as the kernels read
 them; float parts held as integer tensors of the same width, so that ``model.half()`` or
 ``model.to(torch.bfloat16)`` cannot round them), the bias, and the settings in
-``get_extra_state``: ``state_dict`` / ``load_state_dict`` / ``torch.save`` / pickling round-trip
-bit for bit.
+``get_extra_state`` (their JSON as a uint8 tensor): ``state_dict`` / ``load_state_dict`` /
+``torch.save`` / pickling round-trip bit for bit, and safetensors' ``save_model`` and Hugging
+Face's ``save_pretrained`` store the state (:func:`load` reads it into a float model; a
+transformers model's ``from_pretrained`` rebuilds it, see ``lowbit._hf``).
 
 Forward is the custom op ``torch.ops.lowbit.linear`` (``torch.library``): a pure function of the
 input, the weight's part tensors, the bias and a settings string, with a fake (meta) kernel giving
@@ -36,6 +38,7 @@ import ctypes
 import functools
 import json
 import os
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Optional
@@ -44,7 +47,7 @@ import numpy as np
 import torch
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from . import _core, runtime
+from . import _core, _hf, runtime
 from .calibrate import StaticActivations
 from .linear import (Linear, _check_activations, _forward, _kernel_bias, _plan,
                      _zero_point_term)
@@ -62,10 +65,14 @@ def _parts_of(qw: QuantizedWeight) -> dict:
     return {p: getattr(qw, "_" + p) for p in _INT_PARTS if getattr(qw, "_" + p) is not None}
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor holding the bits of `a`: wider than a byte as the signed integer of its width."""
-    a = np.array(a, copy=True, order="C")  # writeable and owned (files are read-only mmaps)
-    return torch.from_numpy(a if a.itemsize == 1 else a.view(f"i{a.itemsize}"))
+def _tensor(a: np.ndarray, copy=True) -> torch.Tensor:
+    """A tensor holding the bits of `a`: wider than a byte as the signed integer of its width.
+    copy=False: a view of `a` (C-contiguous), read-only if `a` is (a file's pages)."""
+    a = np.array(a, copy=True, order="C") if copy else a  # writeable and owned
+    a = a if a.itemsize == 1 else a.view(f"i{a.itemsize}")
+    with warnings.catch_warnings():  # (torch warns of a read-only array)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _spec(qw: QuantizedWeight, parts: dict, activations, epilogue) -> str:
@@ -91,6 +98,23 @@ def _settings(spec: str):
     acts = _check_activations(acts, fmt)
     return (tuple(s["shape"]), fmt, s["bits"], s["group_size"], s["symmetric"], parts, acts,
             s["epilogue"])
+
+
+def _state_settings(state) -> dict:
+    """The settings dict of a LowbitLinear's extra state: the uint8 tensor of their JSON (as
+    get_extra_state writes it) or the dict itself (as lowbit wrote it before)."""
+    if isinstance(state, torch.Tensor):
+        if state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError(f"lowbit.torch: layer settings should be a 1-D uint8 tensor of JSON, "
+                             f"got {state.dtype} of shape {tuple(state.shape)}")
+        try:
+            state = json.loads(bytes(state.cpu().numpy()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"lowbit.torch: unreadable layer settings ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"lowbit.torch: layer settings should be a dict or a uint8 tensor, "
+                         f"got {type(state).__name__}")
+    return state
 
 
 def _weight(spec: str, tensors, borrow=False) -> tuple:
@@ -127,6 +151,7 @@ def _share_torch_threads():
 
 
 _share_torch_threads()
+_hf.install()  # transformers' from_pretrained reads models saved with lowbit layers
 
 
 def _follow_torch_threads():
@@ -334,7 +359,9 @@ class LowbitLinear(torch.nn.Module):
     """An ``nn.Linear`` replacement computing ``x @ W.T + b`` on lowbit's kernels (see the module
     docstring for its state)."""
 
-    def __init__(self, layer: Linear):
+    def __init__(self, layer: Linear, copy=True):
+        """copy=False: buffers viewing the layer's arrays (a file's read-only pages, for
+        transformers' loader to replace)."""
         super().__init__()
         if not isinstance(layer, Linear):
             raise TypeError(f"LowbitLinear: expected an lb.Linear, got {type(layer).__name__}")
@@ -346,7 +373,7 @@ class LowbitLinear(torch.nn.Module):
         self._part_names = tuple(parts)
         self._buffer_names = tuple("weight_" + p for p in parts) + ("bias",)
         for p, a in parts.items():
-            self.register_buffer("weight_" + p, _tensor(a))
+            self.register_buffer("weight_" + p, _tensor(a, copy))
         bias = None if layer.bias is None else torch.from_numpy(layer.bias.copy())
         self.register_buffer("bias", bias)
 
@@ -416,7 +443,7 @@ class LowbitLinear(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.__dict__.pop("_views", None)  # (inference tensors copied into: no version moves)
         theirs = state_dict.get(prefix + "_extra_state")
-        if isinstance(theirs, dict):  # refused before torch copies the buffers whose shapes fit
+        if theirs is not None:  # refused before torch copies the buffers whose shapes fit
             self._check_kind(theirs)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -452,16 +479,19 @@ class LowbitLinear(torch.nn.Module):
         bias = self._parameters.get("bias")  # (a bias made a Parameter; buffers need none)
         return x.requires_grad or (bias is not None and bias.requires_grad)
 
-    def get_extra_state(self):
-        return json.loads(self._spec)
+    def get_extra_state(self) -> torch.Tensor:
+        """The settings, as the bytes of their JSON in a uint8 tensor: a state_dict of tensors
+        only, which safetensors (``save_model``) and Hugging Face's ``save_pretrained`` store."""
+        return torch.frombuffer(bytearray(self._spec.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state):
         self._spec = self._check_kind(state)
 
     def _check_kind(self, state) -> str:
-        """The settings `state` holds, if its weight's kind (shape, format, bits, group size,
-        symmetry, parts' names and dtypes) is this layer's; ValueError if not."""
-        spec = json.dumps(state, sort_keys=True)
+        """The settings `state` holds (get_extra_state's tensor, or the dict lowbit wrote before
+        it), if its weight's kind (shape, format, bits, group size, symmetry, parts' names and
+        dtypes) is this layer's; ValueError if not."""
+        spec = json.dumps(_state_settings(state), sort_keys=True)
         theirs = _settings(spec)
         if theirs[:6] != _settings(self._spec)[:6]:
             shape, fmt, bits, group, sym, parts = theirs[:6]
@@ -587,6 +617,8 @@ def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric
         for alias, old in reversed(done):
             model = _replace(model, alias, old)
         raise
+    if done:
+        _hf.mark(model)  # (save_pretrained writes the method into config.json)
     return model
 
 
@@ -644,19 +676,132 @@ def save(model: torch.nn.Module, path) -> None:
     save_file(path, tensors)
 
 
-def load(path, model: torch.nn.Module) -> torch.nn.Module:
-    """Loads a lowbit file (from :func:`save`, ``lowbit quantize`` or ``lb.save``) into `model`,
-    in place, and returns it: each QuantizedWeight ``name.weight`` of an ``nn.Linear`` (or
-    :class:`LowbitLinear`) ``name`` replaces that module by a LowbitLinear on it (with
-    ``name.bias`` and ``name.activations``); a QuantizedWeight of another kind of module (an
-    embedding) is loaded dequantized; every other array goes to the parameter or buffer of that
-    name (converted to its dtype). A module or key missing on either side, or a shape that does
-    not match, raises ValueError: nothing is silently dropped."""
+def _read_state(path) -> dict:
+    """{key: array} of a lowbit or safetensors file, or of a folder ``save_pretrained`` wrote
+    (model.safetensors, or the shards its index names)."""
+    from .errors import FormatError
     from .io import load as load_file
 
-    # Everything is checked before the model is touched: an error leaves it as it was.
-    arrays = load_file(path)
+    if not os.path.isdir(path):
+        return load_file(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            raise FileNotFoundError(f"{path}: a folder without model.safetensors or "
+                                    f"model.safetensors.index.json")
+        return load_file(os.path.join(path, "model.safetensors"))
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{index}: not a safetensors index ({e!r})") from None
+    arrays = {}
+    for shard in shards:
+        if os.path.basename(shard) != shard:
+            raise FormatError(f"{index}: shard {shard!r} is not a file name in {path}")
+        for key, value in load_file(os.path.join(path, shard)).items():
+            if key in arrays:
+                raise FormatError(f"{path}: {key!r} in two shards")
+            arrays[key] = value
+    return arrays
+
+
+def _state_dict_layers(path, arrays: dict) -> dict:
+    """Pops from `arrays` the LowbitLinear states written as ``state_dict()`` holds them
+    (``name.weight_<part>``, ``name.bias``, ``name._extra_state``: safetensors' ``save_model``,
+    ``save_pretrained``): {name: lb.Linear}, each weight checked as ``lb.load`` checks its own."""
+    from . import io
+    from .errors import FormatError
+
+    layers = {}
+    for key in [k for k in arrays if k.rsplit(".", 1)[-1] == "_extra_state"]:
+        p = key[:-len("_extra_state")]
+        if p + "weight_packed" not in arrays:  # another module's extra state
+            continue
+        try:
+            spec = json.dumps(_state_settings(torch.from_numpy(np.array(arrays.pop(key)))),
+                              sort_keys=True)
+            shape, fmt, bits, group, sym, parts, acts, epilogue = _settings(spec)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise FormatError(f"{path}: {key}: unreadable lowbit layer settings ({e})") from None
+        stored = {}
+        for part, dt in parts:
+            a = arrays.pop(p + "weight_" + part, None)
+            if a is None or a.dtype.itemsize != dt.itemsize:
+                got = "missing" if a is None else str(a.dtype)
+                raise FormatError(f"{path}: {p}weight_{part}: expected {dt.itemsize}-byte items, "
+                                  f"got {got}")
+            stored[part] = a.view(dt)
+        d = {"shape": shape, "bits": bits, "group_size": group, "symmetric": sym,
+             "layout": io.LAYOUT, "format": fmt}
+        if fmt in ("int8", "int4"):
+            qw = io._weight(path, p + "weight", d, {q: stored.get(q) for q in io._PARTS})
+        else:
+            d["shape"] = list(shape)
+            qw = io._block_weight(path, p + "weight", d, stored, io.FORMAT_VERSION)
+        bias = arrays.pop(p + "bias", None)
+        layers[p[:-1]] = Linear(qw, None if bias is None else np.array(bias, np.float32),
+                                activations=acts, epilogue=epilogue)
+    return layers
+
+
+def _lowbit_modules(path, model, layers: dict, copy=True) -> dict:
+    """{name: LowbitLinear} for `layers` ({name: lb.Linear}) in place of `model`'s nn.Linear (or
+    LowbitLinear) modules of those names, checked to fit; a module tied under several names gets
+    one LowbitLinear under each."""
     replace, by_module = {}, {}  # module name / id -> its LowbitLinear
+    for name, layer in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, (torch.nn.Linear, LowbitLinear)):
+            raise ValueError(f"{path}: a quantized layer {name or '(the model)'} where the model "
+                             f"has {'no module' if module is None else type(module).__name__}")
+        if (module.out_features, module.in_features) != layer.weight.shape or (
+                (module.bias is None) != (layer.bias is None)):
+            raise ValueError(f"{name or 'the model'}: a {layer.weight.shape} weight "
+                             f"{'with' if layer.bias is not None else 'without'} bias does not fit "
+                             f"{module}")
+        if id(module) in by_module:  # one module under two names, two weights in the file
+            raise ValueError(f"{name}: a module the model also holds under another name, whose "
+                             f"weight the file holds too; the model ties what the file does not")
+        replace[name] = by_module[id(module)] = LowbitLinear(layer, copy).train(module.training)
+    for name, m in model.named_modules(remove_duplicate=False):  # (tied)
+        if id(m) in by_module:
+            replace[name] = by_module[id(m)]
+    return replace
+
+
+def _install_layers(model, files: list) -> None:
+    """Replaces `model`'s nn.Linear modules by LowbitLinears on the layers the checkpoint `files`
+    (save_pretrained's shards) hold, their buffers views of the files' pages, for transformers'
+    loader to fill (_hf)."""
+    from .io import load as load_file
+
+    arrays = {}
+    for f in files:
+        arrays.update(load_file(f))
+    for name, new in _lowbit_modules(files[0], model, _state_dict_layers(files[0], arrays),
+                                     copy=False).items():
+        model = _replace(model, name, new)
+
+
+def load(path, model: torch.nn.Module) -> torch.nn.Module:
+    """Loads quantized state into `model`, in place, and returns it. `path`: a lowbit file (from
+    :func:`save`, ``lowbit quantize`` or ``lb.save``), or the state of a quantized model as
+    ``state_dict()`` holds it in a safetensors file or folder (safetensors' ``save_model``,
+    Hugging Face's ``save_pretrained``). Each quantized ``nn.Linear`` (or :class:`LowbitLinear`)
+    ``name`` of `model` is replaced by a LowbitLinear on the file's weight: a lowbit file's
+    QuantizedWeight ``name.weight`` (with ``name.bias`` and ``name.activations``), or the
+    LowbitLinear state ``name.weight_<part>`` / ``name._extra_state`` (with ``name.bias``). A
+    lowbit file's QuantizedWeight of another kind of module (an embedding) is loaded dequantized;
+    every other array goes to the parameter or buffer of that name (converted to its dtype). A
+    module or key missing on either side, or a shape that does not match, raises ValueError:
+    nothing is silently dropped."""
+    # Everything is checked before the model is touched: an error leaves it as it was.
+    arrays = _read_state(path)
+    layers = _state_dict_layers(path, arrays)  # name -> lb.Linear
     for key in [k for k, v in arrays.items() if isinstance(v, QuantizedWeight)]:
         qw = arrays.pop(key)
         name = key[:-len(".weight")] if key.endswith(".weight") else "" if key == "weight" else None
@@ -667,20 +812,15 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(module, (torch.nn.Linear, LowbitLinear)):
             arrays[key] = qw.dequantize()  # a quantized embedding (or a key no module has)
             continue
+        if name in layers:
+            raise ValueError(f"{path}: {name or 'the model'}'s weight is in the file twice: as a "
+                             f"QuantizedWeight and as LowbitLinear state")
         p = name + "." if name else ""
         bias = arrays.pop(p + "bias", None)
-        if (module.out_features, module.in_features) != qw.shape or (
-                (module.bias is None) != (bias is None)):
-            raise ValueError(f"{key}: a {qw.shape} weight {'with' if bias is not None else 'without'} "
-                             f"bias does not fit {name or 'the model'}: {module}")
-        layer = Linear(qw, None if bias is None else np.array(bias),
-                       activations=_activations_of(arrays.pop(p + "activations", None)))
-        if id(module) in by_module:  # one module under two names, two weights in the file
-            raise ValueError(f"{key}: {name} is a module the model also holds under another name, "
-                             f"whose weight the file holds too; the model ties what the file does not")
-        replace[name] = by_module[id(module)] = LowbitLinear(layer).train(module.training)
+        layers[name] = Linear(qw, None if bias is None else np.array(bias),
+                              activations=_activations_of(arrays.pop(p + "activations", None)))
+    replace = _lowbit_modules(path, model, layers)
     modules = list(model.named_modules(remove_duplicate=False))
-    replace.update({name: by_module[id(m)] for name, m in modules if id(m) in by_module})  # (tied)
     # the keys LowbitLinears will own (every key of one replaced), and the rest of the state
     owned = {(name + "." if name else "") + k for name, m in modules
              if isinstance(m, LowbitLinear) or name in replace for k in m.state_dict()}
@@ -711,4 +851,6 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
         for buf, value in buffers.values():
             buf.copy_(value)
     model.load_state_dict(values, strict=False)
+    if replace:
+        _hf.mark(model)
     return model
