@@ -41,7 +41,8 @@ uint8_t* value_buffer(int64_t bytes) {
 }
 
 // The u8 values of panel p's 16 columns at k8*8 .. k8*8+7: lo (k 0-3) and hi (k 4-7).
-template <int F>
+// grid = false: the grid formats' 4-bit indices, not their values.
+template <int F, bool grid = true>
 inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i& hi) {
   constexpr BlockFormat fmt = kBlockFormats[F];
   if (fmt.bits == 8) {
@@ -58,7 +59,7 @@ inline void values(const BlkArgs* g, int64_t p, int64_t k8, __m512i& lo, __m512i
   } else {
     lo = hi = _mm512_setzero_si512();
   }
-  if (fmt.lut != Lut::None) {
+  if (grid && fmt.lut != Lut::None) {
     const __m512i lut = _mm512_broadcast_i32x4(
         _mm_loadu_si128((const __m128i*)(fmt.lut == Lut::IQ4 ? kLutIQ4 : kLutMXFP4)));
     lo = _mm512_shuffle_epi8(lut, lo);
@@ -343,6 +344,46 @@ void tile_code_dot(const BlkArgs* g, int64_t m0, int64_t p, const uint8_t* pre) 
     for (int j = 0; j < J; ++j) store(g, m0 + m, p + j, _mm512_load_ps(fbuf[m * J + j]));
 }
 
+// Float activations: each weight as a float, (u - offset) or the grid's value, by VPERMPS from a
+// table indexed by u itself (values of up to 5 bits: every format but Q6_K and Q8_0), where the
+// byte's shift, mask, offset and convert took four operations a weight vector; the same floats.
+template <int F>
+constexpr bool kTableF32 = kBlockFormats[F].bits <= 5;
+
+template <int F>
+struct TableF32 {
+  alignas(64) float v[32] = {};
+  constexpr TableF32() {
+    constexpr BlockFormat fmt = kBlockFormats[F];
+    for (int u = 0; u < (fmt.bits <= 5 ? 1 << fmt.bits : 0); ++u)
+      v[u] = fmt.lut == Lut::IQ4     ? (float)(kLutIQ4[u] - fmt.offset)
+             : fmt.lut == Lut::MXFP4 ? (float)(kLutMXFP4[u] - fmt.offset)
+                                     : (float)(u - fmt.offset);
+  }
+};
+template <int F>
+constexpr TableF32<F> kTableF32Of{};
+
+// Panel p's weights at k8 * 8 + i (i in 0..7) as floats, for table formats (kTableF32).
+template <int F>
+struct WeightsF32 {
+  static constexpr BlockFormat fmt = kBlockFormats[F];
+  static constexpr bool kPacked = fmt.nib && !fmt.planes;  // nibbles straight from the file bytes
+  __m512i v[2];  // kPacked: the 64 packed bytes (v[0]); else the u bytes lo / hi (values)
+  __m512 t0, t1;
+  WeightsF32() : t0(_mm512_load_ps(kTableF32Of<F>.v)), t1(_mm512_load_ps(kTableF32Of<F>.v + 16)) {}
+  void load(const BlkArgs* g, int64_t p, int64_t k8) {
+    if (kPacked) v[0] = _mm512_loadu_si512(g->nib + p * g->K * 8 + k8 * 64);
+    else values<F, false>(g, p, k8, v[0], v[1]);
+  }
+  __m512 at(int i) const {  // VPERMPS reads the index's low 4 bits, VPERMT2PS its low 5
+    const int shift = kPacked ? 8 * (i % 4) + 4 * (i / 4) : 8 * (i % 4);
+    const __m512i src = kPacked ? v[0] : v[i / 4];
+    const __m512i idx = shift ? _mm512_srli_epi32(src, shift) : src;
+    return fmt.bits <= 4 ? _mm512_permutexvar_ps(idx, t0) : _mm512_permutex2var_ps(t0, idx, t1);
+  }
+};
+
 template <int F, int MR, int J>
 void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   constexpr BlockFormat fmt = kBlockFormats[F];
@@ -350,6 +391,7 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   const int64_t nsub = g->K / S;
   const float* x = (const float*)g->a + m0 * g->lda;
   const __m512i byte = _mm512_set1_epi32(0xFF), off = _mm512_set1_epi32(fmt.offset);
+  WeightsF32<F> tw[kTableF32<F> ? J : 1];
   __m512 f[MR * J];
   LOWBIT_UNROLL
   for (int i = 0; i < MR * J; ++i) f[i] = _mm512_setzero_ps();
@@ -361,15 +403,22 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
     for (int st = 0; st < S / 8; ++st) {
       __m512i v[2][J];
       LOWBIT_UNROLL
-      for (int j = 0; j < J; ++j) values<F>(g, p + j, k0 / 8 + st, v[0][j], v[1][j]);
+      for (int j = 0; j < J; ++j) {
+        if constexpr (kTableF32<F>) tw[j].load(g, p + j, k0 / 8 + st);
+        else values<F>(g, p + j, k0 / 8 + st, v[0][j], v[1][j]);
+      }
       if (MR == 1 || m0 == 0) stream_ahead<F, J>(g, p, k0 / 8 + st);
       LOWBIT_UNROLL
       for (int i = 0; i < 8; ++i) {  // k0 + 8 st + i, in order: byte i % 4 of each lane
         __m512 w[J];
         LOWBIT_UNROLL
         for (int j = 0; j < J; ++j) {
-          const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v[i / 4][j], 8 * (i % 4)), byte);
-          w[j] = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off));
+          if constexpr (kTableF32<F>) {
+            w[j] = tw[j].at(i);
+          } else {
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v[i / 4][j], 8 * (i % 4)), byte);
+            w[j] = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off));
+          }
         }
         LOWBIT_UNROLL
         for (int m = 0; m < MR; ++m) {
