@@ -32,6 +32,19 @@ from lowbit.gguf import weight_from_blocks
 COLD_BYTES = 128 << 20
 
 
+def format_names(parser, text, default):
+    """The formats of a --formats list (default: `default`); an unknown name is an argument error
+    naming the choices."""
+    if not text:
+        return default
+    names = text.split(",")
+    known = list(INT_FORMATS) + sorted(BLOCK_FORMATS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
 def block_weight(name, n, k, rng):
     """An (n, k) weight of random valid blocks with moderate scales, and its GGUF file bytes."""
     f = BLOCK_FORMATS[name]
@@ -100,7 +113,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     lb.set_num_threads(args.threads)
-    names = args.formats.split(",") if args.formats else sorted(BLOCK_FORMATS) + list(INT_FORMATS)
+    names = format_names(p, args.formats, sorted(BLOCK_FORMATS) + list(INT_FORMATS))
     rng = np.random.default_rng(0)
     k = 4096
 

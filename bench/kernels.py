@@ -38,7 +38,7 @@ from lowbit import _core
 from lowbit.formats import BLOCK_FORMATS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from formats import INT_FORMATS, block_weight, int_weight  # noqa: E402
+from formats import INT_FORMATS, block_weight, format_names, int_weight  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 64, 256)
 
@@ -67,7 +67,7 @@ def main(argv=None):
     lb.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     n, k = args.n, args.k
-    names = args.formats.split(",") if args.formats else list(INT_FORMATS) + sorted(BLOCK_FORMATS)
+    names = format_names(p, args.formats, list(INT_FORMATS) + sorted(BLOCK_FORMATS))
 
     peak = _core.dot_peak(0.5)
     bandwidth = {}  # bytes -> read bandwidth of a buffer that size
