@@ -13,6 +13,7 @@ import lowbit as lb
 
 torch = pytest.importorskip("torch")
 import lowbit.torch as lbt  # noqa: E402
+from test_block_formats import weight as block_weight  # noqa: E402
 
 
 def small_model(seed=0):
@@ -193,13 +194,29 @@ def test_safetensors_state_loads_into_a_float_model(fmt, dtype, rng, tmp_path):
     st.load_model(quantized(fmt, dtype, seed=3), tmp_path / "m.safetensors")  # (same structure)
 
 
+def test_a_module_under_two_names_saves_once_in_safetensors(rng, tmp_path):
+    """save_model writes shared tensors once: the settings tensor is shared as the buffers are."""
+    st = pytest.importorskip("safetensors.torch")
+    lin = torch.nn.Linear(64, 64)
+    model = lbt.quantize_model(torch.nn.Sequential(lin, torch.nn.ReLU(), lin), bits=4,
+                               group_size=32)
+    st.save_model(model, tmp_path / "m.safetensors")
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+    fresh.append(fresh[0])
+    fresh = lbt.load(tmp_path / "m.safetensors", fresh)
+    assert fresh[0] is fresh[2]
+    x = rng.normal(size=(2, 64)).astype(np.float32)
+    assert torch.equal(run(fresh, x), run(model, x))
+
+
 def test_corrupt_safetensors_state_raises(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     state = quantized("int4").state_dict()
     cases = {"settings": {"0._extra_state": torch.tensor(list(b"{not json"), dtype=torch.uint8)},
              "width": {"0.weight_scales": state["0.weight_scales"].view(torch.uint8)},
              "shape": {"0.weight_packed": state["0.weight_packed"][:-16]},
-             "missing": {"0.weight_scales": None}}
+             "missing": {"0.weight_scales": None},
+             "unlisted": {"0.weight_in_scale": torch.ones(64)}}
     for case, change in cases.items():
         bad = {k: v for k, v in {**state, **change}.items() if v is not None}
         st.save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / f"{case}.safetensors")
@@ -207,6 +224,9 @@ def test_corrupt_safetensors_state_raises(tmp_path):
             lbt.load(tmp_path / f"{case}.safetensors", small_model())
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         lbt.load(tmp_path, small_model())
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(lb.FormatError, match="not a safetensors or lowbit file.*torch.load"):
+        lbt.load(tmp_path / "state.pt", small_model())
     save_shards(state, tmp_path / "saved")
     index = tmp_path / "saved" / "model.safetensors.index.json"
     index.write_text(index.read_text().replace("model-00001", "../model-00001"))
@@ -247,6 +267,44 @@ def test_hugging_face_save_pretrained_and_from_pretrained(rng, tmp_path):
             with torch.inference_mode():
                 assert torch.equal(getattr(m(input_ids=ids), out), expected)
         shutil.rmtree(tmp_path / "again")
+
+
+def test_from_pretrained_beyond_the_plain_case(rng, tmp_path):
+    """T5 (whose weight init reaches into child layers' weights), a block-format layer (no packed
+    part), a head class's checkpoint loaded as the base model (its head layer left to
+    transformers' report), a wrapper's inner model (its config marked), and the loaded model
+    pickles (the registered classes are module-level)."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.from_numpy(rng.integers(0, 64, size=(1, 7)))
+    t5 = transformers.T5Config(vocab_size=64, d_model=64, d_kv=32, d_ff=128, num_layers=1,
+                               num_heads=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = lbt.quantize_model(transformers.T5ForConditionalGeneration(t5).eval(), bits=8)
+    model.save_pretrained(tmp_path / "t5")
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5").eval()
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)
+    pickle.loads(pickle.dumps(loaded))
+
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=256)
+    torch.manual_seed(1)
+    mlm = lbt.quantize_model(transformers.BertForMaskedLM(bert).eval(), bits=4, group_size=32)
+    q4_k = block_weight("Q4_K", 64, 1, rng)  # 64 x 256, as a GGUF file's layer would come
+    mlm.bert.encoder.layer[0].output.dense = lbt.LowbitLinear(lb.Linear(q4_k, np.zeros(64, "f4")))
+    mlm.save_pretrained(tmp_path / "mlm")
+    base = transformers.BertModel.from_pretrained(tmp_path / "mlm").eval()
+    with torch.inference_mode():
+        assert torch.equal(base(input_ids=ids).last_hidden_state,
+                           mlm.bert(input_ids=ids).last_hidden_state)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = transformers.BertModel(bert)
+    wrapped = lbt.quantize_model(Wrapper(), bits=8)
+    assert wrapped.lm.config.quantization_config == {"quant_method": "lowbit"}
 
 
 def test_lowbit_registers_with_transformers_imported_first(tmp_path):

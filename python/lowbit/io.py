@@ -251,14 +251,20 @@ def _read(path, use_mmap=True, bf16=False):
             buf.flags.writeable = False
     (n,) = struct.unpack_from("<Q", buf, 0)
     if n > min(size - 8, _MAX_HEADER):
-        raise FormatError(f"{path}: header of {n} bytes does not fit in the {size}-byte file")
+        what = ("; a zip archive (torch.save writes those: torch.load reads it)"
+                if bytes(buf[:4]) == b"PK\x03\x04" else "")
+        raise FormatError(f"{path}: not a safetensors or lowbit file: header of {n} bytes does not "
+                          f"fit in the {size}-byte file{what}")
     header = _parse_json(bytes(buf[8:8 + n]), path, "header")
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: __metadata__ should be an object, got {type(meta).__name__}")
     tensors, ranges = {}, []
     for name, info in header.items():
-        tensors[name], begin, end = _view(buf, 8 + n, size, name, info, bf16)
+        try:
+            tensors[name], begin, end = _view(buf, 8 + n, size, name, info, bf16)
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
         if end > begin:
             ranges.append((begin, end, name))
     # as the safetensors format requires: the tensors tile the data section, no overlap, no hole

@@ -450,6 +450,7 @@ class LowbitLinear(torch.nn.Module):
     def __getstate__(self):  # pickle / deepcopy: the buffers, not views of them
         state = super().__getstate__()
         state.pop("_views", None)
+        state.pop("_state", None)
         return state
 
     def __setstate__(self, state):
@@ -481,8 +482,14 @@ class LowbitLinear(torch.nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """The settings, as the bytes of their JSON in a uint8 tensor: a state_dict of tensors
-        only, which safetensors (``save_model``) and Hugging Face's ``save_pretrained`` store."""
-        return torch.frombuffer(bytearray(self._spec.encode()), dtype=torch.uint8)
+        only, which safetensors (``save_model``) and Hugging Face's ``save_pretrained`` store.
+        The same tensor while the settings stay, so that a module under two names shares it as
+        it shares its buffers (which savers write once)."""
+        cached = self.__dict__.get("_state")
+        if cached is None or cached[0] is not self._spec:
+            cached = self.__dict__["_state"] = (
+                self._spec, torch.frombuffer(bytearray(self._spec.encode()), dtype=torch.uint8))
+        return cached[1]
 
     def set_extra_state(self, state):
         self._spec = self._check_kind(state)
@@ -706,42 +713,53 @@ def _read_state(path) -> dict:
     return arrays
 
 
-def _state_dict_layers(path, arrays: dict) -> dict:
+def _state_dict_layers(path, arrays: dict, origin=None) -> dict:
     """Pops from `arrays` the LowbitLinear states written as ``state_dict()`` holds them
     (``name.weight_<part>``, ``name.bias``, ``name._extra_state``: safetensors' ``save_model``,
-    ``save_pretrained``): {name: lb.Linear}, each weight checked as ``lb.load`` checks its own."""
+    ``save_pretrained``): {name: lb.Linear}, each weight checked as ``lb.load`` checks its own.
+    origin: {key: file} where the keys come from several files (errors name the file)."""
     from . import io
     from .errors import FormatError
+    from .io import BF16
 
     layers = {}
     for key in [k for k in arrays if k.rsplit(".", 1)[-1] == "_extra_state"]:
         p = key[:-len("_extra_state")]
-        if p + "weight_packed" not in arrays:  # another module's extra state
+        ours = [p + "weight_" + part for part in io._PARTS if p + "weight_" + part in arrays]
+        if not ours:  # another module's extra state
             continue
+        where = (origin or {}).get(key, path)
         try:
             spec = json.dumps(_state_settings(torch.from_numpy(np.array(arrays.pop(key)))),
                               sort_keys=True)
             shape, fmt, bits, group, sym, parts, acts, epilogue = _settings(spec)
         except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise FormatError(f"{path}: {key}: unreadable lowbit layer settings ({e})") from None
+            raise FormatError(f"{where}: {key}: unreadable lowbit layer settings ({e})") from None
+        listed = {p + "weight_" + part for part, _ in parts}
+        if set(ours) - listed:
+            raise FormatError(f"{where}: {key}: the settings list parts {sorted(listed)}, the file "
+                              f"also holds {sorted(set(ours) - listed)}")
         stored = {}
         for part, dt in parts:
             a = arrays.pop(p + "weight_" + part, None)
-            if a is None or a.dtype.itemsize != dt.itemsize:
-                got = "missing" if a is None else str(a.dtype)
-                raise FormatError(f"{path}: {p}weight_{part}: expected {dt.itemsize}-byte items, "
+            if not isinstance(a, np.ndarray) or a.dtype.itemsize != dt.itemsize:
+                got = "missing" if a is None else "bfloat16" if isinstance(a, BF16) else str(a.dtype)
+                raise FormatError(f"{where}: {p}weight_{part}: expected {dt.itemsize}-byte items, "
                                   f"got {got}")
             stored[part] = a.view(dt)
         d = {"shape": shape, "bits": bits, "group_size": group, "symmetric": sym,
              "layout": io.LAYOUT, "format": fmt}
         if fmt in ("int8", "int4"):
-            qw = io._weight(path, p + "weight", d, {q: stored.get(q) for q in io._PARTS})
+            qw = io._weight(where, p + "weight", d, {q: stored.get(q) for q in io._PARTS})
         else:
             d["shape"] = list(shape)
-            qw = io._block_weight(path, p + "weight", d, stored, io.FORMAT_VERSION)
+            qw = io._block_weight(where, p + "weight", d, stored, io.FORMAT_VERSION)
         bias = arrays.pop(p + "bias", None)
-        layers[p[:-1]] = Linear(qw, None if bias is None else np.array(bias, np.float32),
-                                activations=acts, epilogue=epilogue)
+        try:
+            layers[p[:-1]] = Linear(qw, None if bias is None else np.array(bias, np.float32),
+                                    activations=acts, epilogue=epilogue)
+        except (ValueError, TypeError) as e:
+            raise FormatError(f"{where}: {key}: {e}") from None
     return layers
 
 
@@ -773,17 +791,25 @@ def _lowbit_modules(path, model, layers: dict, copy=True) -> dict:
     return replace
 
 
-def _install_layers(model, files: list) -> None:
+def _install_layers(model, files: list, rename=None) -> None:
     """Replaces `model`'s nn.Linear modules by LowbitLinears on the layers the checkpoint `files`
-    (save_pretrained's shards) hold, their buffers views of the files' pages, for transformers'
-    loader to fill (_hf)."""
-    from .io import load as load_file
+    (save_pretrained's shards) hold, under the names `rename` gives the files' module names,
+    their buffers views of the files' pages, for transformers' loader to fill (_hf); layers of
+    modules the model lacks are left to transformers' report of unexpected keys."""
+    from .io import _load
 
-    arrays = {}
+    arrays, origin = {}, {}
     for f in files:
-        arrays.update(load_file(f))
-    for name, new in _lowbit_modules(files[0], model, _state_dict_layers(files[0], arrays),
-                                     copy=False).items():
+        for key, value in _load(f, bf16=True).items():  # (BF16 tensors left unconverted)
+            arrays[key] = value
+            origin[key] = f
+    layers = _state_dict_layers(files[0], arrays, origin)
+    if rename is not None:
+        layers = {rename(name): layer for name, layer in layers.items()}
+    names = dict(model.named_modules(remove_duplicate=False))
+    # a layer the model lacks (a head class's, loaded as the base model) transformers reports
+    layers = {n: layer for n, layer in layers.items() if n in names}
+    for name, new in _lowbit_modules(files[0], model, layers, copy=False).items():
         model = _replace(model, name, new)
 
 
