@@ -272,8 +272,8 @@ def test_hugging_face_save_pretrained_and_from_pretrained(rng, tmp_path):
 def test_from_pretrained_beyond_the_plain_case(rng, tmp_path):
     """T5 (whose weight init reaches into child layers' weights), a block-format layer (no packed
     part), a head class's checkpoint loaded as the base model (its head layer left to
-    transformers' report), a wrapper's inner model (its config marked), and the loaded model
-    pickles (the registered classes are module-level)."""
+    transformers' report), GPT-2's Conv1D layers, a wrapper's inner model (its config marked),
+    and the loaded model pickles (the registered classes are module-level)."""
     transformers = pytest.importorskip("transformers")
     ids = torch.from_numpy(rng.integers(0, 64, size=(1, 7)))
     t5 = transformers.T5Config(vocab_size=64, d_model=64, d_kv=32, d_ff=128, num_layers=1,
@@ -298,6 +298,26 @@ def test_from_pretrained_beyond_the_plain_case(rng, tmp_path):
     with torch.inference_mode():
         assert torch.equal(base(input_ids=ids).last_hidden_state,
                            mlm.bert(input_ids=ids).last_hidden_state)
+
+    gpt2 = transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_positions=16)
+    torch.manual_seed(2)
+    model = transformers.GPT2LMHeadModel(gpt2).eval()  # Conv1D layers: x @ W + b, W (in, out)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 64)
+    expected = lbt.LowbitLinear(lb.Linear(c_fc.weight.detach().numpy().T.copy(),
+                                          c_fc.bias.detach().numpy()))(x)
+    with torch.inference_mode():
+        y = model(input_ids=ids).logits
+    lbt.quantize_model(model, bits=8)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, lbt.LowbitLinear)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc(x), expected)
+    with torch.inference_mode():
+        q = model(input_ids=ids).logits
+    assert (q - y).norm() / y.norm() < 0.05
+    model.save_pretrained(tmp_path / "gpt2")
+    with torch.inference_mode():
+        assert torch.equal(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")(
+            input_ids=ids).logits, q)
 
     class Wrapper(torch.nn.Module):
         def __init__(self):

@@ -7,9 +7,9 @@
     lowbit.torch.save(model, "model.lowbit")          # or torch.save(model.state_dict(), ...)
     lowbit.torch.load("model.lowbit", fresh_float_model)
 
-Every ``nn.Linear`` (optionally filtered by ``include``) becomes a :class:`LowbitLinear`: the
-weight is quantized once (``lb.quantize``, any method; calibrated methods and static activations
-from each layer's own inputs, see :func:`quantize_model`). Its state is ordinary module state: one
+Every ``nn.Linear`` (and transformers' ``Conv1D``; optionally filtered by ``include``) becomes a
+:class:`LowbitLinear`: the weight is quantized once (``lb.quantize``, any method; calibrated
+methods and static activations from each layer's own inputs, see :func:`quantize_model`). Its state is ordinary module state: one
 buffer per part of the packed weight (``weight_packed``, ``weight_scales``, ... as the kernels read
 them; float parts held as integer tensors of the same width, so that ``model.half()`` or
 ``model.to(torch.bfloat16)`` cannot round them), the bias, and the settings in
@@ -56,6 +56,18 @@ from .quantize import QuantizedWeight, quantize
 _INT_PARTS = ("packed", "scales", "comp", "mins", "zeros", "perm", "in_scale")  # __init__ names
 _SPEC_VERSION = 1
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # inputs the layers take
+
+
+def _dense(m) -> Optional[tuple]:
+    """(weight as (out_features, in_features), bias) of a module computing ``x @ W.T + b``: an
+    ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's layers, whose weight is stored (in, out));
+    None for any other module."""
+    if isinstance(m, torch.nn.Linear):
+        return m.weight, m.bias
+    if (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
+        return m.weight.t(), m.bias
+    return None
 
 
 def _parts_of(qw: QuantizedWeight) -> dict:
@@ -380,13 +392,18 @@ class LowbitLinear(torch.nn.Module):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, *, bits=8, group_size=None, symmetric=True,
                     activations="int8", method="rtn", calibration=None, **method_options):
-        """Quantizes `linear`'s weight (float of any dtype) with ``lb.quantize``. calibration: the
+        """Quantizes `linear`'s weight (float of any dtype; an ``nn.Linear`` or transformers'
+        ``Conv1D``) with ``lb.quantize``. calibration: the
         layer's inputs (S, in_features), for the calibrated methods and for static activations:
         `activations` may be an observer class (or any callable returning a fresh observer, e.g.
         ``functools.partial(lb.PercentileObserver, 99.99)``), fed the inputs as the kernel sees
         them."""
-        w = linear.weight.detach().to(torch.float32).cpu().numpy()
-        b = None if linear.bias is None else linear.bias.detach().to(torch.float32).cpu().numpy()
+        dense = _dense(linear)
+        if dense is None:
+            raise TypeError(f"from_linear: expected an nn.Linear (or transformers' Conv1D), got "
+                            f"{type(linear).__name__}")
+        w = dense[0].detach().to(torch.float32).cpu().numpy()
+        b = None if dense[1] is None else dense[1].detach().to(torch.float32).cpu().numpy()
         if isinstance(calibration, torch.Tensor):
             calibration = calibration.detach().to(torch.float32).cpu().numpy()
         observe = callable(activations)
@@ -556,7 +573,8 @@ def capture_inputs(model: torch.nn.Module, calibration, names=None) -> dict:
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True)
                for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, LowbitLinear)) and (names is None or n in names)]
+               if (isinstance(m, LowbitLinear) or _dense(m) is not None)
+               and (names is None or n in names)]
     try:
         _run_calibration(model, calibration)
     finally:
@@ -583,17 +601,18 @@ def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric
     calibration before each layer, so that a layer sees the outputs of the quantized ones before
     it (as the GPTQ paper does); the other methods use the float model's inputs.
 
-    A Linear held under several names (tied) is replaced under each by the same LowbitLinear.
-    ``nn.MultiheadAttention``'s output projection stays float: that module reads its weight
+    transformers' ``Conv1D`` layers (GPT-2's: ``x @ W + b``, the weight stored transposed) are
+    replaced as Linears are. A Linear held under several names (tied) is replaced under each by
+    the same LowbitLinear. ``nn.MultiheadAttention``'s output projection stays float: that module reads its weight
     itself (as torch.ao's dynamic quantization leaves it too)."""
     names = {}  # id of each Linear -> its qualified names, the first of them first
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
     targets = {name: m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear)
+               if _dense(m) is not None
                and not isinstance(m, NonDynamicallyQuantizableLinear)
                and (include is None or include(name))
-               and min(m.in_features, m.out_features) >= min_features}
+               and min(_dense(m)[0].shape) >= min_features}
     if calibration is not None and not callable(calibration) and iter(calibration) is calibration:
         calibration = list(calibration)  # a generator: GPTQ runs the calibration again
     needs = method != "rtn" or callable(activations)
@@ -773,11 +792,12 @@ def _lowbit_modules(path, model, layers: dict, copy=True) -> dict:
             module = model.get_submodule(name)
         except AttributeError:
             module = None
-        if not isinstance(module, (torch.nn.Linear, LowbitLinear)):
+        if not isinstance(module, LowbitLinear) and _dense(module) is None:
             raise ValueError(f"{path}: a quantized layer {name or '(the model)'} where the model "
                              f"has {'no module' if module is None else type(module).__name__}")
-        if (module.out_features, module.in_features) != layer.weight.shape or (
-                (module.bias is None) != (layer.bias is None)):
+        shape = (module.out_features, module.in_features) if isinstance(module, LowbitLinear) else (
+            tuple(_dense(module)[0].shape))
+        if shape != layer.weight.shape or ((module.bias is None) != (layer.bias is None)):
             raise ValueError(f"{name or 'the model'}: a {layer.weight.shape} weight "
                              f"{'with' if layer.bias is not None else 'without'} bias does not fit "
                              f"{module}")
@@ -835,7 +855,7 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
             module = None if name is None else model.get_submodule(name)
         except AttributeError:
             module = None
-        if not isinstance(module, (torch.nn.Linear, LowbitLinear)):
+        if not isinstance(module, LowbitLinear) and _dense(module) is None:
             arrays[key] = qw.dequantize()  # a quantized embedding (or a key no module has)
             continue
         if name in layers:
