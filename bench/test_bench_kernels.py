@@ -13,10 +13,9 @@ LINEAR_SHAPES = [(1, 576, 576), (1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4
 
 
 @pytest.mark.parametrize("m,n,k", LINEAR_SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("group", [None, 128])
-def test_linear_int8(benchmark, m, n, k, group):
-    if group and k % group:
-        group = 64  # (576 inputs: nine groups of 64)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_linear_int8(benchmark, m, n, k, grouped):
+    group = (128 if k % 128 == 0 else 64) if grouped else None  # (576 inputs: nine groups of 64)
     w, x = design_problem(m, n, k)
     layer = lb.Linear(w, group_size=group)
     benchmark(layer, x)

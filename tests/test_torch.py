@@ -191,7 +191,9 @@ def test_safetensors_state_loads_into_a_float_model(fmt, dtype, rng, tmp_path):
     save_shards(model.state_dict(), tmp_path / "saved")
     fresh = lbt.load(tmp_path / "saved", small_model(seed=2).to(dtype))
     assert torch.equal(run(fresh, x, dtype), run(model, x, dtype))
-    st.load_model(quantized(fmt, dtype, seed=3), tmp_path / "m.safetensors")  # (same structure)
+    same = quantized(fmt, dtype, seed=3)  # another model of the same structure: safetensors' own
+    st.load_model(same, tmp_path / "m.safetensors")
+    assert torch.equal(run(same, x, dtype), run(model, x, dtype))
 
 
 def test_a_module_under_two_names_saves_once_in_safetensors(rng, tmp_path):
@@ -216,7 +218,8 @@ def test_corrupt_safetensors_state_raises(tmp_path):
              "width": {"0.weight_scales": state["0.weight_scales"].view(torch.uint8)},
              "shape": {"0.weight_packed": state["0.weight_packed"][:-16]},
              "missing": {"0.weight_scales": None},
-             "unlisted": {"0.weight_in_scale": torch.ones(64)}}
+             "unlisted": {"0.weight_in_scale": torch.ones(64)},
+             "no settings": {"0._extra_state": None}}  # (never a float layer left random)
     for case, change in cases.items():
         bad = {k: v for k, v in {**state, **change}.items() if v is not None}
         st.save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / f"{case}.safetensors")
@@ -329,13 +332,18 @@ def test_from_pretrained_beyond_the_plain_case(rng, tmp_path):
 
 def test_lowbit_registers_with_transformers_imported_first(tmp_path):
     """Imported before transformers, lowbit.torch registers its method when transformers loads
-    its quantizer table (the test above); imported after, at once."""
+    its quantizer table, without importing transformers; imported after, at once."""
     pytest.importorskip("transformers")
-    code = ("import transformers.quantizers.auto as auto\n"
-            "assert 'lowbit' not in auto.AUTO_QUANTIZER_MAPPING\n"
-            "import lowbit.torch\n"
-            "assert 'lowbit' in auto.AUTO_QUANTIZER_MAPPING\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    after = ("import transformers.quantizers.auto as auto\n"
+             "assert 'lowbit' not in auto.AUTO_QUANTIZER_MAPPING\n"
+             "import lowbit.torch\n"
+             "assert 'lowbit' in auto.AUTO_QUANTIZER_MAPPING\n")
+    before = ("import sys, lowbit.torch\n"
+              "assert 'transformers' not in sys.modules\n"
+              "import transformers.quantizers.auto as auto\n"
+              "assert 'lowbit' in auto.AUTO_QUANTIZER_MAPPING\n")
+    for code in (after, before):
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 def test_a_numpy_lowbit_file_loads_into_the_torch_model(rng, tmp_path):

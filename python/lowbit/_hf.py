@@ -7,7 +7,9 @@ config.json beside the layers' state. lowbit.torch registers the method with tra
 quantization config and an ``HfQuantizer``, in ``lowbit._hf_quantizer``) once
 ``transformers.quantizers.auto`` is imported, so that importing lowbit.torch does not import
 transformers (seconds): ``from_pretrained`` then builds each LowbitLinear from the checkpoint
-before transformers loads the state into it. Without lowbit.torch imported, transformers only
+before transformers loads the state into it. transformers refuses ``.half()`` / ``.float()`` on
+a model it loaded quantized (by any method); ``.to(torch.bfloat16)`` converts the float parts.
+Without lowbit.torch imported, transformers only
 warns of an unknown quantization type and loads a float model whose quantized layers keep their
 random initial weights.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import threading
 import warnings
 
 METHOD = "lowbit"
@@ -66,16 +69,16 @@ class _WhenImported(importlib.abc.MetaPathFinder):
     later import, should that one fail)."""
 
     def __init__(self):
-        self.busy = False
+        self.local = threading.local()  # (this thread's own lookup below, not another's import)
 
     def find_spec(self, name, path, target=None):
-        if name != _AUTO or self.busy:
+        if name != _AUTO or getattr(self.local, "busy", False):
             return None
-        self.busy = True
+        self.local.busy = True
         try:
             spec = importlib.util.find_spec(name)  # (the other finders)
         finally:
-            self.busy = False
+            self.local.busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module

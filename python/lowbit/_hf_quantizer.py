@@ -3,6 +3,8 @@ transformers' quantizer table is, it registers ``quant_method: "lowbit"``. Modul
 so that a loaded model and its config pickle."""
 from __future__ import annotations
 
+import warnings
+
 from transformers.quantizers import auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -59,7 +61,9 @@ def _renamed(model):
         from transformers.core_model_loading import WeightRenaming, rename_source_key
         renamings = [t for t in get_model_conversion_mapping(model)
                      if isinstance(t, WeightRenaming)]
-    except (ImportError, AttributeError, TypeError):
+    except (ImportError, AttributeError, TypeError) as e:  # (transformers' own interface moved)
+        warnings.warn(f"lowbit: transformers' key renamings unavailable ({e!r}); layers load under "
+                      f"the checkpoint's own names")
         return lambda name: name
     keys = dict.fromkeys(model.state_dict(), True)
     prefix = getattr(model, "base_model_prefix", None) or None

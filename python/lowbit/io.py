@@ -199,10 +199,11 @@ def load(path, mmap=True) -> dict:
     return _load(path, mmap)
 
 
-def _load(path, mmap=True, bf16=False):
-    """load(); bf16=True gives BF16 tensors as :class:`BF16` (converted when used)."""
+def _load(path, mmap=True, bf16=False, private=False):
+    """load(); bf16=True gives BF16 tensors as :class:`BF16` (converted when used); private: the
+    arrays writable, on a copy-on-write map (their writes never reach the file)."""
     path = os.fspath(path)
-    tensors, meta = _read(path, mmap, bf16)
+    tensors, meta = _read(path, mmap, bf16, private)
     described, version = {}, None
     if "lowbit" in meta:
         lowbit = _parse_json(meta["lowbit"], path, "lowbit metadata")
@@ -232,23 +233,24 @@ def _load(path, mmap=True, bf16=False):
     return out
 
 
-def _read(path, use_mmap=True, bf16=False):
+def _read(path, use_mmap=True, bf16=False, private=False):
     """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
     count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
     tiling the data section (disjoint, no bytes outside a tensor), the JSON strict (no duplicate
     keys, NaN or Infinity; nesting bounded). Anything else raises FormatError. BF16 tensors come
-    as float32 copies, or with bf16=True as :class:`BF16` views of the file."""
+    as float32 copies, or with bf16=True as :class:`BF16` views of the file. private: writable
+    arrays, a copy-on-write map (or the read bytes)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
         if use_mmap:
-            buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+            buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY if private else _mmap.ACCESS_READ)
         else:
             buf = np.empty(size, np.uint8)
             if f.readinto(buf.data) != size:
                 raise FormatError(f"{path}: the file changed size while it was read")
-            buf.flags.writeable = False
+            buf.flags.writeable = private
     (n,) = struct.unpack_from("<Q", buf, 0)
     if n > min(size - 8, _MAX_HEADER):
         what = ("; a zip archive (torch.save writes those: torch.load reads it)"
@@ -262,7 +264,7 @@ def _read(path, use_mmap=True, bf16=False):
     tensors, ranges = {}, []
     for name, info in header.items():
         try:
-            tensors[name], begin, end = _view(buf, 8 + n, size, name, info, bf16)
+            tensors[name], begin, end = _view(buf, 8 + n, size, name, info, bf16, private)
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
         if end > begin:
@@ -309,10 +311,11 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _view(buf, start, size, name, info, lazy_bf16=False):
+def _view(buf, start, size, name, info, lazy_bf16=False, writable=False):
     """(the tensor `name` as a read-only array on `buf`, its byte range in the data section),
     its header entry checked against the file. A tensor misaligned for its dtype is copied; BF16
-    is converted to float32, or with lazy_bf16 wrapped in :class:`BF16`."""
+    is converted to float32, or with lazy_bf16 wrapped in :class:`BF16`; read-only unless
+    writable (a copy-on-write map's)."""
     def bad_entry():
         return FormatError(f"tensor {name!r}: bad header entry {info!r} (dtype one of "
                            f"{sorted(_DTYPES) + ['BF16']}, shape: a list of at most {_MAX_DIMS} "
@@ -344,7 +347,7 @@ def _view(buf, start, size, name, info, lazy_bf16=False):
         a = np.asarray(BF16(a))
     elif (start + begin) % dtype.alignment:
         a = a.copy()  # kernels read aligned memory (lb.save aligns every tensor; other writers may not)
-    a.flags.writeable = False
+    a.flags.writeable = writable
     return a, begin, end
 
 

@@ -38,7 +38,6 @@ import ctypes
 import functools
 import json
 import os
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Optional
@@ -77,14 +76,15 @@ def _parts_of(qw: QuantizedWeight) -> dict:
     return {p: getattr(qw, "_" + p) for p in _INT_PARTS if getattr(qw, "_" + p) is not None}
 
 
-def _tensor(a: np.ndarray, copy=True) -> torch.Tensor:
+def _tensor(a: np.ndarray, share=False) -> torch.Tensor:
     """A tensor holding the bits of `a`: wider than a byte as the signed integer of its width.
-    copy=False: a view of `a` (C-contiguous), read-only if `a` is (a file's pages)."""
-    a = np.array(a, copy=True, order="C") if copy else a  # writeable and owned
-    a = a if a.itemsize == 1 else a.view(f"i{a.itemsize}")
-    with warnings.catch_warnings():  # (torch warns of a read-only array)
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
+    share: a view of `a` (writable: a file's copy-on-write map), not a copy."""
+    if share:
+        a = a.view()  # (a QuantizedWeight holds its arrays read-only; their memory may be written)
+        a.flags.writeable = True
+    else:
+        a = np.array(a, copy=True, order="C")  # writeable and owned (files are read-only mmaps)
+    return torch.from_numpy(a if a.itemsize == 1 else a.view(f"i{a.itemsize}"))
 
 
 def _spec(qw: QuantizedWeight, parts: dict, activations, epilogue) -> str:
@@ -371,9 +371,9 @@ class LowbitLinear(torch.nn.Module):
     """An ``nn.Linear`` replacement computing ``x @ W.T + b`` on lowbit's kernels (see the module
     docstring for its state)."""
 
-    def __init__(self, layer: Linear, copy=True):
-        """copy=False: buffers viewing the layer's arrays (a file's read-only pages, for
-        transformers' loader to replace)."""
+    def __init__(self, layer: Linear, share=False):
+        """share: the weight's buffers view the layer's arrays (writable ones: a file's
+        copy-on-write map, for transformers' loader to replace), not copies."""
         super().__init__()
         if not isinstance(layer, Linear):
             raise TypeError(f"LowbitLinear: expected an lb.Linear, got {type(layer).__name__}")
@@ -385,7 +385,7 @@ class LowbitLinear(torch.nn.Module):
         self._part_names = tuple(parts)
         self._buffer_names = tuple("weight_" + p for p in parts) + ("bias",)
         for p, a in parts.items():
-            self.register_buffer("weight_" + p, _tensor(a, copy))
+            self.register_buffer("weight_" + p, _tensor(a, share))
         bias = None if layer.bias is None else torch.from_numpy(layer.bias.copy())
         self.register_buffer("bias", bias)
 
@@ -702,34 +702,45 @@ def save(model: torch.nn.Module, path) -> None:
     save_file(path, tensors)
 
 
-def _read_state(path) -> dict:
-    """{key: array} of a lowbit or safetensors file, or of a folder ``save_pretrained`` wrote
+def _read_files(files, private=False) -> tuple:
+    """({key: array}, {key: file}) of safetensors / lowbit files (a checkpoint's shards; a key in
+    two of them is an error), BF16 tensors as lazy :class:`lowbit.io.BF16` views; private:
+    writable arrays on copy-on-write maps."""
+    from .errors import FormatError
+    from .io import _load
+
+    arrays, origin = {}, {}
+    for f in files:
+        for key, value in _load(f, bf16=True, private=private).items():
+            if key in arrays:
+                raise FormatError(f"{key!r} in two files: {origin[key]} and {f}")
+            arrays[key] = value
+            origin[key] = f
+    return arrays, origin
+
+
+def _read_state(path) -> tuple:
+    """_read_files of a lowbit or safetensors file, or of a folder ``save_pretrained`` wrote
     (model.safetensors, or the shards its index names)."""
     from .errors import FormatError
-    from .io import load as load_file
 
     if not os.path.isdir(path):
-        return load_file(path)
+        return _read_files([path])
     index = os.path.join(path, "model.safetensors.index.json")
     if not os.path.exists(index):
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             raise FileNotFoundError(f"{path}: a folder without model.safetensors or "
                                     f"model.safetensors.index.json")
-        return load_file(os.path.join(path, "model.safetensors"))
+        return _read_files([os.path.join(path, "model.safetensors")])
     try:
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{index}: not a safetensors index ({e!r})") from None
-    arrays = {}
     for shard in shards:
-        if os.path.basename(shard) != shard:
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise FormatError(f"{index}: shard {shard!r} is not a file name in {path}")
-        for key, value in load_file(os.path.join(path, shard)).items():
-            if key in arrays:
-                raise FormatError(f"{path}: {key!r} in two shards")
-            arrays[key] = value
-    return arrays
+    return _read_files([os.path.join(path, shard) for shard in shards])
 
 
 def _state_dict_layers(path, arrays: dict, origin=None) -> dict:
@@ -779,10 +790,16 @@ def _state_dict_layers(path, arrays: dict, origin=None) -> dict:
                                     activations=acts, epilogue=epilogue)
         except (ValueError, TypeError) as e:
             raise FormatError(f"{where}: {key}: {e}") from None
+    parts = ["weight_" + part for part in io._PARTS]
+    orphans = [k for k in arrays if k.rsplit(".", 1)[-1] in parts]
+    if orphans:  # (a layer's state without its settings: never a float Linear left random)
+        raise FormatError(f"{(origin or {}).get(orphans[0], path)}: {orphans[0]}: lowbit weight "
+                          f"parts without their layer's settings ({orphans[0].rsplit('.', 1)[0]}"
+                          f"._extra_state)")
     return layers
 
 
-def _lowbit_modules(path, model, layers: dict, copy=True) -> dict:
+def _lowbit_modules(path, model, layers: dict, share=False) -> dict:
     """{name: LowbitLinear} for `layers` ({name: lb.Linear}) in place of `model`'s nn.Linear (or
     LowbitLinear) modules of those names, checked to fit; a module tied under several names gets
     one LowbitLinear under each."""
@@ -804,7 +821,7 @@ def _lowbit_modules(path, model, layers: dict, copy=True) -> dict:
         if id(module) in by_module:  # one module under two names, two weights in the file
             raise ValueError(f"{name}: a module the model also holds under another name, whose "
                              f"weight the file holds too; the model ties what the file does not")
-        replace[name] = by_module[id(module)] = LowbitLinear(layer, copy).train(module.training)
+        replace[name] = by_module[id(module)] = LowbitLinear(layer, share).train(module.training)
     for name, m in model.named_modules(remove_duplicate=False):  # (tied)
         if id(m) in by_module:
             replace[name] = by_module[id(m)]
@@ -814,22 +831,17 @@ def _lowbit_modules(path, model, layers: dict, copy=True) -> dict:
 def _install_layers(model, files: list, rename=None) -> None:
     """Replaces `model`'s nn.Linear modules by LowbitLinears on the layers the checkpoint `files`
     (save_pretrained's shards) hold, under the names `rename` gives the files' module names,
-    their buffers views of the files' pages, for transformers' loader to fill (_hf); layers of
-    modules the model lacks are left to transformers' report of unexpected keys."""
-    from .io import _load
-
-    arrays, origin = {}, {}
-    for f in files:
-        for key, value in _load(f, bf16=True).items():  # (BF16 tensors left unconverted)
-            arrays[key] = value
-            origin[key] = f
-    layers = _state_dict_layers(files[0], arrays, origin)
+    their buffers views of the files' copy-on-write maps, which transformers' loader then
+    replaces (a write before that stays private) (_hf); layers of modules the model lacks are
+    left to transformers' report of unexpected keys."""
+    arrays, origin = _read_files(files, private=True)
+    folder = os.path.dirname(files[0]) or "."
+    layers = _state_dict_layers(folder, arrays, origin)
     if rename is not None:
         layers = {rename(name): layer for name, layer in layers.items()}
     names = dict(model.named_modules(remove_duplicate=False))
-    # a layer the model lacks (a head class's, loaded as the base model) transformers reports
     layers = {n: layer for n, layer in layers.items() if n in names}
-    for name, new in _lowbit_modules(files[0], model, layers, copy=False).items():
+    for name, new in _lowbit_modules(folder, model, layers, share=True).items():
         model = _replace(model, name, new)
 
 
@@ -846,8 +858,8 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
     module or key missing on either side, or a shape that does not match, raises ValueError:
     nothing is silently dropped."""
     # Everything is checked before the model is touched: an error leaves it as it was.
-    arrays = _read_state(path)
-    layers = _state_dict_layers(path, arrays)  # name -> lb.Linear
+    arrays, origin = _read_state(path)
+    layers = _state_dict_layers(path, arrays, origin)  # name -> lb.Linear
     for key in [k for k, v in arrays.items() if isinstance(v, QuantizedWeight)]:
         qw = arrays.pop(key)
         name = key[:-len(".weight")] if key.endswith(".weight") else "" if key == "weight" else None
@@ -886,17 +898,24 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"{path}: does not match the model: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{'...' if len(unexpected) > 8 else ''}")
-    values = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    for key, (target, value) in [(k, (state[k], v)) for k, v in values.items()] + list(buffers.items()):
-        if isinstance(target, torch.Tensor) and value.shape != target.shape:
+    for key, (target, value) in [(k, (state[k], v)) for k, v in arrays.items()] + list(buffers.items()):
+        if isinstance(target, torch.Tensor) and tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, {tuple(target.shape)} "
                              f"in the model")
     for name, new in replace.items():
         model = _replace(model, name, new)
+    extra = {}  # other modules' extra state, which only load_state_dict hands them
     with torch.no_grad():
         for buf, value in buffers.values():
             buf.copy_(value)
-    model.load_state_dict(values, strict=False)
+        for key, value in arrays.items():  # one tensor at a time (a file's BF16 read as float32)
+            value = torch.from_numpy(np.array(value))
+            if key.rsplit(".", 1)[-1] == "_extra_state" or not isinstance(state[key], torch.Tensor):
+                extra[key] = value
+            else:
+                state[key].copy_(value)
+    if extra:
+        model.load_state_dict(extra, strict=False)
     if replace:
         _hf.mark(model)
     return model

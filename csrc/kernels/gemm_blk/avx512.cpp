@@ -2,7 +2,9 @@
 // MR rows x J panels of 16 columns. Values are rebuilt per 8 k as two 16-column x 4-k byte
 // vectors: nibbles AND 0x0F / shift 4, the grid by VPSHUFB, each bit plane added under its 64-bit
 // mask (VPADDB with a k-mask); then VPDPBUSD (u8 values x s8 activations) per sub-block, or
-// float FMAs in k order. Scales follow the reference's fold exactly (gemm_blk/ref.cpp).
+// float FMAs in k order, each weight's float by VPERMPS / VPERMT2PS from a table indexed by the
+// value (formats of up to 5 bits; the others shift, mask and convert). Scales follow the
+// reference's fold exactly (gemm_blk/ref.cpp).
 // code_dot formats (Q2_K, Q3_K) with int8 activations build bytes code * (u - offset) + bias
 // instead: the sub-block's code bytes, doubled per plane, are added under each plane's mask to
 // bias - offset * code, so that one VPDPBUSD chain covers the 32-input activation block and the
@@ -11,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include "formats.h"
 #include "kernels/isa.h"
 #include "kernels/dot512.h"
@@ -391,7 +394,8 @@ void tile_f32(const BlkArgs* g, int64_t m0, int64_t p) {
   const int64_t nsub = g->K / S;
   const float* x = (const float*)g->a + m0 * g->lda;
   const __m512i byte = _mm512_set1_epi32(0xFF), off = _mm512_set1_epi32(fmt.offset);
-  WeightsF32<F> tw[kTableF32<F> ? J : 1];
+  struct None {};
+  std::conditional_t<kTableF32<F>, WeightsF32<F>, None> tw[J];
   __m512 f[MR * J];
   LOWBIT_UNROLL
   for (int i = 0; i < MR * J; ++i) f[i] = _mm512_setzero_ps();
