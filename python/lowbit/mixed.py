@@ -33,10 +33,10 @@ _MAX_FRONT = 50_000
 
 
 def layer_sensitivity(weights: dict, calibration: dict, formats=None, method="rtn") -> dict:
-    """{name: {format: {"error": relative output error, "nbytes": bytes}}} for each weight (N, K)
-    in `weights` and each format that applies to it (a group size must divide K), measured on
-    `calibration[name]`, the layer's input rows (S, K). method: lb.quantize's method for the
-    quantized formats (calibrated methods use the same rows)."""
+    """{name: {format: {"error": relative squared output error, "nbytes": bytes}}} for each
+    weight (N, K) in `weights` and each format that applies to it (a group size must divide K),
+    measured on `calibration[name]`, the layer's input rows (S, K). method: lb.quantize's method
+    for the quantized formats (calibrated methods use the same rows)."""
     formats = FORMATS if formats is None else formats
     out = {}
     for name, w in weights.items():
