@@ -242,7 +242,7 @@ def test_hugging_face_save_pretrained_and_from_pretrained(rng, tmp_path):
     and quant_method "lowbit" in config.json; from_pretrained (lowbit.torch imported) rebuilds
     the LowbitLinears, bit for bit, and so does lbt.load into a float model. A tied lm_head,
     quantized while the embedding stays float, saves and loads too."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5")
     ids = torch.from_numpy(rng.integers(0, 64, size=(2, 12)))
     bert = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=128)
@@ -277,7 +277,7 @@ def test_from_pretrained_beyond_the_plain_case(rng, tmp_path):
     part), a head class's checkpoint loaded as the base model (its head layer left to
     transformers' report), GPT-2's Conv1D layers, a wrapper's inner model (its config marked),
     and the loaded model pickles (the registered classes are module-level)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5")
     ids = torch.from_numpy(rng.integers(0, 64, size=(1, 7)))
     t5 = transformers.T5Config(vocab_size=64, d_model=64, d_kv=32, d_ff=128, num_layers=1,
                                num_heads=2, decoder_start_token_id=0)
@@ -333,7 +333,7 @@ def test_from_pretrained_beyond_the_plain_case(rng, tmp_path):
 def test_lowbit_registers_with_transformers_imported_first(tmp_path):
     """Imported before transformers, lowbit.torch registers its method when transformers loads
     its quantizer table, without importing transformers; imported after, at once."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", minversion="5")
     after = ("import transformers.quantizers.auto as auto\n"
              "assert 'lowbit' not in auto.AUTO_QUANTIZER_MAPPING\n"
              "import lowbit.torch\n"

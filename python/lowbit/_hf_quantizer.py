@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import transformers
 from transformers.quantizers import auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -26,6 +27,12 @@ class LowbitQuantizer(HfQuantizer):
     the float model's nn.Linear before transformers loads the state into it."""
 
     requires_calibration = True  # (pre-quantized checkpoints only)
+
+    def validate_environment(self, *args, **kwargs):
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ImportError(f"lowbit: from_pretrained of a model saved with lowbit layers needs "
+                              f"transformers 5 or later (this is {transformers.__version__}); "
+                              f"lowbit.torch.load(folder, float_model) reads the folder with any")
 
     def is_serializable(self, *args, **kwargs):
         return True

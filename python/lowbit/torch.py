@@ -720,18 +720,21 @@ def _read_files(files, private=False) -> tuple:
 
 
 def _read_state(path) -> tuple:
-    """_read_files of a lowbit or safetensors file, or of a folder ``save_pretrained`` wrote
-    (model.safetensors, or the shards its index names)."""
+    """_read_files of a lowbit or safetensors file, or of a folder ``save_pretrained`` wrote."""
+    return _read_files(_state_files(path) if os.path.isdir(path) else [path])
+
+
+def _state_files(path) -> list:
+    """The safetensors files of a folder ``save_pretrained`` wrote: model.safetensors, or the
+    shards its index names."""
     from .errors import FormatError
 
-    if not os.path.isdir(path):
-        return _read_files([path])
     index = os.path.join(path, "model.safetensors.index.json")
     if not os.path.exists(index):
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             raise FileNotFoundError(f"{path}: a folder without model.safetensors or "
                                     f"model.safetensors.index.json")
-        return _read_files([os.path.join(path, "model.safetensors")])
+        return [os.path.join(path, "model.safetensors")]
     try:
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -740,7 +743,7 @@ def _read_state(path) -> tuple:
     for shard in shards:
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise FormatError(f"{index}: shard {shard!r} is not a file name in {path}")
-    return _read_files([os.path.join(path, shard) for shard in shards])
+    return [os.path.join(path, shard) for shard in shards]
 
 
 def _state_dict_layers(path, arrays: dict, origin=None) -> dict:
