@@ -7,11 +7,12 @@ config.json beside the layers' state. lowbit.torch registers the method with tra
 quantization config and an ``HfQuantizer``, in ``lowbit._hf_quantizer``) once
 ``transformers.quantizers.auto`` is imported, so that importing lowbit.torch does not import
 transformers (seconds): ``from_pretrained`` then builds each LowbitLinear from the checkpoint
-before transformers loads the state into it. transformers refuses ``.half()`` / ``.float()`` on
-a model it loaded quantized (by any method); ``.to(torch.bfloat16)`` converts the float parts.
-Without lowbit.torch imported, transformers only
-warns of an unknown quantization type and loads a float model whose quantized layers keep their
-random initial weights.
+before transformers loads the state into it (transformers 5; with 4, from_pretrained raises and
+``lowbit.torch.load(folder, float_model)`` reads the folder). transformers refuses ``.half()`` /
+``.float()`` on a model it loaded quantized (by any method); ``.to(torch.bfloat16)`` converts
+the float parts. Without lowbit.torch imported, transformers only warns of an unknown
+quantization type and loads a float model whose quantized layers keep their random initial
+weights.
 """
 from __future__ import annotations
 

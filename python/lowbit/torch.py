@@ -9,14 +9,14 @@
 
 Every ``nn.Linear`` (and transformers' ``Conv1D``; optionally filtered by ``include``) becomes a
 :class:`LowbitLinear`: the weight is quantized once (``lb.quantize``, any method; calibrated
-methods and static activations from each layer's own inputs, see :func:`quantize_model`). Its state is ordinary module state: one
-buffer per part of the packed weight (``weight_packed``, ``weight_scales``, ... as the kernels read
-them; float parts held as integer tensors of the same width, so that ``model.half()`` or
-``model.to(torch.bfloat16)`` cannot round them), the bias, and the settings in
-``get_extra_state`` (their JSON as a uint8 tensor): ``state_dict`` / ``load_state_dict`` /
-``torch.save`` / pickling round-trip bit for bit, and safetensors' ``save_model`` and Hugging
-Face's ``save_pretrained`` store the state (:func:`load` reads it into a float model; a
-transformers model's ``from_pretrained`` rebuilds it, see ``lowbit._hf``).
+methods and static activations from each layer's own inputs, see :func:`quantize_model`). Its
+state is ordinary module state: one buffer per part of the packed weight (``weight_packed``,
+``weight_scales``, ... as the kernels read them; float parts held as integer tensors of the same
+width, so that ``model.half()`` or ``model.to(torch.bfloat16)`` cannot round them), the bias,
+and the settings in ``get_extra_state`` (their JSON as a uint8 tensor): ``state_dict`` /
+``load_state_dict`` / ``torch.save`` / pickling round-trip bit for bit, and safetensors'
+``save_model`` and Hugging Face's ``save_pretrained`` store the state (:func:`load` reads it
+into a float model; a transformers model's ``from_pretrained`` rebuilds it, see ``lowbit._hf``).
 
 Forward is the custom op ``torch.ops.lowbit.linear`` (``torch.library``): a pure function of the
 input, the weight's part tensors, the bias and a settings string, with a fake (meta) kernel giving
@@ -603,8 +603,8 @@ def quantize_model(model: torch.nn.Module, *, bits=8, group_size=None, symmetric
 
     transformers' ``Conv1D`` layers (GPT-2's: ``x @ W + b``, the weight stored transposed) are
     replaced as Linears are. A Linear held under several names (tied) is replaced under each by
-    the same LowbitLinear. ``nn.MultiheadAttention``'s output projection stays float: that module reads its weight
-    itself (as torch.ao's dynamic quantization leaves it too)."""
+    the same LowbitLinear. ``nn.MultiheadAttention``'s output projection stays float: that module
+    reads its weight itself (as torch.ao's dynamic quantization leaves it too)."""
     names = {}  # id of each Linear -> its qualified names, the first of them first
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
@@ -741,7 +741,8 @@ def _state_files(path) -> list:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{index}: not a safetensors index ({e!r})") from None
     for shard in shards:
-        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+        if (not isinstance(shard, str) or os.path.basename(shard) != shard
+                or shard in ("", ".", "..")):
             raise FormatError(f"{index}: shard {shard!r} is not a file name in {path}")
     return [os.path.join(path, shard) for shard in shards]
 
@@ -793,8 +794,8 @@ def _state_dict_layers(path, arrays: dict, origin=None) -> dict:
                                     activations=acts, epilogue=epilogue)
         except (ValueError, TypeError) as e:
             raise FormatError(f"{where}: {key}: {e}") from None
-    parts = ["weight_" + part for part in io._PARTS]
-    orphans = [k for k in arrays if k.rsplit(".", 1)[-1] in parts]
+    part_keys = ["weight_" + part for part in io._PARTS]
+    orphans = [k for k in arrays if k.rsplit(".", 1)[-1] in part_keys]
     if orphans:  # (a layer's state without its settings: never a float Linear left random)
         raise FormatError(f"{(origin or {}).get(orphans[0], path)}: {orphans[0]}: lowbit weight "
                           f"parts without their layer's settings ({orphans[0].rsplit('.', 1)[0]}"
