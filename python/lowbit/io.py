@@ -234,12 +234,12 @@ def _load(path, mmap=True, bf16=False, private=False):
 
 
 def _read(path, use_mmap=True, bf16=False, private=False):
-    """({name: read-only array}, the header's __metadata__) of a safetensors file; every byte
-    count, offset, shape and dtype of the header checked against the file, tensors' byte ranges
-    tiling the data section (disjoint, no bytes outside a tensor), the JSON strict (no duplicate
-    keys, NaN or Infinity; nesting bounded). Anything else raises FormatError. BF16 tensors come
-    as float32 copies, or with bf16=True as :class:`BF16` views of the file. private: writable
-    arrays, a copy-on-write map (or the read bytes)."""
+    """({name: array}, the header's __metadata__) of a safetensors file; every byte count,
+    offset, shape and dtype of the header checked against the file, tensors' byte ranges tiling
+    the data section (disjoint, no bytes outside a tensor), the JSON strict (no duplicate keys,
+    NaN or Infinity; nesting bounded). Anything else raises FormatError. BF16 tensors come as
+    float32 copies, or with bf16=True as :class:`BF16` views of the file. The arrays are
+    read-only, or with private writable, on a copy-on-write map (or the read bytes)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:

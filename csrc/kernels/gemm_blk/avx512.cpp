@@ -358,7 +358,7 @@ struct TableF32 {
   alignas(64) float v[32] = {};
   constexpr TableF32() {
     constexpr BlockFormat fmt = kBlockFormats[F];
-    for (int u = 0; u < (fmt.bits <= 5 ? 1 << fmt.bits : 0); ++u)
+    for (int u = 0; u < (kTableF32<F> ? 1 << fmt.bits : 0); ++u)
       v[u] = fmt.lut == Lut::IQ4     ? (float)(kLutIQ4[u] - fmt.offset)
              : fmt.lut == Lut::MXFP4 ? (float)(kLutMXFP4[u] - fmt.offset)
                                      : (float)(u - fmt.offset);
